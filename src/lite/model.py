@@ -1,0 +1,281 @@
+"""The model adapter: the one module that touches Hugging Face internals.
+
+It wraps a transformers causal LM of the Llama family (Llama, Mistral, Qwen2/3, SmolLM: an embedding, a
+list of decoder blocks, a rotary embedding, a final RMSNorm and an LM head) and exposes what LITE needs:
+
+* the depth L and the exit layers (layer k = output of decoder block k, 1-indexed);
+* hidden states of chosen layers, and exit logits through the model's *own* final norm and head, with the
+  norm applied exactly once per exit;
+* decode-time primitives: embed, rotary embeddings, one decoder block over a slice of positions with a
+  per-layer cache, and the K/V projections of a block (for the "copy" strategy of skipped layers).
+
+It never copies a transformers forward: blocks are called as modules, the cache is handed to them through
+the ``past_key_values.update(key, value, layer_idx)`` protocol the attention modules use.
+
+Checked against transformers 5.23 (``LlamaDecoderLayer.forward`` returns a tensor; the last entry of
+``output_hidden_states`` is already normed).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import LiteConfig
+
+TRANSFORMERS_CHECKED = ("5.23",)
+
+
+class LayerCache:
+    """Key/value cache with one independent length per layer, allocated once.
+
+    Early exit makes layers fall behind each other (a token that left at layer 8 has no K/V in layers 9..L
+    until they are filled or recomputed), so every layer keeps its own length. Buffers are
+    ``(B, H_kv, max_len, head_dim)`` per layer; ``update`` writes new positions at the layer's length and
+    returns views of everything cached so far, which is what the attention modules expect.
+    """
+
+    def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.lengths = [0] * num_layers  # lengths[i] = positions cached in block i (0-indexed block)
+        self.max_len = max_len
+
+    # The protocol the attention modules call: write, then attend over everything cached.
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        start = self.lengths[layer_idx]
+        end = start + key.shape[2]
+        if end > self.max_len:
+            raise RuntimeError(f"cache overflow at block {layer_idx}: {end} positions > {self.max_len}")
+        self.keys[layer_idx][:, :, start:end] = key
+        self.values[layer_idx][:, :, start:end] = value
+        self.lengths[layer_idx] = end
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.lengths[layer_idx]
+
+    def truncate(self, length: int) -> None:
+        """Roll every layer back to at most ``length`` positions (speculative rejection)."""
+        self.lengths = [min(n, length) for n in self.lengths]
+
+
+@dataclass
+class Rope:
+    """Rotary embeddings (cos, sin) for a run of positions, computed once and shared by all blocks."""
+
+    cos: torch.Tensor  # (B, T, head_dim)
+    sin: torch.Tensor  # (B, T, head_dim)
+    start: int  # position of the first entry
+
+    def slice(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) for absolute positions start..end-1."""
+        a, b = start - self.start, end - self.start
+        return self.cos[:, a:b], self.sin[:, a:b]
+
+
+class LiteModel:
+    """A Hugging Face causal LM seen as L decoder blocks with exits.
+
+    Attributes:
+        model: the wrapped ``PreTrainedModel`` (possibly a peft model during training).
+        tokenizer: its tokenizer.
+        lite_config: exit layers, prompt format, thresholds (``lite_config.json``).
+        source: what the model was loaded from (folder, hub id or alias), for provenance.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, lite_config: LiteConfig | None = None,
+                 source: str | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.source = source
+        base = self._causal_lm()
+        for part in ("embed_tokens", "layers", "norm", "rotary_emb"):
+            if not hasattr(base.model, part):
+                raise TypeError(
+                    f"{type(base).__name__} has no model.{part}: lite supports Llama-family decoders "
+                    f"(Llama, Mistral, Qwen2, SmolLM) with embed_tokens, layers, norm, rotary_emb and lm_head"
+                )
+        self.lite_config = lite_config or LiteConfig.default_for(self.num_layers)
+        if self.lite_config.num_layers != self.num_layers:
+            raise ValueError(
+                f"lite_config.json says {self.lite_config.num_layers} layers but the model has "
+                f"{self.num_layers}; the config belongs to another model"
+            )
+
+    # ----------------------------------------------------------------- parts
+    def _causal_lm(self) -> nn.Module:
+        """The ``*ForCausalLM`` module under any peft wrapping."""
+        m = self.model
+        if hasattr(m, "get_base_model"):
+            m = m.get_base_model()
+        return m
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self._causal_lm().model
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.decoder.layers
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.decoder.norm
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self._causal_lm().lm_head
+
+    @property
+    def config(self):
+        return self._causal_lm().config
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    @property
+    def exit_layers(self) -> list[int]:
+        return list(self.lite_config.exit_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config.vocab_size)
+
+    @property
+    def head_dim(self) -> int:
+        c = self.config
+        return int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+
+    @property
+    def kv_heads(self) -> int:
+        c = self.config
+        return int(getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
+
+    @property
+    def max_context(self) -> int:
+        return int(getattr(self.config, "max_position_embeddings", 2048))
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.embed_tokens.weight.dtype
+
+    # ----------------------------------------------------------------- exits
+    def exit_logits(self, hidden: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """Next-token logits from a *raw* (un-normed) block output: final norm once, then the LM head.
+
+        Args:
+            hidden: (..., D) output of decoder block ``layer`` (un-normed).
+            layer: for documentation and symmetry; every layer, including L, goes through the same norm.
+        Returns:
+            (..., V) logits in the model's dtype.
+        """
+        return self.lm_head(self.final_norm(hidden))
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      layers: list[int] | None = None) -> dict[int, torch.Tensor]:
+        """Normed exit states of the chosen layers from one ordinary transformers forward pass.
+
+        Uses the decoder's ``output_hidden_states`` (L+1 entries: embeddings, blocks 1..L-1 raw, block L
+        already normed in transformers 5.x), applying the final norm to layers below L only, so that every
+        state comes out normed exactly once. Gradients flow (used by training).
+
+        Returns:
+            {layer: (B, T, D) normed state}; feed it to ``lm_head`` for logits.
+        """
+        layers = layers or self.exit_layers
+        out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                           use_cache=False)
+        states = out.hidden_states
+        L = self.num_layers
+        return {k: states[k] if k == L else self.final_norm(states[k]) for k in layers}
+
+    # ----------------------------------------------------------------- decode primitives
+    def new_cache(self, max_len: int, batch: int = 1) -> LayerCache:
+        """A cache for ``max_len`` positions in every layer, in the model's dtype and device."""
+        return LayerCache(self.num_layers, batch, self.kv_heads, self.head_dim, max_len, self.dtype, self.device)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, D) input of block 1."""
+        return self.decoder.embed_tokens(input_ids)
+
+    def rope(self, start: int, end: int, batch: int = 1) -> Rope:
+        """Rotary (cos, sin) for absolute positions start..end-1."""
+        positions = torch.arange(start, end, device=self.device).unsqueeze(0).expand(batch, -1)
+        probe = torch.empty(0, dtype=self.dtype, device=self.device)
+        cos, sin = self.decoder.rotary_emb(probe, positions)
+        return Rope(cos, sin, start)
+
+    def _mask(self, past: int, q_len: int) -> torch.Tensor | None:
+        """Additive causal mask (1, 1, q_len, past+q_len) for queries at positions past..past+q_len-1.
+
+        None when the attention kernel's own causal rule is right: a single query (it sees everything
+        cached) or an empty cache (plain causal prefill). With a non-empty cache and several queries SDPA's
+        ``is_causal`` would align top-left, so an explicit mask is built.
+        """
+        if q_len == 1 or past == 0:
+            return None
+        q_pos = torch.arange(past, past + q_len, device=self.device).unsqueeze(1)
+        k_pos = torch.arange(past + q_len, device=self.device).unsqueeze(0)
+        mask = torch.zeros(q_len, past + q_len, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(k_pos > q_pos, torch.finfo(self.dtype).min)
+        return mask[None, None]
+
+    def run_block(self, layer: int, hidden: torch.Tensor, rope: Rope, cache: LayerCache) -> torch.Tensor:
+        """Run decoder block ``layer`` (1-indexed) over new positions, appending their K/V to its cache.
+
+        Args:
+            layer: k in 1..L.
+            hidden: (B, T, D) input of block k (the output of block k-1) at the T positions that follow
+                the ones already cached in block k.
+            rope: rotary embeddings covering those positions.
+            cache: the per-layer cache; block k's length grows by T.
+        Returns:
+            (B, T, D) raw output of block k.
+        """
+        idx = layer - 1
+        past = cache.lengths[idx]
+        t = hidden.shape[1]
+        cos_sin = rope.slice(past, past + t)
+        return self.blocks[idx](hidden, attention_mask=self._mask(past, t), position_embeddings=cos_sin,
+                                past_key_values=cache, use_cache=True)
+
+    def fill_kv(self, layer: int, hidden: torch.Tensor, rope: Rope, cache: LayerCache) -> None:
+        """Append K/V of block ``layer`` computed from ``hidden`` without running the block ("copy").
+
+        For a token that exited below ``layer``, its exit state stands in for the input of every skipped
+        block; only the key and value projections of the block run on it (input norm, k/v projections,
+        optional per-head key norm, rotary on keys), so later tokens can attend to that position.
+
+        Args:
+            hidden: (B, T, D) stand-in input of block ``layer`` at the next T uncached positions.
+        """
+        idx = layer - 1
+        block = self.blocks[idx]
+        attn = block.self_attn
+        past = cache.lengths[idx]
+        b, t, _ = hidden.shape
+        x = block.input_layernorm(hidden)
+        key = attn.k_proj(x).view(b, t, -1, self.head_dim)
+        value = attn.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        if getattr(attn, "k_norm", None) is not None:  # Qwen3-style per-head key norm
+            key = attn.k_norm(key)
+        key = key.transpose(1, 2)
+        cos, sin = rope.slice(past, past + t)
+        apply_rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        key, _ = apply_rotary(key, key, cos, sin)
+        cache.update(key, value, idx)

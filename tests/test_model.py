@@ -1,0 +1,74 @@
+"""The model adapter: exits, hidden states and decode primitives against transformers itself."""
+
+import pytest
+import torch
+
+from lite import LiteConfig, default_exit_layers, load_model
+from lite.config import LiteConfigError, parse_exit_layers
+
+
+def test_default_exit_layers_match_spec():
+    assert default_exit_layers(32) == [8, 12, 16, 20, 24, 28, 32]
+    assert default_exit_layers(30) == [8, 11, 15, 19, 23, 26, 30]
+    assert default_exit_layers(4) == [1, 2, 3, 4]
+    assert default_exit_layers(1) == [1]
+
+
+@pytest.mark.parametrize("text", ["0,4", "2,1,4", "1,2,5", "1,2", "a,b"])
+def test_bad_exit_layers_name_the_flag(text):
+    with pytest.raises(LiteConfigError, match="--exit-layers"):
+        parse_exit_layers(text, 4)
+
+
+def test_config_round_trip(tmp_path):
+    cfg = LiteConfig.default_for(4, thresholds={"1": 0.9}, prompt_format="chat")
+    cfg.save(tmp_path)
+    back = LiteConfig.load(tmp_path)
+    assert back == cfg and back.threshold_for(1) == 0.9 and back.threshold_for(2) is None
+
+
+def test_exit_logits_equal_transformers(tiny_model_dir):
+    lm = load_model(tiny_model_dir, device="cpu")
+    ids = torch.tensor([[5, 17, 42, 99, 3, 8]])
+    with torch.no_grad():
+        ref = lm.model(ids, output_hidden_states=True)
+        states = lm.hidden_states(ids, layers=[1, 2, 3, 4])
+        for k in (1, 2, 3):
+            # raw block output from transformers, normed once, through the head
+            direct = lm.model.lm_head(lm.model.model.norm(ref.hidden_states[k]))
+            torch.testing.assert_close(lm.lm_head(states[k]), direct)
+            torch.testing.assert_close(lm.exit_logits(ref.hidden_states[k], k), direct)
+        # the final exit is exactly the model's own logits (norm applied once, not twice)
+        torch.testing.assert_close(lm.lm_head(states[4]), ref.logits)
+
+
+def test_block_by_block_prefill_and_decode_equal_transformers(tiny_model_dir):
+    lm = load_model(tiny_model_dir, device="cpu")
+    ids = torch.tensor([[5, 17, 42, 99, 3, 8, 11]])
+    with torch.no_grad():
+        ref = lm.model(ids).logits
+        cache = lm.new_cache(16)
+        rope = lm.rope(0, 16)
+        # prefill 4 positions, then 1, then 2 (a multi-token step on a non-empty cache needs the mask)
+        outs = []
+        for a, b in [(0, 4), (4, 5), (5, 7)]:
+            h = lm.embed(ids[:, a:b])
+            for k in range(1, lm.num_layers + 1):
+                h = lm.run_block(k, h, rope, cache)
+            outs.append(lm.exit_logits(h))
+        torch.testing.assert_close(torch.cat(outs, 1), ref, rtol=1e-4, atol=1e-4)
+        assert cache.lengths == [7] * lm.num_layers
+
+
+def test_fill_kv_equals_block_keys(tiny_model_dir):
+    """fill_kv writes exactly the K/V that running the block on the same input would write."""
+    lm = load_model(tiny_model_dir, device="cpu")
+    with torch.no_grad():
+        h = lm.embed(torch.tensor([[1, 2, 3]]))
+        rope = lm.rope(0, 8)
+        a, b = lm.new_cache(8), lm.new_cache(8)
+        lm.run_block(2, h, rope, a)
+        lm.fill_kv(2, h, rope, b)
+        torch.testing.assert_close(a.keys[1][:, :, :3], b.keys[1][:, :, :3])
+        torch.testing.assert_close(a.values[1][:, :, :3], b.values[1][:, :, :3])
+        assert a.lengths == b.lengths == [0, 3, 0, 0]
