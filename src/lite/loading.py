@@ -192,4 +192,5 @@ def load_model(spec: str | os.PathLike[str] | None = None, *, dtype: str | torch
     if torch_dtype is not None:
         hf = hf.to(torch_dtype)
     hf.eval()
-    return LiteModel(hf, tokenizer, lite_config, source=str(spec or DEFAULT_MODEL))
+    local = folder if Path(folder).is_dir() else None
+    return LiteModel(hf, tokenizer, lite_config, source=str(spec or DEFAULT_MODEL), folder=local)

@@ -87,13 +87,16 @@ class LiteModel:
         tokenizer: its tokenizer.
         lite_config: exit layers, prompt format, thresholds (``lite_config.json``).
         source: what the model was loaded from (folder, hub id or alias), for provenance.
+        folder: the local folder holding ``lite_config.json`` (the adapter folder for LoRA), or None for a
+            model that came straight from the hub; calibration writes thresholds and gates here.
     """
 
     def __init__(self, model: nn.Module, tokenizer, lite_config: LiteConfig | None = None,
-                 source: str | None = None) -> None:
+                 source: str | None = None, folder: str | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.source = source
+        self.folder = folder
         base = self._causal_lm()
         for part in ("embed_tokens", "layers", "norm", "rotary_emb"):
             if not hasattr(base.model, part):
