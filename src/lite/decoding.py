@@ -1,22 +1,63 @@
-"""Early-exit decoding: the public contract (types and entry points).
+"""Early-exit decoding: the public contract and the engine.
 
-CONTRACT SKELETON: the types and signatures below are what calibration, evaluation, serving and the CLI
-code against. The engine bodies are filled in by the decoding issue; keep these names and fields stable
-(add fields at the end with defaults if needed).
+The shape is gpt-fast's: a per-layer cache allocated once (:meth:`LiteModel.new_cache`), explicit positions,
+a small per-token step function, and a plain Python loop that yields one :class:`TokenRecord` per token
+(and calls ``on_token``). Everything runs through the model adapter (:mod:`lite.model`); no transformers
+forward is copied.
+
+Decode steps. The prompt's first ``n - 1`` positions are prefilled through all L blocks. Step t then
+consumes the previous token (for t = 1 the last prompt token) at position ``n - 1 + t - 1`` and produces
+token t, so every generated token, the first included, goes through the same exit policy.
+
+Policies (:class:`ExitPolicy`): ``none`` runs all L blocks; ``static`` always leaves at layer K;
+``dynamic`` checks the exit layers below L in increasing order and leaves at the first one whose
+confidence (:mod:`lite.confidence`) is >= its threshold times ``threshold_scale``, or asks a learned gate
+(:class:`ExitGate`) instead. The one host sync per check is the exit decision itself.
+
+Skipped layers (``GenerationSettings.kv``), what later tokens see at the blocks a token skipped:
+
+* ``copy``: the exit state stands in for the input of every skipped block; only its K/V projections run
+  (:meth:`LiteModel.fill_kv`). After every step every block has cached exactly the positions processed.
+* ``recompute``: the exited token's state is kept; the next token that goes deeper first pushes the pending
+  positions through each block they skipped, in the same batched call as its own position, so the cache
+  becomes exactly the full model's. Block k then holds every position whose token (or a later, deeper
+  one) reached layer k; positions still pending at the end cost nothing.
 
 Layer numbering: layer k = output of decoder block k, 1-indexed; L = number of decoder layers.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
+import torch
+
+from . import confidence as conf_mod
+from .cost import ModelShape, SequenceCost, TokenCost, sequence_cost
+from .errors import LiteError
 from .model import LiteModel
+from .sampling import TextStream, eos_ids, pick_token
 
 POLICIES = ("none", "static", "dynamic")
 CONFIDENCES = ("max_prob", "margin", "entropy", "state_cosine")
 KV_STRATEGIES = ("copy", "recompute")
+
+
+@runtime_checkable
+class ExitGate(Protocol):
+    """A learned exit classifier (implemented by calibration in :mod:`lite.gate`).
+
+    ``should_exit(layer, normed_state)`` gets ``final_norm(hidden)`` of the current token at exit layer
+    ``layer`` (shape ``(D,)``) and says whether the token leaves there; ``flops(layer)`` is the cost of one
+    such check, charged by :mod:`lite.cost`.
+    """
+
+    def should_exit(self, layer: int, normed_state: torch.Tensor) -> bool: ...
+
+    def flops(self, layer: int) -> int: ...
 
 
 @dataclass
@@ -27,11 +68,13 @@ class ExitPolicy:
         kind: "none" (all L layers), "static" (always leave at ``layer``), "dynamic" (leave at the first
             exit layer whose confidence reaches its threshold).
         layer: the static exit layer K (1..L), only for ``static``.
-        thresholds: {exit layer: threshold} for ``dynamic``; every exit layer below L needs one.
-        confidence: "max_prob" (paper), "margin", "entropy", "state_cosine".
+        thresholds: {exit layer: threshold} for ``dynamic``; every checked exit layer below L needs one.
+            Empty: the calibrated thresholds of ``lite_config.json`` and their confidence measure.
+        confidence: "max_prob" (paper), "margin", "entropy", "state_cosine" (see :mod:`lite.confidence`).
         threshold_scale: multiplies every threshold (``--threshold-scale``): >1 exits less, <1 more.
-        gate: optional learned exit gate (from calibration); when set, the head is evaluated only at the
-            layer where the gate says leave.
+        gate: optional learned exit gate (:class:`ExitGate`); when set, thresholds are not used and the head
+            is evaluated only at the layer where the gate says leave (or at L).
+        exit_layers: the exit layers to check (default: the model's, ``lite_config.exit_layers``).
     """
 
     kind: str = "none"
@@ -40,6 +83,7 @@ class ExitPolicy:
     confidence: str = "max_prob"
     threshold_scale: float = 1.0
     gate: object | None = None
+    exit_layers: list[int] | None = None
 
 
 @dataclass
@@ -59,7 +103,7 @@ class TokenRecord:
     """One generated token and where it left the network."""
 
     id: int
-    text: str
+    text: str  # the text this token releases (held back while it may be part of a stop string)
     exit_layer: int
     confidence: float | None  # confidence at the exit layer (None when exits are off)
 
@@ -77,13 +121,303 @@ class GenerationResult:
     seconds: float
     layer_cost_improvement: float  # 1 - mean(exit layer) / L
     compute_cost_improvement: float  # 1 - FLOPs(early exit, incl. head checks and K/V work) / FLOPs(full)
-    cost: object | None = None  # the detailed cost record (lite.cost)
+    cost: SequenceCost | None = None  # the detailed cost record (lite.cost)
+
+
+# ---------------------------------------------------------------------------------------- parsing
+def parse_exit(text: str, num_layers: int) -> ExitPolicy:
+    """``--exit none|static:K|dynamic`` -> an :class:`ExitPolicy` (thresholds are added separately)."""
+    text = (text or "").strip()
+    if text in ("none", "dynamic"):
+        return ExitPolicy(kind=text)
+    if text.startswith("static:"):
+        try:
+            k = int(text.split(":", 1)[1])
+        except ValueError:
+            raise LiteError(f"--exit {text!r}: K must be an integer layer, e.g. static:{num_layers // 2}") from None
+        _check_static(k, num_layers)
+        return ExitPolicy(kind="static", layer=k)
+    raise LiteError(f"--exit {text!r} is not a policy: use none, static:K (1 <= K <= {num_layers}) or dynamic")
+
+
+def parse_thresholds(text: str) -> dict[int, float]:
+    """``--thresholds "8:0.9,11:0.85"`` -> {8: 0.9, 11: 0.85}."""
+    out: dict[int, float] = {}
+    for part in (p.strip() for p in (text or "").split(",")):
+        if not part:
+            continue
+        try:
+            layer, value = part.split(":")
+            out[int(layer)] = float(value)
+        except ValueError:
+            raise LiteError(f"--thresholds: {part!r} is not LAYER:VALUE; write e.g. '8:0.9,11:0.85'") from None
+    if not out:
+        raise LiteError("--thresholds is empty; write e.g. '8:0.9,11:0.85'")
+    return out
+
+
+def _check_static(k: int | None, num_layers: int) -> None:
+    if k is None or not 1 <= k <= num_layers:
+        raise LiteError(f"--exit static:{k}: K is out of range; this model has layers 1..{num_layers}")
+
+
+@dataclass
+class ResolvedPolicy:
+    """An :class:`ExitPolicy` checked against a model: what the engine will actually do.
+
+    Attributes:
+        stop_layer: the deepest block run for any token (K for static, else L).
+        checks: {layer: threshold already multiplied by the scale} for dynamic exits below L (for a gate:
+            the layers it is asked at, with threshold NaN).
+        confidence: the measure used for checks and recorded confidences.
+        gate: the learned gate, or None.
+    """
+
+    kind: str
+    stop_layer: int
+    checks: dict[int, float]
+    confidence: str
+    gate: ExitGate | None = None
+
+
+def resolve_policy(lm: LiteModel, policy: ExitPolicy) -> ResolvedPolicy:
+    """Validate ``policy`` for ``lm`` and fill in calibrated thresholds; raises :class:`LiteError`."""
+    L = lm.num_layers
+    if policy.kind not in POLICIES:
+        raise LiteError(f"--exit {policy.kind!r} is not a policy: use none, static:K or dynamic")
+    if policy.kind == "none":
+        return ResolvedPolicy("none", L, {}, policy.confidence)
+    if policy.kind == "static":
+        _check_static(policy.layer, L)
+        return ResolvedPolicy("static", int(policy.layer), {}, "max_prob")
+    layers = list(policy.exit_layers) if policy.exit_layers else lm.exit_layers
+    bad = [k for k in layers if not 1 <= k <= L]
+    if bad:
+        raise LiteError(f"--exit-layers {bad} out of range: this model has layers 1..{L}")
+    below = sorted({int(k) for k in layers if k < L})
+    if policy.gate is not None:
+        if not isinstance(policy.gate, ExitGate):
+            raise LiteError("ExitPolicy.gate must have should_exit(layer, normed_state) and flops(layer)")
+        return ResolvedPolicy("dynamic", L, {k: float("nan") for k in below}, "max_prob", policy.gate)
+    thresholds, measure = dict(policy.thresholds), policy.confidence
+    if not thresholds:
+        cfg = lm.lite_config
+        thresholds = {int(k): float(v) for k, v in cfg.thresholds.items()}
+        measure = cfg.confidence
+        if not thresholds:
+            raise LiteError(
+                "--exit dynamic needs thresholds: this model's lite_config.json has none; run "
+                "'lite calibrate', or give --thresholds like '8:0.9,11:0.85', or use --gate"
+            )
+    if measure not in CONFIDENCES:
+        raise LiteError(f"--confidence must be one of {CONFIDENCES}, got {measure!r}")
+    missing = [k for k in below if k not in thresholds]
+    if missing:
+        raise LiteError(
+            f"--exit dynamic: exit layers {missing} have no threshold (exits checked: {below}); add them to "
+            f"--thresholds, or choose the layers to check with --exit-layers"
+        )
+    if policy.threshold_scale <= 0:
+        raise LiteError(f"--threshold-scale must be > 0, got {policy.threshold_scale}")
+    checks = {k: thresholds[k] * policy.threshold_scale for k in below}
+    return ResolvedPolicy("dynamic", L, checks, measure)
+
+
+def check_settings(lm: LiteModel, prompt_ids: list[int], settings: GenerationSettings) -> None:
+    """Reject bad sampling/stopping settings and prompts that do not fit, with the flag to fix."""
+    if not prompt_ids:
+        raise LiteError("the prompt is empty: give some text to continue (PROMPT)")
+    if len(prompt_ids) >= lm.max_context:
+        raise LiteError(
+            f"the prompt is {len(prompt_ids)} tokens but the model's context is {lm.max_context}: shorten "
+            f"the prompt"
+        )
+    if settings.max_new_tokens < 1:
+        raise LiteError(f"--max-new-tokens must be >= 1, got {settings.max_new_tokens}")
+    if settings.temperature < 0:
+        raise LiteError(f"--temperature must be >= 0, got {settings.temperature}")
+    if not 0 < settings.top_p <= 1:
+        raise LiteError(f"--top-p must be in (0, 1], got {settings.top_p}")
+    if settings.kv not in KV_STRATEGIES:
+        raise LiteError(f"--kv must be one of {KV_STRATEGIES}, got {settings.kv!r}")
+
+
+# ---------------------------------------------------------------------------------------- engine
+class Decoder:
+    """The decode-time state of one sequence: cache, positions, pending states, costs.
+
+    Use :func:`stream` or :func:`generate`; this class is public for tests and tools that need to look
+    at the cache between steps (``after_step`` is called after every step with the decoder itself).
+    """
+
+    def __init__(self, lm: LiteModel, prompt_ids: list[int], policy: ExitPolicy,
+                 settings: GenerationSettings) -> None:
+        check_settings(lm, prompt_ids, settings)
+        self.lm = lm
+        self.plan = resolve_policy(lm, policy)
+        self.settings = settings
+        self.prompt_ids = [int(i) for i in prompt_ids]
+        n = len(self.prompt_ids)
+        # positions processed: n - 1 prefilled, then one per step; never past the model's context
+        self.max_steps = min(settings.max_new_tokens, lm.max_context - (n - 1))
+        self.max_len = n - 1 + self.max_steps
+        self.cache = lm.new_cache(self.max_len)
+        self.rope = lm.rope(0, self.max_len)
+        # recompute: latest raw hidden state of every position (its level = blocks it has been through)
+        self.states = (torch.zeros(1, self.max_len, lm.hidden_size, dtype=lm.dtype, device=lm.device)
+                       if settings.kv == "recompute" else None)
+        self.generator = None
+        if settings.temperature > 0:
+            self.generator = torch.Generator(device=lm.device)
+            self.generator.manual_seed(settings.seed if settings.seed is not None else
+                                       int(torch.randint(0, 2**62, (1,)).item()))
+        self.eos = eos_ids(lm.tokenizer, getattr(lm.model, "generation_config", None))
+        self.text = TextStream(lm.tokenizer, settings.stop)
+        self.token_costs: list[TokenCost] = []
+        self.records: list[TokenRecord] = []
+        self.finish_reason = "length"
+        self.seconds = 0.0
+        self.after_step: Callable[[Decoder], None] | None = None
+
+    # ------------------------------------------------------------------ per block / per step
+    def _block(self, layer: int, h: torch.Tensor, pos: int, tc: TokenCost) -> torch.Tensor:
+        """Run block ``layer`` for the current token (h: (1, 1, D)); under ``recompute`` first push the
+        pending positions that skipped this block, in the same batched call."""
+        start = self.cache.lengths[layer - 1]
+        tc.blocks_run += 1
+        if start == pos:
+            return self.lm.run_block(layer, h, self.rope, self.cache)
+        # pending positions start..pos-1 have been through exactly layer-1 blocks (see the module docstring)
+        x = torch.cat([self.states[:, start:pos], h], dim=1)  # (1, pos - start + 1, D)
+        out = self.lm.run_block(layer, x, self.rope, self.cache)
+        self.states[:, start:pos] = out[:, :-1]
+        tc.recomputed += pos - start
+        tc.recompute_context += sum(p + 1 for p in range(start, pos))
+        return out[:, -1:]
+
+    def _step(self, token: torch.Tensor, pos: int) -> tuple[torch.Tensor, int, float | None, TokenCost]:
+        """One decode step: the token at ``pos`` (1, 1) through the blocks until it exits.
+
+        Returns (exit logits (1, V), exit layer, confidence or None, the step's cost counts).
+        """
+        lm, plan = self.lm, self.plan
+        L = lm.num_layers
+        tc = TokenCost(position=pos)
+        h = lm.embed(token)  # (1, 1, D)
+        prev_state = h[0, -1]  # for state_cosine: the previous checked exit's state ("layer 0" first)
+        measure = plan.confidence
+        head_fn = conf_mod.HEAD_FUNCTIONS.get(measure)
+        logits, conf, exit_layer = None, None, plan.stop_layer
+        for layer in range(1, plan.stop_layer + 1):
+            h = self._block(layer, h, pos, tc)
+            threshold = plan.checks.get(layer)
+            if threshold is None:
+                continue
+            if plan.gate is not None:
+                normed = lm.final_norm(h[0, -1])  # (D,)
+                tc.gate_flops += int(plan.gate.flops(layer))
+                if plan.gate.should_exit(layer, normed):  # the exit decision
+                    logits = lm.lm_head(normed).unsqueeze(0)
+                    tc.head_evals += 1
+                    exit_layer = layer
+                    break
+            elif head_fn is not None:
+                candidate = lm.exit_logits(h[:, -1], layer)  # (1, V)
+                tc.head_evals += 1
+                tc.head_checks += 1
+                value = float(head_fn(candidate))  # the exit decision
+                if value >= threshold:
+                    logits, conf, exit_layer = candidate, value, layer
+                    break
+            else:  # state_cosine: no head until the token leaves
+                value = float(conf_mod.state_cosine(h[0, -1], prev_state))  # the exit decision
+                tc.cosine_checks += 1
+                prev_state = h[0, -1]
+                if value >= threshold:
+                    conf, exit_layer = value, layer
+                    break
+        if logits is None:
+            logits = lm.exit_logits(h[:, -1], exit_layer)
+            tc.head_evals += 1
+        if conf is None and plan.kind != "none":  # record the exit's confidence (one more reduction)
+            if measure == "state_cosine" and exit_layer == L:
+                conf = float(conf_mod.state_cosine(h[0, -1], prev_state))
+                tc.cosine_checks += 1
+            elif measure != "state_cosine":
+                conf = float((head_fn or conf_mod.max_prob)(logits))
+                tc.head_checks += 1
+        tc.exit_layer = exit_layer
+        if exit_layer < L:
+            if self.settings.kv == "copy":
+                for layer in range(exit_layer + 1, L + 1):
+                    lm.fill_kv(layer, h, self.rope, self.cache)
+                    tc.kv_fills += 1
+            else:
+                self.states[:, pos] = h[:, -1]
+        return logits, exit_layer, conf, tc
+
+    def _prefill(self) -> None:
+        n = len(self.prompt_ids)
+        if n < 2:
+            return
+        ids = torch.tensor([self.prompt_ids[:-1]], device=self.lm.device)
+        h = self.lm.embed(ids)  # (1, n-1, D)
+        for layer in range(1, self.lm.num_layers + 1):
+            h = self.lm.run_block(layer, h, self.rope, self.cache)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, on_token: Callable[[TokenRecord], None] | None = None) -> Iterator[TokenRecord]:
+        """Prefill, then one step per token; yields each :class:`TokenRecord` as it is produced."""
+        start = time.perf_counter()
+        s = self.settings
+        with torch.inference_mode():
+            self._prefill()
+        token = torch.tensor([[self.prompt_ids[-1]]], device=self.lm.device)
+        pos = len(self.prompt_ids) - 1
+        for t in range(self.max_steps):
+            with torch.inference_mode():
+                logits, exit_layer, conf, tc = self._step(token, pos)
+                next_token = pick_token(logits, s.temperature, s.top_p, self.generator)
+            token_id = int(next_token)
+            self.token_costs.append(tc)
+            piece, stopped = self.text.push(token_id)
+            finished = stopped or token_id in self.eos
+            if finished:
+                self.finish_reason = "stop"
+            if not stopped and (finished or t == self.max_steps - 1):
+                piece += self.text.flush()
+            record = TokenRecord(id=token_id, text=piece, exit_layer=exit_layer, confidence=conf)
+            self.records.append(record)
+            self.seconds = time.perf_counter() - start
+            if self.after_step is not None:
+                self.after_step(self)
+            if on_token is not None:
+                on_token(record)
+            yield record
+            if finished:
+                break
+            token = next_token.view(1, 1)
+            pos += 1
+        self.seconds = time.perf_counter() - start
+
+    def result(self, reference_tokens: int | None = None) -> GenerationResult:
+        """The finished sequence with its cost (``reference_tokens``: see :func:`lite.cost.sequence_cost`)."""
+        shape = ModelShape.from_config(self.lm.config)
+        cost = sequence_cost(shape, len(self.prompt_ids), self.token_costs, self.seconds, reference_tokens)
+        return GenerationResult(
+            prompt_ids=list(self.prompt_ids), token_ids=[r.id for r in self.records], text=self.text.text,
+            tokens=list(self.records), num_layers=self.lm.num_layers, finish_reason=self.finish_reason,
+            seconds=self.seconds, layer_cost_improvement=cost.layer_cost_improvement,
+            compute_cost_improvement=cost.compute_cost_improvement, cost=cost,
+        )
 
 
 def stream(lm: LiteModel, prompt_ids: list[int], policy: ExitPolicy, settings: GenerationSettings,
            on_token: Callable[[TokenRecord], None] | None = None) -> Iterator[TokenRecord]:
-    """Yield one :class:`TokenRecord` per generated token (streaming)."""
-    raise NotImplementedError("filled in by the decoding issue")
+    """Yield one :class:`TokenRecord` per generated token (streaming); the texts concatenate to the final
+    text. Bad input raises :class:`LiteError` here, before the first token."""
+    decoder = Decoder(lm, prompt_ids, policy, settings)
+    return decoder.run(on_token)
 
 
 def generate(lm: LiteModel, prompt_ids: list[int], policy: ExitPolicy, settings: GenerationSettings,
@@ -91,5 +425,10 @@ def generate(lm: LiteModel, prompt_ids: list[int], policy: ExitPolicy, settings:
     """Generate from ``prompt_ids`` (already formatted, see :mod:`lite.prompts`) with early exit.
 
     ``on_token`` is called once per token as it is produced (streaming: the server pushes it to a queue).
+    The result's ``compute_cost_improvement`` charges the full model for the same number of tokens; with
+    the full model's own answer length at hand use ``result.cost.improvement_against(shape, n)``.
     """
-    raise NotImplementedError("filled in by the decoding issue")
+    decoder = Decoder(lm, prompt_ids, policy, settings)
+    for _ in decoder.run(on_token):
+        pass
+    return decoder.result()

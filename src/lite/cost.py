@@ -1,0 +1,216 @@
+"""Cost accounting for early-exit decoding: what every generated token really cost, in FLOPs.
+
+Conventions (all counts are floating-point operations, a multiply-add = 2 FLOPs, batch 1):
+
+* A decoder block over one position at absolute position ``p`` (it attends to ``p + 1`` positions):
+  attention projections q, k, v, o = ``2*D*(H*d) + 2*2*D*(H_kv*d) + 2*(H*d)*D``; attention scores and the
+  weighted sum of values = ``2 * 2*H*d*(p+1)``; SwiGLU MLP (gate, up, down) = ``3 * 2*D*I``.
+* The LM head for one position: ``2*D*V``. The softmax/log-sum-exp over V that a confidence check adds is
+  about ``5*V`` and is counted with the head evaluation (``head_check_flops``).
+* A K/V fill (``copy`` strategy) of one skipped block for one position: the k and v projections,
+  ``2*2*D*(H_kv*d)``.
+* A recompute of one pending position through one skipped block: a whole block at that position
+  (``block_flops(p)``), counted on the token whose step does it.
+* A learned gate check: whatever ``gate.flops(layer)`` reports (the engine sums it per token).
+* A state-cosine check: ``6*D`` (two norms and a dot product).
+* Not counted, and negligible here: RMSNorms (~4*D per norm), rotary embeddings, residual adds, the
+  embedding lookup, sampling. They are the same for every policy to within a few D per layer.
+
+Decode steps only: step t consumes the previous token (for t = 1 the last prompt token) at position
+``prompt_len - 1 + t - 1`` and produces token t. The prefill of the first ``prompt_len - 1`` prompt
+positions is identical for every policy, is reported separately (``prefill_flops``) and is left out of
+the improvement figures.
+
+The full-model reference: ``full_flops(n)`` = n decode steps of all L blocks plus one head evaluation each,
+from the same prompt. ``compute_cost_improvement`` compares the early-exit sequence with the full model
+generating ``reference_tokens`` tokens: the full model's own answer length when the caller knows it
+(evaluation decodes both), so that an early-exit answer that runs longer counts against it (SPEC §4);
+when it is not known, the same number of tokens the early-exit run produced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The dimensions cost depends on, read from a transformers config."""
+
+    num_layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    @classmethod
+    def from_config(cls, config) -> ModelShape:
+        heads = int(config.num_attention_heads)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        return cls(
+            num_layers=int(config.num_hidden_layers), hidden=int(config.hidden_size),
+            intermediate=int(config.intermediate_size), heads=heads,
+            kv_heads=int(getattr(config, "num_key_value_heads", None) or heads), head_dim=head_dim,
+            vocab=int(config.vocab_size),
+        )
+
+    # ------------------------------------------------------------- unit costs (FLOPs)
+    def projection_flops(self) -> int:
+        """q, k, v, o projections of one block for one position."""
+        q = self.heads * self.head_dim
+        kv = self.kv_heads * self.head_dim
+        return 2 * self.hidden * q + 2 * 2 * self.hidden * kv + 2 * q * self.hidden
+
+    def attention_flops(self, context: int) -> int:
+        """Scores and weighted values of one block for one query attending to ``context`` positions."""
+        return 2 * 2 * self.heads * self.head_dim * context
+
+    def mlp_flops(self) -> int:
+        """SwiGLU MLP (gate, up, down) of one block for one position."""
+        return 3 * 2 * self.hidden * self.intermediate
+
+    def block_flops(self, position: int) -> int:
+        """One decoder block for one query at absolute position ``position`` (0-based; it sees position+1)."""
+        return self.projection_flops() + self.attention_flops(position + 1) + self.mlp_flops()
+
+    def head_flops(self) -> int:
+        """The LM head for one position (the final norm is not counted)."""
+        return 2 * self.hidden * self.vocab
+
+    def head_check_flops(self) -> int:
+        """One head evaluation plus the softmax-style reduction a confidence measure needs over V."""
+        return self.head_flops() + 5 * self.vocab
+
+    def kv_fill_flops(self) -> int:
+        """k and v projections of one skipped block for one position (``copy`` strategy)."""
+        return 2 * 2 * self.hidden * self.kv_heads * self.head_dim
+
+    def cosine_flops(self) -> int:
+        """One state-cosine check."""
+        return 6 * self.hidden
+
+    def full_step_flops(self, position: int) -> int:
+        """The full model's decode step at ``position``: all L blocks and one head evaluation."""
+        return self.num_layers * self.block_flops(position) + self.head_flops()
+
+    def full_flops(self, prompt_len: int, num_tokens: int) -> int:
+        """The full model generating ``num_tokens`` tokens after a prompt of ``prompt_len`` tokens
+        (decode steps only, see the module docstring)."""
+        first = prompt_len - 1
+        return sum(self.full_step_flops(first + t) for t in range(num_tokens))
+
+    def prefill_flops(self, prompt_len: int) -> int:
+        """All L blocks over the first ``prompt_len - 1`` prompt positions (same for every policy)."""
+        return self.num_layers * sum(self.block_flops(p) for p in range(max(prompt_len - 1, 0)))
+
+
+@dataclass
+class TokenCost:
+    """The work one decode step did. Filled in by the engine; ``flops`` by :func:`token_flops`.
+
+    Attributes:
+        position: absolute position of the step's input token (it attends to position + 1 positions).
+        exit_layer: the layer the token left at (1..L).
+        blocks_run: decoder blocks run for this token's own position (= exit_layer).
+        head_evals: LM head evaluations (every checked exit with a head-based confidence, plus the one
+            that produced the token when it was not already evaluated).
+        head_checks: how many of ``head_evals`` also computed a confidence reduction over V.
+        cosine_checks: state-cosine checks made.
+        gate_flops: FLOPs reported by the learned gate for the checks it made (``gate.flops``).
+        kv_fills: skipped blocks whose K/V were filled from the exit state (``copy``).
+        recomputed: (block, pending position) pairs pushed through blocks they had skipped (``recompute``).
+        recompute_context: sum of the attended context lengths of those pairs (for their attention cost).
+        flops: total FLOPs of this step.
+    """
+
+    position: int
+    exit_layer: int = 0
+    blocks_run: int = 0
+    head_evals: int = 0
+    head_checks: int = 0
+    cosine_checks: int = 0
+    gate_flops: int = 0
+    kv_fills: int = 0
+    recomputed: int = 0
+    recompute_context: int = 0
+    flops: int = 0
+
+
+def token_flops(shape: ModelShape, tc: TokenCost) -> int:
+    """FLOPs of one decode step: its own blocks, head evaluations (with their V-reductions), cosine and
+    gate checks, K/V fills, and the recompute of pending positions."""
+    own = tc.blocks_run * shape.block_flops(tc.position)
+    heads = tc.head_evals * shape.head_flops() + tc.head_checks * 5 * shape.vocab
+    fills = tc.kv_fills * shape.kv_fill_flops()
+    recompute = tc.recomputed * (shape.projection_flops() + shape.mlp_flops()) + \
+        shape.attention_flops(1) * tc.recompute_context
+    return own + heads + fills + recompute + tc.cosine_checks * shape.cosine_flops() + tc.gate_flops
+
+
+@dataclass
+class SequenceCost:
+    """Cost of one generated sequence against the full model.
+
+    Attributes:
+        tokens: per-step costs, in order.
+        num_layers: L.
+        prompt_len: prompt tokens.
+        flops: FLOPs of all decode steps of the early-exit run (everything in :func:`token_flops`).
+        full_flops: FLOPs of the full model generating ``reference_tokens`` tokens from the same prompt.
+        reference_tokens: the length the full model is charged for (its own answer length when known).
+        prefill_flops: FLOPs of the shared prefill (not in either side of the improvements).
+        layer_cost_improvement: ``1 - mean(exit layer) / L`` (the paper's figure).
+        compute_cost_improvement: ``1 - flops / full_flops``.
+        seconds: measured wall-clock seconds of the whole generation (prefill included).
+    """
+
+    tokens: list[TokenCost]
+    num_layers: int
+    prompt_len: int
+    flops: int
+    full_flops: int
+    reference_tokens: int
+    prefill_flops: int
+    layer_cost_improvement: float
+    compute_cost_improvement: float
+    seconds: float = 0.0
+    head_evals: int = field(default=0)
+    kv_fills: int = field(default=0)
+    recomputed: int = field(default=0)
+
+    def improvement_against(self, shape: ModelShape, reference_tokens: int) -> float:
+        """Compute cost improvement against the full model generating ``reference_tokens`` tokens."""
+        full = shape.full_flops(self.prompt_len, reference_tokens)
+        return 1.0 - self.flops / full if full else 0.0
+
+
+def layer_cost_improvement(exit_layers: list[int], num_layers: int) -> float:
+    """``1 - mean(exit layer) / L``; 0 for an empty sequence."""
+    if not exit_layers:
+        return 0.0
+    return 1.0 - sum(exit_layers) / (len(exit_layers) * num_layers)
+
+
+def sequence_cost(shape: ModelShape, prompt_len: int, tokens: list[TokenCost], seconds: float = 0.0,
+                  reference_tokens: int | None = None) -> SequenceCost:
+    """Total a sequence's per-step costs and compare them with the full model.
+
+    Args:
+        reference_tokens: the full model's own answer length for this prompt, when known; None charges the
+            full model for the same number of tokens as this run.
+    """
+    for tc in tokens:
+        tc.flops = token_flops(shape, tc)
+    ref = len(tokens) if reference_tokens is None else int(reference_tokens)
+    flops = sum(tc.flops for tc in tokens)
+    full = shape.full_flops(prompt_len, ref)
+    return SequenceCost(
+        tokens=tokens, num_layers=shape.num_layers, prompt_len=prompt_len, flops=flops, full_flops=full,
+        reference_tokens=ref, prefill_flops=shape.prefill_flops(prompt_len),
+        layer_cost_improvement=layer_cost_improvement([tc.exit_layer for tc in tokens], shape.num_layers),
+        compute_cost_improvement=(1.0 - flops / full) if full else 0.0, seconds=seconds,
+        head_evals=sum(tc.head_evals for tc in tokens), kv_fills=sum(tc.kv_fills for tc in tokens),
+        recomputed=sum(tc.recomputed for tc in tokens),
+    )
