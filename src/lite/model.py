@@ -207,6 +207,28 @@ class LiteModel:
         L = self.num_layers
         return {k: states[k] if k == L else self.final_norm(states[k]) for k in layers}
 
+    def forward_exit_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                            layers: list[int] | None = None, module: nn.Module | None = None
+                            ) -> dict[int, torch.Tensor]:
+        """Normed exit states from one forward of the causal LM itself, without full-vocab logits.
+
+        For training: the call goes through ``module`` (the model as wrapped by the trainer, e.g.
+        DistributedDataParallel, or ``self.model``) so that wrappers see the forward; the head is skipped
+        with ``logits_to_keep`` = no position, because the LITE loss evaluates the head itself at response
+        positions only. Same normalisation rule as :meth:`hidden_states`.
+
+        Returns:
+            {layer: (B, T, D) normed state}.
+        """
+        layers = layers or self.exit_layers
+        module = module if module is not None else self.model
+        no_position = torch.empty(0, dtype=torch.long, device=input_ids.device)
+        out = module(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                     use_cache=False, logits_to_keep=no_position)
+        states = out.hidden_states
+        L = self.num_layers
+        return {k: states[k] if k == L else self.final_norm(states[k]) for k in layers}
+
     # ----------------------------------------------------------------- decode primitives
     def new_cache(self, max_len: int, batch: int = 1) -> LayerCache:
         """A cache for ``max_len`` positions in every layer, in the model's dtype and device."""

@@ -1,15 +1,71 @@
-"""`lite train`."""
+"""`lite train`: LITE instruction tuning (or the final-layer baseline), full or LoRA.
+
+Runs in one process, or in several with ``torchrun --nproc_per_node N -m lite train ...`` (only rank 0
+writes the output). Re-running a killed command resumes from ``<out>.partial``'s last checkpoint.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from ..errors import LiteError
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="model folder, LoRA adapter folder, hub id, or smollm2-135m-instruct")
+    p.add_argument("--model", default=None,
+                   help="base model: folder, hub id, or smollm2-135m-instruct (default: the embedded default)")
+    p.add_argument("--data", nargs="+", default=None, metavar="PATH",
+                   help="Alpaca-format JSON/JSONL file(s) (instruction, input, output) or hub dataset id(s)")
+    p.add_argument("--out", required=True, help="output folder (must not exist; <out>.partial is the work folder)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after N optimiser steps (overrides --epochs)")
+    p.add_argument("--epochs", type=float, default=3.0, help="passes over the training rows (default 3)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate, cosine schedule "
+                   "(default 2e-5 full fine-tuning, 2e-4 LoRA)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per process per micro-batch (default 8)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step (default 1)")
+    p.add_argument("--max-length", type=int, default=256, help="tokens per row, cut at the end (default 256)")
+    p.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of all weights")
+    p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (default 16; alpha = 2 x rank)")
+    p.add_argument("--baseline", action="store_true",
+                   help="final-layer loss only (standard instruction tuning), for comparison")
+    p.add_argument("--exit-layers", default=None,
+                   help="comma-separated exit layers ending at L (default: every L/8 from L/4, plus L)")
+    p.add_argument("--loss-weighting", default="uniform", choices=["uniform", "increasing"],
+                   help="uniform (paper) or increasing with depth (default uniform)")
+    p.add_argument("--prompt-format", default="alpaca", choices=["alpaca", "chat"],
+                   help="Alpaca template (default) or the tokenizer's chat template")
+    p.add_argument("--filter", action="append", default=None, metavar="FIELD=VALUE",
+                   help="keep rows whose FIELD equals VALUE (repeatable), e.g. status=ok for alpaca-libre")
+    p.add_argument("--heldout-fraction", type=float, default=0.05,
+                   help="share of rows kept aside for calibration (default 0.05)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split and of training (default 0)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute decoder blocks in backward (less memory, more time)")
+    p.add_argument("--save-steps", type=int, default=200, help="checkpoint (resume point) every N steps (default 200)")
+    p.add_argument("--logging-steps", type=int, default=10, help="log losses every N steps (default 10)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="weights dtype (default float32)")
+    p.add_argument("--loss-mode", default="fused", choices=["fused", "checkpoint", "plain"],
+                   help="how exit logits are kept for backward (default fused; see docs/train.md)")
+    p.add_argument("--no-progress-bar", action="store_true", help="no tqdm bar (logs still print)")
 
 
 def run(args: argparse.Namespace) -> int:
-    raise LiteError("'lite train' is not implemented yet (tracked in the project's issues)")
+    from . import progress
+    from ..training import loss_summary, train
+
+    result = train(
+        args.model, args.data, args.out, max_steps=args.max_steps, epochs=args.epochs, lr=args.lr,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length, lora=args.lora,
+        lora_rank=args.lora_rank, baseline=args.baseline, exit_layers=args.exit_layers,
+        loss_weighting=args.loss_weighting, prompt_format=args.prompt_format, filters=args.filter,
+        heldout_fraction=args.heldout_fraction, seed=args.seed, bf16=args.bf16,
+        gradient_checkpointing=args.gradient_checkpointing, save_steps=args.save_steps,
+        logging_steps=args.logging_steps, dtype=args.dtype, loss_mode=args.loss_mode, progress=progress,
+        show_progress_bar=not args.no_progress_bar,
+    )
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        progress(f"done: {result.steps} steps, {loss_summary(result)}")
+        print(result.output_dir)
+    return 0

@@ -1,0 +1,330 @@
+"""LITE instruction tuning on Hugging Face Trainer: setup, train, save.
+
+* setup: read and split the data (:mod:`lite.data`), load the model (:func:`lite.load_model`), check the
+  exit layers, wrap the model in LoRA (peft) when asked, tokenise.
+* train: :class:`LiteTrainer` is a ``transformers.Trainer`` whose ``compute_loss`` runs the model once for
+  its hidden states (no full-vocab logits) and applies :func:`lite.losses.lite_loss`; per-layer losses
+  are logged as ``loss_l<k>``. Trainer does the rest: optimiser, cosine schedule, gradient accumulation,
+  bf16 autocast, gradient checkpointing, progress bar, checkpoints, resume, and several processes when
+  started by ``torchrun`` (gloo on CPU).
+* save: rank 0 writes an ordinary Hugging Face folder (full weights or the LoRA adapter, plus the
+  tokenizer) and ``lite_config.json``.
+
+Atomic output: everything happens in the sibling folder ``<out>.partial/`` (Trainer checkpoints live
+there); the finished model is written to ``<out>.partial/final`` and renamed to ``<out>`` at the very end,
+then the work folder is removed. A killed run leaves only ``<out>.partial/``; re-running the same command
+resumes from its last checkpoint. ``<out>`` itself exists only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import CONFIG_NAME, LOSS_WEIGHTINGS, PROMPT_FORMATS, LiteConfig, loss_weights, parse_exit_layers
+from .data import DEFAULT_HELDOUT_FRACTION, DEFAULT_MAX_LENGTH, PadCollator, TokenizedDataset, prepare_data
+from .errors import LiteError
+from .losses import DEFAULT_CHUNK_SIZE, LOSS_MODES, lite_loss
+
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+RUN_FILE = "lite_run.json"
+
+
+class TrainError(LiteError):
+    """A training option or the output folder is unusable; the message names the flag."""
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` produced.
+
+    Attributes:
+        output_dir: the finished model folder (``--out``).
+        steps: optimiser steps done in total (including steps before a resume).
+        final_losses: last logged mean loss per exit layer ({layer: nats per response token}).
+        final_loss: last logged weighted total loss.
+        resumed_from: the checkpoint training resumed from, or None.
+        lite_config: the configuration saved as ``lite_config.json``.
+    """
+
+    output_dir: Path
+    steps: int
+    final_losses: dict[int, float]
+    final_loss: float | None
+    resumed_from: str | None
+    lite_config: LiteConfig
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU has bf16 instructions (AVX512-BF16 or AMX); elsewhere bf16 is emulated (slow)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _make_trainer_class():
+    """Built lazily so that importing lite.training does not import transformers."""
+    from transformers import Trainer
+
+    class LiteTrainer(Trainer):
+        """Trainer whose loss is the LITE loss over exit layers; logs ``loss_l<k>`` per exit."""
+
+        # lite_loss returns a per-micro-batch mean: Trainer divides it by the accumulation steps.
+        loss_is_scaled_for_ga = False
+
+        def __init__(self, *args, lite_model, exit_weights: dict[int, float], loss_mode: str,
+                     chunk_size: int, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.model_accepts_loss_kwargs = False
+            self.lite_model = lite_model
+            self.exit_weights = exit_weights
+            self.loss_mode = loss_mode
+            self.chunk_size = chunk_size
+            self._layer_sums: dict[int, float] = {}
+            self._layer_count = 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs["labels"]
+            states = self.lite_model.forward_exit_states(
+                inputs["input_ids"], inputs.get("attention_mask"), layers=sorted(self.exit_weights), module=model
+            )
+            result = lite_loss(states, labels, self.lite_model.lm_head, self.exit_weights,
+                               chunk_size=self.chunk_size, mode=self.loss_mode)
+            if model.training and result.num_tokens:
+                for k, v in result.per_layer.items():
+                    self._layer_sums[k] = self._layer_sums.get(k, 0.0) + float(v)
+                self._layer_count += 1
+            return (result.total, {"per_layer": result.per_layer}) if return_outputs else result.total
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            if "loss" in logs and self._layer_count:
+                for k in sorted(self._layer_sums):
+                    logs[f"loss_l{k}"] = round(self._layer_sums[k] / self._layer_count, 4)
+                self._layer_sums, self._layer_count = {}, 0
+            super().log(logs, start_time)
+
+    return LiteTrainer
+
+
+def _log_last_step_callback():
+    """A callback that forces a log entry at the last step, so the final per-layer losses are known."""
+    from transformers import TrainerCallback
+
+    class LogLastStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.max_steps and state.global_step >= state.max_steps:
+                control.should_log = True
+            return control
+
+    return LogLastStep()
+
+
+def _last_checkpoint(work: Path) -> str | None:
+    if not work.is_dir():
+        return None
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(work))
+
+
+def _portable_model_spec(model: str | None) -> str:
+    """What to record as base_model: the alias or hub id as given, a local folder as an absolute path."""
+    from .loading import DEFAULT_MODEL
+
+    if model is None:
+        return DEFAULT_MODEL
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else str(model)
+
+
+def train(model: str | None = None, data: list[str] | str | None = None, out: str | os.PathLike[str] = "lite-out",
+          *, max_steps: int | None = None, epochs: float = 3.0, lr: float | None = None, batch_size: int = 8,
+          grad_accum: int = 1, max_length: int = DEFAULT_MAX_LENGTH, lora: bool = False, lora_rank: int = 16,
+          lora_alpha: int | None = None, lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS,
+          baseline: bool = False, exit_layers: str | list[int] | None = None, loss_weighting: str = "uniform",
+          prompt_format: str = "alpaca", filters: list[str] | str | None = None,
+          heldout_fraction: float = DEFAULT_HELDOUT_FRACTION, seed: int = 0, bf16: bool = False,
+          gradient_checkpointing: bool = False, save_steps: int = 200, logging_steps: int = 10,
+          dtype: str | None = "float32", loss_mode: str = "fused", chunk_size: int = DEFAULT_CHUNK_SIZE,
+          warmup_ratio: float = 0.03, progress: Callable[[str], None] | None = None,
+          show_progress_bar: bool = True) -> TrainResult:
+    """LITE instruction tuning (or the final-layer baseline), full or LoRA; see the module docstring.
+
+    Args:
+        model: base model (folder, hub id, or alias; None = the embedded default).
+        data: Alpaca-format JSON/JSONL path(s) or hub dataset id(s).
+        out: output folder; must not exist yet (its ``.partial`` sibling is the resumable work folder).
+        max_steps: stop after this many optimiser steps (overrides ``epochs``).
+        epochs: passes over the training rows.
+        lr: peak learning rate (cosine schedule); default 2e-5 full fine-tuning, 2e-4 LoRA.
+        batch_size: rows per device per micro-batch. grad_accum: micro-batches per optimiser step.
+        max_length: tokens per row (prompt + response + EOS), cut at the end.
+        lora: train a LoRA adapter (rank ``lora_rank``, alpha ``lora_alpha`` = 2*rank by default) on
+            ``lora_targets`` instead of all weights.
+        baseline: final-layer loss only (standard instruction tuning), for comparison with LITE.
+        exit_layers: "8,12,...,L" or a list; None = the default exits (every L/8 from L/4, plus L).
+        loss_weighting: "uniform" (paper) or "increasing" (weight proportional to depth).
+        prompt_format: "alpaca" or "chat".
+        filters: ``FIELD=VALUE`` row filters (e.g. ``status=ok``).
+        heldout_fraction, seed: the held-out split kept aside for calibration (seed also seeds training).
+        bf16: bf16 autocast (mixed precision). gradient_checkpointing: recompute blocks in backward.
+        save_steps: checkpoint every this many steps (resume point). logging_steps: log every this many.
+        dtype: weights dtype ("float32", "bfloat16"). loss_mode, chunk_size: see :mod:`lite.losses`.
+        progress: called with status lines. show_progress_bar: Trainer's tqdm bar.
+    """
+    from .loading import load_model
+    from .model import LiteModel
+
+    say = progress or (lambda _msg: None)
+    out = Path(out)
+    work = out.with_name(out.name + ".partial")
+    if out.exists():
+        raise TrainError(f"--out {out} already exists; choose a new folder or delete it (lite never overwrites)")
+    if loss_weighting not in LOSS_WEIGHTINGS:
+        raise TrainError(f"--loss-weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
+    if prompt_format not in PROMPT_FORMATS:
+        raise TrainError(f"--prompt-format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
+    if loss_mode not in LOSS_MODES:
+        raise TrainError(f"--loss-mode must be one of {LOSS_MODES}, got {loss_mode!r}")
+    for flag, value in (("--batch-size", batch_size), ("--grad-accum", grad_accum), ("--max-length", max_length),
+                        ("--lora-rank", lora_rank), ("--save-steps", save_steps)):
+        if value < 1:
+            raise TrainError(f"{flag} must be at least 1, got {value}")
+    if max_steps is not None and max_steps < 1:
+        raise TrainError(f"--max-steps must be at least 1, got {max_steps}")
+    if data is None:
+        raise TrainError("--data is required: give one or more Alpaca-format JSON/JSONL files")
+
+    split = prepare_data(data, filters=filters, heldout_fraction=heldout_fraction, seed=seed)
+    lm = load_model(model, dtype=dtype, progress=say)
+    L = lm.num_layers
+    layers = parse_exit_layers(exit_layers, L)  # a baseline model keeps them for early-exit decoding later
+    train_layers = [L] if baseline else layers
+    weights = dict(zip(train_layers, loss_weights(train_layers, loss_weighting)))
+    tokenizer = lm.tokenizer
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dataset = TokenizedDataset(split.train, tokenizer, prompt_format, max_length)
+    lr = lr if lr is not None else (2e-4 if lora else 2e-5)
+    if bf16 and not torch.cuda.is_available() and not cpu_has_native_bf16():
+        say("--bf16: this CPU has no native bf16 instructions; autocast will be emulated and likely slower")
+
+    settings = {
+        "lora": lora, "lora_rank": lora_rank if lora else None,
+        "lora_alpha": (lora_alpha or 2 * lora_rank) if lora else None,
+        "lora_targets": list(lora_targets) if lora else None, "baseline": baseline,
+        "trained_layers": train_layers, "max_steps": max_steps, "epochs": epochs, "lr": lr,
+        "lr_schedule": "cosine", "warmup_ratio": warmup_ratio, "batch_size": batch_size,
+        "grad_accum": grad_accum, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "max_length": max_length, "bf16": bf16, "gradient_checkpointing": gradient_checkpointing,
+        "dtype": dtype, "seed": seed, "loss_mode": loss_mode, "chunk_size": chunk_size,
+        "rows_dropped_too_long": dataset.dropped,
+    }
+    run_record = {"model": _portable_model_spec(model), "data": split.provenance, "exit_layers": layers,
+                  "loss_weighting": loss_weighting, "prompt_format": prompt_format, "training": settings}
+    resume = _last_checkpoint(work)
+    previous = work / RUN_FILE
+    if previous.is_file():
+        recorded = json.loads(previous.read_text())
+        if recorded != json.loads(json.dumps(run_record)):
+            raise TrainError(f"{work} holds an unfinished run with other settings; re-run the same command to "
+                             f"resume it, or delete {work} to start afresh")
+    if _rank() == 0:
+        work.mkdir(parents=True, exist_ok=True)
+        from .config import write_json_atomic
+
+        write_json_atomic(previous, run_record)
+
+    train_model = lm.model
+    train_model.train()
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        peft_config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha or 2 * lora_rank, lora_dropout=0.0,
+                                 target_modules=list(lora_targets), task_type="CAUSAL_LM")
+        train_model = get_peft_model(train_model, peft_config)
+    lite_config = LiteConfig(num_layers=L, exit_layers=layers, loss_weighting=loss_weighting,
+                             loss_weights=[weights.get(k, 0.0) for k in layers], prompt_format=prompt_format,
+                             base_model=run_record["model"], adapter=lora, training=settings,
+                             data=split.provenance)
+    trainee = LiteModel(train_model, tokenizer, lite_config, source=run_record["model"])
+
+    from transformers import TrainingArguments
+
+    use_cpu = not torch.cuda.is_available()
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    args = TrainingArguments(
+        output_dir=str(work), per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
+        num_train_epochs=epochs, max_steps=max_steps if max_steps is not None else -1, learning_rate=lr,
+        lr_scheduler_type="cosine", warmup_steps=warmup_ratio, weight_decay=0.0, logging_steps=logging_steps,
+        save_steps=save_steps, save_total_limit=2, bf16=bf16, use_cpu=use_cpu, seed=seed, data_seed=seed,
+        activation_checkpointing=gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+        report_to=[], disable_tqdm=not show_progress_bar, remove_unused_columns=False,
+        dataloader_num_workers=0, ddp_backend="gloo" if use_cpu and distributed else None, ddp_find_unused_parameters=False,
+        save_only_model=False,
+    )
+    trainer = _make_trainer_class()(
+        model=train_model, args=args, train_dataset=dataset, data_collator=PadCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer, lite_model=trainee, exit_weights=weights, loss_mode=loss_mode,
+        chunk_size=chunk_size, callbacks=[_log_last_step_callback()],
+    )
+    if resume:
+        say(f"resuming from {resume}")
+    say(f"training {'LoRA' if lora else 'full'} on {len(dataset)} rows, exits {train_layers}, "
+        f"weights {[round(w, 3) for w in weights.values()]}")
+    trainer.train(resume_from_checkpoint=resume)
+
+    history = trainer.state.log_history
+    last = next((h for h in reversed(history) if "loss_l" + str(L) in h), {})
+    final_losses = {int(k[6:]): float(v) for k, v in last.items() if k.startswith("loss_l")}
+    lite_config.training["steps"] = trainer.state.global_step
+    if _rank() == 0:
+        _save_final(trainer, train_model, tokenizer, lite_config, work, out, lora, run_record["model"])
+    trainer.accelerator.wait_for_everyone()
+    return TrainResult(out, trainer.state.global_step, final_losses, last.get("loss"), resume, lite_config,
+                       history)
+
+
+def _save_final(trainer, train_model, tokenizer, lite_config: LiteConfig, work: Path, out: Path, lora: bool,
+                base_spec: str) -> None:
+    """Write the finished model into ``work/final`` and rename it to ``out``; then drop the work folder."""
+    final = work / "final"
+    if final.exists():
+        shutil.rmtree(final)
+    model = trainer.accelerator.unwrap_model(train_model)
+    if lora:
+        # the adapter names its base portably (alias or hub id as given), not this machine's cache path
+        for cfg in model.peft_config.values():
+            cfg.base_model_name_or_path = base_spec
+    model.save_pretrained(str(final))
+    tokenizer.save_pretrained(str(final))
+    lite_config.save(final)
+    (final / "trainer_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    os.replace(final, out)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def loss_summary(result: TrainResult) -> str:
+    """One line: total and per-layer losses of the last log entry."""
+    per = " ".join(f"l{k}={v:.3f}" for k, v in sorted(result.final_losses.items()))
+    total = "n/a" if result.final_loss is None or math.isnan(result.final_loss) else f"{result.final_loss:.3f}"
+    return f"loss {total} ({per})"
+
+
+__all__ = ["train", "TrainResult", "TrainError", "DEFAULT_LORA_TARGETS", "CONFIG_NAME"]
