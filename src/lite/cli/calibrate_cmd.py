@@ -1,15 +1,122 @@
-"""`lite calibrate`."""
+"""`lite calibrate`: per-layer exit thresholds (and a learned exit gate) from held-out data."""
 
 from __future__ import annotations
 
 import argparse
+import math
+import time
 
 from ..errors import LiteError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="model folder, LoRA adapter folder, hub id, or smollm2-135m-instruct")
+    p.add_argument("--model", default=None, help="model folder, LoRA adapter folder, or smollm2-135m-instruct "
+                   "(thresholds are written into its lite_config.json)")
+    p.add_argument("--data", nargs="+", default=None, metavar="PATH",
+                   help="Alpaca-format JSON/JSONL held-out rows (default: the held-out split recorded by "
+                        "lite train in the model's lite_config.json)")
+    p.add_argument("--filter", action="append", default=None, metavar="FIELD=VALUE",
+                   help="keep only rows where FIELD equals VALUE, e.g. status=ok (repeatable)")
+    p.add_argument("--rule", default="paper", choices=["paper", "agreement", "ltt"],
+                   help="paper: mean confidence of agreeing tokens; agreement: lowest threshold whose exits "
+                        "agree with the final layer at rate >= --target; ltt: risk control (--epsilon, --delta)")
+    p.add_argument("--target", type=float, default=0.9, help="agreement rule: required agreement rate A in (0, 1]")
+    p.add_argument("--epsilon", type=float, default=0.1, help="ltt: tolerated disagreement rate of exits, (0, 1)")
+    p.add_argument("--delta", type=float, default=0.1, help="ltt: allowed failure probability, (0, 1)")
+    p.add_argument("--source", default="reference", choices=["reference", "generated"],
+                   help="reference: teacher-forced on the rows' responses; generated: on the model's own "
+                        "greedy answers (slower, the distribution it decodes)")
+    p.add_argument("--confidence", default=None,
+                   help="max_prob (paper), margin, entropy or state_cosine (default: the model's recorded one)")
+    p.add_argument("--max-examples", type=int, default=100, help="use at most this many rows (the first ones)")
+    p.add_argument("--max-length", type=int, default=256, help="cut prompt + response at this many tokens")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="answer budget of --source generated")
+    p.add_argument("--gate", action="store_true",
+                   help="also train a learned exit gate (logistic regression per exit on the normed state)")
+    p.add_argument("--gate-hidden", type=int, default=0, help="gate hidden width (0 = logistic regression)")
+    p.add_argument("--seed", type=int, default=0, help="seed of gate training")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or auto")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.{digits}f}"
+
+
+def _threshold(v: float) -> str:
+    from ..thresholds import NEVER_EXIT
+
+    return "never" if v >= NEVER_EXIT else f"{v:.4f}"
+
+
+def _print_table(result) -> None:
+    s = result.stats
+    print(f"rule {result.rule} {result.parameters or ''} | confidence {result.confidence} | source "
+          f"{result.source} | {result.examples} examples, {result.tokens} tokens")
+    print(f"{'layer':>5}  {'threshold':>9}  {'agree(all)':>10}  {'exit rate':>9}  {'agree(exited)':>13}")
+    for i, k in enumerate(result.layers):
+        print(f"{k:>5}  {_threshold(result.thresholds[k]):>9}  {_fmt(s.agreement[i]):>10}  "
+              f"{_fmt(s.exit_rate[i]):>9}  {_fmt(s.exit_agreement[i]):>13}")
+    print(f"final layer reached by {_fmt(s.final_rate)} of tokens; exited tokens agree at "
+          f"{_fmt(s.exited_agreement)} (cascade on the calibration tokens)")
+    if result.gate is not None:
+        g = result.gate
+        print(f"gate ({'logistic' if g.gate.hidden == 0 else f'mlp {g.gate.hidden}'}), trained on "
+              f"{g.train_examples} examples, thresholds chosen on {g.selection_examples} ({g.selection_tokens} "
+              f"tokens):")
+        print(f"{'layer':>5}  {'p cut':>7}  {'acc@0.5':>7}  {'base acc':>8}  {'exit rate':>9}  {'agree(exited)':>13}")
+        for i, k in enumerate(result.layers):
+            print(f"{k:>5}  {_fmt(g.gate.thresholds[k]):>7}  {_fmt(g.accuracy[k]):>7}  {_fmt(g.base_accuracy[k]):>8}"
+                  f"  {_fmt(g.stats.exit_rate[i]):>9}  {_fmt(g.stats.exit_agreement[i]):>13}")
 
 
 def run(args: argparse.Namespace) -> int:
-    raise LiteError("'lite calibrate' is not implemented yet (tracked in the project's issues)")
+    from ..calibration import calibration_layers, check_options, collect, save_calibration, select
+    from ..data import DataError, load_heldout, read_examples
+    from ..loading import load_model
+    from . import progress
+
+    check_options(rule=args.rule, target=args.target, epsilon=args.epsilon, delta=args.delta,
+                  confidence=args.confidence or "max_prob", source=args.source)
+    if args.max_examples < 1:
+        raise LiteError(f"--max-examples must be >= 1, got {args.max_examples}")
+    if args.gate_hidden < 0:
+        raise LiteError(f"--gate-hidden must be >= 0 (0 = logistic regression), got {args.gate_hidden}")
+    examples, data_info = None, {}
+    if args.data:  # read (and reject) the data before spending time on the model
+        try:
+            examples, entries = read_examples(args.data, args.filter)
+        except DataError as exc:
+            if str(exc).startswith("no rows left"):
+                raise LiteError(f"no held-out rows to calibrate on in {args.data} (filter: {args.filter or 'none'}); "
+                                f"check --data and --filter") from None
+            raise
+        data_info = {"sources": entries, "filter": args.filter or [], "heldout_split": False}
+    lm = load_model(args.model, dtype=args.dtype, device=args.device, progress=progress)
+    calibration_layers(lm)  # a model without exits below L: fail before collecting anything
+    if examples is None:
+        if not lm.lite_config.data.get("heldout_ids"):
+            raise LiteError("no held-out data: --data was not given and this model's lite_config.json records no "
+                            "held-out split (lite train records one); give --data PATH")
+        examples = load_heldout(lm.lite_config)
+        if not examples:
+            raise LiteError("the held-out split recorded in lite_config.json is empty; give --data")
+        data_info = {"sources": lm.lite_config.data.get("sources", []), "heldout_split": True}
+    examples = examples[: args.max_examples]
+    data_info["rows_used"] = len(examples)
+    confidence = args.confidence or lm.lite_config.confidence
+    check_options(confidence=confidence)
+    progress(f"collecting {args.source} statistics on {len(examples)} examples")
+    start = time.perf_counter()
+    data = collect(lm, examples, source=args.source, with_states=args.gate, max_length=args.max_length,
+                   max_new_tokens=args.max_new_tokens)
+    progress(f"collected {data.tokens} tokens from {data.examples} examples in {time.perf_counter() - start:.1f} s")
+    result = select(data, rule=args.rule, confidence=confidence, target=args.target, epsilon=args.epsilon,
+                    delta=args.delta, gate=args.gate, gate_hidden=args.gate_hidden, seed=args.seed)
+    result.data = data_info
+    path = save_calibration(lm, result)
+    _print_table(result)
+    print(f"wrote {path}")
+    return 0

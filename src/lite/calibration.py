@@ -1,0 +1,376 @@
+"""Calibration of dynamic early exit: collect per-token exit statistics, then choose thresholds (and a gate).
+
+Collection (:func:`collect`) runs the model over held-out instruction rows and records, for every exit
+layer below L and every scored token, each confidence measure of :mod:`lite.confidence` (computed exactly
+as the engine computes it), whether the layer's argmax equals the final layer's argmax, and optionally the
+normed state ``final_norm(h_k)`` that a learned gate reads. Two sources of token sequences:
+
+* ``reference``: prompt + the row's reference response + EOS (as :func:`lite.data.tokenize_example` builds
+  them), teacher-forced; the scored tokens are the response positions;
+* ``generated``: the model's own greedy answer to the prompt with exits off (:func:`lite.decoding.generate`),
+  then teacher-forced the same way; this is the distribution the model will actually decode.
+
+Each sequence goes once through the adapter's blocks (:meth:`LiteModel.run_block`, the path the engine
+decodes with), so raw states are at hand for ``state_cosine``. Teacher forcing means every position sees
+the full model's cache; during early-exit decoding earlier tokens may have left early, which the
+calibration cannot see (a known, documented gap).
+
+Selection (:func:`select`) is a pure function of the collected arrays: the rules of :mod:`lite.thresholds`,
+cascade statistics, and the gate (:mod:`lite.gate`). :func:`save_calibration` writes the result into the
+model folder's ``lite_config.json`` (and the gate file).
+
+Layer numbering: layer k = output of decoder block k, 1-indexed; L = number of decoder layers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import confidence as conf_mod
+from .errors import LiteError
+from .model import LiteModel
+from .thresholds import NEVER_EXIT, RULES, LayerStats, cascade_stats, ltt_grid, select_thresholds
+
+SOURCES = ("reference", "generated")
+GATE_SELECTION_EVERY = 4  # every 4th example is kept out of gate training to choose its thresholds
+
+
+@dataclass
+class CalibrationData:
+    """Per exit layer and per scored token, what calibration needs (E exit layers below L, N tokens).
+
+    Attributes:
+        layers: the E exit layers below L, increasing (1-indexed).
+        num_layers: L.
+        confidences: {measure: (E, N) float32}, larger = more confident (see :mod:`lite.confidence`).
+        agree: (E, N) bool, layer i's argmax equals the final layer's argmax at that token.
+        example_index: (N,) int, which collected example each token comes from (0-based).
+        states: (E, N, D) float32 normed states ``final_norm(h_k)`` (gate features), or None.
+        source: "reference" or "generated".
+        examples: examples that contributed tokens.
+        skipped: examples that contributed none (prompt too long, empty answer).
+        seconds: wall-clock time of the collection.
+    """
+
+    layers: list[int]
+    num_layers: int
+    confidences: dict[str, np.ndarray]
+    agree: np.ndarray
+    example_index: np.ndarray
+    states: np.ndarray | None = None
+    source: str = "reference"
+    examples: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens(self) -> int:
+        return int(self.agree.shape[1])
+
+
+def check_options(*, rule: str = "paper", target: float = 0.9, epsilon: float = 0.1, delta: float = 0.1,
+                  confidence: str = "max_prob", source: str = "reference") -> None:
+    """Reject bad selection options before any model is loaded; each message names the flag."""
+    if rule not in RULES:
+        raise LiteError(f"--rule must be one of {RULES}, got {rule!r}")
+    if not 0.0 < target <= 1.0:
+        raise LiteError(f"--target must be in (0, 1] (the agreement rate of exited tokens), got {target}")
+    if not 0.0 < epsilon < 1.0:
+        raise LiteError(f"--epsilon must be in (0, 1) (the tolerated disagreement rate), got {epsilon}")
+    if not 0.0 < delta < 1.0:
+        raise LiteError(f"--delta must be in (0, 1) (the allowed failure probability), got {delta}")
+    if confidence not in conf_mod.MEASURES:
+        raise LiteError(f"--confidence must be one of {conf_mod.MEASURES}, got {confidence!r}")
+    if source not in SOURCES:
+        raise LiteError(f"--source must be one of {SOURCES}, got {source!r}")
+
+
+def calibration_layers(lm: LiteModel) -> list[int]:
+    """The exit layers below L, or a :class:`LiteError` when the model has none to calibrate."""
+    below = [k for k in lm.exit_layers if k < lm.num_layers]
+    if not below:
+        raise LiteError(
+            f"this model's exit layers are {lm.exit_layers}: none below the final layer {lm.num_layers}, so "
+            f"there is nothing to calibrate; train it with intermediate exits (lite train --exit-layers) or "
+            f"set exit_layers in its lite_config.json"
+        )
+    return below
+
+
+# ---------------------------------------------------------------------------------------- collection
+def _score_sequence(lm: LiteModel, ids: list[int], positions: list[int], layers: list[int],
+                    with_states: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
+    """One teacher-forced pass over ``ids``; statistics at ``positions`` (each predicts the next token).
+
+    Returns ({measure: (E, P)}, agree (E, P) bool, normed states (E, P, D) or None).
+    """
+    x = torch.tensor([ids], device=lm.device)
+    cache = lm.new_cache(len(ids))
+    rope = lm.rope(0, len(ids))
+    pos = torch.tensor(positions, device=lm.device)
+    h = lm.embed(x)  # (1, T, D)
+    prev = h[0, pos]  # raw "layer 0" state: the engine's previous state for the first check
+    measures: dict[str, list[torch.Tensor]] = {m: [] for m in conf_mod.MEASURES}
+    argmaxes, normed_states = [], []
+    for layer in range(1, lm.num_layers + 1):
+        h = lm.run_block(layer, h, rope, cache)
+        if layer not in layers:
+            continue
+        raw = h[0, pos]  # (P, D)
+        normed = lm.final_norm(raw)
+        logits = lm.lm_head(normed)  # (P, V)
+        for name, fn in conf_mod.HEAD_FUNCTIONS.items():
+            measures[name].append(fn(logits))
+        measures["state_cosine"].append(conf_mod.state_cosine(raw, prev))
+        prev = raw
+        argmaxes.append(logits.argmax(-1))
+        if with_states:
+            normed_states.append(normed.float())
+    final = lm.exit_logits(h[0, pos], lm.num_layers).argmax(-1)  # (P,)
+    agree = torch.stack(argmaxes) == final  # (E, P)
+    stacked = {m: torch.stack(v).float() for m, v in measures.items()}
+    return stacked, agree, (torch.stack(normed_states) if with_states else None)
+
+
+def _sequence(lm: LiteModel, example, source: str, prompt_format: str, max_length: int,
+              max_new_tokens: int) -> tuple[list[int], list[int]] | None:
+    """Token ids and the positions to score for one example, or None when nothing can be scored."""
+    from .data import IGNORE_INDEX, tokenize_example
+
+    if source == "reference":
+        item = tokenize_example(lm.tokenizer, example, prompt_format, max_length)
+        if item is None:
+            return None
+        ids, labels = item["input_ids"], item["labels"]
+        positions = [j - 1 for j in range(1, len(ids)) if labels[j] != IGNORE_INDEX]
+        return (ids, positions) if positions else None
+    from .decoding import ExitPolicy, GenerationSettings, generate
+    from .prompts import encode_prompt
+
+    prompt = encode_prompt(lm.tokenizer, example.instruction, example.input, prompt_format)
+    budget = min(max_new_tokens, max_length - len(prompt))
+    if budget < 1:
+        return None
+    out = generate(lm, prompt, ExitPolicy(kind="none"), GenerationSettings(max_new_tokens=budget))
+    if not out.token_ids:
+        return None
+    ids = prompt + list(out.token_ids)
+    return ids, list(range(len(prompt) - 1, len(ids) - 1))
+
+
+def collect(lm: LiteModel, examples: list, *, source: str = "reference", with_states: bool = False,
+            max_length: int = 256, max_new_tokens: int = 128,
+            progress: Callable[[int, int], None] | None = None) -> CalibrationData:
+    """Run ``lm`` over ``examples`` (:class:`lite.data.Example` rows) and record per-token exit statistics.
+
+    Args:
+        source: "reference" (teacher-forced on the rows' responses) or "generated" (the model's own greedy
+            answers with exits off, then teacher-forced).
+        with_states: also keep the normed states (needed to train a gate; E*N*D float32).
+        max_length: sequences (prompt + response) are cut at this many tokens.
+        max_new_tokens: answer budget of the ``generated`` source.
+        progress: called as ``progress(done, total)`` after every example.
+    """
+    if source not in SOURCES:
+        raise LiteError(f"--source must be one of {SOURCES}, got {source!r}")
+    if not examples:
+        raise LiteError("no held-out examples to calibrate on: give --data (and check --filter/--max-examples)")
+    layers = calibration_layers(lm)
+    fmt = lm.lite_config.prompt_format
+    start = time.perf_counter()
+    conf_parts: dict[str, list[np.ndarray]] = {m: [] for m in conf_mod.MEASURES}
+    agree_parts, index_parts, state_parts = [], [], []
+    used = skipped = 0
+    with torch.inference_mode():
+        for i, example in enumerate(examples):
+            seq = _sequence(lm, example, source, fmt, max_length, max_new_tokens)
+            if seq is None:
+                skipped += 1
+            else:
+                measures, agree, states = _score_sequence(lm, seq[0], seq[1], layers, with_states)
+                for m, v in measures.items():
+                    conf_parts[m].append(v.cpu().numpy())
+                agree_parts.append(agree.cpu().numpy())
+                index_parts.append(np.full(agree.shape[1], used, dtype=np.int64))
+                if states is not None:
+                    state_parts.append(states.cpu().numpy())
+                used += 1
+            if progress:
+                progress(i + 1, len(examples))
+    if not used:
+        raise LiteError(f"none of the {len(examples)} examples had a token to score (prompts longer than "
+                        f"--max-length {max_length}?); raise --max-length or give other data")
+    return CalibrationData(
+        layers=layers, num_layers=lm.num_layers,
+        confidences={m: np.concatenate(v, axis=1).astype(np.float32) for m, v in conf_parts.items()},
+        agree=np.concatenate(agree_parts, axis=1), example_index=np.concatenate(index_parts),
+        states=np.concatenate(state_parts, axis=1) if with_states else None, source=source,
+        examples=used, skipped=skipped, seconds=time.perf_counter() - start,
+    )
+
+
+# ---------------------------------------------------------------------------------------- selection
+@dataclass
+class GateFit:
+    """A trained gate with decision thresholds chosen on examples it was not trained on.
+
+    Attributes:
+        gate: the gate, decision thresholds set.
+        train_examples / selection_examples / selection_tokens: the split (every
+            ``GATE_SELECTION_EVERY``-th example is held out of training to choose the thresholds).
+        accuracy: {layer: accuracy of "P >= 0.5" on the selection tokens}.
+        base_accuracy: {layer: accuracy of always predicting the majority class there}.
+        stats: what the gate's decisions do on the selection tokens (cascade, see :mod:`lite.thresholds`).
+    """
+
+    gate: Any
+    train_examples: int
+    selection_examples: int
+    selection_tokens: int
+    accuracy: dict[int, float]
+    base_accuracy: dict[int, float]
+    stats: LayerStats
+
+
+@dataclass
+class CalibrationResult:
+    """Thresholds for the exit layers below L and what they do on the calibration tokens."""
+
+    layers: list[int]
+    thresholds: dict[int, float]
+    confidence: str
+    rule: str
+    parameters: dict[str, float]
+    stats: LayerStats
+    source: str
+    examples: int
+    tokens: int
+    collect_seconds: float
+    gate: GateFit | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        """The ``calibration`` entry of ``lite_config.json`` (JSON-safe: NaN becomes null)."""
+        def per_layer(values: list[float]) -> dict[str, float | None]:
+            return {str(k): _json_float(v) for k, v in zip(self.layers, values)}
+
+        s = self.stats
+        out: dict[str, Any] = {
+            "rule": self.rule, "parameters": dict(self.parameters), "confidence": self.confidence,
+            "source": self.source, "data": dict(self.data), "examples": self.examples, "tokens": self.tokens,
+            "layers": list(self.layers), "never_exit_threshold": NEVER_EXIT,
+            "agreement": per_layer(s.agreement), "expected_exit_rate": per_layer(s.exit_rate),
+            "exit_agreement": per_layer(s.exit_agreement), "marginal_exit_rate": per_layer(s.marginal_exit_rate),
+            "marginal_agreement": per_layer(s.marginal_agreement), "final_rate": _json_float(s.final_rate),
+            "exited_agreement": _json_float(s.exited_agreement), "collect_seconds": round(self.collect_seconds, 2),
+        }
+        if self.gate is not None:
+            g = self.gate
+            out["gate"] = {
+                "kind": "logistic" if g.gate.hidden == 0 else "mlp", "hidden": g.gate.hidden,
+                "thresholds": {str(k): v for k, v in g.gate.thresholds.items()},
+                "train_examples": g.train_examples, "selection_examples": g.selection_examples,
+                "selection_tokens": g.selection_tokens,
+                "accuracy": {str(k): _json_float(v) for k, v in g.accuracy.items()},
+                "base_accuracy": {str(k): _json_float(v) for k, v in g.base_accuracy.items()},
+                "expected_exit_rate": per_layer(g.stats.exit_rate),
+                "exit_agreement": per_layer(g.stats.exit_agreement),
+                "flops_per_check": {str(k): g.gate.flops(k) for k in self.layers},
+            }
+        return out
+
+
+def _json_float(v: float) -> float | None:
+    return None if v is None or np.isnan(v) else float(v)
+
+
+def select(data: CalibrationData, *, rule: str = "paper", confidence: str = "max_prob", target: float = 0.9,
+           epsilon: float = 0.1, delta: float = 0.1, gate: bool = False, gate_hidden: int = 0,
+           gate_steps: int = 300, seed: int = 0) -> CalibrationResult:
+    """Choose thresholds (and optionally train a gate) from collected data; no model needed.
+
+    Args:
+        rule: "paper", "agreement" (uses ``target``) or "ltt" (uses ``epsilon``, ``delta``), see
+            :mod:`lite.thresholds`.
+        confidence: the measure whose thresholds are chosen.
+        gate: also train a :class:`lite.gate.LearnedExitGate` (needs ``data.states`` and >= 4 examples);
+            its decision thresholds come from the same rule applied to its probabilities on the held-out
+            quarter of the examples.
+    """
+    check_options(rule=rule, target=target, epsilon=epsilon, delta=delta, confidence=confidence)
+    params = {"paper": {}, "agreement": {"target": target}, "ltt": {"epsilon": epsilon, "delta": delta}}[rule]
+    conf = data.confidences[confidence]
+    values = select_thresholds(rule, conf, data.agree, target=target, epsilon=epsilon, delta=delta,
+                               grid=ltt_grid(confidence))
+    result = CalibrationResult(
+        layers=list(data.layers), thresholds={k: float(v) for k, v in zip(data.layers, values)},
+        confidence=confidence, rule=rule, parameters=params, stats=cascade_stats(conf, data.agree, values),
+        source=data.source, examples=data.examples, tokens=data.tokens, collect_seconds=data.seconds,
+    )
+    if gate:
+        result.gate = _fit_gate(data, rule, target, epsilon, delta, gate_hidden, gate_steps, seed)
+    return result
+
+
+def _fit_gate(data: CalibrationData, rule: str, target: float, epsilon: float, delta: float, hidden: int,
+              steps: int, seed: int) -> GateFit:
+    from .gate import train_gate
+
+    if data.states is None:
+        raise LiteError("--gate needs the normed states: collect with with_states=True")
+    held = data.example_index % GATE_SELECTION_EVERY == GATE_SELECTION_EVERY - 1
+    if data.examples < GATE_SELECTION_EVERY or not held.any() or held.all():
+        raise LiteError(f"--gate needs at least {GATE_SELECTION_EVERY} examples with tokens (one in "
+                        f"{GATE_SELECTION_EVERY} chooses the gate's thresholds); got {data.examples}")
+    gate = train_gate(data.states[:, ~held], data.agree[:, ~held], data.layers, hidden=hidden, steps=steps,
+                      seed=seed)
+    agree = data.agree[:, held]
+    with torch.no_grad():
+        probs = np.stack([gate.probability(k, torch.from_numpy(data.states[i, held])).numpy()
+                          for i, k in enumerate(data.layers)])
+    cuts = select_thresholds(rule, probs, agree, target=target, epsilon=epsilon, delta=delta,
+                             grid=ltt_grid("max_prob"))
+    gate.set_thresholds({k: min(float(v), 1.0) for k, v in zip(data.layers, cuts)})  # >= 1: never leaves
+    return GateFit(
+        gate=gate, train_examples=int(np.unique(data.example_index[~held]).size),
+        selection_examples=int(np.unique(data.example_index[held]).size), selection_tokens=int(held.sum()),
+        accuracy={k: float(((probs[i] >= 0.5) == agree[i]).mean()) for i, k in enumerate(data.layers)},
+        base_accuracy={k: float(max(agree[i].mean(), 1 - agree[i].mean())) for i, k in enumerate(data.layers)},
+        stats=cascade_stats(probs, agree, np.array([gate.thresholds[k] for k in data.layers])),
+    )
+
+
+def save_calibration(lm: LiteModel, result: CalibrationResult) -> str:
+    """Write thresholds, confidence, the calibration record (and the gate file) into ``lm.folder``.
+
+    The gate file is written first (atomically), then ``lite_config.json`` (atomically), so the config
+    never names a file that is not there. Without a new gate an earlier gate is kept as it was. Updates
+    ``lm.lite_config`` in place. Returns the path of ``lite_config.json``.
+    """
+    import dataclasses
+
+    from .gate import GATE_FILE, save_gate
+
+    if lm.folder is None:
+        raise LiteError("--model: calibration writes into the model folder's lite_config.json, but this model "
+                        "came from the hub; save it to a local folder first and calibrate that")
+    old = lm.lite_config
+    record = result.record()
+    gate_file = old.gate_file
+    if result.gate is not None:
+        gate_file = save_gate(result.gate.gate, lm.folder, GATE_FILE).name
+    elif old.gate_file and "gate" in old.calibration:
+        record["gate"] = old.calibration["gate"]
+    cfg = dataclasses.replace(
+        old, thresholds={str(k): float(v) for k, v in result.thresholds.items()},
+        confidence=result.confidence, calibration=record, gate_file=gate_file,
+    )
+    path = cfg.save(lm.folder)
+    lm.lite_config = cfg
+    return str(path)

@@ -1,0 +1,230 @@
+"""A learned exit gate (CALM's "meta" measure): a tiny classifier per exit layer, no LM head needed.
+
+For exit layer k the gate reads the token's normed state ``final_norm(h_k)`` (shape ``(D,)``, the same
+vector the LM head would read) and predicts whether layer k's argmax equals the final layer's. The token
+leaves at the first checked layer where the predicted probability reaches the layer's decision threshold;
+only then is the head evaluated, once. One check costs :meth:`LearnedExitGate.flops` (2*D multiply-adds for
+logistic regression), against the 2*D*V of a head evaluation (V = 49152 on the default model).
+
+The gate is trained by ``lite calibrate --gate`` on the collected states (:func:`train_gate`), its decision
+thresholds are chosen on examples it was not trained on (see :mod:`lite.calibration`), and it is saved
+next to the model as a safetensors file named in ``lite_config.json`` (``gate_file``); the decision
+thresholds live in ``lite_config.json`` under ``calibration.gate.thresholds``. :func:`load_gate` reads it
+back. The gate implements the engine's :class:`lite.decoding.ExitGate` protocol.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import LiteError
+
+GATE_FILE = "exit_gate.safetensors"
+GATE_FORMAT = "lite-exit-gate-v1"
+
+
+def _logit(p: float) -> float:
+    if p >= 1.0:
+        return math.inf
+    if p <= 0.0:
+        return -math.inf
+    return math.log(p / (1.0 - p))
+
+
+class LearnedExitGate:
+    """Per exit layer an MLP with zero or one hidden layer, in float32, on the normed state.
+
+    Attributes:
+        params: {layer: [(W, b), ...]} linear layers applied in order with ReLU between them; the last
+            one has one output, the logit of P(layer agrees with the final layer). W is (out, in).
+        thresholds: {layer: decision threshold on the probability}; a token leaves at ``layer`` when
+            P >= threshold (>= 1 never leaves; <= 0 always leaves).
+    """
+
+    def __init__(self, params: dict[int, list[tuple[torch.Tensor, torch.Tensor]]],
+                 thresholds: dict[int, float] | None = None) -> None:
+        self.params = {int(k): [(w.float(), b.float()) for w, b in v] for k, v in params.items()}
+        self.thresholds: dict[int, float] = {}
+        self._cut: dict[int, float] = {}
+        self.set_thresholds(thresholds or {k: 0.5 for k in self.params})
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.params)
+
+    @property
+    def hidden(self) -> int:
+        """Width of the hidden layer (0 for logistic regression)."""
+        first = next(iter(self.params.values()))
+        return 0 if len(first) == 1 else int(first[0][0].shape[0])
+
+    def set_thresholds(self, thresholds: dict[int, float]) -> None:
+        """Decision thresholds on the probability, compared as logits so a check needs no sigmoid."""
+        self.thresholds = {int(k): float(v) for k, v in thresholds.items()}
+        self._cut = {k: _logit(v) for k, v in self.thresholds.items()}
+
+    def logits(self, layer: int, states: torch.Tensor) -> torch.Tensor:
+        """(..., D) normed states at ``layer`` -> (...) logits of P(agree with the final layer)."""
+        x = states.float()
+        linears = self.params[layer]
+        for j, (w, b) in enumerate(linears):
+            x = x @ w.T + b
+            if j < len(linears) - 1:
+                x = torch.relu(x)
+        return x[..., 0]
+
+    def probability(self, layer: int, states: torch.Tensor) -> torch.Tensor:
+        """(..., D) normed states -> (...) predicted probability that ``layer`` agrees with layer L."""
+        return torch.sigmoid(self.logits(layer, states))
+
+    def should_exit(self, layer: int, normed_state: torch.Tensor) -> bool:
+        """The engine's protocol: does the token with normed state ``(D,)`` leave at ``layer``?
+
+        Layers the gate has no classifier for never exit. The one host sync is this decision.
+        """
+        cut = self._cut.get(layer)
+        if cut is None or layer not in self.params:
+            return False
+        return bool(self.logits(layer, normed_state) >= cut)
+
+    def flops(self, layer: int) -> int:
+        """FLOPs of one check at ``layer``: 2 per multiply-add of every linear layer (2*D for logistic
+        regression, 2*D*H + 2*H with a hidden layer); biases, ReLU and the comparison are not counted."""
+        if layer not in self.params:
+            return 0
+        return int(sum(2 * w.shape[0] * w.shape[1] for w, _ in self.params[layer]))
+
+
+def train_gate(states: np.ndarray, agree: np.ndarray, layers: list[int], *, hidden: int = 0,
+               steps: int = 300, lr: float = 0.01, weight_decay: float = 1e-4, seed: int = 0
+               ) -> LearnedExitGate:
+    """Fit one classifier per exit layer predicting agreement with the final layer (binary cross-entropy,
+    full-batch Adam, features standardised during training and folded back into the first layer).
+
+    Args:
+        states: (E, N, D) normed states of the E exit layers at N tokens.
+        agree: (E, N) bool, layer i's argmax equals layer L's.
+        layers: the E exit layers (1-indexed).
+        hidden: 0 for logistic regression, else the width of one ReLU hidden layer.
+        steps: optimiser steps (full batch).
+    Returns:
+        the gate with decision thresholds 0.5 (calibration replaces them).
+    """
+    states = np.asarray(states, dtype=np.float32)
+    if states.ndim != 3 or states.shape[:2] != np.shape(agree) or states.shape[0] != len(layers):
+        raise ValueError(f"states {states.shape}, agree {np.shape(agree)} and {len(layers)} layers disagree")
+    if states.shape[1] == 0:
+        raise LiteError("the exit gate needs calibration tokens; none were collected")
+    if hidden < 0:
+        raise LiteError(f"--gate-hidden must be >= 0 (0 = logistic regression), got {hidden}")
+    gen = torch.Generator().manual_seed(seed)
+    params: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # (N, D) x (D, H) steps are too small to share; threads only spin and wait
+    try:
+        for i, layer in enumerate(layers):
+            params[int(layer)] = _fit_one(states[i], agree[i], hidden, steps, lr, weight_decay, gen)
+    finally:
+        torch.set_num_threads(threads)
+    return LearnedExitGate(params)
+
+
+def _fit_one(states: np.ndarray, agree: np.ndarray, hidden: int, steps: int, lr: float, weight_decay: float,
+             gen: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One exit layer's classifier; returns its linear layers with the standardisation folded in."""
+    x = torch.from_numpy(states)  # (N, D)
+    y = torch.from_numpy(np.asarray(agree, dtype=np.float32))  # (N,)
+    mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
+    z = (x - mean) / std
+    d = x.shape[1]
+    sizes = [d, hidden, 1] if hidden else [d, 1]
+    linears = []
+    for a, b in zip(sizes, sizes[1:]):
+        w = (torch.randn(b, a, generator=gen) / math.sqrt(a)).requires_grad_()
+        linears.append((w, torch.zeros(b, requires_grad=True)))
+    opt = torch.optim.Adam([t for pair in linears for t in pair], lr=lr, weight_decay=weight_decay)
+    with torch.enable_grad():
+        for _ in range(steps):
+            h = z
+            for j, (w, b) in enumerate(linears):
+                h = h @ w.T + b
+                if j < len(linears) - 1:
+                    h = torch.relu(h)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(h[:, 0], y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    # fold the standardisation into the first layer: W z + b = (W / std) x + (b - W (mean / std))
+    w1, b1 = linears[0][0].detach(), linears[0][1].detach()
+    return [(w1 / std, b1 - w1 @ (mean / std))] + [(w.detach(), b.detach()) for w, b in linears[1:]]
+
+
+def save_gate(gate: LearnedExitGate, folder: str | os.PathLike[str], name: str = GATE_FILE) -> Path:
+    """Write the gate's weights as safetensors into ``folder`` atomically (temporary file, then rename).
+
+    Tensors are ``layer{k}.{j}.weight`` / ``layer{k}.{j}.bias`` for linear layer j of exit layer k; the
+    decision thresholds are not in the file (they belong to ``lite_config.json``).
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    tensors = {}
+    for k, linears in gate.params.items():
+        for j, (w, b) in enumerate(linears):
+            tensors[f"layer{k}.{j}.weight"] = w.contiguous()
+            tensors[f"layer{k}.{j}.bias"] = b.contiguous()
+    meta = {"format": GATE_FORMAT, "layers": ",".join(str(k) for k in gate.layers), "hidden": str(gate.hidden)}
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, folder / name)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return folder / name
+
+
+def read_gate(path: str | os.PathLike[str], thresholds: dict[int, float] | None = None) -> LearnedExitGate:
+    """Load a gate file written by :func:`save_gate`, with the given decision thresholds."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise LiteError(f"the exit gate file {path} is missing; rerun 'lite calibrate --gate'")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != GATE_FORMAT:
+            raise LiteError(f"{path} is not a lite exit gate (format {meta.get('format')!r}); rerun "
+                            f"'lite calibrate --gate'")
+        layers = [int(k) for k in meta["layers"].split(",") if k]
+        params = {}
+        for k in layers:
+            linears, j = [], 0
+            while f"layer{k}.{j}.weight" in f.keys():
+                linears.append((f.get_tensor(f"layer{k}.{j}.weight"), f.get_tensor(f"layer{k}.{j}.bias")))
+                j += 1
+            params[k] = linears
+    return LearnedExitGate(params, thresholds)
+
+
+def load_gate(lm) -> LearnedExitGate | None:
+    """The gate saved with ``lm`` (``lite_config.json``: ``gate_file`` and ``calibration.gate.thresholds``),
+    or None when the model has none."""
+    cfg = lm.lite_config
+    if not cfg.gate_file or lm.folder is None:
+        return None
+    recorded = (cfg.calibration.get("gate") or {}).get("thresholds") or {}
+    thresholds = {int(k): float(v) for k, v in recorded.items()}
+    gate = read_gate(Path(lm.folder) / cfg.gate_file, thresholds)
+    missing = [k for k in gate.layers if k not in thresholds]
+    if missing:
+        raise LiteError(f"lite_config.json has no gate decision thresholds for layers {missing}; rerun "
+                        f"'lite calibrate --gate'")
+    return gate
