@@ -1,15 +1,92 @@
-"""`lite eval`."""
+"""`lite eval`: cost and quality of early exit against the full model on the paper's test sets."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..errors import LiteError
 
 
+def _scales(text: str) -> list[float]:
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give numbers like 0.8,0.9,1.0,1.1") from None
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one scale, e.g. 1.0")
+    return values
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model folder, LoRA adapter folder, hub id, or smollm2-135m-instruct")
+    p.add_argument("--testset", action="append", metavar="NAME[=PATH]",
+                   help="vicuna, koala, wizardlm, self_instruct (found locally or downloaded), or NAME=PATH for a "
+                        "file (JSONL/JSON: Alpaca rows or {prompt} rows); repeat for several (default: all four)")
+    p.add_argument("--limit", type=int, default=None, help="first N prompts of each test set")
+    p.add_argument("--exit", default="dynamic", help="early-exit policy compared with the full model: dynamic "
+                                                     "(default) or static:K")
+    p.add_argument("--kv", default="copy", help="skipped-layer strategy: copy, recompute, or both as copy,recompute")
+    p.add_argument("--threshold-scale", "--threshold-scales", dest="threshold_scales", type=_scales,
+                   default=[1.0], metavar="S[,S...]",
+                   help="multiply the thresholds; several values (0.8,0.9,1.0,1.1) draw the cost-quality "
+                        "frontier; the first is the headline")
+    p.add_argument("--thresholds", default=None, help="override calibrated thresholds: one value for every exit "
+                                                      "('0.9') or '8:0.9,11:0.85'")
+    p.add_argument("--confidence", default=None, help="confidence measure with --thresholds: max_prob (default), "
+                                                      "margin, entropy, state_cosine")
+    p.add_argument("--static-layers", action="store_true", help="also decode with static exit at every exit layer "
+                                                               "(the per-layer quality picture)")
+    p.add_argument("--compare-model", default=None, metavar="M2",
+                   help="a second model (e.g. the final-layer baseline) for the side-by-side per-layer figure")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto; the same for "
+                                                      "every run and for HF generate")
+    p.add_argument("--prompt-format", default=None, choices=["alpaca", "chat", "raw"],
+                   help="default: lite_config.json's, else the chat template when there is one, else alpaca")
+    p.add_argument("--judge-url", default=None, help="OpenAI-compatible API root for a pairwise LLM judge, e.g. "
+                                                     "http://127.0.0.1:8000/v1 (key from $LITE_JUDGE_API_KEY)")
+    p.add_argument("--judge-model", default=None, help="model name for the judge")
+    p.add_argument("--no-hf-baseline", action="store_true", help="do not time transformers' generate "
+                                                                 "(no speedup figure)")
+    p.add_argument("--out", default="lite-eval", help="output folder (default: lite-eval)")
+    p.add_argument("--restart", action="store_true", help="discard the records of an earlier run in --out")
 
 
 def run(args: argparse.Namespace) -> int:
-    raise LiteError("'lite eval' is not implemented yet (tracked in the project's issues)")
+    from . import progress
+    from ..evaluation import RECORDS, evaluate
+
+    try:
+        result = evaluate(
+            args.model, args.testset, out=args.out, limit=args.limit, exit=args.exit, kv=args.kv,
+            threshold_scales=args.threshold_scales, thresholds=args.thresholds, confidence=args.confidence,
+            static_layers=args.static_layers, compare_model=args.compare_model,
+            max_new_tokens=args.max_new_tokens, dtype=args.dtype, prompt_format=args.prompt_format,
+            judge_url=args.judge_url, judge_model=args.judge_model, hf_baseline=not args.no_hf_baseline,
+            restart=args.restart, progress_bar=True, log=progress,
+        )
+    except KeyboardInterrupt:
+        print(f"lite eval: interrupted; finished prompts are kept in {args.out}/{RECORDS}: run the same "
+              f"command again to continue", file=sys.stderr)
+        return 130
+    if not result.complete or result.report is None:
+        raise LiteError(f"the evaluation in {args.out} is incomplete; run the same command again to continue")
+    report = result.report
+    print(f"{'test set':<16}{'n':>5}{'layer cost':>12}{'compute cost':>14}{'speedup':>9}{'ROUGE-L':>9}"
+          f"{'similarity':>12}{'tokens full/EE':>16}")
+    rows = list(report["testsets"].items()) + [("overall", report["overall"])]
+    for name, s in rows:
+        def pct(x):
+            return "–" if x is None else f"{100 * x:.1f}%"
+
+        def num(x, fmt=".3f"):
+            return "–" if x is None else format(x, fmt)
+
+        tokens = f"{num(s['tokens_full'], '.1f')}/{num(s['tokens_early_exit'], '.1f')}"
+        print(f"{name:<16}{s['n']:>5}{pct(s['layer_cost_improvement']):>12}{pct(s['compute_cost_improvement']):>14}"
+              f"{num(s['speedup'], '.2f'):>9}{num(s['rougeL_vs_full']):>9}{num(s['similarity_vs_full']):>12}"
+              f"{tokens:>16}")
+    progress(f"report: {result.out}/report.md, {result.out}/report.json ({result.prompts_run} prompts decoded "
+             f"now, the rest from {RECORDS})")
+    return 0

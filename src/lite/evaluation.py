@@ -1,0 +1,436 @@
+"""The evaluation harness: early exit against the full model on the paper's test sets (``lite eval``).
+
+For every prompt of every test set, with greedy decoding and the same ``max_new_tokens``:
+
+* the full model's answer (exits off, through the engine), with its FLOPs and seconds;
+* Hugging Face ``generate`` on the same prompt ids (same dtype, greedy, same end-of-sequence ids), timed,
+  the reference for wall-clock speedup; whether its tokens equal the engine's full answer is recorded;
+* the early-exit answer under each chosen policy: ``--exit`` (dynamic by default) x ``--kv`` strategies x
+  ``--threshold-scales``, with per-token exit layers and confidences;
+* optionally (``--static-layers``) static exit at every exit layer below L: how well each layer generates
+  on its own (the paper's per-layer picture); and a second model (``--compare-model``) through the full
+  answer, static layers, and dynamic exit when it is calibrated;
+* optionally an LLM judge's position-swapped verdict, early exit vs full (:mod:`lite.judge`).
+
+Resumable: each finished prompt is appended as one JSON line to ``DIR/records.jsonl`` with the hash of the
+configuration (``DIR/run.json``); a rerun with the same configuration skips the prompts already there.
+The report (:mod:`lite.report`) is written only when every selected prompt is done, atomically; a rerun
+first removes a report that its new work would make stale.
+
+Prompt format: ``--prompt-format``, else ``prompt_format`` of the model's ``lite_config.json``, else the
+tokenizer's chat template when it has one, else the Alpaca template (SPEC §1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import decoding
+from .config import CONFIG_NAME, write_json_atomic
+from .errors import LiteError
+from .testsets import TestPrompt, TestSet, load_testset
+
+RECORDS = "records.jsonl"
+RUN_FILE = "run.json"
+REPORT_FILES = ("report.json", "report.md")
+
+
+class EvalError(LiteError):
+    """Bad evaluation settings, or an output folder that holds another configuration's records."""
+
+
+@dataclass
+class EvalConfig:
+    """Everything that decides the numbers of an evaluation (hashed for resuming; ``limit`` is not: a
+    larger limit continues a run, a smaller one reports on a prefix).
+
+    Attributes:
+        model: the evaluated model (folder, adapter folder, hub id, alias; None = embedded default).
+        testsets: ``--testset`` values, ``NAME`` or ``NAME=PATH``.
+        limit: first N prompts of each set (None = all).
+        exit: "dynamic" (default) or "static:K", the early-exit policy compared with the full model.
+        kv: skipped-layer strategies, each run separately ("copy", "recompute").
+        threshold_scales: each dynamic run is made at every scale; the first is the headline one.
+        thresholds: ``--thresholds`` override ("0.9" for every exit, or "8:0.9,11:0.85"); None = calibrated.
+        confidence: confidence measure with ``thresholds`` (None = max_prob, or the calibrated one).
+        static_layers: also decode with static exit at every exit layer below L.
+        compare_model: a second model (e.g. the final-layer baseline) for the per-layer figure.
+        max_new_tokens: cap per answer, the same for every run and for HF generate.
+        dtype: "float32", "bfloat16", "float16" or "auto" (the same for every run).
+        prompt_format: "alpaca", "chat", "raw" or None (see the module docstring).
+        judge_url / judge_model: an OpenAI-compatible endpoint and model for the pairwise judge.
+        hf_baseline: time transformers' ``generate`` for the speedup figure.
+    """
+
+    model: str | None = None
+    testsets: list[str] = field(default_factory=lambda: ["vicuna", "koala", "wizardlm", "self_instruct"])
+    limit: int | None = None
+    exit: str = "dynamic"
+    kv: list[str] = field(default_factory=lambda: ["copy"])
+    threshold_scales: list[float] = field(default_factory=lambda: [1.0])
+    thresholds: str | None = None
+    confidence: str | None = None
+    static_layers: bool = False
+    compare_model: str | None = None
+    max_new_tokens: int = 128
+    dtype: str = "float32"
+    prompt_format: str | None = None
+    judge_url: str | None = None
+    judge_model: str | None = None
+    hf_baseline: bool = True
+
+    def validate(self) -> None:
+        if not self.testsets:
+            raise EvalError("give at least one --testset (vicuna, koala, wizardlm, self_instruct or NAME=PATH)")
+        if self.max_new_tokens < 1:
+            raise EvalError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        bad_kv = [k for k in self.kv if k not in decoding.KV_STRATEGIES]
+        if not self.kv or bad_kv:
+            raise EvalError(f"--kv must be one or more of {decoding.KV_STRATEGIES}, got {self.kv}")
+        if not self.threshold_scales or any(s <= 0 for s in self.threshold_scales):
+            raise EvalError(f"--threshold-scales must be positive numbers, got {self.threshold_scales}")
+        if not (self.exit == "dynamic" or self.exit.startswith("static:")):
+            raise EvalError(f"--exit {self.exit!r}: use dynamic or static:K")
+        if bool(self.judge_url) != bool(self.judge_model):
+            raise EvalError("--judge-url and --judge-model go together: give both or neither")
+        if self.confidence is not None and self.confidence not in decoding.CONFIDENCES:
+            raise EvalError(f"--confidence must be one of {decoding.CONFIDENCES}, got {self.confidence!r}")
+
+    def hashed(self) -> str:
+        """Hash of every field that changes the records (all but ``limit``)."""
+        data = {k: v for k, v in asdict(self).items() if k != "limit"}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class EvalResult:
+    """What :func:`evaluate` returns.
+
+    Attributes:
+        out: the output folder.
+        complete: every selected prompt was evaluated and the report was written.
+        report: the content of ``report.json`` (None when incomplete).
+        files: the files written (report.json, report.md, plots).
+        prompts_run: prompts decoded in this call (the others came from ``records.jsonl``).
+    """
+
+    out: Path
+    complete: bool
+    report: dict[str, Any] | None
+    files: list[Path]
+    prompts_run: int
+
+
+# ----------------------------------------------------------------------------------- records
+def _read_records(path: Path, config_hash: str) -> dict[tuple[str, str, str], dict]:
+    """Records of this configuration keyed by (role, testset, id). A torn last line (an interrupted
+    write) is cut off so that appending continues on a clean line."""
+    out: dict[tuple[str, str, str], dict] = {}
+    if not path.is_file():
+        return out
+    raw = path.read_bytes()
+    good_end = 0
+    for line in raw.splitlines(keepends=True):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if not line.endswith(b"\n"):
+            break
+        good_end += len(line)
+        if rec.get("config_hash") != config_hash:
+            raise EvalError(f"{path} holds records of another configuration; use another --out or --restart")
+        out[(rec["role"], rec["testset"], rec["id"])] = rec
+    if good_end != len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+    return out
+
+
+def _append(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def prepare_out(out: Path, config: EvalConfig, restart: bool) -> None:
+    """Create ``out`` with ``run.json``; refuse a folder that holds another configuration's run."""
+    out.mkdir(parents=True, exist_ok=True)
+    run_file = out / RUN_FILE
+    if restart:
+        for name in (RECORDS, RUN_FILE, *REPORT_FILES):
+            (out / name).unlink(missing_ok=True)
+    if run_file.is_file():
+        old = json.loads(run_file.read_text())
+        if old.get("config_hash") != config.hashed():
+            changed = sorted(k for k, v in asdict(config).items()
+                             if k != "limit" and old.get("config", {}).get(k) != v)
+            raise EvalError(
+                f"--out {out} holds a run with another configuration (differs in: {', '.join(changed) or '?'});"
+                f" give a new --out, or --restart to discard its records"
+            )
+    else:
+        write_json_atomic(run_file, {"config_hash": config.hashed(), "config": asdict(config),
+                                     "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+
+# ----------------------------------------------------------------------------------- model side
+def prompt_format(lm, override: str | None) -> str:
+    """The prompt format for ``lm`` (see the module docstring)."""
+    if override:
+        return override
+    if lm.folder and (Path(lm.folder) / CONFIG_NAME).is_file():
+        return lm.lite_config.prompt_format
+    return "chat" if getattr(lm.tokenizer, "chat_template", None) else "alpaca"
+
+
+def dynamic_thresholds(lm, text: str | None) -> dict[int, float]:
+    """``--thresholds``: one value for every exit below L ("0.9") or per layer ("8:0.9,11:0.85"); {} = the
+    calibrated ones from ``lite_config.json``."""
+    if not text:
+        return {}
+    if ":" not in text:
+        try:
+            value = float(text)
+        except ValueError:
+            raise EvalError(f"--thresholds {text!r}: give one number or LAYER:VALUE pairs like '8:0.9'") from None
+        return {k: value for k in lm.exit_layers if k < lm.num_layers}
+    return decoding.parse_thresholds(text)
+
+
+@dataclass
+class _Job:
+    """One model's work: which runs to make per prompt."""
+
+    role: str
+    spec: str | None
+    policies: dict[str, tuple[decoding.ExitPolicy, str]]  # run key -> (policy, kv)
+    static: dict[str, tuple[decoding.ExitPolicy, str]]  # layer (str) -> (policy, kv)
+    hf: bool
+    fmt: str
+    info: dict[str, Any]
+
+
+def _plan(lm, role: str, spec: str | None, cfg: EvalConfig) -> _Job:
+    """Check every policy against the model before any decoding (bad thresholds fail here, not mid-run)."""
+    L = lm.num_layers
+    policies: dict[str, tuple[decoding.ExitPolicy, str]] = {}
+    calibrated = bool(lm.lite_config.thresholds)
+    use_dynamic = role == "main" or calibrated
+    thresholds = dynamic_thresholds(lm, cfg.thresholds) if role == "main" else {}
+    if use_dynamic:
+        for kv in cfg.kv:
+            if cfg.exit == "dynamic":
+                for scale in cfg.threshold_scales:
+                    policy = decoding.ExitPolicy(kind="dynamic", thresholds=dict(thresholds),
+                                                 confidence=cfg.confidence or "max_prob", threshold_scale=scale)
+                    policies[f"dynamic@{scale:g}/{kv}"] = (policy, kv)
+            else:
+                policy = decoding.parse_exit(cfg.exit, L)
+                policies[f"static:{policy.layer}/{kv}"] = (policy, kv)
+    for policy, _ in policies.values():
+        decoding.resolve_policy(lm, policy)  # raises LiteError naming the flag
+    static = {}
+    if cfg.static_layers or role == "compare":
+        static = {str(k): (decoding.ExitPolicy(kind="static", layer=k), cfg.kv[0])
+                  for k in lm.exit_layers if k < L}
+    fmt = prompt_format(lm, cfg.prompt_format)
+    checks = decoding.resolve_policy(lm, next(iter(policies.values()))[0]).checks if policies else {}
+    info = {"source": spec or "smollm2-135m-instruct", "num_layers": L, "exit_layers": lm.exit_layers,
+            "thresholds": {str(k): v for k, v in checks.items()}, "calibrated": calibrated,
+            "confidence": cfg.confidence or lm.lite_config.confidence, "prompt_format": fmt,
+            "dtype": str(lm.dtype).replace("torch.", ""), "calibration": lm.lite_config.calibration,
+            "dynamic_skipped": None if use_dynamic else "the compare model has no calibrated thresholds"}
+    return _Job(role, spec, policies, static, hf=cfg.hf_baseline and role == "main", fmt=fmt, info=info)
+
+
+def _run_record(result: decoding.GenerationResult) -> dict[str, Any]:
+    cost = result.cost
+    return {
+        "text": result.text, "token_ids": list(result.token_ids),
+        "exit_layers": [t.exit_layer for t in result.tokens],
+        "confidences": [None if t.confidence is None else round(t.confidence, 5) for t in result.tokens],
+        "finish_reason": result.finish_reason, "seconds": result.seconds,
+        "flops": getattr(cost, "flops", None), "full_flops_same_length": getattr(cost, "full_flops", None),
+        "head_evals": getattr(cost, "head_evals", None),
+        "layer_cost_improvement": result.layer_cost_improvement,
+    }
+
+
+def hf_generate(lm, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], float]:
+    """Transformers' own greedy ``generate`` on the same ids: (new token ids, seconds)."""
+    import torch
+    from transformers import GenerationConfig
+
+    from .sampling import eos_ids
+
+    eos = sorted(eos_ids(lm.tokenizer, getattr(lm.model, "generation_config", None)))
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    gen_config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos or None,
+                                  pad_token_id=pad)
+    ids = torch.tensor([prompt_ids], device=lm.device)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        out = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen_config)
+        seconds = time.perf_counter() - start
+    new = out[0, len(prompt_ids):].tolist()
+    for i, t in enumerate(new):  # cut at the first end-of-sequence token, as the engine stops there
+        if t in eos:
+            new = new[: i + 1]
+            break
+    return new, seconds
+
+
+def _evaluate_prompt(lm, job: _Job, testset: TestSet, prompt: TestPrompt, cfg: EvalConfig, config_hash: str,
+                     judge) -> dict[str, Any]:
+    from .prompts import encode_prompt
+
+    ids = encode_prompt(lm.tokenizer, prompt.instruction, prompt.input, job.fmt)
+
+    def settings(kv: str) -> decoding.GenerationSettings:
+        return decoding.GenerationSettings(max_new_tokens=cfg.max_new_tokens, kv=kv)
+
+    record: dict[str, Any] = {
+        "config_hash": config_hash, "role": job.role, "testset": testset.name, "id": prompt.id,
+        "instruction": prompt.instruction, "input": prompt.input, "reference": prompt.reference,
+        "meta": prompt.meta, "prompt_tokens": len(ids),
+    }
+    if len(ids) >= lm.max_context:  # kept as a record so that a rerun does not retry it; counted as skipped
+        record["skipped"] = f"the prompt is {len(ids)} tokens, the model's context {lm.max_context}"
+        return record
+    full = decoding.generate(lm, ids, decoding.ExitPolicy(kind="none"), settings(cfg.kv[0]))
+    record.update({"full": _run_record(full), "runs": {}, "static": {}})
+    if job.hf:
+        hf_ids, hf_seconds = hf_generate(lm, ids, cfg.max_new_tokens)
+        record["hf"] = {"seconds": hf_seconds, "tokens": len(hf_ids), "matches_full": hf_ids == full.token_ids}
+    for key, (policy, kv) in job.policies.items():
+        record["runs"][key] = _run_record(decoding.generate(lm, ids, policy, settings(kv)))
+    for layer, (policy, kv) in job.static.items():
+        record["static"][layer] = _run_record(decoding.generate(lm, ids, policy, settings(kv)))
+    if judge is not None and job.policies:
+        primary = record["runs"][next(iter(job.policies))]
+        instruction = prompt.instruction if not prompt.input else f"{prompt.instruction}\n\n{prompt.input}"
+        record["judge"] = asdict(judge.judge(instruction, full.text, primary["text"]))
+    return record
+
+
+def _warm_up(lm, job: _Job, cfg: EvalConfig) -> None:
+    """One short untimed generation each way, so that first-call allocations do not skew the timings."""
+    from .prompts import encode_prompt
+
+    ids = encode_prompt(lm.tokenizer, "Say hello.", "", job.fmt)
+    decoding.generate(lm, ids, decoding.ExitPolicy(kind="none"), decoding.GenerationSettings(max_new_tokens=2))
+    if job.hf:
+        hf_generate(lm, ids, 2)
+
+
+# ----------------------------------------------------------------------------------- entry point
+def evaluate(model: str | None = None, testsets: list[str] | None = None, *, out: str | os.PathLike[str] = "lite-eval",
+             limit: int | None = None, exit: str = "dynamic", kv: list[str] | str = "copy",
+             threshold_scales: list[float] | None = None, thresholds: str | None = None,
+             confidence: str | None = None, static_layers: bool = False, compare_model: str | None = None,
+             max_new_tokens: int = 128, dtype: str = "float32", prompt_format: str | None = None,
+             judge_url: str | None = None, judge_model: str | None = None, hf_baseline: bool = True,
+             restart: bool = False, embedder=None, progress_bar: bool = False,
+             log: Callable[[str], None] | None = None) -> EvalResult:
+    """Evaluate early exit against the full model and write the report into ``out``.
+
+    Args:
+        model: the model to evaluate (see :func:`lite.load_model`); None = the embedded default.
+        testsets: ``--testset`` values (default: the paper's four sets).
+        out: output folder: ``run.json``, ``records.jsonl``, and when complete ``report.json``,
+            ``report.md`` and ``plots/*.png``.
+        restart: discard the records of an earlier run in ``out`` instead of continuing it.
+        embedder: sentence embedder for similarity (default: offline all-MiniLM-L6-v2).
+        progress_bar: a tqdm bar over prompts on stderr.
+        log: called with short status lines.
+        (the other arguments are the fields of :class:`EvalConfig`.)
+    Returns:
+        :class:`EvalResult`; ``complete`` is False only if prompts were skipped, never with a report.
+    Raises:
+        LiteError: unknown test set, a wrong-format file (naming the row), an unreachable judge, bad
+            settings: all before any decoding.
+    """
+    from .loading import load_model
+
+    cfg = EvalConfig(
+        model=None if model is None else str(model),
+        testsets=list(testsets) if testsets else EvalConfig().testsets, limit=limit, exit=exit,
+        kv=[k.strip() for k in kv.split(",")] if isinstance(kv, str) else list(kv),
+        threshold_scales=list(threshold_scales) if threshold_scales else [1.0], thresholds=thresholds,
+        confidence=confidence, static_layers=static_layers,
+        compare_model=None if compare_model is None else str(compare_model), max_new_tokens=max_new_tokens,
+        dtype=dtype, prompt_format=prompt_format, judge_url=judge_url, judge_model=judge_model,
+        hf_baseline=hf_baseline,
+    )
+    cfg.validate()
+    log = log or (lambda message: None)
+    # Everything that can fail on bad input fails here, before any model is loaded or any file written.
+    sets = [load_testset(spec, limit=limit) for spec in cfg.testsets]
+    names = [s.name for s in sets]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise EvalError(f"--testset names must be unique, {dupes} given twice; rename one as NAME=PATH")
+    judge = None
+    if cfg.judge_url:
+        from .judge import JudgeClient
+
+        judge = JudgeClient(cfg.judge_url, cfg.judge_model)
+        judge.check()
+    out = Path(out)
+    prepare_out(out, cfg, restart)
+    config_hash = cfg.hashed()
+    records_path = out / RECORDS
+    done = _read_records(records_path, config_hash)
+
+    roles = [("main", cfg.model)] + ([("compare", cfg.compare_model)] if cfg.compare_model else [])
+    wanted = [(role, s, p) for role, _ in roles for s in sets for p in s.prompts]
+    todo = [w for w in wanted if (w[0], w[1].name, w[2].id) not in done]
+    if todo:
+        for name in REPORT_FILES:  # a report from before would now be stale
+            (out / name).unlink(missing_ok=True)
+    bar = None
+    if progress_bar:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(wanted), initial=len(wanted) - len(todo), desc="lite eval", unit="prompt",
+                   file=sys.stderr, dynamic_ncols=True)
+    models_info: dict[str, Any] = {}
+    ran = 0
+    try:
+        for role, spec in roles:
+            lm = load_model(spec, dtype=cfg.dtype, progress=log)
+            job = _plan(lm, role, spec, cfg)
+            models_info[role] = job.info
+            mine = [(s, p) for r, s, p in todo if r == role]
+            if mine:
+                _warm_up(lm, job, cfg)
+            for testset, prompt in mine:
+                if bar is not None:
+                    bar.set_postfix_str(f"{role}:{testset.name}", refresh=False)
+                record = _evaluate_prompt(lm, job, testset, prompt, cfg, config_hash, judge)
+                _append(records_path, record)
+                done[(role, testset.name, prompt.id)] = record
+                ran += 1
+                if bar is not None:
+                    bar.update(1)
+            del lm
+    finally:
+        if bar is not None:
+            bar.close()
+
+    from .report import build_report, write_report
+
+    records = [done[(role, s.name, p.id)] for role, s, p in wanted]
+    report = build_report(records, cfg, models_info, sets, embedder=embedder)
+    files = write_report(out, report)
+    return EvalResult(out=out, complete=True, report=report, files=files, prompts_run=ran)
