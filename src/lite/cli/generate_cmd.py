@@ -1,15 +1,186 @@
-"""`lite generate`."""
+"""`lite generate`: early-exit generation for one prompt, coloured by exit layer, with its cost.
+
+The human view streams each token coloured by the layer it left at (legend first) and ends with the cost
+summary; ``--json`` prints exactly one JSON object on stdout (status lines go to stderr).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
+from pathlib import Path
 
 from ..errors import LiteError
 
+# ANSI 256-colour codes from early (red) to late (blue); the final layer is printed uncoloured.
+_PALETTE = [196, 202, 208, 214, 220, 190, 118, 48, 51, 39, 33, 99]
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", metavar="PROMPT", help="the instruction (formatted with --prompt-format)")
     p.add_argument("--model", default=None, help="model folder, LoRA adapter folder, hub id, or smollm2-135m-instruct")
+    p.add_argument("--exit", default=None, metavar="POLICY",
+                   help="none | static:K | dynamic (default: dynamic when the model is calibrated, else none)")
+    p.add_argument("--kv", default="copy", choices=("copy", "recompute"),
+                   help="what later tokens see at skipped layers (default copy)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--thresholds", default=None, metavar="K:T,...",
+                   help="dynamic exit thresholds per exit layer, e.g. '8:0.9,11:0.85' (default: lite_config.json)")
+    p.add_argument("--threshold-scale", type=float, default=1.0, help="multiply every threshold (>1 exits less)")
+    p.add_argument("--confidence", default=None, choices=("max_prob", "margin", "entropy", "state_cosine"),
+                   help="confidence measure for --thresholds (default max_prob, or the calibrated one)")
+    p.add_argument("--exit-layers", default=None, metavar="K,...",
+                   help="exit layers to check (default: the model's, from lite_config.json)")
+    p.add_argument("--gate", action="store_true", help="use the learned exit gate calibrated for this model")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--prompt-format", default=None, choices=("alpaca", "chat", "raw"),
+                   help="default: the model's lite_config.json, else chat if the tokenizer has a template, else alpaca")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"), help="default: the checkpoint's")
+    p.add_argument("--color", default="auto", choices=("auto", "always", "never"))
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the coloured view")
+
+
+def default_prompt_format(lm) -> str:
+    """lite_config.json's format when the model folder has one, else chat when there is a chat template,
+    else alpaca."""
+    from ..config import CONFIG_NAME
+
+    if lm.folder is not None and (Path(lm.folder) / CONFIG_NAME).is_file():
+        return lm.lite_config.prompt_format
+    return "chat" if getattr(lm.tokenizer, "chat_template", None) else "alpaca"
+
+
+def build_policy(args: argparse.Namespace, lm):
+    """The :class:`ExitPolicy` the flags ask for, validated against the model."""
+    from ..config import parse_exit_layers
+    from ..decoding import ExitPolicy, parse_exit, parse_thresholds, resolve_policy
+
+    L = lm.num_layers
+    calibrated = bool(lm.lite_config.thresholds)
+    spec = args.exit or ("dynamic" if (calibrated or args.thresholds or args.gate) else "none")
+    policy = parse_exit(spec, L)
+    if args.gate or args.thresholds or args.confidence:
+        if policy.kind != "dynamic":
+            raise LiteError(f"--gate/--thresholds/--confidence apply to --exit dynamic, not --exit {spec}")
+    if args.exit_layers:
+        parts = [t.strip() for t in args.exit_layers.split(",") if t.strip()]
+        if not parts or not all(t.isdigit() for t in parts):
+            raise LiteError(f"--exit-layers must be comma-separated integers like '8,15', got {args.exit_layers!r}")
+        layers = [int(t) for t in parts]
+        policy.exit_layers = parse_exit_layers(layers if layers[-1] == L else layers + [L], L)
+    policy.threshold_scale = args.threshold_scale
+    if args.thresholds:
+        policy.thresholds = parse_thresholds(args.thresholds)
+        policy.confidence = args.confidence or "max_prob"
+    elif args.confidence and policy.kind == "dynamic" and not args.gate:
+        if args.confidence != lm.lite_config.confidence or not calibrated:
+            raise LiteError(
+                f"--confidence {args.confidence}: the calibrated thresholds are for "
+                f"{lm.lite_config.confidence if calibrated else 'nothing (not calibrated)'}; give --thresholds "
+                f"for {args.confidence}"
+            )
+    if args.gate:
+        try:
+            from ..gate import load_gate
+        except ImportError:
+            raise LiteError("--gate needs lite.gate (the learned exit gate from 'lite calibrate'), which this "
+                            "install does not have") from None
+        gate = load_gate(lm)
+        if gate is None:
+            raise LiteError("--gate: this model has no learned exit gate; run 'lite calibrate --gate' first")
+        policy.gate = gate
+    resolve_policy(lm, policy)  # raises LiteError naming the flag
+    return policy
+
+
+def _colour_for(layer: int, checked: list[int], L: int) -> str | None:
+    if layer >= L:
+        return None
+    idx = checked.index(layer) if layer in checked else 0
+    span = max(len(checked) - 1, 1)
+    return f"\033[38;5;{_PALETTE[round(idx * (len(_PALETTE) - 1) / span)]}m"
 
 
 def run(args: argparse.Namespace) -> int:
-    raise LiteError("'lite generate' is not implemented yet (tracked in the project's issues)")
+    if not args.prompt.strip():
+        raise LiteError("the prompt is empty: give some text (PROMPT)")
+    if args.max_new_tokens < 1:
+        raise LiteError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    from . import progress
+    from ..cost import ModelShape
+    from ..decoding import Decoder, GenerationSettings
+    from ..loading import load_model
+    from ..prompts import encode_prompt
+
+    lm = load_model(args.model, dtype=args.dtype, progress=progress)
+    policy = build_policy(args, lm)
+    fmt = args.prompt_format or default_prompt_format(lm)
+    prompt_ids = encode_prompt(lm.tokenizer, args.prompt, fmt=fmt)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_p=args.top_p, seed=args.seed, stop=list(args.stop), kv=args.kv)
+    decoder = Decoder(lm, prompt_ids, policy, settings)
+    L = lm.num_layers
+    plan = decoder.plan
+    checked = sorted(plan.checks) if plan.kind == "dynamic" else ([plan.stop_layer] if plan.kind == "static" else [])
+    colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
+    on_token = None
+    if not args.json:
+        if colour and checked:
+            legend = " ".join(f"{_colour_for(k, checked, L) or ''}{k}\033[0m" for k in checked if k < L)
+            print(f"exit layer: {legend} {L}(final, uncoloured)", file=sys.stderr, flush=True)
+
+        def on_token(record) -> None:
+            c = _colour_for(record.exit_layer, checked, L) if colour else None
+            sys.stdout.write(f"{c}{record.text}\033[0m" if c else record.text)
+            sys.stdout.flush()
+
+    for _ in decoder.run(on_token):
+        pass
+    result = decoder.result()
+    cost = result.cost
+    shape = ModelShape.from_config(lm.config)
+    n = len(result.tokens)
+    if args.json:
+        out = {
+            "prompt_ids": result.prompt_ids,
+            "text": result.text,
+            "tokens": [{"id": t.id, "text": t.text, "exit_layer": t.exit_layer, "confidence": t.confidence}
+                       for t in result.tokens],
+            "num_layers": L,
+            "layer_cost_improvement": result.layer_cost_improvement,
+            "compute_cost_improvement": result.compute_cost_improvement,
+            "seconds": result.seconds,
+            "finish_reason": result.finish_reason,
+            "exit": policy.kind if policy.kind != "static" else f"static:{policy.layer}",
+            "kv": settings.kv,
+            "checked_layers": checked,
+            "confidence_measure": None if (policy.gate is not None or plan.kind == "none") else plan.confidence,
+            "gate": policy.gate is not None,
+            "prompt_format": fmt,
+            "dtype": str(lm.dtype).replace("torch.", ""),
+            "flops": cost.flops,
+            "full_flops": cost.full_flops,
+            "head_evals": cost.head_evals,
+            "kv_fills": cost.kv_fills,
+            "recomputed": cost.recomputed,
+            "tokens_per_second": n / result.seconds if result.seconds else None,
+        }
+        print(json.dumps(out))
+        return 0
+    mean_exit = sum(t.exit_layer for t in result.tokens) / max(n, 1)
+    head_cost = shape.head_flops() / shape.block_flops(len(prompt_ids))
+    print()
+    print(
+        f"--- {n} tokens ({result.finish_reason}) in {result.seconds:.2f} s ({n / max(result.seconds, 1e-9):.1f} "
+        f"tokens/s), {str(lm.dtype).replace('torch.', '')}, exit {args.exit or policy.kind}, kv {settings.kv}\n"
+        f"mean exit layer {mean_exit:.1f} of {L}: layer cost improvement {result.layer_cost_improvement:.1%}\n"
+        f"compute cost improvement {result.compute_cost_improvement:.1%} (FLOPs {cost.flops:.3g} vs full "
+        f"{cost.full_flops:.3g}; {cost.head_evals / max(n, 1):.2f} head evaluations per token, one head = "
+        f"{head_cost:.1f} blocks; {cost.kv_fills} K/V fills, {cost.recomputed} recomputed block-positions)",
+    )
+    return 0
