@@ -1,15 +1,59 @@
-"""`lite serve`."""
+"""`lite serve`: an OpenAI-compatible HTTP server that decodes with early exit (see docs/serve.md)."""
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import os
 
 from ..errors import LiteError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model folder, LoRA adapter folder, hub id, or smollm2-135m-instruct")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the id clients send as 'model' (default: the --model text, or smollm2-135m-instruct)")
+    p.add_argument("--exit", default="auto",
+                   help="default exit policy: auto (dynamic when the model is calibrated, else none), none, "
+                        "static:K, dynamic; requests override it with lite.exit")
+    p.add_argument("--kv", default="copy", choices=["copy", "recompute"],
+                   help="what later tokens see at skipped layers (default copy)")
+    p.add_argument("--threshold-scale", type=float, default=1.0,
+                   help="multiply every dynamic threshold (>1 exits less, <1 more; default 1)")
+    p.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens a request may ask for")
+    p.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request gives none")
+    p.add_argument("--max-queue", type=int, default=16,
+                   help="requests that may wait behind the running one; more are answered 503 (default 16)")
+    p.add_argument("--chat-format", default="auto", choices=["auto", "chat", "alpaca"],
+                   help="prompt format of chat requests (auto: the Alpaca template for a lite checkpoint trained "
+                        "on it, else the tokenizer's chat template, else Alpaca)")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available, else cpu)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
 def run(args: argparse.Namespace) -> int:
-    raise LiteError("'lite serve' is not implemented yet (tracked in the project's issues)")
+    from ..loading import DEFAULT_MODEL, load_model
+    from ..serving import API_KEY_ENV, config_from_env, describe, serve
+    from . import progress
+
+    if not 0 <= args.port <= 65535:
+        raise LiteError(f"--port must be in 0..65535, got {args.port}")
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    if not loopback and not os.environ.get(API_KEY_ENV):
+        progress(f"warning: binding {args.host} without ${API_KEY_ENV}: anyone who can reach it can use it")
+    lm = load_model(args.model, dtype=args.dtype, device=args.device, progress=progress)
+    config = config_from_env(
+        model_name=args.served_model_name or args.model or DEFAULT_MODEL, exit=args.exit, kv=args.kv,
+        threshold_scale=args.threshold_scale, max_tokens_cap=args.max_tokens_cap,
+        default_max_tokens=args.default_max_tokens, max_queue=args.max_queue, chat_format=args.chat_format,
+    )
+    config.check(lm)
+    progress(f"serving {config.model_name} on http://{args.host}:{args.port}/v1 with {describe(config)}")
+    serve(lm, config, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
