@@ -142,6 +142,12 @@ def _last_checkpoint(work: Path) -> str | None:
     return get_last_checkpoint(str(work))
 
 
+def _checkpoint_is_final(checkpoint: str) -> bool:
+    """True when the checkpoint's Trainer state says all planned steps were done."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return bool(state.get("max_steps")) and state.get("global_step", 0) >= state["max_steps"]
+
+
 def _portable_model_spec(model: str | None) -> str:
     """What to record as base_model: the alias or hub id as given, a local folder as an absolute path."""
     from .loading import DEFAULT_MODEL
@@ -288,7 +294,15 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
         say(f"resuming from {resume}")
     say(f"training {'LoRA' if lora else 'full'} on {len(dataset)} rows, exits {train_layers}, "
         f"weights {[round(w, 3) for w in weights.values()]}")
-    trainer.train(resume_from_checkpoint=resume)
+    if resume and _checkpoint_is_final(resume):
+        # Killed after the last checkpoint but before the output was written: Trainer would run one
+        # extra step on resume (it checks max_steps only after a step), so load the weights instead.
+        from transformers import TrainerState
+
+        trainer._load_from_checkpoint(resume)
+        trainer.state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json"))
+    else:
+        trainer.train(resume_from_checkpoint=resume)
 
     history = trainer.state.log_history
     last = next((h for h in reversed(history) if "loss_l" + str(L) in h), {})

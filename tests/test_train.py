@@ -1,0 +1,182 @@
+"""`lite train` on a tiny random Llama: training lowers the loss, outputs load back, resume, bad input,
+and two processes under torchrun."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lite.training
+from lite import load_model
+from lite.cli import main
+from lite.training import train
+
+# peft's PeftModel.__init__ still calls transformers' deprecated is_gradient_checkpointing (peft 0.21)
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
+ROWS = [
+    {"instruction": "Name a colour.", "input": "", "output": "Blue.", "status": "ok"},
+    {"instruction": "Add.", "input": "2+2", "output": "4", "status": "ok"},
+    {"instruction": "Greet.", "input": "", "output": "Hello there!", "status": "ok"},
+    {"instruction": "Say no.", "input": "", "output": "No.", "status": "bad"},
+]
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    rows = [dict(r, instruction=f"{r['instruction']} #{i}") for i in range(6) for r in ROWS]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+FAST = dict(batch_size=4, max_length=320, logging_steps=1, show_progress_bar=False, save_steps=100)
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_model_dir, data_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "out"
+    return train(str(tiny_model_dir), str(data_file), out, max_steps=8, lr=3e-3, filters=["status=ok"], **FAST)
+
+
+def test_training_lowers_the_loss_and_logs_every_exit(full_run):
+    losses = [h["loss"] for h in full_run.log_history if "loss" in h]
+    assert len(losses) == 8
+    assert sum(losses[-2:]) < sum(losses[:2]) - 0.5  # a clear drop, not noise
+    assert sorted(full_run.final_losses) == [1, 2, 3, 4]
+    assert all(f"loss_l{k}" in full_run.log_history[0] for k in (1, 2, 3, 4))
+    assert full_run.steps == 8 and full_run.resumed_from is None
+
+
+def test_full_folder_loads_in_transformers_and_lite(full_run, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = full_run.output_dir
+    assert not out.with_name(out.name + ".partial").exists()  # the work folder is gone
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    AutoTokenizer.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert not torch.equal(hf.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
+    lm = load_model(out, device="cpu")
+    cfg = lm.lite_config
+    assert lm.exit_layers == [1, 2, 3, 4] and cfg.loss_weights == [0.25] * 4 and not cfg.adapter
+    assert cfg.base_model == str(tiny_model_dir.resolve()) and cfg.training["steps"] == 8
+    assert cfg.data["filter"] == {"status": "ok"} and cfg.data["rows_after_filter"] == 18
+    assert len(cfg.data["heldout_ids"]) == 1 and cfg.data["sources"][0]["sha256"]
+
+
+def test_lora_via_cli_saves_an_adapter_peft_and_lite_load(tiny_model_dir, data_file, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora"
+    code = main(["train", "--model", str(tiny_model_dir), "--data", str(data_file), "--out", str(out),
+                 "--max-steps", "2", "--lora", "--lora-rank", "4", "--lr", "1e-2", "--batch-size", "4",
+                 "--max-length", "320", "--no-progress-bar", "--exit-layers", "2,4"])
+    assert code == 0
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(tiny_model_dir.resolve()) and adapter["r"] == 4
+    assert not (out / "model.safetensors").exists()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    q_before = base.model.layers[0].self_attn.q_proj.weight.clone()
+    merged = PeftModel.from_pretrained(base, out).merge_and_unload()
+    assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, q_before)  # the adapter did learn
+    lm = load_model(out, device="cpu")
+    assert lm.lite_config.adapter and lm.exit_layers == [2, 4] and lm.lite_config.training["lora_rank"] == 4
+    torch.testing.assert_close(lm.model.model.layers[0].self_attn.q_proj.weight,
+                               merged.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_baseline_trains_the_final_layer_only(tiny_model_dir, data_file, tmp_path):
+    result = train(str(tiny_model_dir), str(data_file), tmp_path / "base", max_steps=1, baseline=True, **FAST)
+    assert sorted(result.final_losses) == [4]
+    cfg = result.lite_config
+    assert cfg.exit_layers == [1, 2, 3, 4] and cfg.loss_weights == [0.0, 0.0, 0.0, 1.0]
+    assert cfg.training["baseline"] and cfg.training["trained_layers"] == [4]
+
+
+def test_a_failed_run_leaves_no_output_and_the_rerun_resumes(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    out = tmp_path / "res"
+    work = tmp_path / "res.partial"
+    kw = dict(FAST, max_steps=3, save_steps=2)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    with monkeypatch.context() as m:
+        m.setattr(lite.training, "_save_final", crash)
+        with pytest.raises(RuntimeError, match="killed"):
+            train(str(tiny_model_dir), str(data_file), out, **kw)
+    assert not out.exists() and (work / "checkpoint-3").is_dir() and (work / "checkpoint-2").is_dir()
+    with pytest.raises(lite.training.TrainError, match="other settings"):
+        train(str(tiny_model_dir), str(data_file), out, **dict(kw, lr=1e-3))
+    result = train(str(tiny_model_dir), str(data_file), out, **kw)
+    assert result.resumed_from.endswith("checkpoint-3") and result.steps == 3
+    assert (out / "lite_config.json").is_file() and not work.exists()
+
+
+def _write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["missing", "malformed", "fields", "empty", "exits", "unsorted", "model"])
+def test_bad_input_exits_2_with_one_message_and_no_output(case, tiny_model_dir, data_file, tmp_path, capsys):
+    data, model, extra = str(data_file), str(tiny_model_dir), []
+    expect = {
+        "missing": "nope.jsonl: no such file",
+        "malformed": "malformed JSON on line 2",
+        "fields": "row 0 (0-based) lacks string field(s) ['output']",
+        "empty": "no rows left to train on",
+        "exits": "--exit-layers [7] out of range",
+        "unsorted": "--exit-layers must be strictly increasing",
+        "model": "--model no-such-model",
+    }[case]
+    if case == "missing":
+        data = str(tmp_path / "nope.jsonl")
+    elif case == "malformed":
+        data = _write(tmp_path / "bad.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": \n')
+    elif case == "fields":
+        data = _write(tmp_path / "f.jsonl", '{"instruction": "a", "input": ""}\n')
+    elif case == "empty":
+        extra = ["--filter", "status=missing"]
+    elif case == "exits":
+        extra = ["--exit-layers", "2,7"]
+    elif case == "unsorted":
+        extra = ["--exit-layers", "3,2,4"]
+    elif case == "model":
+        model = "no-such-model"
+    out = tmp_path / "out"
+    code = main(["train", "--model", model, "--data", data, "--out", str(out), "--max-steps", "1"] + extra)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert expect in err and err.count("error:") == 1
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_existing_output_is_never_overwritten(tiny_model_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(data_file), "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err and list(out.iterdir()) == []
+
+
+def test_torchrun_two_processes(tiny_model_dir, data_file, tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "lite", "train", "--model", str(tiny_model_dir), "--data", str(data_file), "--out", str(out),
+           "--max-steps", "2", "--batch-size", "2", "--max-length", "320", "--no-progress-bar",
+           "--logging-steps", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = json.loads((out / "lite_config.json").read_text())
+    assert cfg["training"]["world_size"] == 2 and cfg["training"]["steps"] == 2
+    log = json.loads((out / "trainer_log.json").read_text())
+    # 23 training rows, 2 rows per process per step: an epoch is ceil(23 / 4) = 6 steps with two ranks
+    # sharing the data (12 steps for one process), so 2 steps are a third of an epoch
+    assert cfg["data"]["rows_train"] == 23 and log[-1]["epoch"] == pytest.approx(2 / 6)
+    assert not out.with_name("ddp.partial").exists()
