@@ -232,3 +232,19 @@ def test_cli_run_uses_calibrated_thresholds(tiny_model_dir, sets, tmp_path, monk
     assert report["model"]["thresholds"] == {"1": 0.1, "2": 0.1, "3": 0.1}
     record = json.loads((out / RECORDS).read_text())
     assert record["prompt_tokens"] > 20  # the Alpaca template wraps the 13-character question
+    # recalibrating the model between two runs into the same folder is refused, not silently mixed
+    LiteConfig.default_for(4, thresholds={"1": 0.2, "2": 0.2, "3": 0.2}, prompt_format="alpaca").save(folder)
+    with pytest.raises(EvalError, match="changed since the run .* started \\(thresholds\\)"):
+        evaluate(str(folder), sets[:1], out=out, limit=2, max_new_tokens=3, embedder=FakeEmbedder())
+
+
+def test_static_exit_policy_and_no_hf_baseline(tiny_model_dir, sets, tmp_path):
+    result = evaluate(str(tiny_model_dir), sets[:1], out=tmp_path / "eval", limit=1, exit="static:2",
+                      hf_baseline=False, embedder=FakeEmbedder(), max_new_tokens=3)
+    s = result.report["testsets"]["vicuna"]
+    assert result.report["primary_run"] == "static:2/copy"
+    assert s["layer_cost_improvement"] == pytest.approx(0.5) and s["speedup"] is None
+    assert s["exit_layer_histogram"] == {"2": s["tokens_early_exit"]}
+    with pytest.raises(LiteError, match="static:9"):
+        evaluate(str(tiny_model_dir), sets[:1], out=tmp_path / "bad", exit="static:9", embedder=FakeEmbedder())
+    assert not (tmp_path / "bad" / "report.json").exists()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -56,7 +57,9 @@ class EvalConfig:
         model: the evaluated model (folder, adapter folder, hub id, alias; None = embedded default).
         testsets: ``--testset`` values, ``NAME`` or ``NAME=PATH``.
         limit: first N prompts of each set (None = all).
-        exit: "dynamic" (default) or "static:K", the early-exit policy compared with the full model.
+        exit: the early-exit policy compared with the full model: "dynamic" (default; thresholds from
+            ``lite_config.json`` or ``thresholds``), "gate" (the learned exit gate), "static:K", or any kind
+            registered with :mod:`lite.exit_spec` that the engine runs.
         kv: skipped-layer strategies, each run separately ("copy", "recompute").
         threshold_scales: each dynamic run is made at every scale; the first is the headline one.
         thresholds: ``--thresholds`` override ("0.9" for every exit, or "8:0.9,11:0.85"); None = calibrated.
@@ -97,8 +100,9 @@ class EvalConfig:
             raise EvalError(f"--kv must be one or more of {decoding.KV_STRATEGIES}, got {self.kv}")
         if not self.threshold_scales or any(s <= 0 for s in self.threshold_scales):
             raise EvalError(f"--threshold-scales must be positive numbers, got {self.threshold_scales}")
-        if not (self.exit == "dynamic" or self.exit.startswith("static:")):
-            raise EvalError(f"--exit {self.exit!r}: use dynamic or static:K")
+        if self.exit.strip() in ("none", "auto", ""):
+            raise EvalError(f"--exit {self.exit!r}: the full model is always run; give the early-exit policy to "
+                            f"compare with it: dynamic (default), gate or static:K")
         if bool(self.judge_url) != bool(self.judge_model):
             raise EvalError("--judge-url and --judge-model go together: give both or neither")
         if self.confidence is not None and self.confidence not in decoding.CONFIDENCES:
@@ -155,6 +159,23 @@ def _read_records(path: Path, config_hash: str) -> dict[tuple[str, str, str], di
     return out
 
 
+def _check_model_unchanged(out: Path, role: str, info: dict[str, Any]) -> None:
+    """The model's exits, thresholds and prompt format are part of what the records mean: remember them in
+    ``run.json`` the first time, and refuse to continue a run whose model has since been recalibrated."""
+    run_file = out / RUN_FILE
+    run = json.loads(run_file.read_text())
+    keys = ("num_layers", "exit_layers", "thresholds", "confidence", "prompt_format", "dtype")
+    mine = {k: info[k] for k in keys}
+    seen = run.setdefault("models", {}).get(role)
+    if seen is None:
+        run["models"][role] = mine
+        write_json_atomic(run_file, run)
+    elif seen != mine:
+        changed = sorted(k for k in keys if seen.get(k) != mine[k])
+        raise EvalError(f"the {role} model changed since the run in {out} started ({', '.join(changed)}); give a "
+                        f"new --out, or --restart to discard the old records")
+
+
 def _append(path: Path, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
@@ -166,9 +187,11 @@ def prepare_out(out: Path, config: EvalConfig, restart: bool) -> None:
     """Create ``out`` with ``run.json``; refuse a folder that holds another configuration's run."""
     out.mkdir(parents=True, exist_ok=True)
     run_file = out / RUN_FILE
-    if restart:
+    has_records = (out / RECORDS).is_file() and (out / RECORDS).stat().st_size > 0
+    if restart or not has_records:  # nothing decoded yet: nothing to protect
         for name in (RECORDS, RUN_FILE, *REPORT_FILES):
             (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "plots", ignore_errors=True)
     if run_file.is_file():
         old = json.loads(run_file.read_text())
         if old.get("config_hash") != config.hashed():
@@ -234,20 +257,27 @@ def _plan(lm, role: str, spec: str | None, cfg: EvalConfig) -> _Job:
                     policy = decoding.ExitPolicy(kind="dynamic", thresholds=dict(thresholds),
                                                  confidence=cfg.confidence or "max_prob", threshold_scale=scale)
                     policies[f"dynamic@{scale:g}/{kv}"] = (policy, kv)
-            else:
-                policy = decoding.parse_exit(cfg.exit, L)
-                policies[f"static:{policy.layer}/{kv}"] = (policy, kv)
+            else:  # static:K, gate, or any kind registered with lite.exit_spec
+                from . import exit_spec
+
+                policy = exit_spec.parse_exit(lm, cfg.exit, 1.0)
+                policies[f"{cfg.exit}/{kv}"] = (policy, kv)
     for policy, _ in policies.values():
+        if policy.kind not in decoding.POLICIES:
+            raise EvalError(f"--exit {cfg.exit}: lite eval decodes with lite.decoding.generate, which does not "
+                            f"run {policy.kind!r} policies yet; use dynamic, gate or static:K")
         decoding.resolve_policy(lm, policy)  # raises LiteError naming the flag
     static = {}
     if cfg.static_layers or role == "compare":
         static = {str(k): (decoding.ExitPolicy(kind="static", layer=k), cfg.kv[0])
                   for k in lm.exit_layers if k < L}
     fmt = prompt_format(lm, cfg.prompt_format)
-    checks = decoding.resolve_policy(lm, next(iter(policies.values()))[0]).checks if policies else {}
+    base = thresholds or {int(k): float(v) for k, v in lm.lite_config.thresholds.items()}
     info = {"source": spec or "smollm2-135m-instruct", "num_layers": L, "exit_layers": lm.exit_layers,
-            "thresholds": {str(k): v for k, v in checks.items()}, "calibrated": calibrated,
-            "confidence": cfg.confidence or lm.lite_config.confidence, "prompt_format": fmt,
+            "thresholds": {str(k): base[k] for k in sorted(base)} if cfg.exit == "dynamic" else {},
+            "calibrated": calibrated,
+            "confidence": (cfg.confidence or "max_prob") if thresholds else lm.lite_config.confidence,
+            "prompt_format": fmt,
             "dtype": str(lm.dtype).replace("torch.", ""), "calibration": lm.lite_config.calibration,
             "dynamic_skipped": None if use_dynamic else "the compare model has no calibrated thresholds"}
     return _Job(role, spec, policies, static, hf=cfg.hf_baseline and role == "main", fmt=fmt, info=info)
@@ -399,21 +429,22 @@ def evaluate(model: str | None = None, testsets: list[str] | None = None, *, out
         for name in REPORT_FILES:  # a report from before would now be stale
             (out / name).unlink(missing_ok=True)
     bar = None
-    if progress_bar:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(wanted), initial=len(wanted) - len(todo), desc="lite eval", unit="prompt",
-                   file=sys.stderr, dynamic_ncols=True)
     models_info: dict[str, Any] = {}
     ran = 0
     try:
         for role, spec in roles:
             lm = load_model(spec, dtype=cfg.dtype, progress=log)
             job = _plan(lm, role, spec, cfg)
+            _check_model_unchanged(out, role, job.info)
             models_info[role] = job.info
             mine = [(s, p) for r, s, p in todo if r == role]
             if mine:
                 _warm_up(lm, job, cfg)
+                if progress_bar and bar is None:  # after the first load, so that its messages come first
+                    from tqdm import tqdm
+
+                    bar = tqdm(total=len(wanted), initial=len(wanted) - len(todo), desc="lite eval",
+                               unit="prompt", file=sys.stderr, dynamic_ncols=True)
             for testset, prompt in mine:
                 if bar is not None:
                     bar.set_postfix_str(f"{role}:{testset.name}", refresh=False)

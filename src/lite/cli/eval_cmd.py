@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "file (JSONL/JSON: Alpaca rows or {prompt} rows); repeat for several (default: all four)")
     p.add_argument("--limit", type=int, default=None, help="first N prompts of each test set")
     p.add_argument("--exit", default="dynamic", help="early-exit policy compared with the full model: dynamic "
-                                                     "(default) or static:K")
+                                                     "(default), gate (learned exit gate) or static:K")
     p.add_argument("--kv", default="copy", help="skipped-layer strategy: copy, recompute, or both as copy,recompute")
     p.add_argument("--threshold-scale", "--threshold-scales", dest="threshold_scales", type=_scales,
                    default=[1.0], metavar="S[,S...]",
