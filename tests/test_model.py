@@ -72,3 +72,15 @@ def test_fill_kv_equals_block_keys(tiny_model_dir):
         torch.testing.assert_close(a.keys[1][:, :, :3], b.keys[1][:, :, :3])
         torch.testing.assert_close(a.values[1][:, :, :3], b.values[1][:, :, :3])
         assert a.lengths == b.lengths == [0, 3, 0, 0]
+
+
+def test_forward_exit_states_equal_hidden_states_without_logits(tiny_model_dir):
+    """The training path (a forward of the causal LM with no logits) gives the same normed exit states."""
+    lm = load_model(tiny_model_dir, device="cpu")
+    ids = torch.tensor([[5, 17, 42, 99, 3, 8]])
+    with torch.no_grad():
+        ref = lm.hidden_states(ids, layers=[1, 3, 4])
+        got = lm.forward_exit_states(ids, torch.ones_like(ids), layers=[1, 3, 4])
+    assert sorted(got) == [1, 3, 4]
+    for k in (1, 3, 4):
+        torch.testing.assert_close(got[k], ref[k])
