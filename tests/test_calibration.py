@@ -179,7 +179,13 @@ def test_generate_dynamic_uses_calibrated_thresholds(calibrated, capsys):
                  "Say hi"])
     assert code == 0
     out = json.loads(capsys.readouterr().out)
-    assert len(out["tokens"]) >= 1
+    assert len(out["tokens"]) >= 1 and out["exit"] == "dynamic"
+    # --threshold-scale moves every calibrated threshold: a huge one lets no token leave early
+    assert main(["generate", "--model", str(model), "--exit", "dynamic", "--threshold-scale", "1e7",
+                 "--max-new-tokens", "6", "--json", "Say hi"]) == 0
+    assert {t["exit_layer"] for t in json.loads(capsys.readouterr().out)["tokens"]} == {4}
+    assert main(["generate", "--model", str(model), "--gate", "--max-new-tokens", "6", "--json", "Say hi"]) == 0
+    assert json.loads(capsys.readouterr().out)["gate"] is True
     lm = load_model(model, device="cpu")
     res = generate(lm, [5, 17, 42], ExitPolicy(kind="dynamic"), GenerationSettings(max_new_tokens=8))
     thresholds = {int(k): v for k, v in lm.lite_config.thresholds.items()}
@@ -240,3 +246,26 @@ def test_no_heldout_data_and_no_exit_layers(tiny_model_dir, tmp_path, capsys):
     assert main(["calibrate", "--model", str(model), "--data", str(data)]) == 2
     assert "nothing to calibrate" in capsys.readouterr().err
     assert _config_bytes(model) == before
+
+
+def test_recorded_heldout_split_is_the_default_and_training_rows_are_left_out(tiny_model_dir, tmp_path):
+    from lite.calibration import drop_training_rows
+    from lite.data import prepare_data, read_examples
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in ROWS))
+    split = prepare_data([str(data)], heldout_fraction=0.3, seed=1)  # what lite train records
+    LiteConfig(num_layers=4, exit_layers=[1, 2, 3, 4], data=split.provenance).save(model)
+    # --data naming the training file (here as the second source): only its held-out rows survive
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(ROWS[:2]))
+    rows, entries = read_examples([str(other), str(data)])
+    kept, dropped = drop_training_rows(LiteConfig.load(model), rows, entries)
+    assert dropped == len(split.train)
+    assert [(e.instruction, e.output) for e in kept] == [(e.instruction, e.output) for e in rows[:2] + split.heldout]
+    # no --data: the recorded held-out split
+    assert main(["calibrate", "--model", str(model), "--rule", "ltt"]) == 0
+    cal = LiteConfig.load(model).calibration
+    assert cal["data"]["heldout_split"] is True and cal["examples"] == len(split.heldout) == 3

@@ -103,6 +103,30 @@ def calibration_layers(lm: LiteModel) -> list[int]:
     return below
 
 
+def drop_training_rows(lite_config, examples: list, sources: list[dict[str, Any]]) -> tuple[list, int]:
+    """Keep only rows the model was not trained on.
+
+    A row of a ``--data`` file that ``lite train`` used (same sha256 as a source recorded in
+    ``lite_config.data``) is kept only if it was in the held-out split; rows of other files are kept.
+
+    Args:
+        examples: :class:`lite.data.Example` rows with ids ``"<source index>:<row index>"``.
+        sources: the provenance entries of the ``--data`` files, in the same order (with ``sha256``).
+    Returns:
+        (kept rows, number dropped).
+    """
+    data = lite_config.data or {}
+    trained = {e["sha256"]: t for t, e in enumerate(data.get("sources", [])) if e.get("sha256")}
+    held = set(data.get("heldout_ids", []))
+    kept = []
+    for example in examples:
+        source, row = example.row_id.split(":")
+        t = trained.get(sources[int(source)].get("sha256"))
+        if t is None or f"{t}:{row}" in held:
+            kept.append(example)
+    return kept, len(examples) - len(kept)
+
+
 # ---------------------------------------------------------------------------------------- collection
 def _score_sequence(lm: LiteModel, ids: list[int], positions: list[int], layers: list[int],
                     with_states: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:

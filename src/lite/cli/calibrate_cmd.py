@@ -73,7 +73,9 @@ def _print_table(result) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..calibration import calibration_layers, check_options, collect, save_calibration, select
+    from ..calibration import (
+        calibration_layers, check_options, collect, drop_training_rows, save_calibration, select,
+    )
     from ..data import DataError, load_heldout, read_examples
     from ..loading import load_model
     from . import progress
@@ -96,6 +98,14 @@ def run(args: argparse.Namespace) -> int:
         data_info = {"sources": entries, "filter": args.filter or [], "heldout_split": False}
     lm = load_model(args.model, dtype=args.dtype, device=args.device, progress=progress)
     calibration_layers(lm)  # a model without exits below L: fail before collecting anything
+    if examples is not None:
+        examples, dropped = drop_training_rows(lm.lite_config, examples, data_info["sources"])
+        data_info["training_rows_dropped"] = dropped
+        if dropped:
+            progress(f"left out {dropped} rows this model was trained on (kept its held-out rows)")
+        if not examples:
+            raise LiteError(f"every row of {args.data} was used to train this model; calibrate on held-out "
+                            f"data (omit --data to use the recorded held-out split)")
     if examples is None:
         if not lm.lite_config.data.get("heldout_ids"):
             raise LiteError("no held-out data: --data was not given and this model's lite_config.json records no "
@@ -110,8 +120,14 @@ def run(args: argparse.Namespace) -> int:
     check_options(confidence=confidence)
     progress(f"collecting {args.source} statistics on {len(examples)} examples")
     start = time.perf_counter()
+    every = max(1, len(examples) // 10)
+
+    def tick(done: int, total: int) -> None:
+        if done % every == 0 or done == total:
+            progress(f"{done}/{total} examples, {time.perf_counter() - start:.0f} s")
+
     data = collect(lm, examples, source=args.source, with_states=args.gate, max_length=args.max_length,
-                   max_new_tokens=args.max_new_tokens)
+                   max_new_tokens=args.max_new_tokens, progress=tick)
     progress(f"collected {data.tokens} tokens from {data.examples} examples in {time.perf_counter() - start:.1f} s")
     result = select(data, rule=args.rule, confidence=confidence, target=args.target, epsilon=args.epsilon,
                     delta=args.delta, gate=args.gate, gate_hidden=args.gate_hidden, seed=args.seed)
