@@ -240,9 +240,12 @@ def test_cli_run_uses_calibrated_thresholds(tiny_model_dir, sets, tmp_path, monk
 
 def test_static_exit_policy_and_no_hf_baseline(tiny_model_dir, sets, tmp_path):
     result = evaluate(str(tiny_model_dir), sets[:1], out=tmp_path / "eval", limit=1, exit="static:2",
-                      hf_baseline=False, embedder=FakeEmbedder(), max_new_tokens=3)
+                      kv="recompute,copy", hf_baseline=False, embedder=FakeEmbedder(), max_new_tokens=3)
     s = result.report["testsets"]["vicuna"]
-    assert result.report["primary_run"] == "static:2/copy"
+    assert result.report["primary_run"] == "static:2/recompute"
+    assert list(s["runs"]) == ["static:2/recompute", "static:2/copy"]
+    # what later tokens see differs between the strategies, the exit layers do not
+    assert s["runs"]["static:2/copy"]["layer_cost_improvement"] == pytest.approx(0.5)
     assert s["layer_cost_improvement"] == pytest.approx(0.5) and s["speedup"] is None
     assert s["exit_layer_histogram"] == {"2": s["tokens_early_exit"]}
     with pytest.raises(LiteError, match="static:9"):

@@ -42,6 +42,7 @@ from .testsets import TestPrompt, TestSet, load_testset
 RECORDS = "records.jsonl"
 RUN_FILE = "run.json"
 REPORT_FILES = ("report.json", "report.md")
+THRESHOLD_KINDS = ("dynamic", "speculative")  # exit kinds driven by thresholds x --threshold-scales
 
 
 class EvalError(LiteError):
@@ -243,30 +244,46 @@ class _Job:
     info: dict[str, Any]
 
 
-def _plan(lm, role: str, spec: str | None, cfg: EvalConfig) -> _Job:
-    """Check every policy against the model before any decoding (bad thresholds fail here, not mid-run)."""
-    L = lm.num_layers
+def _policies(lm, cfg: EvalConfig, thresholds: dict[int, float]) -> dict[str, tuple[decoding.ExitPolicy, str]]:
+    """Run key -> (policy, kv) for ``--exit`` x ``--kv`` (x ``--threshold-scales`` for threshold-driven
+    kinds), each checked against the model (raises :class:`LiteError` naming the flag)."""
     policies: dict[str, tuple[decoding.ExitPolicy, str]] = {}
-    calibrated = bool(lm.lite_config.thresholds)
-    use_dynamic = role == "main" or calibrated
-    thresholds = dynamic_thresholds(lm, cfg.thresholds) if role == "main" else {}
-    if use_dynamic:
-        for kv in cfg.kv:
-            if cfg.exit == "dynamic":
-                for scale in cfg.threshold_scales:
-                    policy = decoding.ExitPolicy(kind="dynamic", thresholds=dict(thresholds),
-                                                 confidence=cfg.confidence or "max_prob", threshold_scale=scale)
-                    policies[f"dynamic@{scale:g}/{kv}"] = (policy, kv)
-            else:  # static:K, gate, or any kind registered with lite.exit_spec
-                from . import exit_spec
+    kind = cfg.exit.split(":", 1)[0]
+    for kv in cfg.kv:
+        if kind in THRESHOLD_KINDS:
+            for scale in cfg.threshold_scales:
+                policy = decoding.parse_exit(cfg.exit, lm.num_layers)
+                policy.thresholds = dict(thresholds)
+                policy.confidence = cfg.confidence or "max_prob"
+                policy.threshold_scale = scale
+                policies[f"{cfg.exit}@{scale:g}/{kv}"] = (policy, kv)
+        else:  # static:K, gate, or any kind registered with lite.exit_spec
+            from . import exit_spec
 
-                policy = exit_spec.parse_exit(lm, cfg.exit, 1.0)
-                policies[f"{cfg.exit}/{kv}"] = (policy, kv)
+            policies[f"{cfg.exit}/{kv}"] = (exit_spec.parse_exit(lm, cfg.exit, 1.0), kv)
     for policy, _ in policies.values():
         if policy.kind not in decoding.POLICIES:
             raise EvalError(f"--exit {cfg.exit}: lite eval decodes with lite.decoding.generate, which does not "
-                            f"run {policy.kind!r} policies yet; use dynamic, gate or static:K")
-        decoding.resolve_policy(lm, policy)  # raises LiteError naming the flag
+                            f"run {policy.kind!r} policies; use one of {', '.join(decoding.POLICIES[1:])} or gate")
+        decoding.resolve_policy(lm, policy)
+    return policies
+
+
+def _plan(lm, role: str, spec: str | None, cfg: EvalConfig) -> _Job:
+    """Check every policy against the model before any decoding (bad thresholds fail here, not mid-run).
+
+    The compare model gets ``--thresholds`` only when it is the evaluated one; when its policy cannot run
+    (typically: an uncalibrated baseline under dynamic exit) it is decoded full and static only."""
+    L = lm.num_layers
+    calibrated = bool(lm.lite_config.thresholds)
+    thresholds = dynamic_thresholds(lm, cfg.thresholds) if role == "main" else {}
+    skipped = None
+    try:
+        policies = _policies(lm, cfg, thresholds)
+    except LiteError as exc:
+        if role == "main":
+            raise
+        policies, skipped = {}, f"--exit {cfg.exit} cannot run on the compare model: {exc}"
     static = {}
     if cfg.static_layers or role == "compare":
         static = {str(k): (decoding.ExitPolicy(kind="static", layer=k), cfg.kv[0])
@@ -274,12 +291,13 @@ def _plan(lm, role: str, spec: str | None, cfg: EvalConfig) -> _Job:
     fmt = prompt_format(lm, cfg.prompt_format)
     base = thresholds or {int(k): float(v) for k, v in lm.lite_config.thresholds.items()}
     info = {"source": spec or "smollm2-135m-instruct", "num_layers": L, "exit_layers": lm.exit_layers,
-            "thresholds": {str(k): base[k] for k in sorted(base)} if cfg.exit == "dynamic" else {},
+            "thresholds": {str(k): base[k] for k in sorted(base)} if cfg.exit.split(":")[0] in THRESHOLD_KINDS
+            else {},
             "calibrated": calibrated,
             "confidence": (cfg.confidence or "max_prob") if thresholds else lm.lite_config.confidence,
             "prompt_format": fmt,
             "dtype": str(lm.dtype).replace("torch.", ""), "calibration": lm.lite_config.calibration,
-            "dynamic_skipped": None if use_dynamic else "the compare model has no calibrated thresholds"}
+            "policy_skipped": skipped}
     return _Job(role, spec, policies, static, hf=cfg.hf_baseline and role == "main", fmt=fmt, info=info)
 
 
