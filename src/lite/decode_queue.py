@@ -78,6 +78,7 @@ class DecodeWorker:
         self._lock = threading.Lock()
         self.waiting = 0
         self.running = 0
+        self._current: Job | None = None
         self.counts = {"served": 0, "cancelled": 0, "failed": 0, "rejected": 0}
         self._thread = threading.Thread(target=self._loop, name="lite-decode", daemon=True)
         self._thread.start()
@@ -102,7 +103,10 @@ class DecodeWorker:
                 self.counts["cancelled"] += 1
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop after the running job (waiting jobs are cancelled)."""
+        """Stop the worker: the running job ends at its next token, waiting jobs are cancelled."""
+        with self._lock:
+            if self._current is not None:
+                self._current.cancel.set()
         self._queue.put(None)
         self._thread.join(timeout)
 
@@ -122,6 +126,7 @@ class DecodeWorker:
                 job.state = "running"
                 self.waiting -= 1
                 self.running = 1
+                self._current = job
             try:
                 result = self._run(job)
                 outcome = ("done", result)
@@ -132,6 +137,7 @@ class DecodeWorker:
             with self._lock:
                 job.state = "finished"
                 self.running = 0
+                self._current = None
                 key = {"done": "served", "cancelled": "cancelled", "error": "failed"}[outcome[0]]
                 self.counts[key] += 1
             job.deliver(*outcome)

@@ -242,10 +242,14 @@ def create_app(lm: LiteModel, config: ServeConfig | None = None,
             raise APIError(413, f"the request body is {len(body)} bytes; the limit is {config.max_body_bytes}")
         if kind == "chat":
             req = parse_request(body, ChatRequest)
-            prompt_ids = chat_prompt_ids(lm, req.message_dicts(), chat_fmt)
+            messages = req.message_dicts()
+            try:  # off the event loop: templates and long prompts take a moment
+                prompt_ids = await asyncio.to_thread(chat_prompt_ids, lm, messages, chat_fmt)
+            except Exception as exc:  # e.g. a template that insists on alternating roles
+                raise APIError(400, f"messages: the chat template refused them ({exc})", param="messages") from None
         else:
             req = parse_request(body, CompletionRequest)
-            prompt_ids = completion_prompt_ids(lm, req.prompt_text())
+            prompt_ids = await asyncio.to_thread(completion_prompt_ids, lm, req.prompt_text())
         job, spec, kv, scale = build_job(req, prompt_ids)
         rid, created = new_id("chatcmpl" if kind == "chat" else "cmpl"), now()
 

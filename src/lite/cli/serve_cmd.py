@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "on it, else the tokenizer's chat template, else Alpaca)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available, else cpu)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for decoding (default: torch's own choice)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -47,6 +49,12 @@ def run(args: argparse.Namespace) -> int:
         loopback = args.host == "localhost"
     if not loopback and not os.environ.get(API_KEY_ENV):
         progress(f"warning: binding {args.host} without ${API_KEY_ENV}: anyone who can reach it can use it")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise LiteError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     lm = load_model(args.model, dtype=args.dtype, device=args.device, progress=progress)
     config = config_from_env(
         model_name=args.served_model_name or args.model or DEFAULT_MODEL, exit=args.exit, kv=args.kv,
