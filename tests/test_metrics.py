@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 
 from lite.judge import JudgeClient, JudgeError, parse_verdict
-from lite.metrics import (MiniLMEmbedder, cosine_similarities, mean, prefix_agreement, rouge_l,
-                          token_agreement)
+from lite.metrics import MiniLMEmbedder, cosine_similarities, mean, prefix_agreement, rouge_l, token_agreement
 
 
 class BagOfLetters:
@@ -61,7 +60,8 @@ def test_real_offline_minilm_gives_one_for_identical_texts(monkeypatch):
     a, b, c = (v / np.linalg.norm(v) for v in vectors)
     assert float(a @ b) == pytest.approx(1.0, abs=1e-5)
     assert float(a @ c) < 0.5
-    sims = cosine_similarities(emb, ["How do I improve my time management?"], ["Tips to manage my time better"])
+    sims = cosine_similarities(emb, ["How do I improve my time management?"],
+                               ["Tips to manage my time better"])
     assert 0.5 < sims[0] < 1.0
 
 

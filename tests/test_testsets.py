@@ -22,12 +22,13 @@ ROWS = {
         {"id": "koala_1", "prompt": "Take MLK speech and turn it into a rap song"},
     ],
     "wizardlm": [
-        {"idx": 1, "Skill": "Math", "Difficulty": 1, "Instruction": "If a car travels 120 miles in 2 hours, speed?"},
+        {"idx": 1, "Skill": "Math", "Difficulty": 1, "Instruction": "120 miles in 2 hours: speed?"},
         {"idx": 2, "Skill": "Math", "Difficulty": 3, "Instruction": "If x + y = z and x * y = z, x - y = ?"},
     ],
     "self_instruct": [
         {"id": "user_oriented_task_0", "motivation_app": "Grammarly", "instruction": "Rewrite the sentence.",
-         "instances": [{"input": "If you have any questions, please let me know.", "output": "Questions? Ask."}]},
+         "instances": [{"input": "If you have any questions, please let me know.",
+                        "output": "Questions? Ask."}]},
         {"id": "user_oriented_task_1", "motivation_app": "Google Search", "instruction": "Suggest a title.",
          "instances": [{"input": "", "output": "A Title"}]},
     ],
@@ -155,7 +156,8 @@ def test_download_path_writes_the_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(testsets.urllib.request, "urlopen", fake_urlopen)
     ts = load_testset("wizardlm")
     assert seen == [testsets.SOURCES["wizardlm"]] and "nlpxucan/WizardLM" in seen[0]
-    assert ts.source == str(tmp_path / "home" / "data" / "testsets" / "wizardlm.jsonl") and len(ts.prompts) == 2
+    assert ts.source == str(tmp_path / "home" / "data" / "testsets" / "wizardlm.jsonl")
+    assert len(ts.prompts) == 2
     load_testset("wizardlm")  # second time from the cache
     assert len(seen) == 1
 

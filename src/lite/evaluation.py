@@ -93,7 +93,7 @@ class EvalConfig:
 
     def validate(self) -> None:
         if not self.testsets:
-            raise EvalError("give at least one --testset (vicuna, koala, wizardlm, self_instruct or NAME=PATH)")
+            raise EvalError("give at least one --testset: vicuna, koala, wizardlm, self_instruct, NAME=PATH")
         if self.max_new_tokens < 1:
             raise EvalError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         bad_kv = [k for k in self.kv if k not in decoding.KV_STRATEGIES]
@@ -102,8 +102,8 @@ class EvalConfig:
         if not self.threshold_scales or any(s <= 0 for s in self.threshold_scales):
             raise EvalError(f"--threshold-scales must be positive numbers, got {self.threshold_scales}")
         if self.exit.strip() in ("none", "auto", ""):
-            raise EvalError(f"--exit {self.exit!r}: the full model is always run; give the early-exit policy to "
-                            f"compare with it: dynamic (default), gate or static:K")
+            raise EvalError(f"--exit {self.exit!r}: the full model is always run; give the early-exit policy "
+                            f"to compare with it: dynamic (default), gate or static:K")
         if bool(self.judge_url) != bool(self.judge_model):
             raise EvalError("--judge-url and --judge-model go together: give both or neither")
         if self.confidence is not None and self.confidence not in decoding.CONFIDENCES:
@@ -121,7 +121,8 @@ class EvalResult:
 
     Attributes:
         out: the output folder.
-        complete: every selected prompt was evaluated and the report was written.
+        complete: every selected prompt was evaluated and the report was written (always True on return:
+            an interrupted or failed run raises, and leaves ``records.jsonl`` but no report).
         report: the content of ``report.json`` (None when incomplete).
         files: the files written (report.json, report.md, plots).
         prompts_run: prompts decoded in this call (the others came from ``records.jsonl``).
@@ -173,8 +174,8 @@ def _check_model_unchanged(out: Path, role: str, info: dict[str, Any]) -> None:
         write_json_atomic(run_file, run)
     elif seen != mine:
         changed = sorted(k for k in keys if seen.get(k) != mine[k])
-        raise EvalError(f"the {role} model changed since the run in {out} started ({', '.join(changed)}); give a "
-                        f"new --out, or --restart to discard the old records")
+        raise EvalError(f"the {role} model changed since the run in {out} started ({', '.join(changed)}); "
+                        f"give a new --out, or --restart to discard the old records")
 
 
 def _append(path: Path, record: dict) -> None:
@@ -199,8 +200,8 @@ def prepare_out(out: Path, config: EvalConfig, restart: bool) -> None:
             changed = sorted(k for k, v in asdict(config).items()
                              if k != "limit" and old.get("config", {}).get(k) != v)
             raise EvalError(
-                f"--out {out} holds a run with another configuration (differs in: {', '.join(changed) or '?'});"
-                f" give a new --out, or --restart to discard its records"
+                f"--out {out} holds a run with another configuration (differs in: "
+                f"{', '.join(changed) or '?'}); give a new --out, or --restart to discard its records"
             )
     else:
         write_json_atomic(run_file, {"config_hash": config.hashed(), "config": asdict(config),
@@ -226,7 +227,8 @@ def dynamic_thresholds(lm, text: str | None) -> dict[int, float]:
         try:
             value = float(text)
         except ValueError:
-            raise EvalError(f"--thresholds {text!r}: give one number or LAYER:VALUE pairs like '8:0.9'") from None
+            raise EvalError(f"--thresholds {text!r}: give one number or LAYER:VALUE pairs like '8:0.9'") \
+                from None
         return {k: value for k in lm.exit_layers if k < lm.num_layers}
     return decoding.parse_thresholds(text)
 
@@ -244,7 +246,8 @@ class _Job:
     info: dict[str, Any]
 
 
-def _policies(lm, cfg: EvalConfig, thresholds: dict[int, float]) -> dict[str, tuple[decoding.ExitPolicy, str]]:
+def _policies(lm, cfg: EvalConfig, thresholds: dict[int, float]
+              ) -> dict[str, tuple[decoding.ExitPolicy, str]]:
     """Run key -> (policy, kv) for ``--exit`` x ``--kv`` (x ``--threshold-scales`` for threshold-driven
     kinds), each checked against the model (raises :class:`LiteError` naming the flag)."""
     policies: dict[str, tuple[decoding.ExitPolicy, str]] = {}
@@ -263,8 +266,9 @@ def _policies(lm, cfg: EvalConfig, thresholds: dict[int, float]) -> dict[str, tu
             policies[f"{cfg.exit}/{kv}"] = (exit_spec.parse_exit(lm, cfg.exit, 1.0), kv)
     for policy, _ in policies.values():
         if policy.kind not in decoding.POLICIES:
-            raise EvalError(f"--exit {cfg.exit}: lite eval decodes with lite.decoding.generate, which does not "
-                            f"run {policy.kind!r} policies; use one of {', '.join(decoding.POLICIES[1:])} or gate")
+            raise EvalError(f"--exit {cfg.exit}: lite eval decodes with lite.decoding.generate, which does "
+                            f"not run {policy.kind!r} policies; use one of "
+                            f"{', '.join(decoding.POLICIES[1:])} or gate")
         decoding.resolve_policy(lm, policy)
     return policies
 
@@ -328,7 +332,8 @@ def hf_generate(lm, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[in
     ids = torch.tensor([prompt_ids], device=lm.device)
     with torch.inference_mode():
         start = time.perf_counter()
-        out = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen_config)
+        out = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                generation_config=gen_config)
         seconds = time.perf_counter() - start
     new = out[0, len(prompt_ids):].tolist()
     for i, t in enumerate(new):  # cut at the first end-of-sequence token, as the engine stops there
@@ -359,7 +364,8 @@ def _evaluate_prompt(lm, job: _Job, testset: TestSet, prompt: TestPrompt, cfg: E
     record.update({"full": _run_record(full), "runs": {}, "static": {}})
     if job.hf:
         hf_ids, hf_seconds = hf_generate(lm, ids, cfg.max_new_tokens)
-        record["hf"] = {"seconds": hf_seconds, "tokens": len(hf_ids), "matches_full": hf_ids == full.token_ids}
+        record["hf"] = {"seconds": hf_seconds, "tokens": len(hf_ids),
+                        "matches_full": hf_ids == full.token_ids}
     for key, (policy, kv) in job.policies.items():
         record["runs"][key] = _run_record(decoding.generate(lm, ids, policy, settings(kv)))
     for layer, (policy, kv) in job.static.items():
@@ -376,15 +382,17 @@ def _warm_up(lm, job: _Job, cfg: EvalConfig) -> None:
     from .prompts import encode_prompt
 
     ids = encode_prompt(lm.tokenizer, "Say hello.", "", job.fmt)
-    decoding.generate(lm, ids, decoding.ExitPolicy(kind="none"), decoding.GenerationSettings(max_new_tokens=2))
+    decoding.generate(lm, ids, decoding.ExitPolicy(kind="none"),
+                      decoding.GenerationSettings(max_new_tokens=2))
     if job.hf:
         hf_generate(lm, ids, 2)
 
 
 # ----------------------------------------------------------------------------------- entry point
-def evaluate(model: str | None = None, testsets: list[str] | None = None, *, out: str | os.PathLike[str] = "lite-eval",
-             limit: int | None = None, exit: str = "dynamic", kv: list[str] | str = "copy",
-             threshold_scales: list[float] | None = None, thresholds: str | None = None,
+def evaluate(model: str | None = None, testsets: list[str] | None = None, *,
+             out: str | os.PathLike[str] = "lite-eval", limit: int | None = None, exit: str = "dynamic",
+             kv: list[str] | str = "copy", threshold_scales: list[float] | None = None,
+             thresholds: str | None = None,
              confidence: str | None = None, static_layers: bool = False, compare_model: str | None = None,
              max_new_tokens: int = 128, dtype: str = "float32", prompt_format: str | None = None,
              judge_url: str | None = None, judge_model: str | None = None, hf_baseline: bool = True,
@@ -403,7 +411,7 @@ def evaluate(model: str | None = None, testsets: list[str] | None = None, *, out
         log: called with short status lines.
         (the other arguments are the fields of :class:`EvalConfig`.)
     Returns:
-        :class:`EvalResult`; ``complete`` is False only if prompts were skipped, never with a report.
+        :class:`EvalResult` of the complete run (prompts too long for the context are counted as skipped).
     Raises:
         LiteError: unknown test set, a wrong-format file (naming the row), an unreachable judge, bad
             settings: all before any decoding.

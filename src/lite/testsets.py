@@ -160,7 +160,7 @@ def _detect(row: dict) -> str | None:
 
 # ----------------------------------------------------------------- reading files
 def _rows(path: Path) -> list[tuple[int, Any]]:
-    """(row number, parsed row) pairs: 1-based line numbers for JSONL, 1-based item numbers for a JSON list."""
+    """(row number, parsed row) pairs: 1-based line numbers for JSONL, 1-based items for a JSON list."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -170,7 +170,8 @@ def _rows(path: Path) -> list[tuple[int, Any]]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise TestSetError(f"--testset: {path} is not valid JSON ({exc}); give JSONL or a JSON list") from None
+            raise TestSetError(f"--testset: {path} is not valid JSON ({exc}); give JSONL or a JSON list") \
+                from None
         return list(enumerate(data, start=1))
     rows = []
     for n, line in enumerate(text.splitlines(), start=1):
@@ -215,7 +216,9 @@ def read_testset(name: str, path: str | os.PathLike[str], fmt: str | None = None
     prompts, seen = [], set()
     for n, row in rows:
         if not isinstance(row, dict):
-            raise TestSetError(f"--testset {name}: {path} row {n} is not a JSON object; expected fields {fields}")
+            raise TestSetError(
+                f"--testset {name}: {path} row {n} is not a JSON object; expected fields {fields}"
+            )
         try:
             prompt = parse(row, n)
         except KeyError as exc:
@@ -248,6 +251,10 @@ def candidate_paths(name: str) -> list[Path]:
     return paths
 
 
+def _places(name: str) -> str:
+    return ", ".join(str(p) for p in candidate_paths(name))
+
+
 def download(name: str, timeout: float = 30.0) -> Path:
     """Fetch a known set from its original repository into lite's cache (atomic write)."""
     url = SOURCES[name]
@@ -258,7 +265,7 @@ def download(name: str, timeout: float = 30.0) -> Path:
             payload = response.read()
     except (urllib.error.URLError, OSError) as exc:
         raise TestSetError(
-            f"--testset {name}: not found locally ({', '.join(str(p) for p in candidate_paths(name))}) and the "
+            f"--testset {name}: not found locally ({_places(name)}) and the "
             f"download from {url} failed ({exc}); give the file with --testset {name}=PATH or set $LITE_DATA"
         ) from None
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=target.parent)
@@ -302,15 +309,15 @@ def load_testset(spec: str, limit: int | None = None, allow_download: bool = Tru
         if found is None:
             if not allow_download:
                 raise TestSetError(
-                    f"--testset {name}: not found in {', '.join(str(p) for p in candidate_paths(name))}; give "
+                    f"--testset {name}: not found in {_places(name)}; give "
                     f"--testset {name}=PATH or set $LITE_DATA"
                 )
             found = download(name)
         testset = read_testset(name, found, fmt=name)
     else:
         raise TestSetError(
-            f"--testset {name}: unknown test set; known sets are {', '.join(KNOWN)}, or give a file of prompts "
-            f"as --testset {name}=PATH (JSONL or JSON, Alpaca rows or {{prompt}} rows)"
+            f"--testset {name}: unknown test set; known sets are {', '.join(KNOWN)}, or give a file of "
+            f"prompts as --testset {name}=PATH (JSONL or JSON, Alpaca rows or {{prompt}} rows)"
         )
     if limit is not None:
         testset.prompts = testset.prompts[:limit]

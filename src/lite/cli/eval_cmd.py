@@ -19,43 +19,46 @@ def _scales(text: str) -> list[float]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="model folder, LoRA adapter folder, hub id, or smollm2-135m-instruct")
-    p.add_argument("--testset", action="append", metavar="NAME[=PATH]",
-                   help="vicuna, koala, wizardlm, self_instruct (found locally or downloaded), or NAME=PATH for a "
-                        "file (JSONL/JSON: Alpaca rows or {prompt} rows); repeat for several (default: all four)")
-    p.add_argument("--limit", type=int, default=None, help="first N prompts of each test set")
-    p.add_argument("--exit", default="dynamic", help="early-exit policy compared with the full model: dynamic "
-                                                     "(default), gate (learned exit gate) or static:K")
-    p.add_argument("--kv", default="copy", help="skipped-layer strategy: copy, recompute, or both as copy,recompute")
-    p.add_argument("--threshold-scale", "--threshold-scales", dest="threshold_scales", type=_scales,
-                   default=[1.0], metavar="S[,S...]",
-                   help="multiply the thresholds; several values (0.8,0.9,1.0,1.1) draw the cost-quality "
-                        "frontier; the first is the headline")
-    p.add_argument("--thresholds", default=None, help="override calibrated thresholds: one value for every exit "
-                                                      "('0.9') or '8:0.9,11:0.85'")
-    p.add_argument("--confidence", default=None, help="confidence measure with --thresholds: max_prob (default), "
-                                                      "margin, entropy, state_cosine")
-    p.add_argument("--static-layers", action="store_true", help="also decode with static exit at every exit layer "
-                                                               "(the per-layer quality picture)")
-    p.add_argument("--compare-model", default=None, metavar="M2",
-                   help="a second model (e.g. the final-layer baseline) for the side-by-side per-layer figure")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto; the same for "
-                                                      "every run and for HF generate")
-    p.add_argument("--prompt-format", default=None, choices=["alpaca", "chat", "raw"],
-                   help="default: lite_config.json's, else the chat template when there is one, else alpaca")
-    p.add_argument("--judge-url", default=None, help="OpenAI-compatible API root for a pairwise LLM judge, e.g. "
-                                                     "http://127.0.0.1:8000/v1 (key from $LITE_JUDGE_API_KEY)")
-    p.add_argument("--judge-model", default=None, help="model name for the judge")
-    p.add_argument("--no-hf-baseline", action="store_true", help="do not time transformers' generate "
-                                                                 "(no speedup figure)")
-    p.add_argument("--out", default="lite-eval", help="output folder (default: lite-eval)")
-    p.add_argument("--restart", action="store_true", help="discard the records of an earlier run in --out")
+    add = p.add_argument
+    add("--model", default=None,
+        help="model folder, LoRA adapter folder, hub id, or smollm2-135m-instruct")
+    add("--testset", action="append", metavar="NAME[=PATH]",
+        help="vicuna, koala, wizardlm, self_instruct (found locally or downloaded), or NAME=PATH for a file "
+             "(JSONL/JSON: Alpaca rows or {prompt} rows); repeat for several (default: all four)")
+    add("--limit", type=int, default=None, help="first N prompts of each test set")
+    add("--exit", default="dynamic",
+        help="early-exit policy compared with the full model: dynamic (default), gate or static:K")
+    add("--kv", default="copy", help="skipped-layer strategy: copy, recompute, or both as copy,recompute")
+    add("--threshold-scale", "--threshold-scales", dest="threshold_scales", type=_scales, default=[1.0],
+        metavar="S[,S...]",
+        help="multiply the thresholds; several values (0.8,0.9,1.0,1.1) draw the cost-quality frontier; the "
+             "first is the headline")
+    add("--thresholds", default=None,
+        help="override calibrated thresholds: one value for every exit ('0.9') or '8:0.9,11:0.85'")
+    add("--confidence", default=None,
+        help="confidence measure with --thresholds: max_prob (default), margin, entropy, state_cosine")
+    add("--static-layers", action="store_true",
+        help="also decode with static exit at every exit layer (the per-layer quality picture)")
+    add("--compare-model", default=None, metavar="M2",
+        help="a second model (e.g. the final-layer baseline) for the side-by-side per-layer figure")
+    add("--max-new-tokens", type=int, default=128)
+    add("--dtype", default="float32",
+        help="float32 (default), bfloat16, float16 or auto; the same for every run and for HF generate")
+    add("--prompt-format", default=None, choices=["alpaca", "chat", "raw"],
+        help="default: lite_config.json's, else the chat template when there is one, else alpaca")
+    add("--judge-url", default=None,
+        help="OpenAI-compatible API root for a pairwise LLM judge, e.g. http://127.0.0.1:8000/v1 (key from "
+             "$LITE_JUDGE_API_KEY)")
+    add("--judge-model", default=None, help="model name for the judge")
+    add("--no-hf-baseline", action="store_true",
+        help="do not time transformers' generate (no speedup figure)")
+    add("--out", default="lite-eval", help="output folder (default: lite-eval)")
+    add("--restart", action="store_true", help="discard the records of an earlier run in --out")
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import progress
     from ..evaluation import RECORDS, evaluate
+    from . import progress
 
     try:
         result = evaluate(
@@ -87,6 +90,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name:<16}{s['n']:>5}{pct(s['layer_cost_improvement']):>12}{pct(s['compute_cost_improvement']):>14}"
               f"{num(s['speedup'], '.2f'):>9}{num(s['rougeL_vs_full']):>9}{num(s['similarity_vs_full']):>12}"
               f"{tokens:>16}")
-    progress(f"report: {result.out}/report.md, {result.out}/report.json ({result.prompts_run} prompts decoded "
-             f"now, the rest from {RECORDS})")
+    progress(f"report: {result.out}/report.md, {result.out}/report.json ({result.prompts_run} prompts "
+             f"decoded now, the rest from {RECORDS})")
     return 0
