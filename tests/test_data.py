@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from lite.data import (
-    IGNORE_INDEX, DataError, Example, PadCollator, load_heldout, prepare_data, read_examples, tokenize_example,
+    IGNORE_INDEX,
+    DataError,
+    Example,
+    PadCollator,
+    load_heldout,
+    prepare_data,
+    read_examples,
+    tokenize_example,
 )
 from lite.prompts import alpaca_prompt
 

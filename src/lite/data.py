@@ -120,7 +120,7 @@ def _read_hub_rows(dataset_id: str) -> list[Any]:
         import datasets
 
         ds = datasets.load_dataset(dataset_id, split="train")
-    except Exception as exc:  # offline, unknown id, ...: one clear message
+    except Exception as exc:  # noqa: BLE001 -- offline, unknown id, ...: one clear message
         raise DataError(
             f"--data {dataset_id}: no such file, and loading it as a hub dataset failed ({type(exc).__name__}: "
             f"{str(exc)[:200]}); give a local JSON/JSONL file or a reachable dataset id"

@@ -341,4 +341,4 @@ def loss_summary(result: TrainResult) -> str:
     return f"loss {total} ({per})"
 
 
-__all__ = ["train", "TrainResult", "TrainError", "DEFAULT_LORA_TARGETS", "CONFIG_NAME"]
+__all__ = ["CONFIG_NAME", "DEFAULT_LORA_TARGETS", "TrainError", "TrainResult", "train"]

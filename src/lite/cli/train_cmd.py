@@ -50,8 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import progress
     from ..training import loss_summary, train
+    from . import progress
 
     result = train(
         args.model, args.data, args.out, max_steps=args.max_steps, epochs=args.epochs, lr=args.lr,
