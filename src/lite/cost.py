@@ -12,6 +12,9 @@ Conventions (all counts are floating-point operations, a multiply-add = 2 FLOPs,
 * A recompute of one pending position through one skipped block: a whole block at that position
   (``block_flops(p)``), counted on the token whose step does it.
 * A learned gate check: whatever ``gate.flops(layer)`` reports (the engine sums it per token).
+* Speculative decoding (:mod:`lite.speculative`): the verify pass is the recompute push above (counted in
+  ``recomputed``) plus one head evaluation per verified position; the blocks that drafts later rejected
+  ran for other positions are ``other_blocks`` (whole blocks, with their attention context).
 * A state-cosine check: ``6*D`` (two norms and a dot product).
 * Not counted, and negligible here: RMSNorms (~4*D per norm), rotary embeddings, residual adds, the
   embedding lookup, sampling. They are the same for every policy to within a few D per layer.
@@ -122,6 +125,11 @@ class TokenCost:
         kv_fills: skipped blocks whose K/V were filled from the exit state (``copy``).
         recomputed: (block, pending position) pairs pushed through blocks they had skipped (``recompute``).
         recompute_context: sum of the attended context lengths of those pairs (for their attention cost).
+        other_blocks: (block, position) pairs run for other positions and charged to this token
+            (speculative: the draft steps of rejected drafts), whole blocks.
+        other_context: sum of the attended context lengths of those pairs.
+        drafted: speculative, on the token that closes a round: tokens drafted in that round.
+        accepted: speculative, on the same token: how many of those the full model accepted.
         flops: total FLOPs of this step.
     """
 
@@ -135,6 +143,10 @@ class TokenCost:
     kv_fills: int = 0
     recomputed: int = 0
     recompute_context: int = 0
+    other_blocks: int = 0
+    other_context: int = 0
+    drafted: int = 0
+    accepted: int = 0
     flops: int = 0
 
 
@@ -144,8 +156,9 @@ def token_flops(shape: ModelShape, tc: TokenCost) -> int:
     own = tc.blocks_run * shape.block_flops(tc.position)
     heads = tc.head_evals * shape.head_flops() + tc.head_checks * 5 * shape.vocab
     fills = tc.kv_fills * shape.kv_fill_flops()
-    recompute = tc.recomputed * (shape.projection_flops() + shape.mlp_flops()) + \
-        shape.attention_flops(1) * tc.recompute_context
+    pairs = tc.recomputed + tc.other_blocks
+    recompute = pairs * (shape.projection_flops() + shape.mlp_flops()) + \
+        shape.attention_flops(1) * (tc.recompute_context + tc.other_context)
     return own + heads + fills + recompute + tc.cosine_checks * shape.cosine_flops() + tc.gate_flops
 
 
@@ -164,6 +177,10 @@ class SequenceCost:
         layer_cost_improvement: ``1 - mean(exit layer) / L`` (the paper's figure).
         compute_cost_improvement: ``1 - flops / full_flops``.
         seconds: measured wall-clock seconds of the whole generation (prefill included).
+        head_evals, kv_fills, recomputed: totals of the per-token counts.
+        drafted, accepted, rejected: speculative decoding totals (accepted + rejected = drafted).
+        acceptance_by_position: speculative, entry i = accepted / drafted among the rounds that drafted an
+            (i+1)-th token (greedy: the chance the full model agrees that far); empty otherwise.
     """
 
     tokens: list[TokenCost]
@@ -179,6 +196,15 @@ class SequenceCost:
     head_evals: int = field(default=0)
     kv_fills: int = field(default=0)
     recomputed: int = field(default=0)
+    drafted: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    acceptance_by_position: list[float] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """accepted / drafted, or None when nothing was drafted."""
+        return self.accepted / self.drafted if self.drafted else None
 
     def improvement_against(self, shape: ModelShape, reference_tokens: int) -> float:
         """Compute cost improvement against the full model generating ``reference_tokens`` tokens."""
@@ -191,6 +217,18 @@ def layer_cost_improvement(exit_layers: list[int], num_layers: int) -> float:
     if not exit_layers:
         return 0.0
     return 1.0 - sum(exit_layers) / (len(exit_layers) * num_layers)
+
+
+def acceptance_by_position(tokens: list[TokenCost]) -> list[float]:
+    """Per draft position i (0-based): the accepted fraction of the (i+1)-th drafted tokens over the
+    speculative rounds (each round's counts sit on the token that closes it)."""
+    rounds = [(tc.drafted, tc.accepted) for tc in tokens if tc.drafted]
+    depth = max((d for d, _ in rounds), default=0)
+    out = []
+    for i in range(depth):
+        drafted = sum(1 for d, _ in rounds if d > i)
+        out.append(sum(1 for _, a in rounds if a > i) / drafted)
+    return out
 
 
 def sequence_cost(shape: ModelShape, prompt_len: int, tokens: list[TokenCost], seconds: float = 0.0,
@@ -213,4 +251,6 @@ def sequence_cost(shape: ModelShape, prompt_len: int, tokens: list[TokenCost], s
         compute_cost_improvement=(1.0 - flops / full) if full else 0.0, seconds=seconds,
         head_evals=sum(tc.head_evals for tc in tokens), kv_fills=sum(tc.kv_fills for tc in tokens),
         recomputed=sum(tc.recomputed for tc in tokens),
+        drafted=sum(tc.drafted for tc in tokens), accepted=sum(tc.accepted for tc in tokens),
+        rejected=sum(tc.drafted - tc.accepted for tc in tokens), acceptance_by_position=acceptance_by_position(tokens),
     )

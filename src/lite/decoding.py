@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -41,7 +41,7 @@ from .errors import LiteError
 from .model import LiteModel
 from .sampling import TextStream, eos_ids, pick_token
 
-POLICIES = ("none", "static", "dynamic")
+POLICIES = ("none", "static", "dynamic", "speculative")
 CONFIDENCES = ("max_prob", "margin", "entropy", "state_cosine")
 KV_STRATEGIES = ("copy", "recompute")
 
@@ -66,7 +66,8 @@ class ExitPolicy:
 
     Attributes:
         kind: "none" (all L layers), "static" (always leave at ``layer``), "dynamic" (leave at the first
-            exit layer whose confidence reaches its threshold).
+            exit layer whose confidence reaches its threshold), "speculative" (lossless: tokens drafted by
+            the dynamic exits are verified by the full model, :mod:`lite.speculative`).
         layer: the static exit layer K (1..L), only for ``static``.
         thresholds: {exit layer: threshold} for ``dynamic``; every checked exit layer below L needs one.
             Empty: the calibrated thresholds of ``lite_config.json`` and their confidence measure.
@@ -75,6 +76,10 @@ class ExitPolicy:
         gate: optional learned exit gate (:class:`ExitGate`); when set, thresholds are not used and the head
             is evaluated only at the layer where the gate says leave (or at L).
         exit_layers: the exit layers to check (default: the model's, ``lite_config.exit_layers``).
+        max_draft_tokens: ``speculative`` only (``--max-draft``): tokens drafted per round at most.
+        draft_stop_confidence: ``speculative`` only (``--draft-stop``): a draft token whose confidence at a
+            checked exit is below this checks no further exits and goes straight to the verify pass
+            (0 = never; saves head evaluations on hopeless tokens).
     """
 
     kind: str = "none"
@@ -84,6 +89,8 @@ class ExitPolicy:
     threshold_scale: float = 1.0
     gate: object | None = None
     exit_layers: list[int] | None = None
+    max_draft_tokens: int = 4
+    draft_stop_confidence: float = 0.0
 
 
 @dataclass
@@ -106,6 +113,7 @@ class TokenRecord:
     text: str  # the text this token releases (held back while it may be part of a stop string)
     exit_layer: int
     confidence: float | None  # confidence at the exit layer (None when exits are off)
+    draft_layer: int | None = None  # speculative: the exit that drafted this (verified) token, else None
 
 
 @dataclass
@@ -126,10 +134,16 @@ class GenerationResult:
 
 # ---------------------------------------------------------------------------------------- parsing
 def parse_exit(text: str, num_layers: int) -> ExitPolicy:
-    """``--exit none|static:K|dynamic`` -> an :class:`ExitPolicy` (thresholds are added separately)."""
+    """``--exit none|static:K|dynamic|speculative[:N]`` -> an :class:`ExitPolicy` (thresholds are added
+    separately; N = max draft tokens)."""
     text = (text or "").strip()
-    if text in ("none", "dynamic"):
+    if text in ("none", "dynamic", "speculative"):
         return ExitPolicy(kind=text)
+    if text.startswith("speculative:"):
+        try:
+            return ExitPolicy(kind="speculative", max_draft_tokens=int(text.split(":", 1)[1]))
+        except ValueError:
+            raise LiteError(f"--exit {text!r}: N (max draft tokens) must be an integer, e.g. speculative:4") from None
     if text.startswith("static:"):
         try:
             k = int(text.split(":", 1)[1])
@@ -137,7 +151,8 @@ def parse_exit(text: str, num_layers: int) -> ExitPolicy:
             raise LiteError(f"--exit {text!r}: K must be an integer layer, e.g. static:{num_layers // 2}") from None
         _check_static(k, num_layers)
         return ExitPolicy(kind="static", layer=k)
-    raise LiteError(f"--exit {text!r} is not a policy: use none, static:K (1 <= K <= {num_layers}) or dynamic")
+    raise LiteError(f"--exit {text!r} is not a policy: use none, static:K (1 <= K <= {num_layers}), dynamic "
+                    f"or speculative")
 
 
 def parse_thresholds(text: str) -> dict[int, float]:
@@ -184,7 +199,13 @@ def resolve_policy(lm: LiteModel, policy: ExitPolicy) -> ResolvedPolicy:
     """Validate ``policy`` for ``lm`` and fill in calibrated thresholds; raises :class:`LiteError`."""
     L = lm.num_layers
     if policy.kind not in POLICIES:
-        raise LiteError(f"--exit {policy.kind!r} is not a policy: use none, static:K or dynamic")
+        raise LiteError(f"--exit {policy.kind!r} is not a policy: use none, static:K, dynamic or speculative")
+    if policy.kind == "speculative":  # drafts exit exactly as dynamic tokens do
+        from .speculative import check_draft_settings
+
+        check_draft_settings(policy)
+        plan = resolve_policy(lm, replace(policy, kind="dynamic"))
+        return replace(plan, kind="speculative")
     if policy.kind == "none":
         return ResolvedPolicy("none", L, {}, policy.confidence)
     if policy.kind == "static":
@@ -412,11 +433,22 @@ class Decoder:
         )
 
 
+def make_decoder(lm: LiteModel, prompt_ids: list[int], policy: ExitPolicy, settings: GenerationSettings
+                 ) -> Decoder:
+    """The engine for ``policy``: :class:`Decoder`, or :class:`lite.speculative.SpeculativeDecoder` for
+    ``speculative`` (same interface)."""
+    if policy.kind == "speculative":
+        from .speculative import SpeculativeDecoder
+
+        return SpeculativeDecoder(lm, prompt_ids, policy, settings)
+    return Decoder(lm, prompt_ids, policy, settings)
+
+
 def stream(lm: LiteModel, prompt_ids: list[int], policy: ExitPolicy, settings: GenerationSettings,
            on_token: Callable[[TokenRecord], None] | None = None) -> Iterator[TokenRecord]:
     """Yield one :class:`TokenRecord` per generated token (streaming); the texts concatenate to the final
     text. Bad input raises :class:`LiteError` here, before the first token."""
-    decoder = Decoder(lm, prompt_ids, policy, settings)
+    decoder = make_decoder(lm, prompt_ids, policy, settings)
     return decoder.run(on_token)
 
 
@@ -428,7 +460,7 @@ def generate(lm: LiteModel, prompt_ids: list[int], policy: ExitPolicy, settings:
     The result's ``compute_cost_improvement`` charges the full model for the same number of tokens; with
     the full model's own answer length at hand use ``result.cost.improvement_against(shape, n)``.
     """
-    decoder = Decoder(lm, prompt_ids, policy, settings)
+    decoder = make_decoder(lm, prompt_ids, policy, settings)
     for _ in decoder.run(on_token):
         pass
     return decoder.result()

@@ -1,9 +1,10 @@
 """Exit specs: the text forms of an exit policy that ``lite serve`` accepts, and their parsing.
 
 Kinds: ``none``, ``static:K``, ``dynamic`` (the calibrated thresholds of ``lite_config.json``, times the
-threshold scale), ``gate`` (the learned exit gate saved by ``lite calibrate --gate``) and ``auto`` (dynamic
-when the model is calibrated, else none). They live in a registry so that a new policy (self-speculative
-decoding) plugs in with :func:`register_policy` without touching the server. Every spec is checked against
+threshold scale), ``gate`` (the learned exit gate saved by ``lite calibrate --gate``), ``speculative[:N]``
+(lossless self-speculative decoding drafted by the dynamic exits, when the engine has it) and ``auto``
+(dynamic when the model is calibrated, else none). They live in a registry so that a new policy plugs in
+with :func:`register_policy` without touching the server. Every spec is checked against
 the model with :func:`lite.decoding.resolve_policy` when parsed, so a bad one is refused before decoding.
 
 Layer numbering: layer k = output of decoder block k, 1-indexed; L = number of decoder layers.
@@ -48,6 +49,9 @@ def _engine_policy(lm: LiteModel, arg: str, scale: float, kind: str) -> ExitPoli
 register_policy("none", lambda lm, arg, scale: _engine_policy(lm, arg, scale, "none"))
 register_policy("static", lambda lm, arg, scale: _engine_policy(lm, arg, scale, "static"))
 register_policy("dynamic", lambda lm, arg, scale: _engine_policy(lm, arg, scale, "dynamic"))
+register_policy("speculative", lambda lm, arg, scale: _engine_policy(lm, arg, scale, "speculative"))
+if "speculative" in decoding.POLICIES:  # lossless self-speculative decoding, "speculative[:N]" (N drafts)
+    register_policy("speculative", lambda lm, arg, scale: _engine_policy(lm, arg, scale, "speculative"))
 
 _GATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _GATES_LOCK = threading.Lock()

@@ -22,7 +22,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", metavar="PROMPT", help="the instruction (formatted with --prompt-format)")
     p.add_argument("--model", default=None, help="model folder, LoRA adapter folder, hub id, or smollm2-135m-instruct")
     p.add_argument("--exit", default=None, metavar="POLICY",
-                   help="none | static:K | dynamic (default: dynamic when the model is calibrated, else none)")
+                   help="none | static:K | dynamic | speculative (default: dynamic when the model is calibrated, "
+                        "else none)")
+    p.add_argument("--speculative", action="store_true",
+                   help="lossless self-speculative decoding: dynamic exits draft, the full model verifies "
+                        "(same as --exit speculative; output identical to --exit none when greedy)")
+    p.add_argument("--max-draft", type=int, default=None, metavar="N",
+                   help="speculative: tokens drafted per round at most (default 4)")
+    p.add_argument("--draft-stop", type=float, default=None, metavar="C",
+                   help="speculative: a draft token whose confidence at a checked exit is below C checks no "
+                        "further exits and is verified at once (default 0 = never)")
     p.add_argument("--kv", default="copy", choices=("copy", "recompute"),
                    help="what later tokens see at skipped layers (default copy)")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -62,10 +71,20 @@ def build_policy(args: argparse.Namespace, lm):
 
     L = lm.num_layers
     calibrated = bool(lm.lite_config.thresholds)
-    spec = args.exit or ("dynamic" if (calibrated or args.thresholds or args.gate) else "none")
+    if args.speculative and args.exit and not args.exit.startswith("speculative"):
+        raise LiteError(f"--speculative conflicts with --exit {args.exit}: give one of them")
+    spec = "speculative" if args.speculative and not args.exit else \
+        args.exit or ("dynamic" if (calibrated or args.thresholds or args.gate) else "none")
     policy = parse_exit(spec, L)
+    if policy.kind == "speculative":
+        if args.max_draft is not None:
+            policy.max_draft_tokens = args.max_draft
+        if args.draft_stop is not None:
+            policy.draft_stop_confidence = args.draft_stop
+    elif args.max_draft is not None or args.draft_stop is not None:
+        raise LiteError(f"--max-draft/--draft-stop apply to --speculative, not --exit {spec}")
     if args.gate or args.thresholds or args.confidence:
-        if policy.kind != "dynamic":
+        if policy.kind not in ("dynamic", "speculative"):
             raise LiteError(f"--gate/--thresholds/--confidence apply to --exit dynamic, not --exit {spec}")
     if args.exit_layers:
         parts = [t.strip() for t in args.exit_layers.split(",") if t.strip()]
@@ -77,7 +96,7 @@ def build_policy(args: argparse.Namespace, lm):
     if args.thresholds:
         policy.thresholds = parse_thresholds(args.thresholds)
         policy.confidence = args.confidence or "max_prob"
-    elif args.confidence and policy.kind == "dynamic" and not args.gate:
+    elif args.confidence and policy.kind in ("dynamic", "speculative") and not args.gate:
         if args.confidence != lm.lite_config.confidence or not calibrated:
             raise LiteError(
                 f"--confidence {args.confidence}: the calibrated thresholds are for "
@@ -113,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         raise LiteError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     from . import progress
     from ..cost import ModelShape
-    from ..decoding import Decoder, GenerationSettings
+    from ..decoding import GenerationSettings, make_decoder
     from ..loading import load_model
     from ..prompts import encode_prompt
 
@@ -123,10 +142,11 @@ def run(args: argparse.Namespace) -> int:
     prompt_ids = encode_prompt(lm.tokenizer, args.prompt, fmt=fmt)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_p=args.top_p, seed=args.seed, stop=list(args.stop), kv=args.kv)
-    decoder = Decoder(lm, prompt_ids, policy, settings)
+    decoder = make_decoder(lm, prompt_ids, policy, settings)
     L = lm.num_layers
     plan = decoder.plan
-    checked = sorted(plan.checks) if plan.kind == "dynamic" else ([plan.stop_layer] if plan.kind == "static" else [])
+    speculative = plan.kind == "speculative"
+    checked = sorted(plan.checks) if plan.kind in ("dynamic", "speculative") else ([plan.stop_layer] if plan.kind == "static" else [])
     colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
     on_token = None
     if not args.json:
@@ -135,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"exit layer: {legend} {L}(final, uncoloured)", file=sys.stderr, flush=True)
 
         def on_token(record) -> None:
-            c = _colour_for(record.exit_layer, checked, L) if colour else None
+            layer = (record.draft_layer or L) if speculative else record.exit_layer  # speculative: drafting exit
+            c = _colour_for(layer, checked, L) if colour else None
             sys.stdout.write(f"{c}{record.text}\033[0m" if c else record.text)
             sys.stdout.flush()
 
@@ -149,15 +170,15 @@ def run(args: argparse.Namespace) -> int:
         out = {
             "prompt_ids": result.prompt_ids,
             "text": result.text,
-            "tokens": [{"id": t.id, "text": t.text, "exit_layer": t.exit_layer, "confidence": t.confidence}
-                       for t in result.tokens],
+            "tokens": [{"id": t.id, "text": t.text, "exit_layer": t.exit_layer, "confidence": t.confidence,
+                        **({"draft_layer": t.draft_layer} if speculative else {})} for t in result.tokens],
             "num_layers": L,
             "layer_cost_improvement": result.layer_cost_improvement,
             "compute_cost_improvement": result.compute_cost_improvement,
             "seconds": result.seconds,
             "finish_reason": result.finish_reason,
             "exit": policy.kind if policy.kind != "static" else f"static:{policy.layer}",
-            "kv": settings.kv,
+            "kv": "recompute" if speculative else settings.kv,
             "checked_layers": checked,
             "confidence_measure": None if (policy.gate is not None or plan.kind == "none") else plan.confidence,
             "gate": policy.gate is not None,
@@ -170,6 +191,10 @@ def run(args: argparse.Namespace) -> int:
             "recomputed": cost.recomputed,
             "tokens_per_second": n / result.seconds if result.seconds else None,
         }
+        if speculative:
+            out.update({"max_draft": policy.max_draft_tokens, "draft_stop": policy.draft_stop_confidence,
+                        "drafted": cost.drafted, "accepted": cost.accepted, "rejected": cost.rejected,
+                        "acceptance_by_position": cost.acceptance_by_position})
         print(json.dumps(out))
         return 0
     mean_exit = sum(t.exit_layer for t in result.tokens) / max(n, 1)
@@ -177,10 +202,15 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(
         f"--- {n} tokens ({result.finish_reason}) in {result.seconds:.2f} s ({n / max(result.seconds, 1e-9):.1f} "
-        f"tokens/s), {str(lm.dtype).replace('torch.', '')}, exit {args.exit or policy.kind}, kv {settings.kv}\n"
+        f"tokens/s), {str(lm.dtype).replace('torch.', '')}, exit {args.exit or policy.kind}, kv {'recompute' if speculative else settings.kv}\n"
         f"mean exit layer {mean_exit:.1f} of {L}: layer cost improvement {result.layer_cost_improvement:.1%}\n"
         f"compute cost improvement {result.compute_cost_improvement:.1%} (FLOPs {cost.flops:.3g} vs full "
         f"{cost.full_flops:.3g}; {cost.head_evals / max(n, 1):.2f} head evaluations per token, one head = "
         f"{head_cost:.1f} blocks; {cost.kv_fills} K/V fills, {cost.recomputed} recomputed block-positions)",
     )
+    if speculative:
+        rates = ", ".join(f"{r:.0%}" for r in cost.acceptance_by_position) or "-"
+        print(f"speculative: {cost.drafted} drafted, {cost.accepted} accepted, {cost.rejected} rejected "
+              f"({(cost.acceptance_rate or 0):.0%}); acceptance by draft position: {rates}; every token is the "
+              f"full model's (layer cost 0 by construction)")
     return 0

@@ -1,0 +1,324 @@
+"""Self-speculative decoding: lossless against exits off, exact caches, the full model's sampling
+distribution, honest cost counts."""
+
+import json
+import random
+
+import pytest
+import torch
+from tiny import make_tiny_model
+
+from lite import load_model
+from lite.cli import main
+from lite.decoding import ExitPolicy, GenerationSettings, generate, make_decoder, parse_exit, stream
+from lite.errors import LiteError
+from lite.model import LiteModel
+from lite.prompts import encode_prompt
+from lite.sampling import pick_token
+from lite.speculative import SpeculativeDecoder, accept_greedy, accept_sampled, sampling_probs
+
+# thresholds at which the test model below drafts at every exit layer and the full model sometimes disagrees
+THRESHOLDS = {1: 0.1, 2: 0.08, 3: 0.06}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def agreeing_model(num_layers=4, hidden=32, vocab=32, damp=0.8, seed=1) -> LiteModel:
+    """A random tiny Llama whose blocks after the first write damped updates into the residual stream,
+    so that intermediate exits often (not always) predict the final layer's token."""
+    model, tok = make_tiny_model(num_layers=num_layers, hidden=hidden, vocab_size=vocab, seed=seed)
+    with torch.no_grad():
+        for block in model.model.layers[1:]:
+            block.self_attn.o_proj.weight.mul_(damp)
+            block.mlp.down_proj.weight.mul_(damp)
+    return LiteModel(model, tok)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return agreeing_model()
+
+
+def random_prompts(n, vocab=32, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(rng.randrange(1, 9))] for _ in range(n)]
+
+
+def full_cache(lm, ids):
+    cache, rope = lm.new_cache(len(ids)), lm.rope(0, len(ids))
+    with torch.no_grad():
+        h = lm.embed(torch.tensor([ids]))
+        for k in range(1, lm.num_layers + 1):
+            h = lm.run_block(k, h, rope, cache)
+    return cache
+
+
+# ----------------------------------------------------------------------------- lossless greedy
+def test_greedy_is_token_for_token_the_full_model(lm):
+    drafted = accepted = 0
+    stops = set()
+    for i, ids in enumerate(random_prompts(10)):
+        full = generate(lm, ids, ExitPolicy("none"), GenerationSettings(max_new_tokens=14))
+        for n_draft, stop in ((1, 0.0), (3, 0.0), (6, 0.09)):
+            policy = ExitPolicy("speculative", thresholds=THRESHOLDS, max_draft_tokens=n_draft,
+                                draft_stop_confidence=stop)
+            result = generate(lm, ids, policy, GenerationSettings(max_new_tokens=14))
+            assert result.token_ids == full.token_ids, (i, n_draft)
+            assert result.finish_reason == full.finish_reason and result.text == full.text
+            assert all(t.exit_layer == 4 for t in result.tokens)
+            c = result.cost
+            assert c.accepted + c.rejected == c.drafted
+            assert max((tc.drafted for tc in c.tokens), default=0) <= n_draft
+            drafted, accepted = drafted + c.drafted, accepted + c.accepted
+            stops.update(t.draft_layer for t in result.tokens)
+    assert 0 < accepted < drafted  # both the accept and the reject path ran
+    assert stops == {None, 1, 2, 3}  # drafts left at every exit layer, and the full model corrected some
+
+
+def test_verify_pass_runs_every_block_once_per_position_and_the_head_once(lm):
+    ids = random_prompts(1, seed=3)[0] + [7, 9]
+    decoder = make_decoder(lm, ids, ExitPolicy("speculative", thresholds=THRESHOLDS, max_draft_tokens=4),
+                           GenerationSettings(max_new_tokens=16))
+    assert isinstance(decoder, SpeculativeDecoder)
+    writes, heads, per_round = [], [], []
+    update = decoder.cache.update
+
+    def logged(key, value, layer_idx, *a, **kw):
+        start = decoder.cache.lengths[layer_idx]
+        writes.extend((layer_idx, p) for p in range(start, start + key.shape[2]))
+        return update(key, value, layer_idx, *a, **kw)
+
+    def round_done(d):
+        per_round.append((list(writes), sum(heads)))
+        writes.clear()
+        heads.clear()
+
+    decoder.cache.update = logged
+    decoder.after_step = round_done
+    hook = lm.lm_head.register_forward_hook(lambda m, i, out: heads.append(out.reshape(-1, out.shape[-1]).shape[0]))
+    try:
+        list(decoder.run())
+    finally:
+        hook.remove()
+    rounds = decoder.rounds
+    assert len(per_round) == len(rounds) and any(d > 0 for d, _ in rounds)
+    prefill = per_round[0][0][: 4 * (len(ids) - 1)]
+    per_round[0] = (per_round[0][0][len(prefill):], per_round[0][1])
+    costs = iter(decoder.token_costs)
+    for (written, head_positions), (d, j) in zip(per_round, rounds):
+        positions = sorted({p for _, p in written})
+        assert len(positions) == d + 1  # the drafted positions and the verify step's own
+        for layer in range(4):  # every block ran every position of the round exactly once
+            assert sorted(p for b, p in written if b == layer) == positions
+        tcs = [next(costs) for _ in range(j + 1)]
+        assert sum(tc.head_evals for tc in tcs) == head_positions  # checks + d + 1 verified positions
+        blocks = sum(tc.blocks_run + tc.recomputed + tc.other_blocks for tc in tcs)
+        assert blocks == len(written)  # cost counts every (block, position) pair the round ran
+
+
+def test_cache_after_every_round_is_the_full_models(lm):
+    checked = []
+
+    def compare(d):
+        processed = d.prompt_ids + [r.id for r in d.records[:-1]]  # the last token is not consumed yet
+        assert d.cache.lengths == [len(processed)] * 4
+        ref = full_cache(d.lm, processed)
+        for i in range(4):
+            torch.testing.assert_close(d.cache.keys[i][:, :, :len(processed)], ref.keys[i], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(d.cache.values[i][:, :, :len(processed)], ref.values[i], rtol=1e-4, atol=1e-5)
+        checked.append(d.rounds[-1])
+
+    for ids in random_prompts(4, seed=5):
+        decoder = make_decoder(lm, ids, ExitPolicy("speculative", thresholds=THRESHOLDS, max_draft_tokens=3),
+                               GenerationSettings(max_new_tokens=12))
+        decoder.after_step = compare
+        list(decoder.run())
+    assert any(j < d for d, j in checked) and any(0 < j == d for d, j in checked)  # rollbacks and full accepts
+
+
+# ----------------------------------------------------------------------------- sampling
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
+    """Pearson statistic and degrees of freedom over the cells with positive expected count."""
+    n = counts.sum()
+    mask = probs > 0
+    expected = probs[mask] * n
+    return float(((counts[mask] - expected) ** 2 / expected).sum()), int(mask.sum()) - 1
+
+
+# 99.9% quantiles of the chi-square distribution by degrees of freedom (scipy.stats.chi2.ppf(0.999, df))
+CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88,
+            10: 29.59, 11: 31.26, 12: 32.91, 13: 34.53, 14: 36.12, 15: 37.70}
+
+
+def test_rejection_rule_emits_the_full_models_distribution():
+    """Synthetic p and q far apart on 8 tokens, drafts sampled from q: the first emitted token follows p
+    (chi-square at the 0.1% level, 4000 samples) and visibly not q; after accepting every draft the
+    extra token follows the last row of p."""
+    g = torch.Generator().manual_seed(0)
+    V, d, n = 8, 2, 4000
+    q = torch.softmax(torch.randn(d, V, generator=g) * 2, -1)
+    p = torch.softmax(torch.randn(d + 1, V, generator=g) * 2, -1)
+    drafts = torch.multinomial(q[0], n, replacement=True, generator=g)
+    second = torch.multinomial(q[1], n, replacement=True, generator=g)
+    first_counts, extra_counts = torch.zeros(V), torch.zeros(V)
+    outcomes = set()
+    for k in range(n):
+        ids = [int(drafts[k]), int(second[k])]
+        j, z = accept_sampled(ids, q, p, g)
+        outcomes.add(j)
+        first_counts[ids[0] if j > 0 else z] += 1
+        if j == d:
+            extra_counts[z] += 1
+    assert outcomes == {0, 1, 2}
+    stat, df = chi_square(first_counts, p[0])
+    assert stat < CHI2_999[df], stat
+    assert chi_square(first_counts, q[0])[0] > 10 * CHI2_999[df]  # the test has the power to tell
+    stat, df = chi_square(extra_counts, p[2])
+    assert extra_counts.sum() > 300 and stat < CHI2_999[df], stat
+
+
+def test_sampling_probs_is_the_distribution_pick_token_samples_from():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, generator=g) * 2
+    for temperature, top_p in ((1.0, 1.0), (0.7, 0.8), (1.5, 0.5)):
+        probs = sampling_probs(logits, temperature, top_p)
+        counts = torch.zeros(6)
+        for _ in range(2000):
+            counts[int(pick_token(logits, temperature, top_p, g))] += 1
+        stat, df = chi_square(counts, probs)
+        assert torch.all((counts > 0) == (probs > 0)) and stat < CHI2_999[df], (temperature, top_p)
+
+
+def test_greedy_rule_accepts_the_agreeing_prefix():
+    logits = torch.full((4, 5), -1.0)
+    logits[[0, 1, 2, 3], [2, 4, 1, 3]] = 5.0  # argmaxes 2, 4, 1, 3
+    assert accept_greedy([2, 4, 0], logits) == (2, 1)
+    assert accept_greedy([2, 4, 1], logits) == (3, 3)
+    assert accept_greedy([0], logits[:2]) == (0, 2)
+    assert accept_greedy([], logits[:1]) == (0, 2)
+
+
+def test_sampled_decoding_end_to_end_follows_the_full_model():
+    """Vocabulary 8, every step drafts at layer 1 of a 2-layer model whose layer 1 disagrees with layer 2,
+    temperature 0.3 and top-p 0.95: the first token of 300 rounds follows the full model's distribution
+    (chi-square, 0.1% level) and not the draft's."""
+    lm = agreeing_model(num_layers=2, hidden=16, vocab=8, damp=4.0, seed=5)
+    ids = [3, 5, 6]
+    settings = GenerationSettings(max_new_tokens=2, temperature=0.3, top_p=0.95, seed=0)
+    decoder = make_decoder(lm, ids, ExitPolicy("speculative", thresholds={1: 0.0}, max_draft_tokens=1), settings)
+    with torch.no_grad():
+        full = lm.model(torch.tensor([ids])).logits[0, -1]
+        draft = lm.lm_head(lm.hidden_states(torch.tensor([ids]), layers=[1])[1][0, -1])
+    p, q = sampling_probs(full, 0.3, 0.95), sampling_probs(draft, 0.3, 0.95)
+    assert 0.5 * (p - q).abs().sum() > 0.3  # the draft alone would fail the test below
+    counts, rounds = torch.zeros(8), []
+    with torch.inference_mode():
+        decoder._prefill()
+        for _ in range(300):
+            decoder.cache.truncate(len(ids) - 1)
+            emitted, d, j = decoder._round(torch.tensor([[ids[-1]]]), len(ids) - 1, budget=2)
+            counts[emitted[0][0]] += 1
+            rounds.append((d, j))
+    assert {d for d, _ in rounds} == {1} and {j for _, j in rounds} == {0, 1}
+    stat, df = chi_square(counts, p)
+    assert stat < CHI2_999[df], stat
+    assert chi_square(counts, q)[0] > CHI2_999[df]
+
+
+def test_sampling_with_a_seed_is_reproducible(lm):
+    policy = ExitPolicy("speculative", thresholds=THRESHOLDS)
+    run = lambda seed: generate(lm, [4, 5, 6], policy, GenerationSettings(max_new_tokens=12, temperature=0.8,
+                                                                             top_p=0.9, seed=seed)).token_ids
+    assert run(1) == run(1) and run(1) != run(2)
+
+
+# ----------------------------------------------------------------------------- cost, stopping, streaming
+def test_cost_fields_are_consistent(lm):
+    result = generate(lm, [5, 9, 11, 4], ExitPolicy("speculative", thresholds=THRESHOLDS, max_draft_tokens=3),
+                      GenerationSettings(max_new_tokens=16))
+    c = result.cost
+    assert c.drafted > 0 and c.accepted + c.rejected == c.drafted
+    assert c.acceptance_rate == pytest.approx(c.accepted / c.drafted)
+    rounds = [(tc.drafted, tc.accepted) for tc in c.tokens if tc.drafted]
+    assert len(c.acceptance_by_position) == max(d for d, _ in rounds)
+    first = sum(1 for _, a in rounds if a > 0) / len(rounds)
+    assert c.acceptance_by_position[0] == pytest.approx(first)
+    assert result.layer_cost_improvement == 0.0  # every emitted token went through all L layers
+    assert sum(1 for t in result.tokens if t.draft_layer is not None) == c.accepted
+    none = generate(lm, [5, 9, 11, 4], ExitPolicy("none"), GenerationSettings(max_new_tokens=16))
+    assert c.flops > none.cost.flops  # verification saves no FLOPs: it batches them
+    assert c.full_flops == none.cost.full_flops
+
+
+def test_eos_and_max_new_tokens_end_a_round_early(lm):
+    ids = [5, 9, 11, 4]
+    plain = generate(lm, ids, ExitPolicy("none"), GenerationSettings(max_new_tokens=16)).token_ids
+    policy = ExitPolicy("speculative", thresholds=THRESHOLDS, max_draft_tokens=4)
+    for n in (1, 2, 5):
+        assert generate(lm, ids, policy, GenerationSettings(max_new_tokens=n)).token_ids == plain[:n]
+    decoder = make_decoder(lm, ids, policy, GenerationSettings(max_new_tokens=16))
+    decoder.eos = {plain[6]}
+    out = [r.id for r in decoder.run()]
+    cut = plain.index(plain[6])
+    assert out == plain[: cut + 1] and decoder.finish_reason == "stop"
+    assert decoder.cache.lengths == [len(ids) - 1 + cut + 1] * 4
+    assert sum(tc.drafted for tc in decoder.token_costs) == sum(d for d, _ in decoder.rounds)
+
+
+def test_stream_yields_the_records(lm):
+    seen = []
+    policy = ExitPolicy("speculative", thresholds=THRESHOLDS)
+    records = list(stream(lm, [4, 5, 6], policy, GenerationSettings(max_new_tokens=10), on_token=seen.append))
+    assert records == seen and len(records) == 10
+    assert "".join(r.text for r in records) == generate(lm, [4, 5, 6], policy, GenerationSettings(max_new_tokens=10)).text
+
+
+# ----------------------------------------------------------------------------- policy and CLI
+def test_policy_parsing_and_bad_draft_settings(lm):
+    assert parse_exit("speculative", 4).kind == "speculative"
+    assert parse_exit("speculative:6", 4).max_draft_tokens == 6
+    with pytest.raises(LiteError, match="speculative:4"):
+        parse_exit("speculative:x", 4)
+    for policy, match in ((ExitPolicy("speculative", thresholds=THRESHOLDS, max_draft_tokens=0), "--max-draft"),
+                          (ExitPolicy("speculative", thresholds=THRESHOLDS, draft_stop_confidence=float("nan")),
+                           "--draft-stop"),
+                          (ExitPolicy("speculative"), "needs thresholds")):
+        with pytest.raises(LiteError, match=match):
+            generate(lm, [4, 5], policy, GenerationSettings(max_new_tokens=4))
+
+
+def test_cli_speculative_json(tiny_model_dir, capsys):
+    code = main(["generate", "--model", str(tiny_model_dir), "--json", "--max-new-tokens", "6", "--speculative",
+                 "--max-draft", "2", "--draft-stop", "0.001", "--thresholds", "1:0.0,2:0.0,3:0.0", "name a colour"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    full = load_model(tiny_model_dir, device="cpu")
+    ids = encode_prompt(full.tokenizer, "name a colour", fmt="chat")
+    assert [t["id"] for t in out["tokens"]] == generate(full, ids, ExitPolicy(), GenerationSettings(max_new_tokens=6)).token_ids
+    assert out["exit"] == "speculative" and out["drafted"] == out["accepted"] + out["rejected"] > 0
+    assert len(out["acceptance_by_position"]) <= 2
+
+
+def test_cli_speculative_conflicting_exit_is_one_error(tiny_model_dir, capsys):
+    assert main(["generate", "--model", str(tiny_model_dir), "--speculative", "--exit", "static:2", "hi"]) == 2
+    assert "--speculative" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the embedded default model
+@pytest.mark.slow
+def test_default_model_speculative_greedy_equals_exits_off():
+    lm = load_model(None, device="cpu")
+    policy = ExitPolicy("speculative", thresholds={k: 0.5 for k in lm.exit_layers if k < lm.num_layers},
+                        exit_layers=[19, 23, 26, 30], max_draft_tokens=4, draft_stop_confidence=0.2)
+    for question in ("Name three primary colours.", "How can I improve my time management skills?"):
+        ids = encode_prompt(lm.tokenizer, question, fmt="chat")
+        full = generate(lm, ids, ExitPolicy(), GenerationSettings(max_new_tokens=32))
+        spec = generate(lm, ids, policy, GenerationSettings(max_new_tokens=32))
+        assert spec.token_ids == full.token_ids
+        assert spec.cost.drafted > 0
