@@ -282,8 +282,8 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
         activation_checkpointing=gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
         report_to=[], disable_tqdm=not show_progress_bar, remove_unused_columns=False,
-        dataloader_num_workers=0, ddp_backend="gloo" if use_cpu and distributed else None, ddp_find_unused_parameters=False,
-        save_only_model=False,
+        dataloader_num_workers=0, ddp_backend="gloo" if use_cpu and distributed else None,
+        ddp_find_unused_parameters=False, save_only_model=False,
     )
     trainer = _make_trainer_class()(
         model=train_model, args=args, train_dataset=dataset, data_collator=PadCollator(tokenizer.pad_token_id),

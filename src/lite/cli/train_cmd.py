@@ -24,6 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=256, help="tokens per row, cut at the end (default 256)")
     p.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of all weights")
     p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (default 16; alpha = 2 x rank)")
+    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                   help="comma-separated module names LoRA adapts (default: attention and MLP projections)")
     p.add_argument("--baseline", action="store_true",
                    help="final-layer loss only (standard instruction tuning), for comparison")
     p.add_argument("--exit-layers", default=None,
@@ -40,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute decoder blocks in backward (less memory, more time)")
-    p.add_argument("--save-steps", type=int, default=200, help="checkpoint (resume point) every N steps (default 200)")
+    p.add_argument("--save-steps", type=int, default=200,
+                   help="checkpoint (resume point) every N steps (default 200)")
     p.add_argument("--logging-steps", type=int, default=10, help="log losses every N steps (default 10)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="weights dtype (default float32)")
@@ -56,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     result = train(
         args.model, args.data, args.out, max_steps=args.max_steps, epochs=args.epochs, lr=args.lr,
         batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length, lora=args.lora,
-        lora_rank=args.lora_rank, baseline=args.baseline, exit_layers=args.exit_layers,
+        lora_rank=args.lora_rank, lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
+        baseline=args.baseline, exit_layers=args.exit_layers,
         loss_weighting=args.loss_weighting, prompt_format=args.prompt_format, filters=args.filter,
         heldout_fraction=args.heldout_fraction, seed=args.seed, bf16=args.bf16,
         gradient_checkpointing=args.gradient_checkpointing, save_steps=args.save_steps,
