@@ -237,8 +237,8 @@ def markdown(report: dict) -> str:
         "flat as clients are added (ratio near 1 to one client and to the engine alone: the HTTP layer and "
         "queue cost next to nothing) while latency and time to first token grow with the queue. Service is "
         "first come, first served: at each client count p95 stays close to p50 (no request starves). "
-        f"Absolute figures are low because the CPU was shared with other jobs (load average "
-        f"{report.get('load_average', '?')} on {report['cpus']} cores during the run); compare the ratios.",
+        f"Absolute figures are low because the CPU was shared with other jobs (1-minute load average "
+        f"{report['load_average']}, on {report['cpus']} cores); compare the ratios.",
         "",
     ]
     return "\n".join(lines)
@@ -256,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.clients_list = [int(c) for c in args.clients.split(",")]
     texts = prompts()
+    load_start = os.getloadavg()[0]
     print(f"[bench_serve] the engine alone for {min(args.duration, 30):.0f} s", file=sys.stderr, flush=True)
     direct = direct_baseline(args, texts, min(args.duration, 30.0))
     print(f"[bench_serve] {json.dumps(direct)}", file=sys.stderr, flush=True)
@@ -290,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model, "num_layers": models["lite"]["num_layers"], "exit": models["lite"]["default_exit"],
         "max_tokens": args.max_tokens, "duration": args.duration, "cpus": os.cpu_count(),
         "platform": platform.platform(), "python": platform.python_version(),
-        "threads": args.threads, "load_average": round(os.getloadavg()[0], 1), "engine_alone": direct, "server_counts": final_health["queue"], "runs": runs,
+        "threads": args.threads, "load_average": f"{load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end", "engine_alone": direct, "server_counts": final_health["queue"], "runs": runs,
     }
     out = Path(args.out)
     write_atomic(out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")

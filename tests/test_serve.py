@@ -19,7 +19,7 @@ import torch
 
 from lite import LiteConfig, load_model
 from lite.cli import main as cli_main
-from lite.decoding import ExitPolicy, GenerationSettings, generate
+from lite.decoding import POLICIES, ExitPolicy, GenerationSettings, generate
 from lite.serving import ServeConfig, chat_prompt_ids, completion_prompt_ids, serve_in_thread
 
 MODEL = "tiny"
@@ -104,6 +104,17 @@ def test_chat_uses_the_chat_template_and_the_request_policy(server, lm):
     r = client(server).chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0,
                                                extra_body={"lite": {"threshold_scale": 100.0}})
     assert r.lite["exit_counts"] == {"4": 4} and r.lite["threshold_scale"] == 100.0
+
+
+@pytest.mark.skipif("speculative" not in POLICIES, reason="the engine has no speculative policy yet")
+def test_speculative_through_the_server_is_lossless(server):
+    c = client(server)
+    kw = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}
+    full = c.completions.create(**kw, extra_body={"lite": {"exit": "none"}})
+    spec = c.completions.create(**kw, extra_body={"lite": {"exit": "speculative:3"}})
+    assert spec.choices[0].text == full.choices[0].text and spec.lite["exit"] == "speculative:3"
+    streamed, last = stream_text(c.completions.create(**kw, stream=True, extra_body={"lite": {"exit": "speculative"}}))
+    assert streamed == full.choices[0].text and last.usage.completion_tokens == 8
 
 
 def stream_text(stream) -> tuple[str, object]:
@@ -218,6 +229,7 @@ BAD = [
     ("empty prompt", COMP, {"prompt": ""}, 400, "prompt"),
     ("missing prompt", COMP, {"max_tokens": 3}, 400, "prompt"),
     ("unknown exit policy", CHAT, {"messages": USER, "lite": {"exit": "sometimes"}}, 400, "lite.exit"),
+    ("gate on a model without one", CHAT, {"messages": USER, "lite": {"exit": "gate"}}, 400, "lite.exit"),
     ("static layer out of range", CHAT, {"messages": USER, "lite": {"exit": "static:9"}}, 400, "lite.exit"),
     ("n above one", CHAT, {"messages": USER, "n": 2}, 400, "n"),
     ("negative threshold scale", CHAT, {"messages": USER, "lite": {"threshold_scale": -1.0}}, 400,

@@ -255,7 +255,7 @@ def create_app(lm: LiteModel, config: ServeConfig | None = None,
 
         def lite_stats(result) -> dict[str, Any]:
             stats = exit_stats(result, spec, kv)
-            if job.policy.kind == "dynamic":
+            if job.policy.kind in ("dynamic", "speculative") and job.policy.gate is None:
                 stats["threshold_scale"] = scale
             return stats
 
