@@ -197,11 +197,11 @@ def markdown(report: dict) -> str:
         "# Decoding benchmark: early-exit engine vs transformers `generate`",
         "",
         f"Command: `{report['command']}`  ",
-        f"Embedded default model (SmolLM2-135M-Instruct, L=30), greedy, batch 1, {report['prompts']} Vicuna "
+        (f"Embedded default model (SmolLM2-135M-Instruct, L=30), greedy, batch 1, {report['prompts']} Vicuna "
         f"prompts (chat template), max {report['max_new_tokens']} new tokens, fastest of {report['repeats']} "
         f"interleaved repeats per prompt. torch threads {report['threads']}; load average before/after "
         f"{report['load_before']} / {report['load_after']} on 2 shared cores (noisy: ratios are from the same "
-        f"run, absolute times are not comparable across runs).",
+        f"run, absolute times are not comparable across runs)."),
         "",
     ]
     for r in report["runs"]:
@@ -209,15 +209,15 @@ def markdown(report: dict) -> str:
         lines += [
             f"## {r['dtype']}",
             "",
-            f"`generate`: {r['generate']['tokens']} tokens in {r['generate']['seconds']:.1f} s "
+            (f"`generate`: {r['generate']['tokens']} tokens in {r['generate']['seconds']:.1f} s "
             f"({r['generate']['tokens_per_s']:.1f} tokens/s). Engine with exits off gives the same tokens: "
-            f"**{r['engine_exits_off_equals_generate']}**.  ",
-            f"Head cost: one LM-head evaluation {hc['head_ms']:.2f} ms vs one decoder block {hc['block_ms']:.2f} "
+            f"**{r['engine_exits_off_equals_generate']}**.  "),
+            (f"Head cost: one LM-head evaluation {hc['head_ms']:.2f} ms vs one decoder block {hc['block_ms']:.2f} "
             f"ms = **{hc['head_over_block_time']:.1f} blocks** by time ({hc['head_over_block_flops']:.1f} by "
-            f"FLOPs).",
+            f"FLOPs)."),
             "",
-            "| configuration | time / generate | tokens/s vs generate | mean exit | layer cost impr. | "
-            "compute cost impr. | heads/token | K/V fills/token | recomputed/token | agreement w/ full |",
+            ("| configuration | time / generate | tokens/s vs generate | mean exit | layer cost impr. | "
+             "compute cost impr. | heads/token | K/V fills/token | recomputed/token | agreement w/ full |"),
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, c in r["configs"].items():

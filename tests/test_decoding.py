@@ -8,7 +8,14 @@ import torch
 from lite import load_model
 from lite.cli import main
 from lite.decoding import (
-    CONFIDENCES, Decoder, ExitPolicy, GenerationSettings, generate, parse_exit, parse_thresholds, stream,
+    CONFIDENCES,
+    Decoder,
+    ExitPolicy,
+    GenerationSettings,
+    generate,
+    parse_exit,
+    parse_thresholds,
+    stream,
 )
 from lite.errors import LiteError
 from lite.prompts import encode_prompt
@@ -63,14 +70,14 @@ class FakeGate:
 def mixed_gate():
     """Exits at layer 1 on steps 0, 1, 5; layer 2 on steps 2, 6, 7; layer 3 on step 9; else layer 4."""
 
-    class Gate(FakeGate):
-        plan = {0: 1, 1: 1, 5: 1, 2: 2, 6: 2, 7: 2, 9: 3}
+    plan = {0: 1, 1: 1, 5: 1, 2: 2, 6: 2, 7: 2, 9: 3}
 
+    class Gate(FakeGate):
         def should_exit(self, layer, normed_state):
             if layer == 1:
                 self.step += 1
             self.calls.append(layer)
-            return self.plan.get(self.step) == layer
+            return plan.get(self.step) == layer
 
     return Gate(None, [])
 
@@ -108,7 +115,7 @@ def _run_with_gate(lm, prompt_ids, kv, n=12):
 
 @pytest.mark.parametrize("kv", ["copy", "recompute"])
 def test_cache_holds_exactly_the_processed_positions_after_every_step(lm, prompt_ids, kv):
-    decoder, records, snapshots, _ = _run_with_gate(lm, prompt_ids, kv)
+    _, records, snapshots, _ = _run_with_gate(lm, prompt_ids, kv)
     exits = [r.exit_layer for r in records]
     assert exits == [1, 1, 2, 4, 4, 1, 2, 2, 4, 3, 4, 4]
     n = len(prompt_ids)

@@ -9,8 +9,8 @@ Decode steps. The prompt's first ``n - 1`` positions are prefilled through all L
 consumes the previous token (for t = 1 the last prompt token) at position ``n - 1 + t - 1`` and produces
 token t, so every generated token, the first included, goes through the same exit policy.
 
-Policies (:class:`ExitPolicy`): ``none`` runs all L blocks; ``static`` always leaves at layer K;
-``dynamic`` checks the exit layers below L in increasing order and leaves at the first one whose
+Policies (:class:`ExitPolicy`, defined and validated in :mod:`lite.exit_policy`, re-exported here):
+``none`` runs all L blocks; ``static`` always leaves at layer K; ``dynamic`` checks the exit layers below L in increasing order and leaves at the first one whose
 confidence (:mod:`lite.confidence`) is >= its threshold times ``threshold_scale``, or asks a learned gate
 (:class:`ExitGate`) instead. The one host sync per check is the exit decision itself.
 
@@ -30,67 +30,27 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass, field
 
 import torch
 
 from . import confidence as conf_mod
 from .cost import ModelShape, SequenceCost, TokenCost, sequence_cost
 from .errors import LiteError
+from .exit_policy import (  # noqa: F401  (re-exported: lite.decoding is the public entry point)
+    CONFIDENCES,
+    POLICIES,
+    ExitGate,
+    ExitPolicy,
+    ResolvedPolicy,
+    parse_exit,
+    parse_thresholds,
+    resolve_policy,
+)
 from .model import LiteModel
 from .sampling import TextStream, eos_ids, pick_token
 
-POLICIES = ("none", "static", "dynamic", "speculative")
-CONFIDENCES = ("max_prob", "margin", "entropy", "state_cosine")
 KV_STRATEGIES = ("copy", "recompute")
-
-
-@runtime_checkable
-class ExitGate(Protocol):
-    """A learned exit classifier (implemented by calibration in :mod:`lite.gate`).
-
-    ``should_exit(layer, normed_state)`` gets ``final_norm(hidden)`` of the current token at exit layer
-    ``layer`` (shape ``(D,)``) and says whether the token leaves there; ``flops(layer)`` is the cost of one
-    such check, charged by :mod:`lite.cost`.
-    """
-
-    def should_exit(self, layer: int, normed_state: torch.Tensor) -> bool: ...
-
-    def flops(self, layer: int) -> int: ...
-
-
-@dataclass
-class ExitPolicy:
-    """Where each token may leave the network.
-
-    Attributes:
-        kind: "none" (all L layers), "static" (always leave at ``layer``), "dynamic" (leave at the first
-            exit layer whose confidence reaches its threshold), "speculative" (lossless: tokens drafted by
-            the dynamic exits are verified by the full model, :mod:`lite.speculative`).
-        layer: the static exit layer K (1..L), only for ``static``.
-        thresholds: {exit layer: threshold} for ``dynamic``; every checked exit layer below L needs one.
-            Empty: the calibrated thresholds of ``lite_config.json`` and their confidence measure.
-        confidence: "max_prob" (paper), "margin", "entropy", "state_cosine" (see :mod:`lite.confidence`).
-        threshold_scale: multiplies every threshold (``--threshold-scale``): >1 exits less, <1 more.
-        gate: optional learned exit gate (:class:`ExitGate`); when set, thresholds are not used and the head
-            is evaluated only at the layer where the gate says leave (or at L).
-        exit_layers: the exit layers to check (default: the model's, ``lite_config.exit_layers``).
-        max_draft_tokens: ``speculative`` only (``--max-draft``): tokens drafted per round at most.
-        draft_stop_confidence: ``speculative`` only (``--draft-stop``): a draft token whose confidence at a
-            checked exit is below this checks no further exits and goes straight to the verify pass
-            (0 = never; saves head evaluations on hopeless tokens).
-    """
-
-    kind: str = "none"
-    layer: int | None = None
-    thresholds: dict[int, float] = field(default_factory=dict)
-    confidence: str = "max_prob"
-    threshold_scale: float = 1.0
-    gate: object | None = None
-    exit_layers: list[int] | None = None
-    max_draft_tokens: int = 4
-    draft_stop_confidence: float = 0.0
 
 
 @dataclass
@@ -132,116 +92,6 @@ class GenerationResult:
     cost: SequenceCost | None = None  # the detailed cost record (lite.cost)
 
 
-# ---------------------------------------------------------------------------------------- parsing
-def parse_exit(text: str, num_layers: int) -> ExitPolicy:
-    """``--exit none|static:K|dynamic|speculative[:N]`` -> an :class:`ExitPolicy` (thresholds are added
-    separately; N = max draft tokens)."""
-    text = (text or "").strip()
-    if text in ("none", "dynamic", "speculative"):
-        return ExitPolicy(kind=text)
-    if text.startswith("speculative:"):
-        try:
-            return ExitPolicy(kind="speculative", max_draft_tokens=int(text.split(":", 1)[1]))
-        except ValueError:
-            raise LiteError(f"--exit {text!r}: N (max draft tokens) must be an integer, e.g. speculative:4") from None
-    if text.startswith("static:"):
-        try:
-            k = int(text.split(":", 1)[1])
-        except ValueError:
-            raise LiteError(f"--exit {text!r}: K must be an integer layer, e.g. static:{num_layers // 2}") from None
-        _check_static(k, num_layers)
-        return ExitPolicy(kind="static", layer=k)
-    raise LiteError(f"--exit {text!r} is not a policy: use none, static:K (1 <= K <= {num_layers}), dynamic "
-                    f"or speculative")
-
-
-def parse_thresholds(text: str) -> dict[int, float]:
-    """``--thresholds "8:0.9,11:0.85"`` -> {8: 0.9, 11: 0.85}."""
-    out: dict[int, float] = {}
-    for part in (p.strip() for p in (text or "").split(",")):
-        if not part:
-            continue
-        try:
-            layer, value = part.split(":")
-            out[int(layer)] = float(value)
-        except ValueError:
-            raise LiteError(f"--thresholds: {part!r} is not LAYER:VALUE; write e.g. '8:0.9,11:0.85'") from None
-    if not out:
-        raise LiteError("--thresholds is empty; write e.g. '8:0.9,11:0.85'")
-    return out
-
-
-def _check_static(k: int | None, num_layers: int) -> None:
-    if k is None or not 1 <= k <= num_layers:
-        raise LiteError(f"--exit static:{k}: K is out of range; this model has layers 1..{num_layers}")
-
-
-@dataclass
-class ResolvedPolicy:
-    """An :class:`ExitPolicy` checked against a model: what the engine will actually do.
-
-    Attributes:
-        stop_layer: the deepest block run for any token (K for static, else L).
-        checks: {layer: threshold already multiplied by the scale} for dynamic exits below L (for a gate:
-            the layers it is asked at, with threshold NaN).
-        confidence: the measure used for checks and recorded confidences.
-        gate: the learned gate, or None.
-    """
-
-    kind: str
-    stop_layer: int
-    checks: dict[int, float]
-    confidence: str
-    gate: ExitGate | None = None
-
-
-def resolve_policy(lm: LiteModel, policy: ExitPolicy) -> ResolvedPolicy:
-    """Validate ``policy`` for ``lm`` and fill in calibrated thresholds; raises :class:`LiteError`."""
-    L = lm.num_layers
-    if policy.kind not in POLICIES:
-        raise LiteError(f"--exit {policy.kind!r} is not a policy: use none, static:K, dynamic or speculative")
-    if policy.kind == "speculative":  # drafts exit exactly as dynamic tokens do
-        from .speculative import check_draft_settings
-
-        check_draft_settings(policy)
-        plan = resolve_policy(lm, replace(policy, kind="dynamic"))
-        return replace(plan, kind="speculative")
-    if policy.kind == "none":
-        return ResolvedPolicy("none", L, {}, policy.confidence)
-    if policy.kind == "static":
-        _check_static(policy.layer, L)
-        return ResolvedPolicy("static", int(policy.layer), {}, "max_prob")
-    layers = list(policy.exit_layers) if policy.exit_layers else lm.exit_layers
-    bad = [k for k in layers if not 1 <= k <= L]
-    if bad:
-        raise LiteError(f"--exit-layers {bad} out of range: this model has layers 1..{L}")
-    below = sorted({int(k) for k in layers if k < L})
-    if policy.gate is not None:
-        if not isinstance(policy.gate, ExitGate):
-            raise LiteError("ExitPolicy.gate must have should_exit(layer, normed_state) and flops(layer)")
-        return ResolvedPolicy("dynamic", L, {k: float("nan") for k in below}, "max_prob", policy.gate)
-    thresholds, measure = dict(policy.thresholds), policy.confidence
-    if not thresholds:
-        cfg = lm.lite_config
-        thresholds = {int(k): float(v) for k, v in cfg.thresholds.items()}
-        measure = cfg.confidence
-        if not thresholds:
-            raise LiteError(
-                "--exit dynamic needs thresholds: this model's lite_config.json has none; run "
-                "'lite calibrate', or give --thresholds like '8:0.9,11:0.85', or use --gate"
-            )
-    if measure not in CONFIDENCES:
-        raise LiteError(f"--confidence must be one of {CONFIDENCES}, got {measure!r}")
-    missing = [k for k in below if k not in thresholds]
-    if missing:
-        raise LiteError(
-            f"--exit dynamic: exit layers {missing} have no threshold (exits checked: {below}); add them to "
-            f"--thresholds, or choose the layers to check with --exit-layers"
-        )
-    if policy.threshold_scale <= 0:
-        raise LiteError(f"--threshold-scale must be > 0, got {policy.threshold_scale}")
-    checks = {k: thresholds[k] * policy.threshold_scale for k in below}
-    return ResolvedPolicy("dynamic", L, checks, measure)
 
 
 def check_settings(lm: LiteModel, prompt_ids: list[int], settings: GenerationSettings) -> None:

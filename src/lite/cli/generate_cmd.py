@@ -67,7 +67,7 @@ def default_prompt_format(lm) -> str:
 def build_policy(args: argparse.Namespace, lm):
     """The :class:`ExitPolicy` the flags ask for, validated against the model."""
     from ..config import parse_exit_layers
-    from ..decoding import ExitPolicy, parse_exit, parse_thresholds, resolve_policy
+    from ..decoding import parse_exit, parse_thresholds, resolve_policy
 
     L = lm.num_layers
     calibrated = bool(lm.lite_config.thresholds)
@@ -83,9 +83,8 @@ def build_policy(args: argparse.Namespace, lm):
             policy.draft_stop_confidence = args.draft_stop
     elif args.max_draft is not None or args.draft_stop is not None:
         raise LiteError(f"--max-draft/--draft-stop apply to --speculative, not --exit {spec}")
-    if args.gate or args.thresholds or args.confidence:
-        if policy.kind not in ("dynamic", "speculative"):
-            raise LiteError(f"--gate/--thresholds/--confidence apply to --exit dynamic, not --exit {spec}")
+    if (args.gate or args.thresholds or args.confidence) and policy.kind not in ("dynamic", "speculative"):
+        raise LiteError(f"--gate/--thresholds/--confidence apply to --exit dynamic, not --exit {spec}")
     if args.exit_layers:
         parts = [t.strip() for t in args.exit_layers.split(",") if t.strip()]
         if not parts or not all(t.isdigit() for t in parts):
@@ -96,13 +95,13 @@ def build_policy(args: argparse.Namespace, lm):
     if args.thresholds:
         policy.thresholds = parse_thresholds(args.thresholds)
         policy.confidence = args.confidence or "max_prob"
-    elif args.confidence and policy.kind in ("dynamic", "speculative") and not args.gate:
-        if args.confidence != lm.lite_config.confidence or not calibrated:
-            raise LiteError(
-                f"--confidence {args.confidence}: the calibrated thresholds are for "
-                f"{lm.lite_config.confidence if calibrated else 'nothing (not calibrated)'}; give --thresholds "
-                f"for {args.confidence}"
-            )
+    elif (args.confidence and policy.kind in ("dynamic", "speculative") and not args.gate
+          and (args.confidence != lm.lite_config.confidence or not calibrated)):
+        raise LiteError(
+            f"--confidence {args.confidence}: the calibrated thresholds are for "
+            f"{lm.lite_config.confidence if calibrated else 'nothing (not calibrated)'}; give --thresholds "
+            f"for {args.confidence}"
+        )
     if args.gate:
         try:
             from ..gate import load_gate
@@ -130,11 +129,11 @@ def run(args: argparse.Namespace) -> int:
         raise LiteError("the prompt is empty: give some text (PROMPT)")
     if args.max_new_tokens < 1:
         raise LiteError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    from . import progress
     from ..cost import ModelShape
     from ..decoding import GenerationSettings, make_decoder
     from ..loading import load_model
     from ..prompts import encode_prompt
+    from . import progress
 
     lm = load_model(args.model, dtype=args.dtype, progress=progress)
     policy = build_policy(args, lm)
