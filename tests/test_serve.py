@@ -296,11 +296,11 @@ def wait_for(cond, timeout: float = 10.0) -> bool:
 
 
 def test_full_queue_is_refused_and_disconnected_clients_free_their_slots(lm):
-    """The real engine, slowed to 50 ms per token so that requests overlap on purpose."""
+    """The real engine, slowed to 100 ms per token so that requests overlap on purpose."""
 
     def slow_generate(lm, prompt_ids, policy, settings, on_token=None):
         def paced(record):
-            time.sleep(0.05)
+            time.sleep(0.1)
             on_token(record)
 
         return generate(lm, prompt_ids, policy, settings, on_token=paced)
@@ -321,7 +321,7 @@ def test_full_queue_is_refused_and_disconnected_clients_free_their_slots(lm):
                 # b left while queued: its slot is free again, and it never ran
                 assert wait_for(lambda: health(url)["waiting"] == 0)
                 assert health(url)["cancelled"] == 1 and health(url)["running"] == 1
-            # a left mid-stream: generation stops long before its 64 tokens (over 3 s at this pace)
+            # a left mid-stream: generation stops long before its 64 tokens (over 6 s at this pace)
             assert wait_for(lambda: health(url)["running"] == 0, timeout=2.0)
         q = health(url)
         assert q["cancelled"] == 2 and q["served"] == 0 and q["rejected"] == 1
