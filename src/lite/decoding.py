@@ -12,7 +12,8 @@ token t, so every generated token, the first included, goes through the same exi
 Policies (:class:`ExitPolicy`, defined and validated in :mod:`lite.exit_policy`, re-exported here):
 ``none`` runs all L blocks; ``static`` always leaves at layer K; ``dynamic`` checks the exit layers below
 L in increasing order and leaves at the first one whose confidence (:mod:`lite.confidence`) is >= its
-threshold times ``threshold_scale``, or asks a learned gate (:class:`ExitGate`) instead. The one host sync per check is the exit decision itself.
+threshold times ``threshold_scale``, or asks a learned gate (:class:`ExitGate`) instead. The one host
+sync per check is the exit decision itself.
 
 Skipped layers (``GenerationSettings.kv``), what later tokens see at the blocks a token skipped:
 
