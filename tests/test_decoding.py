@@ -288,7 +288,7 @@ def test_calibrated_thresholds_come_from_lite_config(lm, prompt_ids, monkeypatch
 def test_cli_json_is_one_object(tiny_model_dir, lm, capsys):
     code = main(["generate", "--model", str(tiny_model_dir), "--json", "--max-new-tokens", "5",
                  "--exit", "dynamic", "--thresholds", "1:0.8,2:0.8,3:0.8", "--confidence", "state_cosine",
-                 "--kv", "recompute", "name a colour"])
+                 "--kv", "recompute", "--threads", "1", "name a colour"])
     assert code == 0
     out = json.loads(capsys.readouterr().out)  # exactly one JSON document
     assert out["prompt_ids"] == encode_prompt(lm.tokenizer, "name a colour", fmt="chat")
