@@ -322,3 +322,14 @@ def test_default_model_speculative_greedy_equals_exits_off():
         spec = generate(lm, ids, policy, GenerationSettings(max_new_tokens=32))
         assert spec.token_ids == full.token_ids
         assert spec.cost.drafted > 0
+
+
+def test_serve_and_eval_exit_spec_accepts_speculative(lm, monkeypatch):
+    from lite import exit_spec
+
+    monkeypatch.setattr(lm.lite_config, "thresholds", {"1": 0.1, "2": 0.08, "3": 0.06})
+    policy = exit_spec.parse_exit(lm, "speculative:3")
+    assert policy.kind == "speculative" and policy.max_draft_tokens == 3
+    ids = [5, 9, 11, 4]
+    assert generate(lm, ids, policy, GenerationSettings(max_new_tokens=8)).token_ids == \
+        generate(lm, ids, ExitPolicy(), GenerationSettings(max_new_tokens=8)).token_ids

@@ -49,7 +49,6 @@ def _engine_policy(lm: LiteModel, arg: str, scale: float, kind: str) -> ExitPoli
 register_policy("none", lambda lm, arg, scale: _engine_policy(lm, arg, scale, "none"))
 register_policy("static", lambda lm, arg, scale: _engine_policy(lm, arg, scale, "static"))
 register_policy("dynamic", lambda lm, arg, scale: _engine_policy(lm, arg, scale, "dynamic"))
-register_policy("speculative", lambda lm, arg, scale: _engine_policy(lm, arg, scale, "speculative"))
 if "speculative" in decoding.POLICIES:  # lossless self-speculative decoding, "speculative[:N]" (N drafts)
     register_policy("speculative", lambda lm, arg, scale: _engine_policy(lm, arg, scale, "speculative"))
 
