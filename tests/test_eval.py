@@ -230,12 +230,13 @@ def test_cli_run_uses_calibrated_thresholds(tiny_model_dir, sets, tmp_path, monk
     monkeypatch.setattr(report_mod, "MiniLMEmbedder", FakeEmbedder)
     out = tmp_path / "eval"
     code = cli_main(["eval", "--model", str(folder), "--testset", sets[0], "--limit", "1",
-                     "--max-new-tokens", "3", "--out", str(out)])
+                     "--max-new-tokens", "3", "--threads", "1", "--out", str(out)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "vicuna" in captured.out and "overall" in captured.out
     report = json.loads((out / "report.json").read_text())
     assert report["model"]["calibrated"] and report["model"]["prompt_format"] == "alpaca"
+    assert report["machine"]["torch_threads"] == 1
     assert report["model"]["thresholds"] == {"1": 0.1, "2": 0.1, "3": 0.1}
     record = json.loads((out / RECORDS).read_text())
     assert record["prompt_tokens"] > 20  # the Alpaca template wraps the 13-character question

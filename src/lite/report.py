@@ -55,6 +55,12 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
+def _torch_threads() -> int | None:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _ratio(num: float, den: float) -> float | None:
     return num / den if den else None
 
@@ -229,7 +235,8 @@ def build_report(records: list[dict], cfg, models_info: dict[str, dict], sets,
         "config": asdict(cfg), "config_hash": cfg.hashed(),
         "packages": package_versions(),
         "machine": {"python": platform.python_version(), "platform": platform.platform(),
-                    "cpus": os.cpu_count()},
+                    "cpus": os.cpu_count(), "torch_threads": _torch_threads(),
+                    "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
         "similarity_model": getattr(embedder, "name", type(embedder).__name__),
         "testset_sources": {s.name: {"source": s.source, "format": s.format, "n": len(s.prompts)}
                             for s in sets},
