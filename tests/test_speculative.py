@@ -63,7 +63,7 @@ def full_cache(lm, ids):
 def test_greedy_is_token_for_token_the_full_model(lm):
     drafted = accepted = 0
     stops = set()
-    for i, ids in enumerate(random_prompts(10)):
+    for i, ids in enumerate(random_prompts(8)):
         full = generate(lm, ids, ExitPolicy("none"), GenerationSettings(max_new_tokens=14))
         for n_draft, stop in ((1, 0.0), (3, 0.0), (6, 0.09)):
             policy = ExitPolicy("speculative", thresholds=THRESHOLDS, max_draft_tokens=n_draft,
@@ -186,10 +186,10 @@ def test_rejection_rule_emits_the_full_models_distribution():
 def test_sampling_probs_is_the_distribution_pick_token_samples_from():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(6, generator=g) * 2
-    for temperature, top_p in ((1.0, 1.0), (0.7, 0.8), (1.5, 0.5)):
+    for temperature, top_p in ((0.7, 0.8), (1.5, 0.5)):
         probs = sampling_probs(logits, temperature, top_p)
         counts = torch.zeros(6)
-        for _ in range(2000):
+        for _ in range(1500):
             counts[int(pick_token(logits, temperature, top_p, g))] += 1
         stat, df = chi_square(counts, probs)
         assert torch.all((counts > 0) == (probs > 0)) and stat < CHI2_999[df], (temperature, top_p)
@@ -206,7 +206,7 @@ def test_greedy_rule_accepts_the_agreeing_prefix():
 
 def test_sampled_decoding_end_to_end_follows_the_full_model():
     """Vocabulary 8, every step drafts at layer 1 of a 2-layer model whose layer 1 disagrees with layer 2,
-    temperature 0.3 and top-p 0.95: the first token of 300 rounds follows the full model's distribution
+    temperature 0.3 and top-p 0.95: the first token of 200 rounds follows the full model's distribution
     (chi-square, 0.1% level) and not the draft's."""
     lm = agreeing_model(num_layers=2, hidden=16, vocab=8, damp=4.0, seed=5)
     ids = [3, 5, 6]
@@ -220,7 +220,7 @@ def test_sampled_decoding_end_to_end_follows_the_full_model():
     counts, rounds = torch.zeros(8), []
     with torch.inference_mode():
         decoder._prefill()
-        for _ in range(300):
+        for _ in range(200):
             decoder.cache.truncate(len(ids) - 1)
             emitted, d, j = decoder._round(torch.tensor([[ids[-1]]]), len(ids) - 1, budget=2)
             counts[emitted[0][0]] += 1

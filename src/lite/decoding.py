@@ -14,6 +14,8 @@ Policies (:class:`ExitPolicy`, defined and validated in :mod:`lite.exit_policy`,
 L in increasing order and leaves at the first one whose confidence (:mod:`lite.confidence`) is >= its
 threshold times ``threshold_scale``, or asks a learned gate (:class:`ExitGate`) instead. The one host
 sync per check is the exit decision itself.
+``speculative`` drafts with the dynamic exits and verifies with the full model (lossless); it runs in
+:class:`lite.speculative.SpeculativeDecoder`, which :func:`make_decoder` picks.
 
 Skipped layers (``GenerationSettings.kv``), what later tokens see at the blocks a token skipped:
 
