@@ -187,6 +187,7 @@ def bench_dtype(dtype: str, args, gate=None) -> tuple[dict, object]:
         "generate": {"tokens": hf_tokens, "seconds": hf_seconds, "tokens_per_s": hf_tokens / hf_seconds},
         "engine_exits_off_equals_generate": [r.token_ids for r in outputs["none"]] == outputs["hf"],
         "head_cost": head_vs_block(lm),
+        "kv_fill_over_block_flops": shape.kv_fill_flops() / shape.block_flops(64),
         "gate_training_seconds": gate_seconds,
         "configs": rows,
     }, gate
@@ -226,7 +227,18 @@ def markdown(report: dict) -> str:
                 f"{c['mean_exit_layer']:.1f} | {c['layer_cost_improvement']:.1%} | "
                 f"{c['compute_cost_improvement']:.1%} | {c['head_evals_per_token']:.2f} | "
                 f"{c['kv_fills_per_token']:.1f} | {c['recomputed_per_token']:.1f} | {c['agreement_with_full']:.0%} |")
-        lines.append("")
+        h = hc["head_over_block_time"]
+        fill = r.get("kv_fill_over_block_flops", 0.0)
+        L = r["num_layers"]
+        breakeven = ", ".join(f"{k}: {h / (h + (L - k) * (1 - fill)):.0%}" for k in r["exit_layers"])
+        lines += [
+            "",
+            (f"Break-even for a head-based check (max_prob, margin, entropy) at exit layer k, from the measured head "
+            f"cost of {h:.1f} blocks: a check costs one head for every token that reaches k, an exit there saves "
+            f"the L-k blocks it skips (less their K/V fills), so at least this share of the tokens reaching k "
+            f"must leave there for the check to pay: {breakeven}."),
+            "",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -241,7 +253,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared CPU two spinning threads run ~10x slower)")
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--markdown-only", action="store_true", help="re-render decode.md from decode.json")
     args = p.parse_args()
+    if args.markdown_only:
+        report = json.loads((args.out / "decode.json").read_text())
+        (args.out / "decode.md").write_text(markdown(report))
+        return
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
     runs, gate = [], None
