@@ -315,6 +315,7 @@ def _plots(report: dict[str, Any], folder: Path) -> list[str]:
                 ax.plot(s["compute_cost_improvement"], s["similarity_vs_full"], "x", color="grey")
                 ax.annotate(f"static:{k}", (s["compute_cost_improvement"], s["similarity_vs_full"]),
                             fontsize=6, color="grey", xytext=(3, -8), textcoords="offset points")
+        ax.plot([0.0], [1.0], "*", color="k", markersize=10, label="full model")
         ax.axvline(0, color="k", lw=0.5)
         ax.set_xlabel("compute cost improvement (1 - FLOPs / full FLOPs)")
         ax.set_ylabel("similarity to the full model's answer")
