@@ -171,7 +171,6 @@ class SpeculativeDecoder(Decoder):
     def __init__(self, lm: LiteModel, prompt_ids: list[int], policy: ExitPolicy,
                  settings: GenerationSettings) -> None:
         super().__init__(lm, prompt_ids, policy, dataclasses.replace(settings, kv="recompute"))
-        self.requested_kv = settings.kv
         self.max_draft = int(policy.max_draft_tokens)
         self.stop_confidence = float(policy.draft_stop_confidence)
         self.rounds: list[tuple[int, int]] = []  # (drafted, accepted) per round
