@@ -430,7 +430,8 @@ def evaluate(model: str | None = None, testsets: list[str] | None = None, *,
     )
     cfg.validate()
     log = log or (lambda message: None)
-    # Everything that can fail on bad input fails here, before any model is loaded or any file written.
+    # Bad input fails before any decoding: test sets and the judge before any model is loaded or any file
+    # written, the exit policy right after the model loads (_plan).
     sets = [load_testset(spec, limit=limit) for spec in cfg.testsets]
     names = [s.name for s in sets]
     dupes = sorted({n for n in names if names.count(n) > 1})
