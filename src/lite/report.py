@@ -419,7 +419,7 @@ def render_markdown(report: dict[str, Any], plots: list[str]) -> str:
                       _table(["layer", "ROUGE-L vs full", "similarity vs full", "token agreement", "tokens",
                               "compute cost impr."],
                              [[k, _f(s.get("rougeL_vs_full")), _f(s.get("similarity_vs_full")),
-                               _f(s.get("token_agreement")), _f(s.get("tokens_early_exit")),
+                               _f(s.get("token_agreement")), _f(s.get("tokens_early_exit"), digits=1),
                                _f(s.get("compute_cost_improvement"), True)] for k, s in static.items()])]
     with_refs = {n: s for n, s in report["testsets"].items() if s.get("n_with_reference")}
     if with_refs:
