@@ -106,6 +106,33 @@ def head_vs_block(lm, repeats: int = 200) -> dict:
             "head_over_block_flops": shape.head_flops() / shape.block_flops(64)}
 
 
+def divergence(lm, ids: list[int], hf_ids: list[int], engine_ids: list[int]) -> dict | None:
+    """Where the engine (exits off) first differs from ``generate``, with the top-2 logits of one plain
+    full-sequence forward at that point (a tie there means rounding, not a bug), or None."""
+    d = next((j for j, (a, b) in enumerate(zip(hf_ids, engine_ids)) if a != b), None)
+    if d is None:
+        return None
+    with torch.inference_mode():
+        logits = lm.model(torch.tensor([ids + hf_ids[:d]], device=lm.device)).logits[0, -1].float()
+    top = logits.topk(2)
+    return {"position": d, "generate": hf_ids[d], "engine": engine_ids[d], "forward_top2": top.indices.tolist(),
+            "forward_top2_logits": top.values.tolist()}
+
+
+def exits_off_divergences(dtype: str, report: dict) -> list[dict]:
+    """Rerun ``generate`` and the engine with exits off on a report's prompts; list the divergences."""
+    lm = load_model(None, dtype=dtype, device="cpu")
+    out = []
+    for q in questions(0, report["prompts"]):
+        ids = encode_prompt(lm.tokenizer, q, fmt="chat")
+        hf = hf_generate(lm, ids, report["max_new_tokens"])
+        engine = generate(lm, ids, ExitPolicy(), GenerationSettings(max_new_tokens=report["max_new_tokens"])).token_ids
+        d = divergence(lm, ids, hf, engine)
+        if d is not None:
+            out.append(d)
+    return out
+
+
 def agreement(a: list[int], b: list[int]) -> float:
     """Fraction of the full model's tokens matched at the same position."""
     return sum(x == y for x, y in zip(a, b)) / max(len(b), 1)
@@ -154,6 +181,7 @@ def bench_dtype(dtype: str, args, gate=None) -> tuple[dict, object]:
                 outputs.setdefault(name, [None] * len(prompts))[i] = result
             print(f"[{dtype}] prompt {i + 1}/{len(prompts)} done", file=sys.stderr, flush=True)
 
+    divergences = [divergence(lm, ids, hf, r.token_ids) for ids, hf, r in zip(prompts, outputs["hf"], outputs["none"])]
     shape = ModelShape.from_config(lm.config)
     hf_tokens = sum(len(x) for x in outputs["hf"])
     hf_seconds = sum(best["hf"])
@@ -186,6 +214,7 @@ def bench_dtype(dtype: str, args, gate=None) -> tuple[dict, object]:
         "exit_layers": exits,
         "generate": {"tokens": hf_tokens, "seconds": hf_seconds, "tokens_per_s": hf_tokens / hf_seconds},
         "engine_exits_off_equals_generate": [r.token_ids for r in outputs["none"]] == outputs["hf"],
+        "exits_off_divergences": [d for d in divergences if d is not None],
         "head_cost": head_vs_block(lm),
         "kv_fill_over_block_flops": shape.kv_fill_flops() / shape.block_flops(64),
         "gate_training_seconds": gate_seconds,
@@ -216,6 +245,10 @@ def markdown(report: dict) -> str:
             (f"Head cost: one LM-head evaluation {hc['head_ms']:.2f} ms vs one decoder block {hc['block_ms']:.2f} "
             f"ms = **{hc['head_over_block_time']:.1f} blocks** by time ({hc['head_over_block_flops']:.1f} by "
             f"FLOPs)."),
+            *[f"Exits-off divergence at token {d['position']}: generate chose {d['generate']}, the engine "
+              f"{d['engine']}; a plain forward of the same prefix ranks {d['forward_top2']} with logits "
+              f"{d['forward_top2_logits']} (gap {d['forward_top2_logits'][0] - d['forward_top2_logits'][1]:.3g}).  "
+              for d in r.get("exits_off_divergences", [])],
             "",
             ("| configuration | time / generate | tokens/s vs generate | mean exit | layer cost impr. | "
              "compute cost impr. | heads/token | K/V fills/token | recomputed/token | agreement w/ full |"),
@@ -254,9 +287,16 @@ def main() -> None:
                    help="torch threads (default 1: on a shared CPU two spinning threads run ~10x slower)")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--markdown-only", action="store_true", help="re-render decode.md from decode.json")
+    p.add_argument("--divergences-only", action="store_true",
+                   help="add the exits-off divergence analysis to an existing decode.json (for runs made before it)")
     args = p.parse_args()
-    if args.markdown_only:
+    if args.markdown_only or args.divergences_only:
+        torch.set_num_threads(args.threads)
         report = json.loads((args.out / "decode.json").read_text())
+        for run in report["runs"] if args.divergences_only else []:
+            if run["dtype"] in args.dtype and "exits_off_divergences" not in run:
+                run["exits_off_divergences"] = exits_off_divergences(run["dtype"], report)
+                write_json_atomic(args.out / "decode.json", report)
         (args.out / "decode.md").write_text(markdown(report))
         return
     torch.set_num_threads(args.threads)
