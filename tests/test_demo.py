@@ -1,0 +1,51 @@
+"""lite demo on a tiny model: every figure is produced and consistent with the engine."""
+
+import pytest
+
+from lite.cli import main
+from lite.demo import demo_policy, run_demo, shipped_adapter_dir
+
+
+def test_run_demo_figures(tiny_model_dir):
+    seen = []
+    result = run_demo(model=str(tiny_model_dir), prompts=["hello there", "the sea"], max_new_tokens=5,
+                      exit_spec="static:2", similarity=False, on_token=seen.append)
+    assert [a.prompt for a in result.answers] == ["hello there", "the sea"]
+    assert result.checked_layers == [1, 2, 3]
+    assert len(seen) == sum(a.tokens_early for a in result.answers)
+    for a in result.answers:
+        assert 1 <= a.tokens_early <= 5 and 1 <= a.tokens_full <= 5
+        assert a.mean_exit_layer == 2.0  # static:2: every token leaves at layer 2
+        assert a.layer_cost_improvement == pytest.approx(1 - 2 / 4)
+        assert a.seconds_full > 0 and a.seconds_early > 0
+    total = result.overall()
+    assert total.tokens_early == sum(a.tokens_early for a in result.answers)
+
+
+def test_uncalibrated_model_gets_a_labelled_fallback(tiny_model_dir):
+    from lite import load_model
+
+    lm = load_model(tiny_model_dir, device="cpu")
+    policy, name = demo_policy(lm, None)
+    assert policy.kind == "dynamic" and "not calibrated" in name
+    assert all(k >= 2 * lm.num_layers / 3 for k in policy.thresholds)
+
+
+def test_demo_cli(tiny_model_dir, capsys):
+    rc = main(["demo", "--model", str(tiny_model_dir), "--exit", "none", "--no-similarity", "--max-new-tokens", "3",
+               "--prompt", "hi", "--color", "never"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "(all)" in out and "> hi" in out
+
+
+def test_shipped_adapter_is_complete_when_present():
+    folder = shipped_adapter_dir()
+    if folder is None:
+        pytest.skip("no LITE adapter shipped in this checkout yet")
+    from lite.config import LiteConfig
+
+    cfg = LiteConfig.load(folder)
+    assert cfg is not None and cfg.adapter and cfg.base_model == "smollm2-135m-instruct"
+    assert all(cfg.threshold_for(k) is not None for k in cfg.exit_layers if k < cfg.num_layers)
+    assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) <= 16 * 2**20
