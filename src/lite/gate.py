@@ -102,7 +102,7 @@ class LearnedExitGate:
 
 
 def train_gate(states: np.ndarray, agree: np.ndarray, layers: list[int], *, hidden: int = 0,
-               steps: int = 300, lr: float = 0.01, weight_decay: float = 1e-4, seed: int = 0
+               steps: int = 300, lr: float = 0.01, weight_decay: float = 0.1, seed: int = 0
                ) -> LearnedExitGate:
     """Fit one classifier per exit layer predicting agreement with the final layer (binary cross-entropy,
     full-batch Adam, features standardised during training and folded back into the first layer).
@@ -113,6 +113,10 @@ def train_gate(states: np.ndarray, agree: np.ndarray, layers: list[int], *, hidd
         layers: the E exit layers (1-indexed).
         hidden: 0 for logistic regression, else the width of one ReLU hidden layer.
         steps: optimiser steps (full batch).
+        weight_decay: L2 penalty on the standardised weights. 0.1 by default: with D = 576 features and
+            about a thousand tokens, 1e-4 overfit on the default model (held-out accuracy 0.59-0.80 against
+            a majority baseline of 0.62-0.94); 0.1 came within 0.01 of the baseline at exits 8-19 and beat it at
+            23 and 26 (0.72, 0.71 against 0.70, 0.62).
     Returns:
         the gate with decision thresholds 0.5 (calibration replaces them).
     """
