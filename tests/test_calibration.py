@@ -14,7 +14,14 @@ from lite.calibration import check_options, collect, select
 from lite.cli import main
 from lite.errors import LiteError
 from lite.thresholds import (
-    NEVER_EXIT, agreement_thresholds, binom_cdf, cascade_stats, ltt_grid, ltt_min_count, ltt_start_count, ltt_thresholds,
+    NEVER_EXIT,
+    agreement_thresholds,
+    binom_cdf,
+    cascade_stats,
+    ltt_grid,
+    ltt_min_count,
+    ltt_start_count,
+    ltt_thresholds,
     paper_thresholds,
 )
 

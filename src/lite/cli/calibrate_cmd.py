@@ -74,7 +74,12 @@ def _print_table(result) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..calibration import (
-        calibration_layers, check_options, collect, drop_training_rows, save_calibration, select,
+        calibration_layers,
+        check_options,
+        collect,
+        drop_training_rows,
+        save_calibration,
+        select,
     )
     from ..data import DataError, load_heldout, read_examples
     from ..loading import load_model
