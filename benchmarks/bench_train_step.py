@@ -10,8 +10,9 @@ What is measured (all modes see the same batch):
     shared by several jobs, so wall clock mostly measures the neighbours; CPU time of a single-threaded
     process measures the work. Wall clock is recorded too;
   * peak memory: each mode runs in its own fresh subprocess; its peak resident set size (``ru_maxrss``)
-    is read at the end. Reported as the whole-process peak and as the peak minus the RSS right after
-    the model and batch were loaded (what the step itself adds).
+    is read at the end (glibc mmap threshold fixed at 1 MiB, see CHILD_ENV). Reported as the
+    whole-process peak and as the peak minus the RSS right after the model and batch were loaded (what
+    the step itself adds).
 
 Modes:
   lite            default exits, LITE loss (fused chunked head), what ``lite train`` does
@@ -40,8 +41,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data" / "train" / "alpaca_libre_v1.jsonl"
 RESULTS = REPO / "benchmarks" / "results"
-MODES = ["lite", "baseline", "lora-lite", "lora-baseline", "lite-checkpoint", "hf", "lite-plain"]
+MODES = ["baseline", "lite", "lora-baseline", "lora-lite", "hf", "lite-checkpoint", "lite-plain"]
 BATCH, SEQ = 8, 256
+# A fixed glibc mmap threshold: every large tensor gets its own mapping and goes back to the OS when freed,
+# so the peak RSS follows the peak of live tensors instead of heap fragmentation (with glibc's dynamic
+# threshold the same step measured up to ~1.5 GiB apart depending on allocation order).
+CHILD_ENV = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576")
 
 
 def rss_mb() -> float:
@@ -69,37 +74,37 @@ def packed_batch(tokenizer, data: Path):
     return torch.tensor(ids), torch.tensor(labels)
 
 
-def child(mode: str, steps: int, threads: int, warmup: int) -> dict:
-    """Run one mode in this process and return its measurements."""
+def setup(lora: bool, threads: int):
+    """The embedded default model (LoRA-wrapped when asked), its LiteModel view and the packed batch."""
     import torch
 
     from lite import load_model
-    from lite.config import loss_weights
-    from lite.losses import lite_loss
+    from lite.model import LiteModel
+    from lite.training import DEFAULT_LORA_TARGETS
 
     torch.set_num_threads(threads)
     lm = load_model(None, dtype="float32", device="cpu")
     ids, labels = packed_batch(lm.tokenizer, DATA)
     model = lm.model
-    lora = mode.startswith("lora-")
     if lora:
         from peft import LoraConfig, get_peft_model
-
-        from lite.model import LiteModel
-        from lite.training import DEFAULT_LORA_TARGETS
 
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=list(DEFAULT_LORA_TARGETS),
                                                  task_type="CAUSAL_LM"))
         lm = LiteModel(model, lm.tokenizer, lm.lite_config)
     model.train()
-    L = lm.num_layers
+    return lm, model, ids, labels
+
+
+def make_step(lm, model, ids, labels, mode: str):
+    """A function doing one forward + backward of ``mode``; returns (loss, exit layers, loss mode)."""
+    from lite.config import loss_weights
+    from lite.losses import lite_loss
+
     kind = mode.removeprefix("lora-")
-    layers = [L] if kind == "baseline" else lm.exit_layers
+    layers = [lm.num_layers] if kind in ("baseline", "hf") else lm.exit_layers
     weights = dict(zip(layers, loss_weights(layers, "uniform")))
     loss_mode = {"lite-checkpoint": "checkpoint", "lite-plain": "plain"}.get(kind, "fused")
-    params = [p for p in model.parameters() if p.requires_grad]
-    optim = torch.optim.AdamW(params, lr=1e-4) if lora else None
-    rss_loaded = rss_mb()
 
     def step() -> float:
         model.zero_grad(set_to_none=True)
@@ -111,116 +116,179 @@ def child(mode: str, steps: int, threads: int, warmup: int) -> dict:
         loss.backward()
         return float(loss.detach())
 
-    times, cpu_times, opt_times = [], [], []
+    return step, layers, ("transformers" if kind == "hf" else loss_mode)
+
+
+def child_memory(mode: str, steps: int, threads: int, warmup: int) -> dict:
+    """One mode alone in this fresh process: its peak RSS (and its own step times, for reference)."""
+    lm, model, ids, labels = setup(mode.startswith("lora-"), threads)
+    step, layers, loss_mode = make_step(lm, model, ids, labels, mode)
+    rss_loaded = rss_mb()
+    cpu = []
     for i in range(steps + warmup):
-        t0, c0 = time.perf_counter(), time.process_time()
+        c0 = time.process_time()
         loss = step()
-        t1, c1 = time.perf_counter(), time.process_time()
-        if optim is not None:
-            optim.step()
-            opt_times.append(time.process_time() - c1)
-        if i >= warmup:  # warm-up steps settle allocators and kernels
-            times.append(t1 - t0)
-            cpu_times.append(c1 - c0)
+        if i >= warmup:
+            cpu.append(time.process_time() - c0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
     return {
-        "mode": mode, "exit_layers": layers, "loss_mode": loss_mode if kind != "hf" else "transformers",
-        "step_cpu_s_median": statistics.median(cpu_times), "step_cpu_s_all": cpu_times,
-        "step_wall_s_median": statistics.median(times), "step_wall_s_all": times,
-        "optimizer_cpu_s": statistics.median(opt_times[1:] or opt_times) if opt_times else None,
+        "mode": mode, "exit_layers": layers, "loss_mode": loss_mode, "alone_step_cpu_s": cpu,
         "peak_rss_mb": peak, "rss_after_load_mb": rss_loaded, "step_added_mb": peak - rss_loaded,
         "response_tokens": int((labels[:, 1:] != -100).sum()), "last_loss": loss,
-        "trainable_params": sum(p.numel() for p in params), "torch_threads": torch.get_num_threads(),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
 
 
+def child_timing(modes: list[str], steps: int, threads: int, warmup: int) -> dict:
+    """Steps of several modes interleaved round by round in one process, so that load from other jobs
+    on the machine hits every mode alike; CPU and wall time per step. LoRA modes also time AdamW."""
+    import torch
+
+    lora = modes[0].startswith("lora-")
+    lm, model, ids, labels = setup(lora, threads)
+    steps_fn = {m: make_step(lm, model, ids, labels, m)[0] for m in modes}
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4) if lora else None
+    cpu = {m: [] for m in modes}
+    wall = {m: [] for m in modes}
+    opt = []
+    for r in range(steps + warmup):
+        for m in modes:
+            t0, c0 = time.perf_counter(), time.process_time()
+            steps_fn[m]()
+            t1, c1 = time.perf_counter(), time.process_time()
+            if r >= warmup:
+                cpu[m].append(c1 - c0)
+                wall[m].append(t1 - t0)
+        if optim is not None:
+            c0 = time.process_time()
+            optim.step()
+            opt.append(time.process_time() - c0)
+    return {"cpu": cpu, "wall": wall, "optimizer_cpu_s": statistics.median(opt) if opt else None,
+            "torch_threads": torch.get_num_threads()}
+
+
 def write_markdown(result: dict, path: Path) -> None:
-    r = {m["mode"]: m for m in result["modes"]}
     lines = [
         "# Training step: LITE loss vs baseline (embedded default model)",
         "",
         f"Command: `{result['command']}`  ",
         (f"Model: SmolLM2-135M-Instruct (L=30, vocab 49152, tied head), float32, CPU ({result['cpu_threads']} "
-         f"cores shared with other jobs; {result['threads']} torch thread per mode). Batch: {BATCH} x {SEQ} "
-         f"tokens packed from real alpaca-libre 'ok' rows, {result['response_tokens']} response positions. "
-         f"Step = forward + backward, median of {result['steps']} timed step(s) after {result['warmup']} "
-         f"warm-up step(s), CPU time of the process. Peak memory = ru_maxrss of a fresh subprocess per mode."),
+         f"cores shared with other jobs, {result['threads']} torch thread). Batch: {BATCH} x {SEQ} tokens packed "
+         f"from real alpaca-libre 'ok' rows, {result['response_tokens']} response positions. Step = forward + "
+         f"backward. Time: CPU seconds per step, modes interleaved round by round in one process "
+         f"({result['warmup']} warm-up round(s), median of {result['steps']} rounds); the ratio is the median "
+         f"of the per-round ratios to the baseline. Peak memory: ru_maxrss of a fresh subprocess per mode "
+         f"(glibc mmap threshold fixed at 1 MiB so that freed tensors leave the RSS)."),
         "",
-        ("| mode | exits | step CPU (s) | time vs baseline | wall (s) | peak RSS (MiB) | peak vs baseline "
+        ("| mode | exits | loss | step CPU (s) | time vs baseline | wall (s) | peak RSS (MiB) | peak vs baseline "
          "| added by step (MiB) |"),
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for m in result["modes"]:
-        base = r.get("lora-baseline" if m["mode"].startswith("lora-") else "baseline")
-        t_ratio = f"{m['step_cpu_s_median'] / base['step_cpu_s_median']:.2f}x" if base else "n/a"
-        m_ratio = f"{m['peak_rss_mb'] / base['peak_rss_mb']:.2f}x" if base else "n/a"
+        cpu = f"{m['step_cpu_s_median']:.1f}" if "step_cpu_s_median" in m else "n/a"
+        wall = f"{m['step_wall_s_median']:.1f}" if "step_wall_s_median" in m else "n/a"
+        t_ratio = f"{m['time_ratio']:.2f}x" if "time_ratio" in m else "n/a"
+        m_ratio = f"{m['memory_ratio']:.2f}x" if "memory_ratio" in m else "n/a"
         lines.append(
-            f"| {m['mode']} | {len(m['exit_layers'])} | {m['step_cpu_s_median']:.1f} | {t_ratio} | "
-            f"{m['step_wall_s_median']:.1f} | {m['peak_rss_mb']:.0f} | {m_ratio} | {m['step_added_mb']:.0f} |"
+            f"| {m['mode']} | {len(m['exit_layers'])} | {m['loss_mode']} | {cpu} | {t_ratio} | {wall} | "
+            f"{m['peak_rss_mb']:.0f} | {m_ratio} | {m['step_added_mb']:.0f} |"
         )
     t = result.get("targets")
     if t:
         lines += [
             "",
-            (f"Targets: LITE step time <= 1.25x baseline: **{'met' if t['time_met'] else 'not met'}** "
+            (f"Targets (lite vs baseline): step time <= 1.25x: **{'met' if t['time_met'] else 'not met'}** "
              f"({t['time_ratio']:.2f}x); peak memory <= 1.2x: **{'met' if t['memory_met'] else 'not met'}** "
              f"({t['memory_ratio']:.2f}x)."),
         ]
+    if result.get("lora_optimizer_cpu_s") is not None:
+        lines += ["", f"LoRA AdamW update: {result['lora_optimizer_cpu_s']:.2f} CPU s per step."]
     lines += ["", result.get("note", ""), ""]
     path.write_text("\n".join(lines))
 
 
+def _baseline_of(mode: str) -> str:
+    return "lora-baseline" if mode.startswith("lora-") else "baseline"
+
+
 def save(result: dict) -> None:
-    """Write JSON and markdown; called after every mode so a long run leaves its partial results."""
+    """Ratios, then JSON and markdown; called after every measurement so a long run leaves partial results."""
     by = {m["mode"]: m for m in result["modes"]}
-    if "lite" in by and "baseline" in by:
-        time_ratio = by["lite"]["step_cpu_s_median"] / by["baseline"]["step_cpu_s_median"]
-        mem_ratio = by["lite"]["peak_rss_mb"] / by["baseline"]["peak_rss_mb"]
-        result["targets"] = {"time_ratio": time_ratio, "time_met": time_ratio <= 1.25,
-                             "memory_ratio": mem_ratio, "memory_met": mem_ratio <= 1.2}
+    for m in result["modes"]:
+        base = by.get(_baseline_of(m["mode"]))
+        if base is None:
+            continue
+        m["memory_ratio"] = m["peak_rss_mb"] / base["peak_rss_mb"]
+        if "step_cpu_s_all" in m and "step_cpu_s_all" in base:
+            m["time_ratio"] = statistics.median(a / b for a, b in zip(m["step_cpu_s_all"], base["step_cpu_s_all"]))
+    lite = by.get("lite", {})
+    if "time_ratio" in lite:
+        result["targets"] = {"time_ratio": lite["time_ratio"], "time_met": lite["time_ratio"] <= 1.25,
+                             "memory_ratio": lite["memory_ratio"], "memory_met": lite["memory_ratio"] <= 1.2}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "train_step.json").write_text(json.dumps(result, indent=2) + "\n")
     write_markdown(result, RESULTS / "train_step.md")
 
 
+def _run_child(args: argparse.Namespace, *extra: str) -> dict:
+    cmd = [sys.executable, __file__, "--threads", str(args.threads), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=CHILD_ENV)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(extra)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per mode")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones")
+    parser.add_argument("--timing", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=3, help="timed rounds (each mode once per round)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before the timed ones")
+    parser.add_argument("--memory-steps", type=int, default=1, help="steps of each memory subprocess")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per mode (default 1: CPU time then measures work, not contention)")
+                        help="torch threads (default 1: CPU time then measures work, not contention)")
     parser.add_argument("--markdown-only", action="store_true", help="rewrite the markdown from the JSON")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated modes to run")
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.steps, args.threads, args.warmup)))
+        print(json.dumps(child_memory(args.child, args.memory_steps, args.threads, 0)))
+        return
+    if args.timing:
+        print(json.dumps(child_timing(args.timing.split(","), args.steps, args.threads, args.warmup)))
         return
     out = RESULTS / "train_step.json"
     note = json.loads(out.read_text()).get("note", "") if out.exists() else ""  # hand-written, kept
     if args.markdown_only:
-        result = json.loads(out.read_text())
-        save(result)
+        save(json.loads(out.read_text()))
         return
+    modes = args.modes.split(",")
     result = {
         "benchmark": "train_step", "command": "python benchmarks/bench_train_step.py " + " ".join(sys.argv[1:]),
         "platform": platform.platform(), "cpu_threads": os.cpu_count(), "threads": args.threads,
         "steps": args.steps, "warmup": args.warmup, "batch": [BATCH, SEQ], "data": DATA.name,
         "response_tokens": None, "modes": [], "note": note,
     }
-    for mode in args.modes.split(","):
-        print(f"[bench] {mode} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run([sys.executable, __file__, "--child", mode, "--steps", str(args.steps),
-                               "--threads", str(args.threads), "--warmup", str(args.warmup)],
-                              capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise SystemExit(f"{mode} failed:\n{proc.stderr[-3000:]}")
-        m = json.loads(proc.stdout.strip().splitlines()[-1])
+    for mode in modes:
+        print(f"[bench] memory of {mode} ...", file=sys.stderr, flush=True)
+        m = _run_child(args, "--child", mode, "--memory-steps", str(args.memory_steps))
         result["modes"].append(m)
         result["response_tokens"] = m["response_tokens"]
         save(result)
-        print(f"[bench] {mode}: {m['step_cpu_s_median']:.1f} CPU s, peak {m['peak_rss_mb']:.0f} MiB",
-              file=sys.stderr, flush=True)
+        print(f"[bench] {mode}: peak {m['peak_rss_mb']:.0f} MiB", file=sys.stderr, flush=True)
+    by = {m["mode"]: m for m in result["modes"]}
+    for group in ([m for m in modes if not m.startswith("lora-")], [m for m in modes if m.startswith("lora-")]):
+        if not group:
+            continue
+        print(f"[bench] timing {group} interleaved ...", file=sys.stderr, flush=True)
+        t = _run_child(args, "--timing", ",".join(group), "--steps", str(args.steps), "--warmup", str(args.warmup))
+        for mode in group:
+            by[mode].update(step_cpu_s_all=t["cpu"][mode], step_cpu_s_median=statistics.median(t["cpu"][mode]),
+                            step_wall_s_all=t["wall"][mode], step_wall_s_median=statistics.median(t["wall"][mode]))
+        if t["optimizer_cpu_s"] is not None:
+            result["lora_optimizer_cpu_s"] = t["optimizer_cpu_s"]
+        save(result)
+        cpu = ", ".join(f"{m} {by[m]['step_cpu_s_median']:.1f} s" for m in group)
+        print(f"[bench] CPU per step: {cpu}", file=sys.stderr, flush=True)
     print(json.dumps(result.get("targets")))
 
 
