@@ -119,18 +119,24 @@ def divergence(lm, ids: list[int], hf_ids: list[int], engine_ids: list[int]) -> 
             "forward_top2_logits": top.values.tolist()}
 
 
-def exits_off_divergences(dtype: str, report: dict) -> list[dict]:
-    """Rerun ``generate`` and the engine with exits off on a report's prompts; list the divergences."""
+def exits_off_divergences(dtype: str, report: dict) -> tuple[list[dict], dict]:
+    """Rerun ``generate`` and the engine with exits off on a report's prompts (a second, independent
+    timing of (a)); list the divergences."""
     lm = load_model(None, dtype=dtype, device="cpu")
-    out = []
+    out, hf_s, engine_s = [], 0.0, 0.0
     for q in questions(0, report["prompts"]):
         ids = encode_prompt(lm.tokenizer, q, fmt="chat")
+        t = time.perf_counter()
         hf = hf_generate(lm, ids, report["max_new_tokens"])
+        hf_s += time.perf_counter() - t
+        t = time.perf_counter()
         engine = generate(lm, ids, ExitPolicy(), GenerationSettings(max_new_tokens=report["max_new_tokens"])).token_ids
+        engine_s += time.perf_counter() - t
         d = divergence(lm, ids, hf, engine)
         if d is not None:
             out.append(d)
-    return out
+    return out, {"generate_seconds": hf_s, "engine_seconds": engine_s, "time_ratio": engine_s / hf_s,
+                 "load_average": round(os.getloadavg()[0], 1)}
 
 
 def agreement(a: list[int], b: list[int]) -> float:
@@ -249,6 +255,9 @@ def markdown(report: dict) -> str:
               f"{d['engine']}; a plain forward of the same prefix ranks {d['forward_top2']} with logits "
               f"{d['forward_top2_logits']} (gap {d['forward_top2_logits'][0] - d['forward_top2_logits'][1]:.3g}).  "
               for d in r.get("exits_off_divergences", [])],
+            *([(f"Exits-off re-check (second run, `--divergences-only`): engine / generate time "
+               f"**{r['exits_off_recheck']['time_ratio']:.3f}** (load average {r['exits_off_recheck']['load_average']}).")]
+              if "exits_off_recheck" in r else []),
             "",
             ("| configuration | time / generate | tokens/s vs generate | mean exit | layer cost impr. | "
              "compute cost impr. | heads/token | K/V fills/token | recomputed/token | agreement w/ full |"),
@@ -295,7 +304,7 @@ def main() -> None:
         report = json.loads((args.out / "decode.json").read_text())
         for run in report["runs"] if args.divergences_only else []:
             if run["dtype"] in args.dtype and "exits_off_divergences" not in run:
-                run["exits_off_divergences"] = exits_off_divergences(run["dtype"], report)
+                run["exits_off_divergences"], run["exits_off_recheck"] = exits_off_divergences(run["dtype"], report)
                 write_json_atomic(args.out / "decode.json", report)
         (args.out / "decode.md").write_text(markdown(report))
         return
