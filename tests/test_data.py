@@ -38,6 +38,14 @@ def test_reads_json_and_jsonl_with_filter_and_row_ids(tmp_path):
     assert entries[0]["rows"] == 6 and entries[0]["rows_kept"] == 4 and len(entries[0]["sha256"]) == 64
 
 
+def test_filter_keeps_rows_without_the_field(tmp_path):
+    """alpaca-libre (with status) and alpaca_en_demo (without) mix under --filter status=ok."""
+    a = _jsonl(tmp_path / "a.jsonl", _rows(4, status=lambda i: "ok" if i % 2 else "bad"))
+    b = _jsonl(tmp_path / "b.jsonl", [{"instruction": "x", "input": "", "output": "y"}] * 3)
+    examples, entries = read_examples([str(a), str(b)], ["status=ok"])
+    assert [e.row_id for e in examples] == ["0:1", "0:3", "1:0", "1:1", "1:2"]
+
+
 def test_heldout_split_is_deterministic_disjoint_and_reloadable(tmp_path):
     path = _jsonl(tmp_path / "d.jsonl", _rows(100, status=lambda i: "ok" if i % 4 else "no"))
     s1 = prepare_data([str(path)], filters=["status=ok"], heldout_fraction=0.1, seed=3)

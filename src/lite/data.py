@@ -68,7 +68,8 @@ class DataSplit:
 
 
 def parse_filters(filters: list[str] | str | None) -> dict[str, str]:
-    """``["status=ok"]`` -> ``{"status": "ok"}``; a row is kept when every key equals its value."""
+    """``["status=ok"]`` -> ``{"status": "ok"}``; a row is kept when every key it carries equals its value
+    (rows without the field are kept)."""
     if not filters:
         return {}
     if isinstance(filters, str):
@@ -153,7 +154,9 @@ def read_source(source: str, index: int, filters: dict[str, str]) -> tuple[list[
             raise DataError(
                 f"{where} lacks string field(s) {missing}; Alpaca rows need instruction, output (and input)"
             )
-        if any(str(row.get(k)) != v for k, v in filters.items()):
+        # a filter applies to rows that carry its field, so files with and without it can be mixed
+        # (alpaca-libre rows carry status; alpaca_en_demo rows do not and are all clean)
+        if any(k in row and str(row[k]) != v for k, v in filters.items()):
             continue
         inp = row.get("input") or ""
         if not isinstance(inp, str):
