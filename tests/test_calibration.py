@@ -205,11 +205,11 @@ def test_collected_measures_match_the_engine(tiny_model_dir):
     """The confidences calibration records are the engine's: a static:K run reports the same max_prob."""
     from lite.data import Example
     from lite.decoding import ExitPolicy, GenerationSettings, generate
-    from lite.prompts import encode_prompt
+    from lite.prompts import default_format, encode_prompt
 
     lm = load_model(tiny_model_dir, device="cpu")
     data = collect(lm, [Example("0:0", "Count.", "", "one two")], source="generated", max_new_tokens=5)
-    prompt = encode_prompt(lm.tokenizer, "Count.", "")
+    prompt = encode_prompt(lm.tokenizer, "Count.", "", default_format(lm))  # the format collection uses
     full = generate(lm, prompt, ExitPolicy(kind="none"), GenerationSettings(max_new_tokens=5))
     assert data.source == "generated" and data.tokens == len(full.token_ids)  # one scored token per answer token
     res = generate(lm, prompt, ExitPolicy(kind="static", layer=2), GenerationSettings(max_new_tokens=1))

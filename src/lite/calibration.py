@@ -35,6 +35,7 @@ import torch
 from . import confidence as conf_mod
 from .errors import LiteError
 from .model import LiteModel
+from .prompts import default_format
 from .thresholds import NEVER_EXIT, RULES, LayerStats, cascade_stats, ltt_grid, select_thresholds
 
 SOURCES = ("reference", "generated")
@@ -206,7 +207,7 @@ def collect(lm: LiteModel, examples: list, *, source: str = "reference", with_st
     if not examples:
         raise LiteError("no held-out examples to calibrate on: give --data (and check --filter/--max-examples)")
     layers = calibration_layers(lm)
-    fmt = lm.lite_config.prompt_format
+    fmt = default_format(lm)
     start = time.perf_counter()
     conf_parts: dict[str, list[np.ndarray]] = {m: [] for m in conf_mod.MEASURES}
     agree_parts, index_parts, state_parts = [], [], []
@@ -391,8 +392,9 @@ def save_calibration(lm: LiteModel, result: CalibrationResult) -> str:
         gate_file = save_gate(result.gate.gate, lm.folder, GATE_FILE).name
     elif old.gate_file and "gate" in old.calibration:
         record["gate"] = old.calibration["gate"]
+    # record the prompt format the thresholds were measured with, so every verb then prompts the same way
     cfg = dataclasses.replace(
-        old, thresholds={str(k): float(v) for k, v in result.thresholds.items()},
+        old, prompt_format=default_format(lm), thresholds={str(k): float(v) for k, v in result.thresholds.items()},
         confidence=result.confidence, calibration=record, gate_file=gate_file,
     )
     path = cfg.save(lm.folder)

@@ -118,7 +118,7 @@ def run_demo(*, model: str | None = None, prompts: list[str] | None = None, max_
     from .decoding import GenerationSettings, generate, make_decoder
     from .evaluation import hf_generate
     from .loading import load_model
-    from .prompts import encode_prompt
+    from .prompts import default_format, encode_prompt
 
     prompts = prompts or DEMO_PROMPTS
     if max_new_tokens < 1:
@@ -129,9 +129,7 @@ def run_demo(*, model: str | None = None, prompts: list[str] | None = None, max_
         progress("no LITE adapter is shipped in this install: showing the un-tuned embedded default")
     lm = load_model(spec, dtype=dtype, progress=progress)
     policy, policy_name = demo_policy(lm, exit_spec)
-    from .cli.generate_cmd import default_prompt_format
-
-    fmt = default_prompt_format(lm)
+    fmt = default_format(lm)
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
     embedder = None
     if similarity:

@@ -211,11 +211,9 @@ def prepare_out(out: Path, config: EvalConfig, restart: bool) -> None:
 # ----------------------------------------------------------------------------------- model side
 def prompt_format(lm, override: str | None) -> str:
     """The prompt format for ``lm`` (see the module docstring)."""
-    if override:
-        return override
-    if lm.folder and (Path(lm.folder) / CONFIG_NAME).is_file():
-        return lm.lite_config.prompt_format
-    return "chat" if getattr(lm.tokenizer, "chat_template", None) else "alpaca"
+    from .prompts import default_format
+
+    return override or default_format(lm)
 
 
 def dynamic_thresholds(lm, text: str | None) -> dict[int, float]:

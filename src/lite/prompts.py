@@ -21,6 +21,19 @@ ALPACA_NO_INPUT = (
 FORMATS = ("alpaca", "chat", "raw")
 
 
+def default_format(lm) -> str:
+    """The prompt format a model is used with when none is asked for: the ``prompt_format`` of its
+    ``lite_config.json`` when its folder has one (it was trained or calibrated by lite), else the
+    tokenizer's chat template when there is one, else Alpaca. Every verb uses this one rule."""
+    from pathlib import Path
+
+    from .config import CONFIG_NAME
+
+    if lm.folder is not None and (Path(lm.folder) / CONFIG_NAME).is_file():
+        return lm.lite_config.prompt_format
+    return "chat" if getattr(lm.tokenizer, "chat_template", None) else "alpaca"
+
+
 def alpaca_prompt(instruction: str, input: str = "") -> str:
     """The Stanford Alpaca prompt; the no-input variant when ``input`` is empty."""
     if input and input.strip():

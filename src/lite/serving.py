@@ -34,7 +34,7 @@ from .exit_spec import parse_exit, resolve_exit_spec
 from .model import LiteModel
 from .openai_schema import (APIError, ChatRequest, CompletionRequest, chat_body, chunk, completion_body,
                             exit_stats, new_id, now, parse_request, sse, usage)
-from .prompts import alpaca_prompt
+from .prompts import alpaca_prompt, default_format
 
 CHAT_FORMATS = ("auto", "chat", "alpaca")
 API_KEY_ENV = "LITE_API_KEY"
@@ -90,8 +90,8 @@ class ServeConfig:
 
 # ------------------------------------------------------------------------------------------------ prompts
 def resolve_chat_format(lm: LiteModel, fmt: str) -> str:
-    """``auto``: the Alpaca template for a checkpoint lite trained on Alpaca prompts, else the tokenizer's
-    chat template when it has one, else Alpaca."""
+    """``auto``: the model's own format (:func:`lite.prompts.default_format`: its ``lite_config.json``, else
+    the tokenizer's chat template when it has one, else Alpaca)."""
     if fmt not in CHAT_FORMATS:
         raise LiteError(f"--chat-format must be one of {CHAT_FORMATS}, got {fmt!r}")
     has_template = bool(getattr(lm.tokenizer, "chat_template", None))
@@ -99,10 +99,8 @@ def resolve_chat_format(lm: LiteModel, fmt: str) -> str:
         raise LiteError("--chat-format chat: this tokenizer has no chat template; use --chat-format alpaca")
     if fmt != "auto":
         return fmt
-    cfg = lm.lite_config
-    if cfg.training and cfg.prompt_format == "alpaca":
-        return "alpaca"
-    return "chat" if has_template else "alpaca"
+    resolved = default_format(lm)  # the one rule every verb uses (lite.prompts)
+    return resolved if resolved in ("chat", "alpaca") else "alpaca"
 
 
 def chat_prompt_ids(lm: LiteModel, messages: list[dict[str, str]], fmt: str) -> list[int]:

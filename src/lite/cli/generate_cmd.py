@@ -56,16 +56,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the coloured view")
 
 
-def default_prompt_format(lm) -> str:
-    """lite_config.json's format when the model folder has one, else chat when there is a chat template,
-    else alpaca."""
-    from ..config import CONFIG_NAME
-
-    if lm.folder is not None and (Path(lm.folder) / CONFIG_NAME).is_file():
-        return lm.lite_config.prompt_format
-    return "chat" if getattr(lm.tokenizer, "chat_template", None) else "alpaca"
-
-
 def build_policy(args: argparse.Namespace, lm):
     """The :class:`ExitPolicy` the flags ask for, validated against the model."""
     from ..config import parse_exit_layers
@@ -134,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     from ..cost import ModelShape
     from ..decoding import GenerationSettings, make_decoder
     from ..loading import load_model
-    from ..prompts import encode_prompt
+    from ..prompts import default_format, encode_prompt
     from . import progress
 
     if args.threads is not None:
@@ -145,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     lm = load_model(args.model, dtype=args.dtype, progress=progress)
     policy = build_policy(args, lm)
-    fmt = args.prompt_format or default_prompt_format(lm)
+    fmt = args.prompt_format or default_format(lm)
     prompt_ids = encode_prompt(lm.tokenizer, args.prompt, fmt=fmt)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_p=args.top_p, seed=args.seed, stop=list(args.stop), kv=args.kv)
