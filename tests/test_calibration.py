@@ -7,7 +7,6 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-import torch
 
 from lite import LiteConfig, load_model
 from lite.calibration import check_options, collect, select
@@ -24,15 +23,6 @@ from lite.thresholds import (
     ltt_thresholds,
     paper_thresholds,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: on a shared 2-core machine extra intra-op threads only spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------ rules, known answers

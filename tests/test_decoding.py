@@ -25,14 +25,6 @@ PROMPT = "hello there the world"
 N = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models decode ~10x faster on one thread when the CPU is shared; restore afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def lm(tiny_model_dir):

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from lite import LiteConfig, decoding, load_model
 from lite import report as report_mod
@@ -40,13 +39,6 @@ class FakeEmbedder:
                 out[i, (ord(a) * 31 + ord(b)) % 64] += 1
         return out
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: more threads only fight the other processes for the CPU
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

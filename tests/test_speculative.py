@@ -21,13 +21,6 @@ from lite.speculative import SpeculativeDecoder, accept_greedy, accept_sampled, 
 THRESHOLDS = {1: 0.1, 2: 0.08, 3: 0.06}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def agreeing_model(num_layers=4, hidden=32, vocab=32, damp=0.8, seed=1) -> LiteModel:
     """A random tiny Llama whose blocks after the first write damped updates into the residual stream,

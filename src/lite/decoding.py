@@ -169,6 +169,38 @@ class Decoder:
         tc.recompute_context += sum(p + 1 for p in range(start, pos))
         return out[:, -1:]
 
+    def _check(self, layer: int, h: torch.Tensor, tc: TokenCost, prev_state: torch.Tensor
+               ) -> tuple[torch.Tensor | None, float | None, bool, torch.Tensor]:
+        """One exit check of the current token (h: (1, 1, D), raw output of block ``layer``).
+
+        The gate (when set) decides from the normed state and the head runs only if it says leave; a
+        head-based measure evaluates the head (charged whether or not the token leaves); ``state_cosine``
+        compares with the previous checked state and needs no head. The float conversion is the one host
+        sync per check: the exit decision.
+
+        Returns (logits (1, V) if the head ran, confidence value or None, leave?, prev_state for the next
+        cosine check).
+        """
+        lm, plan = self.lm, self.plan
+        if plan.gate is not None:
+            normed = lm.final_norm(h[0, -1])  # (D,)
+            tc.gate_flops += int(plan.gate.flops(layer))
+            if plan.gate.should_exit(layer, normed):  # the exit decision
+                tc.head_evals += 1
+                return lm.lm_head(normed).unsqueeze(0), None, True, prev_state
+            return None, None, False, prev_state
+        threshold = plan.checks[layer]
+        head_fn = conf_mod.HEAD_FUNCTIONS.get(plan.confidence)
+        if head_fn is not None:
+            logits = lm.exit_logits(h[:, -1], layer)  # (1, V)
+            tc.head_evals += 1
+            tc.head_checks += 1
+            value = float(head_fn(logits))  # the exit decision
+            return logits, value, value >= threshold, prev_state
+        value = float(conf_mod.state_cosine(h[0, -1], prev_state))  # the exit decision, no head
+        tc.cosine_checks += 1
+        return None, value, value >= threshold, h[0, -1]
+
     def _step(self, token: torch.Tensor, pos: int) -> tuple[torch.Tensor, int, float | None, TokenCost]:
         """One decode step: the token at ``pos`` (1, 1) through the blocks until it exits.
 
@@ -184,32 +216,12 @@ class Decoder:
         logits, conf, exit_layer = None, None, plan.stop_layer
         for layer in range(1, plan.stop_layer + 1):
             h = self._block(layer, h, pos, tc)
-            threshold = plan.checks.get(layer)
-            if threshold is None:
+            if plan.checks.get(layer) is None:
                 continue
-            if plan.gate is not None:
-                normed = lm.final_norm(h[0, -1])  # (D,)
-                tc.gate_flops += int(plan.gate.flops(layer))
-                if plan.gate.should_exit(layer, normed):  # the exit decision
-                    logits = lm.lm_head(normed).unsqueeze(0)
-                    tc.head_evals += 1
-                    exit_layer = layer
-                    break
-            elif head_fn is not None:
-                candidate = lm.exit_logits(h[:, -1], layer)  # (1, V)
-                tc.head_evals += 1
-                tc.head_checks += 1
-                value = float(head_fn(candidate))  # the exit decision
-                if value >= threshold:
-                    logits, conf, exit_layer = candidate, value, layer
-                    break
-            else:  # state_cosine: no head until the token leaves
-                value = float(conf_mod.state_cosine(h[0, -1], prev_state))  # the exit decision
-                tc.cosine_checks += 1
-                prev_state = h[0, -1]
-                if value >= threshold:
-                    conf, exit_layer = value, layer
-                    break
+            candidate, value, leave, prev_state = self._check(layer, h, tc, prev_state)
+            if leave:
+                logits, conf, exit_layer = candidate, value, layer
+                break
         if logits is None:
             logits = lm.exit_logits(h[:, -1], exit_layer)
             tc.head_evals += 1

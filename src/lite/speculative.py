@@ -52,7 +52,6 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from . import confidence as conf_mod
 from .cost import TokenCost
 from .decoding import Decoder, ExitPolicy, GenerationSettings, TokenRecord
 from .errors import LiteError
@@ -185,41 +184,21 @@ class SpeculativeDecoder(Decoder):
         """
         lm, plan = self.lm, self.plan
         L = lm.num_layers
-        head_fn = conf_mod.HEAD_FUNCTIONS.get(plan.confidence)
         checking = may_draft
         h = lm.embed(token)  # (1, 1, D)
         prev_state = h[0, -1]  # state_cosine: "layer 0" is the input embedding
         for layer in range(1, L + 1):
             h = self._block(layer, h, pos, tc)
-            threshold = plan.checks.get(layer) if checking else None
-            if threshold is None:
+            if not checking or plan.checks.get(layer) is None:
                 continue
-            logits, value = None, None
-            if plan.gate is not None:
-                normed = lm.final_norm(h[0, -1])  # (D,)
-                tc.gate_flops += int(plan.gate.flops(layer))
-                if plan.gate.should_exit(layer, normed):  # the exit decision
-                    logits = lm.lm_head(normed).unsqueeze(0)
-                    tc.head_evals += 1
-                    self.states[:, pos] = h[:, -1]
-                    return logits, layer, None, h
-                continue
-            if head_fn is not None:
-                logits = lm.exit_logits(h[:, -1], layer)  # (1, V)
-                tc.head_evals += 1
-                tc.head_checks += 1
-                value = float(head_fn(logits))  # the exit decision
-            else:  # state_cosine: the head runs only once the token leaves
-                value = float(conf_mod.state_cosine(h[0, -1], prev_state))  # the exit decision
-                tc.cosine_checks += 1
-                prev_state = h[0, -1]
-            if value >= threshold:
-                if logits is None:
+            logits, value, leave, prev_state = self._check(layer, h, tc, prev_state)  # shared with dynamic
+            if leave:
+                if logits is None:  # state_cosine: the head runs only once the token leaves
                     logits = lm.exit_logits(h[:, -1], layer)
                     tc.head_evals += 1
                 self.states[:, pos] = h[:, -1]  # kept for the verify pass (the recompute push)
                 return logits, layer, value, h
-            if value < self.stop_confidence:
+            if value is not None and value < self.stop_confidence:
                 checking = False  # hopeless: go straight to L, the verify pass
         return None, L, None, h
 
