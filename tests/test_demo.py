@@ -49,3 +49,22 @@ def test_shipped_adapter_is_complete_when_present():
     assert cfg is not None and cfg.adapter and cfg.base_model == "smollm2-135m-instruct"
     assert all(cfg.threshold_for(k) is not None for k in cfg.exit_layers if k < cfg.num_layers)
     assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) <= 16 * 2**20
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft 0.21
+def test_shipped_adapter_decodes_with_early_exit():
+    """The shipped LITE adapter loads on the embedded default and its calibrated policy exits early."""
+    folder = shipped_adapter_dir()
+    if folder is None:
+        pytest.skip("no LITE adapter shipped in this checkout yet")
+    from lite import load_model
+    from lite.decoding import GenerationSettings, generate
+    from lite.prompts import default_format, encode_prompt
+
+    lm = load_model(str(folder), dtype="float32", device="cpu")
+    policy, _ = demo_policy(lm, None)
+    ids = encode_prompt(lm.tokenizer, "Give three tips for staying healthy.", fmt=default_format(lm))
+    result = generate(lm, ids, policy, GenerationSettings(max_new_tokens=32))
+    assert result.tokens and result.text.strip()
+    assert any(t.exit_layer < lm.num_layers for t in result.tokens)  # some token left early

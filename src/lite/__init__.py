@@ -1,7 +1,15 @@
 """lite: LITE instruction tuning and token-level early-exit decoding for Llama-family models."""
 
 from .config import LiteConfig, default_exit_layers
-from .loading import DEFAULT_MODEL, load_model
 
 __all__ = ["LiteConfig", "default_exit_layers", "load_model", "DEFAULT_MODEL"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # torch and transformers load on first use, so that `lite --help` and `import lite.cli` stay fast
+    if name in ("load_model", "DEFAULT_MODEL"):
+        from . import loading
+
+        return getattr(loading, name)
+    raise AttributeError(f"module 'lite' has no attribute {name!r}")
