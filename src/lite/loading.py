@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -175,7 +176,9 @@ def load_model(spec: str | os.PathLike[str] | None = None, *, dtype: str | torch
 
             base_folder = resolve_model(base, progress)
             hf = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch_dtype or "auto")
-            hf = PeftModel.from_pretrained(hf, folder)
+            with warnings.catch_warnings():  # peft 0.21 calls a transformers method deprecated in 5.x
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                hf = PeftModel.from_pretrained(hf, folder)
             if merge_lora:
                 hf = hf.merge_and_unload()
             tok_folder = folder if (Path(folder) / "tokenizer_config.json").is_file() else base_folder
