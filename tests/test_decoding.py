@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from tiny import full_cache
 
 from lite import load_model
 from lite.cli import main
@@ -123,19 +124,10 @@ def test_cache_holds_exactly_the_processed_positions_after_every_step(lm, prompt
         assert snapshots[0] == [n, n - 1, n - 1, n - 1] and snapshots[3] == [n + 3] * 4
 
 
-def _full_cache(lm, ids):
-    cache, rope = lm.new_cache(len(ids)), lm.rope(0, len(ids))
-    with torch.no_grad():
-        h = lm.embed(torch.tensor([ids]))
-        for k in range(1, lm.num_layers + 1):
-            h = lm.run_block(k, h, rope, cache)
-    return cache
-
-
 def test_recompute_leaves_the_full_models_cache(lm, prompt_ids):
     decoder, records, _, _ = _run_with_gate(lm, prompt_ids, "recompute", n=10)  # ends with an exit at 3
     processed = prompt_ids + [r.id for r in records[:-1]]  # the last token is produced, never consumed
-    full = _full_cache(lm, processed)
+    full = full_cache(lm, processed)
     lengths = decoder.cache.lengths
     assert lengths[0] == len(processed) and lengths[-1] < len(processed)  # some positions still pending
     for i, n in enumerate(lengths):

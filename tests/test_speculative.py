@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from tiny import make_tiny_model
+from tiny import full_cache, make_tiny_model
 
 from lite import load_model
 from lite.cli import main
@@ -41,15 +41,6 @@ def lm():
 def random_prompts(n, vocab=32, seed=0):
     rng = random.Random(seed)
     return [[rng.randrange(3, vocab) for _ in range(rng.randrange(1, 9))] for _ in range(n)]
-
-
-def full_cache(lm, ids):
-    cache, rope = lm.new_cache(len(ids)), lm.rope(0, len(ids))
-    with torch.no_grad():
-        h = lm.embed(torch.tensor([ids]))
-        for k in range(1, lm.num_layers + 1):
-            h = lm.run_block(k, h, rope, cache)
-    return cache
 
 
 # ----------------------------------------------------------------------------- lossless greedy
