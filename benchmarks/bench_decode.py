@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import vicuna_questions
 
 from lite import load_model
 from lite.config import write_json_atomic
@@ -36,7 +37,6 @@ from lite.cost import ModelShape
 from lite.decoding import ExitPolicy, GenerationSettings, generate
 from lite.prompts import encode_prompt
 
-VICUNA = Path(__file__).resolve().parents[2] / "shared" / "data" / "testsets" / "vicuna.jsonl"
 OUT = Path(__file__).resolve().parent / "results"
 
 # Hand-set thresholds (the un-tuned model's intermediate layers are poor; see decode.md for how they were
@@ -51,8 +51,7 @@ GATE_PROBABILITY = 0.8
 
 
 def questions(first: int, count: int) -> list[str]:
-    rows = [json.loads(line) for line in VICUNA.read_text().splitlines() if line.strip()]
-    return [r["turns"][0] for r in rows[first:first + count]]
+    return vicuna_questions(first, count)
 
 
 def hf_generate(lm, ids: list[int], max_new_tokens: int) -> list[int]:

@@ -32,15 +32,10 @@ import time
 from pathlib import Path
 
 import httpx
+from common import vicuna_questions
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
-VICUNA = REPO.parent / "shared" / "data" / "testsets" / "vicuna.jsonl"
-FALLBACK_PROMPTS = [
-    "Give three tips for staying healthy.", "What is the capital of France?", "Explain photosynthesis briefly.",
-    "Write a haiku about the sea.", "How do I boil an egg?", "Name three primary colours.",
-    "What does a compiler do?", "Describe a cat in one sentence.",
-]
 
 
 def free_port() -> int:
@@ -50,10 +45,7 @@ def free_port() -> int:
 
 
 def prompts() -> list[str]:
-    if VICUNA.is_file():
-        rows = [json.loads(line) for line in VICUNA.read_text().splitlines() if line.strip()]
-        return [r["turns"][0] for r in rows][:40]
-    return FALLBACK_PROMPTS
+    return vicuna_questions(0, 40)
 
 
 def percentile(values: list[float], q: float) -> float | None:

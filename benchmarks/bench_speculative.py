@@ -39,6 +39,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
+from common import vicuna_questions
+
 from lite import load_model
 from lite.cost import ModelShape
 from lite.decoding import ExitPolicy, GenerationSettings, generate, parse_thresholds
@@ -46,19 +48,10 @@ from lite.evaluation import hf_generate
 from lite.prompts import encode_prompt
 
 RESULTS = REPO / "benchmarks" / "results"
-VICUNA = REPO.parent / "shared" / "data" / "testsets" / "vicuna.jsonl"
-FALLBACK_PROMPTS = [
-    "Give three tips for staying healthy.", "What is the capital of France?", "Explain photosynthesis briefly.",
-    "Write a haiku about the sea.", "How do I boil an egg?", "Name three primary colours.",
-    "What does a compiler do?", "Describe a cat in one sentence.",
-]
 
 
 def questions(n: int) -> list[str]:
-    if VICUNA.is_file():
-        rows = [json.loads(line) for line in VICUNA.read_text().splitlines() if line.strip()]
-        return [r["turns"][0] for r in rows][:n]
-    return FALLBACK_PROMPTS[:n]
+    return vicuna_questions(0, n)
 
 
 class CallTimer:
