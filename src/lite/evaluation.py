@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from . import decoding
-from .config import CONFIG_NAME, write_json_atomic
+from .config import write_json_atomic
 from .errors import LiteError
 from .testsets import TestPrompt, TestSet, load_testset
 

