@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +31,7 @@ import torch
 
 from lite import load_model
 from lite.calibration import collect, select
+from lite.config import write_atomic
 from lite.data import prepare_data
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,12 +40,6 @@ DATA = REPO.parent / "shared" / "data" / "train" / "alpaca_libre_v1.jsonl"
 RULES = [("paper", {}), ("agreement", {"target": 0.9}), ("agreement", {"target": 0.8}),
          ("ltt", {"epsilon": 0.1, "delta": 0.1}), ("ltt", {"epsilon": 0.2, "delta": 0.1})]
 
-
-def _write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _summary(result, num_layers: int) -> dict:
@@ -110,8 +103,8 @@ def main() -> None:
             }
         out["sources"][source] = entry
     RESULTS.mkdir(parents=True, exist_ok=True)
-    _write(RESULTS / "calibrate.json", json.dumps(out, indent=2) + "\n")
-    _write(RESULTS / "calibrate.md", _markdown(out))
+    write_atomic(RESULTS / "calibrate.json", json.dumps(out, indent=2) + "\n")
+    write_atomic(RESULTS / "calibrate.md", _markdown(out))
     print(_markdown(out))
 
 

@@ -32,7 +32,7 @@ import torch
 from common import vicuna_questions
 
 from lite import load_model
-from lite.config import write_json_atomic
+from lite.config import write_atomic, write_json_atomic
 from lite.cost import ModelShape
 from lite.decoding import ExitPolicy, GenerationSettings, generate
 from lite.prompts import encode_prompt
@@ -331,9 +331,7 @@ def write_report(args, runs: list[dict], load_before: float) -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / "decode.json", report)
-    tmp = args.out / ".decode.md.tmp"
-    tmp.write_text(markdown(report))
-    os.replace(tmp, args.out / "decode.md")
+    write_atomic(args.out / "decode.md", markdown(report))
     print(markdown(report), flush=True)
 
 

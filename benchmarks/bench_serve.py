@@ -26,13 +26,14 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import httpx
 from common import vicuna_questions
+
+from lite.config import write_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -184,13 +185,6 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300.0) -> di
             time.sleep(0.5)
     raise SystemExit(f"lite serve did not answer /health within {timeout:.0f} s")
 
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def fmt(x, digits: int = 2) -> str:

@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -42,6 +41,7 @@ sys.path.insert(0, str(REPO / "src"))
 from common import vicuna_questions
 
 from lite import load_model
+from lite.config import write_atomic
 from lite.cost import ModelShape
 from lite.decoding import ExitPolicy, GenerationSettings, generate, parse_thresholds
 from lite.evaluation import hf_generate
@@ -322,13 +322,6 @@ def markdown(res: dict) -> str:
     lines.append("")
     return "\n".join(lines)
 
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:

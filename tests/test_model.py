@@ -84,3 +84,16 @@ def test_forward_exit_states_equal_hidden_states_without_logits(tiny_model_dir):
     assert sorted(got) == [1, 3, 4]
     for k in (1, 3, 4):
         torch.testing.assert_close(got[k], ref[k])
+
+
+def test_write_atomic_text_bytes_and_failure(tmp_path):
+    from lite.config import write_atomic
+
+    target = tmp_path / "sub" / "f.md"
+    write_atomic(target, "héllo\n")
+    write_atomic(tmp_path / "b.bin", b"\x00\x01")
+    assert target.read_text(encoding="utf-8") == "héllo\n" and (tmp_path / "b.bin").read_bytes() == b"\x00\x01"
+    with pytest.raises(AttributeError):  # not str or bytes: the write fails, the old file stays whole
+        write_atomic(target, 42)
+    assert target.read_text(encoding="utf-8") == "héllo\n"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["f.md"]  # no temporary left behind

@@ -173,16 +173,21 @@ class LiteConfig:
         return cls.from_dict(data)
 
 
-def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
-    """Write JSON so that readers see the old file or the new one, never half of one."""
+def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> None:
+    """Write a file so that readers see the old file or the new one, never half of one (a temporary file
+    in the same folder, then a rename); an interrupted write leaves the old file and no temporary."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data if isinstance(data, bytes) else data.encode("utf-8"))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
+    """Write JSON (indent 2, trailing newline) atomically, see :func:`write_atomic`."""
+    write_atomic(path, json.dumps(data, indent=2) + "\n")

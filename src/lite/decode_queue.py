@@ -23,6 +23,7 @@ from .decoding import ExitPolicy, GenerationResult, GenerationSettings, TokenRec
 from .errors import LiteError
 from .model import LiteModel
 
+
 class QueueFull(Exception):
     """More than ``max_queue`` requests are already waiting."""
 

@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .config import write_json_atomic
+from .config import write_atomic, write_json_atomic
 from .metrics import MiniLMEmbedder, cosine_similarities, mean, prefix_agreement, rouge_l, token_agreement
 
 PACKAGES = ("lite-early-exit", "torch", "transformers", "peft", "rouge-score", "sentence-transformers",
@@ -458,9 +458,6 @@ def write_report(out: str | os.PathLike[str], report: dict[str, Any]) -> list[Pa
         raise
     report["plots"] = [f"plots/{p}" for p in plots]
     md = out / "report.md"
-    fd, tmp_md = tempfile.mkstemp(prefix=".report.md.", dir=out)
-    with os.fdopen(fd, "w") as f:
-        f.write(render_markdown(report, plots))
-    os.replace(tmp_md, md)
+    write_atomic(md, render_markdown(report, plots))
     write_json_atomic(out / "report.json", report)
     return [out / "report.json", md] + [final / p for p in plots]

@@ -32,8 +32,20 @@ from .decoding import KV_STRATEGIES, GenerationSettings, check_settings
 from .errors import LiteError
 from .exit_spec import parse_exit, resolve_exit_spec
 from .model import LiteModel
-from .openai_schema import (APIError, ChatRequest, CompletionRequest, chat_body, chunk, completion_body,
-                            exit_stats, new_id, now, parse_request, sse, usage)
+from .openai_schema import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    chat_body,
+    chunk,
+    completion_body,
+    exit_stats,
+    new_id,
+    now,
+    parse_request,
+    sse,
+    usage,
+)
 from .prompts import alpaca_prompt, default_format
 
 CHAT_FORMATS = ("auto", "chat", "alpaca")

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config import write_atomic
 from .errors import LiteError
 
 # The original repositories' raw files (SPEC §5; /work/shared/data/README.md names the same paths).
@@ -268,14 +268,7 @@ def download(name: str, timeout: float = 30.0) -> Path:
             f"--testset {name}: not found locally ({_places(name)}) and the "
             f"download from {url} failed ({exc}); give the file with --testset {name}=PATH or set $LITE_DATA"
         ) from None
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(target, payload)
     return target
 
 
