@@ -12,6 +12,8 @@ TESTS=${TESTS:-../shared/data/testsets}
 STEPS=${STEPS:-150}
 LIMIT=${LIMIT:-5}
 LITE=${LITE:-.venv/bin/lite}
+THREADS=${THREADS:-1}   # torch threads per job; 1 is fastest for this model on a shared 2-core CPU
+export OMP_NUM_THREADS=$THREADS
 TRAIN_DATA=("$DATA/alpaca_libre_v1.jsonl" "$DATA/alpaca_libre_v3.jsonl" "$DATA/alpaca_en_demo.json")
 COMMON=(--data "${TRAIN_DATA[@]}" --filter status=ok --lora --lora-rank 8 --prompt-format chat
         --max-steps "$STEPS" --lr 3e-4 --save-steps 10 --logging-steps 5 --no-progress-bar)
@@ -25,6 +27,12 @@ grep -q '"rule"' "$RUNS/lite-lora/lite_config.json" ||
     --testset vicuna="$TESTS/vicuna.jsonl" --testset koala="$TESTS/koala.jsonl" \
     --testset wizardlm="$TESTS/wizardlm.jsonl" --testset self_instruct="$TESTS/self_instruct.jsonl" \
     --limit "$LIMIT" --exit dynamic --static-layers --threshold-scales 0.9,1.0,1.1 --max-new-tokens 64 \
-    --threads 2 --out "$RUNS/eval-lite"
-mkdir -p results/reproduce
+    --threads "$THREADS" --out "$RUNS/eval-lite"
+# The learned gate (head evaluated only where the gate passes), on the same prompts.
+"$LITE" eval --model "$RUNS/lite-lora" --exit gate \
+    --testset vicuna="$TESTS/vicuna.jsonl" --testset koala="$TESTS/koala.jsonl" \
+    --testset wizardlm="$TESTS/wizardlm.jsonl" --testset self_instruct="$TESTS/self_instruct.jsonl" \
+    --limit "$LIMIT" --max-new-tokens 64 --threads "$THREADS" --out "$RUNS/eval-lite-gate"
+mkdir -p results/reproduce/gate
 cp "$RUNS/eval-lite"/report.* "$RUNS/eval-lite"/*.png results/reproduce/
+cp "$RUNS/eval-lite-gate"/report.* results/reproduce/gate/

@@ -1,0 +1,82 @@
+"""A frequency-ranked shortlist of the vocabulary for cheap speculative drafts.
+
+On a small model the LM head dominates a draft step: SmolLM2-135M's head (576 x 49152) costs as much as
+4 to 8 decoder blocks on a CPU, and a speculative draft needs one head evaluation per checked exit. A
+draft only has to *propose* a token, so it can use the head restricted to the N most frequent tokens
+(FR-Spec's idea, Zhao et al. 2025): N/V of the cost. The full model still verifies every draft with the
+full head, so the output is unchanged (greedy: identical tokens; sampling: the rejection rule with a draft
+distribution that is zero outside the shortlist keeps the full model's distribution exactly). A token
+outside the shortlist can only be emitted by the verify pass, which costs acceptance, never correctness.
+
+The ranking is counted once, by ``lite calibrate --draft-vocab``, over the tokens of the responses of the
+model's training rows (the sources recorded in ``lite_config.json``) and of the calibration rows, and saved
+beside the model as ``draft_vocab.json``; ``--draft-vocab N`` at decode time takes its first N ids. The
+tokenizer's special tokens (end of sequence) are always in the shortlist.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+from .config import write_atomic
+from .errors import LiteError
+
+FILE = "draft_vocab.json"
+
+
+def rank_tokens(tokenizer, texts: Iterable[str]) -> tuple[list[int], int]:
+    """Token ids seen in ``texts``, most frequent first (ties: lower id first), and the token count."""
+    counts: Counter[int] = Counter()
+    for text in texts:
+        counts.update(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ranking = sorted(counts, key=lambda t: (-counts[t], t))
+    return ranking, sum(counts.values())
+
+
+def save_ranking(folder: str | Path, ranking: list[int], tokens: int, source: str) -> Path:
+    """Write ``draft_vocab.json`` (atomically) into the model folder."""
+    path = Path(folder) / FILE
+    payload = {"ranking": [int(t) for t in ranking], "tokens_counted": int(tokens), "source": source,
+               "note": "token ids by frequency in the responses of these rows; lite uses the first N as the "
+                       "draft head of --speculative --draft-vocab N"}
+    write_atomic(path, json.dumps(payload) + "\n")
+    return path
+
+
+def load_ranking(folder: str | Path | None) -> list[int] | None:
+    """The saved ranking of a model folder, or None when there is none."""
+    if folder is None:
+        return None
+    path = Path(folder) / FILE
+    if not path.is_file():
+        return None
+    try:
+        ranking = json.loads(path.read_text())["ranking"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LiteError(f"{path} is not a draft vocabulary ({exc}); re-create it with "
+                        f"'lite calibrate --model {folder} --draft-vocab'") from None
+    return [int(t) for t in ranking]
+
+
+def shortlist(ranking: list[int] | None, size: int, vocab: int, always: Iterable[int] = (),
+              where: str | None = None) -> list[int]:
+    """The draft vocabulary: the first ``size`` ids of ``ranking`` plus the ``always`` ids (end of
+    sequence), sorted. Fewer than ``size`` ids were ranked: the rest are the lowest unranked ids (BPE
+    tokenizers number frequent merges first)."""
+    if ranking is None:
+        raise LiteError(f"--draft-vocab needs the token ranking of {where or 'this model'} (draft_vocab.json); "
+                        f"create it with 'lite calibrate --model {where or 'MODEL'} --draft-vocab', or drop "
+                        f"--draft-vocab")
+    if not isinstance(size, int) or not 1 <= size <= vocab:
+        raise LiteError(f"--draft-vocab must be an integer in 1..{vocab} (the vocabulary size), got {size!r}")
+    ids = [t for t in ranking if 0 <= t < vocab][:size]
+    chosen = set(ids)
+    filler = (t for t in range(vocab) if t not in chosen)
+    while len(ids) < size:
+        t = next(filler)
+        ids.append(t)
+        chosen.add(t)
+    return sorted(chosen | {int(t) for t in always if 0 <= int(t) < vocab})
