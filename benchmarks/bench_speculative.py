@@ -18,7 +18,7 @@ target speedup can be read off the counts.
 Usage:
     python benchmarks/bench_speculative.py [--model PATH] [--prompts 8] [--max-new-tokens 64]
         [--thresholds calibrated | K:T,...] [--exit-layers 26,28,30] [--max-draft 4] [--draft-stop 0.3]
-        [--threads 2] [--out speculative]
+        [--draft-vocab N] [--threads 2] [--out speculative]
 Writes benchmarks/results/<out>.json and <out>.md (temporary file, then rename).
 """
 
@@ -64,6 +64,9 @@ class CallTimer:
         self._block, self._head = lm.run_block, lm.exit_logits
         lm.run_block = self._timed(self._block, "block", lambda a: a[1].shape[1])
         lm.exit_logits = self._timed(self._head, "head", lambda a: a[0].reshape(-1, a[0].shape[-1]).shape[0])
+        subset_head = lm.subset_head
+        lm.subset_head = lambda ids: self._timed(subset_head(ids), "draft_head",
+                                                 lambda a: a[0].reshape(-1, a[0].shape[-1]).shape[0])
 
     def _timed(self, fn, kind, width):
         def wrapper(*args, **kwargs):
@@ -124,7 +127,8 @@ def build_policy(lm, args) -> ExitPolicy:
     else:
         thresholds = {k: float(args.thresholds) for k in layers if k < L}
     return ExitPolicy("speculative", thresholds=thresholds, confidence=args.confidence, exit_layers=layers,
-                      max_draft_tokens=args.max_draft, draft_stop_confidence=args.draft_stop)
+                      max_draft_tokens=args.max_draft, draft_stop_confidence=args.draft_stop,
+                      draft_vocab=args.draft_vocab)
 
 
 def run(args) -> dict:
@@ -233,7 +237,8 @@ def summarise(lm, args, policy, records, calls, units) -> dict:
         "num_layers": lm.num_layers, "dtype": str(lm.dtype).replace("torch.", ""),
         "policy": {"exit_layers": policy.exit_layers, "thresholds": {str(k): v for k, v in policy.thresholds.items()}
                    or "calibrated (lite_config.json)", "confidence": policy.confidence,
-                   "max_draft_tokens": policy.max_draft_tokens, "draft_stop_confidence": policy.draft_stop_confidence},
+                   "max_draft_tokens": policy.max_draft_tokens, "draft_stop_confidence": policy.draft_stop_confidence,
+                   "draft_vocab": policy.draft_vocab},
         "prompts": len(records), "max_new_tokens": args.max_new_tokens, "tokens": tokens,
         "threads": args.threads, "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
         "identical_outputs": all(r["identical"] for r in records),
@@ -270,7 +275,8 @@ def markdown(res: dict) -> str:
         f"template), greedy, batch 1, max {res['max_new_tokens']} new tokens ({res['tokens']} tokens in all), "
         f"{res['threads']} torch threads on a shared {res['machine']}."),
         (f"Draft policy: exit layers {p['exit_layers']}, thresholds {p['thresholds']} ({p['confidence']}), "
-        f"max draft {p['max_draft_tokens']}, draft stop {p['draft_stop_confidence']}."),
+        f"max draft {p['max_draft_tokens']}, draft stop {p['draft_stop_confidence']}, draft head over "
+        f"{p.get('draft_vocab') or 'the whole'} vocabulary."),
         "",
         "| figure | value |",
         "|---|---|",
@@ -335,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--exit-layers", default=None, help="exit layers to check, e.g. 26,28 (default: the model's)")
     ap.add_argument("--max-draft", type=int, default=4)
     ap.add_argument("--draft-stop", type=float, default=0.0)
+    ap.add_argument("--draft-vocab", type=int, default=None,
+                    help="drafts use the head over the N most frequent tokens (the model's draft_vocab.json)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="speculative", help="results file stem in benchmarks/results")
     args = ap.parse_args(argv)

@@ -102,7 +102,7 @@ def test_sampling_with_a_shortlist_keeps_the_full_models_distribution(tmp_path):
         decoder._prefill()
         for _ in range(300):
             decoder.cache.truncate(len(ids) - 1)
-            emitted, d, j = decoder._round(torch.tensor([[ids[-1]]]), len(ids) - 1, budget=2)
+            emitted, _, j = decoder._round(torch.tensor([[ids[-1]]]), len(ids) - 1, budget=2)
             counts[emitted[0][0]] += 1
             if j:
                 drafts.add(emitted[0][0])

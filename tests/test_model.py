@@ -97,3 +97,15 @@ def test_write_atomic_text_bytes_and_failure(tmp_path):
         write_atomic(target, 42)
     assert target.read_text(encoding="utf-8") == "héllo\n"
     assert sorted(p.name for p in target.parent.iterdir()) == ["f.md"]  # no temporary left behind
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 17])
+def test_head_logits_equal_the_head_module_for_every_row_count(tiny_model_dir, rows):
+    lm = load_model(tiny_model_dir, device="cpu")
+    normed = torch.randn(1, rows, lm.hidden_size)
+    with torch.inference_mode():
+        got, want = lm.head_logits(normed), lm.lm_head(normed)
+        short = lm.subset_head([5, 2, 9])(normed)
+    assert got.shape == want.shape == (1, rows, lm.vocab_size)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(short, want[..., [5, 2, 9]], rtol=1e-5, atol=1e-5)

@@ -85,11 +85,18 @@ def test_verify_pass_runs_every_block_once_per_position_and_the_head_once(lm):
 
     decoder.cache.update = logged
     decoder.after_step = round_done
-    hook = lm.lm_head.register_forward_hook(lambda m, i, out: heads.append(out.reshape(-1, out.shape[-1]).shape[0]))
+    head_logits = lm.head_logits  # every full-head evaluation of this policy goes through it
+
+    def counted(normed):
+        out = head_logits(normed)
+        heads.append(out.reshape(-1, out.shape[-1]).shape[0])
+        return out
+
+    lm.head_logits = counted
     try:
         list(decoder.run())
     finally:
-        hook.remove()
+        del lm.head_logits
     rounds = decoder.rounds
     assert len(per_round) == len(rounds) and any(d > 0 for d, _ in rounds)
     prefill = per_round[0][0][: 4 * (len(ids) - 1)]

@@ -122,6 +122,8 @@ class TokenCost:
         head_checks: how many of ``head_evals`` also computed a confidence reduction over V.
         cosine_checks: state-cosine checks made.
         gate_flops: FLOPs reported by the learned gate for the checks it made (``gate.flops``).
+        draft_head_rows: vocabulary rows evaluated by shortlist draft heads (speculative ``--draft-vocab``):
+            each row is one dot product over D plus its share of the confidence reduction.
         kv_fills: skipped blocks whose K/V were filled from the exit state (``copy``).
         recomputed: (block, pending position) pairs pushed through blocks they had skipped (``recompute``).
         recompute_context: sum of the attended context lengths of those pairs (for their attention cost).
@@ -140,6 +142,7 @@ class TokenCost:
     head_checks: int = 0
     cosine_checks: int = 0
     gate_flops: int = 0
+    draft_head_rows: int = 0
     kv_fills: int = 0
     recomputed: int = 0
     recompute_context: int = 0
@@ -154,7 +157,8 @@ def token_flops(shape: ModelShape, tc: TokenCost) -> int:
     """FLOPs of one decode step: its own blocks, head evaluations (with their V-reductions), cosine and
     gate checks, K/V fills, and the recompute of pending positions."""
     own = tc.blocks_run * shape.block_flops(tc.position)
-    heads = tc.head_evals * shape.head_flops() + tc.head_checks * 5 * shape.vocab
+    heads = tc.head_evals * shape.head_flops() + tc.head_checks * 5 * shape.vocab + \
+        tc.draft_head_rows * (2 * shape.hidden + 5)
     fills = tc.kv_fills * shape.kv_fill_flops()
     pairs = tc.recomputed + tc.other_blocks
     recompute = pairs * (shape.projection_flops() + shape.mlp_flops()) + \

@@ -59,6 +59,9 @@ class ExitPolicy:
         draft_stop_confidence: ``speculative`` only (``--draft-stop``): a draft token whose confidence at a
             checked exit is below this checks no further exits and goes straight to the verify pass
             (0 = never; saves head evaluations on hopeless tokens).
+        draft_vocab: ``speculative`` only (``--draft-vocab N``): drafts use the head restricted to the N
+            most frequent tokens of the model's ``draft_vocab.json`` (:mod:`lite.draft_vocab`); None = the
+            full head. The verify pass always uses the full head, so the output does not change.
     """
 
     kind: str = "none"
@@ -70,6 +73,7 @@ class ExitPolicy:
     exit_layers: list[int] | None = None
     max_draft_tokens: int = 4
     draft_stop_confidence: float = 0.0
+    draft_vocab: int | None = None
 
 
 def parse_exit(text: str, num_layers: int) -> ExitPolicy:
@@ -125,6 +129,7 @@ class ResolvedPolicy:
             the layers it is asked at, with threshold NaN).
         confidence: the measure used for checks and recorded confidences.
         gate: the learned gate, or None.
+        draft_ids: speculative with ``draft_vocab``: the sorted token ids of the draft head, else None.
     """
 
     kind: str
@@ -132,6 +137,7 @@ class ResolvedPolicy:
     checks: dict[int, float]
     confidence: str
     gate: ExitGate | None = None
+    draft_ids: list[int] | None = None
 
 
 def resolve_policy(lm: LiteModel, policy: ExitPolicy) -> ResolvedPolicy:
@@ -143,8 +149,19 @@ def resolve_policy(lm: LiteModel, policy: ExitPolicy) -> ResolvedPolicy:
         from .speculative import check_draft_settings
 
         check_draft_settings(policy)
-        plan = resolve_policy(lm, replace(policy, kind="dynamic"))
-        return replace(plan, kind="speculative")
+        plan = resolve_policy(lm, replace(policy, kind="dynamic", draft_vocab=None))
+        draft_ids = None
+        if policy.draft_vocab is not None:
+            from .draft_vocab import load_ranking, shortlist
+            from .sampling import eos_ids
+
+            always = set(eos_ids(lm.tokenizer, getattr(lm.model, "generation_config", None)))
+            always |= set(getattr(lm.tokenizer, "all_special_ids", []) or [])
+            draft_ids = shortlist(load_ranking(lm.folder), policy.draft_vocab, lm.vocab_size, always,
+                                  where=lm.folder)
+        return replace(plan, kind="speculative", draft_ids=draft_ids)
+    if policy.draft_vocab is not None:
+        raise LiteError(f"--draft-vocab applies to --speculative (the draft head), not --exit {policy.kind}")
     if policy.kind == "none":
         return ResolvedPolicy("none", L, {}, policy.confidence)
     if policy.kind == "static":

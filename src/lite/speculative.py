@@ -96,7 +96,8 @@ def merge_costs(into: TokenCost, other: TokenCost) -> None:
     ``other_blocks`` of ``into``; every other count adds up."""
     into.other_blocks += other.blocks_run + other.other_blocks
     into.other_context += other.blocks_run * (other.position + 1) + other.other_context
-    for name in ("head_evals", "head_checks", "cosine_checks", "gate_flops", "kv_fills", "recomputed",
+    for name in ("head_evals", "head_checks", "cosine_checks", "gate_flops", "draft_head_rows", "kv_fills",
+                 "recomputed",
                  "recompute_context", "drafted", "accepted"):
         setattr(into, name, getattr(into, name) + getattr(other, name))
 
@@ -173,14 +174,20 @@ class SpeculativeDecoder(Decoder):
         self.max_draft = int(policy.max_draft_tokens)
         self.stop_confidence = float(policy.draft_stop_confidence)
         self.rounds: list[tuple[int, int]] = []  # (drafted, accepted) per round
+        # --draft-vocab: drafts propose from a shortlist head (the verify head stays full)
+        ids = self.plan.draft_ids
+        self.draft_ids = None if ids is None else torch.tensor(ids, dtype=torch.long, device=lm.device)
+        self.draft_head = None if ids is None else lm.subset_head(ids)
+        self.draft_rows = 0 if ids is None else len(ids)
 
     # ------------------------------------------------------------------ one step of a round
     def _draft_step(self, token: torch.Tensor, pos: int, tc: TokenCost, may_draft: bool
                     ) -> tuple[torch.Tensor | None, int, float | None, torch.Tensor]:
         """Run the token at ``pos`` (1, 1) through the blocks, checking exits while ``may_draft``.
 
-        Returns (draft logits (1, V) or None, exit layer, confidence, raw state (1, 1, D)). None means the
-        token went through all L blocks: this step is the verify pass (pending drafts were pushed along).
+        Returns (draft logits (1, V), or (1, N) over ``self.draft_ids`` with a shortlist head, or None,
+        exit layer, confidence, raw state (1, 1, D)). None means the token went through all L blocks: this
+        step is the verify pass (pending drafts were pushed along).
         """
         lm, plan = self.lm, self.plan
         L = lm.num_layers
@@ -191,9 +198,13 @@ class SpeculativeDecoder(Decoder):
             h = self._block(layer, h, pos, tc)
             if not checking or plan.checks.get(layer) is None:
                 continue
-            logits, value, leave, prev_state = self._check(layer, h, tc, prev_state)  # shared with dynamic
+            logits, value, leave, prev_state = self._check(layer, h, tc, prev_state, self.draft_head,
+                                                           self.draft_rows)  # shared with dynamic
             if leave:
-                if logits is None:  # state_cosine: the head runs only once the token leaves
+                if logits is None and self.draft_head is not None:  # state_cosine, shortlist head
+                    logits = self.draft_head(lm.final_norm(h[:, -1]))
+                    tc.draft_head_rows += self.draft_rows
+                elif logits is None:  # state_cosine: the head runs only once the token leaves
                     logits = lm.exit_logits(h[:, -1], layer)
                     tc.head_evals += 1
                 self.states[:, pos] = h[:, -1]  # kept for the verify pass (the recompute push)
@@ -203,10 +214,16 @@ class SpeculativeDecoder(Decoder):
         return None, L, None, h
 
     def _pick_draft(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The draft token (0-d) and, when sampling, the full-vocabulary distribution q it came from (zero
+        outside the shortlist when there is one: the rejection rule holds for any q)."""
         s = self.settings
+        logits = logits.reshape(-1)
         if s.temperature <= 0:
-            return logits.reshape(-1).argmax(), None
-        q = sampling_probs(logits.reshape(-1), s.temperature, s.top_p)  # (V,)
+            best = logits.argmax()
+            return (best if self.draft_ids is None else self.draft_ids[best]), None
+        q = sampling_probs(logits, s.temperature, s.top_p)  # (V,) or (N,)
+        if self.draft_ids is not None:
+            q = torch.zeros(self.lm.vocab_size, dtype=q.dtype, device=q.device).index_copy_(0, self.draft_ids, q)
         return torch.multinomial(q, 1, generator=self.generator)[0], q
 
     def _accept(self, drafts: list[_Draft], full_logits: torch.Tensor) -> tuple[int, int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from pathlib import Path
 
 from ..errors import LiteError
 
@@ -34,6 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gate", action="store_true",
                    help="also train a learned exit gate (logistic regression per exit on the normed state)")
     p.add_argument("--gate-hidden", type=int, default=0, help="gate hidden width (0 = logistic regression)")
+    p.add_argument("--draft-vocab", action="store_true",
+                   help="also rank tokens by frequency in the responses of the training rows recorded in "
+                        "lite_config.json (and of the calibration rows) into draft_vocab.json, for "
+                        "'lite generate --speculative --draft-vocab N'")
     p.add_argument("--seed", type=int, default=0, help="seed of gate training")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or auto")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
@@ -140,4 +145,32 @@ def run(args: argparse.Namespace) -> int:
     path = save_calibration(lm, result)
     _print_table(result)
     print(f"wrote {path}")
+    if args.draft_vocab:
+        print(f"wrote {write_draft_vocab(lm, examples, progress)}")
     return 0
+
+
+def write_draft_vocab(lm, examples, progress) -> Path:
+    """Rank tokens over the responses of the model's training sources (when their files are readable
+    here) and of the calibration rows; save ``draft_vocab.json`` into the model folder."""
+    from ..data import DataError, read_examples
+    from ..draft_vocab import rank_tokens, save_ranking
+
+    if lm.folder is None:
+        raise LiteError("--draft-vocab writes draft_vocab.json beside the model: give --model a local folder")
+    texts = [e.output for e in examples]
+    used = ["calibration rows"]
+    data = lm.lite_config.data or {}
+    paths = [s["path"] for s in data.get("sources", []) if isinstance(s, dict) and s.get("path")]
+    filters = [f"{k}={v}" for k, v in (data.get("filter") or {}).items()]
+    if paths:
+        try:
+            rows, _ = read_examples(paths, filters)
+            texts += [e.output for e in rows]
+            used.append(f"training sources {paths}")
+        except DataError as exc:
+            progress(f"draft vocabulary: training sources not readable here ({exc}); ranking the calibration "
+                     f"rows only")
+    ranking, tokens = rank_tokens(lm.tokenizer, texts)
+    progress(f"draft vocabulary: {len(ranking)} distinct tokens in {tokens} response tokens")
+    return save_ranking(lm.folder, ranking, tokens, " + ".join(used))

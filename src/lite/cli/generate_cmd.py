@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-stop", type=float, default=None, metavar="C",
                    help="speculative: a draft token whose confidence at a checked exit is below C checks no "
                         "further exits and is verified at once (default 0 = never)")
+    p.add_argument("--draft-vocab", type=int, default=None, metavar="N",
+                   help="speculative: drafts use the head over the N most frequent tokens (draft_vocab.json, "
+                        "made by 'lite calibrate --draft-vocab'); the output does not change")
     p.add_argument("--kv", default="copy", choices=("copy", "recompute"),
                    help="what later tokens see at skipped layers (default copy)")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -72,8 +75,9 @@ def build_policy(args: argparse.Namespace, lm):
             policy.max_draft_tokens = args.max_draft
         if args.draft_stop is not None:
             policy.draft_stop_confidence = args.draft_stop
-    elif args.max_draft is not None or args.draft_stop is not None:
-        raise LiteError(f"--max-draft/--draft-stop apply to --speculative, not --exit {spec}")
+        policy.draft_vocab = args.draft_vocab
+    elif args.max_draft is not None or args.draft_stop is not None or args.draft_vocab is not None:
+        raise LiteError(f"--max-draft/--draft-stop/--draft-vocab apply to --speculative, not --exit {spec}")
     if (args.gate or args.thresholds or args.confidence) and policy.kind not in ("dynamic", "speculative"):
         raise LiteError(f"--gate/--thresholds/--confidence apply to --exit dynamic, not --exit {spec}")
     if args.exit_layers:
@@ -189,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
         }
         if speculative:
             out.update({"max_draft": policy.max_draft_tokens, "draft_stop": policy.draft_stop_confidence,
+                        "draft_vocab": policy.draft_vocab,
                         "drafted": cost.drafted, "accepted": cost.accepted, "rejected": cost.rejected,
                         "acceptance_by_position": cost.acceptance_by_position})
         print(json.dumps(out))
