@@ -17,7 +17,7 @@ target speedup can be read off the counts.
 
 Usage:
     python benchmarks/bench_speculative.py [--model PATH] [--prompts 8] [--max-new-tokens 64]
-        [--thresholds calibrated | K:T,...] [--exit-layers 26,28,30] [--max-draft 4] [--draft-stop 0.3]
+        [--thresholds calibrated | K:T,...] [--gate] [--exit-layers 26,28,30] [--max-draft 4] [--draft-stop 0.3]
         [--draft-vocab N] [--threads 2] [--out speculative]
 Writes benchmarks/results/<out>.json and <out>.md (temporary file, then rename).
 """
@@ -126,7 +126,14 @@ def build_policy(lm, args) -> ExitPolicy:
         thresholds = parse_thresholds(args.thresholds)
     else:
         thresholds = {k: float(args.thresholds) for k in layers if k < L}
-    return ExitPolicy("speculative", thresholds=thresholds, confidence=args.confidence, exit_layers=layers,
+    gate = None
+    if args.gate:
+        from lite.gate import load_gate
+
+        gate = load_gate(lm)
+        if gate is None:
+            raise SystemExit(f"--gate: {args.model} has no learned exit gate (lite calibrate --gate)")
+    return ExitPolicy("speculative", thresholds=thresholds, confidence=args.confidence, exit_layers=layers, gate=gate,
                       max_draft_tokens=args.max_draft, draft_stop_confidence=args.draft_stop,
                       draft_vocab=args.draft_vocab)
 
@@ -238,7 +245,7 @@ def summarise(lm, args, policy, records, calls, units) -> dict:
         "policy": {"exit_layers": policy.exit_layers, "thresholds": {str(k): v for k, v in policy.thresholds.items()}
                    or "calibrated (lite_config.json)", "confidence": policy.confidence,
                    "max_draft_tokens": policy.max_draft_tokens, "draft_stop_confidence": policy.draft_stop_confidence,
-                   "draft_vocab": policy.draft_vocab},
+                   "draft_vocab": policy.draft_vocab, "gate": policy.gate is not None},
         "prompts": len(records), "max_new_tokens": args.max_new_tokens, "tokens": tokens,
         "threads": args.threads, "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
         "identical_outputs": all(r["identical"] for r in records),
@@ -274,7 +281,8 @@ def markdown(res: dict) -> str:
         (f"Model: {res['model']}, {res['num_layers']} layers, {res['dtype']}; {res['prompts']} Vicuna prompts (chat "
         f"template), greedy, batch 1, max {res['max_new_tokens']} new tokens ({res['tokens']} tokens in all), "
         f"{res['threads']} torch threads on a shared {res['machine']}."),
-        (f"Draft policy: exit layers {p['exit_layers']}, thresholds {p['thresholds']} ({p['confidence']}), "
+        (f"Draft policy: exit layers {p['exit_layers']}, "
+        + ("the learned exit gate" if p.get("gate") else f"thresholds {p['thresholds']} ({p['confidence']})") + ", "
         f"max draft {p['max_draft_tokens']}, draft stop {p['draft_stop_confidence']}, draft head over "
         f"{p.get('draft_vocab') or 'the whole'} vocabulary."),
         "",
@@ -338,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--thresholds", default="0.9",
                     help="'calibrated' (lite_config.json), one value for every checked exit, or K:T,...")
     ap.add_argument("--confidence", default="max_prob")
+    ap.add_argument("--gate", action="store_true", help="drafts leave where the model's learned exit gate says "
+                    "(head-free checks) instead of by confidence thresholds")
     ap.add_argument("--exit-layers", default=None, help="exit layers to check, e.g. 26,28 (default: the model's)")
     ap.add_argument("--max-draft", type=int, default=4)
     ap.add_argument("--draft-stop", type=float, default=0.0)
