@@ -22,6 +22,28 @@ def test_run_demo_figures(tiny_model_dir):
     assert total.tokens_early == sum(a.tokens_early for a in result.answers)
 
 
+def test_lossless_row_is_the_full_models_output(tiny_model_dir, tmp_path):
+    import shutil
+
+    from lite.config import LiteConfig
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    cfg = LiteConfig.load(model) or LiteConfig(num_layers=4, exit_layers=[1, 2, 3, 4])
+    cfg.exit_layers = [1, 2, 3, 4]
+    cfg.thresholds = {"1": 0.0, "2": 0.0, "3": 0.0}  # every token drafts: the verify must still fix the output
+    cfg.save(model)
+    result = run_demo(model=str(model), prompts=["hello there", "the sea"], max_new_tokens=6,
+                      exit_spec="static:2", similarity=False)
+    assert result.lossless_policy and "calibrated thresholds" in result.lossless_policy
+    for a in result.answers:
+        assert a.identical_lossless is True and a.seconds_lossless > 0 and a.drafted >= a.accepted
+    total = result.overall()
+    assert total.drafted > 0 and total.identical_lossless is True and total.speedup_lossless > 0
+    assert run_demo(model=str(model), prompts=["hi"], max_new_tokens=2, exit_spec="static:2", similarity=False,
+                    lossless=False).lossless_policy is None
+
+
 def test_uncalibrated_model_gets_a_labelled_fallback(tiny_model_dir):
     from lite import load_model
 

@@ -45,10 +45,21 @@ class DemoAnswer:
     seconds_full: float  # transformers' generate
     seconds_early: float
     similarity: float | None
+    # lossless self-speculative decoding of the same prompt (None when not run)
+    seconds_lossless: float | None = None
+    identical_lossless: bool | None = None  # same tokens as transformers' generate
+    drafted: int = 0
+    accepted: int = 0
 
     @property
     def speedup(self) -> float:
         return self.seconds_full / self.seconds_early if self.seconds_early > 0 else float("nan")
+
+    @property
+    def speedup_lossless(self) -> float | None:
+        if not self.seconds_lossless:
+            return None
+        return self.seconds_full / self.seconds_lossless
 
 
 @dataclass
@@ -60,12 +71,14 @@ class DemoResult:
     exit_layers: list[int]
     checked_layers: list[int]  # exit layers below L the policy checks (what the colours stand for)
     answers: list[DemoAnswer] = field(default_factory=list)
+    lossless_policy: str | None = None  # how the lossless run drafted, when it ran
 
     def overall(self) -> DemoAnswer:
         """Totals over the prompts: costs weighted by tokens, speedup = total time ratio."""
         a = self.answers
         n_early = sum(x.tokens_early for x in a) or 1
         sims = [x.similarity for x in a if x.similarity is not None]
+        lossless = [x for x in a if x.seconds_lossless is not None]
         return DemoAnswer(
             prompt="(all)", full_text="", early_text="",
             tokens_full=sum(x.tokens_full for x in a), tokens_early=sum(x.tokens_early for x in a),
@@ -74,6 +87,9 @@ class DemoResult:
             compute_cost_improvement=sum(x.compute_cost_improvement * x.tokens_early for x in a) / n_early,
             seconds_full=sum(x.seconds_full for x in a), seconds_early=sum(x.seconds_early for x in a),
             similarity=sum(sims) / len(sims) if sims else None,
+            seconds_lossless=sum(x.seconds_lossless for x in lossless) if lossless else None,
+            identical_lossless=all(x.identical_lossless for x in lossless) if lossless else None,
+            drafted=sum(x.drafted for x in lossless), accepted=sum(x.accepted for x in lossless),
         )
 
 
@@ -100,9 +116,32 @@ def demo_policy(lm, exit_spec: str | None):
     return policy, f"dynamic, hand-set max-prob >= {FALLBACK_THRESHOLD} at layers {late} (not calibrated)"
 
 
+LOSSLESS_MAX_DRAFT = 4
+LOSSLESS_DRAFT_VOCAB = 8192
+
+
+def lossless_policy(lm):
+    """Self-speculative decoding for the demo's lossless row, and its description; (None, reason) when the
+    model has neither a gate nor calibrated thresholds to draft with. Drafts leave where the learned gate
+    says (else by the calibrated thresholds) and use the shortlist head when ``draft_vocab.json`` exists."""
+    from .decoding import ExitPolicy
+    from .draft_vocab import load_ranking
+    from .exit_spec import is_calibrated
+    from .gate import load_gate
+
+    gate = load_gate(lm)
+    if gate is None and not is_calibrated(lm):
+        return None, "not calibrated"
+    vocab = min(LOSSLESS_DRAFT_VOCAB, lm.vocab_size) if load_ranking(lm.folder) else None
+    policy = ExitPolicy("speculative", gate=gate, max_draft_tokens=LOSSLESS_MAX_DRAFT, draft_vocab=vocab)
+    what = f"self-speculative, drafts by the {'learned gate' if gate else 'calibrated thresholds'}, " \
+           f"up to {LOSSLESS_MAX_DRAFT} per round, draft head over {vocab or 'all'} tokens"
+    return policy, what
+
+
 def run_demo(*, model: str | None = None, prompts: list[str] | None = None, max_new_tokens: int = 48,
              dtype: str | None = None, exit_spec: str | None = None, similarity: bool = True,
-             progress: Callable[[str], None] | None = None,
+             lossless: bool = True, progress: Callable[[str], None] | None = None,
              on_ready: Callable[[DemoResult], None] | None = None,
              on_answer_start: Callable[[str], None] | None = None,
              on_token: Callable[[object], None] | None = None) -> DemoResult:
@@ -112,6 +151,8 @@ def run_demo(*, model: str | None = None, prompts: list[str] | None = None, max_
         model: a model/adapter folder; None = the embedded default with the shipped LITE adapter if any.
         exit_spec: override the exit policy ("gate", "dynamic", "static:K", "speculative", ...).
         similarity: compute answer similarity with the offline MiniLM model (a few seconds to load).
+        lossless: also decode each prompt with lossless self-speculative decoding (:func:`lossless_policy`)
+            and time it against the same ``generate`` run.
         on_ready / on_answer_start / on_token: hooks for the CLI: the (still empty) result once the model and
             policy are known; each prompt before its early-exit answer; each early-exit TokenRecord.
     """
@@ -141,11 +182,15 @@ def run_demo(*, model: str | None = None, prompts: list[str] | None = None, max_
     warm = encode_prompt(lm.tokenizer, "Hi", fmt=fmt)
     hf_generate(lm, warm, 4)
     generate(lm, warm, policy, GenerationSettings(max_new_tokens=4))
+    spec_policy, spec_name = lossless_policy(lm) if lossless else (None, None)
+    if spec_policy is not None:
+        generate(lm, warm, spec_policy, GenerationSettings(max_new_tokens=4))
     if embedder is not None:
         embedder.encode(["warm up"])  # load MiniLM now, not in the middle of the first answer
     checked = sorted(k for k in (policy.exit_layers or lm.exit_layers) if k < lm.num_layers)
     result = DemoResult(model=lm.source or "", adapter=str(adapter) if adapter else None, policy=policy_name,
-                        num_layers=lm.num_layers, exit_layers=lm.exit_layers, checked_layers=checked)
+                        num_layers=lm.num_layers, exit_layers=lm.exit_layers, checked_layers=checked,
+                        lossless_policy=spec_name if spec_policy is not None else None)
     if on_ready:
         on_ready(result)
     for prompt in prompts:
@@ -170,4 +215,9 @@ def run_demo(*, model: str | None = None, prompts: list[str] | None = None, max_
             compute_cost_improvement=early.compute_cost_improvement, seconds_full=full_seconds,
             seconds_early=early.seconds, similarity=sim,
         ))
+        if spec_policy is not None:
+            spec = generate(lm, ids, spec_policy, settings)
+            a = result.answers[-1]
+            a.seconds_lossless, a.identical_lossless = spec.seconds, spec.token_ids == list(full_ids)
+            a.drafted, a.accepted = spec.cost.drafted, spec.cost.accepted
     return result

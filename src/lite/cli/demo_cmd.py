@@ -17,6 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="weights dtype (default: the model's)")
     p.add_argument("--prompt", action="append", default=None, help="your own prompt (repeatable) instead of the built-ins")
     p.add_argument("--no-similarity", action="store_true", help="skip the MiniLM similarity (saves a few seconds)")
+    p.add_argument("--no-lossless", action="store_true",
+                   help="skip the lossless self-speculative run of each prompt (saves about a third of the time)")
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
 
 
@@ -45,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     result = run_demo(model=args.model, prompts=args.prompt, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
-                      exit_spec=args.exit, similarity=not args.no_similarity, progress=progress,
+                      exit_spec=args.exit, similarity=not args.no_similarity, lossless=not args.no_lossless,
+                      progress=progress,
                       on_ready=on_ready, on_answer_start=on_answer_start, on_token=on_token)
     print("\n")
     print(f"model: {result.model}  ({result.num_layers} layers, exits {result.exit_layers})")
@@ -57,6 +60,14 @@ def run(args: argparse.Namespace) -> int:
         sim = f"{a.similarity:.3f}" if a.similarity is not None else "-"
         print(f"{a.prompt[:36]:<36} {f'{a.tokens_full}/{a.tokens_early}':>14} {a.mean_exit_layer:>9.1f} "
               f"{a.layer_cost_improvement:>10.1%} {a.compute_cost_improvement:>12.1%} {a.speedup:>7.2f}x {sim:>10}")
+    if result.lossless_policy:
+        done = [a for a in result.answers if a.seconds_lossless is not None]
+        total = result.overall()
+        rate = f"{total.accepted / total.drafted:.0%}" if total.drafted else "-"
+        print(f"\nlossless early exit ({result.lossless_policy}):")
+        print(f"  same tokens as the full model on {sum(bool(a.identical_lossless) for a in done)}/{len(done)} "
+              f"prompts; speedup vs generate {total.speedup_lossless:.2f}x; drafted {total.drafted}, accepted "
+              f"{total.accepted} ({rate})")
     print("\nlayer cost = 1 - mean exit layer / L (the paper's figure); compute cost = 1 - FLOPs with every head "
           "check and K/V fill / FLOPs of the full model's own answer; speedup = wall-clock of transformers' "
           "generate / early exit, same prompts, same dtype, one run.")
