@@ -11,6 +11,7 @@ DATA=${DATA:-../shared/data/train}
 TESTS=${TESTS:-../shared/data/testsets}
 STEPS=${STEPS:-150}
 LIMIT=${LIMIT:-5}
+MAX_NEW=${MAX_NEW:-64}   # new tokens per answer
 LITE=${LITE:-.venv/bin/lite}
 THREADS=${THREADS:-1}   # torch threads per job; 1 is fastest for this model on a shared 2-core CPU
 export OMP_NUM_THREADS=$THREADS
@@ -26,13 +27,13 @@ grep -q '"rule"' "$RUNS/lite-lora/lite_config.json" ||
 "$LITE" eval --model "$RUNS/lite-lora" --compare-model "$RUNS/baseline-lora" \
     --testset vicuna="$TESTS/vicuna.jsonl" --testset koala="$TESTS/koala.jsonl" \
     --testset wizardlm="$TESTS/wizardlm.jsonl" --testset self_instruct="$TESTS/self_instruct.jsonl" \
-    --limit "$LIMIT" --exit dynamic --static-layers --threshold-scales 0.9,1.0,1.1 --max-new-tokens 64 \
+    --limit "$LIMIT" --exit dynamic --static-layers --threshold-scales 0.9,1.0,1.1 --max-new-tokens "$MAX_NEW" \
     --threads "$THREADS" --out "$RUNS/eval-lite"
 # The learned gate (head evaluated only where the gate passes), on the same prompts.
 "$LITE" eval --model "$RUNS/lite-lora" --exit gate \
     --testset vicuna="$TESTS/vicuna.jsonl" --testset koala="$TESTS/koala.jsonl" \
     --testset wizardlm="$TESTS/wizardlm.jsonl" --testset self_instruct="$TESTS/self_instruct.jsonl" \
-    --limit "$LIMIT" --max-new-tokens 64 --threads "$THREADS" --out "$RUNS/eval-lite-gate"
+    --limit "$LIMIT" --max-new-tokens "$MAX_NEW" --threads "$THREADS" --out "$RUNS/eval-lite-gate"
 mkdir -p results/reproduce/gate
 cp "$RUNS/eval-lite"/report.* "$RUNS/eval-lite"/*.png results/reproduce/
 cp "$RUNS/eval-lite-gate"/report.* results/reproduce/gate/

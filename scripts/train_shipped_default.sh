@@ -22,7 +22,8 @@ if [ ! -d "$OUT" ]; then
         --save-steps 10 --logging-steps 1 --no-progress-bar
 fi
 # thresholds and gate from the held-out rows recorded in lite_config.json (never trained on)
-"$LITE" calibrate --model "$OUT" --rule agreement --target 0.9 --source generated --max-examples 40 --gate
+"$LITE" calibrate --model "$OUT" --rule agreement --target 0.9 --source generated --max-examples 40 --gate \
+    --draft-vocab
 rm -rf src/lite/assets/smollm2-135m-lite.tmp
 mkdir -p src/lite/assets
 cp -r "$OUT" src/lite/assets/smollm2-135m-lite.tmp

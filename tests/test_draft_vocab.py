@@ -136,3 +136,28 @@ def test_calibrate_draft_vocab_ranks_the_rows_responses(tiny_model_dir, tmp_path
     texts = [r["output"] for r in ROWS if r.get("status", "ok") == "ok"]
     ranking, tokens = rank_tokens(lm_tok, texts)
     assert saved["ranking"] == ranking and saved["tokens_counted"] == tokens
+
+
+def test_draft_vocab_prefers_the_recorded_training_sources(tiny_model_dir, tmp_path):
+    from lite import load_model
+    from lite.cli.calibrate_cmd import write_draft_vocab
+    from lite.config import LiteConfig
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps([{"instruction": "x", "output": "zzz zz", "status": "ok"},
+                                 {"instruction": "y", "output": "qqqqqqqq", "status": "bad"}]))
+    cfg = LiteConfig.load(model) or LiteConfig(num_layers=4, exit_layers=[1, 2, 3, 4])
+    cfg.data = {"sources": [{"path": str(train)}], "filter": {"status": "ok"}}
+    cfg.save(model)
+    lm = load_model(model, device="cpu")
+    calibration_rows = [type("E", (), {"output": "aaaa"})()]
+    write_draft_vocab(lm, calibration_rows, lambda msg: None)
+    saved = json.loads((model / FILE).read_text())
+    z = lm.tokenizer("z", add_special_tokens=False)["input_ids"][0]
+    assert saved["ranking"][0] == z and saved["tokens_counted"] == len(lm.tokenizer("zzz zz")["input_ids"])
+    (train).unlink()  # unreadable here: falls back to the calibration rows
+    write_draft_vocab(lm, calibration_rows, lambda msg: None)
+    a = lm.tokenizer("a", add_special_tokens=False)["input_ids"][0]
+    assert json.loads((model / FILE).read_text())["ranking"][0] == a

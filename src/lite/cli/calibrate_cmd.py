@@ -36,8 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also train a learned exit gate (logistic regression per exit on the normed state)")
     p.add_argument("--gate-hidden", type=int, default=0, help="gate hidden width (0 = logistic regression)")
     p.add_argument("--draft-vocab", action="store_true",
-                   help="also rank tokens by frequency in the responses of the training rows recorded in "
-                        "lite_config.json (and of the calibration rows) into draft_vocab.json, for "
+                   help="also rank tokens by frequency in the responses of the training sources recorded in "
+                        "lite_config.json (else of the calibration rows) into draft_vocab.json, for "
                         "'lite generate --speculative --draft-vocab N'")
     p.add_argument("--seed", type=int, default=0, help="seed of gate training")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or auto")
@@ -151,26 +151,25 @@ def run(args: argparse.Namespace) -> int:
 
 
 def write_draft_vocab(lm, examples, progress) -> Path:
-    """Rank tokens over the responses of the model's training sources (when their files are readable
-    here) and of the calibration rows; save ``draft_vocab.json`` into the model folder."""
+    """Rank tokens over the responses of the model's training sources (every row, held-out ones included,
+    when the files recorded in lite_config.json are readable here), else of the calibration rows; save
+    ``draft_vocab.json`` into the model folder."""
     from ..data import DataError, read_examples
     from ..draft_vocab import rank_tokens, save_ranking
 
     if lm.folder is None:
         raise LiteError("--draft-vocab writes draft_vocab.json beside the model: give --model a local folder")
-    texts = [e.output for e in examples]
-    used = ["calibration rows"]
+    texts, used = [e.output for e in examples], "calibration rows"
     data = lm.lite_config.data or {}
     paths = [s["path"] for s in data.get("sources", []) if isinstance(s, dict) and s.get("path")]
     filters = [f"{k}={v}" for k, v in (data.get("filter") or {}).items()]
     if paths:
         try:
             rows, _ = read_examples(paths, filters)
-            texts += [e.output for e in rows]
-            used.append(f"training sources {paths}")
+            texts, used = [e.output for e in rows], f"training sources {paths} (filter {filters or 'none'})"
         except DataError as exc:
             progress(f"draft vocabulary: training sources not readable here ({exc}); ranking the calibration "
                      f"rows only")
     ranking, tokens = rank_tokens(lm.tokenizer, texts)
-    progress(f"draft vocabulary: {len(ranking)} distinct tokens in {tokens} response tokens")
-    return save_ranking(lm.folder, ranking, tokens, " + ".join(used))
+    progress(f"draft vocabulary: {len(ranking)} distinct tokens in {tokens} response tokens of {used}")
+    return save_ranking(lm.folder, ranking, tokens, used)
