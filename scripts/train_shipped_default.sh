@@ -37,6 +37,7 @@ cfg.provenance = {
 }
 cfg.save(sys.argv[1])
 PY
+cp scripts/shipped_adapter_card.md "$OUT/README.md"  # instead of peft's empty template
 rm -rf src/lite/assets/smollm2-135m-lite.tmp
 mkdir -p src/lite/assets
 cp -r "$OUT" src/lite/assets/smollm2-135m-lite.tmp
