@@ -90,3 +90,12 @@ def test_shipped_adapter_decodes_with_early_exit():
     result = generate(lm, ids, policy, GenerationSettings(max_new_tokens=32))
     assert result.tokens and result.text.strip()
     assert any(t.exit_layer < lm.num_layers for t in result.tokens)  # some token left early
+
+
+def test_shipped_adapter_alias_resolves_to_the_package_folder():
+    from lite.loading import resolve_model
+
+    folder = shipped_adapter_dir()
+    if folder is None:
+        pytest.skip("no LITE adapter shipped in this checkout yet")
+    assert resolve_model("smollm2-135m-lite") == str(folder)

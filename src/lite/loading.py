@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .demo import SHIPPED_ADAPTER as SHIPPED_LITE_MODEL  # the LITE adapter shipped in lite/assets
+from .demo import shipped_adapter_dir
 from .errors import LiteError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -111,12 +113,19 @@ def default_model_dir(progress: Callable[[str], None] | None = None) -> Path:
 def resolve_model(spec: str | os.PathLike[str] | None, progress: Callable[[str], None] | None = None) -> str:
     """Turn ``--model`` into something ``from_pretrained`` takes: a local folder or a hub id.
 
-    ``None`` or the alias ``smollm2-135m-instruct`` give the embedded default. A path that exists must be a
+    ``None`` or the alias ``smollm2-135m-instruct`` give the embedded default; ``smollm2-135m-lite`` gives
+    the LITE adapter of it shipped in the package (calibrated, with a gate). A path that exists must be a
     model folder (``config.json``) or a LoRA adapter folder (``adapter_config.json``). Anything else is taken
     as a hub id (``owner/name``), which needs network access.
     """
     if spec is None or str(spec) == DEFAULT_MODEL:
         return str(default_model_dir(progress))
+    if str(spec) == SHIPPED_LITE_MODEL:
+        folder = shipped_adapter_dir()
+        if folder is None:
+            raise ModelNotFoundError(f"--model {SHIPPED_LITE_MODEL}: this install ships no LITE adapter "
+                                     f"(lite/assets/{SHIPPED_LITE_MODEL}); reinstall lite or give a folder")
+        return str(folder)
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir() or not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
@@ -130,7 +139,7 @@ def resolve_model(spec: str | os.PathLike[str] | None, progress: Callable[[str],
     if not looks_like_hub_id:
         raise ModelNotFoundError(
             f"--model {spec}: no such folder, and not a hub id (owner/name); give a local model folder, a hub "
-            f"id, or {DEFAULT_MODEL} (the embedded default)"
+            f"id, {DEFAULT_MODEL} (the embedded default) or {SHIPPED_LITE_MODEL} (its shipped LITE adapter)"
         )
     return text
 
