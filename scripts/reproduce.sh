@@ -34,6 +34,12 @@ grep -q '"rule"' "$RUNS/lite-lora/lite_config.json" ||
     --testset vicuna="$TESTS/vicuna.jsonl" --testset koala="$TESTS/koala.jsonl" \
     --testset wizardlm="$TESTS/wizardlm.jsonl" --testset self_instruct="$TESTS/self_instruct.jsonl" \
     --limit "$LIMIT" --max-new-tokens "$MAX_NEW" --threads "$THREADS" --out "$RUNS/eval-lite-gate"
+# teacher-forced loss at every exit on the held-out rows: LITE vs baseline (vs the un-tuned model)
 mkdir -p results/reproduce/gate
-cp "$RUNS/eval-lite"/report.* "$RUNS/eval-lite"/*.png results/reproduce/
-cp "$RUNS/eval-lite-gate"/report.* results/reproduce/gate/
+"$(dirname "$LITE")/python" benchmarks/heldout_exit_loss.py --model baseline="$RUNS/baseline-lora" \
+    --model LITE="$RUNS/lite-lora" --model untuned=smollm2-135m-instruct --threads "$THREADS" \
+    --out heldout_exit_loss --out-dir results/reproduce
+"$(dirname "$LITE")/python" benchmarks/final_layer_compare.py "$RUNS/eval-lite/records.jsonl" \
+    results/reproduce/final_layer.md
+cp -r "$RUNS/eval-lite"/report.json "$RUNS/eval-lite"/report.md "$RUNS/eval-lite"/plots results/reproduce/
+cp -r "$RUNS/eval-lite-gate"/report.json "$RUNS/eval-lite-gate"/report.md "$RUNS/eval-lite-gate"/plots results/reproduce/gate/
