@@ -228,8 +228,9 @@ def prepare_data(sources: list[str] | str, *, filters: list[str] | str | None = 
     return DataSplit(train, heldout, provenance)
 
 
-def load_heldout(lite_config: Any, sources: list[str] | None = None, check_hash: bool = True) -> list[Example]:
-    """The held-out rows a checkpoint was trained without, read back from the recorded sources.
+def load_recorded_rows(lite_config: Any, sources: list[str] | None = None, check_hash: bool = True
+                       ) -> list[Example]:
+    """Every row (after the recorded filter) of the sources a checkpoint was trained from, read back.
 
     Args:
         lite_config: a :class:`lite.config.LiteConfig` (or its ``data`` dict) written by ``lite train``.
@@ -237,14 +238,13 @@ def load_heldout(lite_config: Any, sources: list[str] | None = None, check_hash:
         check_hash: refuse a file whose sha256 differs from the recorded one (the row ids would not match).
     """
     data = lite_config if isinstance(lite_config, dict) else getattr(lite_config, "data", {})
-    if not data or "heldout_ids" not in data:
-        raise DataError("this checkpoint records no held-out data (it was not trained by lite train); "
-                        "give calibration data explicitly")
-    entries = data["sources"]
+    entries = (data or {}).get("sources")
+    if not entries:
+        raise DataError("this checkpoint records no training data (it was not trained by lite train); "
+                        "give the data explicitly")
     paths = sources or [e.get("path") or e.get("hub_dataset") for e in entries]
     if len(paths) != len(entries):
         raise DataError(f"expected {len(entries)} data sources (as trained), got {len(paths)}")
-    wanted = set(data["heldout_ids"])
     filters = data.get("filter") or {}
     out: list[Example] = []
     for index, (path, entry) in enumerate(zip(paths, entries)):
@@ -252,8 +252,19 @@ def load_heldout(lite_config: Any, sources: list[str] | None = None, check_hash:
             raise DataError(f"{path} changed since training (sha256 differs); the held-out rows cannot be "
                             f"recovered from it; restore the file or give calibration data explicitly")
         kept, _ = read_source(path, index, filters)
-        out.extend(e for e in kept if e.row_id in wanted)
+        out.extend(kept)
     return out
+
+
+def load_heldout(lite_config: Any, sources: list[str] | None = None, check_hash: bool = True) -> list[Example]:
+    """The held-out rows a checkpoint was trained without, read back from the recorded sources (arguments
+    as for :func:`load_recorded_rows`)."""
+    data = lite_config if isinstance(lite_config, dict) else getattr(lite_config, "data", {})
+    if not data or "heldout_ids" not in data:
+        raise DataError("this checkpoint records no held-out data (it was not trained by lite train); "
+                        "give calibration data explicitly")
+    wanted = set(data["heldout_ids"])
+    return [e for e in load_recorded_rows(data, sources, check_hash) if e.row_id in wanted]
 
 
 def tokenize_example(tokenizer, example: Example, prompt_format: str = "alpaca",

@@ -154,19 +154,19 @@ def write_draft_vocab(lm, examples, progress) -> Path:
     """Rank tokens over the responses of the model's training sources (every row, held-out ones included,
     when the files recorded in lite_config.json are readable here), else of the calibration rows; save
     ``draft_vocab.json`` into the model folder."""
-    from ..data import DataError, read_examples
+    from ..data import DataError, load_recorded_rows
     from ..draft_vocab import rank_tokens, save_ranking
 
     if lm.folder is None:
         raise LiteError("--draft-vocab writes draft_vocab.json beside the model: give --model a local folder")
     texts, used = [e.output for e in examples], "calibration rows"
     data = lm.lite_config.data or {}
-    paths = [s["path"] for s in data.get("sources", []) if isinstance(s, dict) and s.get("path")]
-    filters = [f"{k}={v}" for k, v in (data.get("filter") or {}).items()]
-    if paths:
+    if data.get("sources"):
         try:
-            rows, _ = read_examples(paths, filters)
-            texts, used = [e.output for e in rows], f"training sources {paths} (filter {filters or 'none'})"
+            rows = load_recorded_rows(data, check_hash=False)  # a frequency count needs no row ids
+            names = [s.get("path") or s.get("hub_dataset") for s in data["sources"]]
+            filters = [f"{k}={v}" for k, v in (data.get("filter") or {}).items()]
+            texts, used = [e.output for e in rows], f"training sources {names} (filter {filters or 'none'})"
         except DataError as exc:
             progress(f"draft vocabulary: training sources not readable here ({exc}); ranking the calibration "
                      f"rows only")
