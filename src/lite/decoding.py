@@ -169,8 +169,15 @@ class Decoder:
         tc.recompute_context += sum(p + 1 for p in range(start, pos))
         return out[:, -1:]
 
-    def _check(self, layer: int, h: torch.Tensor, tc: TokenCost, prev_state: torch.Tensor,
-               head: Callable[[torch.Tensor], torch.Tensor] | None = None, head_rows: int = 0
+    def _exit_head(self, normed: torch.Tensor, tc: TokenCost, check: bool) -> torch.Tensor:
+        """Logits of a token leaving (or checked) at an exit, from its normed state (..., D): the full head,
+        counted in ``tc`` (``check``: a confidence reduction over V follows). The speculative decoder
+        overrides this with its shortlist draft head."""
+        tc.head_evals += 1
+        tc.head_checks += int(check)
+        return self.lm.head_logits(normed)
+
+    def _check(self, layer: int, h: torch.Tensor, tc: TokenCost, prev_state: torch.Tensor
                ) -> tuple[torch.Tensor | None, float | None, bool, torch.Tensor]:
         """One exit check of the current token (h: (1, 1, D), raw output of block ``layer``).
 
@@ -179,9 +186,7 @@ class Decoder:
         compares with the previous checked state and needs no head. The float conversion is the one host
         sync per check: the exit decision.
 
-        ``head`` (speculative drafts with ``--draft-vocab``): a shortlist head over ``head_rows`` ids, from
-        the normed state, used instead of the full head; its logits (1, head_rows) are over those ids and
-        its work is counted in ``TokenCost.draft_head_rows``.
+        The head is :meth:`_exit_head` (the full head here; the speculative decoder's draft head there).
 
         Returns (logits (1, V) if the head ran, confidence value or None, leave?, prev_state for the next
         cosine check).
@@ -191,22 +196,12 @@ class Decoder:
             normed = lm.final_norm(h[0, -1])  # (D,)
             tc.gate_flops += int(plan.gate.flops(layer))
             if plan.gate.should_exit(layer, normed):  # the exit decision
-                if head is not None:
-                    tc.draft_head_rows += head_rows
-                    return head(normed).unsqueeze(0), None, True, prev_state
-                tc.head_evals += 1
-                return lm.lm_head(normed).unsqueeze(0), None, True, prev_state
+                return self._exit_head(normed, tc, check=False).unsqueeze(0), None, True, prev_state
             return None, None, False, prev_state
         threshold = plan.checks[layer]
         head_fn = conf_mod.HEAD_FUNCTIONS.get(plan.confidence)
         if head_fn is not None:
-            if head is not None:
-                logits = head(lm.final_norm(h[:, -1]))  # (1, head_rows)
-                tc.draft_head_rows += head_rows
-            else:
-                logits = lm.exit_logits(h[:, -1], layer)  # (1, V)
-                tc.head_evals += 1
-                tc.head_checks += 1
+            logits = self._exit_head(lm.final_norm(h[:, -1]), tc, check=True)  # (1, V)
             value = float(head_fn(logits))  # the exit decision
             return logits, value, value >= threshold, prev_state
         value = float(conf_mod.state_cosine(h[0, -1], prev_state))  # the exit decision, no head

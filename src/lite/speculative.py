@@ -178,7 +178,6 @@ class SpeculativeDecoder(Decoder):
         ids = self.plan.draft_ids
         self.draft_ids = None if ids is None else torch.tensor(ids, dtype=torch.long, device=lm.device)
         self.draft_head = None if ids is None else lm.subset_head(ids)
-        self.draft_rows = 0 if ids is None else len(ids)
 
     # ------------------------------------------------------------------ one step of a round
     def _draft_step(self, token: torch.Tensor, pos: int, tc: TokenCost, may_draft: bool
@@ -198,20 +197,23 @@ class SpeculativeDecoder(Decoder):
             h = self._block(layer, h, pos, tc)
             if not checking or plan.checks.get(layer) is None:
                 continue
-            logits, value, leave, prev_state = self._check(layer, h, tc, prev_state, self.draft_head,
-                                                           self.draft_rows)  # shared with dynamic
+            logits, value, leave, prev_state = self._check(layer, h, tc, prev_state)  # shared with dynamic
             if leave:
-                if logits is None and self.draft_head is not None:  # state_cosine, shortlist head
-                    logits = self.draft_head(lm.final_norm(h[:, -1]))
-                    tc.draft_head_rows += self.draft_rows
-                elif logits is None:  # state_cosine: the head runs only once the token leaves
-                    logits = lm.exit_logits(h[:, -1], layer)
-                    tc.head_evals += 1
+                if logits is None:  # state_cosine: the head runs only once the token leaves
+                    logits = self._exit_head(lm.final_norm(h[:, -1]), tc, check=False)
                 self.states[:, pos] = h[:, -1]  # kept for the verify pass (the recompute push)
                 return logits, layer, value, h
             if value is not None and value < self.stop_confidence:
                 checking = False  # hopeless: go straight to L, the verify pass
         return None, L, None, h
+
+    def _exit_head(self, normed: torch.Tensor, tc: TokenCost, check: bool) -> torch.Tensor:
+        """Every exit this decoder checks is a draft exit: with ``--draft-vocab`` the shortlist head, logits
+        (..., N) over ``self.draft_ids`` (counted as ``draft_head_rows``), else the full head."""
+        if self.draft_head is None:
+            return super()._exit_head(normed, tc, check)
+        tc.draft_head_rows += len(self.draft_ids)
+        return self.draft_head(normed)
 
     def _pick_draft(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The draft token (0-d) and, when sampling, the full-vocabulary distribution q it came from (zero
