@@ -110,3 +110,15 @@ def test_head_logits_equal_the_head_module_for_every_row_count(tiny_model_dir, r
     assert got.shape == want.shape == (1, rows, lm.vocab_size)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(short, want[..., [5, 2, 9]], rtol=1e-5, atol=1e-5)
+
+
+def test_subset_head_copies_rows_once_until_the_head_changes(tiny_model_dir):
+    lm = load_model(tiny_model_dir, device="cpu")
+    first = lm.subset_head([5, 2, 9])
+    assert lm.subset_head([5, 2, 9]) is first and lm.subset_head([5, 2]) is not first
+    normed = torch.randn(1, lm.hidden_size)
+    before = lm.subset_head([5, 2, 9])(normed)
+    with torch.no_grad():
+        lm.lm_head.weight.mul_(2.0)  # an in-place update (as an optimizer step makes)
+    after = lm.subset_head([5, 2, 9])(normed)
+    torch.testing.assert_close(after, 2 * before)

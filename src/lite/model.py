@@ -210,13 +210,21 @@ class LiteModel:
         """The LM head restricted to the vocabulary rows ``ids`` (a speculative draft head).
 
         Returns a function from a *normed* state (..., D) to logits (..., len(ids)) over those ids, in
-        order; the rows are copied once so that each call reads only len(ids) x D weights.
+        order; the rows are copied once so that each call reads only len(ids) x D weights. The last one
+        made is kept, so that decoding request after request with the same shortlist copies the rows once
+        (a change of the head's weights makes a new copy).
         """
         head = self.lm_head
+        key = (tuple(ids), head.weight.data_ptr(), head.weight._version)
+        cached = getattr(self, "_subset_head", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
         index = torch.tensor(ids, dtype=torch.long, device=head.weight.device)
         weight = head.weight.detach().index_select(0, index).contiguous()
         bias = None if getattr(head, "bias", None) is None else head.bias.detach().index_select(0, index)
-        return lambda normed: torch.nn.functional.linear(normed, weight, bias)
+        fn = lambda normed: torch.nn.functional.linear(normed, weight, bias)
+        self._subset_head = (key, fn)
+        return fn
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       layers: list[int] | None = None) -> dict[int, torch.Tensor]:
