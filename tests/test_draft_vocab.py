@@ -7,7 +7,14 @@ import shutil
 import pytest
 import torch
 from test_calibration import ROWS
-from test_speculative import CHI2_999, THRESHOLDS, agreeing_model, chi_square, random_prompts
+from test_speculative import (
+    CHI2_999,
+    THRESHOLDS,
+    agreeing_model,
+    chi_square,
+    first_round_tokens,
+    random_prompts,
+)
 from tiny import make_tiny_model
 
 from lite.cli import main
@@ -97,15 +104,8 @@ def test_sampling_with_a_shortlist_keeps_the_full_models_distribution(tmp_path):
     policy = ExitPolicy("speculative", thresholds={1: 0.0}, max_draft_tokens=1, draft_vocab=3)
     decoder = make_decoder(lm, ids, policy, settings)
     allowed = set(decoder.plan.draft_ids)
-    counts, drafts = torch.zeros(8), set()
-    with torch.inference_mode():
-        decoder._prefill()
-        for _ in range(300):
-            decoder.cache.truncate(len(ids) - 1)
-            emitted, _, j = decoder._round(torch.tensor([[ids[-1]]]), len(ids) - 1, budget=2)
-            counts[emitted[0][0]] += 1
-            if j:
-                drafts.add(emitted[0][0])
+    counts, rounds = first_round_tokens(decoder, ids, 300, vocab=8)
+    drafts = {token for _, j, token in rounds if j}  # accepted first drafts
     assert drafts <= allowed
     stat, df = chi_square(counts, p)
     assert stat < CHI2_999[df], stat

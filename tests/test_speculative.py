@@ -195,6 +195,20 @@ def test_greedy_rule_accepts_the_agreeing_prefix():
     assert accept_greedy([], logits[:1]) == (0, 2)
 
 
+def first_round_tokens(decoder, ids: list[int], n: int, vocab: int) -> tuple[torch.Tensor, list[tuple]]:
+    """Run the first round after ``ids`` ``n`` times (rolling the cache back each time): counts of the
+    round's first emitted token over the vocabulary, and (drafted, accepted, first token) per round."""
+    counts, rounds = torch.zeros(vocab), []
+    with torch.inference_mode():
+        decoder._prefill()
+        for _ in range(n):
+            decoder.cache.truncate(len(ids) - 1)
+            emitted, d, j = decoder._round(torch.tensor([[ids[-1]]]), len(ids) - 1, budget=2)
+            counts[emitted[0][0]] += 1
+            rounds.append((d, j, emitted[0][0]))
+    return counts, rounds
+
+
 def test_sampled_decoding_end_to_end_follows_the_full_model():
     """Vocabulary 8, every step drafts at layer 1 of a 2-layer model whose layer 1 disagrees with layer 2,
     temperature 0.3 and top-p 0.95: the first token of 200 rounds follows the full model's distribution
@@ -208,15 +222,8 @@ def test_sampled_decoding_end_to_end_follows_the_full_model():
         draft = lm.lm_head(lm.hidden_states(torch.tensor([ids]), layers=[1])[1][0, -1])
     p, q = sampling_probs(full, 0.3, 0.95), sampling_probs(draft, 0.3, 0.95)
     assert 0.5 * (p - q).abs().sum() > 0.3  # the draft alone would fail the test below
-    counts, rounds = torch.zeros(8), []
-    with torch.inference_mode():
-        decoder._prefill()
-        for _ in range(200):
-            decoder.cache.truncate(len(ids) - 1)
-            emitted, d, j = decoder._round(torch.tensor([[ids[-1]]]), len(ids) - 1, budget=2)
-            counts[emitted[0][0]] += 1
-            rounds.append((d, j))
-    assert {d for d, _ in rounds} == {1} and {j for _, j in rounds} == {0, 1}
+    counts, rounds = first_round_tokens(decoder, ids, 200, vocab=8)
+    assert {d for d, _, _ in rounds} == {1} and {j for _, j, _ in rounds} == {0, 1}
     stat, df = chi_square(counts, p)
     assert stat < CHI2_999[df], stat
     assert chi_square(counts, q)[0] > CHI2_999[df]
