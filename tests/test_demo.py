@@ -74,7 +74,6 @@ def test_shipped_adapter_is_complete_when_present():
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft 0.21
 def test_shipped_adapter_decodes_with_early_exit():
     """The shipped LITE adapter loads on the embedded default and its calibrated policy exits early."""
     folder = shipped_adapter_dir()

@@ -14,8 +14,6 @@ from lite import load_model
 from lite.cli import main
 from lite.training import train
 
-# peft's PeftModel.__init__ still calls transformers' deprecated is_gradient_checkpointing (peft 0.21)
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
 ROWS = [
     {"instruction": "Name a colour.", "input": "", "output": "Blue.", "status": "ok"},
@@ -72,6 +70,8 @@ def test_lora_via_cli_saves_an_adapter_peft_and_lite_load(tiny_model_dir, data_f
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from lite.loading import quiet_peft_internals
+
     out = tmp_path / "lora"
     code = main(["train", "--model", str(tiny_model_dir), "--data", str(data_file), "--out", str(out),
                  "--max-steps", "2", "--lora", "--lora-rank", "4", "--lr", "1e-2", "--batch-size", "4",
@@ -82,7 +82,8 @@ def test_lora_via_cli_saves_an_adapter_peft_and_lite_load(tiny_model_dir, data_f
     assert not (out / "model.safetensors").exists()
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     q_before = base.model.layers[0].self_attn.q_proj.weight.clone()
-    merged = PeftModel.from_pretrained(base, out).merge_and_unload()
+    with quiet_peft_internals():  # peft's own deprecated call, as lite's loader does
+        merged = PeftModel.from_pretrained(base, out).merge_and_unload()
     assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, q_before)  # the adapter did learn
     lm = load_model(out, device="cpu")
     assert lm.lite_config.adapter and lm.exit_layers == [2, 4] and lm.lite_config.training["lora_rank"] == 4

@@ -140,7 +140,8 @@ def lossless_policy(lm):
 
 
 def run_demo(*, model: str | None = None, prompts: list[str] | None = None, max_new_tokens: int = 48,
-             dtype: str | None = None, exit_spec: str | None = None, similarity: bool = True,
+             dtype: str | None = None, device: str | None = None, exit_spec: str | None = None,
+             similarity: bool = True,
              lossless: bool = True, progress: Callable[[str], None] | None = None,
              on_ready: Callable[[DemoResult], None] | None = None,
              on_answer_start: Callable[[str], None] | None = None,
@@ -149,6 +150,7 @@ def run_demo(*, model: str | None = None, prompts: list[str] | None = None, max_
 
     Args:
         model: a model/adapter folder; None = the embedded default with the shipped LITE adapter if any.
+        device: where to run (see :func:`lite.loading.parse_device`; default: the accelerator, else cpu).
         exit_spec: override the exit policy ("gate", "dynamic", "static:K", "speculative", ...).
         similarity: compute answer similarity with the offline MiniLM model (a few seconds to load).
         lossless: also decode each prompt with lossless self-speculative decoding (:func:`lossless_policy`)
@@ -168,7 +170,7 @@ def run_demo(*, model: str | None = None, prompts: list[str] | None = None, max_
     spec = str(adapter) if adapter is not None else model
     if progress and model is None and adapter is None:
         progress("no LITE adapter is shipped in this install: showing the un-tuned embedded default")
-    lm = load_model(spec, dtype=dtype, progress=progress)
+    lm = load_model(spec, dtype=dtype, device=device, progress=progress)
     policy, policy_name = demo_policy(lm, exit_spec)
     fmt = default_format(lm)
     settings = GenerationSettings(max_new_tokens=max_new_tokens)

@@ -394,7 +394,7 @@ def evaluate(model: str | None = None, testsets: list[str] | None = None, *,
              confidence: str | None = None, static_layers: bool = False, compare_model: str | None = None,
              max_new_tokens: int = 128, dtype: str = "float32", prompt_format: str | None = None,
              judge_url: str | None = None, judge_model: str | None = None, hf_baseline: bool = True,
-             restart: bool = False, embedder=None, progress_bar: bool = False,
+             restart: bool = False, embedder=None, progress_bar: bool = False, device: str | None = None,
              log: Callable[[str], None] | None = None) -> EvalResult:
     """Evaluate early exit against the full model and write the report into ``out``.
 
@@ -403,6 +403,7 @@ def evaluate(model: str | None = None, testsets: list[str] | None = None, *,
         testsets: ``--testset`` values (default: the paper's four sets).
         out: output folder: ``run.json``, ``records.jsonl``, and when complete ``report.json``,
             ``report.md`` and ``plots/*.png``.
+        device: where both models run (default: the accelerator torch reports, else cpu).
         restart: discard the records of an earlier run in ``out`` instead of continuing it.
         embedder: sentence embedder for similarity (default: offline all-MiniLM-L6-v2).
         progress_bar: a tqdm bar over prompts on stderr.
@@ -414,7 +415,7 @@ def evaluate(model: str | None = None, testsets: list[str] | None = None, *,
         LiteError: unknown test set, a wrong-format file (naming the row), an unreachable judge, bad
             settings: all before any decoding.
     """
-    from .loading import load_model
+    from .loading import load_model, parse_device
 
     cfg = EvalConfig(
         model=None if model is None else str(model),
@@ -427,6 +428,7 @@ def evaluate(model: str | None = None, testsets: list[str] | None = None, *,
         hf_baseline=hf_baseline,
     )
     cfg.validate()
+    parse_device(device)  # a bad --device is refused before anything is read or written
     log = log or (lambda message: None)
     # Bad input fails before any decoding: test sets and the judge before any model is loaded or any file
     # written, the exit policy right after the model loads (_plan).
@@ -458,7 +460,7 @@ def evaluate(model: str | None = None, testsets: list[str] | None = None, *,
     ran = 0
     try:
         for role, spec in roles:
-            lm = load_model(spec, dtype=cfg.dtype, progress=log)
+            lm = load_model(spec, dtype=cfg.dtype, device=device, progress=log)
             job = _plan(lm, role, spec, cfg)
             _check_model_unchanged(out, role, job.info)
             models_info[role] = job.info

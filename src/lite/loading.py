@@ -9,6 +9,7 @@ that folder. Nothing here downloads anything unless the user names a hub id.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -34,6 +35,21 @@ class ModelNotFoundError(LiteError):
     """The model argument names no local folder, known alias or reachable hub id."""
 
 
+@contextlib.contextmanager
+def quiet_peft_internals():
+    """Silence the one deprecation warning that peft itself raises, not lite's calls.
+
+    peft 0.21's ``PeftModel.__init__`` reads transformers' ``is_gradient_checkpointing``, deprecated in
+    transformers 5.x (``is_activation_checkpointing``); the warning is about peft's code and would be
+    printed in the middle of every ``lite train --lora`` and adapter load. Only that message is hidden;
+    every other warning passes.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*`is_gradient_checkpointing` is deprecated",
+                                category=FutureWarning)
+        yield
+
+
 def lite_home() -> Path:
     """Root of lite's caches: ``$LITE_HOME`` or ``~/.cache/lite``."""
     return Path(os.environ.get("LITE_HOME") or Path.home() / ".cache" / "lite")
@@ -49,6 +65,40 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
         return DTYPES[name]
     except KeyError:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)} or auto, got {name!r}") from None
+
+
+def default_device() -> str:
+    """The accelerator torch reports (CUDA, MPS, XPU, ...; ``torch.accelerator``), else ``"cpu"``."""
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and accelerator.is_available():
+        current = accelerator.current_accelerator()
+        if current is not None:
+            return current.type
+    return "cpu"
+
+
+def parse_device(name: str | torch.device | None, flag: str = "--device") -> torch.device:
+    """``--device`` -> a torch device that exists here; None gives :func:`default_device`.
+
+    Raises:
+        LiteError: not a device name, or a device this machine does not have (names the flag).
+    """
+    if name is None or str(name) == "auto":
+        return torch.device(default_device())
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise LiteError(f"{flag} {name!r} is not a device: use cpu, cuda, cuda:1, mps, xpu or auto") from None
+    if device.type != "cpu":
+        backend = getattr(torch, device.type, None)
+        available = getattr(backend, "is_available", None)
+        if available is None or not available():
+            raise LiteError(f"{flag} {name}: this machine has no {device.type} device (torch sees "
+                            f"{default_device()}); use {flag} {default_device()} or leave it out")
+        count = getattr(backend, "device_count", None)
+        if device.index is not None and count is not None and device.index >= count():
+            raise LiteError(f"{flag} {name}: there are {count()} {device.type} device(s), numbered from 0")
+    return device
 
 
 def embedded_gguf_path() -> Path:
@@ -161,7 +211,8 @@ def load_model(spec: str | os.PathLike[str] | None = None, *, dtype: str | torch
         spec: a Hugging Face model folder, a LoRA adapter folder written by ``lite train --lora``, a hub id
             (needs network), or ``smollm2-135m-instruct``/None for the embedded default.
         dtype: "float32", "bfloat16", "float16", "auto"/None (the checkpoint's own dtype).
-        device: "cpu", "cuda", ... (default: cuda when available, else cpu).
+        device: "cpu", "cuda", "cuda:1", "mps", "xpu", ... (default: the accelerator torch reports, else
+            the CPU; see :func:`default_device`). The model is moved to this device and no other.
         merge_lora: merge a LoRA adapter into the base weights (faster decoding); False keeps a peft model.
         progress: called with short status lines while loading (the CLI prints them).
     """
@@ -170,9 +221,9 @@ def load_model(spec: str | os.PathLike[str] | None = None, *, dtype: str | torch
     from .config import LiteConfig
     from .model import LiteModel
 
+    torch_dtype = parse_dtype(dtype)  # bad flags are refused before anything is read
+    device = parse_device(device)
     folder = resolve_model(spec, progress)
-    torch_dtype = parse_dtype(dtype)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     lite_config = LiteConfig.load(folder) if Path(folder).is_dir() else None
     base = adapter_base(folder) if Path(folder).is_dir() else None
     if lite_config is not None and lite_config.adapter and lite_config.base_model:
@@ -185,8 +236,7 @@ def load_model(spec: str | os.PathLike[str] | None = None, *, dtype: str | torch
 
             base_folder = resolve_model(base, progress)
             hf = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch_dtype or "auto")
-            with warnings.catch_warnings():  # peft 0.21 calls a transformers method deprecated in 5.x
-                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            with quiet_peft_internals():
                 hf = PeftModel.from_pretrained(hf, folder)
             if merge_lora:
                 hf = hf.merge_and_unload()

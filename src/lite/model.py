@@ -10,14 +10,17 @@ list of decoder blocks, a rotary embedding, a final RMSNorm and an LM head) and 
   per-layer cache, and the K/V projections of a block (for the "copy" strategy of skipped layers).
 
 It never copies a transformers forward: blocks are called as modules, the cache is handed to them through
-the ``past_key_values.update(key, value, layer_idx)`` protocol the attention modules use.
+the ``cache.update(key, value, layer_idx)`` protocol the attention modules use.
 
-Checked against transformers 5.23 (``LlamaDecoderLayer.forward`` returns a tensor; the last entry of
-``output_hidden_states`` is already normed).
+Checked against transformers 5.0 to 5.24 (``LlamaDecoderLayer.forward`` returns a tensor; the last entry of
+``output_hidden_states`` is already normed). The keyword under which a decoder block takes its cache was
+``past_key_values`` up to 5.23 and is ``cache`` from 5.24 on (the old name warns, and stops working at
+5.40); :func:`cache_keyword` reads it once from the block's signature when the model is wrapped.
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
 from dataclasses import dataclass
 
@@ -26,7 +29,25 @@ from torch import nn
 
 from .config import LiteConfig
 
-TRANSFORMERS_CHECKED = ("5.23",)
+TRANSFORMERS_CHECKED = ("5.0", "5.24")  # the oldest and newest transformers the adapter was tested with
+
+
+def cache_keyword(block: nn.Module) -> str:
+    """The keyword a decoder block's ``forward`` takes its K/V cache under.
+
+    ``cache`` from transformers 5.24 on, ``past_key_values`` before. Read from the signature (the
+    deprecation decorator of 5.24 keeps the wrapped signature visible), so the choice follows the installed
+    block, not a version number, and is made once per model.
+    """
+    params = inspect.signature(block.forward).parameters
+    if "cache" in params:
+        return "cache"
+    if "past_key_values" in params:
+        return "past_key_values"
+    raise TypeError(
+        f"{type(block).__name__}.forward takes neither 'cache' nor 'past_key_values': this transformers "
+        f"version is newer than lite knows (checked {TRANSFORMERS_CHECKED[0]} to {TRANSFORMERS_CHECKED[-1]})"
+    )
 
 
 class LayerCache:
@@ -104,6 +125,7 @@ class LiteModel:
                     f"{type(base).__name__} has no model.{part}: lite supports Llama-family decoders "
                     f"(Llama, Mistral, Qwen2, SmolLM) with embed_tokens, layers, norm, rotary_emb and lm_head"
                 )
+        self._cache_kw = cache_keyword(self.blocks[0])  # decided once, at wrap time
         self.lite_config = lite_config or LiteConfig.default_for(self.num_layers)
         if self.lite_config.num_layers != self.num_layers:
             raise ValueError(
@@ -314,7 +336,7 @@ class LiteModel:
         t = hidden.shape[1]
         cos_sin = rope.slice(past, past + t)
         return self.blocks[idx](hidden, attention_mask=self._mask(past, t), position_embeddings=cos_sin,
-                                past_key_values=cache, use_cache=True)
+                                use_cache=True, **{self._cache_kw: cache})
 
     def fill_kv(self, layer: int, hidden: torch.Tensor, rope: Rope, cache: LayerCache) -> None:
         """Append K/V of block ``layer`` computed from ``hidden`` without running the block ("copy").

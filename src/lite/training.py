@@ -167,7 +167,7 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
           heldout_fraction: float = DEFAULT_HELDOUT_FRACTION, seed: int = 0, bf16: bool = False,
           gradient_checkpointing: bool = False, save_steps: int = 200, logging_steps: int = 10,
           dtype: str | None = "float32", loss_mode: str = "fused", chunk_size: int = DEFAULT_CHUNK_SIZE,
-          warmup_ratio: float = 0.03, progress: Callable[[str], None] | None = None,
+          warmup_ratio: float = 0.03, device: str | None = None, progress: Callable[[str], None] | None = None,
           show_progress_bar: bool = True) -> TrainResult:
     """LITE instruction tuning (or the final-layer baseline), full or LoRA; see the module docstring.
 
@@ -191,12 +191,18 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
         bf16: bf16 autocast (mixed precision). gradient_checkpointing: recompute blocks in backward.
         save_steps: checkpoint every this many steps (resume point). logging_steps: log every this many.
         dtype: weights dtype ("float32", "bfloat16"). loss_mode, chunk_size: see :mod:`lite.losses`.
+        device: "cpu", "cuda", "mps", "xpu" (a type, not an index: under torchrun each process takes its
+            own GPU); default: the accelerator torch reports, else the CPU.
         progress: called with status lines. show_progress_bar: Trainer's tqdm bar.
     """
-    from .loading import load_model
+    from .loading import load_model, parse_device, quiet_peft_internals
     from .model import LiteModel
 
     say = progress or (lambda _msg: None)
+    target = parse_device(device)
+    if target.index is not None:
+        raise TrainError(f"--device {device}: lite train takes a device type (cpu, cuda, mps, xpu); pick one "
+                         f"GPU with CUDA_VISIBLE_DEVICES, or several with torchrun")
     out = Path(out)
     work = out.with_name(out.name + ".partial")
     if out.exists():
@@ -217,7 +223,7 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
         raise TrainError("--data is required: give one or more Alpaca-format JSON/JSONL files")
 
     split = prepare_data(data, filters=filters, heldout_fraction=heldout_fraction, seed=seed)
-    lm = load_model(model, dtype=dtype, progress=say)
+    lm = load_model(model, dtype=dtype, device=str(target), progress=say)
     L = lm.num_layers
     layers = parse_exit_layers(exit_layers, L)  # a baseline model keeps them for early-exit decoding later
     train_layers = [L] if baseline else layers
@@ -227,7 +233,7 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
         tokenizer.pad_token = tokenizer.eos_token
     dataset = TokenizedDataset(split.train, tokenizer, prompt_format, max_length)
     lr = lr if lr is not None else (2e-4 if lora else 2e-5)
-    if bf16 and not torch.cuda.is_available() and not cpu_has_native_bf16():
+    if bf16 and target.type == "cpu" and not cpu_has_native_bf16():
         say("--bf16: this CPU has no native bf16 instructions; autocast will be emulated and likely slower")
 
     settings = {
@@ -263,7 +269,8 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
 
         peft_config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha or 2 * lora_rank, lora_dropout=0.0,
                                  target_modules=list(lora_targets), task_type="CAUSAL_LM")
-        train_model = get_peft_model(train_model, peft_config)
+        with quiet_peft_internals():
+            train_model = get_peft_model(train_model, peft_config)
     lite_config = LiteConfig(num_layers=L, exit_layers=layers, loss_weighting=loss_weighting,
                              loss_weights=[weights.get(k, 0.0) for k in layers], prompt_format=prompt_format,
                              base_model=run_record["model"], adapter=lora, training=settings,
@@ -272,7 +279,7 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
 
     from transformers import TrainingArguments
 
-    use_cpu = not torch.cuda.is_available()
+    use_cpu = target.type == "cpu"  # otherwise Trainer (accelerate) takes the accelerator torch reports
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     args = TrainingArguments(
         output_dir=str(work), per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,

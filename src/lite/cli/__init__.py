@@ -50,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def add_device_argument(p: argparse.ArgumentParser) -> None:
+    """``--device``, spelled and explained the same way on every verb that loads a model."""
+    p.add_argument("--device", default=None, metavar="DEVICE",
+                   help="cpu, cuda, cuda:1, mps, xpu, ... (default: the accelerator torch reports, else cpu)")
+
+
 def progress(message: str) -> None:
     """Status lines for humans go to stderr so that --json output on stdout stays clean."""
     print(f"[lite] {message}", file=sys.stderr, flush=True)

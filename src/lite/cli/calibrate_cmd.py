@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from ..errors import LiteError
+from . import add_device_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "'lite generate --speculative --draft-vocab N'")
     p.add_argument("--seed", type=int, default=0, help="seed of gate training")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or auto")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
+    add_device_argument(p)
 
 
 def _fmt(v: float | None, digits: int = 3) -> str:

@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from . import add_device_argument
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
@@ -15,6 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "one, else its calibrated thresholds)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens per answer (default 48)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="weights dtype (default: the model's)")
+    add_device_argument(p)
     p.add_argument("--prompt", action="append", default=None, help="your own prompt (repeatable) instead of the built-ins")
     p.add_argument("--no-similarity", action="store_true", help="skip the MiniLM similarity (saves a few seconds)")
     p.add_argument("--no-lossless", action="store_true",
@@ -46,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(f"{c}{record.text}\033[0m" if c else record.text)
         sys.stdout.flush()
 
-    result = run_demo(model=args.model, prompts=args.prompt, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
+    result = run_demo(model=args.model, prompts=args.prompt, max_new_tokens=args.max_new_tokens, dtype=args.dtype, device=args.device,
                       exit_spec=args.exit, similarity=not args.no_similarity, lossless=not args.no_lossless,
                       progress=progress,
                       on_ready=on_ready, on_answer_start=on_answer_start, on_token=on_token)

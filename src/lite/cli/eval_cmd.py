@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..errors import LiteError
+from . import add_device_argument
 
 
 def _scales(text: str) -> list[float]:
@@ -44,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add("--max-new-tokens", type=int, default=128)
     add("--dtype", default="float32",
         help="float32 (default), bfloat16, float16 or auto; the same for every run and for HF generate")
+    add_device_argument(p)
     add("--prompt-format", default=None, choices=["alpaca", "chat", "raw"],
         help="default: lite_config.json's, else the chat template when there is one, else alpaca")
     add("--judge-url", default=None,
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
             args.model, args.testset, out=args.out, limit=args.limit, exit=args.exit, kv=args.kv,
             threshold_scales=args.threshold_scales, thresholds=args.thresholds, confidence=args.confidence,
             static_layers=args.static_layers, compare_model=args.compare_model,
-            max_new_tokens=args.max_new_tokens, dtype=args.dtype, prompt_format=args.prompt_format,
+            max_new_tokens=args.max_new_tokens, dtype=args.dtype, device=args.device, prompt_format=args.prompt_format,
             judge_url=args.judge_url, judge_model=args.judge_model, hf_baseline=not args.no_hf_baseline,
             restart=args.restart, progress_bar=True, log=progress,
         )

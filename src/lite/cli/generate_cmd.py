@@ -12,6 +12,7 @@ import os
 import sys
 
 from ..errors import LiteError
+from . import add_device_argument
 
 # ANSI 256-colour codes from early (red) to late (blue); the final layer is printed uncoloured.
 _PALETTE = [196, 202, 208, 214, 220, 190, 118, 48, 51, 39, 33, 99]
@@ -52,6 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-format", default=None, choices=("alpaca", "chat", "raw"),
                    help="default: the model's lite_config.json, else chat if the tokenizer has a template, else alpaca")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"), help="default: the checkpoint's")
+    add_device_argument(p)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; 1 is much faster on a CPU shared with other jobs)")
     p.add_argument("--color", default="auto", choices=("auto", "always", "never"))
@@ -136,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    lm = load_model(args.model, dtype=args.dtype, progress=progress)
+    lm = load_model(args.model, dtype=args.dtype, device=args.device, progress=progress)
     policy = build_policy(args, lm)
     fmt = args.prompt_format or default_format(lm)
     prompt_ids = encode_prompt(lm.tokenizer, args.prompt, fmt=fmt)

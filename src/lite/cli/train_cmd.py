@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import add_device_argument
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
@@ -47,6 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--logging-steps", type=int, default=10, help="log losses every N steps (default 10)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="weights dtype (default float32)")
+    add_device_argument(p)
     p.add_argument("--loss-mode", default="fused", choices=["fused", "checkpoint", "plain"],
                    help="how exit logits are kept for backward (default fused; see docs/train.md)")
     p.add_argument("--no-progress-bar", action="store_true", help="no tqdm bar (logs still print)")
@@ -64,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         loss_weighting=args.loss_weighting, prompt_format=args.prompt_format, filters=args.filter,
         heldout_fraction=args.heldout_fraction, seed=args.seed, bf16=args.bf16,
         gradient_checkpointing=args.gradient_checkpointing, save_steps=args.save_steps,
-        logging_steps=args.logging_steps, dtype=args.dtype, loss_mode=args.loss_mode, progress=progress,
+        logging_steps=args.logging_steps, dtype=args.dtype, device=args.device, loss_mode=args.loss_mode, progress=progress,
         show_progress_bar=not args.no_progress_bar,
     )
     import os
