@@ -31,8 +31,8 @@ import torch
 
 from lite import load_model
 from lite.calibration import collect, select
-from lite.config import write_atomic
-from lite.data import prepare_data
+from lite.files import write_atomic
+from lite.training.data import prepare_data
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"

@@ -7,7 +7,7 @@ same dtype, on the same prompts:
 (a) the engine with exits off: time ratio (target <= 1.05) and token-for-token equality;
 (b) ``static:K`` for every exit layer K below L: tokens/s ratio, the ceiling early exit can reach here;
 (c) ``dynamic`` with hand-set thresholds, for max_prob (a head evaluation at every check), state_cosine (no
-    head until the exit) and a learned logistic gate (``lite.gate``, trained here on other Vicuna rows).
+    head until the exit) and a learned logistic gate (``lite.decoding.gate``, trained here on other Vicuna rows).
 
 Timing: the configurations are interleaved prompt by prompt and repeated ``--repeats`` times; each
 (configuration, prompt) keeps its fastest repeat, because the CPU is shared and noise only adds time.
@@ -32,10 +32,11 @@ import torch
 from common import vicuna_questions
 
 from lite import load_model
-from lite.config import write_atomic, write_json_atomic
-from lite.cost import ModelShape
 from lite.decoding import ExitPolicy, GenerationSettings, generate
-from lite.prompts import encode_prompt
+from lite.decoding.cost import ModelShape
+from lite.decoding.reference import hf_generate
+from lite.files import write_atomic, write_json_atomic
+from lite.model.prompts import encode_prompt
 
 OUT = Path(__file__).resolve().parent / "results"
 
@@ -54,17 +55,9 @@ def questions(first: int, count: int) -> list[str]:
     return vicuna_questions(first, count)
 
 
-def hf_generate(lm, ids: list[int], max_new_tokens: int) -> list[int]:
-    x = torch.tensor([ids], device=lm.device)
-    with torch.inference_mode():
-        out = lm.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                                do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
-    return out[0, len(ids):].tolist()
-
-
 def train_logistic_gate(lm, prompts: list[list[int]], max_new_tokens: int, layers: list[int]):
     """A logistic exit gate per exit layer from the full model's own answers to other prompts."""
-    from lite.gate import train_gate
+    from lite.decoding.gate import train_gate
 
     states, agree = [[] for _ in layers], [[] for _ in layers]
     for ids in prompts:
@@ -126,7 +119,7 @@ def exits_off_divergences(dtype: str, report: dict) -> tuple[list[dict], dict]:
     for q in questions(0, report["prompts"]):
         ids = encode_prompt(lm.tokenizer, q, fmt="chat")
         t = time.perf_counter()
-        hf = hf_generate(lm, ids, report["max_new_tokens"])
+        hf, _ = hf_generate(lm, ids, report["max_new_tokens"])
         hf_s += time.perf_counter() - t
         t = time.perf_counter()
         engine = generate(lm, ids, ExitPolicy(), GenerationSettings(max_new_tokens=report["max_new_tokens"])).token_ids
@@ -176,7 +169,7 @@ def bench_dtype(dtype: str, args, gate=None) -> tuple[dict, object]:
     for _ in range(args.repeats):
         for i, ids in enumerate(prompts):
             t = time.perf_counter()
-            hf_ids = hf_generate(lm, ids, args.max_new_tokens)
+            hf_ids, _ = hf_generate(lm, ids, args.max_new_tokens)
             best["hf"][i] = min(best["hf"][i], time.perf_counter() - t)
             outputs.setdefault("hf", [None] * len(prompts))[i] = hf_ids
             for name, (policy, kv) in configs.items():

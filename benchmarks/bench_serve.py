@@ -33,7 +33,7 @@ from pathlib import Path
 import httpx
 from common import vicuna_questions
 
-from lite.config import write_atomic
+from lite.files import write_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -143,7 +143,7 @@ def direct_baseline(args: argparse.Namespace, texts: list[str], duration: float)
 
     from lite import load_model
     from lite.decoding import GenerationSettings, generate
-    from lite.exit_spec import parse_exit
+    from lite.decoding.spec import parse_exit
     from lite.serving import chat_prompt_ids, resolve_chat_format
 
     if args.threads:

@@ -41,11 +41,11 @@ sys.path.insert(0, str(REPO / "src"))
 from common import vicuna_questions
 
 from lite import load_model
-from lite.config import write_atomic
-from lite.cost import ModelShape
 from lite.decoding import ExitPolicy, GenerationSettings, generate, parse_thresholds
-from lite.evaluation import hf_generate
-from lite.prompts import encode_prompt
+from lite.decoding.cost import ModelShape
+from lite.decoding.reference import hf_generate
+from lite.files import write_atomic
+from lite.model.prompts import encode_prompt
 
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -128,7 +128,7 @@ def build_policy(lm, args) -> ExitPolicy:
         thresholds = {k: float(args.thresholds) for k in layers if k < L}
     gate = None
     if args.gate:
-        from lite.gate import load_gate
+        from lite.decoding.gate import load_gate
 
         gate = load_gate(lm)
         if gate is None:

@@ -59,7 +59,7 @@ def packed_batch(tokenizer, data: Path):
     """(8, 256) input ids and labels packed from consecutive 'ok' rows, response-only labels."""
     import torch
 
-    from lite.data import read_examples, tokenize_example
+    from lite.training.data import read_examples, tokenize_example
 
     examples, _ = read_examples([str(data)], ["status=ok"])
     ids, labels, rows = [], [], iter(examples)
@@ -98,8 +98,8 @@ def setup(lora: bool, threads: int):
 
 def make_step(lm, model, ids, labels, mode: str):
     """A function doing one forward + backward of ``mode``; returns (loss, exit layers, loss mode)."""
-    from lite.config import loss_weights
-    from lite.losses import lite_loss
+    from lite.model.config import loss_weights
+    from lite.training.losses import lite_loss
 
     kind = mode.removeprefix("lora-")
     layers = [lm.num_layers] if kind in ("baseline", "hf") else lm.exit_layers

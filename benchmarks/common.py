@@ -21,6 +21,6 @@ def vicuna_questions(first: int = 0, count: int = 8) -> list[str]:
     """Questions ``first .. first+count-1`` of the Vicuna test set (the first turn of each)."""
     if not VICUNA.is_file():
         return FALLBACK_PROMPTS[first:first + count]
-    from lite.testsets import read_testset
+    from lite.evaluation.testsets import read_testset
 
     return [p.instruction for p in read_testset("vicuna", VICUNA).prompts[first:first + count]]

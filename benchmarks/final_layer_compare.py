@@ -17,8 +17,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
-from lite.config import write_atomic
-from lite.metrics import MiniLMEmbedder, cosine_similarities, rouge_l
+from lite.evaluation.metrics import MiniLMEmbedder, cosine_similarities, rouge_l
+from lite.files import write_atomic
 
 
 def mean(xs):

@@ -28,9 +28,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
 from lite import load_model
-from lite.config import write_atomic
-from lite.data import IGNORE_INDEX, load_heldout, tokenize_example
-from lite.prompts import default_format
+from lite.files import write_atomic
+from lite.model.prompts import default_format
+from lite.training.data import IGNORE_INDEX, load_heldout, tokenize_example
 
 
 def exit_losses(lm, rows, layers: list[int]) -> tuple[dict[int, float], int]:

@@ -27,7 +27,7 @@ fi
 # provenance: what made this adapter and under which licenses it may be redistributed
 "$(dirname "$LITE")/python" - "$OUT" <<'PY'
 import sys
-from lite.config import LiteConfig
+from lite.model.config import LiteConfig
 cfg = LiteConfig.load(sys.argv[1])
 cfg.provenance = {
     "made_by": "scripts/train_shipped_default.sh (lite train, then lite calibrate --gate --draft-vocab)",

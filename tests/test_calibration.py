@@ -10,9 +10,7 @@ import pytest
 
 from lite import LiteConfig, load_model
 from lite.calibration import check_options, collect, select
-from lite.cli import main
-from lite.errors import LiteError
-from lite.thresholds import (
+from lite.calibration.thresholds import (
     NEVER_EXIT,
     agreement_thresholds,
     binom_cdf,
@@ -23,6 +21,8 @@ from lite.thresholds import (
     ltt_thresholds,
     paper_thresholds,
 )
+from lite.cli import main
+from lite.errors import LiteError
 
 
 # ------------------------------------------------------------------------------------ rules, known answers
@@ -193,9 +193,9 @@ def test_generate_dynamic_uses_calibrated_thresholds(calibrated, capsys):
 
 def test_collected_measures_match_the_engine(tiny_model_dir):
     """The confidences calibration records are the engine's: a static:K run reports the same max_prob."""
-    from lite.data import Example
     from lite.decoding import ExitPolicy, GenerationSettings, generate
-    from lite.prompts import default_format, encode_prompt
+    from lite.model.prompts import default_format, encode_prompt
+    from lite.training.data import Example
 
     lm = load_model(tiny_model_dir, device="cpu")
     data = collect(lm, [Example("0:0", "Count.", "", "one two")], source="generated", max_new_tokens=5)
@@ -247,7 +247,7 @@ def test_no_heldout_data_and_no_exit_layers(tiny_model_dir, tmp_path, capsys):
 
 def test_recorded_heldout_split_is_the_default_and_training_rows_are_left_out(tiny_model_dir, tmp_path):
     from lite.calibration import drop_training_rows
-    from lite.data import prepare_data, read_examples
+    from lite.training.data import prepare_data, read_examples
 
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)

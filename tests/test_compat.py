@@ -9,8 +9,8 @@ from torch import nn
 from lite import load_model
 from lite.decoding import ExitPolicy, GenerationSettings, generate
 from lite.errors import LiteError
-from lite.loading import default_device, parse_device, quiet_peft_internals
 from lite.model import cache_keyword
+from lite.model.loading import default_device, parse_device, quiet_peft_internals
 
 
 def _deprecations(caught: list[warnings.WarningMessage]) -> list[str]:

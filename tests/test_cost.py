@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lite import load_model
-from lite.cost import ModelShape, TokenCost, sequence_cost, token_flops
 from lite.decoding import ExitPolicy, GenerationSettings, generate
+from lite.decoding.cost import ModelShape, TokenCost, sequence_cost, token_flops
 
 # L=2, D=4, I=8, H=2 heads, 1 KV head, head_dim 2, V=10
 CONFIG = SimpleNamespace(num_hidden_layers=2, hidden_size=4, intermediate_size=8, num_attention_heads=2,

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from lite.data import (
+from lite.model.prompts import alpaca_prompt
+from lite.training.data import (
     IGNORE_INDEX,
     DataError,
     Example,
@@ -15,7 +16,6 @@ from lite.data import (
     read_examples,
     tokenize_example,
 )
-from lite.prompts import alpaca_prompt
 
 
 def _rows(n, status=lambda i: "ok"):

@@ -18,9 +18,9 @@ from lite.decoding import (
     parse_thresholds,
     stream,
 )
+from lite.decoding.sampling import TextStream
 from lite.errors import LiteError
-from lite.prompts import encode_prompt
-from lite.sampling import TextStream
+from lite.model.prompts import encode_prompt
 
 PROMPT = "hello there the world"
 N = 16

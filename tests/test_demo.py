@@ -3,7 +3,8 @@
 import pytest
 
 from lite.cli import main
-from lite.demo import demo_policy, run_demo, shipped_adapter_dir
+from lite.demo import demo_policy, run_demo
+from lite.model.loading import shipped_adapter_dir
 
 
 def test_run_demo_figures(tiny_model_dir):
@@ -25,7 +26,7 @@ def test_run_demo_figures(tiny_model_dir):
 def test_lossless_row_is_the_full_models_output(tiny_model_dir, tmp_path):
     import shutil
 
-    from lite.config import LiteConfig
+    from lite.model.config import LiteConfig
 
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
@@ -65,7 +66,7 @@ def test_shipped_adapter_is_complete_when_present():
     folder = shipped_adapter_dir()
     if folder is None:
         pytest.skip("no LITE adapter shipped in this checkout yet")
-    from lite.config import LiteConfig
+    from lite.model.config import LiteConfig
 
     cfg = LiteConfig.load(folder)
     assert cfg is not None and cfg.adapter and cfg.base_model == "smollm2-135m-instruct"
@@ -81,7 +82,7 @@ def test_shipped_adapter_decodes_with_early_exit():
         pytest.skip("no LITE adapter shipped in this checkout yet")
     from lite import load_model
     from lite.decoding import GenerationSettings, generate
-    from lite.prompts import default_format, encode_prompt
+    from lite.model.prompts import default_format, encode_prompt
 
     lm = load_model(str(folder), dtype="float32", device="cpu")
     policy, _ = demo_policy(lm, None)
@@ -92,7 +93,7 @@ def test_shipped_adapter_decodes_with_early_exit():
 
 
 def test_shipped_adapter_alias_resolves_to_the_package_folder():
-    from lite.loading import resolve_model
+    from lite.model.loading import resolve_model
 
     folder = shipped_adapter_dir()
     if folder is None:

@@ -19,11 +19,11 @@ from tiny import make_tiny_model
 
 from lite.cli import main
 from lite.decoding import ExitPolicy, GenerationSettings, generate, make_decoder
-from lite.draft_vocab import FILE, load_ranking, rank_tokens, save_ranking, shortlist
+from lite.decoding.draft_vocab import FILE, load_ranking, rank_tokens, save_ranking, shortlist
+from lite.decoding.policy import resolve_policy
+from lite.decoding.speculative import sampling_probs
 from lite.errors import LiteError
-from lite.exit_policy import resolve_policy
 from lite.model import LiteModel
-from lite.speculative import sampling_probs
 
 
 def with_ranking(lm: LiteModel, folder, ranking) -> LiteModel:
@@ -141,7 +141,7 @@ def test_calibrate_draft_vocab_ranks_the_rows_responses(tiny_model_dir, tmp_path
 def test_draft_vocab_prefers_the_recorded_training_sources(tiny_model_dir, tmp_path):
     from lite import load_model
     from lite.cli.calibrate_cmd import write_draft_vocab
-    from lite.config import LiteConfig
+    from lite.model.config import LiteConfig
 
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from lite import LiteConfig, decoding, load_model
-from lite import report as report_mod
 from lite.cli import main as cli_main
 from lite.errors import LiteError
 from lite.evaluation import RECORDS, EvalError, evaluate
+from lite.evaluation import report as report_mod
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny import make_tiny_model_dir  # noqa: E402

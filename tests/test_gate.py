@@ -6,7 +6,7 @@ import torch
 
 from lite import LiteConfig, load_model
 from lite.decoding import ExitGate, ExitPolicy, GenerationSettings, generate
-from lite.gate import LearnedExitGate, load_gate, read_gate, save_gate, train_gate
+from lite.decoding.gate import LearnedExitGate, load_gate, read_gate, save_gate, train_gate
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -104,7 +104,7 @@ def test_engine_evaluates_the_head_only_where_the_gate_says_leave(tiny_model_dir
 def test_trained_gate_drives_the_engine(tiny_model_dir):
     """A gate trained on real collected states: each token leaves at the first layer its gate accepts."""
     from lite.calibration import collect
-    from lite.data import Example
+    from lite.training.data import Example
 
     lm = load_model(tiny_model_dir, device="cpu")
     rows = [Example(f"0:{i}", f"Echo {i}.", "", f"{i} and {i}") for i in range(4)]

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lite import load_model
-from lite.losses import LOSS_MODES, lite_loss
+from lite.training.losses import LOSS_MODES, lite_loss
 
 
 def _head(weight):

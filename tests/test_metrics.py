@@ -3,8 +3,15 @@
 import numpy as np
 import pytest
 
-from lite.judge import JudgeClient, JudgeError, parse_verdict
-from lite.metrics import MiniLMEmbedder, cosine_similarities, mean, prefix_agreement, rouge_l, token_agreement
+from lite.evaluation.judge import JudgeClient, JudgeError, parse_verdict
+from lite.evaluation.metrics import (
+    MiniLMEmbedder,
+    cosine_similarities,
+    mean,
+    prefix_agreement,
+    rouge_l,
+    token_agreement,
+)
 
 
 class BagOfLetters:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lite import LiteConfig, default_exit_layers, load_model
-from lite.config import LiteConfigError, parse_exit_layers
+from lite.model.config import LiteConfigError, parse_exit_layers
 
 
 def test_default_exit_layers_match_spec():
@@ -88,7 +88,7 @@ def test_forward_exit_states_equal_hidden_states_without_logits(tiny_model_dir):
 
 
 def test_write_atomic_text_bytes_and_failure(tmp_path):
-    from lite.config import write_atomic
+    from lite.files import write_atomic
 
     target = tmp_path / "sub" / "f.md"
     write_atomic(target, "héllo\n")

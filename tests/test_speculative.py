@@ -11,11 +11,11 @@ from tiny import full_cache, make_tiny_model
 from lite import load_model
 from lite.cli import main
 from lite.decoding import ExitPolicy, GenerationSettings, generate, make_decoder, parse_exit, stream
+from lite.decoding.sampling import pick_token
+from lite.decoding.speculative import SpeculativeDecoder, accept_greedy, accept_sampled, sampling_probs
 from lite.errors import LiteError
 from lite.model import LiteModel
-from lite.prompts import encode_prompt
-from lite.sampling import pick_token
-from lite.speculative import SpeculativeDecoder, accept_greedy, accept_sampled, sampling_probs
+from lite.model.prompts import encode_prompt
 
 # thresholds at which the test model below drafts at every exit layer and the full model sometimes disagrees
 THRESHOLDS = {1: 0.1, 2: 0.08, 3: 0.06}
@@ -323,9 +323,10 @@ def test_default_model_speculative_greedy_equals_exits_off():
 
 
 def test_serve_and_eval_exit_spec_accepts_speculative(lm, monkeypatch):
-    from lite import exit_spec
 
     monkeypatch.setattr(lm.lite_config, "thresholds", {"1": 0.1, "2": 0.08, "3": 0.06})
+    from lite.decoding import spec as exit_spec
+
     policy = exit_spec.parse_exit(lm, "speculative:3")
     assert policy.kind == "speculative" and policy.max_draft_tokens == 3
     ids = [5, 9, 11, 4]

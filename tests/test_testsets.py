@@ -6,9 +6,9 @@ import urllib.error
 
 import pytest
 
-from lite import testsets
 from lite.errors import LiteError
-from lite.testsets import KNOWN, TestSetError, load_testset, read_testset
+from lite.evaluation import testsets
+from lite.evaluation.testsets import KNOWN, TestSetError, load_testset, read_testset
 
 # A few rows of each set exactly in its original repository's format.
 ROWS = {

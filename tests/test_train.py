@@ -9,11 +9,10 @@ import sys
 import pytest
 import torch
 
-import lite.training
+import lite.training.trainer
 from lite import load_model
 from lite.cli import main
 from lite.training import train
-
 
 ROWS = [
     {"instruction": "Name a colour.", "input": "", "output": "Blue.", "status": "ok"},
@@ -70,7 +69,7 @@ def test_lora_via_cli_saves_an_adapter_peft_and_lite_load(tiny_model_dir, data_f
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from lite.loading import quiet_peft_internals
+    from lite.model.loading import quiet_peft_internals
 
     out = tmp_path / "lora"
     code = main(["train", "--model", str(tiny_model_dir), "--data", str(data_file), "--out", str(out),
@@ -110,7 +109,7 @@ def test_a_failed_run_leaves_no_output_and_the_rerun_resumes(tiny_model_dir, dat
         raise RuntimeError("killed")
 
     with monkeypatch.context() as m:
-        m.setattr(lite.training, "_save_final", crash)
+        m.setattr(lite.training.trainer, "_save_final", crash)
         with pytest.raises(RuntimeError, match="killed"):
             train(str(tiny_model_dir), str(data_file), out, **kw)
     assert not out.exists() and (work / "checkpoint-3").is_dir() and (work / "checkpoint-2").is_dir()

@@ -1,6 +1,6 @@
 """lite: LITE instruction tuning and token-level early-exit decoding for Llama-family models."""
 
-from .config import LiteConfig, default_exit_layers
+from .model.config import LiteConfig, default_exit_layers  # light: no torch
 
 __all__ = ["LiteConfig", "default_exit_layers", "load_model", "DEFAULT_MODEL"]
 __version__ = "0.1.0"
@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # torch and transformers load on first use, so that `lite --help` and `import lite.cli` stay fast
     if name in ("load_model", "DEFAULT_MODEL"):
-        from . import loading
+        from .model import loading  # torch and transformers load here
 
         return getattr(loading, name)
     raise AttributeError(f"module 'lite' has no attribute {name!r}")

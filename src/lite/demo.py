@@ -11,23 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .errors import LiteError
 
-SHIPPED_ADAPTER = "smollm2-135m-lite"
 DEMO_PROMPTS = [
     "What is the capital of France?",
     "Give three tips for staying healthy.",
     "Explain what a neural network is in two sentences.",
     "Write a haiku about the sea.",
 ]
-
-
-def shipped_adapter_dir() -> Path | None:
-    """The LITE LoRA adapter of the embedded default shipped in the package, or None when absent."""
-    folder = Path(__file__).parent / "assets" / SHIPPED_ADAPTER
-    return folder if (folder / "adapter_config.json").is_file() else None
 
 
 @dataclass
@@ -103,7 +95,7 @@ def demo_policy(lm, exit_spec: str | None):
     """The policy the demo decodes with, and its name: the request, else the gate, else calibrated
     thresholds, else the labelled hand-set fallback."""
     from .decoding import ExitPolicy
-    from .exit_spec import is_calibrated, parse_exit
+    from .decoding.spec import is_calibrated, parse_exit
 
     if exit_spec:
         return parse_exit(lm, exit_spec), exit_spec
@@ -125,9 +117,9 @@ def lossless_policy(lm):
     model has neither a gate nor calibrated thresholds to draft with. Drafts leave where the learned gate
     says (else by the calibrated thresholds) and use the shortlist head when ``draft_vocab.json`` exists."""
     from .decoding import ExitPolicy
-    from .draft_vocab import load_ranking
-    from .exit_spec import is_calibrated
-    from .gate import load_gate
+    from .decoding.draft_vocab import load_ranking
+    from .decoding.gate import load_gate
+    from .decoding.spec import is_calibrated
 
     gate = load_gate(lm)
     if gate is None and not is_calibrated(lm):
@@ -150,7 +142,7 @@ def run_demo(*, model: str | None = None, prompts: list[str] | None = None, max_
 
     Args:
         model: a model/adapter folder; None = the embedded default with the shipped LITE adapter if any.
-        device: where to run (see :func:`lite.loading.parse_device`; default: the accelerator, else cpu).
+        device: where to run (see :func:`lite.model.loading.parse_device`; default: the accelerator, else cpu).
         exit_spec: override the exit policy ("gate", "dynamic", "static:K", "speculative", ...).
         similarity: compute answer similarity with the offline MiniLM model (a few seconds to load).
         lossless: also decode each prompt with lossless self-speculative decoding (:func:`lossless_policy`)
@@ -159,9 +151,9 @@ def run_demo(*, model: str | None = None, prompts: list[str] | None = None, max_
             policy are known; each prompt before its early-exit answer; each early-exit TokenRecord.
     """
     from .decoding import GenerationSettings, generate, make_decoder
-    from .evaluation import hf_generate
-    from .loading import load_model
-    from .prompts import default_format, encode_prompt
+    from .decoding.reference import hf_generate
+    from .model.loading import load_model, shipped_adapter_dir
+    from .model.prompts import default_format, encode_prompt
 
     prompts = prompts or DEMO_PROMPTS
     if max_new_tokens < 1:
@@ -176,7 +168,7 @@ def run_demo(*, model: str | None = None, prompts: list[str] | None = None, max_
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
     embedder = None
     if similarity:
-        from .metrics import MiniLMEmbedder, cosine_similarities
+        from .evaluation.metrics import MiniLMEmbedder, cosine_similarities
 
         embedder = MiniLMEmbedder()
     if progress:

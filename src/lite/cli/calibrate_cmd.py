@@ -52,7 +52,7 @@ def _fmt(v: float | None, digits: int = 3) -> str:
 
 
 def _threshold(v: float) -> str:
-    from ..thresholds import NEVER_EXIT
+    from ..calibration.thresholds import NEVER_EXIT
 
     return "never" if v >= NEVER_EXIT else f"{v:.4f}"
 
@@ -87,8 +87,8 @@ def run(args: argparse.Namespace) -> int:
         save_calibration,
         select,
     )
-    from ..data import DataError, load_heldout, read_examples
-    from ..loading import load_model
+    from ..model.loading import load_model
+    from ..training.data import DataError, load_heldout, read_examples
     from . import progress
 
     check_options(rule=args.rule, target=args.target, epsilon=args.epsilon, delta=args.delta,
@@ -155,8 +155,8 @@ def write_draft_vocab(lm, examples, progress) -> Path:
     """Rank tokens over the responses of the model's training sources (every row, held-out ones included,
     when the files recorded in lite_config.json are readable here), else of the calibration rows; save
     ``draft_vocab.json`` into the model folder."""
-    from ..data import DataError, load_recorded_rows
-    from ..draft_vocab import rank_tokens, save_ranking
+    from ..decoding.draft_vocab import rank_tokens, save_ranking
+    from ..training.data import DataError, load_recorded_rows
 
     if lm.folder is None:
         raise LiteError("--draft-vocab writes draft_vocab.json beside the model: give --model a local folder")

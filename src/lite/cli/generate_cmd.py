@@ -61,56 +61,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_policy(args: argparse.Namespace, lm):
-    """The :class:`ExitPolicy` the flags ask for, validated against the model."""
-    from ..config import parse_exit_layers
-    from ..decoding import parse_exit, parse_thresholds, resolve_policy
+    """The :class:`ExitPolicy` the flags ask for, checked against the model (:mod:`lite.decoding.spec`)."""
+    from ..decoding.spec import ExitOptions, build_policy
 
-    L = lm.num_layers
-    calibrated = bool(lm.lite_config.thresholds)
     if args.speculative and args.exit and not args.exit.startswith("speculative"):
         raise LiteError(f"--speculative conflicts with --exit {args.exit}: give one of them")
-    spec = "speculative" if args.speculative and not args.exit else \
-        args.exit or ("dynamic" if (calibrated or args.thresholds or args.gate) else "none")
-    policy = parse_exit(spec, L)
-    if policy.kind == "speculative":
-        if args.max_draft is not None:
-            policy.max_draft_tokens = args.max_draft
-        if args.draft_stop is not None:
-            policy.draft_stop_confidence = args.draft_stop
-        policy.draft_vocab = args.draft_vocab
-    elif args.max_draft is not None or args.draft_stop is not None or args.draft_vocab is not None:
-        raise LiteError(f"--max-draft/--draft-stop/--draft-vocab apply to --speculative, not --exit {spec}")
-    if (args.gate or args.thresholds or args.confidence) and policy.kind not in ("dynamic", "speculative"):
-        raise LiteError(f"--gate/--thresholds/--confidence apply to --exit dynamic, not --exit {spec}")
-    if args.exit_layers:
-        parts = [t.strip() for t in args.exit_layers.split(",") if t.strip()]
-        if not parts or not all(t.isdigit() for t in parts):
-            raise LiteError(f"--exit-layers must be comma-separated integers like '8,15', got {args.exit_layers!r}")
-        layers = [int(t) for t in parts]
-        policy.exit_layers = parse_exit_layers(layers if layers[-1] == L else layers + [L], L)
-    policy.threshold_scale = args.threshold_scale
-    if args.thresholds:
-        policy.thresholds = parse_thresholds(args.thresholds)
-        policy.confidence = args.confidence or "max_prob"
-    elif (args.confidence and policy.kind in ("dynamic", "speculative") and not args.gate
-          and (args.confidence != lm.lite_config.confidence or not calibrated)):
-        raise LiteError(
-            f"--confidence {args.confidence}: the calibrated thresholds are for "
-            f"{lm.lite_config.confidence if calibrated else 'nothing (not calibrated)'}; give --thresholds "
-            f"for {args.confidence}"
-        )
-    if args.gate:
-        try:
-            from ..gate import load_gate
-        except ImportError:
-            raise LiteError("--gate needs lite.gate (the learned exit gate from 'lite calibrate'), which this "
-                            "install does not have") from None
-        gate = load_gate(lm)
-        if gate is None:
-            raise LiteError("--gate: this model has no learned exit gate; run 'lite calibrate --gate' first")
-        policy.gate = gate
-    resolve_policy(lm, policy)  # raises LiteError naming the flag
-    return policy
+    exit_spec = "speculative" if args.speculative and not args.exit else args.exit
+    return build_policy(lm, ExitOptions(
+        exit=exit_spec, threshold_scale=args.threshold_scale, thresholds=args.thresholds,
+        confidence=args.confidence, exit_layers=args.exit_layers, gate=args.gate, max_draft=args.max_draft,
+        draft_stop=args.draft_stop, draft_vocab=args.draft_vocab,
+    ))
 
 
 def _colour_for(layer: int, checked: list[int], L: int) -> str | None:
@@ -126,10 +87,10 @@ def run(args: argparse.Namespace) -> int:
         raise LiteError("the prompt is empty: give some text (PROMPT)")
     if args.max_new_tokens < 1:
         raise LiteError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    from ..cost import ModelShape
     from ..decoding import GenerationSettings, make_decoder
-    from ..loading import load_model
-    from ..prompts import default_format, encode_prompt
+    from ..decoding.cost import ModelShape
+    from ..model.loading import load_model
+    from ..model.prompts import default_format, encode_prompt
     from . import progress
 
     if args.threads is not None:

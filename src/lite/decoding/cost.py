@@ -12,7 +12,7 @@ Conventions (all counts are floating-point operations, a multiply-add = 2 FLOPs,
 * A recompute of one pending position through one skipped block: a whole block at that position
   (``block_flops(p)``), counted on the token whose step does it.
 * A learned gate check: whatever ``gate.flops(layer)`` reports (the engine sums it per token).
-* Speculative decoding (:mod:`lite.speculative`): the verify pass is the recompute push above (counted in
+* Speculative decoding (:mod:`lite.decoding.speculative`): the verify pass is the recompute push above (counted in
   ``recomputed``) plus one head evaluation per verified position; the blocks that drafts later rejected
   ran for other positions are ``other_blocks`` (whole blocks, with their attention context).
 * A state-cosine check: ``6*D`` (two norms and a dot product).

@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from .errors import LiteError
+from ..errors import LiteError
 
 API_KEY_ENV = "LITE_JUDGE_API_KEY"
 

@@ -4,7 +4,7 @@ A *round* drafts tokens with dynamic early exit and then lets the full model che
 block the draft ran (LayerSkip's idea, with the draft depth chosen per token by the LITE exits):
 
 1. **Draft.** Starting at position P (the last accepted token, not yet processed), each step runs its
-   token through the blocks and checks the exit layers as ``dynamic`` does (:mod:`lite.confidence`,
+   token through the blocks and checks the exit layers as ``dynamic`` does (:mod:`lite.decoding.confidence`,
    thresholds of the policy or ``lite_config.json``, times ``threshold_scale``; or a learned gate). A token
    that leaves at exit k is a *draft*: its raw layer-k state is kept, exactly as the ``recompute`` strategy
    keeps an exited token's state. Drafting stops when ``max_draft_tokens`` drafts are made (or the token
@@ -25,7 +25,7 @@ block the draft ran (LayerSkip's idea, with the draft depth chosen per token by 
 Sampling (``temperature > 0``) keeps the full model's distribution with the standard speculative
 rejection rule (Leviathan et al. 2023; Chen et al. 2023). q_i is the draft exit's distribution and p_i the
 full model's, both after the same transformation :func:`sampling_probs` (temperature, then top-p nucleus
-renormalised: the distribution :func:`lite.sampling.pick_token` samples from), applied independently to
+renormalised: the distribution :func:`lite.decoding.sampling.pick_token` samples from), applied independently to
 each. Draft y ~ q_i is accepted with probability min(1, p_i(y) / q_i(y)); the first rejected one is
 replaced by a sample from the normalised positive part of p_i - q_i; when all are accepted the extra token
 is sampled from p_d. Every emitted token is then distributed exactly as when sampling the full model with
@@ -46,20 +46,18 @@ Layer numbering: layer k = output of decoder block k, 1-indexed; L = number of d
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Callable, Iterator
 
 import torch
 
+from ..model.adapter import LiteModel
 from .cost import TokenCost
-from .decoding import Decoder, ExitPolicy, GenerationSettings, TokenRecord
-from .errors import LiteError
-from .model import LiteModel
+from .engine import Decoder, ExitPolicy, GenerationSettings, TokenRecord
 
 
 def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
-    """The distribution :func:`lite.sampling.pick_token` samples from, as probabilities.
+    """The distribution :func:`lite.decoding.sampling.pick_token` samples from, as probabilities.
 
     Softmax of ``logits / temperature``; with ``top_p < 1`` only the smallest set of most likely tokens
     whose mass reaches ``top_p`` is kept (the top token always), renormalised. Same nucleus rule as
@@ -79,16 +77,6 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0)
     keep = (sorted_p.cumsum(-1) - sorted_p) < top_p  # mass strictly before a token < top_p
     kept = torch.zeros_like(probs).scatter_(-1, order, sorted_p * keep)
     return kept / kept.sum(-1, keepdim=True)
-
-
-def check_draft_settings(policy: ExitPolicy) -> None:
-    """Reject bad draft settings with the flag to fix (called by :func:`lite.decoding.resolve_policy`)."""
-    n = policy.max_draft_tokens
-    if not isinstance(n, int) or n < 1:
-        raise LiteError(f"--max-draft must be an integer >= 1 (tokens drafted per round), got {n!r}")
-    c = policy.draft_stop_confidence
-    if not isinstance(c, (int, float)) or not math.isfinite(c):
-        raise LiteError(f"--draft-stop must be a number (0 = never stop drafting on low confidence), got {c!r}")
 
 
 def merge_costs(into: TokenCost, other: TokenCost) -> None:

@@ -2,20 +2,21 @@
 
 The shape is gpt-fast's: a per-layer cache allocated once (:meth:`LiteModel.new_cache`), explicit positions,
 a small per-token step function, and a plain Python loop that yields one :class:`TokenRecord` per token
-(and calls ``on_token``). Everything runs through the model adapter (:mod:`lite.model`); no transformers
+(and calls ``on_token``). Everything runs through the model adapter (:mod:`lite.model.adapter`); no transformers
 forward is copied.
 
 Decode steps. The prompt's first ``n - 1`` positions are prefilled through all L blocks. Step t then
 consumes the previous token (for t = 1 the last prompt token) at position ``n - 1 + t - 1`` and produces
 token t, so every generated token, the first included, goes through the same exit policy.
 
-Policies (:class:`ExitPolicy`, defined and validated in :mod:`lite.exit_policy`, re-exported here):
+Policies (:class:`ExitPolicy`, defined and validated in :mod:`lite.decoding.policy`):
 ``none`` runs all L blocks; ``static`` always leaves at layer K; ``dynamic`` checks the exit layers below
-L in increasing order and leaves at the first one whose confidence (:mod:`lite.confidence`) is >= its
+L in increasing order and leaves at the first one whose confidence (:mod:`lite.decoding.confidence`) is >= its
 threshold times ``threshold_scale``, or asks a learned gate (:class:`ExitGate`) instead. The one host
 sync per check is the exit decision itself.
 ``speculative`` drafts with the dynamic exits and verifies with the full model (lossless); it runs in
-:class:`lite.speculative.SpeculativeDecoder`, which :func:`make_decoder` picks.
+:class:`lite.decoding.speculative.SpeculativeDecoder`, a subclass of :class:`Decoder`; the entry points of
+:mod:`lite.decoding` (``make_decoder``, ``stream``, ``generate``) pick the class for a policy.
 
 Skipped layers (``GenerationSettings.kv``), what later tokens see at the blocks a token skipped:
 
@@ -37,20 +38,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import LiteError
+from ..model.adapter import LiteModel
 from . import confidence as conf_mod
 from .cost import ModelShape, SequenceCost, TokenCost, sequence_cost
-from .errors import LiteError
-from .exit_policy import (  # noqa: F401  (re-exported: lite.decoding is the public entry point)
-    CONFIDENCES,
-    POLICIES,
-    ExitGate,
-    ExitPolicy,
-    ResolvedPolicy,
-    parse_exit,
-    parse_thresholds,
-    resolve_policy,
-)
-from .model import LiteModel
+from .policy import ExitPolicy, resolve_policy
 from .sampling import TextStream, eos_ids, pick_token
 
 KV_STRATEGIES = ("copy", "recompute")
@@ -81,7 +73,7 @@ class TokenRecord:
 
 @dataclass
 class GenerationResult:
-    """A generated sequence with its per-token exits and cost (see :mod:`lite.cost`)."""
+    """A generated sequence with its per-token exits and cost (see :mod:`lite.decoding.cost`)."""
 
     prompt_ids: list[int]
     token_ids: list[int]
@@ -92,7 +84,7 @@ class GenerationResult:
     seconds: float
     layer_cost_improvement: float  # 1 - mean(exit layer) / L
     compute_cost_improvement: float  # 1 - FLOPs(early exit, incl. head checks and K/V work) / FLOPs(full)
-    cost: SequenceCost | None = None  # the detailed cost record (lite.cost)
+    cost: SequenceCost | None = None  # the detailed cost record (lite.decoding.cost)
 
 
 
@@ -120,7 +112,7 @@ def check_settings(lm: LiteModel, prompt_ids: list[int], settings: GenerationSet
 class Decoder:
     """The decode-time state of one sequence: cache, positions, pending states, costs.
 
-    Use :func:`stream` or :func:`generate`; this class is public for tests and tools that need to look
+    Use :func:`lite.decoding.stream` or :func:`lite.decoding.generate`; this class is public for tests and tools that need to look
     at the cache between steps (``after_step`` is called after every step with the decoder itself).
     """
 
@@ -294,7 +286,7 @@ class Decoder:
         self.seconds = time.perf_counter() - start
 
     def result(self, reference_tokens: int | None = None) -> GenerationResult:
-        """The finished sequence with its cost (``reference_tokens``: see :func:`lite.cost.sequence_cost`)."""
+        """The finished sequence with its cost (``reference_tokens``: see :func:`lite.decoding.cost.sequence_cost`)."""
         shape = ModelShape.from_config(self.lm.config)
         cost = sequence_cost(shape, len(self.prompt_ids), self.token_costs, self.seconds, reference_tokens)
         return GenerationResult(
@@ -303,36 +295,3 @@ class Decoder:
             seconds=self.seconds, layer_cost_improvement=cost.layer_cost_improvement,
             compute_cost_improvement=cost.compute_cost_improvement, cost=cost,
         )
-
-
-def make_decoder(lm: LiteModel, prompt_ids: list[int], policy: ExitPolicy, settings: GenerationSettings
-                 ) -> Decoder:
-    """The engine for ``policy``: :class:`Decoder`, or :class:`lite.speculative.SpeculativeDecoder` for
-    ``speculative`` (same interface)."""
-    if policy.kind == "speculative":
-        from .speculative import SpeculativeDecoder
-
-        return SpeculativeDecoder(lm, prompt_ids, policy, settings)
-    return Decoder(lm, prompt_ids, policy, settings)
-
-
-def stream(lm: LiteModel, prompt_ids: list[int], policy: ExitPolicy, settings: GenerationSettings,
-           on_token: Callable[[TokenRecord], None] | None = None) -> Iterator[TokenRecord]:
-    """Yield one :class:`TokenRecord` per generated token (streaming); the texts concatenate to the final
-    text. Bad input raises :class:`LiteError` here, before the first token."""
-    decoder = make_decoder(lm, prompt_ids, policy, settings)
-    return decoder.run(on_token)
-
-
-def generate(lm: LiteModel, prompt_ids: list[int], policy: ExitPolicy, settings: GenerationSettings,
-             on_token: Callable[[TokenRecord], None] | None = None) -> GenerationResult:
-    """Generate from ``prompt_ids`` (already formatted, see :mod:`lite.prompts`) with early exit.
-
-    ``on_token`` is called once per token as it is produced (streaming: the server pushes it to a queue).
-    The result's ``compute_cost_improvement`` charges the full model for the same number of tokens; with
-    the full model's own answer length at hand use ``result.cost.improvement_against(shape, n)``.
-    """
-    decoder = make_decoder(lm, prompt_ids, policy, settings)
-    for _ in decoder.run(on_token):
-        pass
-    return decoder.result()

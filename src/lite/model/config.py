@@ -11,12 +11,12 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import LiteError
+from ..errors import LiteError
+from ..files import write_json_atomic
 
 CONFIG_NAME = "lite_config.json"
 LOSS_WEIGHTINGS = ("uniform", "increasing")
@@ -174,23 +174,3 @@ class LiteConfig:
         except json.JSONDecodeError as exc:
             raise LiteConfigError(f"{path} is not valid JSON ({exc}); delete it or restore it") from None
         return cls.from_dict(data)
-
-
-def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> None:
-    """Write a file so that readers see the old file or the new one, never half of one (a temporary file
-    in the same folder, then a rename); an interrupted write leaves the old file and no temporary."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data if isinstance(data, bytes) else data.encode("utf-8"))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
-    """Write JSON (indent 2, trailing newline) atomically, see :func:`write_atomic`."""
-    write_atomic(path, json.dumps(data, indent=2) + "\n")

@@ -21,7 +21,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .errors import LiteError
+from ..errors import LiteError
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import LiteError
+from ..errors import LiteError
 
 GATE_FILE = "exit_gate.safetensors"
 GATE_FORMAT = "lite-exit-gate-v1"

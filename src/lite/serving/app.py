@@ -5,8 +5,8 @@ Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v
 Every answer carries ``usage`` and a ``lite`` object with the exit statistics (the last chunk of a stream).
 
 The model is loaded once and only read; decoding runs in the single worker of
-:mod:`lite.decode_queue`; the wire format and error objects are in :mod:`lite.openai_schema`; exit specs in
-:mod:`lite.exit_spec`. :func:`serve_in_thread` starts a server inside the current process on a free
+:mod:`lite.serving.queue`; the wire format and error objects are in :mod:`lite.serving.schema`; exit specs in
+:mod:`lite.decoding.spec`. :func:`serve_in_thread` starts a server inside the current process on a free
 loopback port (tests, and clients such as an LLM judge, use it).
 """
 
@@ -27,12 +27,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .decode_queue import DecodeWorker, GenerateFn, Job, QueueFull
-from .decoding import KV_STRATEGIES, GenerationSettings, check_settings
-from .errors import LiteError
-from .exit_spec import parse_exit, resolve_exit_spec
-from .model import LiteModel
-from .openai_schema import (
+from ..decoding import KV_STRATEGIES, GenerationSettings, check_settings
+from ..decoding.spec import parse_exit, resolve_exit_spec
+from ..errors import LiteError
+from ..model.adapter import LiteModel
+from ..model.prompts import alpaca_prompt, default_format
+from .queue import DecodeWorker, GenerateFn, Job, QueueFull
+from .schema import (
     APIError,
     ChatRequest,
     CompletionRequest,
@@ -46,7 +47,6 @@ from .openai_schema import (
     sse,
     usage,
 )
-from .prompts import alpaca_prompt, default_format
 
 CHAT_FORMATS = ("auto", "chat", "alpaca")
 API_KEY_ENV = "LITE_API_KEY"
@@ -102,7 +102,7 @@ class ServeConfig:
 
 # ------------------------------------------------------------------------------------------------ prompts
 def resolve_chat_format(lm: LiteModel, fmt: str) -> str:
-    """``auto``: the model's own format (:func:`lite.prompts.default_format`: its ``lite_config.json``, else
+    """``auto``: the model's own format (:func:`lite.model.prompts.default_format`: its ``lite_config.json``, else
     the tokenizer's chat template when it has one, else Alpaca)."""
     if fmt not in CHAT_FORMATS:
         raise LiteError(f"--chat-format must be one of {CHAT_FORMATS}, got {fmt!r}")
@@ -111,7 +111,7 @@ def resolve_chat_format(lm: LiteModel, fmt: str) -> str:
         raise LiteError("--chat-format chat: this tokenizer has no chat template; use --chat-format alpaca")
     if fmt != "auto":
         return fmt
-    resolved = default_format(lm)  # the one rule every verb uses (lite.prompts)
+    resolved = default_format(lm)  # the one rule every verb uses (lite.model.prompts)
     return resolved if resolved in ("chat", "alpaca") else "alpaca"
 
 

@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .config import write_atomic, write_json_atomic
+from ..files import write_atomic, write_json_atomic
 from .metrics import MiniLMEmbedder, cosine_similarities, mean, prefix_agreement, rouge_l, token_agreement
 
 PACKAGES = ("lite-early-exit", "torch", "transformers", "peft", "rouge-score", "sentence-transformers",
@@ -27,7 +27,7 @@ same prompts:
 
 * ``layer_cost_improvement`` = 1 - (sum of exit layers over all of R's tokens) / (L x R's tokens): the
   paper's figure, token-weighted.
-* ``compute_cost_improvement`` = 1 - sum FLOPs(R) / sum FLOPs(F), decode steps of whole answers (lite.cost):
+* ``compute_cost_improvement`` = 1 - sum FLOPs(R) / sum FLOPs(F), decode steps of whole answers (lite.decoding.cost):
   head evaluations at every checked exit and K/V fills or recomputes are in FLOPs(R); F is charged for its
   own answers, so an early-exit answer that runs longer counts against R (SPEC §4).
   ``compute_cost_improvement_same_length`` charges F for R's own lengths instead.

@@ -6,7 +6,7 @@ JSON Lines files, or from a Hugging Face hub dataset id (needs network). Every r
 ``"<source index>:<row index>"`` (0-based, row index counted before filtering in that source), so the
 held-out rows can be named in ``lite_config.json`` and read back exactly by ``lite calibrate``.
 
-Tokenisation (``tokenize_example``): prompt (Alpaca template or chat template, see :mod:`lite.prompts`)
+Tokenisation (``tokenize_example``): prompt (Alpaca template or chat template, see :mod:`lite.model.prompts`)
 then response then EOS; labels are -100 on prompt tokens and padding, so the loss covers the response and
 its EOS only. Sequences longer than ``max_length`` tokens are cut at the end; a row whose response is cut
 away entirely is dropped (and counted).
@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from .errors import LiteError
-from .prompts import encode_prompt
+from ..errors import LiteError
+from ..model.prompts import encode_prompt
 
 IGNORE_INDEX = -100
 DEFAULT_HELDOUT_FRACTION = 0.05
@@ -233,7 +233,7 @@ def load_recorded_rows(lite_config: Any, sources: list[str] | None = None, check
     """Every row (after the recorded filter) of the sources a checkpoint was trained from, read back.
 
     Args:
-        lite_config: a :class:`lite.config.LiteConfig` (or its ``data`` dict) written by ``lite train``.
+        lite_config: a :class:`lite.model.config.LiteConfig` (or its ``data`` dict) written by ``lite train``.
         sources: override the recorded paths (same order), e.g. when the data moved to another machine.
         check_hash: refuse a file whose sha256 differs from the recorded one (the row ids would not match).
     """

@@ -1,9 +1,9 @@
 """LITE instruction tuning on Hugging Face Trainer: setup, train, save.
 
-* setup: read and split the data (:mod:`lite.data`), load the model (:func:`lite.load_model`), check the
+* setup: read and split the data (:mod:`lite.training.data`), load the model (:func:`lite.load_model`), check the
   exit layers, wrap the model in LoRA (peft) when asked, tokenise.
 * train: :class:`LiteTrainer` is a ``transformers.Trainer`` whose ``compute_loss`` runs the model once for
-  its hidden states (no full-vocab logits) and applies :func:`lite.losses.lite_loss`; per-layer losses
+  its hidden states (no full-vocab logits) and applies :func:`lite.training.losses.lite_loss`; per-layer losses
   are logged as ``loss_l<k>``. Trainer does the rest: optimiser, cosine schedule, gradient accumulation,
   bf16 autocast, gradient checkpointing, progress bar, checkpoints, resume, and several processes when
   started by ``torchrun`` (gloo on CPU).
@@ -27,11 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .config import CONFIG_NAME, LOSS_WEIGHTINGS, PROMPT_FORMATS, LiteConfig, loss_weights, parse_exit_layers
+from ..errors import LiteError
+from ..model.config import (
+    CONFIG_NAME,
+    LOSS_WEIGHTINGS,
+    PROMPT_FORMATS,
+    LiteConfig,
+    loss_weights,
+    parse_exit_layers,
+)
 from .data import DEFAULT_HELDOUT_FRACTION, DEFAULT_MAX_LENGTH, PadCollator, TokenizedDataset, prepare_data
-from .errors import LiteError
 from .losses import DEFAULT_CHUNK_SIZE, LOSS_MODES, lite_loss
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -150,7 +155,7 @@ def _checkpoint_is_final(checkpoint: str) -> bool:
 
 def _portable_model_spec(model: str | None) -> str:
     """What to record as base_model: the alias or hub id as given, a local folder as an absolute path."""
-    from .loading import DEFAULT_MODEL
+    from ..model.loading import DEFAULT_MODEL
 
     if model is None:
         return DEFAULT_MODEL
@@ -190,13 +195,13 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
         heldout_fraction, seed: the held-out split kept aside for calibration (seed also seeds training).
         bf16: bf16 autocast (mixed precision). gradient_checkpointing: recompute blocks in backward.
         save_steps: checkpoint every this many steps (resume point). logging_steps: log every this many.
-        dtype: weights dtype ("float32", "bfloat16"). loss_mode, chunk_size: see :mod:`lite.losses`.
+        dtype: weights dtype ("float32", "bfloat16"). loss_mode, chunk_size: see :mod:`lite.training.losses`.
         device: "cpu", "cuda", "mps", "xpu" (a type, not an index: under torchrun each process takes its
             own GPU); default: the accelerator torch reports, else the CPU.
         progress: called with status lines. show_progress_bar: Trainer's tqdm bar.
     """
-    from .loading import load_model, parse_device, quiet_peft_internals
-    from .model import LiteModel
+    from ..model.adapter import LiteModel
+    from ..model.loading import load_model, parse_device, quiet_peft_internals
 
     say = progress or (lambda _msg: None)
     target = parse_device(device)
@@ -258,7 +263,7 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
                              f"resume it, or delete {work} to start afresh")
     if _rank() == 0:
         work.mkdir(parents=True, exist_ok=True)
-        from .config import write_json_atomic
+        from ..files import write_json_atomic
 
         write_json_atomic(previous, run_record)
 

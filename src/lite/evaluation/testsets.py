@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import write_atomic
-from .errors import LiteError
+from ..errors import LiteError
+from ..files import write_atomic
 
 # The original repositories' raw files (SPEC §5; /work/shared/data/README.md names the same paths).
 SOURCES: dict[str, str] = {
@@ -235,7 +235,7 @@ def read_testset(name: str, path: str | os.PathLike[str], fmt: str | None = None
 
 # ----------------------------------------------------------------- finding known sets
 def _cache_dir() -> Path:
-    from .loading import lite_home
+    from ..model.loading import lite_home
 
     return lite_home() / "data" / "testsets"
 

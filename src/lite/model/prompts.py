@@ -6,7 +6,7 @@ trained. The format a checkpoint was trained with is ``prompt_format`` in its ``
 
 from __future__ import annotations
 
-from .errors import LiteError
+from ..errors import LiteError
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "

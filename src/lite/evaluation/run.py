@@ -10,11 +10,11 @@ For every prompt of every test set, with greedy decoding and the same ``max_new_
 * optionally (``--static-layers``) static exit at every exit layer below L: how well each layer generates
   on its own (the paper's per-layer picture); and a second model (``--compare-model``) through the full
   answer, static layers, and dynamic exit when it is calibrated;
-* optionally an LLM judge's position-swapped verdict, early exit vs full (:mod:`lite.judge`).
+* optionally an LLM judge's position-swapped verdict, early exit vs full (:mod:`lite.evaluation.judge`).
 
 Resumable: each finished prompt is appended as one JSON line to ``DIR/records.jsonl`` with the hash of the
 configuration (``DIR/run.json``); a rerun with the same configuration skips the prompts already there.
-The report (:mod:`lite.report`) is written only when every selected prompt is done, atomically; a rerun
+The report (:mod:`lite.evaluation.report`) is written only when every selected prompt is done, atomically; a rerun
 first removes a report that its new work would make stale.
 
 Prompt format: ``--prompt-format``, else ``prompt_format`` of the model's ``lite_config.json``, else the
@@ -34,15 +34,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import decoding
-from .config import write_json_atomic
-from .errors import LiteError
+from .. import decoding
+from ..decoding.reference import hf_generate
+from ..decoding.spec import THRESHOLD_KINDS, ExitOptions, build_policy, threshold_values
+from ..errors import LiteError
+from ..files import write_json_atomic
 from .testsets import TestPrompt, TestSet, load_testset
 
 RECORDS = "records.jsonl"
 RUN_FILE = "run.json"
 REPORT_FILES = ("report.json", "report.md")
-THRESHOLD_KINDS = ("dynamic", "speculative")  # exit kinds driven by thresholds x --threshold-scales
 
 
 class EvalError(LiteError):
@@ -60,7 +61,7 @@ class EvalConfig:
         limit: first N prompts of each set (None = all).
         exit: the early-exit policy compared with the full model: "dynamic" (default; thresholds from
             ``lite_config.json`` or ``thresholds``), "gate" (the learned exit gate), "static:K", or any kind
-            registered with :mod:`lite.exit_spec` that the engine runs.
+            registered with :mod:`lite.decoding.spec` that the engine runs.
         kv: skipped-layer strategies, each run separately ("copy", "recompute").
         threshold_scales: each dynamic run is made at every scale; the first is the headline one.
         thresholds: ``--thresholds`` override ("0.9" for every exit, or "8:0.9,11:0.85"); None = calibrated.
@@ -211,24 +212,9 @@ def prepare_out(out: Path, config: EvalConfig, restart: bool) -> None:
 # ----------------------------------------------------------------------------------- model side
 def prompt_format(lm, override: str | None) -> str:
     """The prompt format for ``lm`` (see the module docstring)."""
-    from .prompts import default_format
+    from ..model.prompts import default_format
 
     return override or default_format(lm)
-
-
-def dynamic_thresholds(lm, text: str | None) -> dict[int, float]:
-    """``--thresholds``: one value for every exit below L ("0.9") or per layer ("8:0.9,11:0.85"); {} = the
-    calibrated ones from ``lite_config.json``."""
-    if not text:
-        return {}
-    if ":" not in text:
-        try:
-            value = float(text)
-        except ValueError:
-            raise EvalError(f"--thresholds {text!r}: give one number or LAYER:VALUE pairs like '8:0.9'") \
-                from None
-        return {k: value for k in lm.exit_layers if k < lm.num_layers}
-    return decoding.parse_thresholds(text)
 
 
 @dataclass
@@ -244,30 +230,28 @@ class _Job:
     info: dict[str, Any]
 
 
-def _policies(lm, cfg: EvalConfig, thresholds: dict[int, float]
-              ) -> dict[str, tuple[decoding.ExitPolicy, str]]:
+def _policies(lm, cfg: EvalConfig, role: str) -> dict[str, tuple[decoding.ExitPolicy, str]]:
     """Run key -> (policy, kv) for ``--exit`` x ``--kv`` (x ``--threshold-scales`` for threshold-driven
-    kinds), each checked against the model (raises :class:`LiteError` naming the flag)."""
+    kinds), each built and checked by :func:`lite.decoding.spec.build_policy` (raises :class:`LiteError`
+    naming the flag). The compare model gets ``--thresholds`` and ``--confidence`` only when it is the
+    evaluated one."""
     policies: dict[str, tuple[decoding.ExitPolicy, str]] = {}
     kind = cfg.exit.split(":", 1)[0]
+    mine = role == "main"
     for kv in cfg.kv:
         if kind in THRESHOLD_KINDS:
             for scale in cfg.threshold_scales:
-                policy = decoding.parse_exit(cfg.exit, lm.num_layers)
-                policy.thresholds = dict(thresholds)
-                policy.confidence = cfg.confidence or "max_prob"
-                policy.threshold_scale = scale
-                policies[f"{cfg.exit}@{scale:g}/{kv}"] = (policy, kv)
-        else:  # static:K, gate, or any kind registered with lite.exit_spec
-            from . import exit_spec
-
-            policies[f"{cfg.exit}/{kv}"] = (exit_spec.parse_exit(lm, cfg.exit, 1.0), kv)
+                options = ExitOptions(exit=cfg.exit, threshold_scale=scale,
+                                      thresholds=cfg.thresholds if mine else None,
+                                      confidence=cfg.confidence if mine and cfg.thresholds else None)
+                policies[f"{cfg.exit}@{scale:g}/{kv}"] = (build_policy(lm, options), kv)
+        else:  # static:K, gate, or any kind registered with lite.decoding.spec
+            policies[f"{cfg.exit}/{kv}"] = (build_policy(lm, ExitOptions(exit=cfg.exit)), kv)
     for policy, _ in policies.values():
         if policy.kind not in decoding.POLICIES:
             raise EvalError(f"--exit {cfg.exit}: lite eval decodes with lite.decoding.generate, which does "
                             f"not run {policy.kind!r} policies; use one of "
                             f"{', '.join(decoding.POLICIES[1:])} or gate")
-        decoding.resolve_policy(lm, policy)
     return policies
 
 
@@ -278,10 +262,10 @@ def _plan(lm, role: str, spec: str | None, cfg: EvalConfig) -> _Job:
     (typically: an uncalibrated baseline under dynamic exit) it is decoded full and static only."""
     L = lm.num_layers
     calibrated = bool(lm.lite_config.thresholds)
-    thresholds = dynamic_thresholds(lm, cfg.thresholds) if role == "main" else {}
+    thresholds = threshold_values(lm, cfg.thresholds) if role == "main" else {}
     skipped = None
     try:
-        policies = _policies(lm, cfg, thresholds)
+        policies = _policies(lm, cfg, role)
     except LiteError as exc:
         if role == "main":
             raise
@@ -316,34 +300,9 @@ def _run_record(result: decoding.GenerationResult) -> dict[str, Any]:
     }
 
 
-def hf_generate(lm, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], float]:
-    """Transformers' own greedy ``generate`` on the same ids: (new token ids, seconds)."""
-    import torch
-    from transformers import GenerationConfig
-
-    from .sampling import eos_ids
-
-    eos = sorted(eos_ids(lm.tokenizer, getattr(lm.model, "generation_config", None)))
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-    gen_config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos or None,
-                                  pad_token_id=pad)
-    ids = torch.tensor([prompt_ids], device=lm.device)
-    with torch.inference_mode():
-        start = time.perf_counter()
-        out = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                generation_config=gen_config)
-        seconds = time.perf_counter() - start
-    new = out[0, len(prompt_ids):].tolist()
-    for i, t in enumerate(new):  # cut at the first end-of-sequence token, as the engine stops there
-        if t in eos:
-            new = new[: i + 1]
-            break
-    return new, seconds
-
-
 def _evaluate_prompt(lm, job: _Job, testset: TestSet, prompt: TestPrompt, cfg: EvalConfig, config_hash: str,
                      judge) -> dict[str, Any]:
-    from .prompts import encode_prompt
+    from ..model.prompts import encode_prompt
 
     ids = encode_prompt(lm.tokenizer, prompt.instruction, prompt.input, job.fmt)
 
@@ -377,7 +336,7 @@ def _evaluate_prompt(lm, job: _Job, testset: TestSet, prompt: TestPrompt, cfg: E
 
 def _warm_up(lm, job: _Job, cfg: EvalConfig) -> None:
     """One short untimed generation each way, so that first-call allocations do not skew the timings."""
-    from .prompts import encode_prompt
+    from ..model.prompts import encode_prompt
 
     ids = encode_prompt(lm.tokenizer, "Say hello.", "", job.fmt)
     decoding.generate(lm, ids, decoding.ExitPolicy(kind="none"),
@@ -415,7 +374,7 @@ def evaluate(model: str | None = None, testsets: list[str] | None = None, *,
         LiteError: unknown test set, a wrong-format file (naming the row), an unreachable judge, bad
             settings: all before any decoding.
     """
-    from .loading import load_model, parse_device
+    from ..model.loading import load_model, parse_device
 
     cfg = EvalConfig(
         model=None if model is None else str(model),

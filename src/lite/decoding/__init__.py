@@ -1,0 +1,65 @@
+"""Early-exit decoding: the exit policies, the engine, and the entry points that pick the engine.
+
+Modules: :mod:`.policy` (what an exit policy is and how it is checked against a model), :mod:`.spec` (the
+one parser from text and flags to a policy, for the CLI, the server and the evaluator), :mod:`.engine`
+(the per-sequence decoder), :mod:`.speculative` (the lossless self-speculative decoder, a subclass),
+:mod:`.confidence`, :mod:`.gate` (the learned exit gate), :mod:`.draft_vocab`, :mod:`.sampling`,
+:mod:`.cost` (what every token cost), :mod:`.reference` (transformers' ``generate``, the timing reference).
+
+This module is the public entry point: :func:`generate`, :func:`stream` and :func:`make_decoder` choose
+the decoder for a policy, so that neither decoder imports the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from ..model.adapter import LiteModel
+from .engine import KV_STRATEGIES, Decoder, GenerationResult, GenerationSettings, TokenRecord, check_settings
+from .policy import (
+    CONFIDENCES,
+    POLICIES,
+    ExitGate,
+    ExitPolicy,
+    ResolvedPolicy,
+    parse_exit,
+    parse_thresholds,
+    resolve_policy,
+)
+from .speculative import SpeculativeDecoder
+
+__all__ = [
+    "CONFIDENCES", "KV_STRATEGIES", "POLICIES", "Decoder", "ExitGate", "ExitPolicy", "GenerationResult",
+    "GenerationSettings", "ResolvedPolicy", "SpeculativeDecoder", "TokenRecord", "check_settings",
+    "generate", "make_decoder", "parse_exit", "parse_thresholds", "resolve_policy", "stream",
+]
+
+
+def make_decoder(lm: LiteModel, prompt_ids: list[int], policy: ExitPolicy, settings: GenerationSettings
+                 ) -> Decoder:
+    """The engine for ``policy``: :class:`Decoder`, or :class:`SpeculativeDecoder` for ``speculative``
+    (same interface)."""
+    engine = SpeculativeDecoder if policy.kind == "speculative" else Decoder
+    return engine(lm, prompt_ids, policy, settings)
+
+
+def stream(lm: LiteModel, prompt_ids: list[int], policy: ExitPolicy, settings: GenerationSettings,
+           on_token: Callable[[TokenRecord], None] | None = None) -> Iterator[TokenRecord]:
+    """Yield one :class:`TokenRecord` per generated token (streaming); the texts concatenate to the final
+    text. Bad input raises :class:`LiteError` here, before the first token."""
+    decoder = make_decoder(lm, prompt_ids, policy, settings)
+    return decoder.run(on_token)
+
+
+def generate(lm: LiteModel, prompt_ids: list[int], policy: ExitPolicy, settings: GenerationSettings,
+             on_token: Callable[[TokenRecord], None] | None = None) -> GenerationResult:
+    """Generate from ``prompt_ids`` (already formatted, see :mod:`lite.model.prompts`) with early exit.
+
+    ``on_token`` is called once per token as it is produced (streaming: the server pushes it to a queue).
+    The result's ``compute_cost_improvement`` charges the full model for the same number of tokens; with
+    the full model's own answer length at hand use ``result.cost.improvement_against(shape, n)``.
+    """
+    decoder = make_decoder(lm, prompt_ids, policy, settings)
+    for _ in decoder.run(on_token):
+        pass
+    return decoder.result()
