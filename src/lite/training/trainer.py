@@ -153,6 +153,17 @@ def _checkpoint_is_final(checkpoint: str) -> bool:
     return bool(state.get("max_steps")) and state.get("global_step", 0) >= state["max_steps"]
 
 
+def _checkpointing_args(arguments_class, enabled: bool) -> dict[str, Any]:
+    """Trainer's activation (gradient) checkpointing options under the installed transformers' names:
+    ``activation_checkpointing`` in recent 5.x, ``gradient_checkpointing`` (deprecated there) in 5.0."""
+    import inspect
+
+    kwargs = {"use_reentrant": False} if enabled else None
+    params = inspect.signature(arguments_class.__init__).parameters
+    name = "activation_checkpointing" if "activation_checkpointing" in params else "gradient_checkpointing"
+    return {name: enabled, f"{name}_kwargs": kwargs}
+
+
 def _portable_model_spec(model: str | None) -> str:
     """What to record as base_model: the alias or hub id as given, a local folder as an absolute path."""
     from ..model.loading import DEFAULT_MODEL
@@ -291,8 +302,7 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
         num_train_epochs=epochs, max_steps=max_steps if max_steps is not None else -1, learning_rate=lr,
         lr_scheduler_type="cosine", warmup_steps=warmup_ratio, weight_decay=0.0, logging_steps=logging_steps,
         save_steps=save_steps, save_total_limit=2, bf16=bf16, use_cpu=use_cpu, seed=seed, data_seed=seed,
-        activation_checkpointing=gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+        **_checkpointing_args(TrainingArguments, gradient_checkpointing),
         report_to=[], disable_tqdm=not show_progress_bar, remove_unused_columns=False,
         dataloader_num_workers=0, ddp_backend="gloo" if use_cpu and distributed else None,
         ddp_find_unused_parameters=False, save_only_model=False,
