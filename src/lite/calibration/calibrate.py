@@ -148,7 +148,7 @@ def _score_sequence(lm: LiteModel, ids: list[int], positions: list[int], layers:
         if layer not in layers:
             continue
         raw = h[0, pos]  # (P, D)
-        normed = lm.final_norm(raw)
+        normed = lm.exit_normed(raw, layer)  # through the exit module, when the model has them
         logits = lm.lm_head(normed)  # (P, V)
         for name, fn in conf_mod.HEAD_FUNCTIONS.items():
             measures[name].append(fn(logits))

@@ -16,6 +16,8 @@ Conventions (all counts are floating-point operations, a multiply-add = 2 FLOPs,
   ``recomputed``) plus one head evaluation per verified position; the blocks that drafts later rejected
   ran for other positions are ``other_blocks`` (whole blocks, with their attention context).
 * A state-cosine check: ``6*D`` (two norms and a dot product).
+* An exit module (:mod:`lite.model.exit_modules`): what ``LiteModel.exit_module_flops(layer)`` reports,
+  for every evaluation of an exit that has one (a gate check, a head check, the exit that emits).
 * Not counted, and negligible here: RMSNorms (~4*D per norm), rotary embeddings, residual adds, the
   embedding lookup, sampling. They are the same for every policy to within a few D per layer.
 
@@ -122,6 +124,8 @@ class TokenCost:
         head_checks: how many of ``head_evals`` also computed a confidence reduction over V.
         cosine_checks: state-cosine checks made.
         gate_flops: FLOPs reported by the learned gate for the checks it made (``gate.flops``).
+        exit_module_flops: FLOPs of the exit modules run for this token (every checked or emitting exit
+            below L that has one).
         draft_head_rows: vocabulary rows evaluated by shortlist draft heads (speculative ``--draft-vocab``):
             each row is one dot product over D plus its share of the confidence reduction.
         kv_fills: skipped blocks whose K/V were filled from the exit state (``copy``).
@@ -142,6 +146,7 @@ class TokenCost:
     head_checks: int = 0
     cosine_checks: int = 0
     gate_flops: int = 0
+    exit_module_flops: int = 0
     draft_head_rows: int = 0
     kv_fills: int = 0
     recomputed: int = 0
@@ -155,7 +160,7 @@ class TokenCost:
 
 def token_flops(shape: ModelShape, tc: TokenCost) -> int:
     """FLOPs of one decode step: its own blocks, head evaluations (with their V-reductions), cosine and
-    gate checks, K/V fills, and the recompute of pending positions."""
+    gate checks, exit modules, K/V fills, and the recompute of pending positions."""
     own = tc.blocks_run * shape.block_flops(tc.position)
     heads = tc.head_evals * shape.head_flops() + tc.head_checks * 5 * shape.vocab + \
         tc.draft_head_rows * (2 * shape.hidden + 5)
@@ -163,7 +168,8 @@ def token_flops(shape: ModelShape, tc: TokenCost) -> int:
     pairs = tc.recomputed + tc.other_blocks
     recompute = pairs * (shape.projection_flops() + shape.mlp_flops()) + \
         shape.attention_flops(1) * (tc.recompute_context + tc.other_context)
-    return own + heads + fills + recompute + tc.cosine_checks * shape.cosine_flops() + tc.gate_flops
+    return own + heads + fills + recompute + tc.cosine_checks * shape.cosine_flops() + tc.gate_flops + \
+        tc.exit_module_flops
 
 
 @dataclass

@@ -185,7 +185,8 @@ class Decoder:
         """
         lm, plan = self.lm, self.plan
         if plan.gate is not None:
-            normed = lm.final_norm(h[0, -1])  # (D,)
+            normed = lm.exit_normed(h[0, -1], layer)  # (D,)
+            tc.exit_module_flops += lm.exit_module_flops(layer)
             tc.gate_flops += int(plan.gate.flops(layer))
             if plan.gate.should_exit(layer, normed):  # the exit decision
                 return self._exit_head(normed, tc, check=False).unsqueeze(0), None, True, prev_state
@@ -193,7 +194,8 @@ class Decoder:
         threshold = plan.checks[layer]
         head_fn = conf_mod.HEAD_FUNCTIONS.get(plan.confidence)
         if head_fn is not None:
-            logits = self._exit_head(lm.final_norm(h[:, -1]), tc, check=True)  # (1, V)
+            logits = self._exit_head(lm.exit_normed(h[:, -1], layer), tc, check=True)  # (1, V)
+            tc.exit_module_flops += lm.exit_module_flops(layer)
             value = float(head_fn(logits))  # the exit decision
             return logits, value, value >= threshold, prev_state
         value = float(conf_mod.state_cosine(h[0, -1], prev_state))  # the exit decision, no head
@@ -224,6 +226,7 @@ class Decoder:
         if logits is None:
             logits = lm.exit_logits(h[:, -1], exit_layer)
             tc.head_evals += 1
+            tc.exit_module_flops += lm.exit_module_flops(exit_layer)
         if conf is None and plan.kind != "none":  # record the exit's confidence (one more reduction)
             if measure == "state_cosine" and exit_layer == L:
                 conf = float(conf_mod.state_cosine(h[0, -1], prev_state))

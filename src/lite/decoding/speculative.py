@@ -84,9 +84,8 @@ def merge_costs(into: TokenCost, other: TokenCost) -> None:
     ``other_blocks`` of ``into``; every other count adds up."""
     into.other_blocks += other.blocks_run + other.other_blocks
     into.other_context += other.blocks_run * (other.position + 1) + other.other_context
-    for name in ("head_evals", "head_checks", "cosine_checks", "gate_flops", "draft_head_rows", "kv_fills",
-                 "recomputed",
-                 "recompute_context", "drafted", "accepted"):
+    for name in ("head_evals", "head_checks", "cosine_checks", "gate_flops", "exit_module_flops",
+                 "draft_head_rows", "kv_fills", "recomputed", "recompute_context", "drafted", "accepted"):
         setattr(into, name, getattr(into, name) + getattr(other, name))
 
 
@@ -188,7 +187,8 @@ class SpeculativeDecoder(Decoder):
             logits, value, leave, prev_state = self._check(layer, h, tc, prev_state)  # shared with dynamic
             if leave:
                 if logits is None:  # state_cosine: the head runs only once the token leaves
-                    logits = self._exit_head(lm.final_norm(h[:, -1]), tc, check=False)
+                    logits = self._exit_head(lm.exit_normed(h[:, -1], layer), tc, check=False)
+                    tc.exit_module_flops += lm.exit_module_flops(layer)
                 self.states[:, pos] = h[:, -1]  # kept for the verify pass (the recompute push)
                 return logits, layer, value, h
             if value is not None and value < self.stop_confidence:

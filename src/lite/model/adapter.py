@@ -5,7 +5,8 @@ list of decoder blocks, a rotary embedding, a final RMSNorm and an LM head) and 
 
 * the depth L and the exit layers (layer k = output of decoder block k, 1-indexed);
 * hidden states of chosen layers, and exit logits through the model's *own* final norm and head, with the
-  norm applied exactly once per exit;
+  norm applied exactly once per exit, and through the exit's module first when it has one
+  (:mod:`lite.model.exit_modules`; the final layer never has one);
 * decode-time primitives: embed, rotary embeddings, one decoder block over a slice of positions with a
   per-layer cache, and the K/V projections of a block (for the "copy" strategy of skipped layers).
 
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from .config import LiteConfig
+from .exit_modules import ExitModules
 
 TRANSFORMERS_CHECKED = ("5.0", "5.24")  # the oldest and newest transformers the adapter was tested with
 
@@ -110,11 +112,14 @@ class LiteModel:
         source: what the model was loaded from (folder, hub id or alias), for provenance.
         folder: the local folder holding ``lite_config.json`` (the adapter folder for LoRA), or None for a
             model that came straight from the hub; calibration writes thresholds and gates here.
+        exit_modules: the trained exit modules (:class:`ExitModules`), or None for raw exits.
     """
 
     def __init__(self, model: nn.Module, tokenizer, lite_config: LiteConfig | None = None,
-                 source: str | None = None, folder: str | None = None) -> None:
+                 source: str | None = None, folder: str | None = None,
+                 exit_modules: ExitModules | None = None) -> None:
         self.model = model
+        self.exit_modules = exit_modules
         self.tokenizer = tokenizer
         self.source = source
         self.folder = folder
@@ -200,16 +205,34 @@ class LiteModel:
         return self.decoder.embed_tokens.weight.dtype
 
     # ----------------------------------------------------------------- exits
-    def exit_logits(self, hidden: torch.Tensor, layer: int | None = None) -> torch.Tensor:
-        """Next-token logits from a *raw* (un-normed) block output: final norm once, then the LM head.
+    def exit_normed(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+        """The normed exit state of a *raw* block output: the exit module of ``layer`` (if any), then the
+        final norm, once. This is what the head and the learned gate read.
 
         Args:
             hidden: (..., D) output of decoder block ``layer`` (un-normed).
-            layer: for documentation and symmetry; every layer, including L, goes through the same norm.
+            layer: k in 1..L; layer L (and any layer without a module) goes through the norm only.
+        Returns:
+            (..., D) normed state.
+        """
+        if self.exit_modules is not None and layer < self.num_layers:
+            hidden = self.exit_modules.apply_at(layer, hidden)
+        return self.final_norm(hidden)
+
+    def exit_module_flops(self, layer: int) -> int:
+        """FLOPs of the exit module of ``layer`` for one position (0 without one)."""
+        return 0 if self.exit_modules is None or layer >= self.num_layers else self.exit_modules.flops(layer)
+
+    def exit_logits(self, hidden: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """Next-token logits from a *raw* (un-normed) block output: :meth:`exit_normed`, then the LM head.
+
+        Args:
+            hidden: (..., D) output of decoder block ``layer`` (un-normed).
+            layer: k in 1..L (None: L, the final layer).
         Returns:
             (..., V) logits in the model's dtype.
         """
-        return self.head_logits(self.final_norm(hidden))
+        return self.head_logits(self.exit_normed(hidden, self.num_layers if layer is None else layer))
 
     def head_logits(self, normed: torch.Tensor) -> torch.Tensor:
         """The LM head on normed states (..., D) -> (..., V).
@@ -262,9 +285,13 @@ class LiteModel:
         layers = layers or self.exit_layers
         out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
                            use_cache=False)
-        states = out.hidden_states
+        return self._normed_exits(out.hidden_states, layers)
+
+    def _normed_exits(self, states, layers: list[int]) -> dict[int, torch.Tensor]:
+        """transformers' ``hidden_states`` (L+1 entries, the last already normed) -> {layer: normed state},
+        through the exit modules below L."""
         L = self.num_layers
-        return {k: states[k] if k == L else self.final_norm(states[k]) for k in layers}
+        return {k: states[k] if k == L else self.exit_normed(states[k], k) for k in layers}
 
     def forward_exit_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                             layers: list[int] | None = None, module: nn.Module | None = None
@@ -284,9 +311,7 @@ class LiteModel:
         no_position = torch.empty(0, dtype=torch.long, device=input_ids.device)
         out = module(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
                      use_cache=False, logits_to_keep=no_position)
-        states = out.hidden_states
-        L = self.num_layers
-        return {k: states[k] if k == L else self.final_norm(states[k]) for k in layers}
+        return self._normed_exits(out.hidden_states, layers)
 
     # ----------------------------------------------------------------- decode primitives
     def new_cache(self, max_len: int, batch: int = 1) -> LayerCache:

@@ -109,6 +109,8 @@ class LiteConfig:
         confidence: the confidence measure the thresholds belong to ("max_prob", "margin", ...).
         calibration: how the thresholds were set (rule, parameters, data seen, per-layer agreement).
         gate_file: file name (in the model folder) of the learned exit gate, if one was trained.
+        exit_modules: the kind of the exit modules saved in the folder (``exit_modules.safetensors``,
+            :mod:`lite.model.exit_modules`), or None when the exits are raw (norm and head only).
         provenance: free-form record of how the checkpoint was made and may be shared (the command that
             made it, the licenses of its base model and data); kept as is by every verb.
     """
@@ -126,6 +128,7 @@ class LiteConfig:
     confidence: str = "max_prob"
     calibration: dict[str, Any] = field(default_factory=dict)
     gate_file: str | None = None
+    exit_modules: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
     lite_version: str = "0.1.0"
 

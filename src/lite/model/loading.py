@@ -260,4 +260,12 @@ def load_model(spec: str | os.PathLike[str] | None = None, *, dtype: str | torch
         hf = hf.to(torch_dtype)
     hf.eval()
     local = folder if Path(folder).is_dir() else None
-    return LiteModel(hf, tokenizer, lite_config, source=str(spec or DEFAULT_MODEL), folder=local)
+    modules = None
+    if lite_config is not None and lite_config.exit_modules and local is not None:
+        from .exit_modules import ExitModules
+
+        modules = ExitModules.load(local, hidden=int(hf.config.hidden_size),
+                                   num_layers=int(hf.config.num_hidden_layers))
+        modules = modules.to(device=device, dtype=hf.dtype)
+    return LiteModel(hf, tokenizer, lite_config, source=str(spec or DEFAULT_MODEL), folder=local,
+                     exit_modules=modules)
