@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lite import load_model
-from lite.training.losses import LOSS_MODES, lite_loss
+from lite.training.losses import LOSS_MODES, distill_loss, lite_loss
 
 
 def _head(weight):
@@ -105,3 +105,45 @@ def test_per_layer_losses_match_transformers(tiny_model_dir):
     # the final exit is exactly transformers' own causal-LM loss (norm applied once)
     assert out.per_layer[4].item() == pytest.approx(ref.loss.item(), rel=1e-5)
     assert out.total.item() == pytest.approx(sum(v.item() for v in out.per_layer.values()) / 4, rel=1e-5)
+
+
+def _kl(p: list[float], q: list[float]) -> float:
+    return sum(a * (math.log(a) - math.log(b)) for a, b in zip(p, q))
+
+
+def _softmax(z: list[float]) -> list[float]:
+    e = [math.exp(v) for v in z]
+    return [v / sum(e) for v in e]
+
+
+def test_distill_loss_hand_computed():
+    """KL(teacher || exit) at response positions, by hand: V=3, D=2, head rows e0, e1, 0."""
+    head = _head([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    labels = torch.tensor([[-100, 0, 2]])  # positions 0 and 1 count, position 2 does not
+    teacher = torch.tensor([[[2.0, 0.0], [0.0, 1.0], [5.0, 5.0]]])
+    s1 = torch.tensor([[[1.0, 0.0], [0.0, 0.0], [9.0, 9.0]]], requires_grad=True)
+    s2 = torch.tensor([[[2.0, 0.0], [1.0, 1.0], [-9.0, 5.0]]], requires_grad=True)
+    out = distill_loss({1: s1, 2: s2}, teacher, labels, head, {1: 1.0, 2: 3.0}, chunk_size=1)
+    t0, t1 = _softmax([2, 0, 0]), _softmax([0, 1, 0])
+    l1 = (_kl(t0, _softmax([1, 0, 0])) + _kl(t1, _softmax([0, 0, 0]))) / 2
+    l2 = (_kl(t0, _softmax([2, 0, 0])) + _kl(t1, _softmax([1, 1, 0]))) / 2  # position 0 agrees: KL 0
+    assert out.num_tokens == 2
+    assert out.per_layer[1].item() == pytest.approx(l1, abs=1e-6)
+    assert out.per_layer[2].item() == pytest.approx(l2, abs=1e-6)
+    assert out.total.item() == pytest.approx(0.25 * l1 + 0.75 * l2, abs=1e-6)
+    out.total.backward()
+    assert s1.grad[0, 2].abs().sum() == 0 and s2.grad[0, 2].abs().sum() == 0  # the prompt-free tail: none
+    # gradient of KL(t || softmax(z)) w.r.t. z is softmax(z) - t; through head rows e0, e1 to (h0, h1)
+    q = _softmax([1, 0, 0])
+    expected = torch.tensor([(q[0] - t0[0]), (q[1] - t0[1])]) * 0.25 / 2
+    torch.testing.assert_close(s1.grad[0, 0], expected)
+
+
+def test_distill_loss_is_zero_when_the_exit_is_the_teacher(tiny_model_dir):
+    lm = load_model(tiny_model_dir, device="cpu")
+    ids = torch.tensor([[5, 17, 42, 99, 3, 8]])
+    labels = torch.tensor([[-100, -100, 42, 99, 3, 8]])
+    states = lm.hidden_states(ids, layers=[2, 4])
+    out = distill_loss(states, states[4].detach(), labels, lm.lm_head, {2: 1.0, 4: 1.0})
+    assert out.per_layer[4].item() == pytest.approx(0.0, abs=1e-5)
+    assert out.per_layer[2].item() > 0.01

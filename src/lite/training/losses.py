@@ -161,3 +161,60 @@ def lite_loss(states: dict[int, torch.Tensor], labels: torch.Tensor, head: nn.Mo
     total, per_row = _chunked_ce(head, h, tgt.repeat(len(layers)), row_weights, chunk_size, mode)
     per_layer = {k: per_row[i * n:(i + 1) * n].mean() for i, k in enumerate(layers)}
     return ExitLoss(total, per_layer, n)
+
+
+def _kl_rows(head: nn.Module, h: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || exit) per row for one chunk: h (R, D) normed exit states, teacher_logp (R, V)."""
+    logp = F.log_softmax(head(h).float(), dim=-1)  # (R, V)
+    return (teacher_logp.exp() * (teacher_logp - logp)).sum(-1)  # (R,)
+
+
+def distill_loss(states: dict[int, torch.Tensor], teacher: torch.Tensor, labels: torch.Tensor, head: nn.Module,
+                 weights: dict[int, float], *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> ExitLoss:
+    """Self-distillation: weighted KL(teacher || exit) over exit layers at response positions (SPEC §7).
+
+    Each exit is trained toward the distribution of a frozen teacher (the starting model's final layer)
+    instead of the dataset's next token, so that it learns to agree with the final layer, which is what
+    lets a token leave early at the same output.
+
+    Args:
+        states: {layer: (B, T, D)} normed exit states (every key must be in ``weights``).
+        teacher: (B, T, D) the teacher's normed final-layer states at the same positions (no gradient is
+            taken through it); its distribution is ``softmax(head(teacher))``.
+        labels: (B, T) as in :func:`lite_loss`; only their mask is used (position t counts where
+            ``labels[:, t + 1] != -100``).
+        head: the LM head shared by exits and teacher.
+        weights: {layer: weight}; normalised here to sum to 1.
+        chunk_size: rows per head evaluation; each chunk runs under ``torch.utils.checkpoint``, so
+            backward recomputes its (rows, V) logits instead of keeping them.
+
+    Returns:
+        :class:`ExitLoss` with ``per_layer`` = mean KL in nats per response token.
+    """
+    layers = sorted(weights)
+    missing = [k for k in layers if k not in states]
+    if missing:
+        raise ValueError(f"no hidden states for exit layers {missing}")
+    norm = sum(weights[k] for k in layers)
+    mask = labels[:, 1:] != IGNORE_INDEX  # (B, T-1)
+    n = int(mask.sum())
+    if n == 0:
+        zero = sum(states[k].sum() * 0.0 for k in layers)
+        return ExitLoss(zero, {k: torch.tensor(float("nan")) for k in layers}, 0)
+    with torch.no_grad():
+        t_rows = teacher[:, :-1][mask]  # (N, D)
+        teacher_logp = torch.cat([F.log_softmax(head(t_rows[s:s + chunk_size]).float(), dim=-1)
+                                  for s in range(0, n, chunk_size)])  # (N, V)
+    total = torch.zeros((), dtype=torch.float32, device=teacher.device)
+    per_layer: dict[int, torch.Tensor] = {}
+    for k in layers:
+        h = states[k][:, :-1][mask]  # (N, D)
+        rows = []
+        for s in range(0, n, chunk_size):
+            part = (h[s:s + chunk_size], teacher_logp[s:s + chunk_size])
+            rows.append(checkpoint(_kl_rows, head, *part, use_reentrant=False) if h.requires_grad
+                        else _kl_rows(head, *part))
+        kl = torch.cat(rows)  # (N,)
+        total = total + weights[k] / norm * kl.mean()
+        per_layer[k] = kl.detach().mean()
+    return ExitLoss(total, per_layer, n)
