@@ -1,0 +1,187 @@
+"""How well each exit layer agrees with the final layer, on held-out prompts, for one or more models.
+
+SPEC section 7's deciding measure. For every model, on the same held-out rows (the rows `lite train` kept
+aside, never the test sets), the model first writes its OWN full greedy answer (exits off); prompt + answer
+is then teacher-forced in one forward, and at every answer position (each predicting the next answer
+token) each exit layer k is scored against the final layer L:
+  - agreement: share of positions where exit k's argmax equals layer L's argmax, with a 95% percentile
+    bootstrap interval over prompts (prompts resampled with replacement, 2000 draws, seed 0: the tokens of
+    one answer are not independent, so prompts are the unit);
+  - KL(final || exit k) in nats, averaged over positions (log-softmax in float32);
+  - cross-entropy of exit k against the answer tokens themselves (the tokens it would have to emit).
+Beside it, the teacher-forced cross-entropy of every layer against the rows' reference responses (+ EOS),
+with `heldout_exit_loss.exit_losses`, whose layer-L value is the final layer's own held-out loss (the
+paper's second claim: LITE must not hurt it). Every state comes from `lm.hidden_states` (normed once,
+through any exit modules) and goes through `lm.lm_head`.
+
+Run (from the repository root; a few minutes on one CPU thread):
+    .venv/bin/python benchmarks/exit_agreement.py --model smollm2-135m-lite --model smollm2-135m-instruct \
+        --heldout-from smollm2-135m-lite --limit 40 --threads 1 --out benchmarks/results/exit_agreement.md
+Writes the markdown table to --out and the JSON beside it (same stem, .json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "src"))
+
+from heldout_exit_loss import exit_losses
+
+from lite import load_model
+from lite.decoding import ExitPolicy, GenerationSettings, generate
+from lite.files import write_atomic, write_json_atomic
+from lite.model.config import LiteConfig
+from lite.model.loading import resolve_model
+from lite.model.prompts import default_format, encode_prompt
+from lite.training.data import load_heldout
+
+BOOTSTRAP_DRAWS = 2000
+
+
+def bootstrap_interval(hits: np.ndarray, counts: np.ndarray, draws: int = BOOTSTRAP_DRAWS,
+                       seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of sum(hits)/sum(counts), resampling prompts (rows of both)."""
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(hits), size=(draws, len(hits)))
+    ratios = hits[pick].sum(1) / np.maximum(counts[pick].sum(1), 1)
+    lo, hi = np.percentile(ratios, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def own_answer_stats(lm, rows, layers: list[int], max_new_tokens: int) -> dict:
+    """Per prompt and layer: agreeing positions, KL sum, CE sum against the model's own greedy answer."""
+    fmt = default_format(lm)
+    L = lm.num_layers
+    agree = {k: [] for k in layers}
+    kl = {k: 0.0 for k in layers}
+    ce = {k: 0.0 for k in layers}
+    counts, skipped = [], 0
+    for i, row in enumerate(rows):
+        prompt = encode_prompt(lm.tokenizer, row.instruction, row.input, fmt)
+        answer = list(generate(lm, prompt, ExitPolicy(kind="none"),
+                               GenerationSettings(max_new_tokens=max_new_tokens)).token_ids)
+        if not answer:
+            skipped += 1
+            continue
+        ids = torch.tensor([prompt + answer], device=lm.device)
+        pos = torch.arange(len(prompt) - 1, len(prompt) + len(answer) - 1, device=lm.device)
+        target = torch.tensor(answer, device=lm.device)
+        with torch.inference_mode():
+            states = lm.hidden_states(ids, layers=sorted(set(layers) | {L}))
+            final = F.log_softmax(lm.lm_head(states[L][0, pos]).float(), dim=-1)
+            final_top = final.argmax(-1)
+            for k in layers:
+                logp = F.log_softmax(lm.lm_head(states[k][0, pos]).float(), dim=-1)
+                agree[k].append(int((logp.argmax(-1) == final_top).sum()))
+                kl[k] += float((final.exp() * (final - logp)).sum())
+                ce[k] += float(F.nll_loss(logp, target, reduction="sum"))
+        counts.append(len(answer))
+        print(f"  prompt {i + 1}/{len(rows)}: {len(answer)} answer tokens", file=sys.stderr, flush=True)
+    return {"agree": agree, "kl": kl, "ce": ce, "counts": counts, "skipped": skipped}
+
+
+def measure(spec: str, rows, heldout_ids, heldout_from: str, max_new_tokens: int) -> dict:
+    start = time.perf_counter()
+    lm = load_model(spec, dtype="float32", device="cpu")
+    recorded = (lm.lite_config.data or {}).get("heldout_ids") if lm.lite_config is not None else None
+    if recorded is not None and recorded != heldout_ids:  # None: a model lite did not train (the base)
+        raise SystemExit(f"{spec}: its held-out split differs from {heldout_from}'s, so it may have trained on "
+                         f"these rows; train both on the same data, seed and --heldout-fraction")
+    L = lm.num_layers
+    layers = sorted(set(lm.exit_layers) | {L})
+    own = own_answer_stats(lm, rows, layers, max_new_tokens)
+    ref_loss, ref_tokens = exit_losses(lm, rows, layers)
+    counts = np.array(own["counts"], dtype=np.int64)
+    n = int(counts.sum())
+    per_layer = {}
+    for k in layers:
+        hits = np.array(own["agree"][k], dtype=np.int64)
+        lo, hi = bootstrap_interval(hits, counts)
+        per_layer[str(k)] = {"agreement": float(hits.sum() / n), "agreement_ci95": [lo, hi],
+                             "kl_final_to_exit": own["kl"][k] / n, "ce_own_answers": own["ce"][k] / n,
+                             "ce_reference": ref_loss[k], "positions": n, "reference_tokens": ref_tokens}
+    return {"spec": spec, "folder": str(lm.folder) if lm.folder is not None else None, "num_layers": L,
+            "exit_layers": lm.exit_layers, "layers": per_layer, "prompts": len(counts),
+            "prompts_skipped_empty_answer": own["skipped"], "final_layer_reference_loss": ref_loss[L],
+            "reference_tokens": ref_tokens, "answer_tokens": n, "seconds": time.perf_counter() - start}
+
+
+def markdown(res: dict) -> str:
+    lines = [f"# Exit-layer agreement with the final layer ({res['rows']} held-out prompts)", "",
+             f"Command (repository root): `{res['command']}`  ",
+             f"Date: {res['date']}; torch {res['torch']}, transformers {res['transformers']}; "
+             f"{res['threads']} thread(s); answers of at most {res['max_new_tokens']} tokens.", "",
+             f"Held-out rows: the first {res['rows']} of those recorded in the lite_config of "
+             f"`{res['heldout_from']}` (rows `lite train` kept aside; no test set). Each model writes its own "
+             f"greedy answer (exits off), then prompt + answer is teacher-forced once. Agreement = share of "
+             f"answer positions where exit k's argmax equals layer L's; 95% interval: percentile bootstrap over "
+             f"prompts ({BOOTSTRAP_DRAWS} draws). KL(final || exit k) and CE (own answers) in nats per answer "
+             f"position; CE (reference) = teacher-forced on the rows' reference responses + EOS. Produced by "
+             f"`benchmarks/exit_agreement.py`.", "",
+             "| model | layer | agreement | 95% interval | KL(final‖exit) | CE own answers | CE reference | positions |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, m in res["models"].items():
+        for k, r in m["layers"].items():
+            lo, hi = r["agreement_ci95"]
+            lines.append(f"| {name} | {k} | {r['agreement']:.3f} | {lo:.3f}–{hi:.3f} | {r['kl_final_to_exit']:.3f} "
+                         f"| {r['ce_own_answers']:.3f} | {r['ce_reference']:.3f} | {r['positions']} |")
+    lines += ["", "| model | final-layer reference loss (nats) | reference tokens | prompts | answer tokens | seconds |",
+              "|---|---|---|---|---|---|"]
+    for name, m in res["models"].items():
+        lines.append(f"| {name} | {m['final_layer_reference_loss']:.3f} | {m['reference_tokens']} | {m['prompts']} "
+                     f"| {m['answer_tokens']} | {m['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", action="append", required=True, metavar="SPEC",
+                    help="model folder or alias (repeatable)")
+    ap.add_argument("--heldout-from", default=None, metavar="SPEC",
+                    help="model whose recorded held-out rows every model is measured on (default: the first)")
+    ap.add_argument("--limit", type=int, default=40, help="number of held-out prompts")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "exit_agreement.md"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    heldout_from = args.heldout_from or args.model[0]
+    config = LiteConfig.load(resolve_model(heldout_from))
+    if config is None:
+        raise SystemExit(f"--heldout-from {heldout_from}: it has no lite_config.json (not trained by lite train)")
+    rows = load_heldout(config)[: args.limit]
+    heldout_ids = config.data.get("heldout_ids")
+    models = {}
+    for spec in args.model:
+        print(f"{spec}: {len(rows)} prompts", file=sys.stderr, flush=True)
+        models[spec] = measure(spec, rows, heldout_ids, heldout_from, args.max_new_tokens)
+    import transformers
+
+    res = {"command": shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv])),
+           "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+           "torch": torch.__version__, "transformers": transformers.__version__, "threads": args.threads,
+           "max_new_tokens": args.max_new_tokens, "heldout_from": heldout_from,
+           "heldout_note": f"held-out rows come from the lite_config.json of {heldout_from}",
+           "rows": len(rows), "row_ids": [r.row_id for r in rows], "agreement_interval":
+           f"95% percentile bootstrap over prompts, {BOOTSTRAP_DRAWS} draws, seed 0", "models": models}
+    out = Path(args.out)
+    text = markdown(res)
+    write_json_atomic(out.with_suffix(".json"), res)
+    write_atomic(out, text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
