@@ -52,6 +52,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_device_argument(p)
     p.add_argument("--loss-mode", default="fused", choices=["fused", "checkpoint", "plain"],
                    help="how exit logits are kept for backward (default fused; see docs/train.md)")
+    p.add_argument("--targets", default="data", choices=["data", "distill", "mixed"],
+                   help="what each exit learns: data (the paper: CE on the response tokens), distill (KL toward "
+                        "the starting model's final layer), mixed (--ce-weight x CE + the rest x KL); default data")
+    p.add_argument("--ce-weight", type=float, default=0.5, help="share of CE in --targets mixed (default 0.5)")
+    p.add_argument("--exit-modules", default=None, choices=["affine", "mlp"],
+                   help="freeze the backbone and train one small module per exit below L; the output holds "
+                        "only the modules (see docs/train.md)")
+    p.add_argument("--own-answers", action="store_true",
+                   help="train on the starting model's own greedy answers instead of the dataset's responses "
+                        "(generated once, batched, cached in <out>.partial)")
+    p.add_argument("--own-answer-tokens", type=int, default=128, help="cap per own answer (default 128)")
     p.add_argument("--no-progress-bar", action="store_true", help="no tqdm bar (logs still print)")
 
 
@@ -68,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
         heldout_fraction=args.heldout_fraction, seed=args.seed, bf16=args.bf16,
         gradient_checkpointing=args.gradient_checkpointing, save_steps=args.save_steps,
         logging_steps=args.logging_steps, dtype=args.dtype, device=args.device, loss_mode=args.loss_mode, progress=progress,
-        show_progress_bar=not args.no_progress_bar,
+        show_progress_bar=not args.no_progress_bar, targets=args.targets, ce_weight=args.ce_weight,
+        exit_modules=args.exit_modules, own_answers=args.own_answers, own_answer_tokens=args.own_answer_tokens,
     )
     import os
 

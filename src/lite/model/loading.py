@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LiteError
+from .exit_modules import EXIT_MODULES_FILE
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 SHIPPED_LITE_MODEL = "smollm2-135m-lite"  # the LITE adapter of the default, shipped in lite/assets
@@ -183,10 +184,12 @@ def resolve_model(spec: str | os.PathLike[str] | None, progress: Callable[[str],
         return str(folder)
     path = Path(spec).expanduser()
     if path.exists():
-        if not path.is_dir() or not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
+        markers = ("config.json", "adapter_config.json", EXIT_MODULES_FILE)
+        if not path.is_dir() or not any((path / name).is_file() for name in markers):
             raise ModelNotFoundError(
-                f"--model {spec}: the folder has no config.json or adapter_config.json; give a Hugging Face "
-                f"model folder, a LoRA adapter folder, a hub id, or {DEFAULT_MODEL}"
+                f"--model {spec}: the folder has no config.json, adapter_config.json or {EXIT_MODULES_FILE}; "
+                f"give a Hugging Face model folder, a LoRA adapter folder, an exit-module folder from "
+                f"'lite train --exit-modules', a hub id, or {DEFAULT_MODEL}"
             )
         return str(path)
     text = str(spec)
@@ -197,6 +200,34 @@ def resolve_model(spec: str | os.PathLike[str] | None, progress: Callable[[str],
             f"id, {DEFAULT_MODEL} (the embedded default) or {SHIPPED_LITE_MODEL} (its shipped LITE adapter)"
         )
     return text
+
+
+def _modules_only(folder: str, lite_config) -> bool:
+    """A folder written by ``lite train --exit-modules``: exit modules over a backbone named in
+    ``lite_config.json`` (no weights of its own)."""
+    path = Path(folder)
+    return (path.is_dir() and lite_config is not None and bool(lite_config.exit_modules)
+            and not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file())
+
+
+def _load_with_exit_modules(spec, folder: str, lite_config, **kwargs):
+    """Load the backbone the modules were trained on (any kind of ``--model`` itself), then the modules."""
+    from .adapter import LiteModel
+    from .exit_modules import ExitModules
+
+    if not lite_config.base_model:
+        raise ModelNotFoundError(f"--model {spec}: {folder}/lite_config.json names no base_model for its exit "
+                                 f"modules; add the backbone's folder, hub id or alias as base_model")
+    backbone = load_model(lite_config.base_model, **kwargs)
+    modules = ExitModules.load(folder, hidden=backbone.hidden_size, num_layers=backbone.num_layers)
+    modules = modules.to(device=backbone.device, dtype=backbone.dtype)
+    tokenizer = backbone.tokenizer
+    if (Path(folder) / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    return LiteModel(backbone.model, tokenizer, lite_config, source=str(spec), folder=folder,
+                     exit_modules=modules)
 
 
 def adapter_base(folder: str) -> str | None:
@@ -230,6 +261,9 @@ def load_model(spec: str | os.PathLike[str] | None = None, *, dtype: str | torch
     device = parse_device(device)
     folder = resolve_model(spec, progress)
     lite_config = LiteConfig.load(folder) if Path(folder).is_dir() else None
+    if _modules_only(folder, lite_config):
+        return _load_with_exit_modules(spec, folder, lite_config, dtype=dtype, device=device,
+                                       merge_lora=merge_lora, progress=progress)
     base = adapter_base(folder) if Path(folder).is_dir() else None
     if lite_config is not None and lite_config.adapter and lite_config.base_model:
         base = lite_config.base_model  # the alias or id it was trained from, portable across machines

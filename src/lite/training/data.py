@@ -44,12 +44,15 @@ class Example:
         instruction: the task.
         input: optional context ("" when absent).
         output: the reference response (the training target).
+        response_ids: when set, the training response as token ids instead of ``output`` (the model's own
+            answer, :mod:`lite.training.own_answers`), used as they are (no EOS added).
     """
 
     row_id: str
     instruction: str
     input: str
     output: str
+    response_ids: tuple[int, ...] | list[int] | None = None
 
 
 @dataclass
@@ -276,9 +279,12 @@ def tokenize_example(tokenizer, example: Example, prompt_format: str = "alpaca",
         response token survives truncation (the row then teaches nothing).
     """
     prompt = encode_prompt(tokenizer, example.instruction, example.input, prompt_format)
-    response = list(tokenizer(example.output, add_special_tokens=False)["input_ids"])
-    if tokenizer.eos_token_id is not None:
-        response.append(int(tokenizer.eos_token_id))
+    if example.response_ids is not None:  # the model's own answer, as generated
+        response = [int(t) for t in example.response_ids]
+    else:
+        response = list(tokenizer(example.output, add_special_tokens=False)["input_ids"])
+        if tokenizer.eos_token_id is not None:
+            response.append(int(tokenizer.eos_token_id))
     ids = (prompt + response)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt) + response)[:max_length]
     if all(t == IGNORE_INDEX for t in labels):

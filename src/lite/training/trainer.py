@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..errors import LiteError
 from ..model.config import (
     CONFIG_NAME,
@@ -37,8 +39,10 @@ from ..model.config import (
     parse_exit_layers,
 )
 from .data import DEFAULT_HELDOUT_FRACTION, DEFAULT_MAX_LENGTH, PadCollator, TokenizedDataset, prepare_data
-from .losses import DEFAULT_CHUNK_SIZE, LOSS_MODES, lite_loss
+from .losses import DEFAULT_CHUNK_SIZE, LOSS_MODES, distill_loss, lite_loss
+from .own_answers import ANSWERS_FILE, generate_own_answers
 
+TARGETS = ("data", "distill", "mixed")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RUN_FILE = "lite_run.json"
 
@@ -93,33 +97,51 @@ def _make_trainer_class():
         loss_is_scaled_for_ga = False
 
         def __init__(self, *args, lite_model, exit_weights: dict[int, float], loss_mode: str,
-                     chunk_size: int, **kwargs):
+                     chunk_size: int, targets: str = "data", ce_weight: float = 0.5, teacher=None, **kwargs):
             super().__init__(*args, **kwargs)
             self.model_accepts_loss_kwargs = False
             self.lite_model = lite_model
             self.exit_weights = exit_weights
             self.loss_mode = loss_mode
             self.chunk_size = chunk_size
-            self._layer_sums: dict[int, float] = {}
+            self.targets = targets
+            self.ce_weight = ce_weight
+            self.teacher = teacher  # (model, inputs) -> (B, T, D) normed teacher states; None = own layer L
+            self._layer_sums: dict[str, float] = {}
             self._layer_count = 0
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            labels = inputs["labels"]
-            states = self.lite_model.forward_exit_states(
-                inputs["input_ids"], inputs.get("attention_mask"), layers=sorted(self.exit_weights), module=model
-            )
-            result = lite_loss(states, labels, self.lite_model.lm_head, self.exit_weights,
-                               chunk_size=self.chunk_size, mode=self.loss_mode)
-            if model.training and result.num_tokens:
-                for k, v in result.per_layer.items():
-                    self._layer_sums[k] = self._layer_sums.get(k, 0.0) + float(v)
+            labels, lm = inputs["labels"], self.lite_model
+            layers = sorted(self.exit_weights)
+            own_teacher = self.targets != "data" and self.teacher is None  # frozen backbone: layer L
+            wanted = sorted(set(layers) | ({lm.num_layers} if own_teacher else set()))
+            states = lm.forward_exit_states(inputs["input_ids"], inputs.get("attention_mask"), layers=wanted,
+                                            module=model)
+            exits = {k: states[k] for k in layers}
+            parts: dict[str, Any] = {}
+            if self.targets != "data":
+                teacher = states[lm.num_layers].detach() if own_teacher else self.teacher(model, inputs)
+                parts["kl_l"] = distill_loss(exits, teacher, labels, lm.lm_head, self.exit_weights,
+                                             chunk_size=self.chunk_size)
+            if self.targets != "distill":
+                parts["loss_l"] = lite_loss(exits, labels, lm.lm_head, self.exit_weights,
+                                            chunk_size=self.chunk_size, mode=self.loss_mode)
+            if self.targets == "mixed":
+                total = (1 - self.ce_weight) * parts["kl_l"].total + self.ce_weight * parts["loss_l"].total
+            else:
+                total = next(iter(parts.values())).total
+            if model.training and all(r.num_tokens for r in parts.values()):
+                for prefix, result in parts.items():
+                    for k, v in result.per_layer.items():
+                        key = f"{prefix}{k}"
+                        self._layer_sums[key] = self._layer_sums.get(key, 0.0) + float(v)
                 self._layer_count += 1
-            return (result.total, {"per_layer": result.per_layer}) if return_outputs else result.total
+            return (total, {"parts": parts}) if return_outputs else total
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
             if "loss" in logs and self._layer_count:
-                for k in sorted(self._layer_sums):
-                    logs[f"loss_l{k}"] = round(self._layer_sums[k] / self._layer_count, 4)
+                for key in sorted(self._layer_sums):
+                    logs[key] = round(self._layer_sums[key] / self._layer_count, 4)
                 self._layer_sums, self._layer_count = {}, 0
             super().log(logs, start_time)
 
@@ -164,6 +186,46 @@ def _checkpointing_args(arguments_class, enabled: bool) -> dict[str, Any]:
     return {name: enabled, f"{name}_kwargs": kwargs}
 
 
+class _FrozenBackbone(torch.nn.Module):
+    """What Trainer optimises and checkpoints in an exit-module run: the modules, and nothing else.
+
+    The backbone is kept outside the module tree (so it is neither in the optimiser nor in checkpoints)
+    and runs without autograd; the exit modules are applied to its hidden states afterwards
+    (``LiteModel.forward_exit_states``), so gradients reach only them.
+    """
+
+    def __init__(self, modules, backbone: torch.nn.Module) -> None:
+        super().__init__()
+        self.exit_modules = modules
+        object.__setattr__(self, "_backbone", backbone)
+
+    def forward(self, **kwargs):
+        with torch.no_grad():
+            return self._backbone(**kwargs)
+
+
+def _make_teacher(lm, lora: bool):
+    """The frozen teacher of ``--targets distill|mixed`` for a trained backbone: the starting model's final
+    layer. LoRA: the same model with its adapter switched off (no second copy); full fine-tuning: a frozen
+    copy made before training. Returns ``teacher(model, inputs) -> (B, T, D)`` normed final states."""
+    import copy
+
+    frozen = None if lora else copy.deepcopy(lm.model).eval().requires_grad_(False)
+
+    def teacher(model, inputs) -> torch.Tensor:
+        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+        with torch.no_grad():
+            if frozen is not None:
+                out = frozen.model(input_ids=ids, attention_mask=mask, use_cache=False)
+                return out.last_hidden_state  # already normed (transformers 5.x)
+            peft_model = model.module if hasattr(model, "module") else model  # under DDP
+            with peft_model.disable_adapter():
+                out = peft_model.get_base_model().model(input_ids=ids, attention_mask=mask, use_cache=False)
+            return out.last_hidden_state
+
+    return teacher
+
+
 def _portable_model_spec(model: str | None) -> str:
     """What to record as base_model: the alias or hub id as given, a local folder as an absolute path."""
     from ..model.loading import DEFAULT_MODEL
@@ -183,7 +245,9 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
           heldout_fraction: float = DEFAULT_HELDOUT_FRACTION, seed: int = 0, bf16: bool = False,
           gradient_checkpointing: bool = False, save_steps: int = 200, logging_steps: int = 10,
           dtype: str | None = "float32", loss_mode: str = "fused", chunk_size: int = DEFAULT_CHUNK_SIZE,
-          warmup_ratio: float = 0.03, device: str | None = None, progress: Callable[[str], None] | None = None,
+          warmup_ratio: float = 0.03, device: str | None = None, targets: str = "data",
+          ce_weight: float = 0.5, exit_modules: str | None = None, own_answers: bool = False,
+          own_answer_tokens: int = 128, progress: Callable[[str], None] | None = None,
           show_progress_bar: bool = True) -> TrainResult:
     """LITE instruction tuning (or the final-layer baseline), full or LoRA; see the module docstring.
 
@@ -209,6 +273,14 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
         dtype: weights dtype ("float32", "bfloat16"). loss_mode, chunk_size: see :mod:`lite.training.losses`.
         device: "cpu", "cuda", "mps", "xpu" (a type, not an index: under torchrun each process takes its
             own GPU); default: the accelerator torch reports, else the CPU.
+        targets: what each exit learns (SPEC §7): "data" (the paper: cross-entropy against the response
+            tokens), "distill" (KL toward a frozen teacher, the starting model's final layer), "mixed"
+            (``ce_weight`` x CE + (1 - ``ce_weight``) x KL).
+        exit_modules: "affine" or "mlp": freeze the backbone and train one exit module per exit below L
+            (:mod:`lite.model.exit_modules`); the output folder then holds only the modules (a few MB).
+        own_answers: train on the starting model's own greedy answers (at most ``own_answer_tokens``
+            tokens) instead of the dataset's responses (:mod:`lite.training.own_answers`), cached in the
+            work folder.
         progress: called with status lines. show_progress_bar: Trainer's tqdm bar.
     """
     from ..model.adapter import LiteModel
@@ -237,18 +309,41 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
         raise TrainError(f"--max-steps must be at least 1, got {max_steps}")
     if data is None:
         raise TrainError("--data is required: give one or more Alpaca-format JSON/JSONL files")
+    if targets not in TARGETS:
+        raise TrainError(f"--targets must be one of {TARGETS}, got {targets!r}")
+    if not 0.0 <= ce_weight <= 1.0:
+        raise TrainError(f"--ce-weight must be in [0, 1], got {ce_weight}")
+    if exit_modules is not None:
+        from ..model.exit_modules import EXIT_MODULE_KINDS
+
+        if exit_modules not in EXIT_MODULE_KINDS:
+            raise TrainError(f"--exit-modules must be one of {EXIT_MODULE_KINDS}, got {exit_modules!r}")
+        if lora or baseline:
+            raise TrainError("--exit-modules trains small modules on a frozen backbone: leave out "
+                             f"{'--lora' if lora else '--baseline'}")
+    if own_answers and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (work / ANSWERS_FILE).is_file():
+        raise TrainError("--own-answers with several processes: generate the answers once with one process "
+                         "(the same command without torchrun; interrupt it once training starts), then resume "
+                         "under torchrun")
+    if own_answer_tokens < 1:
+        raise TrainError(f"--own-answer-tokens must be at least 1, got {own_answer_tokens}")
 
     split = prepare_data(data, filters=filters, heldout_fraction=heldout_fraction, seed=seed)
     lm = load_model(model, dtype=dtype, device=str(target), progress=say)
     L = lm.num_layers
     layers = parse_exit_layers(exit_layers, L)  # a baseline model keeps them for early-exit decoding later
-    train_layers = [L] if baseline else layers
+    train_layers = [L] if baseline else ([k for k in layers if k < L] if exit_modules else layers)
     weights = dict(zip(train_layers, loss_weights(train_layers, loss_weighting)))
     tokenizer = lm.tokenizer
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    dataset = TokenizedDataset(split.train, tokenizer, prompt_format, max_length)
-    lr = lr if lr is not None else (2e-4 if lora else 2e-5)
+    train_rows, answers = split.train, None
+    if own_answers:  # generated once by the starting model, cached in the work folder (resumable)
+        train_rows, answers = generate_own_answers(lm, split.train, prompt_format=prompt_format,
+                                                   cache=work / ANSWERS_FILE, max_new_tokens=own_answer_tokens,
+                                                   progress=say)
+    dataset = TokenizedDataset(train_rows, tokenizer, prompt_format, max_length)
+    lr = lr if lr is not None else (1e-3 if exit_modules else 2e-4 if lora else 2e-5)
     if bf16 and target.type == "cpu" and not cpu_has_native_bf16():
         say("--bf16: this CPU has no native bf16 instructions; autocast will be emulated and likely slower")
 
@@ -261,7 +356,10 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
         "grad_accum": grad_accum, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
         "max_length": max_length, "bf16": bf16, "gradient_checkpointing": gradient_checkpointing,
         "dtype": dtype, "seed": seed, "loss_mode": loss_mode, "chunk_size": chunk_size,
-        "rows_dropped_too_long": dataset.dropped,
+        "rows_dropped_too_long": dataset.dropped, "targets": targets,
+        "ce_weight": ce_weight if targets == "mixed" else None, "exit_modules": exit_modules,
+        "responses": "own answers" if own_answers else "dataset",
+        "own_answer_tokens": own_answer_tokens if own_answers else None,
     }
     run_record = {"model": _portable_model_spec(model), "data": split.provenance, "exit_layers": layers,
                   "loss_weighting": loss_weighting, "prompt_format": prompt_format, "training": settings}
@@ -280,6 +378,16 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
 
     train_model = lm.model
     train_model.train()
+    modules, teacher = None, None
+    if exit_modules:
+        from ..model.exit_modules import ExitModules
+
+        lm.model.requires_grad_(False)
+        lm.model.eval()  # the backbone is frozen: no dropout, no gradients, no autograd graph
+        modules = ExitModules(exit_modules, train_layers, lm.hidden_size).to(lm.device)
+        train_model = _FrozenBackbone(modules, lm.model)
+    elif targets != "data":
+        teacher = _make_teacher(lm, lora)
     if lora:
         from peft import LoraConfig, get_peft_model
 
@@ -290,8 +398,10 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
     lite_config = LiteConfig(num_layers=L, exit_layers=layers, loss_weighting=loss_weighting,
                              loss_weights=[weights.get(k, 0.0) for k in layers], prompt_format=prompt_format,
                              base_model=run_record["model"], adapter=lora, training=settings,
-                             data=split.provenance)
-    trainee = LiteModel(train_model, tokenizer, lite_config, source=run_record["model"])
+                             data=split.provenance, exit_modules=exit_modules,
+                             provenance={"own_answers": answers} if answers else {})
+    trainee = LiteModel(lm.model if exit_modules else train_model, tokenizer, lite_config,
+                        source=run_record["model"], exit_modules=modules)
 
     from transformers import TrainingArguments
 
@@ -310,12 +420,14 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
     trainer = _make_trainer_class()(
         model=train_model, args=args, train_dataset=dataset, data_collator=PadCollator(tokenizer.pad_token_id),
         processing_class=tokenizer, lite_model=trainee, exit_weights=weights, loss_mode=loss_mode,
-        chunk_size=chunk_size, callbacks=[_log_last_step_callback()],
+        chunk_size=chunk_size, callbacks=[_log_last_step_callback()], targets=targets, ce_weight=ce_weight,
+        teacher=teacher,
     )
     if resume:
         say(f"resuming from {resume}")
-    say(f"training {'LoRA' if lora else 'full'} on {len(dataset)} rows, exits {train_layers}, "
-        f"weights {[round(w, 3) for w in weights.values()]}")
+    what = f"{exit_modules} exit modules on a frozen backbone" if exit_modules else "LoRA" if lora else "full"
+    say(f"training {what} on {len(dataset)} rows ({settings['responses']}, targets {targets}), exits "
+        f"{train_layers}, weights {[round(w, 3) for w in weights.values()]}")
     if resume and _checkpoint_is_final(resume):
         # Killed after the last checkpoint but before the output was written: Trainer would run one
         # extra step on resume (it checks max_steps only after a step), so load the weights instead.
@@ -327,28 +439,37 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
         trainer.train(resume_from_checkpoint=resume)
 
     history = trainer.state.log_history
-    last = next((h for h in reversed(history) if "loss_l" + str(L) in h), {})
-    final_losses = {int(k[6:]): float(v) for k, v in last.items() if k.startswith("loss_l")}
+    prefix = "kl_l" if targets == "distill" else "loss_l"  # the per-exit figure the run optimises
+    last = next((h for h in reversed(history) if f"{prefix}{train_layers[-1]}" in h), {})
+    final_losses = {int(k[len(prefix):]): float(v) for k, v in last.items() if k.startswith(prefix)}
     lite_config.training["steps"] = trainer.state.global_step
     if _rank() == 0:
-        _save_final(trainer, train_model, tokenizer, lite_config, work, out, lora, run_record["model"])
+        _save_final(trainer, train_model, tokenizer, lite_config, work, out, lora, run_record["model"],
+                    modules)
     trainer.accelerator.wait_for_everyone()
     return TrainResult(out, trainer.state.global_step, final_losses, last.get("loss"), resume, lite_config,
                        history)
 
 
 def _save_final(trainer, train_model, tokenizer, lite_config: LiteConfig, work: Path, out: Path, lora: bool,
-                base_spec: str) -> None:
-    """Write the finished model into ``work/final`` and rename it to ``out``; then drop the work folder."""
+                base_spec: str, modules=None) -> None:
+    """Write the finished model into ``work/final`` and rename it to ``out``; then drop the work folder.
+
+    An exit-module run writes only the modules (``exit_modules.safetensors``): ``lite_config.json`` names
+    the backbone as ``base_model``, which :func:`lite.model.loading.load_model` loads beneath them."""
     final = work / "final"
     if final.exists():
         shutil.rmtree(final)
-    model = trainer.accelerator.unwrap_model(train_model)
-    if lora:
-        # the adapter names its base portably (alias or hub id as given), not this machine's cache path
-        for cfg in model.peft_config.values():
-            cfg.base_model_name_or_path = base_spec
-    model.save_pretrained(str(final))
+    if modules is not None:
+        final.mkdir(parents=True)
+        modules.save(final)
+    else:
+        model = trainer.accelerator.unwrap_model(train_model)
+        if lora:
+            # the adapter names its base portably (alias or hub id as given), not this machine's cache path
+            for cfg in model.peft_config.values():
+                cfg.base_model_name_or_path = base_spec
+        model.save_pretrained(str(final))
     tokenizer.save_pretrained(str(final))
     lite_config.save(final)
     (final / "trainer_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))

@@ -1,0 +1,125 @@
+"""The model's own answers as training responses (SPEC §7, on-policy data).
+
+Exits are used on the tokens the model itself generates, so they are best trained on those: for every
+training instruction, the starting model's greedy answer (exits off) replaces the dataset's response.
+Answers are generated once, in batches (transformers' ``generate`` with left padding), and cached next to
+the run (``own_answers.jsonl``: one line per row, appended batch by batch, so a killed run resumes where
+it stopped). Each line records the row id, a hash of the prompt ids and the answer's token ids; the token
+ids themselves are the training response (no decode/re-encode round trip).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..model.prompts import encode_prompt
+from .data import DataError, Example
+
+ANSWERS_FILE = "own_answers.jsonl"
+
+
+def _prompt_key(ids: list[int]) -> str:
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
+
+
+def _read_cache(path: Path) -> dict[str, dict[str, Any]]:
+    """row id -> cached line; a torn last line (a kill mid-write) is ignored and regenerated."""
+    done: dict[str, dict[str, Any]] = {}
+    if not path.is_file():
+        return done
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        done[entry["row_id"]] = entry
+    return done
+
+
+def generate_own_answers(lm, examples: list[Example], *, prompt_format: str, cache: Path,
+                         max_new_tokens: int = 128, batch_size: int = 16,
+                         progress: Callable[[str], None] | None = None) -> tuple[list[Example], dict[str, Any]]:
+    """Replace each example's response by ``lm``'s own greedy answer, generated once and cached.
+
+    Args:
+        lm: the starting model (a :class:`lite.model.adapter.LiteModel`), exits off.
+        examples: training rows.
+        prompt_format: the format the rows are trained in (the answer follows the same prompt).
+        cache: the ``own_answers.jsonl`` file (created, or resumed).
+        max_new_tokens: cap per answer.
+        batch_size: prompts per ``generate`` call (left-padded).
+    Returns:
+        (examples with ``response_ids`` set to the answers, provenance for ``lite_config.json``).
+    """
+    say = progress or (lambda _m: None)
+    tok = lm.tokenizer
+    prompts = [encode_prompt(tok, e.instruction, e.input, prompt_format) for e in examples]
+    done = _read_cache(cache)
+    stale = [e.row_id for e, p in zip(examples, prompts)
+             if e.row_id in done and done[e.row_id]["prompt_key"] != _prompt_key(p)]
+    if stale:
+        raise DataError(f"{cache} holds answers to other prompts (rows {stale[:3]}...); it belongs to another "
+                        f"model or prompt format: delete it to generate afresh")
+    todo = [i for i, e in enumerate(examples) if e.row_id not in done]
+    eos = sorted({int(t) for t in ([tok.eos_token_id] if tok.eos_token_id is not None else [])} |
+                 set(_generation_eos(lm)))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else 0)
+    start = time.perf_counter()
+    if todo:
+        say(f"generating the model's own answers for {len(todo)} of {len(examples)} rows "
+            f"(batches of {batch_size}, cached in {cache})")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    # longest prompts first: batches of similar length waste less on padding
+    todo.sort(key=lambda i: -len(prompts[i]))
+    for b in range(0, len(todo), batch_size):
+        chunk = todo[b:b + batch_size]
+        width = max(len(prompts[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):  # left padding: every prompt ends at the last column
+            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]):] = 1
+        with torch.inference_mode():
+            out = lm.model.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
+                                    max_new_tokens=max_new_tokens, do_sample=False,
+                                    eos_token_id=eos or None, pad_token_id=pad)
+        lines = []
+        for row, i in enumerate(chunk):
+            answer = out[row, width:].tolist()
+            for j, t in enumerate(answer):  # cut after the first end-of-sequence token
+                if t in eos:
+                    answer = answer[: j + 1]
+                    break
+            entry = {"row_id": examples[i].row_id, "prompt_key": _prompt_key(prompts[i]), "ids": answer}
+            done[entry["row_id"]] = entry
+            lines.append(json.dumps(entry))
+        with cache.open("a", encoding="utf-8") as f:  # one append per batch: a kill loses one batch at most
+            f.write("\n".join(lines) + "\n")
+        say(f"own answers: {min(b + batch_size, len(todo))}/{len(todo)}")
+    answered = [dataclasses.replace(e, response_ids=tuple(done[e.row_id]["ids"])) for e in examples]
+    lengths = [len(e.response_ids) for e in answered]
+    provenance = {
+        "responses": "own answers", "file": ANSWERS_FILE, "rows": len(answered),
+        "max_new_tokens": max_new_tokens, "greedy": True, "prompt_format": prompt_format,
+        "mean_tokens": round(sum(lengths) / max(len(lengths), 1), 1),
+        "generated_seconds": round(time.perf_counter() - start, 1),
+    }
+    return answered, provenance
+
+
+
+def _generation_eos(lm) -> list[int]:
+    """End-of-sequence ids of the model's generation config (an int or a list there)."""
+    config = getattr(lm.model, "generation_config", None)
+    value = getattr(config, "eos_token_id", None)
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]

@@ -1,0 +1,117 @@
+"""Stronger exits (SPEC §7): exit modules on a frozen backbone, self-distillation, the model's own answers."""
+
+import json
+
+import pytest
+import torch
+
+from lite import load_model
+from lite.cli import main
+from lite.decoding import ExitPolicy, GenerationSettings, generate
+from lite.model.exit_modules import EXIT_MODULES_FILE
+from lite.training import train
+from lite.training.own_answers import ANSWERS_FILE
+
+ROWS = [
+    {"instruction": "Name a colour.", "input": "", "output": "Blue."},
+    {"instruction": "Add.", "input": "2+2", "output": "4"},
+    {"instruction": "Greet.", "input": "", "output": "Hello there!"},
+]
+FAST = {"batch_size": 4, "max_length": 200, "logging_steps": 1, "show_progress_bar": False, "save_steps": 100}
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    rows = [dict(r, instruction=f"{r['instruction']} #{i}") for i in range(8) for r in ROWS]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def module_run(tiny_model_dir, data_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("modules") / "out"
+    return train(str(tiny_model_dir), str(data_file), out, max_steps=12, lr=1e-2, exit_modules="affine",
+                 targets="distill", own_answers=True, own_answer_tokens=12, exit_layers="1,2,3,4", **FAST)
+
+
+def test_exit_modules_run_writes_only_modules_and_lowers_the_kl(module_run):
+    out = module_run.output_dir
+    assert (out / EXIT_MODULES_FILE).is_file() and not (out / "model.safetensors").exists()
+    assert not (out / "adapter_config.json").exists()
+    history = [h for h in module_run.log_history if "kl_l1" in h]
+    assert history[-1]["kl_l1"] < history[0]["kl_l1"]  # the exit moved toward the final layer
+    assert sorted(module_run.final_losses) == [1, 2, 3]  # L has no module and is not trained
+    cfg = json.loads((out / "lite_config.json").read_text())
+    assert cfg["exit_modules"] == "affine" and cfg["training"]["targets"] == "distill"
+    assert cfg["training"]["responses"] == "own answers"
+    assert cfg["provenance"]["own_answers"]["rows"] > 0
+
+
+def test_exit_modules_load_over_the_untouched_backbone(module_run, tiny_model_dir):
+    lm = load_model(module_run.output_dir, device="cpu")
+    base = load_model(tiny_model_dir, device="cpu")
+    assert lm.exit_modules is not None and lm.exit_modules.layers == [1, 2, 3]
+    for name, p in base.model.state_dict().items():  # the backbone is bit-identical
+        assert torch.equal(lm.model.state_dict()[name], p), name
+    prompt = [5, 17, 42, 99, 3]
+    settings = GenerationSettings(max_new_tokens=8)
+    full = generate(lm, prompt, ExitPolicy(kind="none"), settings).token_ids
+    assert full == generate(base, prompt, ExitPolicy(kind="none"), settings).token_ids
+    h = torch.randn(2, lm.hidden_size)
+    assert not torch.allclose(lm.exit_logits(h, 1), base.exit_logits(h, 1))  # the modules learned
+
+
+def test_own_answers_are_the_models_greedy_answers(module_run, tiny_model_dir):
+    """The cached answers are what the starting model generates, token for token, cut after EOS."""
+    from lite.model.prompts import encode_prompt
+    from lite.training.data import read_examples
+
+    cache = module_run.output_dir.with_name(module_run.output_dir.name + ".partial") / ANSWERS_FILE
+    assert not cache.exists()  # the work folder is gone after a finished run; answers are re-made below
+    lm = load_model(tiny_model_dir, device="cpu")
+    from lite.training.own_answers import generate_own_answers
+
+    rows = read_examples([str(module_run.lite_config.data["sources"][0]["path"])])[0][:3]
+    answered, prov = generate_own_answers(lm, rows, prompt_format="alpaca", cache=cache, max_new_tokens=6,
+                                          batch_size=2)
+    for row in answered:
+        ids = encode_prompt(lm.tokenizer, row.instruction, row.input, "alpaca")
+        alone = generate(lm, ids, ExitPolicy(kind="none"), GenerationSettings(max_new_tokens=6)).token_ids
+        assert list(row.response_ids) == alone
+    assert prov["rows"] == 3 and len(cache.read_text().splitlines()) == 3
+    again, _ = generate_own_answers(lm, rows, prompt_format="alpaca", cache=cache, max_new_tokens=6)
+    assert again == answered and len(cache.read_text().splitlines()) == 3  # read back, not regenerated
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_distill_targets_train_a_backbone_toward_its_starting_self(tiny_model_dir, data_file, tmp_path, lora):
+    result = train(str(tiny_model_dir), str(data_file), tmp_path / "d", max_steps=3, lr=1e-2, lora=lora,
+                   lora_rank=4, targets="mixed", ce_weight=0.3, exit_layers="2,4", **FAST)
+    last = [h for h in result.log_history if "kl_l2" in h][-1]
+    assert {"kl_l2", "kl_l4", "loss_l2", "loss_l4"} <= set(last)
+    assert last["kl_l4"] < 0.5  # the final layer stays near its teacher, itself before training
+    assert result.lite_config.training["targets"] == "mixed"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--exit-modules", "affine", "--lora"], "leave out --lora"),
+    (["--targets", "teacher"], "invalid choice"),
+    (["--ce-weight", "1.5", "--targets", "mixed"], "--ce-weight"),
+    (["--own-answers", "--own-answer-tokens", "0"], "--own-answer-tokens"),
+])
+def test_bad_exit_training_flags_are_refused(argv, message, tiny_model_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "bad"
+    with pytest.raises(SystemExit) if message == "invalid choice" else _no_raise():
+        code = main(["train", "--model", str(tiny_model_dir), "--data", str(data_file), "--out", str(out), *argv])
+        assert code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() and not out.with_name("bad.partial").exists()
+
+
+class _no_raise:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
