@@ -31,3 +31,63 @@ def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> None:
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
     """Write JSON (indent 2, trailing newline) atomically, see :func:`write_atomic`."""
     write_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def check_output_folder(folder: str | os.PathLike[str], record: str | tuple[str, ...],
+                        flag: str = "--out") -> Path:
+    """The folder a verb may write into: new, empty, or one lite made before (it holds lite's ``record``).
+
+    A folder that holds files without lite's record file is someone else's: lite refuses it rather than
+    adopt it, so it never overwrites or deletes a user's files. Also refused: an empty path, ``.`` or a
+    path that names the current folder, a file, a folder whose parent cannot be written.
+
+    Args:
+        folder: the path given by the user.
+        record: the file (or files) lite writes first in such a folder (``lite_run.json``, ``run.json``).
+        flag: the flag that named the folder, for the message.
+    Returns:
+        The path (not created here).
+    Raises:
+        LiteError: naming the flag, the problem and the fix.
+    """
+    from .errors import LiteError
+
+    text = str(folder)
+    path = Path(text).expanduser()
+    if not text.strip() or path.resolve() == Path.cwd().resolve():
+        raise LiteError(f"{flag} {text!r} is the current folder (or empty): give a new folder name, e.g. "
+                        f"{flag} runs/new")
+    if path.exists() and not path.is_dir():
+        raise LiteError(f"{flag} {path} is a file, not a folder: give a new folder name")
+    if path.is_dir():
+        entries = sorted(p.name for p in path.iterdir())
+        records = (record,) if isinstance(record, str) else record
+        if entries and not any(r in entries for r in records):
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise LiteError(f"{flag} {path} holds files lite did not write ({shown}); lite never adopts or "
+                            f"deletes them: give a new folder")
+        return path
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise LiteError(f"{flag} {path}: cannot create it, {parent} is not writable; choose another place")
+    return path
+
+
+def remove_own_files(folder: Path, names: list[str]) -> bool:
+    """Delete what lite wrote in ``folder`` (the entries ``names``, files or folders, glob patterns
+    allowed), then the folder itself if nothing else is left. Returns True when the folder is gone."""
+    import shutil
+
+    for pattern in names:
+        for path in folder.glob(pattern):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:
+        return False
+    return True

@@ -38,7 +38,7 @@ from .. import decoding
 from ..decoding.reference import hf_generate
 from ..decoding.spec import THRESHOLD_KINDS, ExitOptions, build_policy, threshold_values
 from ..errors import LiteError
-from ..files import write_json_atomic
+from ..files import check_output_folder, write_json_atomic
 from .testsets import TestPrompt, TestSet, load_testset
 
 RECORDS = "records.jsonl"
@@ -187,7 +187,9 @@ def _append(path: Path, record: dict) -> None:
 
 
 def prepare_out(out: Path, config: EvalConfig, restart: bool) -> None:
-    """Create ``out`` with ``run.json``; refuse a folder that holds another configuration's run."""
+    """Create ``out`` with ``run.json``; refuse a folder that holds another configuration's run, or files
+    lite did not write (no ``run.json``): those are never overwritten or deleted."""
+    check_output_folder(out, RUN_FILE, "--out")
     out.mkdir(parents=True, exist_ok=True)
     run_file = out / RUN_FILE
     has_records = (out / RECORDS).is_file() and (out / RECORDS).stat().st_size > 0

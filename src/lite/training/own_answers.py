@@ -45,7 +45,8 @@ def _read_cache(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def generate_own_answers(lm, examples: list[Example], *, prompt_format: str, cache: Path,
-                         max_new_tokens: int = 128, batch_size: int = 16,
+                         max_new_tokens: int = 128, batch_size: int = 16, model_id: str | None = None,
+                         bf16: bool = False,
                          progress: Callable[[str], None] | None = None) -> tuple[list[Example], dict[str, Any]]:
     """Replace each example's response by ``lm``'s own greedy answer, generated once and cached.
 
@@ -56,6 +57,9 @@ def generate_own_answers(lm, examples: list[Example], *, prompt_format: str, cac
         cache: the ``own_answers.jsonl`` file (created, or resumed).
         max_new_tokens: cap per answer.
         batch_size: prompts per ``generate`` call (left-padded).
+        model_id: what the model was loaded from (recorded per answer; answers of another model are refused).
+        bf16: generate under bf16 autocast (``--bf16``; 2-3x faster on CPUs with native bf16). Greedy answers
+            can then differ from float32 ones at near-ties; they are still the model's own answers.
     Returns:
         (examples with ``response_ids`` set to the answers, provenance for ``lite_config.json``).
     """
@@ -63,8 +67,8 @@ def generate_own_answers(lm, examples: list[Example], *, prompt_format: str, cac
     tok = lm.tokenizer
     prompts = [encode_prompt(tok, e.instruction, e.input, prompt_format) for e in examples]
     done = _read_cache(cache)
-    stale = [e.row_id for e, p in zip(examples, prompts)
-             if e.row_id in done and done[e.row_id]["prompt_key"] != _prompt_key(p)]
+    stale = [e.row_id for e, p in zip(examples, prompts) if e.row_id in done and (
+        done[e.row_id]["prompt_key"] != _prompt_key(p) or done[e.row_id].get("model", model_id) != model_id)]
     if stale:
         raise DataError(f"{cache} holds answers to other prompts (rows {stale[:3]}...); it belongs to another "
                         f"model or prompt format: delete it to generate afresh")
@@ -87,7 +91,8 @@ def generate_own_answers(lm, examples: list[Example], *, prompt_format: str, cac
         for row, i in enumerate(chunk):  # left padding: every prompt ends at the last column
             ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
             mask[row, width - len(prompts[i]):] = 1
-        with torch.inference_mode():
+        autocast = torch.autocast(lm.device.type, dtype=torch.bfloat16, enabled=bf16)
+        with torch.inference_mode(), autocast:
             out = lm.model.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
                                     max_new_tokens=max_new_tokens, do_sample=False,
                                     eos_token_id=eos or None, pad_token_id=pad)
@@ -98,7 +103,8 @@ def generate_own_answers(lm, examples: list[Example], *, prompt_format: str, cac
                 if t in eos:
                     answer = answer[: j + 1]
                     break
-            entry = {"row_id": examples[i].row_id, "prompt_key": _prompt_key(prompts[i]), "ids": answer}
+            entry = {"row_id": examples[i].row_id, "prompt_key": _prompt_key(prompts[i]), "model": model_id,
+                     "ids": answer}
             done[entry["row_id"]] = entry
             lines.append(json.dumps(entry))
         with cache.open("a", encoding="utf-8") as f:  # one append per batch: a kill loses one batch at most
@@ -109,6 +115,7 @@ def generate_own_answers(lm, examples: list[Example], *, prompt_format: str, cac
     provenance = {
         "responses": "own answers", "file": ANSWERS_FILE, "rows": len(answered),
         "max_new_tokens": max_new_tokens, "greedy": True, "prompt_format": prompt_format,
+        "autocast": "bfloat16" if bf16 else None,
         "mean_tokens": round(sum(lengths) / max(len(lengths), 1), 1),
         "generated_seconds": round(time.perf_counter() - start, 1),
     }

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ..errors import LiteError
+from ..files import check_output_folder, remove_own_files
 from ..model.config import (
     CONFIG_NAME,
     LOSS_WEIGHTINGS,
@@ -45,6 +46,8 @@ from .own_answers import ANSWERS_FILE, generate_own_answers
 TARGETS = ("data", "distill", "mixed")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RUN_FILE = "lite_run.json"
+# what a run writes in its work folder (<out>.partial): only these are removed once the output is in place
+WORK_FILES = [RUN_FILE, "checkpoint-*", "final", "own_answers.jsonl", "runs"]
 
 
 class TrainError(LiteError):
@@ -295,6 +298,8 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
     work = out.with_name(out.name + ".partial")
     if out.exists():
         raise TrainError(f"--out {out} already exists; choose a new folder or delete it (lite never overwrites)")
+    check_output_folder(out, RUN_FILE, "--out")  # an empty path, '.', an unwritable place
+    check_output_folder(work, (RUN_FILE, ANSWERS_FILE), f"the work folder of --out {out}:")  # never adopt
     if loss_weighting not in LOSS_WEIGHTINGS:
         raise TrainError(f"--loss-weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
     if prompt_format not in PROMPT_FORMATS:
@@ -341,6 +346,7 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
     if own_answers:  # generated once by the starting model, cached in the work folder (resumable)
         train_rows, answers = generate_own_answers(lm, split.train, prompt_format=prompt_format,
                                                    cache=work / ANSWERS_FILE, max_new_tokens=own_answer_tokens,
+                                                   model_id=_portable_model_spec(model), bf16=bf16,
                                                    progress=say)
     dataset = TokenizedDataset(train_rows, tokenizer, prompt_format, max_length)
     lr = lr if lr is not None else (1e-3 if exit_modules else 2e-4 if lora else 2e-5)
@@ -365,7 +371,7 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
                   "loss_weighting": loss_weighting, "prompt_format": prompt_format, "training": settings}
     resume = _last_checkpoint(work)
     previous = work / RUN_FILE
-    if previous.is_file():
+    if previous.is_file() and resume is not None:  # without a checkpoint there is nothing to resume
         recorded = json.loads(previous.read_text())
         if recorded != json.loads(json.dumps(run_record)):
             raise TrainError(f"{work} holds an unfinished run with other settings; re-run the same command to "
@@ -393,8 +399,11 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
 
         peft_config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha or 2 * lora_rank, lora_dropout=0.0,
                                  target_modules=list(lora_targets), task_type="CAUSAL_LM")
-        with quiet_peft_internals():
-            train_model = get_peft_model(train_model, peft_config)
+        try:
+            with quiet_peft_internals():
+                train_model = get_peft_model(train_model, peft_config)
+        except ValueError as exc:  # peft: no such target module, or one LoRA cannot wrap
+            raise TrainError(f"--lora-targets {','.join(lora_targets)}: {exc}") from None
     lite_config = LiteConfig(num_layers=L, exit_layers=layers, loss_weighting=loss_weighting,
                              loss_weights=[weights.get(k, 0.0) for k in layers], prompt_format=prompt_format,
                              base_model=run_record["model"], adapter=lora, training=settings,
@@ -474,7 +483,7 @@ def _save_final(trainer, train_model, tokenizer, lite_config: LiteConfig, work: 
     lite_config.save(final)
     (final / "trainer_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     os.replace(final, out)
-    shutil.rmtree(work, ignore_errors=True)
+    remove_own_files(work, WORK_FILES)  # what lite wrote there, and the folder if nothing else is left
 
 
 def loss_summary(result: TrainResult) -> str:

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Exit modules on a frozen backbone (issue 14, SPEC §7): one affine module per exit of the embedded default
+# (SmolLM2-135M-Instruct, layers 15, 19, 23, 26), trained by self-distillation (KL toward the model's own
+# final layer) on the model's own greedy answers to the MIT-licensed alpaca-libre "ok" instructions. The
+# backbone is untouched, so the full model's output is identical; the output folder holds 5 MB of modules.
+# The held-out split (seed 0, 5%) is the shipped LITE adapter's, so benchmarks/exit_agreement.py compares
+# both on the same rows. Resumable: re-run the same command (lite train resumes from $OUT.partial, and the
+# own answers are cached there).
+#   LITE_HOME=/path/outside/the/checkout bash scripts/train_exit_modules.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-${LITE_HOME:-$HOME/.cache/lite}/runs}
+DATA=${DATA:-../shared/data/train}
+KIND=${KIND:-affine}
+EPOCHS=${EPOCHS:-2}
+OUT=$RUNS/exit-modules-$KIND
+export OMP_NUM_THREADS=${THREADS:-2}
+LITE=${LITE:-.venv/bin/lite}
+
+if [ ! -d "$OUT" ]; then
+    "$LITE" train --model smollm2-135m-instruct \
+        --data "$DATA/alpaca_libre_v1.jsonl" "$DATA/alpaca_libre_v3.jsonl" --filter status=ok \
+        --out "$OUT" --exit-modules "$KIND" --targets distill --own-answers --own-answer-tokens 128 \
+        --prompt-format chat --exit-layers 15,19,23,26,30 --epochs "$EPOCHS" --batch-size 8 --max-length 320 \
+        --lr 1e-3 --bf16 --save-steps 20 --logging-steps 5 --no-progress-bar
+fi
+# agreement with the final layer on held-out rows, beside the shipped LoRA adapter (same rows)
+.venv/bin/python benchmarks/exit_agreement.py --model "$OUT" --model smollm2-135m-lite \
+    --heldout-from smollm2-135m-lite --limit 40 --threads "$OMP_NUM_THREADS" \
+    --out "benchmarks/results/exit_agreement_modules_$KIND.md"
