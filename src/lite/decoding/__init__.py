@@ -4,7 +4,8 @@ Modules: :mod:`.policy` (what an exit policy is and how it is checked against a 
 one parser from text and flags to a policy, for the CLI, the server and the evaluator), :mod:`.engine`
 (the per-sequence decoder), :mod:`.speculative` (the lossless self-speculative decoder, a subclass),
 :mod:`.confidence`, :mod:`.gate` (the learned exit gate), :mod:`.draft_vocab`, :mod:`.sampling`,
-:mod:`.cost` (what every token cost), :mod:`.reference` (transformers' ``generate``, the timing reference).
+:mod:`.cost` (what every token cost), :mod:`.reference` (transformers' ``generate``, the timing reference),
+:mod:`.batch` (many sequences at once, each row leaving at its own layer).
 
 This module is the public entry point: :func:`generate`, :func:`stream` and :func:`make_decoder` choose
 the decoder for a policy, so that neither decoder imports the other.
@@ -15,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from ..model.adapter import LiteModel
+from .batch import BatchDecoder
 from .engine import KV_STRATEGIES, Decoder, GenerationResult, GenerationSettings, TokenRecord, check_settings
 from .policy import (
     CONFIDENCES,
@@ -29,9 +31,9 @@ from .policy import (
 from .speculative import SpeculativeDecoder
 
 __all__ = [
-    "CONFIDENCES", "KV_STRATEGIES", "POLICIES", "Decoder", "ExitGate", "ExitPolicy", "GenerationResult",
+    "CONFIDENCES", "KV_STRATEGIES", "POLICIES", "BatchDecoder", "Decoder", "ExitGate", "ExitPolicy", "GenerationResult",
     "GenerationSettings", "ResolvedPolicy", "SpeculativeDecoder", "TokenRecord", "check_settings",
-    "generate", "make_decoder", "parse_exit", "parse_thresholds", "resolve_policy", "stream",
+    "generate", "generate_batch", "make_decoder", "parse_exit", "parse_thresholds", "resolve_policy", "stream", "stream_batch",
 ]
 
 
@@ -63,3 +65,22 @@ def generate(lm: LiteModel, prompt_ids: list[int], policy: ExitPolicy, settings:
     for _ in decoder.run(on_token):
         pass
     return decoder.result()
+
+
+def stream_batch(lm: LiteModel, prompts: list[list[int]], policy: ExitPolicy,
+                 settings: GenerationSettings | list[GenerationSettings],
+                 on_token: Callable[[int, TokenRecord], None] | None = None) -> Iterator[tuple[int, TokenRecord]]:
+    """Decode ``prompts`` together (:class:`BatchDecoder`); yield ``(row, TokenRecord)`` as tokens come.
+    ``settings``: one for every row, or one per row. Bad input raises :class:`LiteError` before decoding."""
+    return BatchDecoder(lm, prompts, policy, settings).run(on_token)
+
+
+def generate_batch(lm: LiteModel, prompts: list[list[int]], policy: ExitPolicy,
+                   settings: GenerationSettings | list[GenerationSettings],
+                   on_token: Callable[[int, TokenRecord], None] | None = None) -> list[GenerationResult]:
+    """:func:`generate` for many prompts at once: one :class:`GenerationResult` per prompt, in order, each
+    what the prompt gets alone (exit layers, tokens, cost), each row exiting at its own layer."""
+    decoder = BatchDecoder(lm, prompts, policy, settings)
+    for _ in decoder.run(on_token):
+        pass
+    return decoder.results()

@@ -88,6 +88,78 @@ class LayerCache:
         self.lengths = [min(n, length) for n in self.lengths]
 
 
+class BatchCache:
+    """Key/value cache for B sequences that advance independently: one length per (block, row).
+
+    Row r of every block keeps its positions at slots 0, 1, ... (no left padding): slot = absolute
+    position. A call of a block over some rows writes each row's new positions at that row's own length
+    and attends under a mask that hides every slot past the row's own positions, so rows of different
+    lengths, and rows that skipped blocks, share one buffer. Buffers are ``(B, H_kv, max_len, head_dim)``.
+    """
+
+    def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.lengths = [[0] * batch for _ in range(num_layers)]  # lengths[block][row], host-side
+        self.batch = batch
+        self.max_len = max_len
+
+    def view(self, block: int, rows: list[int], new: int) -> _RowsView:
+        """The cache as one block call over ``rows`` sees it (``new`` positions per row)."""
+        return _RowsView(self, block, rows, [self.lengths[block][r] for r in rows], new)
+
+    def row(self, r: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, V) of row ``r`` in ``block`` over its cached positions: ``(H_kv, n, head_dim)`` each."""
+        n = self.lengths[block][r]
+        return self.keys[block][r, :, :n], self.values[block][r, :, :n]
+
+
+class _RowsView:
+    """The cache protocol the attention modules call (``update``), for one block call over some rows."""
+
+    def __init__(self, cache: BatchCache, block: int, rows: list[int], starts: list[int], new: int) -> None:
+        self.cache, self.block, self.rows, self.starts, self.new = cache, block, rows, starts, new
+        self.span = max(starts) + new  # slots the call attends over
+        if self.span > cache.max_len:
+            raise RuntimeError(f"cache overflow at block {block}: {self.span} positions > {cache.max_len}")
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        c, b, t = self.cache, self.block, self.new
+        keys, values = c.keys[b], c.values[b]
+        if t == 1:  # one position per row, each at its own slot
+            index = torch.tensor(self.rows, device=keys.device)
+            slots = torch.tensor(self.starts, device=keys.device)
+            keys[index, :, slots] = key[:, :, 0]
+            values[index, :, slots] = value[:, :, 0]
+        else:
+            for i, (r, s) in enumerate(zip(self.rows, self.starts)):
+                keys[r, :, s:s + t] = key[i]
+                values[r, :, s:s + t] = value[i]
+        for r, s in zip(self.rows, self.starts):
+            c.lengths[b][r] = s + t
+        if self.rows == list(range(c.batch)):  # every row, in order: views, no copy
+            return keys[:, :, :self.span], values[:, :, :self.span]
+        index = torch.tensor(self.rows, device=keys.device)
+        return keys[index, :, :self.span], values[index, :, :self.span]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return max(self.starts)
+
+    def mask(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        """Additive mask ``(b, 1, new, span)``: query j of row i (at slot start_i + j) sees slots <= it.
+        None when no row has anything to hide (one new position per row, all at the last slot)."""
+        if self.new == 1 and all(s == self.span - 1 for s in self.starts):
+            return None
+        starts = torch.tensor(self.starts, device=device)
+        q_pos = starts[:, None] + torch.arange(self.new, device=device)[None]  # (b, new)
+        k_pos = torch.arange(self.span, device=device)  # (span,)
+        mask = torch.zeros(len(self.rows), 1, self.new, self.span, dtype=dtype, device=device)
+        mask.masked_fill_((k_pos[None, None, :] > q_pos[:, :, None])[:, None], torch.finfo(dtype).min)
+        return mask
+
+
 @dataclass
 class Rope:
     """Rotary embeddings (cos, sin) for a run of positions, computed once and shared by all blocks."""
@@ -363,6 +435,56 @@ class LiteModel:
         return self.blocks[idx](hidden, attention_mask=self._mask(past, t), position_embeddings=cos_sin,
                                 use_cache=True, **{self._cache_kw: cache})
 
+    # ----------------------------------------------------------------- batched decode primitives
+    def new_batch_cache(self, max_len: int, batch: int) -> BatchCache:
+        """A cache for ``batch`` independent sequences of up to ``max_len`` positions each."""
+        return BatchCache(self.num_layers, batch, self.kv_heads, self.head_dim, max_len, self.dtype, self.device)
+
+    def _rope_for(self, view: _RowsView) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) ``(b, new, head_dim)`` at each row's own positions (slot = absolute position)."""
+        starts = torch.tensor(view.starts, device=self.device)
+        positions = starts[:, None] + torch.arange(view.new, device=self.device)[None]
+        probe = torch.empty(0, dtype=self.dtype, device=self.device)
+        return self.decoder.rotary_emb(probe, positions)
+
+    def run_block_rows(self, layer: int, hidden: torch.Tensor, cache: BatchCache, rows: list[int]) -> torch.Tensor:
+        """Run decoder block ``layer`` (1-indexed) for ``rows`` of a batch, each over its next positions.
+
+        Args:
+            hidden: (b, T, D) inputs of block ``layer`` for the b = len(rows) rows, at the T positions that
+                follow each row's cached ones in this block.
+            cache: the batch cache; each row's length in block ``layer`` grows by T.
+            rows: which rows of the batch these are (cache rows), in the order of ``hidden``.
+        Returns:
+            (b, T, D) raw output of block ``layer``.
+        """
+        view = cache.view(layer - 1, rows, hidden.shape[1])
+        return self.blocks[layer - 1](hidden, attention_mask=view.mask(self.dtype, self.device),
+                                      position_embeddings=self._rope_for(view), use_cache=True,
+                                      **{self._cache_kw: view})
+
+    def fill_kv_rows(self, layer: int, hidden: torch.Tensor, cache: BatchCache, rows: list[int]) -> None:
+        """:meth:`fill_kv` for ``rows`` of a batch: K/V of block ``layer`` from stand-in inputs (b, T, D)."""
+        view = cache.view(layer - 1, rows, hidden.shape[1])
+        key, value = self._kv_projections(layer, hidden, self._rope_for(view))
+        view.update(key, value, layer - 1)
+
+    def _kv_projections(self, layer: int, hidden: torch.Tensor, cos_sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key (rotated) and value of block ``layer`` for inputs (b, T, D): ``(b, H_kv, T, head_dim)`` each."""
+        block = self.blocks[layer - 1]
+        attn = block.self_attn
+        b, t, _ = hidden.shape
+        x = block.input_layernorm(hidden)
+        key = attn.k_proj(x).view(b, t, -1, self.head_dim)
+        value = attn.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        if getattr(attn, "k_norm", None) is not None:  # Qwen3-style per-head key norm
+            key = attn.k_norm(key)
+        key = key.transpose(1, 2)
+        cos, sin = cos_sin
+        apply_rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        key, _ = apply_rotary(key, key, cos, sin)
+        return key, value
+
     def fill_kv(self, layer: int, hidden: torch.Tensor, rope: Rope, cache: LayerCache) -> None:
         """Append K/V of block ``layer`` computed from ``hidden`` without running the block ("copy").
 
@@ -374,17 +496,6 @@ class LiteModel:
             hidden: (B, T, D) stand-in input of block ``layer`` at the next T uncached positions.
         """
         idx = layer - 1
-        block = self.blocks[idx]
-        attn = block.self_attn
         past = cache.lengths[idx]
-        b, t, _ = hidden.shape
-        x = block.input_layernorm(hidden)
-        key = attn.k_proj(x).view(b, t, -1, self.head_dim)
-        value = attn.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        if getattr(attn, "k_norm", None) is not None:  # Qwen3-style per-head key norm
-            key = attn.k_norm(key)
-        key = key.transpose(1, 2)
-        cos, sin = rope.slice(past, past + t)
-        apply_rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-        key, _ = apply_rotary(key, key, cos, sin)
+        key, value = self._kv_projections(layer, hidden, rope.slice(past, past + hidden.shape[1]))
         cache.update(key, value, idx)

@@ -1,0 +1,304 @@
+"""Batched early-exit decoding: B sequences at once, each row leaving the network at its own layer.
+
+The engine of :mod:`lite.decoding.engine` for many sequences. Rows have their own prompt lengths, sampling
+settings (temperature, top-p, seed), stop strings and token budgets; each row's cache positions sit at
+slots 0, 1, ... of a shared :class:`lite.model.adapter.BatchCache` (no left padding), and every block call
+masks what a row must not see.
+
+One decode step over the rows still generating: block after block over the rows still inside the
+network. At an exit layer, the rows whose policy says leave emit their token there (their skipped blocks'
+K/V are filled from the exit state under ``copy``, or left pending under ``recompute``), and the deeper
+blocks run on the remaining rows only, regrouped into a smaller batch (the DREX idea: no row waits for a
+slower one, and nothing is computed for a row that left). Each row's exit decisions, tokens, cache and cost
+records are the ones the batch-1 engine produces for it alone (tested), up to float rounding of batched
+matrix products.
+
+Exits off, this is plain batched greedy/sampled decoding. Speculative decoding stays batch 1
+(:mod:`lite.decoding.speculative`): its verify pass would need per-row rollback of a shared cache.
+
+Layer numbering: layer k = output of decoder block k, 1-indexed; L = number of decoder layers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+
+from ..errors import LiteError
+from ..model.adapter import LiteModel
+from . import confidence as conf_mod
+from .cost import ModelShape, TokenCost, sequence_cost
+from .engine import GenerationResult, GenerationSettings, TokenRecord, check_settings
+from .policy import ExitPolicy, resolve_policy
+from .sampling import TextStream, eos_ids, pick_token
+
+
+class BatchDecoder:
+    """The decode-time state of B sequences: one cache, per-row positions, texts, costs.
+
+    Use :func:`lite.decoding.generate_batch` or :func:`lite.decoding.stream_batch`; the class is public
+    for tests and tools that look at the cache between steps (``after_step(self)`` after every step).
+    """
+
+    def __init__(self, lm: LiteModel, prompts: list[list[int]], policy: ExitPolicy,
+                 settings: GenerationSettings | list[GenerationSettings]) -> None:
+        if not prompts:
+            raise LiteError("no prompts to decode: give at least one")
+        per_row = settings if isinstance(settings, list) else [settings] * len(prompts)
+        if len(per_row) != len(prompts):
+            raise LiteError(f"{len(prompts)} prompts but {len(per_row)} settings: give one per prompt, or one")
+        for ids, s in zip(prompts, per_row):
+            check_settings(lm, ids, s)
+        kvs = {s.kv for s in per_row}
+        if len(kvs) > 1:
+            raise LiteError(f"--kv must be the same for every row of a batch, got {sorted(kvs)}")
+        if policy.kind == "speculative":
+            raise LiteError("speculative decoding runs one sequence at a time: use batch size 1 for it")
+        self.lm = lm
+        self.plan = resolve_policy(lm, policy)
+        self.settings = per_row
+        self.kv = per_row[0].kv
+        self.prompts = [[int(i) for i in ids] for ids in prompts]
+        B = len(prompts)
+        self.max_steps = [min(s.max_new_tokens, lm.max_context - (len(p) - 1)) for p, s in zip(self.prompts, per_row)]
+        self.max_len = max(len(p) - 1 + n for p, n in zip(self.prompts, self.max_steps))
+        self.cache = lm.new_batch_cache(self.max_len, B)
+        # recompute: latest raw hidden state of every position of every row
+        self.states = (torch.zeros(B, self.max_len, lm.hidden_size, dtype=lm.dtype, device=lm.device)
+                       if self.kv == "recompute" else None)
+        self.generators: list[torch.Generator | None] = []
+        for s in per_row:
+            g = None
+            if s.temperature > 0:
+                g = torch.Generator(device=lm.device)
+                g.manual_seed(s.seed if s.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+            self.generators.append(g)
+        self.eos = eos_ids(lm.tokenizer, getattr(lm.model, "generation_config", None))
+        self.texts = [TextStream(lm.tokenizer, s.stop) for s in per_row]
+        self.token_costs: list[list[TokenCost]] = [[] for _ in range(B)]
+        self.records: list[list[TokenRecord]] = [[] for _ in range(B)]
+        self.finish_reasons = ["length"] * B
+        self.seconds = [0.0] * B
+        self.after_step: Callable[[BatchDecoder], None] | None = None
+
+    # ------------------------------------------------------------------ per block / per step
+    def _block(self, layer: int, h: torch.Tensor, rows: list[int], positions: list[int],
+               tcs: list[TokenCost]) -> torch.Tensor:
+        """Block ``layer`` for the current tokens of ``rows`` (h: (b, 1, D)). Under ``recompute``, a row
+        whose earlier positions skipped this block pushes them through first, in its own call."""
+        lm, cache = self.lm, self.cache
+        for tc in tcs:
+            tc.blocks_run += 1
+        pending = [i for i, r in enumerate(rows) if cache.lengths[layer - 1][r] != positions[i]]
+        if not pending:
+            return lm.run_block_rows(layer, h, cache, rows)
+        out = torch.empty_like(h)
+        plain = [i for i in range(len(rows)) if i not in set(pending)]
+        if plain:
+            out[plain] = lm.run_block_rows(layer, h[plain], cache, [rows[i] for i in plain])
+        for i in pending:  # pending positions start..pos-1 have been through exactly layer-1 blocks
+            r, pos = rows[i], positions[i]
+            start = cache.lengths[layer - 1][r]
+            x = torch.cat([self.states[r:r + 1, start:pos], h[i:i + 1]], dim=1)  # (1, pos - start + 1, D)
+            y = lm.run_block_rows(layer, x, cache, [r])
+            self.states[r, start:pos] = y[0, :-1]
+            out[i] = y[0, -1:]
+            tcs[i].recomputed += pos - start
+            tcs[i].recompute_context += sum(p + 1 for p in range(start, pos))
+        return out
+
+    def _check(self, layer: int, h: torch.Tensor, tcs: list[TokenCost], prev: torch.Tensor
+               ) -> tuple[list[bool], torch.Tensor | None, list[float | None], torch.Tensor]:
+        """One exit check for every row still inside (h: (b, 1, D), raw output of block ``layer``).
+
+        As the batch-1 engine's check, per row: the gate decides from the normed state and the head runs
+        only for rows it lets leave; a head-based measure evaluates the head for every row; ``state_cosine``
+        compares with each row's previous checked state. Returns (leave per row, logits (b, V) or None,
+        confidence per row, prev for the next cosine check). One host sync: the decisions.
+        """
+        lm, plan = self.lm, self.plan
+        b = h.shape[0]
+        if plan.gate is not None:
+            normed = lm.exit_normed(h[:, -1], layer)  # (b, D)
+            leave = []
+            for i, tc in enumerate(tcs):
+                tc.gate_flops += int(plan.gate.flops(layer))
+                tc.exit_module_flops += lm.exit_module_flops(layer)
+                leave.append(bool(plan.gate.should_exit(layer, normed[i])))  # the exit decision
+            logits = None
+            if any(leave):
+                idx = [i for i in range(b) if leave[i]]
+                logits = torch.zeros(b, lm.vocab_size, dtype=h.dtype, device=h.device)
+                logits[idx] = lm.head_logits(normed[idx])
+                for i in idx:
+                    tcs[i].head_evals += 1
+            return leave, logits, [None] * b, prev
+        threshold = plan.checks[layer]
+        head_fn = conf_mod.HEAD_FUNCTIONS.get(plan.confidence)
+        if head_fn is not None:
+            logits = lm.head_logits(lm.exit_normed(h[:, -1], layer))  # (b, V)
+            for tc in tcs:
+                tc.head_evals += 1
+                tc.head_checks += 1
+                tc.exit_module_flops += lm.exit_module_flops(layer)
+            values = head_fn(logits).tolist()  # the exit decisions
+            return [v >= threshold for v in values], logits, values, prev
+        values = conf_mod.state_cosine(h[:, -1], prev).tolist()  # no head
+        for tc in tcs:
+            tc.cosine_checks += 1
+        return [v >= threshold for v in values], None, values, h[:, -1]
+
+    def _step(self, rows: list[int], tokens: torch.Tensor, positions: list[int]
+              ) -> tuple[torch.Tensor, list[int], list[float | None], list[TokenCost]]:
+        """One decode step of ``rows``: their tokens (b, 1) at ``positions`` through the blocks until each
+        exits. Returns (exit logits (b, V), exit layer per row, confidence per row, cost per row)."""
+        lm, plan = self.lm, self.plan
+        L, b = lm.num_layers, len(rows)
+        tcs = [TokenCost(position=p) for p in positions]
+        out_logits = torch.empty(b, lm.vocab_size, dtype=lm.dtype, device=lm.device)
+        exit_layer = [plan.stop_layer] * b
+        conf: list[float | None] = [None] * b
+        has_logits = [False] * b
+        exit_state: list[torch.Tensor | None] = [None] * b  # raw state at the exit, for K/V fill
+        inside = list(range(b))  # indices (into rows) of the rows still inside the network
+        h = lm.embed(tokens)  # (b, 1, D)
+        prev = h[:, -1]  # state_cosine: "layer 0" is the input embedding
+        for layer in range(1, plan.stop_layer + 1):
+            h = self._block(layer, h, [rows[i] for i in inside], [positions[i] for i in inside],
+                            [tcs[i] for i in inside])
+            if plan.checks.get(layer) is None:
+                continue
+            leave, logits, values, prev = self._check(layer, h, [tcs[i] for i in inside], prev)
+            if not any(leave):
+                continue
+            stay = [j for j, go in enumerate(leave) if not go]
+            for j, go in enumerate(leave):
+                if go:
+                    i = inside[j]
+                    exit_layer[i], conf[i], exit_state[i] = layer, values[j], h[j:j + 1]
+                    if logits is not None:
+                        out_logits[i], has_logits[i] = logits[j], True
+            inside = [inside[j] for j in stay]
+            h, prev = h[stay], prev[stay]
+            if not inside:
+                break
+        for j, i in enumerate(inside):  # the rows that reached the stop layer
+            exit_state[i] = h[j:j + 1]
+        missing = [i for i in range(b) if not has_logits[i]]
+        if missing:  # static:K, the rows that ran to L, and state-cosine exits: the head runs now
+            for k in sorted({exit_layer[i] for i in missing}):
+                group = [i for i in missing if exit_layer[i] == k]
+                states = torch.cat([exit_state[i] for i in group])[:, -1]  # (g, D)
+                out_logits[group] = lm.exit_logits(states, k)
+                for i in group:
+                    tcs[i].head_evals += 1
+                    tcs[i].exit_module_flops += lm.exit_module_flops(k)
+        if plan.kind != "none":  # record the exit's confidence where the check did not (one reduction)
+            measure = plan.confidence
+            head_fn = conf_mod.HEAD_FUNCTIONS.get(measure)
+            for i in range(b):
+                if conf[i] is not None:
+                    continue
+                if measure == "state_cosine" and exit_layer[i] == L:
+                    continue  # the batch-1 engine compares with the last checked state: recorded below
+                if measure != "state_cosine":
+                    conf[i] = float((head_fn or conf_mod.max_prob)(out_logits[i:i + 1]))
+                    tcs[i].head_checks += 1
+            if measure == "state_cosine" and plan.gate is None:
+                # rows that ran to L: cosine of the final state with their last checked state
+                for j, i in enumerate(inside):
+                    if exit_layer[i] == L:
+                        conf[i] = float(conf_mod.state_cosine(h[j, -1], prev[j]))
+                        tcs[i].cosine_checks += 1
+        for i, tc in enumerate(tcs):
+            tc.exit_layer = exit_layer[i]
+        left = [i for i in range(b) if exit_layer[i] < L]
+        if left:
+            if self.kv == "copy":  # fill the skipped blocks' K/V from each row's exit state, batched by layer
+                for layer in range(min(exit_layer[i] for i in left) + 1, L + 1):
+                    group = [i for i in left if exit_layer[i] < layer]
+                    lm.fill_kv_rows(layer, torch.cat([exit_state[i] for i in group]), self.cache,
+                                    [rows[i] for i in group])
+                    for i in group:
+                        tcs[i].kv_fills += 1
+            else:
+                for i in left:
+                    self.states[rows[i], positions[i]] = exit_state[i][0, -1]
+        return out_logits, exit_layer, conf, tcs
+
+    def _prefill(self) -> None:
+        """All L blocks over each prompt's first n - 1 positions, right-padded into one batch call per block
+        (padded positions write slots that the row overwrites later and that its masks hide)."""
+        lm = self.lm
+        lengths = [len(p) - 1 for p in self.prompts]
+        rows = [r for r, n in enumerate(lengths) if n > 0]
+        if not rows:
+            return
+        width = max(lengths)
+        pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(rows), width), pad, dtype=torch.long, device=lm.device)
+        for j, r in enumerate(rows):
+            ids[j, :lengths[r]] = torch.tensor(self.prompts[r][:-1], device=lm.device)
+        h = lm.embed(ids)  # (b, width, D)
+        for layer in range(1, lm.num_layers + 1):
+            h = lm.run_block_rows(layer, h, self.cache, rows)
+        for block in range(lm.num_layers):
+            for r in rows:
+                self.cache.lengths[block][r] = lengths[r]
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, on_token: Callable[[int, TokenRecord], None] | None = None) -> Iterator[tuple[int, TokenRecord]]:
+        """Prefill, then one step over the unfinished rows per token; yields ``(row, TokenRecord)``."""
+        start = time.perf_counter()
+        with torch.inference_mode():
+            self._prefill()
+        active = [r for r in range(len(self.prompts)) if self.max_steps[r] > 0]
+        tokens = {r: self.prompts[r][-1] for r in active}
+        positions = {r: len(self.prompts[r]) - 1 for r in active}
+        while active:
+            ids = torch.tensor([[tokens[r]] for r in active], device=self.lm.device)
+            with torch.inference_mode():
+                logits, exits, confs, tcs = self._step(active, ids, [positions[r] for r in active])
+                picks = [pick_token(logits[j], self.settings[r].temperature, self.settings[r].top_p,
+                                    self.generators[r]) for j, r in enumerate(active)]
+            finished_now = []
+            for j, r in enumerate(active):
+                token_id = int(picks[j])
+                self.token_costs[r].append(tcs[j])
+                piece, stopped = self.texts[r].push(token_id)
+                done = stopped or token_id in self.eos
+                if done:
+                    self.finish_reasons[r] = "stop"
+                last = len(self.records[r]) + 1 >= self.max_steps[r]
+                if not stopped and (done or last):
+                    piece += self.texts[r].flush()
+                record = TokenRecord(id=token_id, text=piece, exit_layer=exits[j], confidence=confs[j])
+                self.records[r].append(record)
+                self.seconds[r] = time.perf_counter() - start
+                if done or last:
+                    finished_now.append(r)
+                tokens[r] = token_id
+                positions[r] += 1
+                if on_token is not None:
+                    on_token(r, record)
+                yield r, record
+            if self.after_step is not None:
+                self.after_step(self)
+            active = [r for r in active if r not in finished_now]
+
+    def results(self) -> list[GenerationResult]:
+        """Every row's finished sequence with its cost (the batch-1 engine's record for it)."""
+        shape = ModelShape.from_config(self.lm.config)
+        out = []
+        for r, prompt in enumerate(self.prompts):
+            cost = sequence_cost(shape, len(prompt), self.token_costs[r], self.seconds[r])
+            records = self.records[r]
+            out.append(GenerationResult(
+                prompt_ids=list(prompt), token_ids=[t.id for t in records], text=self.texts[r].text,
+                tokens=list(records), num_layers=self.lm.num_layers, finish_reason=self.finish_reasons[r],
+                seconds=self.seconds[r], layer_cost_improvement=cost.layer_cost_improvement,
+                compute_cost_improvement=cost.compute_cost_improvement, cost=cost,
+            ))
+        return out

@@ -1,0 +1,156 @@
+"""Batched early exit: every row of a batch decodes exactly as it does alone (tiny model, both K/V
+strategies, forced exits, rows of different lengths and budgets, sampling with seeds)."""
+
+import pytest
+import torch
+
+from lite import load_model
+from lite.decoding import (
+    BatchDecoder,
+    ExitPolicy,
+    GenerationSettings,
+    generate,
+    generate_batch,
+    make_decoder,
+)
+from lite.errors import LiteError
+
+PROMPTS = [[5, 17, 42, 99, 3], [7, 8], [11, 12, 13, 14, 15, 16, 17, 18, 19], [21, 22, 23]]
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir):
+    return load_model(tiny_model_dir, device="cpu")
+
+
+def _alone(lm, policy, settings):
+    return [generate(lm, p, policy, s) for p, s in zip(PROMPTS, settings)]
+
+
+def _same(batched, alone):
+    for b, a in zip(batched, alone):
+        assert b.token_ids == a.token_ids
+        assert [t.exit_layer for t in b.tokens] == [t.exit_layer for t in a.tokens]
+        assert b.text == a.text and b.finish_reason == a.finish_reason
+        for tb, ta in zip(b.cost.tokens, a.cost.tokens):  # cost records, field by field
+            assert {k: v for k, v in vars(tb).items()} == {k: v for k, v in vars(ta).items()}
+        for cb, ca in zip(b.tokens, a.tokens):
+            assert (cb.confidence is None) == (ca.confidence is None)
+            if cb.confidence is not None:
+                assert cb.confidence == pytest.approx(ca.confidence, abs=1e-5)
+
+
+@pytest.mark.parametrize("kv", ["copy", "recompute"])
+def test_exits_off_every_row_equals_its_batch_1_run(lm, kv):
+    settings = [GenerationSettings(max_new_tokens=n, kv=kv) for n in (6, 9, 4, 7)]
+    _same(generate_batch(lm, PROMPTS, ExitPolicy(kind="none"), settings), _alone(lm, ExitPolicy(kind="none"), settings))
+
+
+def _thresholds(lm):
+    """Thresholds at the median max-prob of each exit over the full model's own answers (layer 1 never):
+    some tokens leave at 2, some at 3, the rest go on, so rows of one batch leave at different layers."""
+    from lite.decoding.confidence import max_prob
+
+    values = {k: [] for k in (2, 3)}
+    for p in PROMPTS:
+        answer = generate(lm, p, ExitPolicy(), GenerationSettings(max_new_tokens=10)).token_ids
+        with torch.no_grad():
+            states = lm.hidden_states(torch.tensor([p + answer]), layers=[2, 3])
+        for k in values:
+            values[k] += max_prob(lm.lm_head(states[k][0, len(p) - 1:])).tolist()
+    return {1: 2.0, **{k: float(torch.tensor(v).median()) for k, v in values.items()}}
+
+
+@pytest.mark.parametrize("kv", ["copy", "recompute"])
+@pytest.mark.parametrize("measure", ["max_prob", "state_cosine"])
+def test_forced_exits_each_row_leaves_where_it_leaves_alone(lm, kv, measure):
+    if measure == "max_prob":
+        policy = ExitPolicy(kind="dynamic", thresholds=_thresholds(lm))
+    else:
+        policy = ExitPolicy(kind="dynamic", thresholds={1: 0.86, 2: 0.95, 3: 0.95}, confidence="state_cosine")
+    settings = [GenerationSettings(max_new_tokens=10, kv=kv)] * len(PROMPTS)
+    batched = generate_batch(lm, PROMPTS, policy, settings)
+    _same(batched, _alone(lm, policy, settings))
+    layers = {t.exit_layer for r in batched for t in r.tokens}
+    assert len(layers) > 1  # the rows really did leave at different layers
+
+
+def test_static_and_gate_policies_batch_too(lm):
+    settings = [GenerationSettings(max_new_tokens=6)] * len(PROMPTS)
+    static = ExitPolicy(kind="static", layer=2)
+    _same(generate_batch(lm, PROMPTS, static, settings), _alone(lm, static, settings))
+
+    class ParityGate:  # leaves at layer 2 when the first feature is positive: differs per row and token
+        def should_exit(self, layer, normed_state):
+            return layer == 2 and bool(normed_state[0] > 0)
+
+        def flops(self, layer):
+            return 10
+
+    gate = ExitPolicy(kind="dynamic", gate=ParityGate())
+    batched = generate_batch(lm, PROMPTS, gate, settings)
+    _same(batched, _alone(lm, gate, settings))
+    assert {t.exit_layer for r in batched for t in r.tokens} == {2, 4}
+
+
+@pytest.mark.parametrize("kv", ["copy", "recompute"])
+def test_the_cache_of_every_row_after_every_step_is_the_batch_1_cache(lm, kv):
+    policy = ExitPolicy(kind="dynamic", thresholds=_thresholds(lm))
+    settings = GenerationSettings(max_new_tokens=6, kv=kv)
+    alone = []
+    for p in PROMPTS:
+        snaps = []
+        d = make_decoder(lm, p, policy, settings)
+        d.after_step = lambda dec: snaps.append(
+            [(dec.cache.keys[b][0, :, :n].clone(), dec.cache.values[b][0, :, :n].clone())
+             for b, n in enumerate(dec.cache.lengths)])
+        for _ in d.run():
+            pass
+        alone.append(snaps)
+    batch_snaps = []
+    decoder = BatchDecoder(lm, PROMPTS, policy, settings)
+    decoder.after_step = lambda dec: batch_snaps.append(
+        [[tuple(t.clone() for t in dec.cache.row(r, b)) for b in range(lm.num_layers)] for r in range(len(PROMPTS))])
+    for _ in decoder.run():
+        pass
+    for step, snap in enumerate(batch_snaps):
+        for r in range(len(PROMPTS)):
+            if step >= len(alone[r]):
+                continue  # the row had finished
+            for b in range(lm.num_layers):
+                (kb, vb), (ka, va) = snap[r][b], alone[r][step][b]
+                assert kb.shape == ka.shape, (step, r, b)
+                torch.testing.assert_close(kb, ka, rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(vb, va, rtol=1e-4, atol=1e-5)
+
+
+def test_rows_finish_at_different_steps_and_stop_strings_hold(lm):
+    settings = [GenerationSettings(max_new_tokens=n) for n in (1, 12, 3, 8)]
+    first = generate(lm, PROMPTS[3], ExitPolicy(), GenerationSettings(max_new_tokens=8))
+    stop = first.text[2:4] if len(first.text) >= 4 else None
+    if stop:
+        settings[3] = GenerationSettings(max_new_tokens=8, stop=[stop])
+    batched = generate_batch(lm, PROMPTS, ExitPolicy(), settings)
+    alone = _alone(lm, ExitPolicy(), settings)
+    _same(batched, alone)
+    assert [len(r.tokens) for r in batched][:3] == [1, 12, 3] or batched[0].finish_reason == "stop"
+
+
+def test_sampling_with_a_seed_is_reproducible_per_row(lm):
+    settings = [GenerationSettings(max_new_tokens=8, temperature=0.9, top_p=0.9, seed=s) for s in (1, 2, 3, 4)]
+    batched = generate_batch(lm, PROMPTS, ExitPolicy(), settings)
+    assert [r.token_ids for r in batched] == [r.token_ids for r in _alone(lm, ExitPolicy(), settings)]
+    again = generate_batch(lm, PROMPTS, ExitPolicy(), settings)
+    assert [r.token_ids for r in again] == [r.token_ids for r in batched]
+
+
+def test_batch_refuses_what_it_cannot_do(lm):
+    with pytest.raises(LiteError, match="one sequence at a time"):
+        BatchDecoder(lm, PROMPTS, ExitPolicy(kind="speculative", thresholds={1: 0.5, 2: 0.5, 3: 0.5}),
+                     GenerationSettings())
+    with pytest.raises(LiteError, match="--kv must be the same"):
+        BatchDecoder(lm, PROMPTS[:2], ExitPolicy(), [GenerationSettings(kv="copy"), GenerationSettings(kv="recompute")])
+    with pytest.raises(LiteError, match="one per prompt"):
+        BatchDecoder(lm, PROMPTS, ExitPolicy(), [GenerationSettings()] * 2)
+    with pytest.raises(LiteError, match="prompt is empty"):
+        BatchDecoder(lm, [[1, 2], []], ExitPolicy(), GenerationSettings())
