@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 RUNS=${RUNS:-${LITE_HOME:-$HOME/.cache/lite}/runs}
 DATA=${DATA:-../shared/data/train}
 KIND=${KIND:-affine}
-EPOCHS=${EPOCHS:-2}
+EPOCHS=${EPOCHS:-1}
+ANSWER_TOKENS=${ANSWER_TOKENS:-64}
 OUT=$RUNS/exit-modules-$KIND
 export OMP_NUM_THREADS=${THREADS:-2}
 LITE=${LITE:-.venv/bin/lite}
@@ -20,7 +21,7 @@ LITE=${LITE:-.venv/bin/lite}
 if [ ! -d "$OUT" ]; then
     "$LITE" train --model smollm2-135m-instruct \
         --data "$DATA/alpaca_libre_v1.jsonl" "$DATA/alpaca_libre_v3.jsonl" --filter status=ok \
-        --out "$OUT" --exit-modules "$KIND" --targets distill --own-answers --own-answer-tokens 128 \
+        --out "$OUT" --exit-modules "$KIND" --targets distill --own-answers --own-answer-tokens "$ANSWER_TOKENS" \
         --prompt-format chat --exit-layers 15,19,23,26,30 --epochs "$EPOCHS" --batch-size 8 --max-length 320 \
         --lr 1e-3 --bf16 --save-steps 20 --logging-steps 5 --no-progress-bar
 fi

@@ -115,3 +115,26 @@ class _no_raise:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_cached_answers_are_cut_or_regenerated_for_another_budget(tiny_model_dir, tmp_path):
+    """A greedy answer's first n tokens are the n-token greedy answer: a smaller budget cuts the cache; a
+    larger one regenerates the answers that were cut (and only those)."""
+    from lite.model.prompts import encode_prompt
+    from lite.training.data import Example
+    from lite.training.own_answers import generate_own_answers
+
+    lm = load_model(tiny_model_dir, device="cpu")
+    rows = [Example(f"0:{i}", f"Say something #{i}.", "", "x") for i in range(3)]
+    cache = tmp_path / ANSWERS_FILE
+
+    def alone(row, n):
+        ids = encode_prompt(lm.tokenizer, row.instruction, row.input, "alpaca")
+        return generate(lm, ids, ExitPolicy(kind="none"), GenerationSettings(max_new_tokens=n)).token_ids
+
+    generate_own_answers(lm, rows, prompt_format="alpaca", cache=cache, max_new_tokens=6)
+    short, _ = generate_own_answers(lm, rows, prompt_format="alpaca", cache=cache, max_new_tokens=3)
+    assert [list(r.response_ids) for r in short] == [alone(r, 3) for r in rows]
+    assert len(cache.read_text().splitlines()) == 3  # nothing generated for the cut
+    longer, _ = generate_own_answers(lm, rows, prompt_format="alpaca", cache=cache, max_new_tokens=9)
+    assert [list(r.response_ids) for r in longer] == [alone(r, 9) for r in rows]

@@ -4,8 +4,9 @@ Exits are used on the tokens the model itself generates, so they are best traine
 training instruction, the starting model's greedy answer (exits off) replaces the dataset's response.
 Answers are generated once, in batches (transformers' ``generate`` with left padding), and cached next to
 the run (``own_answers.jsonl``: one line per row, appended batch by batch, so a killed run resumes where
-it stopped). Each line records the row id, a hash of the prompt ids and the answer's token ids; the token
-ids themselves are the training response (no decode/re-encode round trip).
+it stopped). Each line records the row id, a hash of the prompt ids, the model, the token budget and the
+answer's token ids; the token ids themselves are the training response (no decode/re-encode round trip).
+Greedy answers are prefix-consistent, so answers cached with a larger budget are cut to a smaller one.
 """
 
 from __future__ import annotations
@@ -72,9 +73,16 @@ def generate_own_answers(lm, examples: list[Example], *, prompt_format: str, cac
     if stale:
         raise DataError(f"{cache} holds answers to other prompts (rows {stale[:3]}...); it belongs to another "
                         f"model or prompt format: delete it to generate afresh")
-    todo = [i for i, e in enumerate(examples) if e.row_id not in done]
-    eos = sorted({int(t) for t in ([tok.eos_token_id] if tok.eos_token_id is not None else [])} |
-                 set(_generation_eos(lm)))
+    eos_set = set(_generation_eos(lm)) | ({int(tok.eos_token_id)} if tok.eos_token_id is not None else set())
+    for entry in done.values():  # greedy answers are prefixes of longer ones: a longer cached answer is cut
+        made_with = entry.get("max_new_tokens", max_new_tokens)
+        ended = bool(entry["ids"]) and entry["ids"][-1] in eos_set
+        if len(entry["ids"]) > max_new_tokens:
+            entry["ids"] = entry["ids"][:max_new_tokens]
+        elif made_with < max_new_tokens and not ended:  # cut shorter than asked now: generate again
+            entry["stale"] = True
+    todo = [i for i, e in enumerate(examples) if e.row_id not in done or done[e.row_id].get("stale")]
+    eos = sorted(eos_set)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else 0)
     start = time.perf_counter()
     if todo:
@@ -104,7 +112,7 @@ def generate_own_answers(lm, examples: list[Example], *, prompt_format: str, cac
                     answer = answer[: j + 1]
                     break
             entry = {"row_id": examples[i].row_id, "prompt_key": _prompt_key(prompts[i]), "model": model_id,
-                     "ids": answer}
+                     "max_new_tokens": max_new_tokens, "ids": answer}
             done[entry["row_id"]] = entry
             lines.append(json.dumps(entry))
         with cache.open("a", encoding="utf-8") as f:  # one append per batch: a kill loses one batch at most
