@@ -19,8 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from ..decoding.reference import hf_generate_batch
+from ..decoding.sampling import eos_ids
 from ..model.prompts import encode_prompt
 from .data import DataError, Example
 
@@ -73,7 +73,7 @@ def generate_own_answers(lm, examples: list[Example], *, prompt_format: str, cac
     if stale:
         raise DataError(f"{cache} holds answers to other prompts (rows {stale[:3]}...); it belongs to another "
                         f"model or prompt format: delete it to generate afresh")
-    eos_set = set(_generation_eos(lm)) | ({int(tok.eos_token_id)} if tok.eos_token_id is not None else set())
+    eos_set = eos_ids(tok, getattr(lm.model, "generation_config", None))
     for entry in done.values():  # greedy answers are prefixes of longer ones: a longer cached answer is cut
         made_with = entry.get("max_new_tokens", max_new_tokens)
         ended = bool(entry["ids"]) and entry["ids"][-1] in eos_set
@@ -82,8 +82,6 @@ def generate_own_answers(lm, examples: list[Example], *, prompt_format: str, cac
         elif made_with < max_new_tokens and not ended:  # cut shorter than asked now: generate again
             entry["stale"] = True
     todo = [i for i, e in enumerate(examples) if e.row_id not in done or done[e.row_id].get("stale")]
-    eos = sorted(eos_set)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else 0)
     start = time.perf_counter()
     if todo:
         say(f"generating the model's own answers for {len(todo)} of {len(examples)} rows "
@@ -93,24 +91,9 @@ def generate_own_answers(lm, examples: list[Example], *, prompt_format: str, cac
     todo.sort(key=lambda i: -len(prompts[i]))
     for b in range(0, len(todo), batch_size):
         chunk = todo[b:b + batch_size]
-        width = max(len(prompts[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):  # left padding: every prompt ends at the last column
-            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]):] = 1
-        autocast = torch.autocast(lm.device.type, dtype=torch.bfloat16, enabled=bf16)
-        with torch.inference_mode(), autocast:
-            out = lm.model.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
-                                    max_new_tokens=max_new_tokens, do_sample=False,
-                                    eos_token_id=eos or None, pad_token_id=pad)
+        answers, _ = hf_generate_batch(lm, [prompts[i] for i in chunk], max_new_tokens, bf16=bf16)
         lines = []
-        for row, i in enumerate(chunk):
-            answer = out[row, width:].tolist()
-            for j, t in enumerate(answer):  # cut after the first end-of-sequence token
-                if t in eos:
-                    answer = answer[: j + 1]
-                    break
+        for i, answer in zip(chunk, answers):
             entry = {"row_id": examples[i].row_id, "prompt_key": _prompt_key(prompts[i]), "model": model_id,
                      "max_new_tokens": max_new_tokens, "ids": answer}
             done[entry["row_id"]] = entry
@@ -130,11 +113,3 @@ def generate_own_answers(lm, examples: list[Example], *, prompt_format: str, cac
     return answered, provenance
 
 
-
-def _generation_eos(lm) -> list[int]:
-    """End-of-sequence ids of the model's generation config (an int or a list there)."""
-    config = getattr(lm.model, "generation_config", None)
-    value = getattr(config, "eos_token_id", None)
-    if value is None:
-        return []
-    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
