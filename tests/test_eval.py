@@ -26,6 +26,7 @@ SELF_INSTRUCT = [{"id": f"user_oriented_task_{i}", "motivation_app": "app", "ins
 KEYS = ("n", "layer_cost_improvement", "compute_cost_improvement", "speedup", "rougeL_vs_full",
         "similarity_vs_full", "tokens_full", "tokens_early_exit")
 REAL_GENERATE = decoding.generate
+REAL_GENERATE_BATCH = decoding.generate_batch
 COMMON = dict(max_new_tokens=4, thresholds="0.1", kv="copy")
 
 
@@ -56,17 +57,24 @@ def baseline_dir(tmp_path_factory):
 
 
 def count_generate(monkeypatch, fail_after=None):
-    """Count the engine's generate calls; optionally interrupt like Ctrl-C after ``fail_after`` calls."""
+    """Count the prompts the engine decodes, one entry (the policy kind) per prompt and policy, whether
+    alone or in a batch; optionally interrupt like Ctrl-C once ``fail_after`` entries were made."""
     calls = []
-    real = REAL_GENERATE
 
     def counting(*args, **kwargs):
         if fail_after is not None and len(calls) >= fail_after:
             raise KeyboardInterrupt
         calls.append(args[2].kind)
-        return real(*args, **kwargs)
+        return REAL_GENERATE(*args, **kwargs)
+
+    def counting_batch(*args, **kwargs):
+        if fail_after is not None and len(calls) >= fail_after:
+            raise KeyboardInterrupt
+        calls.extend([args[2].kind] * len(args[1]))
+        return REAL_GENERATE_BATCH(*args, **kwargs)
 
     monkeypatch.setattr(decoding, "generate", counting)
+    monkeypatch.setattr(decoding, "generate_batch", counting_batch)
     return calls
 
 
@@ -129,7 +137,7 @@ def test_resume_does_not_redo_finished_prompts(tiny_model_dir, sets, tmp_path, m
     # a warm-up call, then 5 prompts x 2 generate calls each (full + dynamic); interrupt in the third prompt
     calls = count_generate(monkeypatch, fail_after=6)
     with pytest.raises(KeyboardInterrupt):
-        evaluate(str(tiny_model_dir), sets, out=out, embedder=FakeEmbedder(), **COMMON)
+        evaluate(str(tiny_model_dir), sets, out=out, embedder=FakeEmbedder(), batch_size=1, **COMMON)
     assert len(calls) == 6
     assert not (out / "report.json").exists() and not (out / "report.md").exists()
     assert len((out / RECORDS).read_text().splitlines()) == 2  # two prompts finished
@@ -137,7 +145,7 @@ def test_resume_does_not_redo_finished_prompts(tiny_model_dir, sets, tmp_path, m
         f.write('{"config_hash": "x", "ro')
 
     calls = count_generate(monkeypatch)
-    result = evaluate(str(tiny_model_dir), sets, out=out, embedder=FakeEmbedder(), **COMMON)
+    result = evaluate(str(tiny_model_dir), sets, out=out, embedder=FakeEmbedder(), batch_size=1, **COMMON)
     assert result.complete and result.prompts_run == 3
     assert len(calls) == 1 + 3 * 2  # warm-up, then only the 3 unfinished prompts
     assert json.loads((out / "report.json").read_text())["overall"]["n"] == 5
@@ -146,7 +154,8 @@ def test_resume_does_not_redo_finished_prompts(tiny_model_dir, sets, tmp_path, m
 
     # a third run has nothing left to decode and rewrites the same report
     calls = count_generate(monkeypatch)
-    assert evaluate(str(tiny_model_dir), sets, out=out, embedder=FakeEmbedder(), **COMMON).prompts_run == 0
+    assert evaluate(str(tiny_model_dir), sets, out=out, embedder=FakeEmbedder(), batch_size=1,
+                    **COMMON).prompts_run == 0
     assert calls == []
 
     # another configuration in the same folder is refused, naming what differs
@@ -252,3 +261,29 @@ def test_static_exit_policy_and_no_hf_baseline(tiny_model_dir, sets, tmp_path):
         evaluate(str(tiny_model_dir), sets[:1], out=tmp_path / "bad", exit="static:9",
                  embedder=FakeEmbedder())
     assert not (tmp_path / "bad" / "report.json").exists()
+
+
+def test_batched_eval_decodes_what_one_at_a_time_decodes(tiny_model_dir, sets, tmp_path):
+    """--batch-size 3 and 1 give the same answers, exit layers and costs per prompt; HF generate is timed at
+    the batch size, and the batch's time is shared out by tokens (so sums are the calls' wall time)."""
+    kw = dict(embedder=FakeEmbedder(), static_layers=True, **COMMON)
+    one = evaluate(str(tiny_model_dir), sets, out=tmp_path / "one", batch_size=1, **kw)
+    three = evaluate(str(tiny_model_dir), sets, out=tmp_path / "three", batch_size=3, **kw)
+    rows = {}
+    for name, res in (("one", one), ("three", three)):
+        lines = [json.loads(line) for line in (res.out / RECORDS).read_text().splitlines()]
+        rows[name] = {(r["testset"], r["id"]): r for r in lines}
+    assert rows["one"].keys() == rows["three"].keys()
+    for key, a in rows["one"].items():
+        b = rows["three"][key]
+        assert b["batch"] in (1, 2, 3) and a["batch"] == 1
+        for part in ("full",):
+            assert a[part]["token_ids"] == b[part]["token_ids"]
+        for run in a["runs"]:
+            assert a["runs"][run]["token_ids"] == b["runs"][run]["token_ids"]
+            assert a["runs"][run]["exit_layers"] == b["runs"][run]["exit_layers"]
+            assert a["runs"][run]["flops"] == b["runs"][run]["flops"]
+        for layer in a["static"]:
+            assert a["static"][layer]["token_ids"] == b["static"][layer]["token_ids"]
+        assert b["hf"]["matches_full"] and b["hf"]["seconds"] > 0
+    assert max(r["batch"] for r in rows["three"].values()) == 3

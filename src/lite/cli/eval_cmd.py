@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add("--compare-model", default=None, metavar="M2",
         help="a second model (e.g. the final-layer baseline) for the side-by-side per-layer figure")
     add("--max-new-tokens", type=int, default=128)
+    add("--batch-size", type=int, default=8,
+        help="prompts decoded together by lite's batched engine and by HF generate alike (default 8; 1 = one "
+             "prompt at a time)")
     add("--dtype", default="float32",
         help="float32 (default), bfloat16, float16 or auto; the same for every run and for HF generate")
     add_device_argument(p)
@@ -78,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
             static_layers=args.static_layers, compare_model=args.compare_model,
             max_new_tokens=args.max_new_tokens, dtype=args.dtype, device=args.device, prompt_format=args.prompt_format,
             judge_url=args.judge_url, judge_model=args.judge_model, hf_baseline=not args.no_hf_baseline,
-            restart=args.restart, progress_bar=True, log=progress,
+            restart=args.restart, progress_bar=True, log=progress, batch_size=args.batch_size,
         )
     except KeyboardInterrupt:
         print(f"lite eval: interrupted; finished prompts are kept in {args.out}/{RECORDS}: run the same "

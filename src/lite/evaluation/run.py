@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import decoding
-from ..decoding.reference import hf_generate
+from ..decoding.reference import hf_generate, hf_generate_batch
 from ..decoding.spec import THRESHOLD_KINDS, ExitOptions, build_policy, threshold_values
 from ..errors import LiteError
 from ..files import check_output_folder, write_json_atomic
@@ -73,6 +73,8 @@ class EvalConfig:
         prompt_format: "alpaca", "chat", "raw" or None (see the module docstring).
         judge_url / judge_model: an OpenAI-compatible endpoint and model for the pairwise judge.
         hf_baseline: time transformers' ``generate`` for the speedup figure.
+        batch_size: prompts decoded together (``--batch-size``), by lite's batched engine and by HF
+            ``generate`` alike, so that the speedup compares the same batch size.
     """
 
     model: str | None = None
@@ -91,12 +93,15 @@ class EvalConfig:
     judge_url: str | None = None
     judge_model: str | None = None
     hf_baseline: bool = True
+    batch_size: int = 8
 
     def validate(self) -> None:
         if not self.testsets:
             raise EvalError("give at least one --testset: vicuna, koala, wizardlm, self_instruct, NAME=PATH")
         if self.max_new_tokens < 1:
             raise EvalError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise EvalError(f"--batch-size must be >= 1, got {self.batch_size}")
         bad_kv = [k for k in self.kv if k not in decoding.KV_STRATEGIES]
         if not self.kv or bad_kv:
             raise EvalError(f"--kv must be one or more of {decoding.KV_STRATEGIES}, got {self.kv}")
@@ -302,38 +307,68 @@ def _run_record(result: decoding.GenerationResult) -> dict[str, Any]:
     }
 
 
-def _evaluate_prompt(lm, job: _Job, testset: TestSet, prompt: TestPrompt, cfg: EvalConfig, config_hash: str,
-                     judge) -> dict[str, Any]:
+def _share(seconds: float, counts: list[int]) -> list[float]:
+    """Split one batch call's wall time over its rows by their generated tokens (sums are kept)."""
+    total = sum(counts)
+    return [seconds * (c / total if total else 1 / len(counts)) for c in counts]
+
+
+def _timed_batch(lm, prompts: list[list[int]], policy, settings) -> list[decoding.GenerationResult]:
+    """``generate_batch`` whose results carry their share of the batch's wall time as ``seconds``."""
+    start = time.perf_counter()
+    results = decoding.generate_batch(lm, prompts, policy, settings)
+    for r, share in zip(results, _share(time.perf_counter() - start, [len(r.tokens) for r in results])):
+        r.seconds = share
+    return results
+
+
+def _evaluate_batch(lm, job: _Job, items: list[tuple[TestSet, TestPrompt]], cfg: EvalConfig, config_hash: str,
+                    judge) -> list[dict[str, Any]]:
+    """Records of up to ``--batch-size`` prompts decoded together: the full model, every policy, every
+    static layer, and HF ``generate`` at the same batch size. A run's ``seconds`` is its share of the batch
+    call by generated tokens, so sums over prompts (what the report compares) are the calls' wall time."""
     from ..model.prompts import encode_prompt
 
-    ids = encode_prompt(lm.tokenizer, prompt.instruction, prompt.input, job.fmt)
+    records, ids = [], []
+    for testset, prompt in items:
+        prompt_ids = encode_prompt(lm.tokenizer, prompt.instruction, prompt.input, job.fmt)
+        record: dict[str, Any] = {
+            "config_hash": config_hash, "role": job.role, "testset": testset.name, "id": prompt.id,
+            "instruction": prompt.instruction, "input": prompt.input, "reference": prompt.reference,
+            "meta": prompt.meta, "prompt_tokens": len(prompt_ids), "batch": len(items),
+        }
+        if len(prompt_ids) >= lm.max_context:  # kept as a record so that a rerun does not retry it
+            record["skipped"] = f"the prompt is {len(prompt_ids)} tokens, the model's context {lm.max_context}"
+        else:
+            ids.append(prompt_ids)
+        records.append(record)
+    live = [r for r in records if "skipped" not in r]
+    if not live:
+        return records
 
     def settings(kv: str) -> decoding.GenerationSettings:
         return decoding.GenerationSettings(max_new_tokens=cfg.max_new_tokens, kv=kv)
 
-    record: dict[str, Any] = {
-        "config_hash": config_hash, "role": job.role, "testset": testset.name, "id": prompt.id,
-        "instruction": prompt.instruction, "input": prompt.input, "reference": prompt.reference,
-        "meta": prompt.meta, "prompt_tokens": len(ids),
-    }
-    if len(ids) >= lm.max_context:  # kept as a record so that a rerun does not retry it; counted as skipped
-        record["skipped"] = f"the prompt is {len(ids)} tokens, the model's context {lm.max_context}"
-        return record
-    full = decoding.generate(lm, ids, decoding.ExitPolicy(kind="none"), settings(cfg.kv[0]))
-    record.update({"full": _run_record(full), "runs": {}, "static": {}})
+    full = _timed_batch(lm, ids, decoding.ExitPolicy(kind="none"), settings(cfg.kv[0]))
+    for record, result in zip(live, full):
+        record.update({"full": _run_record(result), "runs": {}, "static": {}})
     if job.hf:
-        hf_ids, hf_seconds = hf_generate(lm, ids, cfg.max_new_tokens)
-        record["hf"] = {"seconds": hf_seconds, "tokens": len(hf_ids),
-                        "matches_full": hf_ids == full.token_ids}
+        answers, seconds = hf_generate_batch(lm, ids, cfg.max_new_tokens)
+        for record, answer, result, share in zip(live, answers, full, _share(seconds, [len(a) for a in answers])):
+            record["hf"] = {"seconds": share, "tokens": len(answer), "matches_full": answer == result.token_ids}
     for key, (policy, kv) in job.policies.items():
-        record["runs"][key] = _run_record(decoding.generate(lm, ids, policy, settings(kv)))
+        for record, result in zip(live, _timed_batch(lm, ids, policy, settings(kv))):
+            record["runs"][key] = _run_record(result)
     for layer, (policy, kv) in job.static.items():
-        record["static"][layer] = _run_record(decoding.generate(lm, ids, policy, settings(kv)))
+        for record, result in zip(live, _timed_batch(lm, ids, policy, settings(kv))):
+            record["static"][layer] = _run_record(result)
     if judge is not None and job.policies:
-        primary = record["runs"][next(iter(job.policies))]
-        instruction = prompt.instruction if not prompt.input else f"{prompt.instruction}\n\n{prompt.input}"
-        record["judge"] = asdict(judge.judge(instruction, full.text, primary["text"]))
-    return record
+        for record, result in zip(live, full):
+            primary = record["runs"][next(iter(job.policies))]
+            instruction = record["instruction"] if not record["input"] else \
+                f"{record['instruction']}\n\n{record['input']}"
+            record["judge"] = asdict(judge.judge(instruction, result.text, primary["text"]))
+    return records
 
 
 def _warm_up(lm, job: _Job, cfg: EvalConfig) -> None:
@@ -356,6 +391,7 @@ def evaluate(model: str | None = None, testsets: list[str] | None = None, *,
              max_new_tokens: int = 128, dtype: str = "float32", prompt_format: str | None = None,
              judge_url: str | None = None, judge_model: str | None = None, hf_baseline: bool = True,
              restart: bool = False, embedder=None, progress_bar: bool = False, device: str | None = None,
+             batch_size: int = 8,
              log: Callable[[str], None] | None = None) -> EvalResult:
     """Evaluate early exit against the full model and write the report into ``out``.
 
@@ -386,7 +422,7 @@ def evaluate(model: str | None = None, testsets: list[str] | None = None, *,
         confidence=confidence, static_layers=static_layers,
         compare_model=None if compare_model is None else str(compare_model), max_new_tokens=max_new_tokens,
         dtype=dtype, prompt_format=prompt_format, judge_url=judge_url, judge_model=judge_model,
-        hf_baseline=hf_baseline,
+        hf_baseline=hf_baseline, batch_size=batch_size,
     )
     cfg.validate()
     parse_device(device)  # a bad --device is refused before anything is read or written
@@ -433,15 +469,16 @@ def evaluate(model: str | None = None, testsets: list[str] | None = None, *,
 
                     bar = tqdm(total=len(wanted), initial=len(wanted) - len(todo), desc="lite eval",
                                unit="prompt", file=sys.stderr, dynamic_ncols=True)
-            for testset, prompt in mine:
+            for b in range(0, len(mine), cfg.batch_size):
+                batch = mine[b:b + cfg.batch_size]
                 if bar is not None:
-                    bar.set_postfix_str(f"{role}:{testset.name}", refresh=False)
-                record = _evaluate_prompt(lm, job, testset, prompt, cfg, config_hash, judge)
-                _append(records_path, record)
-                done[(role, testset.name, prompt.id)] = record
-                ran += 1
-                if bar is not None:
-                    bar.update(1)
+                    bar.set_postfix_str(f"{role}:{batch[0][0].name}", refresh=False)
+                for record in _evaluate_batch(lm, job, batch, cfg, config_hash, judge):
+                    _append(records_path, record)  # one record per prompt: a kill loses one batch at most
+                    done[(role, record["testset"], record["id"])] = record
+                    ran += 1
+                    if bar is not None:
+                        bar.update(1)
             del lm
     finally:
         if bar is not None:
