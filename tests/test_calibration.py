@@ -266,3 +266,17 @@ def test_recorded_heldout_split_is_the_default_and_training_rows_are_left_out(ti
     assert main(["calibrate", "--model", str(model), "--rule", "ltt"]) == 0
     cal = LiteConfig.load(model).calibration
     assert cal["data"]["heldout_split"] is True and cal["examples"] == len(split.heldout) == 3
+
+
+def test_generated_source_in_batches_collects_what_one_at_a_time_collects(tiny_model_dir):
+    """--batch-size only changes how answers are generated, not what is collected."""
+    from lite.training.data import Example
+
+    lm = load_model(tiny_model_dir, device="cpu")
+    rows = [Example(f"0:{i}", f"Count to {i}." + " please" * i, "", "x") for i in range(5)]
+    one = collect(lm, rows, source="generated", max_new_tokens=6, batch_size=1)
+    three = collect(lm, rows, source="generated", max_new_tokens=6, batch_size=3)
+    assert one.tokens == three.tokens and one.examples == three.examples == 5
+    assert (one.agree == three.agree).all() and (one.example_index == three.example_index).all()
+    for m in one.confidences:
+        np.testing.assert_allclose(one.confidences[m], three.confidences[m], rtol=1e-4, atol=1e-6)

@@ -25,7 +25,7 @@ Layer numbering: layer k = output of decoder block k, 1-indexed; L = number of d
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,34 +163,49 @@ def _score_sequence(lm: LiteModel, ids: list[int], positions: list[int], layers:
     return stacked, agree, (torch.stack(normed_states) if with_states else None)
 
 
-def _sequence(lm: LiteModel, example, source: str, prompt_format: str, max_length: int,
-              max_new_tokens: int) -> tuple[list[int], list[int]] | None:
-    """Token ids and the positions to score for one example, or None when nothing can be scored."""
+def _sequences(lm: LiteModel, examples: list, source: str, prompt_format: str, max_length: int,
+               max_new_tokens: int, batch_size: int) -> Iterator[tuple[list[int], list[int]] | None]:
+    """Per example, in order: its token ids and the positions to score, or None when nothing can be scored.
+
+    ``reference``: the row's own response, teacher-forced. ``generated``: the model's greedy answer with
+    exits off, decoded ``batch_size`` examples at a time by the batched engine (each row as it would be
+    alone), then teacher-forced.
+    """
     from ..training.data import IGNORE_INDEX, tokenize_example
 
     if source == "reference":
-        item = tokenize_example(lm.tokenizer, example, prompt_format, max_length)
-        if item is None:
-            return None
-        ids, labels = item["input_ids"], item["labels"]
-        positions = [j - 1 for j in range(1, len(ids)) if labels[j] != IGNORE_INDEX]
-        return (ids, positions) if positions else None
-    from ..decoding import ExitPolicy, GenerationSettings, generate
+        for example in examples:
+            item = tokenize_example(lm.tokenizer, example, prompt_format, max_length)
+            if item is None:
+                yield None
+                continue
+            ids, labels = item["input_ids"], item["labels"]
+            positions = [j - 1 for j in range(1, len(ids)) if labels[j] != IGNORE_INDEX]
+            yield (ids, positions) if positions else None
+        return
+    from ..decoding import ExitPolicy, GenerationSettings, generate_batch
     from ..model.prompts import encode_prompt
 
-    prompt = encode_prompt(lm.tokenizer, example.instruction, example.input, prompt_format)
-    budget = min(max_new_tokens, max_length - len(prompt))
-    if budget < 1:
-        return None
-    out = generate(lm, prompt, ExitPolicy(kind="none"), GenerationSettings(max_new_tokens=budget))
-    if not out.token_ids:
-        return None
-    ids = prompt + list(out.token_ids)
-    return ids, list(range(len(prompt) - 1, len(ids) - 1))
+    for b in range(0, len(examples), batch_size):
+        prompts = [encode_prompt(lm.tokenizer, e.instruction, e.input, prompt_format)
+                   for e in examples[b:b + batch_size]]
+        budgets = [min(max_new_tokens, max_length - len(p)) for p in prompts]
+        live = [i for i, n in enumerate(budgets) if n >= 1]
+        answers: dict[int, list[int]] = {}
+        if live:
+            results = generate_batch(lm, [prompts[i] for i in live], ExitPolicy(kind="none"),
+                                     [GenerationSettings(max_new_tokens=budgets[i]) for i in live])
+            answers = {i: list(r.token_ids) for i, r in zip(live, results)}
+        for i, prompt in enumerate(prompts):
+            if not answers.get(i):
+                yield None
+                continue
+            ids = prompt + answers[i]
+            yield ids, list(range(len(prompt) - 1, len(ids) - 1))
 
 
 def collect(lm: LiteModel, examples: list, *, source: str = "reference", with_states: bool = False,
-            max_length: int = 256, max_new_tokens: int = 128,
+            max_length: int = 256, max_new_tokens: int = 128, batch_size: int = 8,
             progress: Callable[[int, int], None] | None = None) -> CalibrationData:
     """Run ``lm`` over ``examples`` (:class:`lite.training.data.Example` rows) and record per-token exit statistics.
 
@@ -200,12 +215,15 @@ def collect(lm: LiteModel, examples: list, *, source: str = "reference", with_st
         with_states: also keep the normed states (needed to train a gate; E*N*D float32).
         max_length: sequences (prompt + response) are cut at this many tokens.
         max_new_tokens: answer budget of the ``generated`` source.
+        batch_size: examples whose answers are generated together (``generated`` source).
         progress: called as ``progress(done, total)`` after every example.
     """
     if source not in SOURCES:
         raise LiteError(f"--source must be one of {SOURCES}, got {source!r}")
     if not examples:
         raise LiteError("no held-out examples to calibrate on: give --data (and check --filter/--max-examples)")
+    if batch_size < 1:
+        raise LiteError(f"--batch-size must be >= 1, got {batch_size}")
     layers = calibration_layers(lm)
     fmt = default_format(lm)
     start = time.perf_counter()
@@ -213,8 +231,8 @@ def collect(lm: LiteModel, examples: list, *, source: str = "reference", with_st
     agree_parts, index_parts, state_parts = [], [], []
     used = skipped = 0
     with torch.inference_mode():
-        for i, example in enumerate(examples):
-            seq = _sequence(lm, example, source, fmt, max_length, max_new_tokens)
+        sequences = _sequences(lm, examples, source, fmt, max_length, max_new_tokens, batch_size)
+        for i, seq in enumerate(sequences):
             if seq is None:
                 skipped += 1
             else:

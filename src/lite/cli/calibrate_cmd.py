@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-examples", type=int, default=100, help="use at most this many rows (the first ones)")
     p.add_argument("--max-length", type=int, default=256, help="cut prompt + response at this many tokens")
     p.add_argument("--max-new-tokens", type=int, default=128, help="answer budget of --source generated")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="held-out rows whose answers are generated together (--source generated; default 8)")
     p.add_argument("--gate", action="store_true",
                    help="also train a learned exit gate (logistic regression per exit on the normed state)")
     p.add_argument("--gate-hidden", type=int, default=0, help="gate hidden width (0 = logistic regression)")
@@ -138,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
             progress(f"{done}/{total} examples, {time.perf_counter() - start:.0f} s")
 
     data = collect(lm, examples, source=args.source, with_states=args.gate, max_length=args.max_length,
+                   batch_size=args.batch_size,
                    max_new_tokens=args.max_new_tokens, progress=tick)
     progress(f"collected {data.tokens} tokens from {data.examples} examples in {time.perf_counter() - start:.1f} s")
     result = select(data, rule=args.rule, confidence=confidence, target=args.target, epsilon=args.epsilon,
