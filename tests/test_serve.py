@@ -234,7 +234,27 @@ BAD = [
     ("n above one", CHAT, {"messages": USER, "n": 2}, 400, "n"),
     ("negative threshold scale", CHAT, {"messages": USER, "lite": {"threshold_scale": -1.0}}, 400,
      "lite.threshold_scale"),
+    ("infinite threshold scale", CHAT, b'{"messages": [{"role": "user", "content": "Hi"}], '
+     b'"lite": {"threshold_scale": Infinity}}', 400, None),
+    ("NaN temperature", COMP, b'{"prompt": "Hi", "temperature": NaN}', 400, None),
+    ("JSON nested too deeply", COMP, b'{"prompt": "Hi", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None),
+    ("tools", CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ("response_format json", CHAT, {"messages": USER, "response_format": {"type": "json_object"}}, 400,
+     "response_format"),
+    ("presence_penalty", COMP, {"prompt": "Hi", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("frequency_penalty", CHAT, {"messages": USER, "frequency_penalty": -1}, 400, "frequency_penalty"),
+    ("logit_bias", COMP, {"prompt": "Hi", "logit_bias": {"50": 10}}, 400, "logit_bias"),
+    ("best_of", COMP, {"prompt": "Hi", "best_of": 3}, 400, "best_of"),
+    ("logprobs", CHAT, {"messages": USER, "logprobs": True}, 400, "logprobs"),
 ]
+
+
+@pytest.mark.parametrize("field,value", [("presence_penalty", 0), ("response_format", {"type": "text"}),
+                                         ("tools", []), ("logit_bias", {}), ("best_of", 1), ("logprobs", False)])
+def test_default_values_of_unimplemented_fields_are_accepted(server, field, value):
+    """Clients that send an unimplemented field at its no-op default are served as usual."""
+    r = post(server, CHAT, {"messages": USER, "max_tokens": 2, field: value})
+    assert r.status_code == 200, r.text
 
 
 @pytest.mark.parametrize("name,path,body,status,param", BAD, ids=[b[0] for b in BAD])

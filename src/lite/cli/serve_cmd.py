@@ -34,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_device_argument(p)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for decoding (default: torch's own choice)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every /v1 request (default: $LITE_API_KEY; the "
+                        "variable keeps the key out of the process list)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -48,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         loopback = ipaddress.ip_address(args.host).is_loopback
     except ValueError:
         loopback = args.host == "localhost"
-    if not loopback and not os.environ.get(API_KEY_ENV):
+    if not loopback and not (args.api_key or os.environ.get(API_KEY_ENV)):
         progress(f"warning: binding {args.host} without ${API_KEY_ENV}: anyone who can reach it can use it")
     if args.threads is not None:
         if args.threads < 1:
@@ -61,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         model_name=args.served_model_name or args.model or DEFAULT_MODEL, exit=args.exit, kv=args.kv,
         threshold_scale=args.threshold_scale, max_tokens_cap=args.max_tokens_cap,
         default_max_tokens=args.default_max_tokens, max_queue=args.max_queue, chat_format=args.chat_format,
+        **({"api_key": args.api_key} if args.api_key else {}),
     )
     config.check(lm)
     progress(f"serving {config.model_name} on http://{args.host}:{args.port}/v1 with {describe(config)}")

@@ -145,15 +145,45 @@ _FIELD_NAMES = {name for cls in (LiteOptions, CompletionRequest, ChatRequest, Me
                 for name in cls.model_fields}
 
 
+# OpenAI fields lite does not implement, with the value that means "not used" (accepted, as clients send
+# defaults): anything else is refused with a 400 that names the field, never silently ignored.
+UNSUPPORTED = {
+    "tools": lambda v: v in (None, []), "tool_choice": lambda v: v in (None, "none", "auto"),
+    "functions": lambda v: v in (None, []), "function_call": lambda v: v in (None, "none", "auto"),
+    "parallel_tool_calls": lambda v: True,
+    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+    "presence_penalty": lambda v: v in (None, 0), "frequency_penalty": lambda v: v in (None, 0),
+    "repetition_penalty": lambda v: v in (None, 1), "logit_bias": lambda v: v in (None, {}),
+    "best_of": lambda v: v in (None, 1), "logprobs": lambda v: v in (None, False, 0),
+    "top_logprobs": lambda v: v in (None, 0), "audio": lambda v: v is None,
+    "modalities": lambda v: v in (None, ["text"]), "prediction": lambda v: v is None,
+    "web_search_options": lambda v: v is None,
+}
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def parse_request(body: bytes, model_cls: type[_Request]) -> _Request:
-    """Parse and validate a request body; raises :class:`APIError` (400) naming the field at fault."""
+    """Parse and validate a request body; raises :class:`APIError` (400) naming the field at fault.
+
+    Refused: bodies that are not JSON (``NaN`` and ``Infinity`` included), JSON nested too deeply to parse,
+    unknown ``lite`` options, and OpenAI fields lite does not implement set to anything but their default.
+    """
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = json.loads(body, parse_constant=_no_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
         raise APIError(400, f"the request body is not valid JSON ({exc})", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply to parse", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}",
                        code="invalid_json")
+    for name, unused in UNSUPPORTED.items():
+        if name in data and not unused(data[name]):
+            raise APIError(400, f"{name}: lite serve does not implement {name!r}; leave it out (got "
+                           f"{json.dumps(data[name])[:80]})", param=name, code="unsupported_parameter")
     try:
         return model_cls.model_validate(data)
     except ValidationError as exc:
