@@ -129,3 +129,29 @@ def test_load_model_puts_the_model_on_the_device_asked_for(tiny_model_dir):
     lm = load_model(tiny_model_dir, device="cpu")
     assert lm.device == torch.device("cpu")
     assert all(p.device.type == "cpu" for p in lm.model.parameters())
+
+
+def test_dtype_auto_is_bfloat16_only_where_the_hardware_runs_it(monkeypatch):
+    from lite.model import loading
+
+    monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: True)
+    assert loading.parse_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: False)
+    assert loading.parse_dtype("auto", torch.device("cpu")) == torch.float32
+    assert loading.parse_dtype(None) is None  # the library's default: the checkpoint's own dtype
+    assert loading.parse_dtype("float16") == torch.float16
+    with pytest.raises(LiteError, match="--dtype must be one of"):
+        loading.parse_dtype("fp8")
+
+
+@pytest.mark.parametrize("verb", ["generate", "eval", "serve", "demo", "calibrate", "train"])
+def test_every_verb_spells_device_and_dtype_the_same(verb):
+    from lite.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "verb").choices[verb]
+    flags = {a.dest: a for a in sub._actions}
+    assert flags["dtype"].choices == ("auto", "float32", "bfloat16", "float16")
+    assert flags["device"].metavar == "DEVICE"
+    expected = "float32" if verb in ("calibrate", "train") else "auto"
+    assert flags["dtype"].default == expected

@@ -244,7 +244,8 @@ def test_cli_run_uses_calibrated_thresholds(tiny_model_dir, sets, tmp_path, monk
     # recalibrating the model between two runs into the same folder is refused, not silently mixed
     LiteConfig.default_for(4, thresholds={"1": 0.2, "2": 0.2, "3": 0.2}, prompt_format="alpaca").save(folder)
     with pytest.raises(EvalError, match="changed since the run .* started \\(thresholds\\)"):
-        evaluate(str(folder), sets[:1], out=out, limit=2, max_new_tokens=3, embedder=FakeEmbedder())
+        evaluate(str(folder), sets[:1], out=out, limit=2, max_new_tokens=3, embedder=FakeEmbedder(),
+                 dtype="auto")  # the CLI's default, so that only the thresholds differ
 
 
 def test_static_exit_policy_and_no_hf_baseline(tiny_model_dir, sets, tmp_path):

@@ -56,6 +56,18 @@ def add_device_argument(p: argparse.ArgumentParser) -> None:
                    help="cpu, cuda, cuda:1, mps, xpu, ... (default: the accelerator torch reports, else cpu)")
 
 
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+def add_dtype_argument(p: argparse.ArgumentParser, default: str) -> None:
+    """``--dtype``, with the same choices and meaning on every verb (only the default differs: ``auto`` for
+    the decode verbs, float32 where numbers are learned or calibrated)."""
+    p.add_argument("--dtype", default=default, choices=DTYPE_CHOICES,
+                   help=f"weights dtype: auto = bfloat16 where the hardware runs it natively (CPUs with "
+                        f"AVX512-BF16/AMX, recent GPUs), else float32 (default {default}); every comparison in "
+                        f"one run uses one dtype")
+
+
 def progress(message: str) -> None:
     """Status lines for humans go to stderr so that --json output on stdout stays clean."""
     print(f"[lite] {message}", file=sys.stderr, flush=True)

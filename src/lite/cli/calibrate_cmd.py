@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from ..errors import LiteError
-from . import add_device_argument
+from . import add_device_argument, add_dtype_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "lite_config.json (else of the calibration rows) into draft_vocab.json, for "
                         "'lite generate --speculative --draft-vocab N'")
     p.add_argument("--seed", type=int, default=0, help="seed of gate training")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or auto")
+    add_dtype_argument(p, "float32")
     add_device_argument(p)
 
 

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from . import add_device_argument
+from . import add_device_argument, add_dtype_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="exit policy: gate, dynamic, static:K, speculative (default: the gate when the model has "
                         "one, else its calibrated thresholds)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens per answer (default 48)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="weights dtype (default: the model's)")
+    add_dtype_argument(p, "auto")
     add_device_argument(p)
     p.add_argument("--prompt", action="append", default=None, help="your own prompt (repeatable) instead of the built-ins")
     p.add_argument("--no-similarity", action="store_true", help="skip the MiniLM similarity (saves a few seconds)")

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import LiteError
-from . import add_device_argument
+from . import add_device_argument, add_dtype_argument
 
 
 def _scales(text: str) -> list[float]:
@@ -46,8 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add("--batch-size", type=int, default=8,
         help="prompts decoded together by lite's batched engine and by HF generate alike (default 8; 1 = one "
              "prompt at a time)")
-    add("--dtype", default="float32",
-        help="float32 (default), bfloat16, float16 or auto; the same for every run and for HF generate")
+    add_dtype_argument(p, "auto")
     add_device_argument(p)
     add("--prompt-format", default=None, choices=["alpaca", "chat", "raw"],
         help="default: lite_config.json's, else the chat template when there is one, else alpaca")

@@ -12,7 +12,7 @@ import os
 import sys
 
 from ..errors import LiteError
-from . import add_device_argument
+from . import add_device_argument, add_dtype_argument
 
 # ANSI 256-colour codes from early (red) to late (blue); the final layer is printed uncoloured.
 _PALETTE = [196, 202, 208, 214, 220, 190, 118, 48, 51, 39, 33, 99]
@@ -52,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--prompt-format", default=None, choices=("alpaca", "chat", "raw"),
                    help="default: the model's lite_config.json, else chat if the tokenizer has a template, else alpaca")
-    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"), help="default: the checkpoint's")
+    add_dtype_argument(p, "auto")
     add_device_argument(p)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; 1 is much faster on a CPU shared with other jobs)")

@@ -7,7 +7,7 @@ import ipaddress
 import os
 
 from ..errors import LiteError
-from . import add_device_argument
+from . import add_device_argument, add_dtype_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-format", default="auto", choices=["auto", "chat", "alpaca"],
                    help="prompt format of chat requests (auto: the Alpaca template for a lite checkpoint trained "
                         "on it, else the tokenizer's chat template, else Alpaca)")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's)")
+    add_dtype_argument(p, "auto")
     add_device_argument(p)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for decoding (default: torch's own choice)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import add_device_argument
+from . import add_device_argument, add_dtype_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,8 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-steps", type=int, default=200,
                    help="checkpoint (resume point) every N steps (default 200)")
     p.add_argument("--logging-steps", type=int, default=10, help="log losses every N steps (default 10)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="weights dtype (default float32)")
+    add_dtype_argument(p, "float32")
     add_device_argument(p)
     p.add_argument("--loss-mode", default="fused", choices=["fused", "checkpoint", "plain"],
                    help="how exit logits are kept for backward (default fused; see docs/train.md)")

@@ -55,16 +55,40 @@ def lite_home() -> Path:
     return Path(os.environ.get("LITE_HOME") or Path.home() / ".cache" / "lite")
 
 
-def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    """``"float32"``/``"bfloat16"``/``"float16"`` (or a torch dtype, or None for the model's own)."""
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU has bf16 instructions (AVX512-BF16 or AMX); elsewhere bf16 is emulated (slow)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def fast_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 where ``device`` runs it natively (a CUDA GPU that supports it, a CPU with AVX512-BF16 or
+    AMX), float32 elsewhere: what ``--dtype auto`` means."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return torch.float32
+
+
+def parse_dtype(name: str | torch.dtype | None, device: torch.device | None = None) -> torch.dtype | None:
+    """``--dtype``: "float32", "bfloat16", "float16", "auto" (:func:`fast_dtype` for ``device``), a torch
+    dtype, or None (the checkpoint's own dtype).
+
+    Raises:
+        LiteError: any other name (names the flag and the choices).
+    """
     if name is None or isinstance(name, torch.dtype):
         return name
     if name == "auto":
-        return None
+        return fast_dtype(device or torch.device(default_device()))
     try:
         return DTYPES[name]
     except KeyError:
-        raise ValueError(f"--dtype must be one of {sorted(DTYPES)} or auto, got {name!r}") from None
+        raise LiteError(f"--dtype must be one of {sorted(DTYPES)} or auto, got {name!r}") from None
 
 
 def default_device() -> str:
@@ -246,7 +270,8 @@ def load_model(spec: str | os.PathLike[str] | None = None, *, dtype: str | torch
     Args:
         spec: a Hugging Face model folder, a LoRA adapter folder written by ``lite train --lora``, a hub id
             (needs network), or ``smollm2-135m-instruct``/None for the embedded default.
-        dtype: "float32", "bfloat16", "float16", "auto"/None (the checkpoint's own dtype).
+        dtype: "float32", "bfloat16", "float16", "auto" (bfloat16 where the device runs it natively, else
+            float32; :func:`fast_dtype`), or None (the checkpoint's own dtype).
         device: "cpu", "cuda", "cuda:1", "mps", "xpu", ... (default: the accelerator torch reports, else
             the CPU; see :func:`default_device`). The model is moved to this device and no other.
         merge_lora: merge a LoRA adapter into the base weights (faster decoding); False keeps a peft model.
@@ -257,8 +282,8 @@ def load_model(spec: str | os.PathLike[str] | None = None, *, dtype: str | torch
     from .adapter import LiteModel
     from .config import LiteConfig
 
-    torch_dtype = parse_dtype(dtype)  # bad flags are refused before anything is read
-    device = parse_device(device)
+    device = parse_device(device)  # bad flags are refused before anything is read
+    torch_dtype = parse_dtype(dtype, device)
     folder = resolve_model(spec, progress)
     lite_config = LiteConfig.load(folder) if Path(folder).is_dir() else None
     if _modules_only(folder, lite_config):

@@ -80,15 +80,6 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def cpu_has_native_bf16() -> bool:
-    """True when this CPU has bf16 instructions (AVX512-BF16 or AMX); elsewhere bf16 is emulated (slow)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def _make_trainer_class():
     """Built lazily so that importing lite.training does not import transformers."""
     from transformers import Trainer
@@ -287,7 +278,7 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
         progress: called with status lines. show_progress_bar: Trainer's tqdm bar.
     """
     from ..model.adapter import LiteModel
-    from ..model.loading import load_model, parse_device, quiet_peft_internals
+    from ..model.loading import cpu_has_native_bf16, load_model, parse_device, quiet_peft_internals
 
     say = progress or (lambda _msg: None)
     target = parse_device(device)
