@@ -2,7 +2,7 @@
 
 from .model.config import LiteConfig, default_exit_layers  # light: no torch
 
-__all__ = ["LiteConfig", "default_exit_layers", "load_model", "DEFAULT_MODEL"]
+__all__ = ["DEFAULT_MODEL", "LiteConfig", "LiteLM", "default_exit_layers", "load", "load_model"]
 __version__ = "0.1.0"
 
 
@@ -12,4 +12,8 @@ def __getattr__(name: str):
         from .model import loading  # torch and transformers load here
 
         return getattr(loading, name)
+    if name in ("load", "LiteLM"):  # the one-call Python API (lite.api)
+        from . import api
+
+        return getattr(api, name)
     raise AttributeError(f"module 'lite' has no attribute {name!r}")

@@ -86,6 +86,11 @@ class GenerationResult:
     compute_cost_improvement: float  # 1 - FLOPs(early exit, incl. head checks and K/V work) / FLOPs(full)
     cost: SequenceCost | None = None  # the detailed cost record (lite.decoding.cost)
 
+    @property
+    def exit_layers(self) -> list[int]:
+        """The layer each generated token left the network at (L = the full model), in order."""
+        return [t.exit_layer for t in self.tokens]
+
 
 
 

@@ -328,3 +328,37 @@ def load_model(spec: str | os.PathLike[str] | None = None, *, dtype: str | torch
         modules = modules.to(device=device, dtype=hf.dtype)
     return LiteModel(hf, tokenizer, lite_config, source=str(spec or DEFAULT_MODEL), folder=local,
                      exit_modules=modules)
+
+
+def wrap_model(model: torch.nn.Module, tokenizer, *, dtype: str | torch.dtype | None = None,
+               device: str | torch.device | None = None):
+    """An already loaded transformers model (or peft model) and its tokenizer as a :class:`LiteModel`.
+
+    The model is put in eval mode; it is moved only when ``device`` or ``dtype`` is given (None leaves it
+    where and as it is). Its ``lite_config.json`` (thresholds, exits, gate) is read from the folder it was
+    loaded from (``name_or_path``) when that folder has one for a model of the same depth.
+
+    Raises:
+        LiteError: no tokenizer, or a bad ``device``/``dtype``.
+    """
+    from .adapter import LiteModel
+    from .config import LiteConfig
+
+    if tokenizer is None or not callable(getattr(tokenizer, "decode", None)):
+        raise LiteError("an already loaded model needs its tokenizer too: lite.load(model, tokenizer)")
+    if device is not None:
+        target = parse_device(device)
+        model = model.to(target)
+        torch_dtype = parse_dtype(dtype, target)
+    else:
+        torch_dtype = parse_dtype(dtype, next(model.parameters()).device)
+    if torch_dtype is not None:
+        model = model.to(torch_dtype)
+    model.eval()
+    folder = getattr(model, "name_or_path", None)
+    lite_config = LiteConfig.load(folder) if folder and Path(folder).is_dir() else None
+    depth = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if lite_config is not None and lite_config.num_layers != depth:
+        lite_config = None  # the folder's config belongs to another model
+    return LiteModel(model, tokenizer, lite_config, source=str(folder or type(model).__name__),
+                     folder=folder if lite_config is not None else None)

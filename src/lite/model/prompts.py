@@ -68,3 +68,42 @@ def encode_prompt(tokenizer, instruction: str, input: str = "", fmt: str = "alpa
     text = prompt_text(tokenizer, instruction, input, fmt)
     add_special = fmt != "chat"
     return list(tokenizer(text, add_special_tokens=add_special)["input_ids"])
+
+
+def check_messages(messages: object, what: str = "messages") -> list[dict[str, str]]:
+    """A conversation as chat templates take it: a non-empty list of ``{"role": ..., "content": ...}``
+    dicts with string values and at least one user turn.
+
+    Raises:
+        LiteError: anything else, naming ``what`` and the first bad message.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise LiteError(f"{what}: give a non-empty list of {{'role': ..., 'content': ...}} dicts")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise LiteError(f"{what}[{i}]: each message is a dict with a string 'role' and a string 'content', "
+                            f"got {m!r:.80}")
+    if not any(m["role"] == "user" for m in messages):
+        raise LiteError(f"{what}: the conversation has no 'user' message")
+    return messages
+
+
+def encode_messages(tokenizer, messages: list[dict[str, str]], fmt: str = "chat") -> list[int]:
+    """Token ids of a conversation, ending where the assistant's reply starts.
+
+    ``chat`` applies the tokenizer's chat template with a generation prompt (a one-message conversation
+    gives exactly :func:`encode_prompt` of its text). ``alpaca`` makes the last user message the
+    instruction and puts earlier turns (``role: content`` paragraphs) in the Input. ``raw`` has no notion
+    of turns and is refused.
+    """
+    check_messages(messages)
+    if fmt == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise LiteError("--prompt-format chat: this tokenizer has no chat template; use --prompt-format alpaca")
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if fmt == "alpaca":
+        last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+        earlier = "\n\n".join(f"{m['role']}: {m['content']}" for m in messages[:last_user])
+        return list(tokenizer(alpaca_prompt(messages[last_user]["content"], earlier))["input_ids"])
+    raise LiteError(f"chat messages need --prompt-format chat or alpaca, not {fmt!r}")
