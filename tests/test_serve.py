@@ -187,15 +187,30 @@ def test_sixteen_concurrent_clients_get_their_own_answers(server, lm):
     solo = [ask(req) for req in requests]
     assert len({text for text, _ in solo}) > 4  # the requests really differ, so crossing would be visible
     assert len({layer for _, counts in solo for layer in counts}) > 1  # and tokens leave at several layers
-    barrier = threading.Barrier(16)
+    bad = [("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+           ("response_format", {"type": "json_object"}), ("logit_bias", {"5": 10}), ("presence_penalty", 0.5),
+           ("frequency_penalty", 1.0), ("best_of", 2)]
+    barrier = threading.Barrier(len(requests) + len(bad))
 
     def ask_together(req):
         barrier.wait()
         return ask(req)
 
-    with ThreadPoolExecutor(16) as pool:
+    def ask_badly(field_value):
+        name, value = field_value
+        barrier.wait()
+        with pytest.raises(openai.BadRequestError) as err:
+            client(server).chat.completions.create(model=MODEL, messages=USER, max_tokens=2, extra_body={name: value})
+        return name, err.value.body
+
+    with ThreadPoolExecutor(len(requests) + len(bad)) as pool:
+        refused = pool.map(ask_badly, bad)  # mixed in with the good ones
         together = list(pool.map(ask_together, requests))
-    assert together == solo
+        refused = list(refused)
+    assert together == solo  # 0 errors, no crossed answers
+    for name, body in refused:
+        assert body["param"] == name and name in body["message"] and body["code"] == "unsupported_parameter"
+    assert health(server)["peak_batch"] > 1  # the requests really were decoded together
     ids = chat_prompt_ids(lm, requests[1]["messages"], "chat")
     assert solo[1][0] == alone(lm, ids, max_new_tokens=6)
 
@@ -316,16 +331,10 @@ def wait_for(cond, timeout: float = 10.0) -> bool:
 
 
 def test_full_queue_is_refused_and_disconnected_clients_free_their_slots(lm):
-    """The real engine, slowed to 100 ms per token so that requests overlap on purpose."""
-
-    def slow_generate(lm, prompt_ids, policy, settings, on_token=None):
-        def paced(record):
-            time.sleep(0.1)
-            on_token(record)
-
-        return generate(lm, prompt_ids, policy, settings, on_token=paced)
-
-    url, stop = serve_in_thread(lm, ServeConfig(model_name=MODEL, max_queue=1), generate_fn=slow_generate)
+    """The real engine, one sequence at a time (--max-batch 1), slowed to 100 ms per token so that requests
+    overlap on purpose."""
+    url, stop = serve_in_thread(lm, ServeConfig(model_name=MODEL, max_queue=1, max_batch=1),
+                                on_step=lambda: time.sleep(0.1))
     body = {"model": MODEL, "messages": USER, "max_tokens": CAP, "stream": True}
     try:
         with httpx.Client(timeout=30) as a, httpx.Client(timeout=30) as b:
@@ -347,6 +356,32 @@ def test_full_queue_is_refused_and_disconnected_clients_free_their_slots(lm):
         assert q["cancelled"] == 2 and q["served"] == 0 and q["rejected"] == 1
         ok = post(url, CHAT, {"messages": USER, "max_tokens": 2})
         assert ok.status_code == 200 and health(url)["served"] == 1
+    finally:
+        stop()
+
+
+def test_requests_join_and_leave_the_running_batch(lm):
+    """Continuous batching, --max-batch 2: two streams decode together, a third waits, a fourth is refused;
+    when one client leaves mid-stream, the waiting request takes its row at the next token boundary."""
+    url, stop = serve_in_thread(lm, ServeConfig(model_name=MODEL, max_queue=1, max_batch=2),
+                                on_step=lambda: time.sleep(0.1))
+    body = {"model": MODEL, "messages": USER, "max_tokens": CAP, "stream": True}
+    try:
+        with httpx.Client(timeout=30) as a, httpx.Client(timeout=30) as b, httpx.Client(timeout=30) as c:
+            with a.stream("POST", f"{url}{CHAT}", json=body) as ra, b.stream("POST", f"{url}{CHAT}", json=body) as rb:
+                assert ra.status_code == rb.status_code == 200
+                assert wait_for(lambda: health(url)["running"] == 2)
+                with c.stream("POST", f"{url}{CHAT}", json=body) as rc:
+                    assert wait_for(lambda: health(url)["waiting"] == 1)
+                    assert post(url, CHAT, {"messages": USER, "max_tokens": 2}).status_code == 503
+                    ra.close()  # a leaves: c joins the batch beside b
+                    assert wait_for(lambda: health(url)["waiting"] == 0 and health(url)["running"] == 2)
+                    lines = [line for line in rc.iter_lines() if line.startswith("data: ")]
+                    assert lines[-1] == "data: [DONE]"
+                    final = json.loads(lines[-2][len("data: "):])
+                    assert final["usage"]["completion_tokens"] == CAP or final["choices"][0]["finish_reason"] == "stop"
+        q = health(url)
+        assert q["peak_batch"] == 2 and q["cancelled"] >= 1 and q["rejected"] == 1 and q["served"] >= 1
     finally:
         stop()
 

@@ -38,8 +38,17 @@ from .sampling import TextStream, eos_ids, pick_token
 class BatchDecoder:
     """The decode-time state of B sequences: one cache, per-row positions, texts, costs.
 
-    Use :func:`lite.decoding.generate_batch` or :func:`lite.decoding.stream_batch`; the class is public
-    for tests and tools that look at the cache between steps (``after_step(self)`` after every step).
+    Two ways to use it:
+
+    * a fixed batch: ``BatchDecoder(lm, prompts, policy, settings)`` then :meth:`run` (what
+      :func:`lite.decoding.generate_batch` and :func:`lite.decoding.stream_batch` do);
+    * continuous batching (``lite serve``): ``BatchDecoder.open(lm, policy, kv)``, then :meth:`add` rows at
+      any token boundary, :meth:`step` once per token for every row still generating, :meth:`result` and
+      :meth:`release` a row when it has finished (or :meth:`release` it early to cancel it). A released
+      row's slot is reused by the next :meth:`add`; the cache grows when a row needs more slots or room.
+
+    The class is public for tests and tools that look at the cache between steps (``after_step(self)``
+    after every step of :meth:`run`).
     """
 
     def __init__(self, lm: LiteModel, prompts: list[list[int]], policy: ExitPolicy,
@@ -54,34 +63,126 @@ class BatchDecoder:
         kvs = {s.kv for s in per_row}
         if len(kvs) > 1:
             raise LiteError(f"--kv must be the same for every row of a batch, got {sorted(kvs)}")
+        self._open(lm, policy, per_row[0].kv)
+        self._reserve(len(prompts), max(self._need(ids, s) for ids, s in zip(prompts, per_row)))
+        self._fresh = [self._admit(ids, s) for ids, s in zip(prompts, per_row)]  # prefilled by run()
+
+    @classmethod
+    def open(cls, lm: LiteModel, policy: ExitPolicy, kv: str = "copy") -> BatchDecoder:
+        """An empty decoder for continuous batching: rows come with :meth:`add` and go with :meth:`release`."""
+        decoder = cls.__new__(cls)
+        decoder._open(lm, policy, kv)
+        decoder._fresh = []
+        return decoder
+
+    def _open(self, lm: LiteModel, policy: ExitPolicy, kv: str) -> None:
         if policy.kind == "speculative":
             raise LiteError("speculative decoding runs one sequence at a time: use batch size 1 for it")
         self.lm = lm
         self.plan = resolve_policy(lm, policy)
-        self.settings = per_row
-        self.kv = per_row[0].kv
-        self.prompts = [[int(i) for i in ids] for ids in prompts]
-        B = len(prompts)
-        self.max_steps = [min(s.max_new_tokens, lm.max_context - (len(p) - 1)) for p, s in zip(self.prompts, per_row)]
-        self.max_len = max(len(p) - 1 + n for p, n in zip(self.prompts, self.max_steps))
-        self.cache = lm.new_batch_cache(self.max_len, B)
-        # recompute: latest raw hidden state of every position of every row
-        self.states = (torch.zeros(B, self.max_len, lm.hidden_size, dtype=lm.dtype, device=lm.device)
-                       if self.kv == "recompute" else None)
-        self.generators: list[torch.Generator | None] = []
-        for s in per_row:
-            g = None
-            if s.temperature > 0:
-                g = torch.Generator(device=lm.device)
-                g.manual_seed(s.seed if s.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
-            self.generators.append(g)
+        self.kv = kv
         self.eos = eos_ids(lm.tokenizer, getattr(lm.model, "generation_config", None))
-        self.texts = [TextStream(lm.tokenizer, s.stop) for s in per_row]
-        self.token_costs: list[list[TokenCost]] = [[] for _ in range(B)]
-        self.records: list[list[TokenRecord]] = [[] for _ in range(B)]
-        self.finish_reasons = ["length"] * B
-        self.seconds = [0.0] * B
+        self.cache = lm.new_batch_cache(0, 0)
+        # recompute: latest raw hidden state of every position of every row
+        self.states = (torch.zeros(0, 0, lm.hidden_size, dtype=lm.dtype, device=lm.device)
+                       if kv == "recompute" else None)
+        self.prompts: list[list[int]] = []
+        self.settings: list[GenerationSettings] = []
+        self.max_steps: list[int] = []
+        self.generators: list[torch.Generator | None] = []
+        self.texts: list[TextStream] = []
+        self.token_costs: list[list[TokenCost]] = []
+        self.records: list[list[TokenRecord]] = []
+        self.finish_reasons: list[str] = []
+        self.seconds: list[float] = []
+        self._started: list[float] = []
+        self._free: list[int] = []  # released slots, reused by the next add
+        self.active: list[int] = []  # rows still generating, in admission order
+        self._next_token: dict[int, int] = {}
+        self._position: dict[int, int] = {}
         self.after_step: Callable[[BatchDecoder], None] | None = None
+
+    # ------------------------------------------------------------------ rows in and out
+    def _need(self, ids: list[int], s: GenerationSettings) -> int:
+        """Cache slots a row needs: its prompt but the last token, then one per generated token."""
+        steps = min(s.max_new_tokens, self.lm.max_context - (len(ids) - 1))
+        return len(ids) - 1 + steps
+
+    def _reserve(self, rows: int, length: int) -> None:
+        """Grow the cache (and the recompute states) to at least ``rows`` rows of ``length`` slots."""
+        c = self.cache
+        if rows <= c.batch and length <= c.max_len:
+            return
+        grown_len = length if length <= c.max_len else max(length, min(2 * c.max_len, self.lm.max_context))
+        self.cache.grow(max(rows, c.batch), max(grown_len, c.max_len))
+        if self.states is not None:
+            old = self.states
+            self.states = torch.zeros(self.cache.batch, self.cache.max_len, self.lm.hidden_size,
+                                      dtype=old.dtype, device=old.device)
+            self.states[:old.shape[0], :old.shape[1]] = old
+
+    def _admit(self, ids: list[int], s: GenerationSettings) -> int:
+        """Give a checked row a slot (a released one, else a new one) and fresh per-row state."""
+        row = self._free.pop(0) if self._free else len(self.prompts)
+        self._reserve(row + 1, self._need(ids, s))
+        g = None
+        if s.temperature > 0:
+            g = torch.Generator(device=self.lm.device)
+            g.manual_seed(s.seed if s.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+        fields = dict(prompts=[int(i) for i in ids], settings=s, generators=g,
+                      max_steps=min(s.max_new_tokens, self.lm.max_context - (len(ids) - 1)),
+                      texts=TextStream(self.lm.tokenizer, s.stop), token_costs=[], records=[],
+                      finish_reasons="length", seconds=0.0, _started=time.perf_counter())
+        for name, value in fields.items():
+            column = getattr(self, name)
+            if row == len(column):
+                column.append(value)
+            else:
+                column[row] = value
+        for block in range(self.lm.num_layers):
+            self.cache.lengths[block][row] = 0
+        return row
+
+    def add(self, prompt_ids: list[int], settings: GenerationSettings) -> int:
+        """Admit one sequence at the next token boundary: checks it, prefills its prompt, and returns its
+        row; its first token comes with the next :meth:`step`. Raises :class:`LiteError` on bad input."""
+        return self.add_many([prompt_ids], [settings])[0]
+
+    def add_many(self, prompts: list[list[int]], settings: list[GenerationSettings]) -> list[int]:
+        """:meth:`add` for several sequences, prefilled together (one batched call per block)."""
+        for ids, s in zip(prompts, settings, strict=True):
+            check_settings(self.lm, ids, s)
+            if s.kv != self.kv:
+                raise LiteError(f"--kv {s.kv} cannot join a batch decoding with --kv {self.kv}")
+        rows = [self._admit(ids, s) for ids, s in zip(prompts, settings)]
+        for r in rows:
+            self._started[r] = time.perf_counter()
+        with torch.inference_mode():
+            self._prefill(rows)
+        self._activate(rows)
+        return rows
+
+    def _activate(self, rows: list[int]) -> None:
+        for r in rows:
+            if self.max_steps[r] > 0:
+                self.active.append(r)
+                self._next_token[r] = self.prompts[r][-1]
+                self._position[r] = len(self.prompts[r]) - 1
+
+    def release(self, row: int) -> None:
+        """Free ``row``'s slot: a finished row after its :meth:`result` was read, or a running row that is
+        cancelled (it stops at once; nothing of it is computed any more)."""
+        if row in self.active:
+            self.active.remove(row)
+        self._next_token.pop(row, None)
+        self._position.pop(row, None)
+        if row not in self._free:
+            self._free.append(row)
+
+    @property
+    def rows_in_use(self) -> int:
+        """Rows holding a sequence (generating, or finished and not yet released)."""
+        return len(self.prompts) - len(self._free)
 
     # ------------------------------------------------------------------ per block / per step
     def _block(self, layer: int, h: torch.Tensor, rows: list[int], positions: list[int],
@@ -228,15 +329,16 @@ class BatchDecoder:
                     self.states[rows[i], positions[i]] = exit_state[i][0, -1]
         return out_logits, exit_layer, conf, tcs
 
-    def _prefill(self) -> None:
-        """All L blocks over each prompt's first n - 1 positions, right-padded into one batch call per block
-        (padded positions write slots that the row overwrites later and that its masks hide)."""
+    def _prefill(self, rows: list[int]) -> None:
+        """All L blocks over the first n - 1 prompt positions of ``rows`` (fresh rows, empty cache),
+        right-padded into one batch call per block (padded positions write slots that the row overwrites
+        later and that its masks hide)."""
         lm = self.lm
-        lengths = [len(p) - 1 for p in self.prompts]
-        rows = [r for r, n in enumerate(lengths) if n > 0]
+        lengths = {r: len(self.prompts[r]) - 1 for r in rows}
+        rows = [r for r in rows if lengths[r] > 0]
         if not rows:
             return
-        width = max(lengths)
+        width = max(lengths[r] for r in rows)
         pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
         ids = torch.full((len(rows), width), pad, dtype=torch.long, device=lm.device)
         for j, r in enumerate(rows):
@@ -250,55 +352,73 @@ class BatchDecoder:
 
     # ------------------------------------------------------------------ the loop
     def run(self, on_token: Callable[[int, TokenRecord], None] | None = None) -> Iterator[tuple[int, TokenRecord]]:
-        """Prefill, then one step over the unfinished rows per token; yields ``(row, TokenRecord)``."""
+        """Prefill the rows given at construction, then one :meth:`step` per token until every row has
+        finished; yields ``(row, TokenRecord)``."""
         start = time.perf_counter()
+        fresh, self._fresh = self._fresh, []
+        for r in fresh:
+            self._started[r] = start
         with torch.inference_mode():
-            self._prefill()
-        active = [r for r in range(len(self.prompts)) if self.max_steps[r] > 0]
-        tokens = {r: self.prompts[r][-1] for r in active}
-        positions = {r: len(self.prompts[r]) - 1 for r in active}
-        while active:
-            ids = torch.tensor([[tokens[r]] for r in active], device=self.lm.device)
-            with torch.inference_mode():
-                logits, exits, confs, tcs = self._step(active, ids, [positions[r] for r in active])
-                picks = [pick_token(logits[j], self.settings[r].temperature, self.settings[r].top_p,
-                                    self.generators[r]) for j, r in enumerate(active)]
-            finished_now = []
-            for j, r in enumerate(active):
-                token_id = int(picks[j])
-                self.token_costs[r].append(tcs[j])
-                piece, stopped = self.texts[r].push(token_id)
-                done = stopped or token_id in self.eos
-                if done:
-                    self.finish_reasons[r] = "stop"
-                last = len(self.records[r]) + 1 >= self.max_steps[r]
-                if not stopped and (done or last):
-                    piece += self.texts[r].flush()
-                record = TokenRecord(id=token_id, text=piece, exit_layer=exits[j], confidence=confs[j])
-                self.records[r].append(record)
-                self.seconds[r] = time.perf_counter() - start
-                if done or last:
-                    finished_now.append(r)
-                tokens[r] = token_id
-                positions[r] += 1
+            self._prefill(fresh)
+        self._activate(fresh)
+        while self.active:
+            for r, record, _ in self.step():
                 if on_token is not None:
                     on_token(r, record)
                 yield r, record
             if self.after_step is not None:
                 self.after_step(self)
-            active = [r for r in active if r not in finished_now]
+
+    def step(self) -> list[tuple[int, TokenRecord, bool]]:
+        """One token for every active row: ``[(row, record, finished), ...]`` in row order of
+        :attr:`active`. A row that finished leaves :attr:`active` (its slot stays taken until
+        :meth:`release`, so that :meth:`result` can read it)."""
+        active = list(self.active)
+        if not active:
+            return []
+        ids = torch.tensor([[self._next_token[r]] for r in active], device=self.lm.device)
+        with torch.inference_mode():
+            logits, exits, confs, tcs = self._step(active, ids, [self._position[r] for r in active])
+            picks = [pick_token(logits[j], self.settings[r].temperature, self.settings[r].top_p,
+                                self.generators[r]) for j, r in enumerate(active)]
+        now = time.perf_counter()
+        out = []
+        for j, r in enumerate(active):
+            token_id = int(picks[j])
+            self.token_costs[r].append(tcs[j])
+            piece, stopped = self.texts[r].push(token_id)
+            done = stopped or token_id in self.eos
+            if done:
+                self.finish_reasons[r] = "stop"
+            last = len(self.records[r]) + 1 >= self.max_steps[r]
+            if not stopped and (done or last):
+                piece += self.texts[r].flush()
+            record = TokenRecord(id=token_id, text=piece, exit_layer=exits[j], confidence=confs[j])
+            self.records[r].append(record)
+            self.seconds[r] = now - self._started[r]
+            finished = done or last
+            if finished:
+                self.active.remove(r)
+                self._next_token.pop(r)
+                self._position.pop(r)
+            else:
+                self._next_token[r] = token_id
+                self._position[r] += 1
+            out.append((r, record, finished))
+        return out
+
+    def result(self, r: int) -> GenerationResult:
+        """Row ``r``'s sequence so far with its cost (the batch-1 engine's record for it once finished)."""
+        shape = ModelShape.from_config(self.lm.config)
+        prompt, records = self.prompts[r], self.records[r]
+        cost = sequence_cost(shape, len(prompt), self.token_costs[r], self.seconds[r])
+        return GenerationResult(
+            prompt_ids=list(prompt), token_ids=[t.id for t in records], text=self.texts[r].text,
+            tokens=list(records), num_layers=self.lm.num_layers, finish_reason=self.finish_reasons[r],
+            seconds=self.seconds[r], layer_cost_improvement=cost.layer_cost_improvement,
+            compute_cost_improvement=cost.compute_cost_improvement, cost=cost,
+        )
 
     def results(self) -> list[GenerationResult]:
-        """Every row's finished sequence with its cost (the batch-1 engine's record for it)."""
-        shape = ModelShape.from_config(self.lm.config)
-        out = []
-        for r, prompt in enumerate(self.prompts):
-            cost = sequence_cost(shape, len(prompt), self.token_costs[r], self.seconds[r])
-            records = self.records[r]
-            out.append(GenerationResult(
-                prompt_ids=list(prompt), token_ids=[t.id for t in records], text=self.texts[r].text,
-                tokens=list(records), num_layers=self.lm.num_layers, finish_reason=self.finish_reasons[r],
-                seconds=self.seconds[r], layer_cost_improvement=cost.layer_cost_improvement,
-                compute_cost_improvement=cost.compute_cost_improvement, cost=cost,
-            ))
-        return out
+        """Every row's finished sequence with its cost (the batch-1 engine's record for it), in row order."""
+        return [self.result(r) for r in range(len(self.prompts))]

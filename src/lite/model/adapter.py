@@ -106,6 +106,20 @@ class BatchCache:
         self.batch = batch
         self.max_len = max_len
 
+    def grow(self, batch: int, max_len: int) -> None:
+        """Reallocate to ``batch`` rows of ``max_len`` slots (neither smaller than now), keeping every
+        cached position (continuous batching: a new row, or a row that needs more room)."""
+        if batch < self.batch or max_len < self.max_len:
+            raise ValueError(f"a cache only grows: {self.batch}x{self.max_len} -> {batch}x{max_len}")
+        for store in (self.keys, self.values):
+            for b, old in enumerate(store):
+                new = old.new_zeros((batch, old.shape[1], max_len, old.shape[3]))
+                new[:self.batch, :, :self.max_len] = old
+                store[b] = new
+        for lengths in self.lengths:
+            lengths.extend([0] * (batch - self.batch))
+        self.batch, self.max_len = batch, max_len
+
     def view(self, block: int, rows: list[int], new: int) -> _RowsView:
         """The cache as one block call over ``rows`` sees it (``new`` positions per row)."""
         return _RowsView(self, block, rows, [self.lengths[block][r] for r in rows], new)

@@ -32,7 +32,7 @@ from ..decoding.spec import parse_exit, resolve_exit_spec
 from ..errors import LiteError
 from ..model.adapter import LiteModel
 from ..model.prompts import alpaca_prompt, default_format
-from .queue import DecodeWorker, GenerateFn, Job, QueueFull
+from .queue import DecodeWorker, Job, QueueFull
 from .schema import (
     APIError,
     ChatRequest,
@@ -67,7 +67,8 @@ class ServeConfig:
         default_max_tokens: used when a request gives no ``max_tokens`` (clipped to the context).
         default_temperature: used when a request gives none; 0 (greedy, the paper's decoding) unlike
             OpenAI's 1.
-        max_queue: requests that may wait behind the running one (``--max-queue``); more get 503.
+        max_queue: requests that may wait while the batch is full (``--max-queue``); more get 503.
+        max_batch: sequences decoded together, continuously batched (``--max-batch``); 1 = one at a time.
         chat_format: "auto", "chat" (tokenizer template) or "alpaca" (``--chat-format``).
         api_key: when set, every /v1 request needs ``Authorization: Bearer <key>`` (from $LITE_API_KEY).
         max_body_bytes: larger request bodies get 413.
@@ -81,6 +82,7 @@ class ServeConfig:
     default_max_tokens: int = 256
     default_temperature: float = 0.0
     max_queue: int = 16
+    max_batch: int = 8
     chat_format: str = "auto"
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
@@ -97,6 +99,8 @@ class ServeConfig:
             raise LiteError("--max-tokens-cap and the default max tokens must be >= 1")
         if self.max_queue < 0:
             raise LiteError(f"--max-queue must be >= 0, got {self.max_queue}")
+        if self.max_batch < 1:
+            raise LiteError(f"--max-batch must be >= 1, got {self.max_batch}")
         resolve_chat_format(lm, self.chat_format)
 
 
@@ -136,13 +140,13 @@ def completion_prompt_ids(lm: LiteModel, prompt: str) -> list[int]:
 
 # ------------------------------------------------------------------------------------------------ the app
 def create_app(lm: LiteModel, config: ServeConfig | None = None,
-               generate_fn: GenerateFn | None = None) -> FastAPI:
+               on_step: Callable[[], None] | None = None) -> FastAPI:
     """The FastAPI application serving ``lm``; its decode worker starts and stops with the app.
 
     Args:
         lm: the loaded model; only read, never changed per request.
         config: server settings (defaults: :class:`ServeConfig`).
-        generate_fn: the decoding entry point (default :func:`lite.decoding.generate`).
+        on_step: called by the decode thread after every round of steps (tests slow it down with it).
     """
     config = config or ServeConfig()
     config.check(lm)
@@ -153,7 +157,7 @@ def create_app(lm: LiteModel, config: ServeConfig | None = None,
     @asynccontextmanager
     async def lifespan(app):
         nonlocal worker
-        worker = DecodeWorker(lm, config.max_queue, generate_fn)
+        worker = DecodeWorker(lm, config.max_queue, config.max_batch, on_step)
         app.state.worker = worker
         try:
             yield
@@ -384,7 +388,7 @@ def _uvicorn_server(app, log_level: str, host: str = "127.0.0.1", port: int = 0)
 
 
 def serve_in_thread(lm: LiteModel, config: ServeConfig | None = None, host: str = "127.0.0.1", port: int = 0,
-                    generate_fn: GenerateFn | None = None, log_level: str = "warning",
+                    on_step: Callable[[], None] | None = None, log_level: str = "warning",
                     timeout: float = 60.0) -> tuple[str, Callable[[], None]]:
     """Start a server for ``lm`` in a background thread of this process.
 
@@ -395,7 +399,7 @@ def serve_in_thread(lm: LiteModel, config: ServeConfig | None = None, host: str 
         ``(url, stop)``: the root URL (``http://127.0.0.1:PORT``; OpenAI clients take ``url + "/v1"``) and a
         function that shuts the server down and waits for it.
     """
-    server = _uvicorn_server(create_app(lm, config, generate_fn), log_level)
+    server = _uvicorn_server(create_app(lm, config, on_step), log_level)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))

@@ -1,12 +1,16 @@
-"""The decode queue behind ``lite serve``: one worker thread, a fair FIFO, cancellation per request.
+"""The decode loop behind ``lite serve``: continuous batching with early exit, a fair FIFO, cancellation.
 
 * The model is only read: each job carries its own :class:`ExitPolicy` and :class:`GenerationSettings`.
-* One thread runs :func:`lite.decoding.generate` for one job at a time (batch 1, CPU), in arrival order.
+* One thread decodes. Jobs wait in a FIFO; at every token boundary, waiting jobs join the running batch
+  while it has fewer than ``max_batch`` rows, and finished or cancelled rows leave it. Rows that share an
+  exit policy and K/V strategy decode together in one :class:`lite.decoding.BatchDecoder` (a *lane*), each
+  row still leaving the network at its own layer; each lane takes one step per round. ``speculative``
+  requests run one sequence per lane (its verify pass is batch 1), one round at a time, beside the others.
 * Tokens go from the worker to the request's coroutine through an ``asyncio.Queue`` fed with
   ``loop.call_soon_threadsafe``, so the event loop never blocks on torch.
-* A client that goes away sets its job's cancel flag: a waiting job is dropped at once (its slot is free
-  again), a running one stops at its next ``on_token`` call.
-* At most ``max_queue`` jobs wait behind the running one; :meth:`DecodeWorker.submit` refuses more.
+* A client that goes away sets its job's cancel flag: a waiting job is dropped at once (its place in the
+  queue is free again), a running one leaves the batch at the next token boundary.
+* At most ``max_queue`` jobs wait while the batch is full; :meth:`DecodeWorker.submit` refuses more.
 """
 
 from __future__ import annotations
@@ -19,17 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import decoding
-from ..decoding import ExitPolicy, GenerationResult, GenerationSettings, TokenRecord
+from ..decoding import BatchDecoder, ExitPolicy, GenerationResult, GenerationSettings, TokenRecord
 from ..errors import LiteError
 from ..model.adapter import LiteModel
 
 
 class QueueFull(Exception):
     """More than ``max_queue`` requests are already waiting."""
-
-
-class GenerationCancelled(Exception):
-    """Raised inside ``on_token`` when the client went away; ends :func:`generate` early."""
 
 
 @dataclass
@@ -57,30 +57,97 @@ class Job:
             pass
 
 
-GenerateFn = Callable[..., GenerationResult]
+class _Lane:
+    """Rows decoding under one exit policy and K/V strategy: a :class:`BatchDecoder`, or one speculative
+    sequence stepped one round at a time."""
+
+    def __init__(self, lm: LiteModel, policy: ExitPolicy, kv: str) -> None:
+        self.lm, self.policy = lm, policy
+        self.batch = None if policy.kind == "speculative" else BatchDecoder.open(lm, policy, kv)
+        self.jobs: dict[int, Job] = {}
+        self._spec = None  # speculative: (decoder, iterator, records so far)
+
+    def add(self, jobs: list[Job]) -> None:
+        if self.batch is not None:
+            rows = self.batch.add_many([j.prompt_ids for j in jobs], [j.settings for j in jobs])
+            self.jobs.update(zip(rows, jobs))
+            return
+        (job,) = jobs
+        decoder = decoding.make_decoder(self.lm, job.prompt_ids, job.policy, job.settings)
+        self._spec = (decoder, decoder.run(), [])
+        self.jobs[0] = job
+
+    def step(self) -> list[tuple[Job, TokenRecord | None, GenerationResult | None]]:
+        """One token (one draft/verify round for speculative) for every row: (job, record, result when done)."""
+        if self.batch is not None:
+            out = []
+            for r, record, finished in self.batch.step():
+                job = self.jobs[r]
+                result = None
+                if finished:
+                    result = self.batch.result(r)
+                    self.drop(job)
+                out.append((job, record, result))
+            return out
+        decoder, it, seen = self._spec
+        job = self.jobs[0]
+        before = len(seen)
+        try:  # one token: buffered from the last round, or the next draft/verify round
+            seen.append(next(it))
+        except StopIteration:
+            self.drop(job)
+            return [(job, None, decoder.result())]
+        return [(job, rec, None) for rec in seen[before:]]
+
+    def drop(self, job: Job) -> None:
+        """Take ``job`` out of the lane (finished, or cancelled: it stops at once)."""
+        for r, j in list(self.jobs.items()):
+            if j is job:
+                del self.jobs[r]
+                if self.batch is not None:
+                    self.batch.release(r)
+                else:
+                    self._spec = None
+
+    @property
+    def size(self) -> int:
+        return len(self.jobs)
+
+
+def lane_key(policy: ExitPolicy, kv: str) -> tuple:
+    """Jobs with equal keys decode in one batch: same exit decisions, same K/V strategy."""
+    return (policy.kind, policy.layer, tuple(sorted(policy.thresholds.items())), policy.confidence,
+            policy.threshold_scale, id(policy.gate) if policy.gate is not None else None,
+            tuple(policy.exit_layers) if policy.exit_layers is not None else None, kv)
 
 
 class DecodeWorker:
-    """One thread that decodes queued jobs one at a time, in arrival order.
+    """One thread that decodes every running job, continuously batched; jobs join in arrival order.
 
     Args:
         lm: the loaded model (read only).
-        max_queue: how many jobs may wait behind the running one; more raise :class:`QueueFull`.
-        generate_fn: the decoding entry point, ``lite.decoding.generate`` by default (tests may wrap it).
+        max_queue: how many jobs may wait while the batch is full; more raise :class:`QueueFull`.
+        max_batch: how many sequences decode at once (``--max-batch``); 1 decodes one at a time.
+        on_step: called after every round of steps (tests slow the worker down with it).
     """
 
-    def __init__(self, lm: LiteModel, max_queue: int = 16, generate_fn: GenerateFn | None = None) -> None:
+    def __init__(self, lm: LiteModel, max_queue: int = 16, max_batch: int = 8,
+                 on_step: Callable[[], None] | None = None) -> None:
         if max_queue < 0:
             raise LiteError(f"--max-queue must be >= 0, got {max_queue}")
+        if max_batch < 1:
+            raise LiteError(f"--max-batch must be >= 1, got {max_batch}")
         self.lm = lm
         self.max_queue = max_queue
-        self._generate = generate_fn
+        self.max_batch = max_batch
+        self._on_step = on_step
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self.waiting = 0
         self.running = 0
-        self._current: Job | None = None
-        self.counts = {"served": 0, "cancelled": 0, "failed": 0, "rejected": 0}
+        self._lanes: dict[tuple, _Lane] = {}
+        self._closing = False
+        self.counts = {"served": 0, "cancelled": 0, "failed": 0, "rejected": 0, "peak_batch": 0}
         self._thread = threading.Thread(target=self._loop, name="lite-decode", daemon=True)
         self._thread.start()
 
@@ -94,8 +161,8 @@ class DecodeWorker:
         self._queue.put(job)
 
     def cancel(self, job: Job) -> None:
-        """The client is gone: skip the job if it has not started, stop it at its next token if it has.
-        Idempotent; a no-op for a finished job."""
+        """The client is gone: skip the job if it has not started, take it out of the batch at the next
+        token boundary if it has. Idempotent; a no-op for a finished job."""
         job.cancel.set()
         with self._lock:
             if job.state == "waiting":
@@ -104,56 +171,106 @@ class DecodeWorker:
                 self.counts["cancelled"] += 1
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the worker: the running job ends at its next token, waiting jobs are cancelled."""
-        with self._lock:
-            if self._current is not None:
-                self._current.cancel.set()
+        """Stop the worker: running jobs end at the next token boundary, waiting jobs are cancelled."""
+        self._closing = True
         self._queue.put(None)
         self._thread.join(timeout)
 
     def stats(self) -> dict[str, int]:
         with self._lock:
-            return {"waiting": self.waiting, "running": self.running, "max_queue": self.max_queue, **self.counts}
+            return {"waiting": self.waiting, "running": self.running, "max_queue": self.max_queue,
+                    "max_batch": self.max_batch, **self.counts}
 
+    # ------------------------------------------------------------------ the decode thread
     def _loop(self) -> None:
         while True:
-            job = self._queue.get()
+            self._admit()
+            if self._closing:
+                break
+            if not self.running:
+                continue
+            with self._lock:
+                self.counts["peak_batch"] = max(self.counts["peak_batch"], self.running)
+            for key, lane in list(self._lanes.items()):
+                self._step(lane)
+                if not lane.size:
+                    del self._lanes[key]
+            if self._on_step is not None:
+                self._on_step()
+        for lane in self._lanes.values():
+            for job in list(lane.jobs.values()):
+                lane.drop(job)
+                self._finish(job, "cancelled", None)
+        self._drain()
+
+    def _admit(self) -> None:
+        """Move waiting jobs into the batch while it has room (blocks while nothing runs)."""
+        joining: dict[tuple, list[Job]] = {}
+        while self.running + sum(map(len, joining.values())) < self.max_batch:
+            idle = not self.running and not joining
+            try:
+                job = self._queue.get(block=idle)
+            except queue.Empty:
+                break
             if job is None:
-                self._drain()
-                return
+                self._closing = True
+                break
             with self._lock:
                 if job.state == "cancelled":
                     continue
                 job.state = "running"
                 self.waiting -= 1
-                self.running = 1
-                self._current = job
-            try:
-                result = self._run(job)
-                outcome = ("done", result)
-            except GenerationCancelled:
-                outcome = ("cancelled", None)
-            except Exception as exc:  # reported to this client only; the worker keeps serving
-                outcome = ("error", exc)
-            with self._lock:
-                job.state = "finished"
-                self.running = 0
-                self._current = None
-                key = {"done": "served", "cancelled": "cancelled", "error": "failed"}[outcome[0]]
-                self.counts[key] += 1
-            job.deliver(*outcome)
+            joining.setdefault(lane_key(job.policy, job.settings.kv), []).append(job)
+        for key, jobs in joining.items():
+            if jobs[0].policy.kind == "speculative":  # one sequence per lane
+                groups = [[job] for job in jobs]
+                keys = [(key, id(job)) for job in jobs]
+            else:
+                groups, keys = [jobs], [key]
+            for k, group in zip(keys, groups):
+                lane = self._lanes.get(k)
+                try:
+                    if lane is None:
+                        lane = _Lane(self.lm, group[0].policy, group[0].settings.kv)
+                    lane.add(group)
+                except Exception as exc:  # reported to these clients only; the worker keeps serving
+                    for job in group:
+                        self._start(job)
+                        self._finish(job, "error", exc)
+                    continue
+                self._lanes[k] = lane
+                for job in group:
+                    self._start(job)
 
-    def _run(self, job: Job) -> GenerationResult:
-        def on_token(record: TokenRecord) -> None:
-            if job.cancel.is_set():
-                raise GenerationCancelled()
-            if job.stream:
+    def _step(self, lane: _Lane) -> None:
+        for job in [j for j in lane.jobs.values() if j.cancel.is_set()]:  # left at this token boundary
+            lane.drop(job)
+            self._finish(job, "cancelled", None)
+        if not lane.size:
+            return
+        try:
+            events = lane.step()
+        except Exception as exc:  # a failed step fails its lane's requests only
+            for job in list(lane.jobs.values()):
+                lane.drop(job)
+                self._finish(job, "error", exc)
+            return
+        for job, record, result in events:
+            if record is not None and job.stream:
                 job.deliver("token", record)
+            if result is not None:
+                self._finish(job, "done", result)
 
-        if job.cancel.is_set():
-            raise GenerationCancelled()
-        generate = self._generate or decoding.generate  # looked up per call so tests can patch it
-        return generate(self.lm, job.prompt_ids, job.policy, job.settings, on_token=on_token)
+    def _start(self, job: Job) -> None:
+        with self._lock:
+            self.running += 1
+
+    def _finish(self, job: Job, kind: str, payload: Any) -> None:
+        with self._lock:
+            job.state = "finished"
+            self.running -= 1
+            self.counts[{"done": "served", "cancelled": "cancelled", "error": "failed"}[kind]] += 1
+        job.deliver(kind, payload)
 
     def _drain(self) -> None:
         while True:
