@@ -12,9 +12,10 @@ from .app import (
     config_from_env,
     create_app,
     describe,
+    resolve_chat_format,
     serve,
     serve_in_thread,
 )
 
 __all__ = ["API_KEY_ENV", "ServeConfig", "chat_prompt_ids", "completion_prompt_ids", "config_from_env",
-           "create_app", "describe", "serve", "serve_in_thread"]
+           "create_app", "describe", "resolve_chat_format", "serve", "serve_in_thread"]
