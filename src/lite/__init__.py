@@ -2,7 +2,7 @@
 
 from .model.config import LiteConfig, default_exit_layers  # light: no torch
 
-__all__ = ["DEFAULT_MODEL", "LiteConfig", "LiteLM", "default_exit_layers", "load", "load_model"]
+__all__ = ["DEFAULT_MODEL", "LiteConfig", "LiteLM", "custom_generate", "default_exit_layers", "load", "load_model"]
 __version__ = "0.1.0"
 
 
@@ -16,4 +16,8 @@ def __getattr__(name: str):
         from . import api
 
         return getattr(api, name)
+    if name == "custom_generate":  # model.generate(..., custom_generate=lite.custom_generate, exit=...)
+        from .decoding import hf_generate
+
+        return hf_generate.custom_generate
     raise AttributeError(f"module 'lite' has no attribute {name!r}")

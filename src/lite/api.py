@@ -18,6 +18,7 @@ Layer numbering: layer k = output of decoder block k, 1-indexed; L = number of d
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator, Sequence
 
@@ -103,6 +104,15 @@ class LiteLM:
     def exit_layers(self) -> list[int]:
         """The model's exit layers (ending with L), from its ``lite_config.json`` or the defaults."""
         return self.lite_model.exit_layers
+
+    @property
+    def custom_generate(self):
+        """lite's early-exit loop for ``self.model.generate(..., custom_generate=lm.custom_generate, exit=...)``
+        (:func:`lite.decoding.hf_generate.custom_generate` bound to this model, its tokenizer and its
+        ``lite_config.json``): returns what ``generate`` returns, with the exit record on request."""
+        from .decoding.hf_generate import custom_generate
+
+        return functools.partial(custom_generate, lite_model=self.lite_model)
 
     def __repr__(self) -> str:
         return f"LiteLM({self.lite_model.source!r}, layers={self.num_layers}, exits={self.exit_layers})"
