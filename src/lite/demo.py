@@ -155,6 +155,8 @@ def run_demo(*, model: str | None = None, prompts: list[str] | None = None, max_
     from .model.loading import load_model, shipped_adapter_dir
     from .model.prompts import default_format, encode_prompt
 
+    if prompts is not None and (not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts)):
+        raise LiteError("--prompt must not be empty: give some text (or leave --prompt out for the built-ins)")
     prompts = prompts or DEMO_PROMPTS
     if max_new_tokens < 1:
         raise LiteError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")

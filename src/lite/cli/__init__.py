@@ -1,14 +1,25 @@
 """The ``lite`` command line: one subcommand per verb, each a thin wrapper over a library function.
 
-Each verb lives in its own module here with ``add_parser(subparsers)`` and ``run(args) -> int``. Library
-errors (:class:`lite.errors.LiteError`) become one line on stderr and exit status 2.
+Each verb lives in its own module here with ``add_arguments(parser)`` and ``run(args) -> int``. Exit
+status, the same for every verb:
+
+* 0: done;
+* 2: a clean refusal: a bad flag (argparse, numbers checked by :mod:`lite.cli.numbers`) or a library error
+  (:class:`lite.errors.LiteError`: bad input, a missing or damaged file, named with the fix), one line on
+  stderr;
+* 1: an unexpected error (a bug, or a fault lite does not check for yet): one line naming it;
+* 130: interrupted (Ctrl-C).
+
+No traceback reaches the user unless ``lite --debug VERB ...`` (or ``LITE_DEBUG=1``) asks for it.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 
 from ..errors import LiteError
 
@@ -20,34 +31,66 @@ VERBS = {
     "serve": "OpenAI-compatible HTTP server that decodes with early exit",
     "demo": "the whole story on the embedded default model, offline",
 }
+DEBUG_ENV = "LITE_DEBUG"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with refusals on one line, like every other lite error (the usage is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lite", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="lite", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version="lite 0.1.0")
+    parser.add_argument("--debug", action="store_true", default=False,
+                        help=f"show the full traceback of an error (also ${DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for verb, help_text in VERBS.items():
         module = importlib.import_module(f".{verb}_cmd", __name__)
         p = sub.add_parser(verb, help=help_text, description=help_text)
         module.add_arguments(p)
+        # also accepted after the verb; SUPPRESS keeps a top-level --debug from being reset by the default
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         p.set_defaults(_run=module.run)
     return parser
 
 
+def debug_requested(args: argparse.Namespace | None = None) -> bool:
+    """``--debug`` was given, or ``$LITE_DEBUG`` is set to anything but empty or 0."""
+    return bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one verb; returns the exit status (see the module docstring), never raises for bad input."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help/--version (0), or argparse refused a flag (2, message printed)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if not getattr(args, "verb", None):
         parser.print_help()
         return 2
+    debug = debug_requested(args)
     try:
         return int(args._run(args) or 0)
     except LiteError as exc:
+        if debug:
+            traceback.print_exc()
         print(f"lite {args.verb}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lite {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 -- the last resort: one line, the traceback only on request
+        if debug:
+            traceback.print_exc()
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        print(f"lite {args.verb}: unexpected error: {type(exc).__name__}{': ' + first if first else ''}"
+              + ("" if debug else f" (run again with --debug, or {DEBUG_ENV}=1, for the traceback)"),
+              file=sys.stderr)
+        return 1
 
 
 def add_device_argument(p: argparse.ArgumentParser) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..errors import LiteError
 from . import add_device_argument, add_dtype_argument
+from .numbers import nonnegative_int, number, open_unit, positive_int, seed
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,27 +23,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rule", default="paper", choices=["paper", "agreement", "ltt"],
                    help="paper: mean confidence of agreeing tokens; agreement: lowest threshold whose exits "
                         "agree with the final layer at rate >= --target; ltt: risk control (--epsilon, --delta)")
-    p.add_argument("--target", type=float, default=0.9, help="agreement rule: required agreement rate A in (0, 1]")
-    p.add_argument("--epsilon", type=float, default=0.1, help="ltt: tolerated disagreement rate of exits, (0, 1)")
-    p.add_argument("--delta", type=float, default=0.1, help="ltt: allowed failure probability, (0, 1)")
+    p.add_argument("--target", type=number(float, 0, 1, low_open=True), default=0.9, help="agreement rule: required agreement rate A in (0, 1]")
+    p.add_argument("--epsilon", type=open_unit, default=0.1, help="ltt: tolerated disagreement rate of exits, (0, 1)")
+    p.add_argument("--delta", type=open_unit, default=0.1, help="ltt: allowed failure probability, (0, 1)")
     p.add_argument("--source", default="reference", choices=["reference", "generated"],
                    help="reference: teacher-forced on the rows' responses; generated: on the model's own "
                         "greedy answers (slower, the distribution it decodes)")
     p.add_argument("--confidence", default=None,
                    help="max_prob (paper), margin, entropy or state_cosine (default: the model's recorded one)")
-    p.add_argument("--max-examples", type=int, default=100, help="use at most this many rows (the first ones)")
-    p.add_argument("--max-length", type=int, default=256, help="cut prompt + response at this many tokens")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="answer budget of --source generated")
-    p.add_argument("--batch-size", type=int, default=8,
+    p.add_argument("--max-examples", type=positive_int, default=100, help="use at most this many rows (the first ones)")
+    p.add_argument("--max-length", type=positive_int, default=256, help="cut prompt + response at this many tokens")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128, help="answer budget of --source generated")
+    p.add_argument("--batch-size", type=positive_int, default=8,
                    help="held-out rows whose answers are generated together (--source generated; default 8)")
     p.add_argument("--gate", action="store_true",
                    help="also train a learned exit gate (logistic regression per exit on the normed state)")
-    p.add_argument("--gate-hidden", type=int, default=0, help="gate hidden width (0 = logistic regression)")
+    p.add_argument("--gate-hidden", type=nonnegative_int, default=0, help="gate hidden width (0 = logistic regression)")
     p.add_argument("--draft-vocab", action="store_true",
                    help="also rank tokens by frequency in the responses of the training sources recorded in "
                         "lite_config.json (else of the calibration rows) into draft_vocab.json, for "
                         "'lite generate --speculative --draft-vocab N'")
-    p.add_argument("--seed", type=int, default=0, help="seed of gate training")
+    p.add_argument("--seed", type=seed, default=0, help="seed of gate training")
     add_dtype_argument(p, "float32")
     add_device_argument(p)
 
@@ -95,10 +96,6 @@ def run(args: argparse.Namespace) -> int:
 
     check_options(rule=args.rule, target=args.target, epsilon=args.epsilon, delta=args.delta,
                   confidence=args.confidence or "max_prob", source=args.source)
-    if args.max_examples < 1:
-        raise LiteError(f"--max-examples must be >= 1, got {args.max_examples}")
-    if args.gate_hidden < 0:
-        raise LiteError(f"--gate-hidden must be >= 0 (0 = logistic regression), got {args.gate_hidden}")
     examples, data_info = None, {}
     if args.data:  # read (and reject) the data before spending time on the model
         try:

@@ -7,6 +7,7 @@ import os
 import sys
 
 from . import add_device_argument, add_dtype_argument
+from .numbers import nonempty_text, positive_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -15,10 +16,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exit", default=None,
                    help="exit policy: gate, dynamic, static:K, speculative (default: the gate when the model has "
                         "one, else its calibrated thresholds)")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens per answer (default 48)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=48, help="tokens per answer (default 48)")
     add_dtype_argument(p, "auto")
     add_device_argument(p)
-    p.add_argument("--prompt", action="append", default=None, help="your own prompt (repeatable) instead of the built-ins")
+    p.add_argument("--prompt", action="append", type=nonempty_text, default=None, help="your own prompt (repeatable) instead of the built-ins")
     p.add_argument("--no-similarity", action="store_true", help="skip the MiniLM similarity (saves a few seconds)")
     p.add_argument("--no-lossless", action="store_true",
                    help="skip the lossless self-speculative run of each prompt (saves about a third of the time)")

@@ -7,16 +7,7 @@ import sys
 
 from ..errors import LiteError
 from . import add_device_argument, add_dtype_argument
-
-
-def _scales(text: str) -> list[float]:
-    try:
-        values = [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give numbers like 0.8,0.9,1.0,1.1") from None
-    if not values:
-        raise argparse.ArgumentTypeError("give at least one scale, e.g. 1.0")
-    return values
+from .numbers import positive_floats, positive_int, thresholds
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,15 +17,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add("--testset", action="append", metavar="NAME[=PATH]",
         help="vicuna, koala, wizardlm, self_instruct (found locally or downloaded), or NAME=PATH for a file "
              "(JSONL/JSON: Alpaca rows or {prompt} rows); repeat for several (default: all four)")
-    add("--limit", type=int, default=None, help="first N prompts of each test set")
+    add("--limit", type=positive_int, default=None, help="first N prompts of each test set")
     add("--exit", default="dynamic",
         help="early-exit policy compared with the full model: dynamic (default), gate or static:K")
     add("--kv", default="copy", help="skipped-layer strategy: copy, recompute, or both as copy,recompute")
-    add("--threshold-scale", "--threshold-scales", dest="threshold_scales", type=_scales, default=[1.0],
+    add("--threshold-scale", "--threshold-scales", dest="threshold_scales", type=positive_floats, default=[1.0],
         metavar="S[,S...]",
         help="multiply the thresholds; several values (0.8,0.9,1.0,1.1) draw the cost-quality frontier; the "
              "first is the headline")
-    add("--thresholds", default=None,
+    add("--thresholds", type=thresholds, default=None,
         help="override calibrated thresholds: one value for every exit ('0.9') or '8:0.9,11:0.85'")
     add("--confidence", default=None,
         help="confidence measure with --thresholds: max_prob (default), margin, entropy, state_cosine")
@@ -42,8 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="also decode with static exit at every exit layer (the per-layer quality picture)")
     add("--compare-model", default=None, metavar="M2",
         help="a second model (e.g. the final-layer baseline) for the side-by-side per-layer figure")
-    add("--max-new-tokens", type=int, default=128)
-    add("--batch-size", type=int, default=8,
+    add("--max-new-tokens", type=positive_int, default=128)
+    add("--batch-size", type=positive_int, default=8,
         help="prompts decoded together by lite's batched engine and by HF generate alike (default 8; 1 = one "
              "prompt at a time)")
     add_dtype_argument(p, "auto")
@@ -56,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add("--judge-model", default=None, help="model name for the judge")
     add("--no-hf-baseline", action="store_true",
         help="do not time transformers' generate (no speedup figure)")
-    add("--threads", type=int, default=None,
+    add("--threads", type=positive_int, default=None,
         help="torch CPU threads (default: torch's; 1 is much faster on a CPU shared with other jobs)")
     add("--out", default="lite-eval", help="output folder (default: lite-eval)")
     add("--restart", action="store_true", help="discard the records of an earlier run in --out")
@@ -67,8 +58,6 @@ def run(args: argparse.Namespace) -> int:
     from . import progress
 
     if args.threads is not None:
-        if args.threads < 1:
-            raise LiteError(f"--threads must be >= 1, got {args.threads}")
         import torch
 
         torch.set_num_threads(args.threads)

@@ -13,13 +13,23 @@ import sys
 
 from ..errors import LiteError
 from . import add_device_argument, add_dtype_argument
+from .numbers import (
+    finite_float,
+    nonempty_text,
+    nonnegative_float,
+    number,
+    positive_float,
+    positive_int,
+    seed,
+    thresholds,
+)
 
 # ANSI 256-colour codes from early (red) to late (blue); the final layer is printed uncoloured.
 _PALETTE = [196, 202, 208, 214, 220, 190, 118, 48, 51, 39, 33, 99]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", metavar="PROMPT", help="the instruction (formatted with --prompt-format)")
+    p.add_argument("prompt", metavar="PROMPT", type=nonempty_text, help="the instruction (formatted with --prompt-format)")
     p.add_argument("--model", default=None, help="model folder, LoRA adapter folder, hub id, or smollm2-135m-instruct")
     p.add_argument("--exit", default=None, metavar="POLICY",
                    help="none | static:K | dynamic | speculative (default: dynamic when the model is calibrated, "
@@ -27,34 +37,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative", action="store_true",
                    help="lossless self-speculative decoding: dynamic exits draft, the full model verifies "
                         "(same as --exit speculative; output identical to --exit none when greedy)")
-    p.add_argument("--max-draft", type=int, default=None, metavar="N",
+    p.add_argument("--max-draft", type=positive_int, default=None, metavar="N",
                    help="speculative: tokens drafted per round at most (default 4)")
-    p.add_argument("--draft-stop", type=float, default=None, metavar="C",
+    p.add_argument("--draft-stop", type=finite_float, default=None, metavar="C",
                    help="speculative: a draft token whose confidence at a checked exit is below C checks no "
                         "further exits and is verified at once (default 0 = never)")
-    p.add_argument("--draft-vocab", type=int, default=None, metavar="N",
+    p.add_argument("--draft-vocab", type=positive_int, default=None, metavar="N",
                    help="speculative: drafts use the head over the N most frequent tokens (draft_vocab.json, "
                         "made by 'lite calibrate --draft-vocab'); the output does not change")
     p.add_argument("--kv", default="copy", choices=("copy", "recompute"),
                    help="what later tokens see at skipped layers (default copy)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--thresholds", default=None, metavar="K:T,...",
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    p.add_argument("--thresholds", type=thresholds, default=None, metavar="K:T,...",
                    help="dynamic exit thresholds per exit layer, e.g. '8:0.9,11:0.85' (default: lite_config.json)")
-    p.add_argument("--threshold-scale", type=float, default=1.0, help="multiply every threshold (>1 exits less)")
+    p.add_argument("--threshold-scale", type=positive_float, default=1.0, help="multiply every threshold (>1 exits less)")
     p.add_argument("--confidence", default=None, choices=("max_prob", "margin", "entropy", "state_cosine"),
                    help="confidence measure for --thresholds (default max_prob, or the calibrated one)")
     p.add_argument("--exit-layers", default=None, metavar="K,...",
                    help="exit layers to check (default: the model's, from lite_config.json)")
     p.add_argument("--gate", action="store_true", help="use the learned exit gate calibrated for this model")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=number(float, 0, 1, low_open=True), default=1.0,
+                   help="nucleus sampling: keep the smallest set of tokens whose probability reaches P, in (0, 1]")
+    p.add_argument("--seed", type=seed, default=None, help="seed of sampling (--temperature > 0)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--prompt-format", default=None, choices=("alpaca", "chat", "raw"),
                    help="default: the model's lite_config.json, else chat if the tokenizer has a template, else alpaca")
     add_dtype_argument(p, "auto")
     add_device_argument(p)
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's; 1 is much faster on a CPU shared with other jobs)")
     p.add_argument("--color", default="auto", choices=("auto", "always", "never"))
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the coloured view")
@@ -83,10 +94,6 @@ def _colour_for(layer: int, checked: list[int], L: int) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.prompt.strip():
-        raise LiteError("the prompt is empty: give some text (PROMPT)")
-    if args.max_new_tokens < 1:
-        raise LiteError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     from ..decoding import GenerationSettings, make_decoder
     from ..decoding.cost import ModelShape
     from ..model.loading import load_model
@@ -94,8 +101,6 @@ def run(args: argparse.Namespace) -> int:
     from . import progress
 
     if args.threads is not None:
-        if args.threads < 1:
-            raise LiteError(f"--threads must be >= 1, got {args.threads}")
         import torch
 
         torch.set_num_threads(args.threads)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from . import add_device_argument, add_dtype_argument
+from .numbers import number, positive_float, positive_int, probability, seed
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,15 +18,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", nargs="+", default=None, metavar="PATH",
                    help="Alpaca-format JSON/JSONL file(s) (instruction, input, output) or hub dataset id(s)")
     p.add_argument("--out", required=True, help="output folder (must not exist; <out>.partial is the work folder)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after N optimiser steps (overrides --epochs)")
-    p.add_argument("--epochs", type=float, default=3.0, help="passes over the training rows (default 3)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate, cosine schedule "
+    p.add_argument("--max-steps", type=positive_int, default=None, help="stop after N optimiser steps (overrides --epochs)")
+    p.add_argument("--epochs", type=positive_float, default=3.0, help="passes over the training rows (default 3)")
+    p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate, cosine schedule "
                    "(default 2e-5 full fine-tuning, 2e-4 LoRA)")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per process per micro-batch (default 8)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step (default 1)")
-    p.add_argument("--max-length", type=int, default=256, help="tokens per row, cut at the end (default 256)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="rows per process per micro-batch (default 8)")
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimiser step (default 1)")
+    p.add_argument("--max-length", type=positive_int, default=256, help="tokens per row, cut at the end (default 256)")
     p.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of all weights")
-    p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (default 16; alpha = 2 x rank)")
+    p.add_argument("--lora-rank", type=positive_int, default=16, help="LoRA rank (default 16; alpha = 2 x rank)")
     p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                    help="comma-separated module names LoRA adapts (default: attention and MLP projections)")
     p.add_argument("--baseline", action="store_true",
@@ -38,15 +39,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Alpaca template (default) or the tokenizer's chat template")
     p.add_argument("--filter", action="append", default=None, metavar="FIELD=VALUE",
                    help="keep rows whose FIELD equals VALUE (repeatable), e.g. status=ok for alpaca-libre")
-    p.add_argument("--heldout-fraction", type=float, default=0.05,
+    p.add_argument("--heldout-fraction", type=number(float, 0, 1, high_open=True), default=0.05,
                    help="share of rows kept aside for calibration (default 0.05)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split and of training (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the held-out split and of training (default 0)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute decoder blocks in backward (less memory, more time)")
-    p.add_argument("--save-steps", type=int, default=200,
+    p.add_argument("--save-steps", type=positive_int, default=200,
                    help="checkpoint (resume point) every N steps (default 200)")
-    p.add_argument("--logging-steps", type=int, default=10, help="log losses every N steps (default 10)")
+    p.add_argument("--logging-steps", type=positive_int, default=10, help="log losses every N steps (default 10)")
     add_dtype_argument(p, "float32")
     add_device_argument(p)
     p.add_argument("--loss-mode", default="fused", choices=["fused", "checkpoint", "plain"],
@@ -54,14 +55,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets", default="data", choices=["data", "distill", "mixed"],
                    help="what each exit learns: data (the paper: CE on the response tokens), distill (KL toward "
                         "the starting model's final layer), mixed (--ce-weight x CE + the rest x KL); default data")
-    p.add_argument("--ce-weight", type=float, default=0.5, help="share of CE in --targets mixed (default 0.5)")
+    p.add_argument("--ce-weight", type=probability, default=0.5, help="share of CE in --targets mixed (default 0.5)")
     p.add_argument("--exit-modules", default=None, choices=["affine", "mlp"],
                    help="freeze the backbone and train one small module per exit below L; the output holds "
                         "only the modules (see docs/train.md)")
     p.add_argument("--own-answers", action="store_true",
                    help="train on the starting model's own greedy answers instead of the dataset's responses "
                         "(generated once, batched, cached in <out>.partial)")
-    p.add_argument("--own-answer-tokens", type=int, default=128, help="cap per own answer (default 128)")
+    p.add_argument("--own-answer-tokens", type=positive_int, default=128, help="cap per own answer (default 128)")
     p.add_argument("--no-progress-bar", action="store_true", help="no tqdm bar (logs still print)")
 
 

@@ -1,0 +1,106 @@
+"""Argparse types for every number (and a few texts) the verbs take: checked where they enter.
+
+Each flag that takes a number names one of these as its ``type=``, so a value that is not a number, not
+finite (``nan``, ``inf``) or out of range is refused by argparse itself, before anything is loaded, as
+``lite VERB: error: argument --lr: must be a finite number > 0, got 'nan'`` with exit status 2. The library
+functions check their arguments again (for Python callers); the CLI never relies on that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+
+SEED_MAX = 2**32 - 1  # numpy's seed range, the narrowest of the generators lite seeds
+
+
+def _interval(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{'>' if low_open else '>='} {low:g}"
+    if high is not None:
+        return f"{'<' if high_open else '<='} {high:g}"
+    return ""
+
+
+def number(kind: type = float, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+           high_open: bool = False) -> Callable[[str], int | float]:
+    """An argparse type: ``kind`` (int or float), finite, within [low, high] (open ends when asked).
+
+    Args:
+        kind: ``int`` (no fractions, no exponents) or ``float`` (NaN and infinities refused).
+        low, high: the bounds, None for none.
+        low_open, high_open: exclude the bound itself.
+    """
+    noun = "an integer" if kind is int else "a finite number"
+    where = _interval(low, high, low_open, high_open)
+    wanted = f"{noun} {where}".strip()
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text.strip())
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
+        too_low = low is not None and (value < low or (low_open and value == low))
+        too_high = high is not None and (value > high or (high_open and value == high))
+        if too_low or too_high:
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
+        return value
+
+    parse.__name__ = wanted  # what argparse would show for an unexpected failure
+    return parse
+
+
+positive_int = number(int, 1)
+nonnegative_int = number(int, 0)
+positive_float = number(float, 0, low_open=True)
+nonnegative_float = number(float, 0)
+finite_float = number(float)
+probability = number(float, 0, 1)  # [0, 1]
+open_unit = number(float, 0, 1, low_open=True, high_open=True)  # (0, 1)
+seed = number(int, 0, SEED_MAX)
+port = number(int, 0, 65535)
+
+
+def nonempty_text(text: str) -> str:
+    """A prompt: text with something in it besides spaces."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the prompt is empty: give some text")
+    return text
+
+
+def positive_floats(text: str) -> list[float]:
+    """Comma-separated finite numbers > 0, at least one (``--threshold-scales 0.8,0.9,1.0``)."""
+    parts = [t for t in text.split(",") if t.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError("give at least one number > 0, e.g. 1.0")
+    try:
+        return [positive_float(t) for t in parts]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be finite numbers > 0 like 0.8,0.9,1.0, got {text!r}") from None
+
+
+def thresholds(text: str) -> str:
+    """``--thresholds``: one finite number for every exit (``0.9``) or ``LAYER:VALUE`` pairs, each value a
+    confidence in [-1, 1] (the measure decides the exact range, checked once the model is known). The
+    text itself is returned: :func:`lite.decoding.spec.build_policy` turns it into thresholds."""
+    from ..decoding.policy import parse_thresholds
+    from ..errors import LiteError
+
+    try:
+        values = parse_thresholds(text) if ":" in text else {0: float(text)}
+    except ValueError as exc:  # LiteError is a ValueError
+        message = str(exc).removeprefix("--thresholds").lstrip(": ")
+        raise argparse.ArgumentTypeError(message if isinstance(exc, LiteError) else
+                                         f"give one number or LAYER:VALUE pairs like '8:0.9', got {text!r}") \
+            from None
+    bad = {k: v for k, v in values.items() if not (math.isfinite(v) and -1.0 <= v <= 1.0)}
+    if bad:
+        shown = ", ".join(f"{v}" if k == 0 else f"{k}:{v}" for k, v in bad.items())
+        raise argparse.ArgumentTypeError(f"thresholds are confidences in [-1, 1] (max_prob, margin and entropy "
+                                         f"in [0, 1]), got {shown}")
+    return text
