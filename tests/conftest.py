@@ -22,6 +22,11 @@ def _offline(tmp_path, monkeypatch):
     """Tests never reach a model hub."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    # ... and never write into this machine's Hugging Face cache (lite places the embedded default there)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-hub-cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-hub-cache"))
 
 
 @pytest.fixture(scope="session", autouse=True)

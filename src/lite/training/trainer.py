@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -445,18 +446,23 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
     lite_config.training["steps"] = trainer.state.global_step
     if _rank() == 0:
         _save_final(trainer, train_model, tokenizer, lite_config, work, out, lora, run_record["model"],
-                    modules)
+                    modules, generation_config=getattr(lm.model, "generation_config", None))
     trainer.accelerator.wait_for_everyone()
     return TrainResult(out, trainer.state.global_step, final_losses, last.get("loss"), resume, lite_config,
                        history)
 
 
 def _save_final(trainer, train_model, tokenizer, lite_config: LiteConfig, work: Path, out: Path, lora: bool,
-                base_spec: str, modules=None) -> None:
+                base_spec: str, modules=None, generation_config=None) -> None:
     """Write the finished model into ``work/final`` and rename it to ``out``; then drop the work folder.
 
     An exit-module run writes only the modules (``exit_modules.safetensors``): ``lite_config.json`` names
-    the backbone as ``base_model``, which :func:`lite.model.loading.load_model` loads beneath them."""
+    the backbone as ``base_model``, which :func:`lite.model.loading.load_model` loads beneath them. Every
+    kind gets the base's ``generation_config.json`` (end-of-sequence ids) and a model card (``README.md``,
+    :mod:`lite.model.card`) in place of peft's empty template."""
+    from ..model.card import write_model_card
+    from ..model.loading import hub_id_for
+
     final = work / "final"
     if final.exists():
         shutil.rmtree(final)
@@ -466,13 +472,19 @@ def _save_final(trainer, train_model, tokenizer, lite_config: LiteConfig, work: 
     else:
         model = trainer.accelerator.unwrap_model(train_model)
         if lora:
-            # the adapter names its base portably (alias or hub id as given), not this machine's cache path
+            # the adapter names its base as Hugging Face tools do (the embedded default by its hub id, which
+            # lite places in the HF cache), not this machine's cache path; lite_config.json keeps lite's name
             for cfg in model.peft_config.values():
-                cfg.base_model_name_or_path = base_spec
-        model.save_pretrained(str(final))
+                cfg.base_model_name_or_path = hub_id_for(base_spec)
+        with warnings.catch_warnings():  # peft probes the hub for the base's vocabulary; lite never changes it
+            warnings.filterwarnings("ignore", message=r"Could not find a config file in .* vocabulary was not modified")
+            model.save_pretrained(str(final))
     tokenizer.save_pretrained(str(final))
     lite_config.save(final)
     (final / "trainer_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    if generation_config is not None and not (final / "generation_config.json").is_file():
+        generation_config.save_pretrained(str(final))
+    write_model_card(final, base_id=hub_id_for(base_spec), name=out.name)
     os.replace(final, out)
     remove_own_files(work, WORK_FILES)  # what lite wrote there, and the folder if nothing else is left
 
