@@ -91,3 +91,24 @@ def remove_own_files(folder: Path, names: list[str]) -> bool:
     except OSError:
         return False
     return True
+
+
+# File extensions of what lite reads from disk: a name ending in one is a path, never a hub id.
+FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".arrow", ".txt", ".gz", ".zip", ".safetensors",
+                 ".bin", ".pt", ".gguf", ".md")
+
+
+def looks_like_hub_id(text: str) -> bool:
+    """Whether a name that is no local path should be tried on the Hugging Face hub (needs network).
+
+    Only ``owner/name``: one ``/``, no leading ``.``, ``/`` or ``~``, no spaces, a name that does not end in
+    a file extension lite reads (``data/train.jsonl`` is a missing file, not a dataset id) and an owner
+    that is not a folder here (``runs/new`` beside a ``runs/`` folder is a missing path). Everything else
+    that does not exist is reported as a missing file at once, without a network attempt.
+    """
+    if text.count("/") != 1 or text.startswith((".", "/", "~")) or any(c.isspace() for c in text):
+        return False
+    owner, name = text.split("/")
+    if not owner or not name or name.lower().endswith(FILE_SUFFIXES):
+        return False
+    return not Path(owner).is_dir()

@@ -32,6 +32,7 @@ Layer numbering: layer k = output of decoder block k, 1-indexed; L = number of d
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -105,8 +106,8 @@ def check_settings(lm: LiteModel, prompt_ids: list[int], settings: GenerationSet
         )
     if settings.max_new_tokens < 1:
         raise LiteError(f"--max-new-tokens must be >= 1, got {settings.max_new_tokens}")
-    if settings.temperature < 0:
-        raise LiteError(f"--temperature must be >= 0, got {settings.temperature}")
+    if not (settings.temperature >= 0 and math.isfinite(settings.temperature)):  # NaN fails both
+        raise LiteError(f"--temperature must be a finite number >= 0, got {settings.temperature}")
     if not 0 < settings.top_p <= 1:
         raise LiteError(f"--top-p must be in (0, 1], got {settings.top_p}")
     if settings.kv not in KV_STRATEGIES:

@@ -110,6 +110,8 @@ def parse_thresholds(text: str) -> dict[int, float]:
             out[int(layer)] = float(value)
         except ValueError:
             raise LiteError(f"--thresholds: {part!r} is not LAYER:VALUE; write e.g. '8:0.9,11:0.85'") from None
+        if not math.isfinite(out[int(layer)]):
+            raise LiteError(f"--thresholds: {part!r}: a threshold must be a finite number, e.g. '8:0.9'")
     if not out:
         raise LiteError("--thresholds is empty; write e.g. '8:0.9,11:0.85'")
     return out
@@ -186,7 +188,15 @@ def resolve_policy(lm: LiteModel, policy: ExitPolicy) -> ResolvedPolicy:
             raise LiteError("ExitPolicy.gate must have should_exit(layer, normed_state) and flops(layer)")
         return ResolvedPolicy("dynamic", L, {k: float("nan") for k in below}, "max_prob", policy.gate)
     thresholds, measure = dict(policy.thresholds), policy.confidence
-    if not thresholds:
+    if thresholds:  # given by the caller: finite, and only for the exits this policy checks
+        bad = {k: v for k, v in thresholds.items() if not math.isfinite(v)}
+        if bad:
+            raise LiteError(f"--thresholds: {bad}: thresholds must be finite numbers")
+        stray = sorted(k for k in thresholds if k not in below)
+        if stray:
+            raise LiteError(f"--thresholds: layers {stray} are not exits checked here (exits: {below}, the final "
+                            f"layer {L} needs none); remove them, or add them to --exit-layers")
+    else:
         cfg = lm.lite_config
         thresholds = {int(k): float(v) for k, v in cfg.thresholds.items()}
         measure = cfg.confidence
@@ -203,7 +213,7 @@ def resolve_policy(lm: LiteModel, policy: ExitPolicy) -> ResolvedPolicy:
             f"--exit dynamic: exit layers {missing} have no threshold (exits checked: {below}); add them to "
             f"--thresholds, or choose the layers to check with --exit-layers"
         )
-    if policy.threshold_scale <= 0:
-        raise LiteError(f"--threshold-scale must be > 0, got {policy.threshold_scale}")
+    if not (policy.threshold_scale > 0 and math.isfinite(policy.threshold_scale)):
+        raise LiteError(f"--threshold-scale must be a finite number > 0, got {policy.threshold_scale}")
     checks = {k: thresholds[k] * policy.threshold_scale for k in below}
     return ResolvedPolicy("dynamic", L, checks, measure)

@@ -18,6 +18,7 @@ Layer numbering: layer k = output of decoder block k, 1-indexed; L = number of d
 
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 
 from ..errors import LiteError
 from ..model.adapter import LiteModel
-from ..model.config import parse_exit_layers
+from ..model.config import parse_exit_layers, threshold_problem
 from . import policy as policy_mod
 from .policy import POLICIES, ExitPolicy, parse_thresholds, resolve_policy
 
@@ -103,20 +104,35 @@ def resolve_exit_spec(lm: LiteModel, spec: str) -> str:
     return spec
 
 
-def threshold_values(lm: LiteModel, text: str | dict[int, float] | None) -> dict[int, float]:
-    """``--thresholds``: one value for every exit below L ("0.9") or per layer ("8:0.9,11:0.85"); {} = the
-    calibrated ones from ``lite_config.json``."""
+def threshold_values(lm: LiteModel, text: str | dict[int, float] | None, measure: str = "max_prob",
+                     layers: list[int] | None = None) -> dict[int, float]:
+    """``--thresholds``: one value for every checked exit below L ("0.9") or per layer ("8:0.9,11:0.85");
+    {} = the calibrated ones from ``lite_config.json``.
+
+    Args:
+        measure: the confidence measure the values belong to; each value must lie in its range
+            (:data:`lite.model.config.CONFIDENCE_RANGES`).
+        layers: the exit layers checked (``--exit-layers``); None = the model's.
+    Raises:
+        LiteError: not numbers, not finite, or outside the measure's range (names ``--thresholds``).
+    """
     if not text:
         return {}
     if isinstance(text, dict):
-        return {int(k): float(v) for k, v in text.items()}
-    if ":" not in text:
+        values = {int(k): float(v) for k, v in text.items()}
+    elif ":" not in text:
         try:
             value = float(text)
         except ValueError:
             raise LiteError(f"--thresholds {text!r}: give one number or LAYER:VALUE pairs like '8:0.9'") from None
-        return {k: value for k in lm.exit_layers if k < lm.num_layers}
-    return parse_thresholds(text)
+        values = {k: value for k in (layers or lm.exit_layers) if k < lm.num_layers}
+    else:
+        values = parse_thresholds(text)
+    for layer, value in values.items():
+        problem = threshold_problem(value, measure)
+        if problem:
+            raise LiteError(f"--thresholds: layer {layer}: {problem}")
+    return values
 
 
 @dataclass
@@ -167,8 +183,8 @@ def build_policy(lm: LiteModel, options: ExitOptions | None = None) -> ExitPolic
             the flag to fix.
     """
     o = options or ExitOptions()
-    if not o.threshold_scale > 0:  # also refuses NaN
-        raise LiteError(f"--threshold-scale must be > 0, got {o.threshold_scale}")
+    if not (o.threshold_scale > 0 and math.isfinite(o.threshold_scale)):  # also refuses NaN
+        raise LiteError(f"--threshold-scale must be a finite number > 0, got {o.threshold_scale}")
     calibrated = bool(lm.lite_config.thresholds)
     spec = o.exit.strip() if o.exit is not None else \
         ("dynamic" if (calibrated or o.thresholds or o.gate) else "none")
@@ -192,8 +208,8 @@ def build_policy(lm: LiteModel, options: ExitOptions | None = None) -> ExitPolic
     if o.exit_layers:
         policy.exit_layers = _exit_layers(lm, o.exit_layers)
     if o.thresholds:
-        policy.thresholds = threshold_values(lm, o.thresholds)
         policy.confidence = o.confidence or "max_prob"
+        policy.thresholds = threshold_values(lm, o.thresholds, policy.confidence, policy.exit_layers)
     elif (o.confidence and policy.kind in THRESHOLD_KINDS and not o.gate and policy.gate is None
           and (o.confidence != lm.lite_config.confidence or not calibrated)):
         raise LiteError(
@@ -217,6 +233,6 @@ def parse_exit(lm: LiteModel, spec: str, threshold_scale: float = 1.0) -> ExitPo
     Raises:
         LiteError: see :func:`build_policy`.
     """
-    if not threshold_scale > 0:
-        raise LiteError(f"the threshold scale must be > 0, got {threshold_scale}")
+    if not (threshold_scale > 0 and math.isfinite(threshold_scale)):
+        raise LiteError(f"the threshold scale must be a finite number > 0, got {threshold_scale}")
     return build_policy(lm, ExitOptions(exit=spec, threshold_scale=threshold_scale))

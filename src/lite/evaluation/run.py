@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -105,8 +106,8 @@ class EvalConfig:
         bad_kv = [k for k in self.kv if k not in decoding.KV_STRATEGIES]
         if not self.kv or bad_kv:
             raise EvalError(f"--kv must be one or more of {decoding.KV_STRATEGIES}, got {self.kv}")
-        if not self.threshold_scales or any(s <= 0 for s in self.threshold_scales):
-            raise EvalError(f"--threshold-scales must be positive numbers, got {self.threshold_scales}")
+        if not self.threshold_scales or not all(s > 0 and math.isfinite(s) for s in self.threshold_scales):
+            raise EvalError(f"--threshold-scales must be finite numbers > 0, got {self.threshold_scales}")
         if self.exit.strip() in ("none", "auto", ""):
             raise EvalError(f"--exit {self.exit!r}: the full model is always run; give the early-exit policy "
                             f"to compare with it: dynamic (default), gate or static:K")
@@ -269,7 +270,7 @@ def _plan(lm, role: str, spec: str | None, cfg: EvalConfig) -> _Job:
     (typically: an uncalibrated baseline under dynamic exit) it is decoded full and static only."""
     L = lm.num_layers
     calibrated = bool(lm.lite_config.thresholds)
-    thresholds = threshold_values(lm, cfg.thresholds) if role == "main" else {}
+    thresholds = threshold_values(lm, cfg.thresholds, cfg.confidence or "max_prob") if role == "main" else {}
     skipped = None
     try:
         policies = _policies(lm, cfg, role)
@@ -412,7 +413,7 @@ def evaluate(model: str | None = None, testsets: list[str] | None = None, *,
         LiteError: unknown test set, a wrong-format file (naming the row), an unreachable judge, bad
             settings: all before any decoding.
     """
-    from ..model.loading import load_model, parse_device
+    from ..model.loading import load_model, parse_device, resolve_model
 
     cfg = EvalConfig(
         model=None if model is None else str(model),
@@ -434,6 +435,9 @@ def evaluate(model: str | None = None, testsets: list[str] | None = None, *,
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise EvalError(f"--testset names must be unique, {dupes} given twice; rename one as NAME=PATH")
+    for flag, spec in (("--model", cfg.model), ("--compare-model", cfg.compare_model)):
+        if spec is not None:
+            resolve_model(spec, flag=flag)  # a missing folder is named now, not after the first model's run
     judge = None
     if cfg.judge_url:
         from .judge import JudgeClient
@@ -457,7 +461,8 @@ def evaluate(model: str | None = None, testsets: list[str] | None = None, *,
     ran = 0
     try:
         for role, spec in roles:
-            lm = load_model(spec, dtype=cfg.dtype, device=device, progress=log)
+            lm = load_model(spec, dtype=cfg.dtype, device=device, progress=log,
+                            flag="--model" if role == "main" else "--compare-model")
             job = _plan(lm, role, spec, cfg)
             _check_model_unchanged(out, role, job.info)
             models_info[role] = job.info

@@ -21,6 +21,10 @@ from ..files import write_json_atomic
 CONFIG_NAME = "lite_config.json"
 LOSS_WEIGHTINGS = ("uniform", "increasing")
 PROMPT_FORMATS = ("alpaca", "chat")
+NEVER_EXIT = 1.0e6  # a threshold no confidence reaches (confidences lie in [-1, 1]): the token never leaves
+# The range of each confidence measure (lite.decoding.confidence): a threshold outside it is a mistake.
+CONFIDENCE_RANGES = {"max_prob": (0.0, 1.0), "margin": (0.0, 1.0), "entropy": (0.0, 1.0),
+                     "state_cosine": (-1.0, 1.0)}
 
 
 class LiteConfigError(LiteError):
@@ -56,23 +60,102 @@ def parse_exit_layers(text: str | list[int] | None, num_layers: int) -> list[int
     return layers
 
 
-def validate_exit_layers(layers: list[int], num_layers: int) -> None:
-    """Exit layers must be strictly increasing, within 1..L, and end at L (the final layer)."""
+def validate_exit_layers(layers: list[int], num_layers: int, name: str = "--exit-layers") -> None:
+    """Exit layers must be strictly increasing, within 1..L, and end at L (the final layer); ``name`` is
+    what the message calls them (the flag, or a field of a file)."""
     if not layers:
-        raise LiteConfigError("--exit-layers is empty: give at least the final layer")
+        raise LiteConfigError(f"{name} is empty: give at least the final layer")
     bad = [k for k in layers if not 1 <= k <= num_layers]
     if bad:
         raise LiteConfigError(
-            f"--exit-layers {bad} out of range: this model has layers 1..{num_layers} (layer k is the output "
+            f"{name} {bad} out of range: this model has layers 1..{num_layers} (layer k is the output "
             f"of decoder block k)"
         )
     if any(b <= a for a, b in zip(layers, layers[1:])):
-        raise LiteConfigError(f"--exit-layers must be strictly increasing, got {layers}")
+        raise LiteConfigError(f"{name} must be strictly increasing, got {layers}")
     if layers[-1] != num_layers:
         raise LiteConfigError(
-            f"--exit-layers must end with the final layer {num_layers} (its loss keeps the model itself "
+            f"{name} must end with the final layer {num_layers} (its loss keeps the model itself "
             f"trained), got {layers}"
         )
+
+
+def threshold_problem(value: Any, measure: str, allow_never: bool = True) -> str | None:
+    """Why ``value`` cannot be an exit threshold of ``measure``, or None when it can.
+
+    A threshold is a finite number in the measure's range (:data:`CONFIDENCE_RANGES`), or
+    :data:`NEVER_EXIT` (what calibration writes for a layer no threshold makes good enough) when
+    ``allow_never``.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{value!r} is not a number"
+    if not math.isfinite(value):
+        return f"{value} is not a finite number"
+    if allow_never and value == NEVER_EXIT:
+        return None
+    low, high = CONFIDENCE_RANGES.get(measure, (-1.0, 1.0))
+    if not low <= value <= high:
+        never = ", or 1e6 for never" if allow_never else ""
+        return f"{value:g} is outside [{low:g}, {high:g}], the range of {measure}{never}"
+    return None
+
+
+# lite_config.json: each field's JSON type (None: null allowed), checked when the file is read.
+_FIELD_TYPES: dict[str, tuple[type | None, ...]] = {
+    "num_layers": (int,), "exit_layers": (list,), "loss_weighting": (str,), "loss_weights": (list,),
+    "prompt_format": (str,), "base_model": (str, None), "adapter": (bool,), "training": (dict,),
+    "data": (dict,), "thresholds": (dict,), "confidence": (str,), "calibration": (dict,),
+    "gate_file": (str, None), "exit_modules": (str, None), "provenance": (dict,), "lite_version": (str,),
+}
+_JSON_NAMES = {int: "an integer", list: "a list", str: "a string", bool: "true or false", dict: "an object",
+               None: "null"}
+
+
+def check_config_fields(data: Any) -> None:
+    """Check what a ``lite_config.json`` holds, field by field, before it becomes a :class:`LiteConfig`.
+
+    Raises:
+        LiteConfigError: ``field 'NAME': what is wrong`` (the caller adds the file and the fix).
+    """
+    if not isinstance(data, dict):
+        raise LiteConfigError(f"expected a JSON object, got {type(data).__name__}")
+    for name, kinds in _FIELD_TYPES.items():
+        if name not in data:
+            continue
+        value = data[name]
+        ok = any(value is None if k is None else (isinstance(value, k) and not (k is int and isinstance(value, bool)))
+                 for k in kinds)
+        if not ok:
+            wanted = " or ".join(_JSON_NAMES[k] for k in kinds)
+            raise LiteConfigError(f"field {name!r} must be {wanted}, got {json.dumps(value)[:60]}")
+    for name in ("num_layers", "exit_layers"):
+        if name not in data:
+            raise LiteConfigError(f"field {name!r} is missing")
+    num_layers = data["num_layers"]
+    if num_layers < 1:
+        raise LiteConfigError(f"field 'num_layers' must be >= 1, got {num_layers}")
+    layers = data["exit_layers"]
+    if not all(isinstance(k, int) and not isinstance(k, bool) for k in layers):
+        raise LiteConfigError(f"field 'exit_layers' must be a list of integers, got {json.dumps(layers)[:60]}")
+    validate_exit_layers(layers, num_layers, name="field 'exit_layers'")
+    for name, choices in (("loss_weighting", LOSS_WEIGHTINGS), ("prompt_format", PROMPT_FORMATS),
+                          ("confidence", tuple(CONFIDENCE_RANGES))):
+        if name in data and data[name] not in choices:
+            raise LiteConfigError(f"field {name!r} must be one of {choices}, got {data[name]!r}")
+    weights = data.get("loss_weights", [])
+    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
+               for w in weights):
+        raise LiteConfigError(f"field 'loss_weights' must hold finite numbers >= 0, got {json.dumps(weights)[:60]}")
+    measure = data.get("confidence", "max_prob")
+    below = [k for k in layers if k < num_layers]
+    for key, value in data.get("thresholds", {}).items():
+        layer = int(key) if key.strip().isdigit() else None
+        if layer not in below:
+            raise LiteConfigError(f"field 'thresholds' has an entry for layer {key!r}, which is not an exit below "
+                                  f"the final layer (exits {below})")
+        problem = threshold_problem(value, measure)
+        if problem:
+            raise LiteConfigError(f"field 'thresholds', layer {layer}: {problem}")
 
 
 def loss_weights(exit_layers: list[int], weighting: str) -> list[float]:
@@ -157,6 +240,9 @@ class LiteConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LiteConfig:
+        """A config from its JSON form, every field checked (:func:`check_config_fields`); unknown keys are
+        ignored (files written by later versions)."""
+        check_config_fields(data)
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -168,12 +254,23 @@ class LiteConfig:
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str]) -> LiteConfig | None:
-        """Read ``lite_config.json`` from ``folder``; None when the folder has none."""
+        """Read ``lite_config.json`` from ``folder``; None when the folder has none.
+
+        Raises:
+            LiteConfigError: the file is unreadable, not JSON, or a field is wrong; the message names the
+                file and the field (never a flag: the file, not the command line, is what to fix).
+        """
         path = Path(folder) / CONFIG_NAME
         if not path.is_file():
             return None
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise LiteConfigError(f"{path} is not valid JSON ({exc}); delete it or restore it") from None
-        return cls.from_dict(data)
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise LiteConfigError(f"{path} cannot be read as JSON ({exc}); restore it from a copy, or delete it "
+                                  f"(the folder then loads as a plain model: no calibration)") from None
+        try:
+            return cls.from_dict(data)
+        except LiteConfigError as exc:
+            fix = ("run 'lite calibrate' again, or delete the field" if "'thresholds'" in str(exc)
+                   else "fix it by hand or restore the file")
+            raise LiteConfigError(f"{path}: {exc}; {fix}") from None

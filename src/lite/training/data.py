@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ..errors import LiteError
+from ..files import looks_like_hub_id
 from ..model.prompts import encode_prompt
 
 IGNORE_INDEX = -100
@@ -94,13 +95,18 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _looks_like_hub_id(text: str) -> bool:
-    return text.count("/") == 1 and not text.startswith((".", "/", "~")) and " " not in text
-
-
 def _read_file_rows(path: Path) -> list[Any]:
-    """Raw rows of a JSON list or JSON Lines file; malformed JSON names the file and line."""
-    text = path.read_text(encoding="utf-8")
+    """Raw rows of a JSON list or JSON Lines file; unreadable bytes or malformed JSON name the file (and line)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                        f"give an Alpaca-format JSON or JSONL file saved as UTF-8") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    if "\x00" in text:
+        raise DataError(f"{path} holds binary data (NUL bytes), not JSON text; give an Alpaca-format JSON or JSONL "
+                        f"file")
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -140,11 +146,12 @@ def read_source(source: str, index: int, filters: dict[str, str]) -> tuple[list[
         entry: dict[str, Any] = {"path": str(path.resolve()), "sha256": sha256_file(path)}
     elif path.exists():
         raise DataError(f"--data {source} is a folder; give a JSON or JSONL file")
-    elif _looks_like_hub_id(source):
+    elif looks_like_hub_id(source):  # owner/name only: a missing 'dir/file.jsonl' fails below, offline
         raw = _read_hub_rows(source)
         entry = {"hub_dataset": source, "sha256": None}
     else:
-        raise DataError(f"--data {source}: no such file; give an Alpaca-format JSON or JSONL file (or a hub id)")
+        raise DataError(f"--data {source}: no such file; give an Alpaca-format JSON or JSONL file (or a hub "
+                        f"dataset id, owner/name)")
     if not isinstance(raw, list):
         raise DataError(f"{source}: expected a JSON list of rows or JSON Lines, got a {type(raw).__name__}")
     kept = []

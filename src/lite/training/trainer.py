@@ -287,10 +287,11 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
         raise TrainError(f"--device {device}: lite train takes a device type (cpu, cuda, mps, xpu); pick one "
                          f"GPU with CUDA_VISIBLE_DEVICES, or several with torchrun")
     out = Path(out)
+    # an empty path, '.', a file, an unwritable place, a user's folder; then a finished lite output
+    check_output_folder(out, (RUN_FILE, CONFIG_NAME), "--out")
     work = out.with_name(out.name + ".partial")
     if out.exists():
         raise TrainError(f"--out {out} already exists; choose a new folder or delete it (lite never overwrites)")
-    check_output_folder(out, RUN_FILE, "--out")  # an empty path, '.', an unwritable place
     check_output_folder(work, (RUN_FILE, ANSWERS_FILE), f"the work folder of --out {out}:")  # never adopt
     if loss_weighting not in LOSS_WEIGHTINGS:
         raise TrainError(f"--loss-weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
@@ -364,7 +365,11 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
     resume = _last_checkpoint(work)
     previous = work / RUN_FILE
     if previous.is_file() and resume is not None:  # without a checkpoint there is nothing to resume
-        recorded = json.loads(previous.read_text())
+        try:
+            recorded = json.loads(previous.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise TrainError(f"{previous} cannot be read ({exc}); it records the unfinished run in {work}: "
+                             f"delete {work} to start afresh") from None
         if recorded != json.loads(json.dumps(run_record)):
             raise TrainError(f"{work} holds an unfinished run with other settings; re-run the same command to "
                              f"resume it, or delete {work} to start afresh")
