@@ -379,6 +379,11 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
 
         write_json_atomic(previous, run_record)
 
+    # Seed everything before the first random tensor of the run (the LoRA matrices, exit-module inits):
+    # Trainer seeds only once it starts, after get_peft_model has already drawn them.
+    from transformers import set_seed
+
+    set_seed(seed)
     train_model = lm.model
     train_model.train()
     modules, teacher = None, None
