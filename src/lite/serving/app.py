@@ -31,7 +31,7 @@ from ..decoding import KV_STRATEGIES, GenerationSettings, check_settings
 from ..decoding.spec import parse_exit, resolve_exit_spec
 from ..errors import LiteError
 from ..model.adapter import LiteModel
-from ..model.prompts import alpaca_prompt, default_format
+from ..model.prompts import default_format, encode_messages
 from .queue import DecodeWorker, Job, QueueFull
 from .schema import (
     APIError,
@@ -120,17 +120,10 @@ def resolve_chat_format(lm: LiteModel, fmt: str) -> str:
 
 
 def chat_prompt_ids(lm: LiteModel, messages: list[dict[str, str]], fmt: str) -> list[int]:
-    """Token ids for a conversation, ending where the assistant's reply starts.
-
-    ``chat`` applies the tokenizer's chat template with a generation prompt. ``alpaca`` makes the last
-    user message the instruction and puts any earlier turns (``role: content`` paragraphs) in the Input.
-    """
-    if fmt == "chat":
-        text = lm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return list(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
-    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=len(messages) - 1)
-    earlier = "\n\n".join(f"{m['role']}: {m['content']}" for m in messages[:last_user])
-    return list(lm.tokenizer(alpaca_prompt(messages[last_user]["content"], earlier))["input_ids"])
+    """Token ids for a conversation, ending where the assistant's reply starts (``chat``: the tokenizer's
+    chat template; ``alpaca``: the last user message as instruction, earlier turns as Input), the same
+    as ``lite.load(...).generate(messages)`` (:func:`lite.model.prompts.encode_messages`)."""
+    return encode_messages(lm.tokenizer, messages, fmt)
 
 
 def completion_prompt_ids(lm: LiteModel, prompt: str) -> list[int]:
