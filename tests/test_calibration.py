@@ -149,7 +149,7 @@ def calibrated(tiny_model_dir, tmp_path_factory):
     data = root / "data.json"
     data.write_text(json.dumps(ROWS))
     code = main(["calibrate", "--model", str(model), "--data", str(data), "--rule", "agreement",
-                 "--target", "0.5", "--gate", "--filter", "status=ok"])
+                 "--target", "0.5", "--gate", "--filter", "status=ok", "--min-tokens", "16"])  # tiny data
     assert code == 0
     return model, data
 
@@ -206,7 +206,7 @@ def test_collected_measures_match_the_engine(tiny_model_dir):
     i = data.layers.index(2)
     assert data.confidences["max_prob"][i, 0] == pytest.approx(res.tokens[0].confidence, rel=1e-4)
     assert data.agree.dtype == bool and ((data.confidences["entropy"] >= 0) & (data.confidences["entropy"] <= 1)).all()
-    result = select(data, rule="paper")
+    result = select(data, rule="paper", min_tokens=1)
     assert set(result.thresholds) == set(data.layers)
 
 
@@ -263,7 +263,7 @@ def test_recorded_heldout_split_is_the_default_and_training_rows_are_left_out(ti
     assert dropped == len(split.train)
     assert [(e.instruction, e.output) for e in kept] == [(e.instruction, e.output) for e in rows[:2] + split.heldout]
     # no --data: the recorded held-out split
-    assert main(["calibrate", "--model", str(model), "--rule", "ltt"]) == 0
+    assert main(["calibrate", "--model", str(model), "--rule", "ltt", "--min-tokens", "1"]) == 0
     cal = LiteConfig.load(model).calibration
     assert cal["data"]["heldout_split"] is True and cal["examples"] == len(split.heldout) == 3
 

@@ -40,6 +40,7 @@ from .thresholds import NEVER_EXIT, RULES, LayerStats, cascade_stats, ltt_grid, 
 
 SOURCES = ("reference", "generated")
 GATE_SELECTION_EVERY = 4  # every 4th example is kept out of gate training to choose its thresholds
+MIN_TOKENS = 200  # default --min-tokens: below it a threshold's agreement is known to about +-0.07 or worse
 
 
 @dataclass
@@ -270,6 +271,8 @@ class GateFit:
         accuracy: {layer: accuracy of "P >= 0.5" on the selection tokens}.
         base_accuracy: {layer: accuracy of always predicting the majority class there}.
         stats: what the gate's decisions do on the selection tokens (cascade, see :mod:`lite.calibration.thresholds`).
+        closed: layers whose classifier did not beat the constant answer (accuracy <= base accuracy on the
+            selection tokens): they are left out of the gate, so no token leaves there.
     """
 
     gate: Any
@@ -279,6 +282,7 @@ class GateFit:
     accuracy: dict[int, float]
     base_accuracy: dict[int, float]
     stats: LayerStats
+    closed: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -303,13 +307,19 @@ class CalibrationResult:
         def per_layer(values: list[float]) -> dict[str, float | None]:
             return {str(k): _json_float(v) for k, v in zip(self.layers, values)}
 
+        def intervals(stats: LayerStats) -> dict[str, list[float | None]]:
+            return {str(k): [_json_float(lo), _json_float(hi)]
+                    for k, (lo, hi) in zip(self.layers, stats.exit_agreement_interval)}
+
         s = self.stats
         out: dict[str, Any] = {
             "rule": self.rule, "parameters": dict(self.parameters), "confidence": self.confidence,
             "source": self.source, "data": dict(self.data), "examples": self.examples, "tokens": self.tokens,
             "layers": list(self.layers), "never_exit_threshold": NEVER_EXIT,
             "agreement": per_layer(s.agreement), "expected_exit_rate": per_layer(s.exit_rate),
-            "exit_agreement": per_layer(s.exit_agreement), "marginal_exit_rate": per_layer(s.marginal_exit_rate),
+            "exit_agreement": per_layer(s.exit_agreement), "exit_agreement_interval": intervals(s),
+            "exit_tokens": {str(k): c for k, c in zip(self.layers, s.exit_count)},
+            "marginal_exit_rate": per_layer(s.marginal_exit_rate),
             "marginal_agreement": per_layer(s.marginal_agreement), "final_rate": _json_float(s.final_rate),
             "exited_agreement": _json_float(s.exited_agreement), "collect_seconds": round(self.collect_seconds, 2),
         }
@@ -324,6 +334,7 @@ class CalibrationResult:
                 "base_accuracy": {str(k): _json_float(v) for k, v in g.base_accuracy.items()},
                 "expected_exit_rate": per_layer(g.stats.exit_rate),
                 "exit_agreement": per_layer(g.stats.exit_agreement),
+                "exit_agreement_interval": intervals(g.stats), "closed_layers": list(g.closed),
                 "flops_per_check": {str(k): g.gate.flops(k) for k in self.layers},
             }
         return out
@@ -335,7 +346,7 @@ def _json_float(v: float) -> float | None:
 
 def select(data: CalibrationData, *, rule: str = "paper", confidence: str = "max_prob", target: float = 0.9,
            epsilon: float = 0.1, delta: float = 0.1, gate: bool = False, gate_hidden: int = 0,
-           gate_steps: int = 300, seed: int = 0) -> CalibrationResult:
+           gate_steps: int = 300, seed: int = 0, min_tokens: int = MIN_TOKENS) -> CalibrationResult:
     """Choose thresholds (and optionally train a gate) from collected data; no model needed.
 
     Args:
@@ -344,9 +355,21 @@ def select(data: CalibrationData, *, rule: str = "paper", confidence: str = "max
         confidence: the measure whose thresholds are chosen.
         gate: also train a :class:`lite.decoding.gate.LearnedExitGate` (needs ``data.states`` and >= 4 examples);
             its decision thresholds come from the same rule applied to its probabilities on the held-out
-            quarter of the examples.
+            quarter of the examples. A layer whose classifier does not beat the constant answer there is
+            left out of the gate (closed).
+        min_tokens: ``--min-tokens``: the fewest calibration tokens every exit's threshold may be chosen on
+            (each exit sees every token), and the fewest the gate's thresholds may be chosen on (its
+            held-out quarter).
+    Raises:
+        LiteError: too few tokens (names ``--min-tokens`` and the flags that bring more data).
     """
     check_options(rule=rule, target=target, epsilon=epsilon, delta=delta, confidence=confidence)
+    if min_tokens < 1:
+        raise LiteError(f"--min-tokens must be >= 1, got {min_tokens}")
+    if data.tokens < min_tokens:
+        raise LiteError(f"only {data.tokens} calibration tokens per exit (from {data.examples} examples), fewer than "
+                        f"--min-tokens {min_tokens}: give more held-out rows (--data, --max-examples, or --source "
+                        f"generated with a larger --max-new-tokens), or lower --min-tokens knowingly")
     params = {"paper": {}, "agreement": {"target": target}, "ltt": {"epsilon": epsilon, "delta": delta}}[rule]
     conf = data.confidences[confidence]
     values = select_thresholds(rule, conf, data.agree, target=target, epsilon=epsilon, delta=delta,
@@ -357,12 +380,12 @@ def select(data: CalibrationData, *, rule: str = "paper", confidence: str = "max
         source=data.source, examples=data.examples, tokens=data.tokens, collect_seconds=data.seconds,
     )
     if gate:
-        result.gate = _fit_gate(data, rule, target, epsilon, delta, gate_hidden, gate_steps, seed)
+        result.gate = _fit_gate(data, rule, target, epsilon, delta, gate_hidden, gate_steps, seed, min_tokens)
     return result
 
 
 def _fit_gate(data: CalibrationData, rule: str, target: float, epsilon: float, delta: float, hidden: int,
-              steps: int, seed: int) -> GateFit:
+              steps: int, seed: int, min_tokens: int = 1) -> GateFit:
     from ..decoding.gate import train_gate
 
     if data.states is None:
@@ -371,6 +394,11 @@ def _fit_gate(data: CalibrationData, rule: str, target: float, epsilon: float, d
     if data.examples < GATE_SELECTION_EVERY or not held.any() or held.all():
         raise LiteError(f"--gate needs at least {GATE_SELECTION_EVERY} examples with tokens (one in "
                         f"{GATE_SELECTION_EVERY} chooses the gate's thresholds); got {data.examples}")
+    if int(held.sum()) < min_tokens:
+        raise LiteError(f"--gate: its thresholds would be chosen on {int(held.sum())} tokens (every "
+                        f"{GATE_SELECTION_EVERY}th of {data.examples} examples), fewer than --min-tokens {min_tokens}: "
+                        f"give about {GATE_SELECTION_EVERY}x more held-out rows (--data, --max-examples), or lower "
+                        f"--min-tokens knowingly")
     gate = train_gate(data.states[:, ~held], data.agree[:, ~held], data.layers, hidden=hidden, steps=steps,
                       seed=seed)
     agree = data.agree[:, held]
@@ -379,13 +407,18 @@ def _fit_gate(data: CalibrationData, rule: str, target: float, epsilon: float, d
                           for i, k in enumerate(data.layers)])
     cuts = select_thresholds(rule, probs, agree, target=target, epsilon=epsilon, delta=delta,
                              grid=ltt_grid("max_prob"))
-    gate.set_thresholds({k: min(float(v), 1.0) for k, v in zip(data.layers, cuts)})  # >= 1: never leaves
+    accuracy = {k: float(((probs[i] >= 0.5) == agree[i]).mean()) for i, k in enumerate(data.layers)}
+    base = {k: float(max(agree[i].mean(), 1 - agree[i].mean())) for i, k in enumerate(data.layers)}
+    # a classifier no better than always giving the majority answer carries no information: close that exit
+    closed = [k for k in data.layers if not accuracy[k] > base[k]]
+    cuts = [1.0 if k in closed else min(float(v), 1.0) for k, v in zip(data.layers, cuts)]  # >= 1: never leaves
+    gate.set_thresholds(dict(zip(data.layers, cuts)))
+    stats = cascade_stats(probs, agree, np.array([np.inf if k in closed else c for k, c in zip(data.layers, cuts)]))
+    gate.drop_layers(closed)
     return GateFit(
         gate=gate, train_examples=int(np.unique(data.example_index[~held]).size),
         selection_examples=int(np.unique(data.example_index[held]).size), selection_tokens=int(held.sum()),
-        accuracy={k: float(((probs[i] >= 0.5) == agree[i]).mean()) for i, k in enumerate(data.layers)},
-        base_accuracy={k: float(max(agree[i].mean(), 1 - agree[i].mean())) for i, k in enumerate(data.layers)},
-        stats=cascade_stats(probs, agree, np.array([gate.thresholds[k] for k in data.layers])),
+        accuracy=accuracy, base_accuracy=base, stats=stats, closed=closed,
     )
 
 

@@ -22,14 +22,14 @@ confidence (so it survives JSON and any sensible ``--threshold-scale``): the tok
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..errors import LiteError
+from ..model.config import NEVER_EXIT  # a threshold no confidence reaches: confidences lie in [-1, 1]
 
 RULES = ("paper", "agreement", "ltt")
-NEVER_EXIT = 1.0e6  # a threshold no confidence reaches: confidences lie in [-1, 1]
 LTT_GRID_POINTS = 1001
 
 
@@ -207,6 +207,9 @@ class LayerStats:
         exit_agreement: agreement among the tokens that leave at layer i in the cascade (NaN when none).
         final_rate: share of tokens that reach the final layer L.
         exited_agreement: agreement among all tokens that leave early (NaN when none).
+        exit_count: tokens that leave at layer i in the cascade (the n behind ``exit_agreement``).
+        exit_agreement_interval: Wilson 95% interval (low, high) of ``exit_agreement`` ((NaN, NaN) when no
+            token leaves there): how far the agreement may be from what these few tokens show.
     """
 
     agreement: list[float]
@@ -216,6 +219,27 @@ class LayerStats:
     exit_agreement: list[float]
     final_rate: float
     exited_agreement: float
+    exit_count: list[int] = field(default_factory=list)
+    exit_agreement_interval: list[tuple[float, float]] = field(default_factory=list)
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a binomial rate (95% for the default ``z``); (NaN, NaN) when ``n`` is 0.
+
+    Unlike the normal approximation it stays inside [0, 1] and is honest for small ``n`` and rates near
+    0 or 1, which is where exit agreement lives.
+    """
+    if n <= 0:
+        return float("nan"), float("nan")
+    if successes <= 0:  # the closed forms, without rounding: the interval holds the observed rate
+        return 0.0, z * z / (n + z * z)
+    if successes >= n:
+        return n / (n + z * z), 1.0
+    p = successes / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _rate(num: float, den: float) -> float:
@@ -229,12 +253,14 @@ def cascade_stats(conf: np.ndarray, agree: np.ndarray, thresholds: np.ndarray) -
     thresholds = np.asarray(thresholds, dtype=np.float64)
     exits = conf >= thresholds[:, None]  # (E, N) marginal
     remaining = np.ones(n, dtype=bool)
-    rate, agree_rate = [], []
+    rate, agree_rate, counts, intervals = [], [], [], []
     exited_total = exited_agree = 0
     for i in range(e):
         here = exits[i] & remaining
         rate.append(_rate(here.sum(), n))
         agree_rate.append(_rate((here & agree[i]).sum(), here.sum()))
+        counts.append(int(here.sum()))
+        intervals.append(wilson_interval(int((here & agree[i]).sum()), int(here.sum())))
         exited_total += int(here.sum())
         exited_agree += int((here & agree[i]).sum())
         remaining &= ~here
@@ -246,4 +272,6 @@ def cascade_stats(conf: np.ndarray, agree: np.ndarray, thresholds: np.ndarray) -
         exit_agreement=agree_rate,
         final_rate=_rate(remaining.sum(), n),
         exited_agreement=_rate(exited_agree, exited_total),
+        exit_count=counts,
+        exit_agreement_interval=intervals,
     )

@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also rank tokens by frequency in the responses of the training sources recorded in "
                         "lite_config.json (else of the calibration rows) into draft_vocab.json, for "
                         "'lite generate --speculative --draft-vocab N'")
+    p.add_argument("--min-tokens", type=positive_int, default=None, metavar="N",
+                   help="refuse to choose thresholds on fewer than N tokens per exit, or gate thresholds on fewer "
+                        "than N held-out tokens (default 200: an agreement rate known to about +-0.07)")
     p.add_argument("--seed", type=seed, default=0, help="seed of gate training")
     add_dtype_argument(p, "float32")
     add_device_argument(p)
@@ -60,14 +63,21 @@ def _threshold(v: float) -> str:
     return "never" if v >= NEVER_EXIT else f"{v:.4f}"
 
 
+def _interval(stats, i: int) -> str:
+    """The Wilson 95% interval of layer i's exited-token agreement, with its n: '[0.81, 0.95] n=120'."""
+    lo, hi = stats.exit_agreement_interval[i]
+    return "-" if math.isnan(lo) else f"[{lo:.2f}, {hi:.2f}] n={stats.exit_count[i]}"
+
+
 def _print_table(result) -> None:
     s = result.stats
     print(f"rule {result.rule} {result.parameters or ''} | confidence {result.confidence} | source "
           f"{result.source} | {result.examples} examples, {result.tokens} tokens")
-    print(f"{'layer':>5}  {'threshold':>9}  {'agree(all)':>10}  {'exit rate':>9}  {'agree(exited)':>13}")
+    print(f"{'layer':>5}  {'threshold':>9}  {'agree(all)':>10}  {'exit rate':>9}  {'agree(exited)':>13}  "
+          f"{'95% interval (Wilson)':<22}")
     for i, k in enumerate(result.layers):
         print(f"{k:>5}  {_threshold(result.thresholds[k]):>9}  {_fmt(s.agreement[i]):>10}  "
-              f"{_fmt(s.exit_rate[i]):>9}  {_fmt(s.exit_agreement[i]):>13}")
+              f"{_fmt(s.exit_rate[i]):>9}  {_fmt(s.exit_agreement[i]):>13}  {_interval(s, i):<22}")
     print(f"final layer reached by {_fmt(s.final_rate)} of tokens; exited tokens agree at "
           f"{_fmt(s.exited_agreement)} (cascade on the calibration tokens)")
     if result.gate is not None:
@@ -75,10 +85,16 @@ def _print_table(result) -> None:
         print(f"gate ({'logistic' if g.gate.hidden == 0 else f'mlp {g.gate.hidden}'}), trained on "
               f"{g.train_examples} examples, thresholds chosen on {g.selection_examples} ({g.selection_tokens} "
               f"tokens):")
-        print(f"{'layer':>5}  {'p cut':>7}  {'acc@0.5':>7}  {'base acc':>8}  {'exit rate':>9}  {'agree(exited)':>13}")
+        print(f"{'layer':>5}  {'p cut':>7}  {'acc@0.5':>7}  {'base acc':>8}  {'exit rate':>9}  {'agree(exited)':>13}  "
+              f"{'95% interval (Wilson)':<22}")
         for i, k in enumerate(result.layers):
-            print(f"{k:>5}  {_fmt(g.gate.thresholds[k]):>7}  {_fmt(g.accuracy[k]):>7}  {_fmt(g.base_accuracy[k]):>8}"
-                  f"  {_fmt(g.stats.exit_rate[i]):>9}  {_fmt(g.stats.exit_agreement[i]):>13}")
+            cut = "closed" if k in g.closed else _fmt(g.gate.thresholds[k])
+            print(f"{k:>5}  {cut:>7}  {_fmt(g.accuracy[k]):>7}  {_fmt(g.base_accuracy[k]):>8}"
+                  f"  {_fmt(g.stats.exit_rate[i]):>9}  {_fmt(g.stats.exit_agreement[i]):>13}  "
+                  f"{_interval(g.stats, i):<22}")
+        if g.closed:
+            print(f"closed: layers {g.closed} (their gate did not beat always giving the majority answer on the "
+                  f"held-out tokens; no token leaves there)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -141,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
                    max_new_tokens=args.max_new_tokens, progress=tick)
     progress(f"collected {data.tokens} tokens from {data.examples} examples in {time.perf_counter() - start:.1f} s")
     result = select(data, rule=args.rule, confidence=confidence, target=args.target, epsilon=args.epsilon,
-                    delta=args.delta, gate=args.gate, gate_hidden=args.gate_hidden, seed=args.seed)
+                    delta=args.delta, gate=args.gate, gate_hidden=args.gate_hidden, seed=args.seed,
+                    **({"min_tokens": args.min_tokens} if args.min_tokens else {}))
     result.data = data_info
     path = save_calibration(lm, result)
     _print_table(result)

@@ -42,14 +42,19 @@ class LearnedExitGate:
 
     Attributes:
         params: {layer: [(W, b), ...]} linear layers applied in order with ReLU between them; the last
-            one has one output, the logit of P(layer agrees with the final layer). W is (out, in).
+            one has one output, the logit of P(layer agrees with the final layer). W is (out, in). A layer
+            without an entry is closed: no token leaves there (calibration closes the layers whose
+            classifier does not beat the constant answer).
         thresholds: {layer: decision threshold on the probability}; a token leaves at ``layer`` when
             P >= threshold (>= 1 never leaves; <= 0 always leaves).
     """
 
     def __init__(self, params: dict[int, list[tuple[torch.Tensor, torch.Tensor]]],
-                 thresholds: dict[int, float] | None = None) -> None:
+                 thresholds: dict[int, float] | None = None, hidden: int | None = None) -> None:
         self.params = {int(k): [(w.float(), b.float()) for w, b in v] for k, v in params.items()}
+        first = next(iter(self.params.values()), None)
+        self._hidden = int(hidden) if hidden is not None else \
+            (0 if first is None or len(first) == 1 else int(first[0][0].shape[0]))
         self.thresholds: dict[int, float] = {}
         self._cut: dict[int, float] = {}
         self.set_thresholds(thresholds or {k: 0.5 for k in self.params})
@@ -61,8 +66,14 @@ class LearnedExitGate:
     @property
     def hidden(self) -> int:
         """Width of the hidden layer (0 for logistic regression)."""
-        first = next(iter(self.params.values()))
-        return 0 if len(first) == 1 else int(first[0][0].shape[0])
+        return self._hidden
+
+    def drop_layers(self, layers: list[int]) -> None:
+        """Close ``layers``: remove their classifiers and thresholds, so no token leaves there."""
+        for k in layers:
+            self.params.pop(int(k), None)
+            self.thresholds.pop(int(k), None)
+            self._cut.pop(int(k), None)
 
     def set_thresholds(self, thresholds: dict[int, float]) -> None:
         """Decision thresholds on the probability, compared as logits so a check needs no sigmoid."""
@@ -202,20 +213,27 @@ def read_gate(path: str | os.PathLike[str], thresholds: dict[int, float] | None 
     path = Path(path)
     if not path.is_file():
         raise LiteError(f"the exit gate file {path} is missing; rerun 'lite calibrate --gate'")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != GATE_FORMAT:
-            raise LiteError(f"{path} is not a lite exit gate (format {meta.get('format')!r}); rerun "
-                            f"'lite calibrate --gate'")
-        layers = [int(k) for k in meta["layers"].split(",") if k]
-        params = {}
-        for k in layers:
-            linears, j = [], 0
-            while f"layer{k}.{j}.weight" in f.keys():
-                linears.append((f.get_tensor(f"layer{k}.{j}.weight"), f.get_tensor(f"layer{k}.{j}.bias")))
-                j += 1
-            params[k] = linears
-    return LearnedExitGate(params, thresholds)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != GATE_FORMAT:
+                raise LiteError(f"{path} is not a lite exit gate (format {meta.get('format')!r}); rerun "
+                                f"'lite calibrate --gate'")
+            layers = [int(k) for k in meta["layers"].split(",") if k]
+            params = {}
+            for k in layers:
+                linears, j = [], 0
+                while f"layer{k}.{j}.weight" in f.keys():
+                    linears.append((f.get_tensor(f"layer{k}.{j}.weight"), f.get_tensor(f"layer{k}.{j}.bias")))
+                    j += 1
+                params[k] = linears
+            hidden = int(meta.get("hidden", 0))
+    except LiteError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- a truncated or foreign file: name it and the fix
+        raise LiteError(f"{path} is damaged or not a lite exit gate ({type(exc).__name__}: {str(exc)[:200]}); "
+                        f"rerun 'lite calibrate --gate'") from exc
+    return LearnedExitGate(params, thresholds, hidden=hidden)
 
 
 def load_gate(lm) -> LearnedExitGate | None:
@@ -224,11 +242,20 @@ def load_gate(lm) -> LearnedExitGate | None:
     cfg = lm.lite_config
     if not cfg.gate_file or lm.folder is None:
         return None
+    where = Path(lm.folder) / "lite_config.json"
     recorded = (cfg.calibration.get("gate") or {}).get("thresholds") or {}
-    thresholds = {int(k): float(v) for k, v in recorded.items()}
+    try:
+        thresholds = {int(k): float(v) for k, v in recorded.items()}
+    except (TypeError, ValueError, AttributeError):
+        raise LiteError(f"{where}: calibration.gate.thresholds must map layers to numbers; rerun "
+                        f"'lite calibrate --gate'") from None
+    bad = {k: v for k, v in thresholds.items() if not (math.isfinite(v) and 0.0 <= v <= 1.0)}
+    if bad:
+        raise LiteError(f"{where}: calibration.gate.thresholds {bad}: a gate threshold is a probability in [0, 1]; "
+                        f"rerun 'lite calibrate --gate'")
     gate = read_gate(Path(lm.folder) / cfg.gate_file, thresholds)
     missing = [k for k in gate.layers if k not in thresholds]
     if missing:
-        raise LiteError(f"lite_config.json has no gate decision thresholds for layers {missing}; rerun "
+        raise LiteError(f"{where} has no gate decision thresholds for layers {missing}; rerun "
                         f"'lite calibrate --gate'")
     return gate
