@@ -28,7 +28,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens-cap", type=positive_int, default=1024, help="largest max_tokens a request may ask for")
     p.add_argument("--default-max-tokens", type=positive_int, default=256, help="max_tokens when a request gives none")
     p.add_argument("--max-queue", type=nonnegative_int, default=16,
-                   help="requests that may wait behind the running one; more are answered 503 (default 16)")
+                   help="requests that may wait while the batch is full; more are answered 503 (default 16)")
+    p.add_argument("--max-batch", type=positive_int, default=8,
+                   help="sequences decoded together: requests join the running batch at the next token and "
+                        "leave it when done (continuous batching; 1 = one at a time; default 8)")
     p.add_argument("--chat-format", default="auto", choices=["auto", "chat", "alpaca"],
                    help="prompt format of chat requests (auto: the Alpaca template for a lite checkpoint trained "
                         "on it, else the tokenizer's chat template, else Alpaca)")
@@ -85,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_env(
         model_name=args.served_model_name or args.model or DEFAULT_MODEL, exit=args.exit, kv=args.kv,
         threshold_scale=args.threshold_scale, max_tokens_cap=args.max_tokens_cap,
-        default_max_tokens=args.default_max_tokens, max_queue=args.max_queue, chat_format=args.chat_format,
+        default_max_tokens=args.default_max_tokens, max_queue=args.max_queue, max_batch=args.max_batch,
+        chat_format=args.chat_format,
         **({"api_key": args.api_key} if args.api_key else {}),
     )
     config.check(lm)
