@@ -74,10 +74,10 @@ def _print_table(result) -> None:
     print(f"rule {result.rule} {result.parameters or ''} | confidence {result.confidence} | source "
           f"{result.source} | {result.examples} examples, {result.tokens} tokens")
     print(f"{'layer':>5}  {'threshold':>9}  {'agree(all)':>10}  {'exit rate':>9}  {'agree(exited)':>13}  "
-          f"{'95% interval (Wilson)':<22}")
+          f"95% interval (Wilson)")
     for i, k in enumerate(result.layers):
         print(f"{k:>5}  {_threshold(result.thresholds[k]):>9}  {_fmt(s.agreement[i]):>10}  "
-              f"{_fmt(s.exit_rate[i]):>9}  {_fmt(s.exit_agreement[i]):>13}  {_interval(s, i):<22}")
+              f"{_fmt(s.exit_rate[i]):>9}  {_fmt(s.exit_agreement[i]):>13}  {_interval(s, i)}")
     print(f"final layer reached by {_fmt(s.final_rate)} of tokens; exited tokens agree at "
           f"{_fmt(s.exited_agreement)} (cascade on the calibration tokens)")
     if result.gate is not None:
@@ -86,12 +86,12 @@ def _print_table(result) -> None:
               f"{g.train_examples} examples, thresholds chosen on {g.selection_examples} ({g.selection_tokens} "
               f"tokens):")
         print(f"{'layer':>5}  {'p cut':>7}  {'acc@0.5':>7}  {'base acc':>8}  {'exit rate':>9}  {'agree(exited)':>13}  "
-              f"{'95% interval (Wilson)':<22}")
+              f"95% interval (Wilson)")
         for i, k in enumerate(result.layers):
             cut = "closed" if k in g.closed else _fmt(g.gate.thresholds[k])
             print(f"{k:>5}  {cut:>7}  {_fmt(g.accuracy[k]):>7}  {_fmt(g.base_accuracy[k]):>8}"
                   f"  {_fmt(g.stats.exit_rate[i]):>9}  {_fmt(g.stats.exit_agreement[i]):>13}  "
-                  f"{_interval(g.stats, i):<22}")
+                  f"{_interval(g.stats, i)}")
         if g.closed:
             print(f"closed: layers {g.closed} (their gate did not beat always giving the majority answer on the "
                   f"held-out tokens; no token leaves there)")
