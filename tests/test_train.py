@@ -46,6 +46,7 @@ def test_training_lowers_the_loss_and_logs_every_exit(full_run):
     assert sorted(full_run.final_losses) == [1, 2, 3, 4]
     assert all(f"loss_l{k}" in full_run.log_history[0] for k in (1, 2, 3, 4))
     assert full_run.steps == 8 and full_run.resumed_from is None
+    assert 0 < full_run.lite_config.training["train_seconds"] < 600  # the run's training minutes are recorded
 
 
 def test_full_folder_loads_in_transformers_and_lite(full_run, tiny_model_dir):
@@ -113,10 +114,13 @@ def test_a_failed_run_leaves_no_output_and_the_rerun_resumes(tiny_model_dir, dat
         with pytest.raises(RuntimeError, match="killed"):
             train(str(tiny_model_dir), str(data_file), out, **kw)
     assert not out.exists() and (work / "checkpoint-3").is_dir() and (work / "checkpoint-2").is_dir()
+    spent = json.loads((work / "checkpoint-3" / "lite_train_seconds.json").read_text())["seconds"]
+    assert spent > 0
     with pytest.raises(lite.training.TrainError, match="other settings"):
         train(str(tiny_model_dir), str(data_file), out, **dict(kw, lr=1e-3))
     result = train(str(tiny_model_dir), str(data_file), out, **kw)
     assert result.resumed_from.endswith("checkpoint-3") and result.steps == 3
+    assert result.lite_config.training["train_seconds"] >= spent  # the clock counts over resumes
     assert (out / "lite_config.json").is_file() and not work.exists()
 
 

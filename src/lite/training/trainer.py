@@ -156,6 +156,44 @@ def _log_last_step_callback():
     return LogLastStep()
 
 
+TIME_FILE = "lite_train_seconds.json"  # in each checkpoint: training seconds spent up to it
+
+
+def _train_clock_callback(resume: str | None):
+    """A callback that counts the wall seconds spent in training steps, over every resume: each checkpoint
+    records the seconds up to it (``TIME_FILE``), a resumed run starts from that figure. ``seconds()``
+    gives the total (the ``train_seconds`` of ``lite_config.json``, the training minutes of a recipe)."""
+    import time
+
+    from transformers import TrainerCallback
+
+    before = 0.0
+    if resume and (Path(resume) / TIME_FILE).is_file():
+        try:
+            before = float(json.loads((Path(resume) / TIME_FILE).read_text())["seconds"])
+        except (OSError, ValueError, KeyError, TypeError):
+            before = 0.0  # an unreadable clock only makes the figure smaller, never stops the run
+
+    class TrainClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.start: float | None = None
+
+        def seconds(self) -> float:
+            return before + (time.perf_counter() - self.start if self.start is not None else 0.0)
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_save(self, args, state, control, **kwargs):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir() and _rank() == 0:
+                (folder / TIME_FILE).write_text(json.dumps({"seconds": round(self.seconds(), 1),
+                                                            "global_step": state.global_step}))
+            return control
+
+    return TrainClock()
+
+
 def _last_checkpoint(work: Path) -> str | None:
     if not work.is_dir():
         return None
@@ -311,6 +349,9 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
         raise TrainError(f"--targets must be one of {TARGETS}, got {targets!r}")
     if not 0.0 <= ce_weight <= 1.0:
         raise TrainError(f"--ce-weight must be in [0, 1], got {ce_weight}")
+    for flag, value in (("--lr", lr), ("--epochs", epochs)):  # the CLI checks these too (lite.cli.numbers)
+        if value is not None and not (value > 0 and math.isfinite(value)):  # NaN fails both
+            raise TrainError(f"{flag} must be a finite number > 0, got {value}")
     if exit_modules is not None:
         from ..model.exit_modules import EXIT_MODULE_KINDS
 
@@ -428,10 +469,11 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
         dataloader_num_workers=0, ddp_backend="gloo" if use_cpu and distributed else None,
         ddp_find_unused_parameters=False, save_only_model=False,
     )
+    clock = _train_clock_callback(resume)
     trainer = _make_trainer_class()(
         model=train_model, args=args, train_dataset=dataset, data_collator=PadCollator(tokenizer.pad_token_id),
         processing_class=tokenizer, lite_model=trainee, exit_weights=weights, loss_mode=loss_mode,
-        chunk_size=chunk_size, callbacks=[_log_last_step_callback()], targets=targets, ce_weight=ce_weight,
+        chunk_size=chunk_size, callbacks=[_log_last_step_callback(), clock], targets=targets, ce_weight=ce_weight,
         teacher=teacher,
     )
     if resume:
@@ -454,6 +496,7 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
     last = next((h for h in reversed(history) if f"{prefix}{train_layers[-1]}" in h), {})
     final_losses = {int(k[len(prefix):]): float(v) for k, v in last.items() if k.startswith(prefix)}
     lite_config.training["steps"] = trainer.state.global_step
+    lite_config.training["train_seconds"] = round(clock.seconds(), 1)  # wall time in training, all resumes
     if _rank() == 0:
         _save_final(trainer, train_model, tokenizer, lite_config, work, out, lora, run_record["model"],
                     modules, generation_config=getattr(lm.model, "generation_config", None))
