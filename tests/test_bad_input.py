@@ -326,6 +326,30 @@ def test_help_and_version_return_0(capsys):
     assert main(["train", "--help"]) == 0 and "--seed" in capsys.readouterr().out
 
 
+def test_the_python_api_checks_numbers_too(kit, tiny_model_dir):
+    """The library refuses what the CLI's argparse types refuse, for callers that skip the CLI."""
+    from lite import load_model
+    from lite.decoding import ExitPolicy, GenerationSettings, generate
+    from lite.decoding.spec import ExitOptions, build_policy
+    from lite.errors import LiteError
+    from lite.training import train
+
+    for kwargs, flag in (({"lr": float("nan")}, "--lr"), ({"epochs": float("inf")}, "--epochs"),
+                         ({"lr": -1.0}, "--lr")):
+        with pytest.raises(LiteError, match=flag):
+            train(kit.model, [kit.data], kit.out, max_steps=1, **kwargs)
+    assert not Path(kit.out).exists()
+    lm = load_model(tiny_model_dir, device="cpu")
+    with pytest.raises(LiteError, match="--temperature"):
+        generate(lm, [5, 6], ExitPolicy(), GenerationSettings(max_new_tokens=1, temperature=float("nan")))
+    for options, flag in ((ExitOptions(exit="dynamic", thresholds="0.5", threshold_scale=float("inf")),
+                           "--threshold-scale"),
+                          (ExitOptions(exit="dynamic", thresholds={1: float("nan"), 2: 0.5, 3: 0.5}), "--thresholds"),
+                          (ExitOptions(exit="dynamic", thresholds="1:0.5,2:0.5,3:0.5,4:0.5"), "--thresholds")):
+        with pytest.raises(LiteError, match=flag):
+            build_policy(lm, options)
+
+
 # --------------------------------------------------------------------------------------------- hub ids
 @pytest.mark.parametrize("name, hub", [
     ("tatsu-lab/alpaca", True), ("teknium/OpenHermes-2.5", True), ("data/train.jsonl", False),
