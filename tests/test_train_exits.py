@@ -130,3 +130,25 @@ def test_cached_answers_are_cut_or_regenerated_for_another_budget(tiny_model_dir
     assert len(cache.read_text().splitlines()) == 3  # nothing generated for the cut
     longer, _ = generate_own_answers(lm, rows, prompt_format="alpaca", cache=cache, max_new_tokens=9)
     assert [list(r.response_ids) for r in longer] == [alone(r, 9) for r in rows]
+
+
+def test_a_shared_answers_cache_outlives_the_run_and_serves_the_next(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    """--own-answers-cache FILE: the answers stay after the run (the work folder's copy does not) and a
+    second run on the same rows reads them instead of generating again."""
+    import lite.training.own_answers as own
+
+    cache = tmp_path / "answers.jsonl"
+    kw = dict(max_steps=1, lr=1e-2, exit_modules="affine", targets="distill", own_answers=True,
+              own_answer_tokens=6, exit_layers="2,4", own_answers_cache=str(cache), **FAST)
+    train(str(tiny_model_dir), str(data_file), tmp_path / "a", **kw)
+    lines = cache.read_text().splitlines()
+    assert len(lines) == len({json.loads(line)["row_id"] for line in lines}) > 0
+    calls = []
+    real = own.hf_generate_batch
+    monkeypatch.setattr(own, "hf_generate_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    result = train(str(tiny_model_dir), str(data_file), tmp_path / "b", **kw)
+    assert calls == [] and cache.read_text().splitlines() == lines  # read back, nothing generated
+    assert result.lite_config.training["responses"] == "own answers"
+    code = main(["train", "--model", str(tiny_model_dir), "--data", str(data_file), "--out", str(tmp_path / "c"),
+                 "--own-answers", "--own-answers-cache", str(tmp_path)])
+    assert code == 2 and not (tmp_path / "c.partial").exists()

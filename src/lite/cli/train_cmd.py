@@ -63,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="train on the starting model's own greedy answers instead of the dataset's responses "
                         "(generated once, batched, cached in <out>.partial)")
     p.add_argument("--own-answer-tokens", type=positive_int, default=128, help="cap per own answer (default 128)")
+    p.add_argument("--own-answers-cache", default=None, metavar="FILE",
+                   help="keep the own answers in FILE (JSONL) instead of <out>.partial, to share them between runs "
+                        "on the same rows and model")
     p.add_argument("--no-progress-bar", action="store_true", help="no tqdm bar (logs still print)")
 
 
@@ -81,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         logging_steps=args.logging_steps, dtype=args.dtype, device=args.device, loss_mode=args.loss_mode, progress=progress,
         show_progress_bar=not args.no_progress_bar, targets=args.targets, ce_weight=args.ce_weight,
         exit_modules=args.exit_modules, own_answers=args.own_answers, own_answer_tokens=args.own_answer_tokens,
+        own_answers_cache=args.own_answers_cache,
     )
     import os
 

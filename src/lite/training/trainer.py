@@ -280,7 +280,8 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
           dtype: str | None = "float32", loss_mode: str = "fused", chunk_size: int = DEFAULT_CHUNK_SIZE,
           warmup_ratio: float = 0.03, device: str | None = None, targets: str = "data",
           ce_weight: float = 0.5, exit_modules: str | None = None, own_answers: bool = False,
-          own_answer_tokens: int = 128, progress: Callable[[str], None] | None = None,
+          own_answer_tokens: int = 128, own_answers_cache: str | os.PathLike[str] | None = None,
+          progress: Callable[[str], None] | None = None,
           show_progress_bar: bool = True) -> TrainResult:
     """LITE instruction tuning (or the final-layer baseline), full or LoRA; see the module docstring.
 
@@ -313,7 +314,8 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
             (:mod:`lite.model.exit_modules`); the output folder then holds only the modules (a few MB).
         own_answers: train on the starting model's own greedy answers (at most ``own_answer_tokens``
             tokens) instead of the dataset's responses (:mod:`lite.training.own_answers`), cached in the
-            work folder.
+            work folder, or in ``own_answers_cache`` (a JSONL file kept across runs: its entries are keyed
+            by row, prompt, model and budget, so runs on the same rows share it and others regenerate).
         progress: called with status lines. show_progress_bar: Trainer's tqdm bar.
     """
     from ..model.adapter import LiteModel
@@ -360,7 +362,11 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
         if lora or baseline:
             raise TrainError("--exit-modules trains small modules on a frozen backbone: leave out "
                              f"{'--lora' if lora else '--baseline'}")
-    if own_answers and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (work / ANSWERS_FILE).is_file():
+    answers_path = Path(own_answers_cache) if own_answers_cache else work / ANSWERS_FILE
+    if own_answers_cache and (answers_path.is_dir() or not answers_path.parent.is_dir()):
+        raise TrainError(f"--own-answers-cache {answers_path}: give a file path in an existing folder (it is "
+                         f"created when missing)")
+    if own_answers and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not answers_path.is_file():
         raise TrainError("--own-answers with several processes: generate the answers once with one process "
                          "(the same command without torchrun; interrupt it once training starts), then resume "
                          "under torchrun")
@@ -379,7 +385,7 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
     train_rows, answers = split.train, None
     if own_answers:  # generated once by the starting model, cached in the work folder (resumable)
         train_rows, answers = generate_own_answers(lm, split.train, prompt_format=prompt_format,
-                                                   cache=work / ANSWERS_FILE, max_new_tokens=own_answer_tokens,
+                                                   cache=answers_path, max_new_tokens=own_answer_tokens,
                                                    model_id=_portable_model_spec(model), bf16=bf16,
                                                    progress=say)
     dataset = TokenizedDataset(train_rows, tokenizer, prompt_format, max_length)
