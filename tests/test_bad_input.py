@@ -211,6 +211,9 @@ CASES = [
      ["config.json", "custom code", "never runs code"]),
     ("model folder with an unsafe pickle", _gen_on(lambda k: _unsafe_pickle(k.model_copy())),
      ["pickle", "weights_only"]),
+    ("model folder without weights", _gen_on(lambda k: (_unlink(k.model_copy() / "model.safetensors"),
+                                                         k.root / "model")[1]),
+     ["--model", "could not load", "copy or save the model again"]),
     ("train --out .", lambda k: _train()(k)[:5] + ["--out", "."] + _train()(k)[7:], ["--out", "current folder"]),
     # --- misleading names: the flag or file that holds the mistake
     ("adapter whose base is gone", _gen_on(lambda k: k.adapter(base="/nonexistent/base-model")),
@@ -230,6 +233,10 @@ CASES = [
     ("serve --host with a space", _serve("--host", "bad host"), ["--host"]),
     ("serve --host that does not resolve", _serve("--host", "no-such-host.invalid"), ["--host", "resolve"]),
 ]
+
+
+def _unlink(path: Path) -> None:
+    path.unlink()
 
 
 def _without_tokenizer(folder: Path) -> Path:

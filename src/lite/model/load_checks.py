@@ -91,6 +91,10 @@ def load_error(exc: Exception, flag: str, spec, folders: list[str]) -> LiteError
         return ModelLoadError(f"{flag} {spec}: the model needs custom code; lite never runs code from a model "
                               f"(trust_remote_code=False): use a model of an architecture transformers ships")
     if isinstance(exc, OSError):
+        local = [f for f in folders if Path(f).is_dir()]
+        if len(local) == len(folders):  # nothing to fetch: a file of the folder is missing or unreadable
+            return ModelLoadError(f"{flag} {spec}: could not load {' / '.join(local)} ({first}); copy or save "
+                                  f"the model again")
         return ModelNotFoundError(f"{flag} {spec}: could not load it ({first}). Without network only local "
                                   f"folders and the embedded default work.")
     return ModelLoadError(f"{flag} {spec}: could not load {' / '.join(folders)} ({type(exc).__name__}: {first})")
