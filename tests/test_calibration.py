@@ -8,6 +8,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
+import lite
 from lite import LiteConfig, load_model
 from lite.calibration import check_options, collect, select
 from lite.calibration.thresholds import (
@@ -189,6 +190,33 @@ def test_generate_dynamic_uses_calibrated_thresholds(calibrated, capsys):
     for tok in res.tokens:  # a token left at an early layer only with confidence >= that layer's threshold
         if tok.exit_layer < lm.num_layers:
             assert tok.confidence >= thresholds[tok.exit_layer] - 1e-6
+
+
+def test_every_verb_defaults_to_the_policy_calibration_recorded(calibrated, tmp_path, capsys):
+    """--exit auto (the default of generate, eval, serve, demo and the Python API) is the model's own best
+    policy: calibration records the gate when it trained one; a folder that records dynamic gets dynamic."""
+    from lite.decoding.spec import resolve_exit_spec
+    from lite.demo import demo_policy
+    from lite.evaluation.run import EvalConfig, _policies
+
+    model, _ = calibrated
+    assert LiteConfig.load(model).default_exit == "gate"
+    other = tmp_path / "dynamic-default"
+    shutil.copytree(model, other)
+    cfg = LiteConfig.load(other)
+    cfg.default_exit = "dynamic"
+    cfg.save(other)
+    for folder, gate in ((model, True), (other, False)):
+        assert main(["generate", "--model", str(folder), "--max-new-tokens", "3", "--json", "Say hi"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["exit"] == "dynamic" and out["gate"] is gate
+        lm = load_model(folder, device="cpu")
+        want = "gate" if gate else "dynamic"
+        assert resolve_exit_spec(lm, "auto") == want  # what lite serve's --exit auto decodes with
+        assert demo_policy(lm, None)[1] == want
+        keys = list(_policies(lm, EvalConfig(), "main"))
+        assert keys == (["gate/copy"] if gate else ["dynamic@1/copy"])
+        assert (lite.load(lm).generate("Say hi", max_new_tokens=3).tokens[0].exit_layer is not None)
 
 
 def test_collected_measures_match_the_engine(tiny_model_dir):

@@ -92,17 +92,17 @@ FALLBACK_THRESHOLD = 0.9
 
 
 def demo_policy(lm, exit_spec: str | None):
-    """The policy the demo decodes with, and its name: the request, else the gate, else calibrated
-    thresholds, else the labelled hand-set fallback."""
+    """The policy the demo decodes with, and its name: the request, else the model's own best policy (what
+    ``--exit auto`` means on every verb: the one calibration recorded, else its gate, else its thresholds),
+    else the labelled hand-set fallback."""
     from .decoding import ExitPolicy
-    from .decoding.spec import is_calibrated, parse_exit
+    from .decoding.spec import default_exit, parse_exit
 
-    if exit_spec:
+    if exit_spec and exit_spec.strip() != "auto":
         return parse_exit(lm, exit_spec), exit_spec
-    if lm.lite_config.gate_file:
-        return parse_exit(lm, "gate"), "gate"
-    if is_calibrated(lm):
-        return parse_exit(lm, "dynamic"), "dynamic"
+    own = default_exit(lm)
+    if own != "none":
+        return parse_exit(lm, own), own
     late = [k for k in lm.exit_layers if 2 * lm.num_layers / 3 <= k < lm.num_layers]
     policy = ExitPolicy(kind="dynamic", thresholds={k: FALLBACK_THRESHOLD for k in late}, exit_layers=late + [lm.num_layers])
     return policy, f"dynamic, hand-set max-prob >= {FALLBACK_THRESHOLD} at layers {late} (not calibrated)"

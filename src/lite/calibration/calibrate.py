@@ -448,6 +448,9 @@ def save_calibration(lm: LiteModel, result: CalibrationResult) -> str:
     cfg = dataclasses.replace(
         old, prompt_format=default_format(lm), thresholds={str(k): float(v) for k, v in result.thresholds.items()},
         confidence=result.confidence, calibration=record, gate_file=gate_file,
+        # what --exit auto (every verb's default) decodes with: the learned gate, which runs the head only
+        # where it says leave (faster on the wall clock than head-based thresholds), else the thresholds
+        default_exit="gate" if gate_file else "dynamic",
     )
     path = cfg.save(lm.folder)
     lm.lite_config = cfg

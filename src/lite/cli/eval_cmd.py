@@ -18,8 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="vicuna, koala, wizardlm, self_instruct (found locally or downloaded), or NAME=PATH for a file "
              "(JSONL/JSON: Alpaca rows or {prompt} rows); repeat for several (default: all four)")
     add("--limit", type=positive_int, default=None, help="first N prompts of each test set")
-    add("--exit", default="dynamic",
-        help="early-exit policy compared with the full model: dynamic (default), gate or static:K")
+    add("--exit", default="auto",
+        help="early-exit policy compared with the full model: auto (default: the model's own best policy, "
+             "recorded by lite calibrate: its gate, else its thresholds), dynamic, gate or static:K")
     add("--kv", default="copy", help="skipped-layer strategy: copy, recompute, or both as copy,recompute")
     add("--threshold-scale", "--threshold-scales", dest="threshold_scales", type=positive_floats, default=[1.0],
         metavar="S[,S...]",

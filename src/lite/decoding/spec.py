@@ -3,7 +3,8 @@
 An exit spec is a kind with an optional argument: ``none``, ``static:K``, ``dynamic`` (thresholds: the
 calibrated ones of ``lite_config.json`` or ``--thresholds``, times the threshold scale), ``gate`` (the
 learned exit gate saved by ``lite calibrate --gate``), ``speculative[:N]`` (lossless self-speculative
-decoding drafted by the dynamic exits) and ``auto`` (dynamic when the model is calibrated, else none).
+decoding drafted by the dynamic exits) and ``auto`` (the model's own best policy: the one calibration recorded,
+else the gate, else dynamic when calibrated, else none).
 Kinds live in a registry, so a new policy plugs in with :func:`register_policy` without touching the
 server, the evaluator or the CLI.
 
@@ -96,11 +97,26 @@ def is_calibrated(lm: LiteModel) -> bool:
     return all(cfg.threshold_for(k) is not None for k in cfg.exit_layers if k < lm.num_layers)
 
 
+def default_exit(lm: LiteModel) -> str:
+    """The model's own best exit policy, what ``auto`` means: the one calibration recorded
+    (``lite_config.json``'s ``default_exit``), else the learned gate when the folder has one, else
+    ``dynamic`` when it has calibrated thresholds, else ``none`` (an uncalibrated model decodes in full)."""
+    cfg = lm.lite_config
+    has_gate = bool(cfg.gate_file)
+    recorded = (cfg.default_exit or "").strip()
+    if recorded and recorded != "auto" and (recorded != "gate" or has_gate) and \
+            (recorded != "dynamic" or is_calibrated(lm)):
+        return recorded
+    if has_gate:
+        return "gate"
+    return "dynamic" if is_calibrated(lm) else "none"
+
+
 def resolve_exit_spec(lm: LiteModel, spec: str) -> str:
-    """``auto`` becomes ``dynamic`` on a calibrated model and ``none`` otherwise; others pass through."""
+    """``auto`` becomes the model's own best policy (:func:`default_exit`); others pass through."""
     spec = spec.strip()
     if spec == "auto":
-        return "dynamic" if is_calibrated(lm) else "none"
+        return default_exit(lm)
     return spec
 
 
@@ -141,7 +157,7 @@ class ExitOptions:
 
     Attributes:
         exit: an exit spec (see the module docstring); None = ``dynamic`` when thresholds or a gate are
-            asked for or the model is calibrated, else ``none``.
+            asked for, else ``auto`` (the model's own best policy, :func:`default_exit`).
         threshold_scale: multiplies every threshold (``--threshold-scale``, > 0; > 1 exits less).
         thresholds: ``--thresholds`` ("0.9" for every exit, or "8:0.9,11:0.85"), or {layer: value};
             None = the calibrated ones.
@@ -186,8 +202,7 @@ def build_policy(lm: LiteModel, options: ExitOptions | None = None) -> ExitPolic
     if not (o.threshold_scale > 0 and math.isfinite(o.threshold_scale)):  # also refuses NaN
         raise LiteError(f"--threshold-scale must be a finite number > 0, got {o.threshold_scale}")
     calibrated = bool(lm.lite_config.thresholds)
-    spec = o.exit.strip() if o.exit is not None else \
-        ("dynamic" if (calibrated or o.thresholds or o.gate) else "none")
+    spec = o.exit.strip() if o.exit is not None else ("dynamic" if (o.thresholds or o.gate) else "auto")
     spec = resolve_exit_spec(lm, spec)
     kind, _, arg = spec.partition(":")
     parser = _POLICY_PARSERS.get(kind)

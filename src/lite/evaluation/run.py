@@ -37,7 +37,7 @@ from typing import Any
 
 from .. import decoding
 from ..decoding.reference import hf_generate, hf_generate_batch
-from ..decoding.spec import THRESHOLD_KINDS, ExitOptions, build_policy, threshold_values
+from ..decoding.spec import THRESHOLD_KINDS, ExitOptions, build_policy, resolve_exit_spec, threshold_values
 from ..errors import LiteError
 from ..files import check_output_folder, write_json_atomic
 from .testsets import TestPrompt, TestSet, load_testset
@@ -60,9 +60,10 @@ class EvalConfig:
         model: the evaluated model (folder, adapter folder, hub id, alias; None = embedded default).
         testsets: ``--testset`` values, ``NAME`` or ``NAME=PATH``.
         limit: first N prompts of each set (None = all).
-        exit: the early-exit policy compared with the full model: "dynamic" (default; thresholds from
-            ``lite_config.json`` or ``thresholds``), "gate" (the learned exit gate), "static:K", or any kind
-            registered with :mod:`lite.decoding.spec` that the engine runs.
+        exit: the early-exit policy compared with the full model: "auto" (default: the model's own best
+            policy recorded by calibration, see :func:`lite.decoding.spec.default_exit`), "dynamic"
+            (thresholds from ``lite_config.json`` or ``thresholds``), "gate" (the learned exit gate),
+            "static:K", or any kind registered with :mod:`lite.decoding.spec` that the engine runs.
         kv: skipped-layer strategies, each run separately ("copy", "recompute").
         threshold_scales: each dynamic run is made at every scale; the first is the headline one.
         thresholds: ``--thresholds`` override ("0.9" for every exit, or "8:0.9,11:0.85"); None = calibrated.
@@ -81,7 +82,7 @@ class EvalConfig:
     model: str | None = None
     testsets: list[str] = field(default_factory=lambda: ["vicuna", "koala", "wizardlm", "self_instruct"])
     limit: int | None = None
-    exit: str = "dynamic"
+    exit: str = "auto"
     kv: list[str] = field(default_factory=lambda: ["copy"])
     threshold_scales: list[float] = field(default_factory=lambda: [1.0])
     thresholds: str | None = None
@@ -108,9 +109,9 @@ class EvalConfig:
             raise EvalError(f"--kv must be one or more of {decoding.KV_STRATEGIES}, got {self.kv}")
         if not self.threshold_scales or not all(s > 0 and math.isfinite(s) for s in self.threshold_scales):
             raise EvalError(f"--threshold-scales must be finite numbers > 0, got {self.threshold_scales}")
-        if self.exit.strip() in ("none", "auto", ""):
+        if self.exit.strip() in ("none", ""):
             raise EvalError(f"--exit {self.exit!r}: the full model is always run; give the early-exit policy "
-                            f"to compare with it: dynamic (default), gate or static:K")
+                            f"to compare with it: auto (default), dynamic, gate or static:K")
         if bool(self.judge_url) != bool(self.judge_model):
             raise EvalError("--judge-url and --judge-model go together: give both or neither")
         if self.confidence is not None and self.confidence not in decoding.CONFIDENCES:
@@ -238,26 +239,39 @@ class _Job:
     info: dict[str, Any]
 
 
+def _exit_spec(lm, cfg: EvalConfig, role: str) -> str:
+    """``--exit`` for this model: ``auto`` is ``dynamic`` when ``--thresholds`` are given for it, else the
+    model's own best policy (:func:`lite.decoding.spec.default_exit`); others as given."""
+    if cfg.exit.strip() == "auto" and cfg.thresholds and role == "main":
+        return "dynamic"
+    return resolve_exit_spec(lm, cfg.exit)
+
+
 def _policies(lm, cfg: EvalConfig, role: str) -> dict[str, tuple[decoding.ExitPolicy, str]]:
     """Run key -> (policy, kv) for ``--exit`` x ``--kv`` (x ``--threshold-scales`` for threshold-driven
     kinds), each built and checked by :func:`lite.decoding.spec.build_policy` (raises :class:`LiteError`
     naming the flag). The compare model gets ``--thresholds`` and ``--confidence`` only when it is the
     evaluated one."""
     policies: dict[str, tuple[decoding.ExitPolicy, str]] = {}
-    kind = cfg.exit.split(":", 1)[0]
+    spec = _exit_spec(lm, cfg, role)
+    if spec == "none":
+        raise EvalError(f"--exit {cfg.exit}: the {'--model' if role == 'main' else '--compare-model'} has no "
+                        f"calibrated thresholds or exit gate, so it has no policy of its own; run 'lite calibrate' "
+                        f"on it, or give --exit static:K or --exit dynamic --thresholds ...")
+    kind = spec.split(":", 1)[0]
     mine = role == "main"
     for kv in cfg.kv:
         if kind in THRESHOLD_KINDS:
             for scale in cfg.threshold_scales:
-                options = ExitOptions(exit=cfg.exit, threshold_scale=scale,
+                options = ExitOptions(exit=spec, threshold_scale=scale,
                                       thresholds=cfg.thresholds if mine else None,
                                       confidence=cfg.confidence if mine and cfg.thresholds else None)
-                policies[f"{cfg.exit}@{scale:g}/{kv}"] = (build_policy(lm, options), kv)
+                policies[f"{spec}@{scale:g}/{kv}"] = (build_policy(lm, options), kv)
         else:  # static:K, gate, or any kind registered with lite.decoding.spec
-            policies[f"{cfg.exit}/{kv}"] = (build_policy(lm, ExitOptions(exit=cfg.exit)), kv)
+            policies[f"{spec}/{kv}"] = (build_policy(lm, ExitOptions(exit=spec)), kv)
     for policy, _ in policies.values():
         if policy.kind not in decoding.POLICIES:
-            raise EvalError(f"--exit {cfg.exit}: lite eval decodes with lite.decoding.generate, which does "
+            raise EvalError(f"--exit {spec}: lite eval decodes with lite.decoding.generate, which does "
                             f"not run {policy.kind!r} policies; use one of "
                             f"{', '.join(decoding.POLICIES[1:])} or gate")
     return policies
@@ -285,7 +299,8 @@ def _plan(lm, role: str, spec: str | None, cfg: EvalConfig) -> _Job:
     fmt = prompt_format(lm, cfg.prompt_format)
     base = thresholds or {int(k): float(v) for k, v in lm.lite_config.thresholds.items()}
     info = {"source": spec or "smollm2-135m-instruct", "num_layers": L, "exit_layers": lm.exit_layers,
-            "thresholds": {str(k): base[k] for k in sorted(base)} if cfg.exit.split(":")[0] in THRESHOLD_KINDS
+            "thresholds": {str(k): base[k] for k in sorted(base)}
+            if _exit_spec(lm, cfg, role).split(":")[0] in THRESHOLD_KINDS
             else {},
             "calibrated": calibrated,
             "confidence": (cfg.confidence or "max_prob") if thresholds else lm.lite_config.confidence,
@@ -385,7 +400,7 @@ def _warm_up(lm, job: _Job, cfg: EvalConfig) -> None:
 
 # ----------------------------------------------------------------------------------- entry point
 def evaluate(model: str | None = None, testsets: list[str] | None = None, *,
-             out: str | os.PathLike[str] = "lite-eval", limit: int | None = None, exit: str = "dynamic",
+             out: str | os.PathLike[str] = "lite-eval", limit: int | None = None, exit: str = "auto",
              kv: list[str] | str = "copy", threshold_scales: list[float] | None = None,
              thresholds: str | None = None,
              confidence: str | None = None, static_layers: bool = False, compare_model: str | None = None,

@@ -106,6 +106,7 @@ _FIELD_TYPES: dict[str, tuple[type | None, ...]] = {
     "prompt_format": (str,), "base_model": (str, None), "adapter": (bool,), "training": (dict,),
     "data": (dict,), "thresholds": (dict,), "confidence": (str,), "calibration": (dict,),
     "gate_file": (str, None), "exit_modules": (str, None), "provenance": (dict,), "lite_version": (str,),
+    "default_exit": (str, None),
 }
 _JSON_NAMES = {int: "an integer", list: "a list", str: "a string", bool: "true or false", dict: "an object",
                None: "null"}
@@ -196,6 +197,9 @@ class LiteConfig:
             :mod:`lite.model.exit_modules`), or None when the exits are raw (norm and head only).
         provenance: free-form record of how the checkpoint was made and may be shared (the command that
             made it, the licenses of its base model and data); kept as is by every verb.
+        default_exit: the exit policy every verb uses for this model unless told otherwise (``--exit auto``,
+            the default): the best policy calibration found ("gate" when it trained a gate, else
+            "dynamic"), recorded by ``lite calibrate``; None = decided from what the folder holds.
     """
 
     num_layers: int
@@ -214,6 +218,7 @@ class LiteConfig:
     exit_modules: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
     lite_version: str = "0.1.0"
+    default_exit: str | None = None
 
     def __post_init__(self) -> None:
         validate_exit_layers(self.exit_layers, self.num_layers)
