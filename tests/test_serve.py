@@ -386,6 +386,26 @@ def test_requests_join_and_leave_the_running_batch(lm):
         stop()
 
 
+def test_oversized_bodies_are_refused_before_they_are_read_whole(lm):
+    """413 from Content-Length before reading, and from the running count for a chunked upload (no length);
+    the server goes on serving."""
+    url, stop = serve_in_thread(lm, ServeConfig(model_name=MODEL, max_body_bytes=2000))
+    big = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x" * 5000}]}).encode()
+    try:
+        r = httpx.post(f"{url}{CHAT}", content=big, headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "5" in r.json()["error"]["message"] and "2000" in r.json()["error"]["message"]
+
+        def chunks():
+            for i in range(0, len(big), 500):
+                yield big[i:i + 500]
+
+        r = httpx.post(f"{url}{CHAT}", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "2000" in r.json()["error"]["message"]
+        assert post(url, CHAT, {"messages": USER, "max_tokens": 2}).status_code == 200
+    finally:
+        stop()
+
+
 def test_cli_refuses_a_bad_exit_policy(tiny_model_dir, capsys):
     code = cli_main(["serve", "--model", str(tiny_model_dir), "--exit", "static:9", "--port", "0"])
     assert code == 2 and "--exit static:9" in capsys.readouterr().err

@@ -104,6 +104,22 @@ class ServeConfig:
         resolve_chat_format(lm, self.chat_format)
 
 
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes: from its
+    Content-Length before anything is read, else while it streams in (chunked uploads), so an oversized
+    body is never held in memory whole."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body is {int(declared)} bytes; the limit is {limit}")
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise APIError(413, f"the request body is over {limit} bytes, the limit; send a smaller one")
+        parts.append(part)
+    return b"".join(parts)
+
+
 # ------------------------------------------------------------------------------------------------ prompts
 def resolve_chat_format(lm: LiteModel, fmt: str) -> str:
     """``auto``: the model's own format (:func:`lite.model.prompts.default_format`: its ``lite_config.json``, else
@@ -244,9 +260,7 @@ def create_app(lm: LiteModel, config: ServeConfig | None = None,
 
     async def handle(request: Request, kind: str):
         check_auth(request)
-        body = await request.body()
-        if len(body) > config.max_body_bytes:
-            raise APIError(413, f"the request body is {len(body)} bytes; the limit is {config.max_body_bytes}")
+        body = await _read_body(request, config.max_body_bytes)
         if kind == "chat":
             req = parse_request(body, ChatRequest)
             messages = req.message_dicts()
