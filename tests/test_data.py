@@ -116,3 +116,148 @@ def test_empty_after_filter(tmp_path):
         read_examples([str(path)], ["status=ok"])
     with pytest.raises(DataError, match="--filter must look like FIELD=VALUE"):
         read_examples([str(path)], ["status"])
+
+
+# ---- the shapes people have: chat messages and TRL's prompt/completion (issue 16, part 4) ----
+
+TWO_TURNS = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Name a colour."},
+    {"role": "assistant", "content": "Blue."},
+    {"role": "user", "content": "Another one?"},
+    {"role": "assistant", "content": "Red, then."},
+]
+
+
+def _runs(labels):
+    """Contiguous runs of labelled positions: [(start, end), ...]."""
+    runs, start = [], None
+    for i, t in enumerate(labels + [IGNORE_INDEX]):
+        if t != IGNORE_INDEX and start is None:
+            start = i
+        elif t == IGNORE_INDEX and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def test_two_turn_conversation_labels_exactly_both_assistant_turns(tmp_path):
+    from tiny import make_tokenizer
+
+    tok = make_tokenizer()
+    path = _jsonl(tmp_path / "chat.jsonl", [{"messages": TWO_TURNS}])
+    (ex,), _ = read_examples([str(path)])
+    assert ex.trained_turns == [2, 4] and ex.instruction == "Another one?" and ex.output == "Red, then."
+    item = tokenize_example(tok, ex, "chat", max_length=1000)
+    ids, labels = item["input_ids"], item["labels"]
+    # the sequence is the template's text of the whole conversation (up to the last EOS) ...
+    whole = tok.apply_chat_template(TWO_TURNS, tokenize=False)
+    assert ids == tok(whole[: whole.rindex("<|im_end|>") + len("<|im_end|>")], add_special_tokens=False)["input_ids"]
+    # ... and the labels are two runs, each an assistant turn's text and its EOS, nothing else
+    runs = _runs(labels)
+    assert [tok.decode(ids[a:b]) for a, b in runs] == ["Blue.<|im_end|>", "Red, then.<|im_end|>"]
+    assert all(labels[i] == ids[i] for a, b in runs for i in range(a, b))
+    assert sum(t != IGNORE_INDEX for t in labels) == sum(b - a for a, b in runs)
+    # the first turn follows exactly the prompt lite decodes with
+    from lite.model.prompts import encode_messages
+
+    assert ids[: runs[0][0]] == encode_messages(tok, TWO_TURNS[:2], "chat")
+    assert ids[: runs[1][0]] == encode_messages(tok, TWO_TURNS[:4], "chat")  # prefix-consistent template
+
+
+def test_alpaca_format_trains_each_assistant_turn_as_its_own_sequence():
+    from tiny import make_tokenizer
+
+    from lite.model.prompts import encode_messages
+    from lite.training.data import TokenizedDataset
+    from lite.training.rows import parse_row
+
+    tok = make_tokenizer()
+    ex = parse_row({"messages": TWO_TURNS}, "0:0", "row 0")
+    ds = TokenizedDataset([ex], tok, "alpaca", max_length=1000)
+    assert len(ds) == 2
+    for item, upto, answer in zip(ds.items, (2, 4), ("Blue.", "Red, then.")):
+        prompt = encode_messages(tok, TWO_TURNS[:upto], "alpaca")  # as lite prompts a conversation in alpaca
+        response = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert item["input_ids"] == prompt + response
+        assert item["labels"] == [IGNORE_INDEX] * len(prompt) + response
+
+
+def test_prompt_completion_rows_plain_and_conversational(tmp_path):
+    from tiny import make_tokenizer
+
+    tok = make_tokenizer()
+    rows = [
+        {"prompt": "Name a colour.", "completion": "Blue."},
+        {"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                    {"role": "user", "content": "Name a colour."}],
+         "completion": [{"role": "assistant", "content": "Blue."}]},
+        {"instruction": "Name a colour.", "input": "", "output": "Blue."},
+    ]
+    plain, conversational, alpaca = read_examples([str(_jsonl(tmp_path / "pc.jsonl", rows))])[0]
+    assert (plain.instruction, plain.input, plain.output, plain.messages) == ("Name a colour.", "", "Blue.", None)
+    chat_plain = tokenize_example(tok, plain, "chat", 1000)
+    assert chat_plain == tokenize_example(tok, alpaca, "chat", 1000)  # a plain prompt is the user's request
+    assert conversational.prompt_turns == 3 and conversational.trained_turns == [3]
+    item = tokenize_example(tok, conversational, "chat", 1000)
+    runs = _runs(item["labels"])  # the prompt's assistant turn is context: only the completion is labelled
+    assert [tok.decode(item["input_ids"][a:b]) for a, b in runs] == ["Blue.<|im_end|>"]
+    assert "Hello." in tok.decode(item["input_ids"][: runs[0][0]])
+
+
+@pytest.mark.parametrize("row, expect", [
+    ({"messages": "hi"}, "'messages' must be a non-empty list"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": None}]},
+     r"messages\[1\] \(assistant\) has NoneType content"),
+    ({"messages": [{"role": "user", "content": "a"}]}, "no 'assistant' message to train on"),
+    ({"messages": [{"role": "assistant", "content": "a"}]}, "no 'user' message comes before"),
+    ({"prompt": "a", "completion": [{"role": "assistant", "content": "b"}]}, "must both be strings, or both lists"),
+    ({"prompt": [{"role": "user", "content": "a"}], "completion": [{"role": "user", "content": "b"}]},
+     "the completion has no 'assistant' message"),
+    ({"text": "just text"}, r"lacks string field\(s\) \['instruction', 'output'\]; .*chat rows need messages"),
+])
+def test_bad_rows_of_every_shape_name_the_file_and_row(tmp_path, row, expect):
+    good = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    path = _jsonl(tmp_path / "bad.jsonl", [good, row])
+    with pytest.raises(DataError, match=rf"bad.jsonl: row 1 \(0-based\).*{expect}"):
+        read_examples([str(path)])
+
+
+def test_a_template_that_rewrites_turns_is_refused_naming_the_row():
+    from tiny import make_tokenizer
+
+    from lite.training.rows import parse_row
+
+    tok = make_tokenizer()
+    tok.chat_template = tok.chat_template.replace("{{ message['content'] }}", "{{ message['content'] | upper }}")
+    ex = parse_row({"messages": TWO_TURNS}, "0:7", "row 7")
+    with pytest.raises(DataError, match="row 0:7: this tokenizer's chat template does not write"):
+        tokenize_example(tok, ex, "chat", 1000)
+
+
+def test_datasets_sources_saved_folder_parquet_and_split_with_heldout_reload(tmp_path):
+    import datasets
+
+    rows = [{"messages": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": f"A{i}"}],
+             "status": "ok" if i % 4 else "bad"} for i in range(20)]
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                          "test": datasets.Dataset.from_list(rows[:3])}).save_to_disk(str(saved))
+    parquet = tmp_path / "rows.parquet"
+    datasets.Dataset.from_list([{"prompt": "P", "completion": "C"}] * 2).to_parquet(str(parquet))
+    split = prepare_data([str(saved), str(parquet)], filters=["status=ok"], heldout_fraction=0.2, seed=1)
+    assert split.provenance["rows_after_filter"] == 15 + 2
+    assert [s["rows"] for s in split.provenance["sources"]] == [20, 2]
+    assert split.provenance["sources"][0]["sha256"] and split.provenance["sources"][1]["sha256"]
+    assert load_heldout(split.provenance) == split.heldout and split.heldout  # calibration reads them back
+    test_rows, entries = read_examples([f"{saved}:test"])
+    assert len(test_rows) == 3 and entries[0]["split"] == "test"
+    with pytest.raises(DataError, match=r"no split 'dev' \(it has \['train', 'test'\]\)"):
+        read_examples([f"{saved}:dev"])
+    (saved / "extra.txt").write_text("changed")
+    with pytest.raises(DataError, match="changed since training"):
+        load_heldout(split.provenance)
+    files = tmp_path / "files"  # a folder of data files, as datasets.load_dataset(folder) reads it
+    files.mkdir()
+    _jsonl(files / "train.jsonl", rows[:5])
+    assert [e.output for e in read_examples([str(files)])[0]] == ["A0", "A1", "A2", "A3", "A4"]

@@ -2,6 +2,7 @@
 and two processes under torchrun."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -186,3 +187,67 @@ def test_torchrun_two_processes(tiny_model_dir, data_file, tmp_path):
     # sharing the data (12 steps for one process), so 2 steps are a third of an epoch
     assert cfg["data"]["rows_train"] == 23 and log[-1]["epoch"] == pytest.approx(2 / 6)
     assert not out.with_name("ddp.partial").exists()
+
+
+def _conversations(n):
+    """Two-turn chat rows, one in eight marked bad (for --filter)."""
+    return [{"messages": [{"role": "system", "content": "Be brief."},
+                          {"role": "user", "content": f"Name colour #{i}."},
+                          {"role": "assistant", "content": f"Colour {i} is blue."},
+                          {"role": "user", "content": "And another?"},
+                          {"role": "assistant", "content": f"Red, #{i}."}],
+             "status": "bad" if i % 8 == 7 else "ok"} for i in range(n)]
+
+
+def test_training_from_messages_rows_chat_by_default_then_calibrate(tiny_model_dir, tmp_path, capsys):
+    from lite.training.data import load_heldout
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _conversations(24)))
+    result = train(str(tiny_model_dir), str(data), tmp_path / "chat", max_steps=6, lr=3e-3, filters=["status=ok"],
+                   heldout_fraction=0.15, **FAST)
+    cfg = result.lite_config
+    assert cfg.prompt_format == "chat"  # auto: the tiny tokenizer has a chat template
+    assert json.loads((result.output_dir / "lite_config.json").read_text())["prompt_format"] == "chat"
+    losses = [h["loss"] for h in result.log_history if "loss" in h]
+    assert len(losses) == 6 and all(map(math.isfinite, losses)) and losses[-1] < losses[0]
+    assert cfg.data["rows_after_filter"] == 21 and len(cfg.data["heldout_ids"]) == 3
+    held = load_heldout(cfg)
+    assert [e.row_id for e in held] == cfg.data["heldout_ids"] and all(e.trained_turns == [2, 4] for e in held)
+    # lite calibrate reads those held-out conversations back
+    code = main(["calibrate", "--model", str(result.output_dir), "--min-tokens", "1", "--max-new-tokens", "4"])
+    assert code == 0, capsys.readouterr().err
+    assert load_model(result.output_dir, device="cpu").lite_config.thresholds
+
+
+def test_training_from_prompt_completion_rows_and_alpaca_without_a_chat_template(tiny_model_dir, tmp_path):
+    import shutil
+
+    from lite.training.data import TokenizedDataset, prepare_data
+
+    plain = [{"prompt": f"Name colour #{i}.", "completion": f"Colour {i} is blue."} for i in range(8)]
+    conversational = [{"prompt": [{"role": "user", "content": f"Count to {i}."}],
+                       "completion": [{"role": "assistant", "content": " ".join(map(str, range(i)))}]}
+                      for i in range(1, 9)]
+    data = tmp_path / "pc.json"
+    data.write_text(json.dumps(plain + conversational + _conversations(4)))
+    result = train(str(tiny_model_dir), str(data), tmp_path / "pc", max_steps=3, lr=3e-3, **FAST)
+    assert result.lite_config.prompt_format == "chat" and result.steps == 3
+    assert all(math.isfinite(v) for v in result.final_losses.values()) and sorted(result.final_losses) == [1, 2, 3, 4]
+    # a model without a chat template trains in the Alpaca format by default, every assistant turn a sequence
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_model_dir, bare)
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (bare / name).unlink(missing_ok=True)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    said = []
+    result = train(str(bare), str(data), tmp_path / "alpaca", max_steps=1, progress=said.append, **FAST)
+    assert result.lite_config.prompt_format == "alpaca"
+    split = prepare_data(str(data), heldout_fraction=0.05)
+    two_turns = sum(1 for e in split.train if len(e.trained_turns) == 2)
+    assert two_turns >= 3  # the 4 two-turn rows, less any held out
+    sequences = len(split.train) + two_turns
+    assert len(TokenizedDataset(split.train, load_model(bare, device="cpu").tokenizer, "alpaca", 320)) == sequences
+    assert any(f"on {sequences} sequences from {len(split.train)} rows" in line for line in said)

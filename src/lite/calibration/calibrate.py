@@ -8,7 +8,8 @@ normed state ``final_norm(h_k)`` that a learned gate reads. Two sources of token
 * ``reference``: prompt + the row's reference response + EOS (as :func:`lite.training.data.tokenize_example` builds
   them), teacher-forced; the scored tokens are the response positions;
 * ``generated``: the model's own greedy answer to the prompt with exits off (:func:`lite.decoding.generate`),
-  then teacher-forced the same way; this is the distribution the model will actually decode.
+  then teacher-forced the same way; this is the distribution the model will actually decode. A
+  conversation is prompted up to its last trained assistant turn (:func:`lite.training.data.prompt_ids`).
 
 Each sequence goes once through the adapter's blocks (:meth:`LiteModel.run_block`, the path the engine
 decodes with), so raw states are at hand for ``state_cosine``. Teacher forcing means every position sees
@@ -185,11 +186,10 @@ def _sequences(lm: LiteModel, examples: list, source: str, prompt_format: str, m
             yield (ids, positions) if positions else None
         return
     from ..decoding import ExitPolicy, GenerationSettings, generate_batch
-    from ..model.prompts import encode_prompt
+    from ..training.data import prompt_ids
 
     for b in range(0, len(examples), batch_size):
-        prompts = [encode_prompt(lm.tokenizer, e.instruction, e.input, prompt_format)
-                   for e in examples[b:b + batch_size]]
+        prompts = [prompt_ids(lm.tokenizer, e, prompt_format) for e in examples[b:b + batch_size]]
         budgets = [min(max_new_tokens, max_length - len(p)) for p in prompts]
         live = [i for i, n in enumerate(budgets) if n >= 1]
         answers: dict[int, list[int]] = {}

@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model folder, LoRA adapter folder, or smollm2-135m-instruct "
                    "(thresholds are written into its lite_config.json)")
     p.add_argument("--data", nargs="+", default=None, metavar="PATH",
-                   help="Alpaca-format JSON/JSONL held-out rows (default: the held-out split recorded by "
+                   help="held-out rows in any shape lite train reads (default: the held-out split recorded by "
                         "lite train in the model's lite_config.json)")
     p.add_argument("--filter", action="append", default=None, metavar="FIELD=VALUE",
                    help="keep only rows where FIELD equals VALUE, e.g. status=ok (repeatable)")
@@ -174,17 +174,18 @@ def write_draft_vocab(lm, examples, progress) -> Path:
     ``draft_vocab.json`` into the model folder."""
     from ..decoding.draft_vocab import rank_tokens, save_ranking
     from ..training.data import DataError, load_recorded_rows
+    from ..training.rows import response_texts
 
     if lm.folder is None:
         raise LiteError("--draft-vocab writes draft_vocab.json beside the model: give --model a local folder")
-    texts, used = [e.output for e in examples], "calibration rows"
+    texts, used = [t for e in examples for t in response_texts(e)], "calibration rows"
     data = lm.lite_config.data or {}
     if data.get("sources"):
         try:
             rows = load_recorded_rows(data, check_hash=False)  # a frequency count needs no row ids
             names = [s.get("path") or s.get("hub_dataset") for s in data["sources"]]
             filters = [f"{k}={v}" for k, v in (data.get("filter") or {}).items()]
-            texts, used = [e.output for e in rows], f"training sources {names} (filter {filters or 'none'})"
+            texts, used = [t for e in rows for t in response_texts(e)], f"training sources {names} (filter {filters or 'none'})"
         except DataError as exc:
             progress(f"draft vocabulary: training sources not readable here ({exc}); ranking the calibration "
                      f"rows only")

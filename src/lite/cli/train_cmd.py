@@ -16,7 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="base model: folder, hub id, or smollm2-135m-instruct (default: the embedded default)")
     p.add_argument("--data", nargs="+", default=None, metavar="PATH",
-                   help="Alpaca-format JSON/JSONL file(s) (instruction, input, output) or hub dataset id(s)")
+                   help="training rows: Alpaca (instruction, input, output), chat (messages) or TRL "
+                        "prompt/completion, in JSON/JSONL files, .parquet/.csv/.arrow files, dataset folders "
+                        "(save_to_disk) or hub dataset ids; SOURCE:SPLIT for a split other than train")
     p.add_argument("--out", required=True, help="output folder (must not exist; <out>.partial is the work folder)")
     p.add_argument("--max-steps", type=positive_int, default=None, help="stop after N optimiser steps (overrides --epochs)")
     p.add_argument("--epochs", type=positive_float, default=3.0, help="passes over the training rows (default 3)")
@@ -35,8 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated exit layers ending at L (default: every L/8 from L/4, plus L)")
     p.add_argument("--loss-weighting", default="uniform", choices=["uniform", "increasing"],
                    help="uniform (paper) or increasing with depth (default uniform)")
-    p.add_argument("--prompt-format", default="alpaca", choices=["alpaca", "chat"],
-                   help="Alpaca template (default) or the tokenizer's chat template")
+    p.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "alpaca"],
+                   help="chat (the tokenizer's chat template), alpaca (the Stanford template), or auto: chat "
+                        "when the tokenizer has a chat template, else alpaca (default auto; recorded in "
+                        "lite_config.json)")
     p.add_argument("--filter", action="append", default=None, metavar="FIELD=VALUE",
                    help="keep rows whose FIELD equals VALUE (repeatable), e.g. status=ok for alpaca-libre")
     p.add_argument("--heldout-fraction", type=number(float, 0, 1, high_open=True), default=0.05,

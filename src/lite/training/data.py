@@ -1,15 +1,26 @@
-"""Instruction data: Alpaca-format rows, a row filter, tokenisation with response-only labels, and the
-deterministic held-out split that calibration reuses.
+"""Training data: reading rows from files and ``datasets``, a row filter, tokenisation with labels on the
+trained tokens only, and the deterministic held-out split that calibration reuses.
 
-Rows are ``{"instruction", "input", "output"}`` (``input`` may be missing or empty) from JSON (a list) or
-JSON Lines files, or from a Hugging Face hub dataset id (needs network). Every row gets a stable id
-``"<source index>:<row index>"`` (0-based, row index counted before filtering in that source), so the
-held-out rows can be named in ``lite_config.json`` and read back exactly by ``lite calibrate``.
+Rows come in the shapes of :mod:`lite.training.rows` (Alpaca; chat ``messages``; TRL's prompt/completion,
+plain or conversational), from:
 
-Tokenisation (``tokenize_example``): prompt (Alpaca template or chat template, see :mod:`lite.model.prompts`)
-then response then EOS; labels are -100 on prompt tokens and padding, so the loss covers the response and
-its EOS only. Sequences longer than ``max_length`` tokens are cut at the end; a row whose response is cut
-away entirely is dropped (and counted).
+* JSON (a list) or JSON Lines files, read here so that a bad line or row is named with its number;
+* other files ``datasets`` reads (``.parquet``, ``.csv``, ``.arrow``), a folder written by
+  ``Dataset.save_to_disk`` or holding data files, or a hub dataset id ``owner/name`` (needs network);
+  ``SOURCE:SPLIT`` picks a split other than ``train``.
+
+Every row gets a stable id ``"<source index>:<row index>"`` (0-based, row index counted before filtering in
+that source), so the held-out rows can be named in ``lite_config.json`` and read back exactly by
+``lite calibrate``.
+
+Tokenisation (:func:`tokenize_example`): prompt (Alpaca template or chat template, see
+:mod:`lite.model.prompts`) then response then EOS; labels are -100 everywhere else, so the loss covers the
+response and its EOS only. A conversation in the chat template is one sequence in which every trained
+assistant turn (its text and the EOS that ends it) is labelled and nothing else; in the Alpaca format,
+which has no turns, it becomes one sequence per trained turn (:func:`lite.training.rows.split_turns`), the
+earlier turns in the Input as lite prompts a conversation at decode time. Sequences longer than
+``max_length`` tokens are cut at the end; one whose trained tokens are cut away entirely is dropped (and
+counted).
 """
 
 from __future__ import annotations
@@ -17,43 +28,20 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import LiteError
 from ..files import looks_like_hub_id
-from ..model.prompts import encode_prompt
+from ..model.prompts import encode_messages, encode_prompt
+from .rows import SHAPES_HELP, DataError, Example, parse_row, split_turns
 
 IGNORE_INDEX = -100
 DEFAULT_HELDOUT_FRACTION = 0.05
 DEFAULT_MAX_LENGTH = 256
-
-
-class DataError(LiteError):
-    """The training data cannot be used as given; the message names the file, line or row."""
-
-
-@dataclass(frozen=True)
-class Example:
-    """One instruction row.
-
-    Attributes:
-        row_id: ``"<source index>:<row index>"``, 0-based, row index before filtering.
-        instruction: the task.
-        input: optional context ("" when absent).
-        output: the reference response (the training target).
-        response_ids: when set, the training response as token ids instead of ``output`` (the model's own
-            answer, :mod:`lite.training.own_answers`), used as they are (no EOS added).
-    """
-
-    row_id: str
-    instruction: str
-    input: str
-    output: str
-    response_ids: tuple[int, ...] | list[int] | None = None
 
 
 @dataclass
@@ -95,18 +83,22 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+DATASETS_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".arrow": "arrow"}
+FORMATS_HELP = ("give a JSON or JSONL file, a .parquet/.csv/.arrow file, a dataset folder (save_to_disk) or a "
+                "hub dataset id owner/name")
+
+
 def _read_file_rows(path: Path) -> list[Any]:
     """Raw rows of a JSON list or JSON Lines file; unreadable bytes or malformed JSON name the file (and line)."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
-                        f"give an Alpaca-format JSON or JSONL file saved as UTF-8") from None
+                        f"give a JSON or JSONL file saved as UTF-8") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     if "\x00" in text:
-        raise DataError(f"{path} holds binary data (NUL bytes), not JSON text; give an Alpaca-format JSON or JSONL "
-                        f"file")
+        raise DataError(f"{path} holds binary data (NUL bytes), not JSON text; {FORMATS_HELP}")
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -124,54 +116,104 @@ def _read_file_rows(path: Path) -> list[Any]:
     return rows
 
 
-def _read_hub_rows(dataset_id: str) -> list[Any]:
-    """Rows of the ``train`` split of a hub dataset (needs network and the ``datasets`` package)."""
+def _pick_split(ds: Any, source: str, split: str | None) -> Any:
+    """One split of what ``datasets`` loaded: ``split`` (default ``train``; a dataset with one split: that one)."""
+    import datasets
+
+    if not isinstance(ds, datasets.DatasetDict):
+        return ds
+    names = list(ds)
+    wanted = split or ("train" if "train" in names or len(names) != 1 else names[0])
+    if wanted not in names:
+        raise DataError(f"--data {source}: no split {wanted!r} (it has {names}); name one as {source}:SPLIT")
+    return ds[wanted]
+
+
+def _read_datasets_rows(source: str, path: Path | None, split: str | None) -> list[Any]:
+    """Rows through ``datasets``: a saved dataset folder (``save_to_disk``), a folder of data files, a file
+    ``datasets`` reads, or (``path`` None) a hub dataset id (needs network)."""
     try:
         import datasets
+    except ImportError:
+        raise DataError(f"--data {source}: reading it needs the 'datasets' package (pip install datasets), or "
+                        f"give a JSON/JSONL file") from None
+    try:
+        if path is None:
+            ds = datasets.load_dataset(source, split=split or "train")
+        elif path.is_dir() and any((path / n).is_file() for n in ("dataset_dict.json", "state.json")):
+            ds = _pick_split(datasets.load_from_disk(str(path)), source, split)
+        elif path.is_dir():
+            ds = _pick_split(datasets.load_dataset(str(path)), source, split)
+        else:
+            ds = datasets.load_dataset(DATASETS_SUFFIXES[path.suffix.lower()], data_files=str(path),
+                                       split=split or "train")
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- offline, unknown id, unreadable folder, ...: one clear message
+        what = "loading it as a hub dataset" if path is None else "datasets could not read it"
+        fix = ("give a local file or a reachable dataset id" if path is None else FORMATS_HELP)
+        raise DataError(f"--data {source}: {'no such file, and ' if path is None else ''}{what} "
+                        f"({type(exc).__name__}: {str(exc)[:200]}); {fix}") from None
+    return ds.to_list()
 
-        ds = datasets.load_dataset(dataset_id, split="train")
-    except Exception as exc:  # noqa: BLE001 -- offline, unknown id, ...: one clear message
-        raise DataError(
-            f"--data {dataset_id}: no such file, and loading it as a hub dataset failed ({type(exc).__name__}: "
-            f"{str(exc)[:200]}); give a local JSON/JSONL file or a reachable dataset id"
-        ) from None
-    return [dict(r) for r in ds]
+
+def _read_hub_rows(source: str) -> list[Any]:
+    """Rows of a hub dataset ``owner/name[:split]`` (needs network and the ``datasets`` package)."""
+    name, split = _split_suffix(source)
+    return _read_datasets_rows(name, None, split)
+
+
+def _folder_sha256(folder: Path) -> str:
+    """One digest over every file of a folder (relative names and contents, in sorted order)."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(folder)).encode() + b"\0" + sha256_file(file).encode())
+    return digest.hexdigest()
+
+
+def _source_sha256(path: Path) -> str:
+    return _folder_sha256(path) if path.is_dir() else sha256_file(path)
+
+
+def _split_suffix(source: str) -> tuple[str, str | None]:
+    """``SOURCE:SPLIT`` -> (SOURCE, SPLIT) when SOURCE itself is a path here or a hub id; else (source, None)."""
+    name, sep, split = source.rpartition(":")
+    if sep and re.fullmatch(r"[A-Za-z0-9_][\w.-]*", split) and not Path(source).expanduser().exists() and (
+            Path(name).expanduser().exists() or looks_like_hub_id(name)):
+        return name, split
+    return source, None
 
 
 def read_source(source: str, index: int, filters: dict[str, str]) -> tuple[list[Example], dict[str, Any]]:
-    """Read one file or hub dataset: (kept examples, provenance entry)."""
-    path = Path(source).expanduser()
-    if path.is_file():
-        raw = _read_file_rows(path)
-        entry: dict[str, Any] = {"path": str(path.resolve()), "sha256": sha256_file(path)}
+    """Read one file, dataset folder or hub dataset: (kept examples, provenance entry)."""
+    name, split = _split_suffix(source)
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix.lower() not in DATASETS_SUFFIXES:
+        raw = _read_file_rows(path)  # JSON or JSONL (whatever the name ends in): its errors name the line
+    elif path.is_file() or path.is_dir():
+        raw = _read_datasets_rows(source, path, split)
     elif path.exists():
-        raise DataError(f"--data {source} is a folder; give a JSON or JSONL file")
-    elif looks_like_hub_id(source):  # owner/name only: a missing 'dir/file.jsonl' fails below, offline
+        raise DataError(f"--data {source} is neither a file nor a folder; {FORMATS_HELP}")
+    elif looks_like_hub_id(name):  # owner/name only: a missing 'dir/file.jsonl' fails below, offline
         raw = _read_hub_rows(source)
-        entry = {"hub_dataset": source, "sha256": None}
     else:
-        raise DataError(f"--data {source}: no such file; give an Alpaca-format JSON or JSONL file (or a hub "
-                        f"dataset id, owner/name)")
+        raise DataError(f"--data {source}: no such file; {FORMATS_HELP}")
+    if path.exists():
+        entry: dict[str, Any] = {"path": str(path.resolve()), "sha256": _source_sha256(path)}
+    else:
+        entry = {"hub_dataset": name, "sha256": None}
+    if split:
+        entry["split"] = split
     if not isinstance(raw, list):
         raise DataError(f"{source}: expected a JSON list of rows or JSON Lines, got a {type(raw).__name__}")
     kept = []
     for i, row in enumerate(raw):
-        where = f"{source}: row {i} (0-based)"
-        if not isinstance(row, dict):
-            raise DataError(f"{where} is not a JSON object")
-        missing = [k for k in ("instruction", "output") if not isinstance(row.get(k), str)]
-        if missing:
-            raise DataError(
-                f"{where} lacks string field(s) {missing}; Alpaca rows need instruction, output (and input)"
-            )
+        example = parse_row(row, f"{index}:{i}", f"{source}: row {i} (0-based)")
         # a filter applies to rows that carry its field, so files with and without it can be mixed
         # (alpaca-libre rows carry status; alpaca_en_demo rows do not and are all clean)
-        if any(k in row and str(row[k]) != v for k, v in filters.items()):
+        if any(row.get(k) is not None and str(row[k]) != v for k, v in filters.items()):
             continue
-        inp = row.get("input") or ""
-        if not isinstance(inp, str):
-            raise DataError(f"{where}: field 'input' must be a string, got {type(inp).__name__}")
-        kept.append(Example(f"{index}:{i}", row["instruction"], inp, row["output"]))
+        kept.append(example)
     entry.update({"rows": len(raw), "rows_kept": len(kept)})
     return kept, entry
 
@@ -182,7 +224,7 @@ def read_examples(sources: list[str] | str, filters: list[str] | str | None = No
     if isinstance(sources, str):
         sources = [sources]
     if not sources:
-        raise DataError("--data is required: give one or more Alpaca-format JSON/JSONL files")
+        raise DataError(f"--data is required: {FORMATS_HELP} ({SHAPES_HELP})")
     parsed = parse_filters(filters)
     examples: list[Example] = []
     entries = []
@@ -215,7 +257,7 @@ def prepare_data(sources: list[str] | str, *, filters: list[str] | str | None = 
     """Read, filter and split the data; the provenance records everything needed to redo the split.
 
     Args:
-        sources: paths of JSON/JSONL files (or hub dataset ids).
+        sources: files, dataset folders or hub dataset ids (``SOURCE:SPLIT`` for a split other than train).
         filters: ``FIELD=VALUE`` strings; a row is kept when all match (e.g. ``status=ok``).
         heldout_fraction: share of rows kept aside for calibration, in [0, 1).
         seed: seed of the held-out draw.
@@ -258,9 +300,12 @@ def load_recorded_rows(lite_config: Any, sources: list[str] | None = None, check
     filters = data.get("filter") or {}
     out: list[Example] = []
     for index, (path, entry) in enumerate(zip(paths, entries)):
-        if check_hash and entry.get("sha256") and Path(path).is_file() and sha256_file(Path(path)) != entry["sha256"]:
+        local = Path(path).expanduser()
+        if check_hash and entry.get("sha256") and local.exists() and _source_sha256(local) != entry["sha256"]:
             raise DataError(f"{path} changed since training (sha256 differs); the held-out rows cannot be "
                             f"recovered from it; restore the file or give calibration data explicitly")
+        if entry.get("split") and _split_suffix(str(path))[1] is None:
+            path = f"{path}:{entry['split']}"
         kept, _ = read_source(path, index, filters)
         out.extend(kept)
     return out
@@ -277,34 +322,98 @@ def load_heldout(lite_config: Any, sources: list[str] | None = None, check_hash:
     return [e for e in load_recorded_rows(data, sources, check_hash) if e.row_id in wanted]
 
 
+def prompt_ids(tokenizer, example: Example, prompt_format: str = "alpaca") -> list[int]:
+    """Token ids of the prompt that the example's response (a conversation: its last trained turn) follows,
+    exactly as lite prompts at decode time: :func:`lite.model.prompts.encode_prompt` of a single request,
+    :func:`lite.model.prompts.encode_messages` of the conversation before that turn."""
+    if example.messages is None:
+        return encode_prompt(tokenizer, example.instruction, example.input, prompt_format)
+    return encode_messages(tokenizer, list(example.messages[:example.trained_turns[-1]]), prompt_format)
+
+
+def _response_ids(tokenizer, text: str) -> list[int]:
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    return ids
+
+
+def _chat_conversation(tokenizer, example: Example) -> tuple[list[int], list[int]]:
+    """A whole conversation in the chat template, every trained assistant turn labelled (its text, then
+    EOS), nothing else: (ids, labels).
+
+    The template's text of the conversation up to each trained turn (with the generation prompt) must be a
+    prefix of its text of the whole, followed by the turn's own text: true of ordinary templates (ChatML,
+    Llama, Mistral), not of ones that rewrite earlier turns; those are refused, naming the row. The text
+    between turns is tokenised piece by piece, so the first prompt is exactly what
+    :func:`lite.model.prompts.encode_messages` gives at decode time; an end-of-turn marker equal to the EOS
+    token is the labelled EOS, not repeated.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("--prompt-format chat: this tokenizer has no chat template; use --prompt-format alpaca")
+    turns = example.trained_turns
+    messages = list(example.messages[:turns[-1] + 1])
+    whole = tokenizer.apply_chat_template(messages, tokenize=False)
+    eos = tokenizer.eos_token or ""
+    ids: list[int] = []
+    labels: list[int] = []
+    pos = 0
+    for a in turns:
+        prompt = tokenizer.apply_chat_template(messages[:a], tokenize=False, add_generation_prompt=True)
+        text = messages[a]["content"]
+        after = whole[len(prompt):]
+        if not whole.startswith(prompt) or len(prompt) < pos or not after.startswith(text):
+            text = text.strip()
+            if not (whole.startswith(prompt) and len(prompt) >= pos and after.startswith(text)):
+                raise DataError(f"row {example.row_id}: this tokenizer's chat template does not write the "
+                                f"conversation up to message {a} as the start of the whole conversation, so its "
+                                f"assistant turns cannot be told apart; train with --prompt-format alpaca")
+        context = list(tokenizer(whole[pos:len(prompt)], add_special_tokens=False)["input_ids"])
+        response = _response_ids(tokenizer, text)
+        ids += context + response
+        labels += [IGNORE_INDEX] * len(context) + response
+        pos = len(prompt) + len(text)
+        if eos and whole.startswith(eos, pos):
+            pos += len(eos)
+    return ids, labels
+
+
 def tokenize_example(tokenizer, example: Example, prompt_format: str = "alpaca",
                      max_length: int = DEFAULT_MAX_LENGTH) -> dict[str, list[int]] | None:
     """Token ids and labels of prompt + response + EOS, cut at ``max_length`` tokens.
 
+    A conversation in the chat template is one sequence with every trained assistant turn labelled; in the
+    Alpaca format its last trained turn (use :func:`lite.training.rows.split_turns` for all of them). With
+    ``response_ids`` (own answers) those ids are the one labelled response, after :func:`prompt_ids`.
+
     Returns:
-        ``{"input_ids": [...], "labels": [...]}`` with labels -100 on prompt tokens, or None when no
-        response token survives truncation (the row then teaches nothing).
+        ``{"input_ids": [...], "labels": [...]}`` with labels -100 on every token not trained on, or None
+        when no trained token survives truncation (the row then teaches nothing).
     """
-    prompt = encode_prompt(tokenizer, example.instruction, example.input, prompt_format)
     if example.response_ids is not None:  # the model's own answer, as generated
+        prompt = prompt_ids(tokenizer, example, prompt_format)
         response = [int(t) for t in example.response_ids]
+        ids, labels = prompt + response, [IGNORE_INDEX] * len(prompt) + response
+    elif example.messages is not None and prompt_format == "chat":
+        ids, labels = _chat_conversation(tokenizer, example)
     else:
-        response = list(tokenizer(example.output, add_special_tokens=False)["input_ids"])
-        if tokenizer.eos_token_id is not None:
-            response.append(int(tokenizer.eos_token_id))
-    ids = (prompt + response)[:max_length]
-    labels = ([IGNORE_INDEX] * len(prompt) + response)[:max_length]
+        prompt = prompt_ids(tokenizer, example, prompt_format)
+        response = _response_ids(tokenizer, example.output)
+        ids, labels = prompt + response, [IGNORE_INDEX] * len(prompt) + response
+    ids, labels = ids[:max_length], labels[:max_length]
     if all(t == IGNORE_INDEX for t in labels):
         return None
     return {"input_ids": ids, "labels": labels}
 
 
 class TokenizedDataset(torch.utils.data.Dataset):
-    """Tokenised examples for the Trainer; rows whose response is cut away entirely are dropped."""
+    """Tokenised examples for the Trainer (in the Alpaca format, one sequence per trained turn of a
+    conversation); sequences whose trained tokens are cut away entirely are dropped (``dropped``)."""
 
     def __init__(self, examples: list[Example], tokenizer, prompt_format: str = "alpaca",
                  max_length: int = DEFAULT_MAX_LENGTH) -> None:
-        items = [tokenize_example(tokenizer, e, prompt_format, max_length) for e in examples]
+        parts = [p for e in examples for p in (split_turns(e) if prompt_format == "alpaca" else [e])]
+        items = [tokenize_example(tokenizer, p, prompt_format, max_length) for p in parts]
         self.items = [x for x in items if x is not None]
         self.dropped = len(items) - len(self.items)
         if not self.items:

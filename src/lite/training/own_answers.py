@@ -7,6 +7,11 @@ the run (``own_answers.jsonl``: one line per row, appended batch by batch, so a 
 it stopped). Each line records the row id, a hash of the prompt ids, the model, the token budget and the
 answer's token ids; the token ids themselves are the training response (no decode/re-encode round trip).
 Greedy answers are prefix-consistent, so answers cached with a larger budget are cut to a smaller one.
+
+A conversation (a chat or conversational prompt/completion row) gets one answer: to the conversation up to
+its last trained assistant turn, which it replaces; that answer is then the row's only trained response,
+the earlier turns (the dataset's own assistant turns included) being context. Training on the dataset's
+earlier assistant turns would bring back the other model's tokens that own answers are meant to avoid.
 """
 
 from __future__ import annotations
@@ -21,8 +26,7 @@ from typing import Any
 
 from ..decoding.reference import hf_generate_batch
 from ..decoding.sampling import eos_ids
-from ..model.prompts import encode_prompt
-from .data import DataError, Example
+from .data import DataError, Example, prompt_ids
 
 ANSWERS_FILE = "own_answers.jsonl"
 
@@ -66,7 +70,7 @@ def generate_own_answers(lm, examples: list[Example], *, prompt_format: str, cac
     """
     say = progress or (lambda _m: None)
     tok = lm.tokenizer
-    prompts = [encode_prompt(tok, e.instruction, e.input, prompt_format) for e in examples]
+    prompts = [prompt_ids(tok, e, prompt_format) for e in examples]
     done = _read_cache(cache)
     stale = [e.row_id for e, p in zip(examples, prompts) if e.row_id in done and (
         done[e.row_id]["prompt_key"] != _prompt_key(p) or done[e.row_id].get("model", model_id) != model_id)]

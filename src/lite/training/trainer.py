@@ -40,7 +40,14 @@ from ..model.config import (
     loss_weights,
     parse_exit_layers,
 )
-from .data import DEFAULT_HELDOUT_FRACTION, DEFAULT_MAX_LENGTH, PadCollator, TokenizedDataset, prepare_data
+from .data import (
+    DEFAULT_HELDOUT_FRACTION,
+    DEFAULT_MAX_LENGTH,
+    FORMATS_HELP,
+    PadCollator,
+    TokenizedDataset,
+    prepare_data,
+)
 from .losses import DEFAULT_CHUNK_SIZE, LOSS_MODES, distill_loss, lite_loss
 from .own_answers import ANSWERS_FILE, generate_own_answers
 
@@ -187,7 +194,7 @@ def _train_clock_callback(resume: str | None):
         def on_save(self, args, state, control, **kwargs):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir() and _rank() == 0:
-                (folder / TIME_FILE).write_text(json.dumps({"seconds": round(self.seconds(), 1),
+                (folder / TIME_FILE).write_text(json.dumps({"seconds": round(self.seconds(), 3),
                                                             "global_step": state.global_step}))
             return control
 
@@ -274,7 +281,7 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
           grad_accum: int = 1, max_length: int = DEFAULT_MAX_LENGTH, lora: bool = False, lora_rank: int = 16,
           lora_alpha: int | None = None, lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS,
           baseline: bool = False, exit_layers: str | list[int] | None = None, loss_weighting: str = "uniform",
-          prompt_format: str = "alpaca", filters: list[str] | str | None = None,
+          prompt_format: str = "auto", filters: list[str] | str | None = None,
           heldout_fraction: float = DEFAULT_HELDOUT_FRACTION, seed: int = 0, bf16: bool = False,
           gradient_checkpointing: bool = False, save_steps: int = 200, logging_steps: int = 10,
           dtype: str | None = "float32", loss_mode: str = "fused", chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -287,7 +294,9 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
 
     Args:
         model: base model (folder, hub id, or alias; None = the embedded default).
-        data: Alpaca-format JSON/JSONL path(s) or hub dataset id(s).
+        data: rows in any shape of :mod:`lite.training.rows` (Alpaca, chat ``messages``, prompt/completion)
+            from JSON/JSONL files, other files or folders ``datasets`` reads, or hub dataset ids
+            (``SOURCE:SPLIT`` for a split other than train); see :mod:`lite.training.data`.
         out: output folder; must not exist yet (its ``.partial`` sibling is the resumable work folder).
         max_steps: stop after this many optimiser steps (overrides ``epochs``).
         epochs: passes over the training rows.
@@ -299,7 +308,9 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
         baseline: final-layer loss only (standard instruction tuning), for comparison with LITE.
         exit_layers: "8,12,...,L" or a list; None = the default exits (every L/8 from L/4, plus L).
         loss_weighting: "uniform" (paper) or "increasing" (weight proportional to depth).
-        prompt_format: "alpaca" or "chat".
+        prompt_format: "chat" (the tokenizer's chat template), "alpaca", or "auto" (default): the base's
+            own ``prompt_format`` when it is a lite folder, else chat when the tokenizer has a chat template,
+            else alpaca (:func:`lite.model.prompts.default_format`); ``lite_config.json`` records the choice.
         filters: ``FIELD=VALUE`` row filters (e.g. ``status=ok``).
         heldout_fraction, seed: the held-out split kept aside for calibration (seed also seeds training).
         bf16: bf16 autocast (mixed precision). gradient_checkpointing: recompute blocks in backward.
@@ -320,6 +331,7 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
     """
     from ..model.adapter import LiteModel
     from ..model.loading import cpu_has_native_bf16, load_model, parse_device, quiet_peft_internals
+    from ..model.prompts import default_format
 
     say = progress or (lambda _msg: None)
     target = parse_device(device)
@@ -335,8 +347,8 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
     check_output_folder(work, (RUN_FILE, ANSWERS_FILE), f"the work folder of --out {out}:")  # never adopt
     if loss_weighting not in LOSS_WEIGHTINGS:
         raise TrainError(f"--loss-weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
-    if prompt_format not in PROMPT_FORMATS:
-        raise TrainError(f"--prompt-format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
+    if prompt_format not in ("auto", *PROMPT_FORMATS):
+        raise TrainError(f"--prompt-format must be one of {('auto', *PROMPT_FORMATS)}, got {prompt_format!r}")
     if loss_mode not in LOSS_MODES:
         raise TrainError(f"--loss-mode must be one of {LOSS_MODES}, got {loss_mode!r}")
     for flag, value in (("--batch-size", batch_size), ("--grad-accum", grad_accum), ("--max-length", max_length),
@@ -346,7 +358,7 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
     if max_steps is not None and max_steps < 1:
         raise TrainError(f"--max-steps must be at least 1, got {max_steps}")
     if data is None:
-        raise TrainError("--data is required: give one or more Alpaca-format JSON/JSONL files")
+        raise TrainError(f"--data is required: {FORMATS_HELP}")
     if targets not in TARGETS:
         raise TrainError(f"--targets must be one of {TARGETS}, got {targets!r}")
     if not 0.0 <= ce_weight <= 1.0:
@@ -380,6 +392,8 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
     train_layers = [L] if baseline else ([k for k in layers if k < L] if exit_modules else layers)
     weights = dict(zip(train_layers, loss_weights(train_layers, loss_weighting)))
     tokenizer = lm.tokenizer
+    if prompt_format == "auto":
+        prompt_format = default_format(lm)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     train_rows, answers = split.train, None
@@ -485,7 +499,8 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
     if resume:
         say(f"resuming from {resume}")
     what = f"{exit_modules} exit modules on a frozen backbone" if exit_modules else "LoRA" if lora else "full"
-    say(f"training {what} on {len(dataset)} rows ({settings['responses']}, targets {targets}), exits "
+    say(f"training {what} on {len(dataset)} sequences from {len(train_rows)} rows ({settings['responses']}, "
+        f"prompt format {prompt_format}, targets {targets}), exits "
         f"{train_layers}, weights {[round(w, 3) for w in weights.values()]}")
     if resume and _checkpoint_is_final(resume):
         # Killed after the last checkpoint but before the output was written: Trainer would run one
@@ -502,7 +517,7 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
     last = next((h for h in reversed(history) if f"{prefix}{train_layers[-1]}" in h), {})
     final_losses = {int(k[len(prefix):]): float(v) for k, v in last.items() if k.startswith(prefix)}
     lite_config.training["steps"] = trainer.state.global_step
-    lite_config.training["train_seconds"] = round(clock.seconds(), 1)  # wall time in training, all resumes
+    lite_config.training["train_seconds"] = round(clock.seconds(), 3)  # wall time in training, all resumes
     if _rank() == 0:
         _save_final(trainer, train_model, tokenizer, lite_config, work, out, lora, run_record["model"],
                     modules, generation_config=getattr(lm.model, "generation_config", None))
