@@ -104,3 +104,23 @@ def test_cleanup_removes_only_what_lite_wrote(tmp_path):
     (work / "user.txt").write_text("mine")
     assert not remove_own_files(work, ["lite_run.json", "checkpoint-*"])
     assert (work / "user.txt").read_text() == "mine" and not (work / "checkpoint-4").exists()
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    """A file lite writes atomically is readable by whoever may read a new file there (umask), not private
+    to its writer as mkstemp makes it: checkpoints get shared and packaged."""
+    import os
+    import stat
+
+    from lite.files import write_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "a.json", "{}")
+        assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+        os.umask(0o077)
+        write_atomic(tmp_path / "b.json", "{}")
+        assert stat.S_IMODE((tmp_path / "b.json").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind

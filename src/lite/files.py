@@ -13,14 +13,26 @@ from pathlib import Path
 from typing import Any
 
 
+def temporary_beside(path: Path) -> str:
+    """A new empty temporary file in ``path``'s folder, for writing ``path`` atomically (then
+    ``os.replace``). It gets the permissions an ordinary new file gets under the umask (``mkstemp`` makes it
+    private, 0600, which would leave a shared or packaged checkpoint unreadable to everyone else)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    os.close(fd)
+    return tmp
+
+
 def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> None:
     """Write a file so that readers see the old file or the new one, never half of one (a temporary file
     in the same folder, then a rename); an interrupted write leaves the old file and no temporary."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = temporary_beside(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(data if isinstance(data, bytes) else data.encode("utf-8"))
         os.replace(tmp, path)
     except BaseException:

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import LiteError
+from ..files import temporary_beside
 
 GATE_FILE = "exit_gate.safetensors"
 GATE_FORMAT = "lite-exit-gate-v1"
@@ -195,8 +195,7 @@ def save_gate(gate: LearnedExitGate, folder: str | os.PathLike[str], name: str =
             tensors[f"layer{k}.{j}.weight"] = w.contiguous()
             tensors[f"layer{k}.{j}.bias"] = b.contiguous()
     meta = {"format": GATE_FORMAT, "layers": ",".join(str(k) for k in gate.layers), "hidden": str(gate.hidden)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
-    os.close(fd)
+    tmp = temporary_beside(folder / name)
     try:
         save_file(tensors, tmp, metadata=meta)
         os.replace(tmp, folder / name)
