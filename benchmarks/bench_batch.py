@@ -9,7 +9,7 @@ ratio measured in one run:
     CPU), and over transformers' batched greedy ``generate`` (left padding) at the same B (target >= 1x);
     tokens identical to batch 1 per prompt (count of prompts that differ: float rounding of batched
     products can flip near-ties, more so in bfloat16);
-(b) engine, exits on (``--exit``, default: the model's calibrated gate, else its thresholds) at batch B
+(b) engine, exits on (``--exit``, default ``auto``: the model's own best policy, its gate or thresholds) at batch B
     over exits off at batch B (target >= 1x), with the answers' identity to the same policy at batch 1
     (the quality of batch-1 early exit is kept when the tokens are the same).
 
@@ -24,7 +24,6 @@ times and keeps its fastest run (the machine may be shared).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -36,7 +35,7 @@ from common import vicuna_questions
 from lite import load_model
 from lite.decoding import ExitPolicy, GenerationSettings, generate_batch
 from lite.decoding.reference import hf_generate_batch
-from lite.decoding.spec import ExitOptions, build_policy
+from lite.decoding.spec import ExitOptions, build_policy, resolve_exit_spec
 from lite.files import write_atomic, write_json_atomic
 from lite.model.prompts import default_format, encode_prompt
 
@@ -77,7 +76,7 @@ def best_of(repeats: int, fn):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-lite")
-    ap.add_argument("--exit", default=None, help="exit spec for (b) (default: gate when calibrated, else dynamic)")
+    ap.add_argument("--exit", default="auto", help="exit spec for (b) (default auto: the model's own best policy)")
     ap.add_argument("--batch-sizes", default="1,8,16")
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -95,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     fmt = default_format(lm)
     prompts = [encode_prompt(lm.tokenizer, q, fmt=fmt) for q in vicuna_questions(0, args.prompts)]
-    spec = args.exit or ("gate" if lm.lite_config.gate_file else "dynamic")
+    spec = resolve_exit_spec(lm, args.exit)
     policy = build_policy(lm, ExitOptions(exit=spec))
     n = args.max_new_tokens
     # warm-up: first calls allocate and pick kernels
