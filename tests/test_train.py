@@ -251,3 +251,15 @@ def test_training_from_prompt_completion_rows_and_alpaca_without_a_chat_template
     sequences = len(split.train) + two_turns
     assert len(TokenizedDataset(split.train, load_model(bare, device="cpu").tokenizer, "alpaca", 320)) == sequences
     assert any(f"on {sequences} sequences from {len(split.train)} rows" in line for line in said)
+
+
+def test_an_unfinished_run_of_an_older_lite_still_resumes():
+    """Settings a newer lite records at their default (report_to [], lora_dropout None) do not make the run
+    recorded in <out>.partial/lite_run.json by an older lite look different; set ones do."""
+    from lite.training.trainer import _as_recorded_by_older_lite as older
+
+    recorded = {"model": "m", "training": {"lr": 0.1, "lora": False}}
+    now = {"model": "m", "training": {"lr": 0.1, "lora": False, "report_to": [], "lora_dropout": None}}
+    assert older(now, recorded) == recorded
+    assert older(dict(now, training=dict(now["training"], report_to=["wandb"])), recorded) != recorded
+    assert older(dict(now, training=dict(now["training"], lr=0.2)), recorded) != recorded

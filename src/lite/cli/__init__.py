@@ -22,6 +22,8 @@ import sys
 import traceback
 
 from ..errors import LiteError
+from .config_file import FLAG as CONFIG_FLAG
+from .config_file import HELP as CONFIG_HELP
 
 VERBS = {
     "train": "LITE instruction tuning (or the final-layer baseline), full or LoRA",
@@ -35,10 +37,31 @@ DEBUG_ENV = "LITE_DEBUG"
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with refusals on one line, like every other lite error (the usage is one --help away)."""
+    """argparse with refusals on one line, like every other lite error (the usage is one --help away); the
+    top-level parser (``verbs`` set) also replaces a verb's ``--config FILE`` by the file's flags
+    (:mod:`lite.cli.config_file`) before parsing, so file values meet the flags' own checks."""
+
+    verbs: dict[str, argparse.ArgumentParser] | None = None
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        if not self.verbs:
+            return super().parse_known_args(args, namespace)
+        from .config_file import ConfigFileError, expand
+
+        words = list(sys.argv[1:] if args is None else args)
+        at = next((i for i, w in enumerate(words) if w in self.verbs), None)
+        if at is not None:
+            try:
+                words = words[:at + 1] + expand(self.verbs[words[at]], words[at + 1:])
+            except ConfigFileError as exc:
+                self.verbs[words[at]].error(str(exc))
+        parsed, extras = super().parse_known_args(words, namespace)
+        if getattr(parsed, "config", None) is not None:  # an abbreviation argparse resolved: not expanded
+            self.verbs[parsed.verb].error("write --config in full")
+        return parsed, extras
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,10 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", default=False,
                         help=f"show the full traceback of an error (also ${DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    parser.verbs = {}
     for verb, help_text in VERBS.items():
         module = importlib.import_module(f".{verb}_cmd", __name__)
         p = sub.add_parser(verb, help=help_text, description=help_text)
         module.add_arguments(p)
+        p.add_argument(CONFIG_FLAG, default=None, metavar="FILE", help=CONFIG_HELP)
+        parser.verbs[verb] = p
         # also accepted after the verb; SUPPRESS keeps a top-level --debug from being reset by the default
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         p.set_defaults(_run=module.run)

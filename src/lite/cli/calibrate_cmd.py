@@ -11,6 +11,14 @@ from ..errors import LiteError
 from . import add_device_argument, add_dtype_argument
 from .numbers import nonnegative_int, number, open_unit, positive_int, seed
 
+# The typed functions behind this verb; see lite.cli.train_cmd.CONTRACT (checked by tests/test_cli.py).
+# Their data arguments (the model, the rows, the collected statistics) are what the verb itself prepares.
+CONTRACT = {
+    "lite.calibration.check_options": {},
+    "lite.calibration.collect": {"lm": None, "examples": None, "with_states": "gate", "progress": None},
+    "lite.calibration.select": {"data": None},
+}
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model folder, LoRA adapter folder, or smollm2-135m-instruct "
@@ -39,6 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gate", action="store_true",
                    help="also train a learned exit gate (logistic regression per exit on the normed state)")
     p.add_argument("--gate-hidden", type=nonnegative_int, default=0, help="gate hidden width (0 = logistic regression)")
+    p.add_argument("--gate-steps", type=positive_int, default=300, help="optimiser steps of gate training")
     p.add_argument("--draft-vocab", action="store_true",
                    help="also rank tokens by frequency in the responses of the training sources recorded in "
                         "lite_config.json (else of the calibration rows) into draft_vocab.json, for "
@@ -157,7 +166,8 @@ def run(args: argparse.Namespace) -> int:
                    max_new_tokens=args.max_new_tokens, progress=tick)
     progress(f"collected {data.tokens} tokens from {data.examples} examples in {time.perf_counter() - start:.1f} s")
     result = select(data, rule=args.rule, confidence=confidence, target=args.target, epsilon=args.epsilon,
-                    delta=args.delta, gate=args.gate, gate_hidden=args.gate_hidden, seed=args.seed,
+                    delta=args.delta, gate=args.gate, gate_hidden=args.gate_hidden, gate_steps=args.gate_steps,
+                    seed=args.seed,
                     **({"min_tokens": args.min_tokens} if args.min_tokens else {}))
     result.data = data_info
     path = save_calibration(lm, result)

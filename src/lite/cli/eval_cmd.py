@@ -9,6 +9,10 @@ from ..errors import LiteError
 from . import add_device_argument, add_dtype_argument
 from .numbers import positive_floats, positive_int, thresholds
 
+# The typed function behind this verb; see lite.cli.train_cmd.CONTRACT (checked by tests/test_cli.py).
+CONTRACT = {"lite.evaluation.evaluate": {"testsets": "testset", "hf_baseline": "no_hf_baseline", "embedder": None,
+                                         "progress_bar": None, "log": None}}
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add = p.add_argument

@@ -73,6 +73,16 @@ def nonempty_text(text: str) -> str:
     return text
 
 
+def report_targets(text: str) -> list[str]:
+    """``--report-to``: ``none``, or comma-separated ``tensorboard``/``wandb`` (whether each is installed is
+    checked by :func:`lite.training.trainer.report_destinations`, before the model loads)."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in ("none", "tensorboard", "wandb")]
+    if not names or bad or ("none" in names and len(names) > 1):
+        raise argparse.ArgumentTypeError(f"give none, tensorboard, wandb or tensorboard,wandb; got {text!r}")
+    return [n for n in names if n != "none"]
+
+
 def positive_floats(text: str) -> list[float]:
     """Comma-separated finite numbers > 0, at least one (``--threshold-scales 0.8,0.9,1.0``)."""
     parts = [t for t in text.split(",") if t.strip()]

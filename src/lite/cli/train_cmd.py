@@ -9,7 +9,12 @@ from __future__ import annotations
 import argparse
 
 from . import add_device_argument, add_dtype_argument
-from .numbers import number, positive_float, positive_int, probability, seed
+from .numbers import number, positive_float, positive_int, probability, report_targets, seed
+
+# The typed function behind this verb, and how its parameters meet the flags: a parameter is the flag of
+# the same name, the flag named here, or (None) a Python-only argument. tests/test_cli.py fails when a
+# parameter has no flag or run() leaves one out, so the CLI and the function cannot drift apart.
+CONTRACT = {"lite.training.train": {"filters": "filter", "show_progress_bar": "no_progress_bar", "progress": None}}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,12 +28,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=positive_int, default=None, help="stop after N optimiser steps (overrides --epochs)")
     p.add_argument("--epochs", type=positive_float, default=3.0, help="passes over the training rows (default 3)")
     p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate, cosine schedule "
-                   "(default 2e-5 full fine-tuning, 2e-4 LoRA)")
+                   "(default 2e-5 full fine-tuning, 2e-4 LoRA, 1e-3 exit modules)")
+    p.add_argument("--warmup-ratio", type=number(float, 0, 1, high_open=True), default=0.03,
+                   help="share of the steps over which the learning rate rises to --lr, in [0, 1) (default 0.03)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="rows per process per micro-batch (default 8)")
     p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimiser step (default 1)")
     p.add_argument("--max-length", type=positive_int, default=256, help="tokens per row, cut at the end (default 256)")
     p.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of all weights")
-    p.add_argument("--lora-rank", type=positive_int, default=16, help="LoRA rank (default 16; alpha = 2 x rank)")
+    p.add_argument("--lora-rank", type=positive_int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--lora-alpha", type=positive_int, default=None, help="LoRA alpha (default: 2 x rank)")
+    p.add_argument("--lora-dropout", type=number(float, 0, 1, high_open=True), default=0.0,
+                   help="dropout on the LoRA input, in [0, 1) (default 0)")
     p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                    help="comma-separated module names LoRA adapts (default: attention and MLP projections)")
     p.add_argument("--baseline", action="store_true",
@@ -56,6 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_device_argument(p)
     p.add_argument("--loss-mode", default="fused", choices=["fused", "checkpoint", "plain"],
                    help="how exit logits are kept for backward (default fused; see docs/train.md)")
+    p.add_argument("--chunk-size", type=positive_int, default=512,
+                   help="response positions per LM-head chunk in the exit losses (default 512)")
     p.add_argument("--targets", default="data", choices=["data", "distill", "mixed"],
                    help="what each exit learns: data (the paper: CE on the response tokens), distill (KL toward "
                         "the starting model's final layer), mixed (--ce-weight x CE + the rest x KL); default data")
@@ -70,6 +82,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--own-answers-cache", default=None, metavar="FILE",
                    help="keep the own answers in FILE (JSONL) instead of <out>.partial, to share them between runs "
                         "on the same rows and model")
+    p.add_argument("--report-to", type=report_targets, default=None, metavar="none|tensorboard|wandb",
+                   help="also send the logs to TensorBoard (event files in <out>/runs) or Weights & Biases; "
+                        "comma-separated for both; needs the package installed (default none)")
     p.add_argument("--no-progress-bar", action="store_true", help="no tqdm bar (logs still print)")
 
 
@@ -88,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
         logging_steps=args.logging_steps, dtype=args.dtype, device=args.device, loss_mode=args.loss_mode, progress=progress,
         show_progress_bar=not args.no_progress_bar, targets=args.targets, ce_weight=args.ce_weight,
         exit_modules=args.exit_modules, own_answers=args.own_answers, own_answer_tokens=args.own_answer_tokens,
-        own_answers_cache=args.own_answers_cache,
+        own_answers_cache=args.own_answers_cache, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        warmup_ratio=args.warmup_ratio, chunk_size=args.chunk_size, report_to=args.report_to,
     )
     import os
 

@@ -266,6 +266,37 @@ def _make_teacher(lm, lora: bool):
     return teacher
 
 
+REPORT_TO = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}  # destination -> packages
+
+
+def report_destinations(report_to: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """``--report-to`` as Trainer's list: [] for None or "none"; each destination's package must be installed.
+
+    Raises:
+        TrainError: an unknown destination, or one whose package is missing (named, with the pip command).
+    """
+    import importlib.util
+
+    names = report_to.split(",") if isinstance(report_to, str) else list(report_to or [])
+    names = [n.strip() for n in names if n.strip() and n.strip() != "none"]
+    for name in names:
+        if name not in REPORT_TO:
+            raise TrainError(f"--report-to must be none or one or more of {sorted(REPORT_TO)}, got {name!r}")
+        if not any(importlib.util.find_spec(package) for package in REPORT_TO[name]):
+            raise TrainError(f"--report-to {name}: the '{REPORT_TO[name][0]}' package is not installed; "
+                             f"pip install {REPORT_TO[name][0]}, or leave --report-to none")
+    return list(dict.fromkeys(names))
+
+
+def _as_recorded_by_older_lite(now: Any, recorded: Any) -> Any:
+    """``now`` (a run's settings) less the keys ``recorded`` lacks whose value is off (None, False, empty):
+    settings a newer lite records at their default do not make an unfinished run of an older one differ."""
+    if not (isinstance(now, dict) and isinstance(recorded, dict)):
+        return now
+    return {k: _as_recorded_by_older_lite(v, recorded.get(k)) for k, v in now.items()
+            if k in recorded or v not in (None, False, [], {}, "")}
+
+
 def _portable_model_spec(model: str | None) -> str:
     """What to record as base_model: the alias or hub id as given, a local folder as an absolute path."""
     from ..model.loading import DEFAULT_MODEL
@@ -285,7 +316,8 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
           heldout_fraction: float = DEFAULT_HELDOUT_FRACTION, seed: int = 0, bf16: bool = False,
           gradient_checkpointing: bool = False, save_steps: int = 200, logging_steps: int = 10,
           dtype: str | None = "float32", loss_mode: str = "fused", chunk_size: int = DEFAULT_CHUNK_SIZE,
-          warmup_ratio: float = 0.03, device: str | None = None, targets: str = "data",
+          warmup_ratio: float = 0.03, lora_dropout: float = 0.0, report_to: str | list[str] | None = None,
+          device: str | None = None, targets: str = "data",
           ce_weight: float = 0.5, exit_modules: str | None = None, own_answers: bool = False,
           own_answer_tokens: int = 128, own_answers_cache: str | os.PathLike[str] | None = None,
           progress: Callable[[str], None] | None = None,
@@ -303,8 +335,8 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
         lr: peak learning rate (cosine schedule); default 2e-5 full fine-tuning, 2e-4 LoRA.
         batch_size: rows per device per micro-batch. grad_accum: micro-batches per optimiser step.
         max_length: tokens per row (prompt + response + EOS), cut at the end.
-        lora: train a LoRA adapter (rank ``lora_rank``, alpha ``lora_alpha`` = 2*rank by default) on
-            ``lora_targets`` instead of all weights.
+        lora: train a LoRA adapter (rank ``lora_rank``, alpha ``lora_alpha`` = 2*rank by default, dropout
+            ``lora_dropout`` on its input, default none) on ``lora_targets`` instead of all weights.
         baseline: final-layer loss only (standard instruction tuning), for comparison with LITE.
         exit_layers: "8,12,...,L" or a list; None = the default exits (every L/8 from L/4, plus L).
         loss_weighting: "uniform" (paper) or "increasing" (weight proportional to depth).
@@ -316,6 +348,10 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
         bf16: bf16 autocast (mixed precision). gradient_checkpointing: recompute blocks in backward.
         save_steps: checkpoint every this many steps (resume point). logging_steps: log every this many.
         dtype: weights dtype ("float32", "bfloat16"). loss_mode, chunk_size: see :mod:`lite.training.losses`.
+        warmup_ratio: share of the steps over which the learning rate rises to ``lr``, in [0, 1).
+        report_to: where Trainer also sends its logs: None or "none" (default), "tensorboard", "wandb", or
+            several (a list, or comma-separated); each needs its package installed. TensorBoard event files
+            end up in ``<out>/runs``.
         device: "cpu", "cuda", "mps", "xpu" (a type, not an index: under torchrun each process takes its
             own GPU); default: the accelerator torch reports, else the CPU.
         targets: what each exit learns (SPEC §7): "data" (the paper: cross-entropy against the response
@@ -384,6 +420,14 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
                          "under torchrun")
     if own_answer_tokens < 1:
         raise TrainError(f"--own-answer-tokens must be at least 1, got {own_answer_tokens}")
+    for flag, value in (("--warmup-ratio", warmup_ratio), ("--lora-dropout", lora_dropout)):
+        if not (math.isfinite(value) and 0.0 <= value < 1.0):
+            raise TrainError(f"{flag} must be in [0, 1), got {value}")
+    if lora_alpha is not None and not lora_alpha > 0:
+        raise TrainError(f"--lora-alpha must be > 0, got {lora_alpha}")
+    if chunk_size < 1:
+        raise TrainError(f"--chunk-size must be at least 1, got {chunk_size}")
+    reports = report_destinations(report_to)
 
     split = prepare_data(data, filters=filters, heldout_fraction=heldout_fraction, seed=seed)
     lm = load_model(model, dtype=dtype, device=str(target), progress=say)
@@ -410,6 +454,7 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
     settings = {
         "lora": lora, "lora_rank": lora_rank if lora else None,
         "lora_alpha": (lora_alpha or 2 * lora_rank) if lora else None,
+        "lora_dropout": lora_dropout if lora else None,
         "lora_targets": list(lora_targets) if lora else None, "baseline": baseline,
         "trained_layers": train_layers, "max_steps": max_steps, "epochs": epochs, "lr": lr,
         "lr_schedule": "cosine", "warmup_ratio": warmup_ratio, "batch_size": batch_size,
@@ -419,7 +464,7 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
         "rows_dropped_too_long": dataset.dropped, "targets": targets,
         "ce_weight": ce_weight if targets == "mixed" else None, "exit_modules": exit_modules,
         "responses": "own answers" if own_answers else "dataset",
-        "own_answer_tokens": own_answer_tokens if own_answers else None,
+        "own_answer_tokens": own_answer_tokens if own_answers else None, "report_to": reports,
     }
     run_record = {"model": _portable_model_spec(model), "data": split.provenance, "exit_layers": layers,
                   "loss_weighting": loss_weighting, "prompt_format": prompt_format, "training": settings}
@@ -431,7 +476,7 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise TrainError(f"{previous} cannot be read ({exc}); it records the unfinished run in {work}: "
                              f"delete {work} to start afresh") from None
-        if recorded != json.loads(json.dumps(run_record)):
+        if recorded != _as_recorded_by_older_lite(json.loads(json.dumps(run_record)), recorded):
             raise TrainError(f"{work} holds an unfinished run with other settings; re-run the same command to "
                              f"resume it, or delete {work} to start afresh")
     if _rank() == 0:
@@ -460,7 +505,7 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
     if lora:
         from peft import LoraConfig, get_peft_model
 
-        peft_config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha or 2 * lora_rank, lora_dropout=0.0,
+        peft_config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha or 2 * lora_rank, lora_dropout=lora_dropout,
                                  target_modules=list(lora_targets), task_type="CAUSAL_LM")
         try:
             with quiet_peft_internals():
@@ -485,7 +530,7 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
         lr_scheduler_type="cosine", warmup_steps=warmup_ratio, weight_decay=0.0, logging_steps=logging_steps,
         save_steps=save_steps, save_total_limit=2, bf16=bf16, use_cpu=use_cpu, seed=seed, data_seed=seed,
         **_checkpointing_args(TrainingArguments, gradient_checkpointing),
-        report_to=[], disable_tqdm=not show_progress_bar, remove_unused_columns=False,
+        report_to=reports, run_name=out.name, disable_tqdm=not show_progress_bar, remove_unused_columns=False,
         dataloader_num_workers=0, ddp_backend="gloo" if use_cpu and distributed else None,
         ddp_find_unused_parameters=False, save_only_model=False,
     )
@@ -554,6 +599,8 @@ def _save_final(trainer, train_model, tokenizer, lite_config: LiteConfig, work: 
             warnings.filterwarnings("ignore", message=r"Could not find a config file in .* vocabulary was not modified")
             model.save_pretrained(str(final))
     tokenizer.save_pretrained(str(final))
+    if (work / "runs").is_dir():  # TensorBoard's event files (--report-to tensorboard) stay with the model
+        shutil.move(str(work / "runs"), str(final / "runs"))
     lite_config.save(final)
     (final / "trainer_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     if generation_config is not None and not (final / "generation_config.json").is_file():
