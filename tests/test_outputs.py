@@ -124,3 +124,22 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path):
     finally:
         os.umask(old)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
+def test_gate_and_exit_module_files_are_readable_by_others(tmp_path):
+    import os
+    import stat
+
+    import torch
+
+    from lite.decoding.gate import LearnedExitGate, save_gate
+    from lite.model.exit_modules import ExitModules
+
+    old = os.umask(0o022)
+    try:
+        gate = LearnedExitGate({2: [(torch.zeros(1, 4), torch.zeros(1))]}, {2: 0.5}, hidden=4)
+        path = save_gate(gate, tmp_path, "gate.safetensors")
+        modules = ExitModules("affine", [2], 4).save(tmp_path)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644 and stat.S_IMODE(modules.stat().st_mode) == 0o644

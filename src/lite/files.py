@@ -18,11 +18,17 @@ def temporary_beside(path: Path) -> str:
     ``os.replace``). It gets the permissions an ordinary new file gets under the umask (``mkstemp`` makes it
     private, 0600, which would leave a shared or packaged checkpoint unreadable to everyone else)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)
+    os.fchmod(fd, ordinary_mode())
     os.close(fd)
     return tmp
+
+
+def ordinary_mode() -> int:
+    """The permissions of a new file under the current umask (0o644 under the usual 022). Writers that
+    replace the temporary file themselves (safetensors' ``save_file``) apply it again before the rename."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import LiteError
-from ..files import temporary_beside
+from ..files import ordinary_mode, temporary_beside
 
 GATE_FILE = "exit_gate.safetensors"
 GATE_FORMAT = "lite-exit-gate-v1"
@@ -198,6 +198,7 @@ def save_gate(gate: LearnedExitGate, folder: str | os.PathLike[str], name: str =
     tmp = temporary_beside(folder / name)
     try:
         save_file(tensors, tmp, metadata=meta)
+        os.chmod(tmp, ordinary_mode())  # save_file writes a new, private file
         os.replace(tmp, folder / name)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
