@@ -69,8 +69,12 @@ def test_shipped_adapter_is_complete_when_present():
     from lite.model.config import LiteConfig
 
     cfg = LiteConfig.load(folder)
-    assert cfg is not None and cfg.adapter and cfg.base_model == "smollm2-135m-instruct"
+    # a small checkpoint over the embedded default: a LoRA adapter or exit modules, never a full model copy
+    assert cfg is not None and cfg.base_model == "smollm2-135m-instruct"
+    assert cfg.adapter or (cfg.exit_modules and (folder / "exit_modules.safetensors").is_file())
+    assert not list(folder.glob("model*.safetensors"))
     assert all(cfg.threshold_for(k) is not None for k in cfg.exit_layers if k < cfg.num_layers)
+    assert cfg.gate_file and (folder / cfg.gate_file).is_file() and cfg.default_exit == "gate"
     assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) <= 16 * 2**20
 
 

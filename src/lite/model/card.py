@@ -17,6 +17,7 @@ from typing import Any
 
 from ..files import write_atomic
 from .config import CONFIG_NAME, LiteConfig
+from .loading import hub_id_for
 
 CARD_NAME = "README.md"
 MARK = "<!-- model card written by lite from lite_config.json; lite rewrites it when it changes the folder -->"
@@ -87,7 +88,7 @@ def model_card(folder: str | Path, base_id: str | None = None, name: str | None 
     folder = Path(folder)
     cfg = LiteConfig.load(folder) or LiteConfig.default_for(1)
     adapter = _read_json(folder / "adapter_config.json")
-    base = base_id or adapter.get("base_model_name_or_path") or cfg.base_model
+    base = base_id or adapter.get("base_model_name_or_path") or (hub_id_for(cfg.base_model) if cfg.base_model else None)
     kind = ("exit modules" if cfg.exit_modules else "LoRA adapter" if adapter else "full model")
     license_ = base_license(base)
     t = cfg.training or {}

