@@ -62,6 +62,7 @@ class DemoResult:
     num_layers: int
     exit_layers: list[int]
     checked_layers: list[int]  # exit layers below L the policy checks (what the colours stand for)
+    dtype: str = "float32"  # the dtype both the full model and early exit ran in
     answers: list[DemoAnswer] = field(default_factory=list)
     lossless_policy: str | None = None  # how the lossless run drafted, when it ran
 
@@ -185,6 +186,7 @@ def run_demo(*, model: str | None = None, prompts: list[str] | None = None, max_
         embedder.encode(["warm up"])  # load MiniLM now, not in the middle of the first answer
     checked = sorted(k for k in (policy.exit_layers or lm.exit_layers) if k < lm.num_layers)
     result = DemoResult(model=lm.source or "", adapter=str(adapter) if adapter else None, policy=policy_name,
+                        dtype=str(lm.dtype).replace("torch.", ""),
                         num_layers=lm.num_layers, exit_layers=lm.exit_layers, checked_layers=checked,
                         lossless_policy=spec_name if spec_policy is not None else None)
     if on_ready:
