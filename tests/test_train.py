@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -263,3 +264,59 @@ def test_an_unfinished_run_of_an_older_lite_still_resumes():
     assert older(now, recorded) == recorded
     assert older(dict(now, training=dict(now["training"], report_to=["wandb"])), recorded) != recorded
     assert older(dict(now, training=dict(now["training"], lr=0.2)), recorded) != recorded
+
+
+# Responses of equal token counts: the mean of two processes' per-token means is then the one-process mean,
+# so the two runs see the same loss and gradients up to float rounding.
+EQUAL_ROWS = [{"instruction": f"Say number {i:02d}.", "input": "", "output": f"Number {i:02d} said."}
+              for i in range(24)]
+
+
+def test_fsdp_two_processes_match_one_process(tiny_model_dir, tmp_path):
+    """lite train --fsdp under torchrun, 2 CPU processes (gloo), against one process on the same global
+    batch: same losses step by step, same weights. accelerate keeps DDP on CPUs; tests/fsdp_cpu.py lifts
+    only that gate, the sharding, Trainer's FSDP checkpoint (step 2) and the gathered final save are real."""
+    from safetensors.torch import load_file
+
+    data = tmp_path / "equal.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in EQUAL_ROWS))
+    one = train(str(tiny_model_dir), str(data), tmp_path / "one", max_steps=3, lr=1e-2, batch_size=4,
+                max_length=128, logging_steps=1, show_progress_bar=False)
+    out = tmp_path / "fsdp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    launcher = str(Path(__file__).with_name("fsdp_cpu.py"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", launcher,
+           "train", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(out), "--fsdp",
+           "--max-steps", "3", "--lr", "0.01", "--batch-size", "2", "--max-length", "128", "--logging-steps", "1",
+           "--save-steps", "2", "--no-progress-bar"]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = json.loads((out / "lite_config.json").read_text())["training"]
+    assert cfg["world_size"] == 2 and cfg["steps"] == 3
+    assert cfg["fsdp"]["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"] and cfg["fsdp"]["version"] == 2
+    sharded = [h["loss"] for h in json.loads((out / "trainer_log.json").read_text()) if "loss" in h]
+    single = [h["loss"] for h in one.log_history if "loss" in h]
+    assert len(sharded) == len(single) == 3
+    assert sharded == pytest.approx(single, rel=1e-4)
+    assert single[0] != pytest.approx(single[2], rel=1e-3)  # the weights did move
+    a, b = load_file(one.output_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    assert sorted(a) == sorted(b)  # the tied head is not saved twice
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    assert not out.with_name("fsdp.partial").exists()
+
+
+@pytest.mark.parametrize("world, extra, words", [
+    ("1", [], "--fsdp shards the model over several processes: start lite train under torchrun"),
+    ("2", ["--exit-modules", "affine"], "--exit-modules trains a few MB on a frozen one"),
+    ("2", ["--targets", "distill"], "--fsdp with --targets distill"),
+])
+def test_fsdp_refusals_come_before_the_model_loads(world, extra, words, tmp_path, capsys, monkeypatch):
+    import lite.model.loading
+
+    monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setattr(lite.model.loading, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    data = tmp_path / "equal.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in EQUAL_ROWS))
+    code = main(["train", "--data", str(data), "--out", str(tmp_path / "o"), "--fsdp", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and err.count("error:") == 1 and not (tmp_path / "o").exists()

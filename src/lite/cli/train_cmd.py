@@ -62,6 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-steps", type=positive_int, default=200,
                    help="checkpoint (resume point) every N steps (default 200)")
     p.add_argument("--logging-steps", type=positive_int, default=10, help="log losses every N steps (default 10)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard weights, gradients and optimiser state over the processes of torchrun (FSDP2, full "
+                        "shard, one unit per decoder block) instead of a copy in each (DDP); see docs/train.md")
     add_dtype_argument(p, "float32")
     add_device_argument(p)
     p.add_argument("--loss-mode", default="fused", choices=["fused", "checkpoint", "plain"],
@@ -104,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         show_progress_bar=not args.no_progress_bar, targets=args.targets, ce_weight=args.ce_weight,
         exit_modules=args.exit_modules, own_answers=args.own_answers, own_answer_tokens=args.own_answer_tokens,
         own_answers_cache=args.own_answers_cache, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-        warmup_ratio=args.warmup_ratio, chunk_size=args.chunk_size, report_to=args.report_to,
+        warmup_ratio=args.warmup_ratio, chunk_size=args.chunk_size, report_to=args.report_to, fsdp=args.fsdp,
     )
     import os
 

@@ -291,19 +291,21 @@ class LiteModel:
         return self.decoder.embed_tokens.weight.dtype
 
     # ----------------------------------------------------------------- exits
-    def exit_normed(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+    def exit_normed(self, hidden: torch.Tensor, layer: int, direct: bool = False) -> torch.Tensor:
         """The normed exit state of a *raw* block output: the exit module of ``layer`` (if any), then the
         final norm, once. This is what the head and the learned gate read.
 
         Args:
             hidden: (..., D) output of decoder block ``layer`` (un-normed).
             layer: k in 1..L; layer L (and any layer without a module) goes through the norm only.
+            direct: run the norm's ``forward`` itself, without the module call's hooks (see
+                :meth:`forward_exit_states`).
         Returns:
             (..., D) normed state.
         """
         if self.exit_modules is not None and layer < self.num_layers:
             hidden = self.exit_modules.apply_at(layer, hidden)
-        return self.final_norm(hidden)
+        return self.final_norm.forward(hidden) if direct else self.final_norm(hidden)
 
     def exit_module_flops(self, layer: int) -> int:
         """FLOPs of the exit module of ``layer`` for one position (0 without one)."""
@@ -373,11 +375,11 @@ class LiteModel:
                            use_cache=False)
         return self._normed_exits(out.hidden_states, layers)
 
-    def _normed_exits(self, states, layers: list[int]) -> dict[int, torch.Tensor]:
+    def _normed_exits(self, states, layers: list[int], direct: bool = False) -> dict[int, torch.Tensor]:
         """transformers' ``hidden_states`` (L+1 entries, the last already normed) -> {layer: normed state},
-        through the exit modules below L."""
+        through the exit modules below L; ``direct``: see :meth:`forward_exit_states`."""
         L = self.num_layers
-        return {k: states[k] if k == L else self.exit_normed(states[k], k) for k in layers}
+        return {k: states[k] if k == L else self.exit_normed(states[k], k, direct) for k in layers}
 
     def forward_exit_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                             layers: list[int] | None = None, module: nn.Module | None = None
@@ -389,6 +391,13 @@ class LiteModel:
         with ``logits_to_keep`` = no position, because the LITE loss evaluates the head itself at response
         positions only. Same normalisation rule as :meth:`hidden_states`.
 
+        The final norm is applied to the intermediate states by its ``forward`` itself, not through the
+        module call: under FSDP2 (``lite train --fsdp``) the norm and the head form a unit whose hooks
+        gather its weights once per forward of the model; calling the module again after that forward
+        re-enters those hooks and breaks the backward (a segmentation fault with torch 2.13 on gloo).
+        The weights are still gathered then, so the direct call computes the same; without FSDP the two
+        calls are the same.
+
         Returns:
             {layer: (B, T, D) normed state}.
         """
@@ -397,7 +406,7 @@ class LiteModel:
         no_position = torch.empty(0, dtype=torch.long, device=input_ids.device)
         out = module(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
                      use_cache=False, logits_to_keep=no_position)
-        return self._normed_exits(out.hidden_states, layers)
+        return self._normed_exits(out.hidden_states, layers, direct=True)
 
     # ----------------------------------------------------------------- decode primitives
     def new_cache(self, max_len: int, batch: int = 1) -> LayerCache:

@@ -48,6 +48,7 @@ from .data import (
     TokenizedDataset,
     prepare_data,
 )
+from .fsdp import direct_head, fsdp_config
 from .losses import DEFAULT_CHUNK_SIZE, LOSS_MODES, distill_loss, lite_loss
 from .own_answers import ANSWERS_FILE, generate_own_answers
 
@@ -120,13 +121,14 @@ def _make_trainer_class():
             states = lm.forward_exit_states(inputs["input_ids"], inputs.get("attention_mask"), layers=wanted,
                                             module=model)
             exits = {k: states[k] for k in layers}
+            head = direct_head(lm.lm_head) if self.is_fsdp_enabled else lm.lm_head
             parts: dict[str, Any] = {}
             if self.targets != "data":
                 teacher = states[lm.num_layers].detach() if own_teacher else self.teacher(model, inputs)
-                parts["kl_l"] = distill_loss(exits, teacher, labels, lm.lm_head, self.exit_weights,
+                parts["kl_l"] = distill_loss(exits, teacher, labels, head, self.exit_weights,
                                              chunk_size=self.chunk_size)
             if self.targets != "distill":
-                parts["loss_l"] = lite_loss(exits, labels, lm.lm_head, self.exit_weights,
+                parts["loss_l"] = lite_loss(exits, labels, head, self.exit_weights,
                                             chunk_size=self.chunk_size, mode=self.loss_mode)
             if self.targets == "mixed":
                 total = (1 - self.ce_weight) * parts["kl_l"].total + self.ce_weight * parts["loss_l"].total
@@ -317,7 +319,7 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
           gradient_checkpointing: bool = False, save_steps: int = 200, logging_steps: int = 10,
           dtype: str | None = "float32", loss_mode: str = "fused", chunk_size: int = DEFAULT_CHUNK_SIZE,
           warmup_ratio: float = 0.03, lora_dropout: float = 0.0, report_to: str | list[str] | None = None,
-          device: str | None = None, targets: str = "data",
+          fsdp: bool = False, device: str | None = None, targets: str = "data",
           ce_weight: float = 0.5, exit_modules: str | None = None, own_answers: bool = False,
           own_answer_tokens: int = 128, own_answers_cache: str | os.PathLike[str] | None = None,
           progress: Callable[[str], None] | None = None,
@@ -352,6 +354,9 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
         report_to: where Trainer also sends its logs: None or "none" (default), "tensorboard", "wandb", or
             several (a list, or comma-separated); each needs its package installed. TensorBoard event files
             end up in ``<out>/runs``.
+        fsdp: shard the weights, gradients and optimiser state over the processes (PyTorch FSDP2 through
+            Trainer: full shard, each decoder block its own unit) instead of keeping a copy in each
+            (DDP); for models too large for one device. Run under ``torchrun``/``accelerate launch``.
         device: "cpu", "cuda", "mps", "xpu" (a type, not an index: under torchrun each process takes its
             own GPU); default: the accelerator torch reports, else the CPU.
         targets: what each exit learns (SPEC §7): "data" (the paper: cross-entropy against the response
@@ -428,6 +433,16 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
     if chunk_size < 1:
         raise TrainError(f"--chunk-size must be at least 1, got {chunk_size}")
     reports = report_destinations(report_to)
+    if fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise TrainError("--fsdp shards the model over several processes: start lite train under torchrun "
+                         "--nproc_per_node N (or accelerate launch)")
+    if fsdp and exit_modules:
+        raise TrainError("--fsdp shards a trained backbone; --exit-modules trains a few MB on a frozen one: "
+                         "leave out --fsdp (several processes use DDP)")
+    if fsdp and targets != "data":
+        raise TrainError(f"--fsdp with --targets {targets}: the teacher's forward is not sharded (a full "
+                         f"frozen copy, or the base model called outside the sharded forward); use --targets "
+                         f"data, or leave out --fsdp")
 
     split = prepare_data(data, filters=filters, heldout_fraction=heldout_fraction, seed=seed)
     lm = load_model(model, dtype=dtype, device=str(target), progress=say)
@@ -465,6 +480,7 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
         "ce_weight": ce_weight if targets == "mixed" else None, "exit_modules": exit_modules,
         "responses": "own answers" if own_answers else "dataset",
         "own_answer_tokens": own_answer_tokens if own_answers else None, "report_to": reports,
+        "fsdp": fsdp_config(lm) if fsdp else None,
     }
     run_record = {"model": _portable_model_spec(model), "data": split.provenance, "exit_layers": layers,
                   "loss_weighting": loss_weighting, "prompt_format": prompt_format, "training": settings}
@@ -520,59 +536,83 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
     trainee = LiteModel(lm.model if exit_modules else train_model, tokenizer, lite_config,
                         source=run_record["model"], exit_modules=modules)
 
-    from transformers import TrainingArguments
+    # accelerate marks an FSDP run in os.environ (and reads the mark while training): it is put back as it
+    # was afterwards, so that a later train() in this process is not sharded without --fsdp
+    fsdp_mark = os.environ.get("ACCELERATE_USE_FSDP")
+    try:
+        from transformers import TrainingArguments
 
-    use_cpu = target.type == "cpu"  # otherwise Trainer (accelerate) takes the accelerator torch reports
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    args = TrainingArguments(
-        output_dir=str(work), per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
-        num_train_epochs=epochs, max_steps=max_steps if max_steps is not None else -1, learning_rate=lr,
-        lr_scheduler_type="cosine", warmup_steps=warmup_ratio, weight_decay=0.0, logging_steps=logging_steps,
-        save_steps=save_steps, save_total_limit=2, bf16=bf16, use_cpu=use_cpu, seed=seed, data_seed=seed,
-        **_checkpointing_args(TrainingArguments, gradient_checkpointing),
-        report_to=reports, run_name=out.name, disable_tqdm=not show_progress_bar, remove_unused_columns=False,
-        dataloader_num_workers=0, ddp_backend="gloo" if use_cpu and distributed else None,
-        ddp_find_unused_parameters=False, save_only_model=False,
-    )
-    clock = _train_clock_callback(resume)
-    trainer = _make_trainer_class()(
-        model=train_model, args=args, train_dataset=dataset, data_collator=PadCollator(tokenizer.pad_token_id),
-        processing_class=tokenizer, lite_model=trainee, exit_weights=weights, loss_mode=loss_mode,
-        chunk_size=chunk_size, callbacks=[_log_last_step_callback(), clock], targets=targets, ce_weight=ce_weight,
-        teacher=teacher,
-    )
-    if resume:
-        say(f"resuming from {resume}")
-    what = f"{exit_modules} exit modules on a frozen backbone" if exit_modules else "LoRA" if lora else "full"
-    say(f"training {what} on {len(dataset)} sequences from {len(train_rows)} rows ({settings['responses']}, "
-        f"prompt format {prompt_format}, targets {targets}), exits "
-        f"{train_layers}, weights {[round(w, 3) for w in weights.values()]}")
-    if resume and _checkpoint_is_final(resume):
-        # Killed after the last checkpoint but before the output was written: Trainer would run one
-        # extra step on resume (it checks max_steps only after a step), so load the weights instead.
-        from transformers import TrainerState
+        use_cpu = target.type == "cpu"  # otherwise Trainer (accelerate) takes the accelerator torch reports
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        args = TrainingArguments(
+            output_dir=str(work), per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=grad_accum, num_train_epochs=epochs,
+            max_steps=max_steps if max_steps is not None else -1, learning_rate=lr,
+            lr_scheduler_type="cosine",
+            warmup_steps=warmup_ratio, weight_decay=0.0, logging_steps=logging_steps, save_steps=save_steps,
+            save_total_limit=2, bf16=bf16, use_cpu=use_cpu, seed=seed, data_seed=seed,
+            **_checkpointing_args(TrainingArguments, gradient_checkpointing),
+            report_to=reports, run_name=out.name, disable_tqdm=not show_progress_bar,
+            remove_unused_columns=False, dataloader_num_workers=0,
+            ddp_backend="gloo" if use_cpu and distributed else None, ddp_find_unused_parameters=False,
+            save_only_model=False, **({"fsdp": True, "fsdp_config": fsdp_config(lm)} if fsdp else {}),
+        )
+        clock = _train_clock_callback(resume)
+        trainer = _make_trainer_class()(
+            model=train_model, args=args, train_dataset=dataset,
+            data_collator=PadCollator(tokenizer.pad_token_id), processing_class=tokenizer, lite_model=trainee,
+            exit_weights=weights, loss_mode=loss_mode, chunk_size=chunk_size,
+            callbacks=[_log_last_step_callback(), clock], targets=targets, ce_weight=ce_weight,
+            teacher=teacher,
+        )
+        if fsdp and not trainer.is_fsdp_enabled:
+            import accelerate
 
-        trainer._load_from_checkpoint(resume)
-        trainer.state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json"))
-    else:
-        trainer.train(resume_from_checkpoint=resume)
+            raise TrainError(f"--fsdp: accelerate {accelerate.__version__} did not turn FSDP on (its mode here: "
+                             f"{trainer.accelerator.distributed_type.value}); it shards over several processes on "
+                             f"accelerators (CUDA, XPU, NPU, ...) started by torchrun or accelerate launch, and "
+                             f"runs DDP on CPUs: leave out --fsdp here")
+        if resume:
+            say(f"resuming from {resume}")
+        what = (f"{exit_modules} exit modules on a frozen backbone" if exit_modules else "LoRA" if lora
+                else "full")
+        say(f"training {what} on {len(dataset)} sequences from {len(train_rows)} rows "
+            f"({settings['responses']}, prompt format {prompt_format}, targets {targets}), exits "
+            f"{train_layers}, weights {[round(w, 3) for w in weights.values()]}")
+        if resume and _checkpoint_is_final(resume):
+            # Killed after the last checkpoint but before the output was written: Trainer would run one
+            # extra step on resume (it checks max_steps only after a step), so load the weights instead.
+            from transformers import TrainerState
 
-    history = trainer.state.log_history
-    prefix = "kl_l" if targets == "distill" else "loss_l"  # the per-exit figure the run optimises
-    last = next((h for h in reversed(history) if f"{prefix}{train_layers[-1]}" in h), {})
-    final_losses = {int(k[len(prefix):]): float(v) for k, v in last.items() if k.startswith(prefix)}
-    lite_config.training["steps"] = trainer.state.global_step
-    lite_config.training["train_seconds"] = round(clock.seconds(), 3)  # wall time in training, all resumes
-    if _rank() == 0:
-        _save_final(trainer, train_model, tokenizer, lite_config, work, out, lora, run_record["model"],
-                    modules, generation_config=getattr(lm.model, "generation_config", None))
-    trainer.accelerator.wait_for_everyone()
-    return TrainResult(out, trainer.state.global_step, final_losses, last.get("loss"), resume, lite_config,
-                       history)
+            trainer._load_from_checkpoint(resume)
+            trainer.state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json"))
+        else:
+            trainer.train(resume_from_checkpoint=resume)
+
+        history = trainer.state.log_history
+        prefix = "kl_l" if targets == "distill" else "loss_l"  # the per-exit figure the run optimises
+        last = next((h for h in reversed(history) if f"{prefix}{train_layers[-1]}" in h), {})
+        final_losses = {int(k[len(prefix):]): float(v) for k, v in last.items() if k.startswith(prefix)}
+        lite_config.training["steps"] = trainer.state.global_step
+        lite_config.training["train_seconds"] = round(clock.seconds(), 3)  # wall time training, resumes too
+        # under FSDP the full weights are gathered from every process (a collective: all ranks take part)
+        state_dict = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
+        if _rank() == 0:
+            _save_final(trainer, train_model, tokenizer, lite_config, work, out, lora, run_record["model"],
+                        modules, generation_config=getattr(lm.model, "generation_config", None),
+                        state_dict=state_dict)
+        trainer.accelerator.wait_for_everyone()
+        return TrainResult(out, trainer.state.global_step, final_losses, last.get("loss"), resume,
+                           lite_config, history)
+    finally:
+        if fsdp_mark is None:
+            os.environ.pop("ACCELERATE_USE_FSDP", None)
+        else:
+            os.environ["ACCELERATE_USE_FSDP"] = fsdp_mark
 
 
 def _save_final(trainer, train_model, tokenizer, lite_config: LiteConfig, work: Path, out: Path, lora: bool,
-                base_spec: str, modules=None, generation_config=None) -> None:
+                base_spec: str, modules=None, generation_config=None, state_dict=None) -> None:
     """Write the finished model into ``work/final`` and rename it to ``out``; then drop the work folder.
 
     An exit-module run writes only the modules (``exit_modules.safetensors``): ``lite_config.json`` names
@@ -597,7 +637,10 @@ def _save_final(trainer, train_model, tokenizer, lite_config: LiteConfig, work: 
                 cfg.base_model_name_or_path = hub_id_for(base_spec)
         with warnings.catch_warnings():  # peft probes the hub for the base's vocabulary; lite never changes it
             warnings.filterwarnings("ignore", message=r"Could not find a config file in .* vocabulary was not modified")
-            model.save_pretrained(str(final))
+            if state_dict is not None and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+                # gathered copies share no memory, so save_pretrained would keep the tied head as a second copy
+                state_dict = {k: v for k, v in state_dict.items() if not k.endswith("lm_head.weight")}
+            model.save_pretrained(str(final), **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(str(final))
     if (work / "runs").is_dir():  # TensorBoard's event files (--report-to tensorboard) stay with the model
         shutil.move(str(work / "runs"), str(final / "runs"))
