@@ -225,3 +225,86 @@ def test_report_to_tensorboard_keeps_the_event_files_with_the_model(tiny_model_d
                    report_to="tensorboard", show_progress_bar=False)
     events = list((result.output_dir / "runs").rglob("events.out.tfevents.*"))
     assert events and result.lite_config.training["report_to"] == ["tensorboard"]
+
+
+# ------------------------------------------------------------------------------ one set of flags (part 6)
+SHARED = ("--device", "--dtype", "--threads", "--exit")
+
+
+def _action(verb: str, flag: str):
+    return _verb_parsers()[verb]._option_string_actions.get(flag)
+
+
+@pytest.mark.parametrize("flag", SHARED)
+def test_shared_flags_are_spelled_and_checked_the_same_on_every_verb(flag):
+    from lite.cli import EXIT_HELP
+
+    verbs = [v for v in VERBS if _action(v, flag) is not None]
+    assert verbs == list(VERBS) if flag != "--exit" else verbs == ["generate", "eval", "serve", "demo"]
+    actions = [_action(v, flag) for v in verbs]
+    assert len({a.type for a in actions}) == 1 and len({a.metavar for a in actions}) == 1
+    assert len({tuple(a.choices or ()) for a in actions}) == 1
+    if flag == "--exit":
+        assert all(a.help.startswith(EXIT_HELP) for a in actions)
+    elif flag != "--dtype":  # --dtype's help names its verb's default
+        assert len({a.help for a in actions}) == 1
+
+
+@pytest.mark.parametrize("verb", list(VERBS))
+def test_help_shows_every_default_and_an_example(verb, capsys):
+    from lite.cli import _HelpFormatter
+
+    parser = _verb_parsers()[verb]
+    formatter = _HelpFormatter(parser.prog)
+    for action in parser._actions:
+        if not action.option_strings or action.help == argparse.SUPPRESS:
+            continue
+        assert action.help, f"lite {verb} {action.option_strings[0]} has no help"
+        if action.default not in (None, False, [], argparse.SUPPRESS):
+            assert "default" in formatter._get_help_string(action), (verb, action.option_strings)
+    assert main([verb, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert f"example:\n  lite {verb} " in out and "(default: " in out
+
+
+BAD_VALUES = [
+    ("--device", "gpu7", "'gpu7' is not a device"),
+    ("--dtype", "float64", "invalid choice: 'float64'"),
+    ("--threads", "0", "must be an integer >= 1"),
+    ("--exit", "bogus", "'bogus' is not a policy"),
+    ("--exit", "static:0", "K (the exit layer) must be an integer >= 1"),
+    ("--kv", "sideways", "sideways"),
+    ("--threshold-scale", "nan", "got 'nan'"),
+    ("--thresholds", "8:2", "thresholds are confidences in [-1, 1]"),
+    ("--confidence", "loud", "loud"),
+]
+REQUIRED = {"train": ["--data", "d.jsonl", "--out", "o"], "generate": ["Hi"]}
+
+
+def _bad_cases():
+    import torch
+
+    cases = list(BAD_VALUES)
+    if not torch.cuda.is_available():
+        cases.append(("--device", "cuda", "this machine has no cuda device"))
+    for verb in VERBS:
+        for flag, value, words in cases:
+            if _action(verb, flag) is not None:
+                yield verb, flag, value, words
+
+
+@pytest.mark.parametrize("verb, flag, value, words", list(_bad_cases()))
+def test_a_bad_shared_flag_is_refused_before_a_model_loads(verb, flag, value, words, tmp_path, capsys, monkeypatch):
+    import lite.model.loading
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(lite.model.loading, "load_model", no_load)
+    monkeypatch.chdir(tmp_path)
+    code = main([verb, *REQUIRED.get(verb, []), flag, value])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    line = [x for x in err.splitlines() if x.startswith("lite")]
+    assert len(line) == 1 and flag in line[0] and words in line[0], err
+    assert list(tmp_path.iterdir()) == []  # nothing written

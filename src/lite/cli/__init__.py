@@ -36,6 +36,19 @@ VERBS = {
 DEBUG_ENV = "LITE_DEBUG"
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's default in its help, as ArgumentDefaultsHelpFormatter writes it, unless the help
+    already says it or there is none to show (a switch, or None: the help says what happens then); the
+    epilog's example keeps its line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or not action.option_strings or action.default in (None, False, [])
+                or action.default is argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with refusals on one line, like every other lite error (the usage is one --help away); the
     top-level parser (``verbs`` set) also replaces a verb's ``--config FILE`` by the file's flags
@@ -73,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.verbs = {}
     for verb, help_text in VERBS.items():
         module = importlib.import_module(f".{verb}_cmd", __name__)
-        p = sub.add_parser(verb, help=help_text, description=help_text)
+        p = sub.add_parser(verb, help=help_text, description=help_text, formatter_class=_HelpFormatter,
+                           epilog=f"example:\n  {module.EXAMPLE}")
         module.add_arguments(p)
         p.add_argument(CONFIG_FLAG, default=None, metavar="FILE", help=CONFIG_HELP)
         parser.verbs[verb] = p
@@ -100,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     debug = debug_requested(args)
     try:
+        if getattr(args, "threads", None):  # --threads, for every verb alike, before anything runs
+            import torch
+
+            torch.set_num_threads(args.threads)
         return int(args._run(args) or 0)
     except LiteError as exc:
         if debug:
@@ -120,9 +138,34 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def add_device_argument(p: argparse.ArgumentParser) -> None:
-    """``--device``, spelled and explained the same way on every verb that loads a model."""
-    p.add_argument("--device", default=None, metavar="DEVICE",
+    """``--device``, spelled, explained and checked the same way on every verb that loads a model."""
+    from .numbers import device_name
+
+    p.add_argument("--device", default=None, metavar="DEVICE", type=device_name,
                    help="cpu, cuda, cuda:1, mps, xpu, ... (default: the accelerator torch reports, else cpu)")
+
+
+def add_threads_argument(p: argparse.ArgumentParser) -> None:
+    """``--threads``, the same on every verb that loads a model (:func:`main` applies it before the verb)."""
+    from .numbers import positive_int
+
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                   help="torch CPU threads (default: torch's own choice; 1 is much faster on a CPU shared with "
+                        "other jobs)")
+
+
+EXIT_HELP = ("exit policy: auto (the model's own best: the one lite calibrate recorded, else its gate, else its "
+             "thresholds, else none), none, dynamic (calibrated thresholds), gate (the learned exit gate), static:K "
+             "(always layer K), speculative[:N] (lossless: exits draft N tokens, the full model verifies)")
+
+
+def add_exit_argument(p: argparse.ArgumentParser, default: str | None = "auto", more: str = "") -> None:
+    """``--exit``, spelled, explained and checked the same way on every verb that decodes (``default`` None
+    where the verb tells 'not given' from auto, e.g. beside ``--speculative``; it then means auto)."""
+    from .numbers import exit_spec
+
+    p.add_argument("--exit", default=default, type=exit_spec, metavar="POLICY",
+                   help=EXIT_HELP + (" (default auto)" if default is None else "") + more)
 
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")

@@ -8,8 +8,10 @@ import time
 from pathlib import Path
 
 from ..errors import LiteError
-from . import add_device_argument, add_dtype_argument
+from . import add_device_argument, add_dtype_argument, add_threads_argument
 from .numbers import nonnegative_int, number, open_unit, positive_int, seed
+
+EXAMPLE = "lite calibrate --model runs/mine --rule agreement --target 0.9 --gate"
 
 # The typed functions behind this verb; see lite.cli.train_cmd.CONTRACT (checked by tests/test_cli.py).
 # Their data arguments (the model, the rows, the collected statistics) are what the verb itself prepares.
@@ -58,6 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=seed, default=0, help="seed of gate training")
     add_dtype_argument(p, "float32")
     add_device_argument(p)
+    add_threads_argument(p)
 
 
 def _fmt(v: float | None, digits: int = 3) -> str:

@@ -6,24 +6,26 @@ import argparse
 import os
 import sys
 
-from . import add_device_argument, add_dtype_argument
+from . import add_device_argument, add_dtype_argument, add_exit_argument, add_threads_argument
 from .numbers import nonempty_text, positive_int
+
+EXAMPLE = "lite demo --exit gate --prompt \"Name three primary colours.\""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="model or adapter folder (default: the embedded default with the shipped LITE adapter)")
-    p.add_argument("--exit", default=None,
-                   help="exit policy: gate, dynamic, static:K, speculative (default: the gate when the model has "
-                        "one, else its calibrated thresholds)")
+    add_exit_argument(p, default=None)
     p.add_argument("--max-new-tokens", type=positive_int, default=48, help="tokens per answer (default 48)")
     add_dtype_argument(p, "auto")
     add_device_argument(p)
+    add_threads_argument(p)
     p.add_argument("--prompt", action="append", type=nonempty_text, default=None, help="your own prompt (repeatable) instead of the built-ins")
     p.add_argument("--no-similarity", action="store_true", help="skip the MiniLM similarity (saves a few seconds)")
     p.add_argument("--no-lossless", action="store_true",
                    help="skip the lossless self-speculative run of each prompt (saves about a third of the time)")
-    p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    p.add_argument("--color", choices=["auto", "always", "never"], default="auto",
+                   help="colour tokens by exit layer (auto: when stdout is a terminal and $NO_COLOR is unset)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,8 +6,11 @@ import argparse
 import sys
 
 from ..errors import LiteError
-from . import add_device_argument, add_dtype_argument
+from . import add_device_argument, add_dtype_argument, add_exit_argument, add_threads_argument
 from .numbers import positive_floats, positive_int, thresholds
+
+EXAMPLE = ("lite eval --model runs/mine --testset vicuna --testset koala --limit 5 --static-layers "
+           "--out runs/eval")
 
 # The typed function behind this verb; see lite.cli.train_cmd.CONTRACT (checked by tests/test_cli.py).
 CONTRACT = {"lite.evaluation.evaluate": {"testsets": "testset", "hf_baseline": "no_hf_baseline", "embedder": None,
@@ -22,9 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="vicuna, koala, wizardlm, self_instruct (found locally or downloaded), or NAME=PATH for a file "
              "(JSONL/JSON: Alpaca rows or {prompt} rows); repeat for several (default: all four)")
     add("--limit", type=positive_int, default=None, help="first N prompts of each test set")
-    add("--exit", default="auto",
-        help="early-exit policy compared with the full model: auto (default: the model's own best policy, "
-             "recorded by lite calibrate: its gate, else its thresholds), dynamic, gate or static:K")
+    add_exit_argument(p, "auto", more="; the policy compared with the full model (with --thresholds, auto is "
+                                    "dynamic)")
     add("--kv", default="copy", help="skipped-layer strategy: copy, recompute, or both as copy,recompute")
     add("--threshold-scale", "--threshold-scales", dest="threshold_scales", type=positive_floats, default=[1.0],
         metavar="S[,S...]",
@@ -38,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="also decode with static exit at every exit layer (the per-layer quality picture)")
     add("--compare-model", default=None, metavar="M2",
         help="a second model (e.g. the final-layer baseline) for the side-by-side per-layer figure")
-    add("--max-new-tokens", type=positive_int, default=128)
+    add("--max-new-tokens", type=positive_int, default=128, help="tokens per answer at most")
     add("--batch-size", type=positive_int, default=8,
         help="prompts decoded together by lite's batched engine and by HF generate alike (default 8; 1 = one "
              "prompt at a time)")
@@ -52,8 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add("--judge-model", default=None, help="model name for the judge")
     add("--no-hf-baseline", action="store_true",
         help="do not time transformers' generate (no speedup figure)")
-    add("--threads", type=positive_int, default=None,
-        help="torch CPU threads (default: torch's; 1 is much faster on a CPU shared with other jobs)")
+    add_threads_argument(p)
     add("--out", default="lite-eval", help="output folder (default: lite-eval)")
     add("--restart", action="store_true", help="discard the records of an earlier run in --out")
 
@@ -61,11 +62,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..evaluation import RECORDS, evaluate
     from . import progress
-
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
 
     try:
         result = evaluate(

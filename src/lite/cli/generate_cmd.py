@@ -12,7 +12,7 @@ import os
 import sys
 
 from ..errors import LiteError
-from . import add_device_argument, add_dtype_argument
+from . import add_device_argument, add_dtype_argument, add_exit_argument, add_threads_argument
 from .numbers import (
     finite_float,
     nonempty_text,
@@ -28,12 +28,13 @@ from .numbers import (
 _PALETTE = [196, 202, 208, 214, 220, 190, 118, 48, 51, 39, 33, 99]
 
 
+EXAMPLE = "lite generate --model runs/mine --exit gate --max-new-tokens 64 \"Give three tips for staying healthy.\""
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", metavar="PROMPT", type=nonempty_text, help="the instruction (formatted with --prompt-format)")
     p.add_argument("--model", default=None, help="model folder, LoRA adapter folder, hub id, or smollm2-135m-instruct")
-    p.add_argument("--exit", default=None, metavar="POLICY",
-                   help="none | static:K | dynamic | speculative (default: dynamic when the model is calibrated, "
-                        "else none)")
+    add_exit_argument(p, default=None)
     p.add_argument("--speculative", action="store_true",
                    help="lossless self-speculative decoding: dynamic exits draft, the full model verifies "
                         "(same as --exit speculative; output identical to --exit none when greedy)")
@@ -47,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "made by 'lite calibrate --draft-vocab'); the output does not change")
     p.add_argument("--kv", default="copy", choices=("copy", "recompute"),
                    help="what later tokens see at skipped layers (default copy)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    p.add_argument("--max-new-tokens", type=positive_int, default=128, help="tokens to generate at most")
     p.add_argument("--thresholds", type=thresholds, default=None, metavar="K:T,...",
                    help="dynamic exit thresholds per exit layer, e.g. '8:0.9,11:0.85' (default: lite_config.json)")
     p.add_argument("--threshold-scale", type=positive_float, default=1.0, help="multiply every threshold (>1 exits less)")
@@ -65,9 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="default: the model's lite_config.json, else chat if the tokenizer has a template, else alpaca")
     add_dtype_argument(p, "auto")
     add_device_argument(p)
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch CPU threads (default: torch's; 1 is much faster on a CPU shared with other jobs)")
-    p.add_argument("--color", default="auto", choices=("auto", "always", "never"))
+    add_threads_argument(p)
+    p.add_argument("--color", default="auto", choices=("auto", "always", "never"),
+                   help="colour tokens by exit layer (auto: when stdout is a terminal and $NO_COLOR is unset)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the coloured view")
 
 
@@ -100,10 +101,6 @@ def run(args: argparse.Namespace) -> int:
     from ..model.prompts import default_format, encode_prompt
     from . import progress
 
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
     lm = load_model(args.model, dtype=args.dtype, device=args.device, progress=progress)
     policy = build_policy(args, lm)
     fmt = args.prompt_format or default_format(lm)

@@ -114,3 +114,43 @@ def thresholds(text: str) -> str:
         raise argparse.ArgumentTypeError(f"thresholds are confidences in [-1, 1] (max_prob, margin and entropy "
                                          f"in [0, 1]), got {shown}")
     return text
+
+
+def device_name(text: str) -> str:
+    """``--device``: a torch device name this machine has (``auto`` = the accelerator torch reports, else
+    the CPU), checked with :func:`lite.model.loading.parse_device` before anything is loaded; the text is
+    returned as given."""
+    from ..errors import LiteError
+    from ..model.loading import parse_device
+
+    try:
+        parse_device(text)
+    except LiteError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--device").lstrip(" :")) from None
+    return text
+
+
+BUILTIN_EXITS = ("auto", "none", "dynamic", "gate", "static", "speculative")
+
+
+def exit_spec(text: str) -> str:
+    """``--exit``: ``auto``, ``none``, ``dynamic``, ``gate``, ``static:K`` (K >= 1) or ``speculative[:N]``
+    (N >= 1), or a kind registered with :func:`lite.decoding.spec.register_policy`. Whether K is a layer of
+    the model is checked once it is loaded; the text is returned as given."""
+    kind, sep, arg = text.strip().partition(":")
+    if kind not in BUILTIN_EXITS:
+        from ..decoding.spec import policy_kinds
+
+        if kind not in policy_kinds():
+            raise argparse.ArgumentTypeError(f"{text!r} is not a policy: use auto, none, dynamic, gate, static:K or "
+                                             f"speculative[:N]")
+        return text
+    if kind == "static" or (kind == "speculative" and sep):
+        try:
+            number(int, 1)(arg)
+        except argparse.ArgumentTypeError:
+            what = "K (the exit layer)" if kind == "static" else "N (tokens drafted per round)"
+            raise argparse.ArgumentTypeError(f"{text!r}: {what} must be an integer >= 1, e.g. {kind}:4") from None
+    elif sep:
+        raise argparse.ArgumentTypeError(f"{text!r}: {kind} takes no ':' argument")
+    return text

@@ -8,8 +8,10 @@ import os
 import socket
 
 from ..errors import LiteError
-from . import add_device_argument, add_dtype_argument
+from . import add_device_argument, add_dtype_argument, add_exit_argument, add_threads_argument
 from .numbers import nonnegative_int, port, positive_float, positive_int
+
+EXAMPLE = "lite serve --model runs/mine --port 8000 --max-batch 8"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,9 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=port, default=8000, help="TCP port (default 8000)")
     p.add_argument("--served-model-name", default=None,
                    help="the id clients send as 'model' (default: the --model text, or smollm2-135m-instruct)")
-    p.add_argument("--exit", default="auto",
-                   help="default exit policy: auto (dynamic when the model is calibrated, else none), none, "
-                        "static:K, dynamic; requests override it with lite.exit")
+    add_exit_argument(p, "auto", more="; the server's default, a request overrides it with lite.exit")
     p.add_argument("--kv", default="copy", choices=["copy", "recompute"],
                    help="what later tokens see at skipped layers (default copy)")
     p.add_argument("--threshold-scale", type=positive_float, default=1.0,
@@ -37,12 +37,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "on it, else the tokenizer's chat template, else Alpaca)")
     add_dtype_argument(p, "auto")
     add_device_argument(p)
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch CPU threads for decoding (default: torch's own choice)")
+    add_threads_argument(p)
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on every /v1 request (default: $LITE_API_KEY; the "
                         "variable keeps the key out of the process list)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level")
 
 
 def check_address(host: str, port: int) -> None:
@@ -80,10 +80,6 @@ def run(args: argparse.Namespace) -> int:
         loopback = args.host == "localhost"
     if not loopback and not (args.api_key or os.environ.get(API_KEY_ENV)):
         progress(f"warning: binding {args.host} without ${API_KEY_ENV}: anyone who can reach it can use it")
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
     lm = load_model(args.model, dtype=args.dtype, device=args.device, progress=progress)
     config = config_from_env(
         model_name=args.served_model_name or args.model or DEFAULT_MODEL, exit=args.exit, kv=args.kv,

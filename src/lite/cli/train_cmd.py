@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 
-from . import add_device_argument, add_dtype_argument
+from . import add_device_argument, add_dtype_argument, add_threads_argument
 from .numbers import number, positive_float, positive_int, probability, report_targets, seed
+
+EXAMPLE = ("lite train --data rows.jsonl --lora --max-steps 200 --out runs/mine   (or: lite train --config "
+           "run.yaml)")
 
 # The typed function behind this verb, and how its parameters meet the flags: a parameter is the flag of
 # the same name, the flag named here, or (None) a Python-only argument. tests/test_cli.py fails when a
@@ -67,6 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "shard, one unit per decoder block) instead of a copy in each (DDP); see docs/train.md")
     add_dtype_argument(p, "float32")
     add_device_argument(p)
+    add_threads_argument(p)
     p.add_argument("--loss-mode", default="fused", choices=["fused", "checkpoint", "plain"],
                    help="how exit logits are kept for backward (default fused; see docs/train.md)")
     p.add_argument("--chunk-size", type=positive_int, default=512,
