@@ -15,7 +15,6 @@ from lite.cli import VERBS, build_parser, main
 
 # (function, parameter) pairs whose CLI default differs on purpose, with the reason.
 DEFAULTS_DIFFER = {
-    ("lite.evaluation.evaluate", "dtype"): "the decode verbs default to --dtype auto; evaluate() to float32",
     ("lite.training.train", "lora_targets"): "the flag takes a comma-separated string, the function a tuple",
     ("lite.evaluation.evaluate", "threshold_scales"): "None means [1.0] in the function, the flag's default",
 }

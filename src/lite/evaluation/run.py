@@ -90,7 +90,7 @@ class EvalConfig:
     static_layers: bool = False
     compare_model: str | None = None
     max_new_tokens: int = 128
-    dtype: str = "float32"
+    dtype: str = "auto"
     prompt_format: str | None = None
     judge_url: str | None = None
     judge_model: str | None = None
@@ -404,7 +404,7 @@ def evaluate(model: str | None = None, testsets: list[str] | None = None, *,
              kv: list[str] | str = "copy", threshold_scales: list[float] | None = None,
              thresholds: str | None = None,
              confidence: str | None = None, static_layers: bool = False, compare_model: str | None = None,
-             max_new_tokens: int = 128, dtype: str = "float32", prompt_format: str | None = None,
+             max_new_tokens: int = 128, dtype: str = "auto", prompt_format: str | None = None,
              judge_url: str | None = None, judge_model: str | None = None, hf_baseline: bool = True,
              restart: bool = False, embedder=None, progress_bar: bool = False, device: str | None = None,
              batch_size: int = 8,
