@@ -196,3 +196,17 @@ def test_rows_that_join_a_running_batch_get_their_batch_1_answers(lm, kv):
     assert d.cache.batch == 4 and d.rows_in_use == 0
     with pytest.raises(LiteError, match="--kv"):
         d.add(PROMPTS[0], GenerationSettings(kv="recompute" if kv == "copy" else "copy"))
+
+
+def test_a_learned_gate_decides_for_all_rows_at_once_as_it_does_row_by_row(lm):
+    """The batch engine asks a LearnedExitGate once per exit for every row (should_exit_rows); each row's
+    exits, tokens and cost are still those of its batch-1 run."""
+    from lite.decoding.gate import LearnedExitGate
+
+    g = torch.Generator().manual_seed(3)
+    params = {k: [(torch.randn(1, lm.hidden_size, generator=g), torch.zeros(1))] for k in (2, 3)}
+    gate = ExitPolicy(kind="dynamic", gate=LearnedExitGate(params, {2: 0.5, 3: 0.5}))
+    settings = [GenerationSettings(max_new_tokens=n) for n in (6, 9, 4, 7)]
+    batched = generate_batch(lm, PROMPTS, gate, settings)
+    _same(batched, _alone(lm, gate, settings))
+    assert len({t.exit_layer for r in batched for t in r.tokens}) > 1

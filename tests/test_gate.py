@@ -52,6 +52,11 @@ def test_decisions_follow_the_thresholds():
     gate.set_thresholds({1: 1.0, 2: 1.0})
     assert not any(gate.should_exit(1, torch.from_numpy(v)) for v in x[0, :50])  # threshold 1: never
     assert gate.should_exit(1, state.to(torch.bfloat16)) in (True, False)  # model dtype states are accepted
+    gate.set_thresholds({1: 0.5, 2: 0.5})
+    rows = torch.from_numpy(x[0, :64])  # the batched decision is the row-by-row one
+    assert gate.should_exit_rows(1, rows) == [gate.should_exit(1, r) for r in rows]
+    assert 0 < sum(gate.should_exit_rows(1, rows)) < 64
+    assert gate.should_exit_rows(3, rows) == [False] * 64  # no classifier: never leaves
 
 
 def test_gate_round_trips_through_safetensors_and_lite_config(tiny_model_dir, tmp_path):

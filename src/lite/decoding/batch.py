@@ -223,11 +223,12 @@ class BatchDecoder:
         b = h.shape[0]
         if plan.gate is not None:
             normed = lm.exit_normed(h[:, -1], layer)  # (b, D)
-            leave = []
-            for i, tc in enumerate(tcs):
+            for tc in tcs:
                 tc.gate_flops += int(plan.gate.flops(layer))
                 tc.exit_module_flops += lm.exit_module_flops(layer)
-                leave.append(bool(plan.gate.should_exit(layer, normed[i])))  # the exit decision
+            rows_fn = getattr(plan.gate, "should_exit_rows", None)  # one decision call for every row
+            leave = ([bool(x) for x in rows_fn(layer, normed)] if rows_fn is not None
+                     else [bool(plan.gate.should_exit(layer, normed[i])) for i in range(b)])
             logits = None
             if any(leave):
                 idx = [i for i in range(b) if leave[i]]

@@ -104,6 +104,14 @@ class LearnedExitGate:
             return False
         return bool(self.logits(layer, normed_state) >= cut)
 
+    def should_exit_rows(self, layer: int, normed_states: torch.Tensor) -> list[bool]:
+        """:meth:`should_exit` for a batch of rows ``(b, D)`` in one call (one host sync for all of them);
+        the same decisions as row by row."""
+        cut = self._cut.get(layer)
+        if cut is None or layer not in self.params:
+            return [False] * normed_states.shape[0]
+        return (self.logits(layer, normed_states) >= cut).tolist()
+
     def flops(self, layer: int) -> int:
         """FLOPs of one check at ``layer``: 2 per multiply-add of every linear layer (2*D for logistic
         regression, 2*D*H + 2*H with a hidden layer); biases, ReLU and the comparison are not counted."""
