@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .errors import LiteError
 
 
 def temporary_beside(path: Path) -> str:
@@ -114,6 +120,38 @@ def remove_own_files(folder: Path, names: list[str]) -> bool:
 # File extensions of what lite reads from disk: a name ending in one is a path, never a hub id.
 FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".arrow", ".txt", ".gz", ".zip", ".safetensors",
                  ".bin", ".pt", ".gguf", ".md")
+
+
+@contextmanager
+def folder_in_place(tmp: Path, target: Path) -> Iterator[Path]:
+    """Fill the temporary folder ``tmp`` (beside ``target``) in the ``with`` block; then it becomes
+    ``target`` in one rename, unless another process made ``target`` first (then ``tmp`` is dropped). On any
+    failure, an interrupt included, ``tmp`` is removed: readers see no folder or a complete one."""
+    try:
+        yield tmp
+        if target.exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_text(path: Path, error: type[LiteError], fix: str, prefix: str = "") -> str:
+    """The UTF-8 text of a data file lite reads (training rows, test sets). A file that cannot be read, is
+    not UTF-8, or holds binary data (NUL bytes) raises ``error`` naming the file, the fault and ``fix``
+    (e.g. "give a JSONL or JSON file"); ``prefix`` names the flag it came from."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{prefix}{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                    f"{exc.start}); {fix}, saved as UTF-8") from None
+    except OSError as exc:
+        raise error(f"{prefix}{path}: cannot read it ({exc.strerror or exc})") from None
+    if "\x00" in text:
+        raise error(f"{prefix}{path} holds binary data (NUL bytes), not JSON text; {fix}")
+    return text
 
 
 def looks_like_hub_id(text: str) -> bool:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LiteError
-from ..files import write_atomic
+from ..files import read_text, write_atomic
 
 # The original repositories' raw files (SPEC §5; /work/shared/data/README.md names the same paths).
 SOURCES: dict[str, str] = {
@@ -161,16 +161,7 @@ def _detect(row: dict) -> str | None:
 # ----------------------------------------------------------------- reading files
 def _rows(path: Path) -> list[tuple[int, Any]]:
     """(row number, parsed row) pairs: 1-based line numbers for JSONL, 1-based items for a JSON list."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise TestSetError(f"--testset: {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
-                           f"{exc.start}); give a JSONL or JSON file saved as UTF-8") from None
-    except OSError as exc:
-        raise TestSetError(f"--testset: cannot read {path} ({exc})") from None
-    if "\x00" in text:
-        raise TestSetError(f"--testset: {path} holds binary data (NUL bytes), not JSON text; give a JSONL or JSON "
-                           f"file")
+    text = read_text(path, TestSetError, "give a JSONL or JSON file", prefix="--testset: ")
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:

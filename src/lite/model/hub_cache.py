@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..files import write_atomic
+from ..files import folder_in_place, write_atomic
 
 
 def hub_cache_dir() -> Path:
@@ -72,19 +72,11 @@ def place_in_hub_cache(folder: str | os.PathLike[str], hub_id: str, *, cache: st
     snapshots = repo / "snapshots"
     snapshots.mkdir(parents=True, exist_ok=True)
     snapshot = snapshots / revision
-    tmp = Path(tempfile.mkdtemp(prefix=f".{revision}.", dir=snapshots))
-    try:
+    with folder_in_place(Path(tempfile.mkdtemp(prefix=f".{revision}.", dir=snapshots)), snapshot) as tmp:
         for p in files:
             _link_or_copy(p, tmp / p.name)
         for name, text in (extra or {}).items():
             (tmp / name).unlink(missing_ok=True)  # a written file replaces a linked one, never edits it
             (tmp / name).write_text(text, encoding="utf-8")
-        if snapshot.exists():
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, snapshot)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     write_atomic(repo / "refs" / "main", revision)  # last: the entry exists only once it is complete
     return snapshot

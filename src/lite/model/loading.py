@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LiteError
-from ..files import looks_like_hub_id
+from ..files import folder_in_place, looks_like_hub_id
 from .exit_modules import EXIT_MODULES_FILE
 from .load_checks import ModelLoadError, ModelNotFoundError, check_loadable, load_error
 
@@ -176,20 +176,12 @@ def default_model_dir(progress: Callable[[str], None] | None = None) -> Path:
     model.load_state_dict(gguf_model.state_dict(), assign=True)
     model.tie_weights()
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=_conversion_prefix(), dir=target.parent))
-    try:
+    with folder_in_place(Path(tempfile.mkdtemp(prefix=_conversion_prefix(), dir=target.parent)), target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "lite_source.json").write_text(
             json.dumps({"converted_from": str(gguf), "quantization": "Q4_1 dequantised to float32"}, indent=2)
         )
-        if target.exists():  # another process finished first
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

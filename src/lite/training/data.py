@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ..files import looks_like_hub_id
+from ..files import looks_like_hub_id, read_text
 from ..model.prompts import encode_messages, encode_prompt
 from .rows import SHAPES_HELP, DataError, Example, parse_row, split_turns
 
@@ -90,15 +90,7 @@ FORMATS_HELP = ("give a JSON or JSONL file, a .parquet/.csv/.arrow file, a datas
 
 def _read_file_rows(path: Path) -> list[Any]:
     """Raw rows of a JSON list or JSON Lines file; unreadable bytes or malformed JSON name the file (and line)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
-                        f"give a JSON or JSONL file saved as UTF-8") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
-    if "\x00" in text:
-        raise DataError(f"{path} holds binary data (NUL bytes), not JSON text; {FORMATS_HELP}")
+    text = read_text(path, DataError, FORMATS_HELP)
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
