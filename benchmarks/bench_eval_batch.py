@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--testsets", nargs="+", default=["vicuna", "koala", "wizardlm", "self_instruct"])
     p.add_argument("--limit", type=int, default=20, help="prompts per test set (default 20)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--exit", default="dynamic", help="the early-exit policy evaluated (lite eval --exit)")
+    p.add_argument("--exit", default="auto", help="the early-exit policy evaluated (lite eval --exit; default: the model's own)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default=None)
