@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import inspect
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -105,6 +107,18 @@ class BatchCache:
         self.lengths = [[0] * batch for _ in range(num_layers)]  # lengths[block][row], host-side
         self.batch = batch
         self.max_len = max_len
+        self._memo: dict[tuple, Any] = {}  # per-step tables shared by the blocks (see memo)
+
+    def memo(self, key: tuple, make: Callable[[], Any]) -> Any:
+        """``make()`` once per ``key``: the index tensors, masks and rotary tables of one decode step are the
+        same for every block the same rows go through, so they are built once, not once per block. Keys
+        hold the rows and their positions, so a later step never sees an earlier step's table."""
+        value = self._memo.get(key)
+        if value is None:
+            if len(self._memo) > 256:  # earlier steps' entries: never asked for again
+                self._memo.clear()
+            value = self._memo[key] = make()
+        return value
 
     def grow(self, batch: int, max_len: int) -> None:
         """Reallocate to ``batch`` rows of ``max_len`` slots (neither smaller than now), keeping every
@@ -143,8 +157,9 @@ class _RowsView:
         c, b, t = self.cache, self.block, self.new
         keys, values = c.keys[b], c.values[b]
         if t == 1:  # one position per row, each at its own slot
-            index = torch.tensor(self.rows, device=keys.device)
-            slots = torch.tensor(self.starts, device=keys.device)
+            index = self._index(keys.device)
+            slots = c.memo(("starts", tuple(self.starts), keys.device),
+                           lambda: torch.tensor(self.starts, device=keys.device))
             keys[index, :, slots] = key[:, :, 0]
             values[index, :, slots] = value[:, :, 0]
         else:
@@ -155,13 +170,23 @@ class _RowsView:
             c.lengths[b][r] = s + t
         if self.rows == list(range(c.batch)):  # every row, in order: views, no copy
             return keys[:, :, :self.span], values[:, :, :self.span]
-        index = torch.tensor(self.rows, device=keys.device)
+        index = self._index(keys.device)
         return keys[index, :, :self.span], values[index, :, :self.span]
+
+    def _index(self, device: torch.device) -> torch.Tensor:
+        return self.cache.memo(("rows", tuple(self.rows), device), lambda: torch.tensor(self.rows, device=device))
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return max(self.starts)
 
     def mask(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        """:meth:`build_mask`, built once per step for the blocks that see the same rows and positions."""
+        if self.new == 1 and all(s == self.span - 1 for s in self.starts):
+            return None
+        return self.cache.memo(("mask", tuple(self.starts), self.new, dtype, device),
+                               lambda: self.build_mask(dtype, device))
+
+    def build_mask(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
         """Additive mask ``(b, 1, new, span)``: query j of row i (at slot start_i + j) sees slots <= it.
         None when no row has anything to hide (one new position per row, all at the last slot)."""
         if self.new == 1 and all(s == self.span - 1 for s in self.starts):
@@ -464,6 +489,10 @@ class LiteModel:
         return BatchCache(self.num_layers, batch, self.kv_heads, self.head_dim, max_len, self.dtype, self.device)
 
     def _rope_for(self, view: _RowsView) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_build_rope` once per step for every block call over the same positions."""
+        return view.cache.memo(("rope", tuple(view.starts), view.new), lambda: self._build_rope(view))
+
+    def _build_rope(self, view: _RowsView) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) ``(b, new, head_dim)`` at each row's own positions (slot = absolute position)."""
         starts = torch.tensor(view.starts, device=self.device)
         positions = starts[:, None] + torch.arange(view.new, device=self.device)[None]
