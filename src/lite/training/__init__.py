@@ -1,7 +1,8 @@
 """Training: LITE instruction tuning (losses at intermediate exits) on Hugging Face Trainer.
 
 Modules: :mod:`.data` (rows, prompt formats, the held-out split), :mod:`.losses` (the exit losses, small
-pure functions), :mod:`.trainer` (:func:`train`, the ``lite train`` verb). Built on :mod:`lite.model`.
+pure functions), :mod:`.hf_trainer` (what lite plugs into Hugging Face Trainer), :mod:`.trainer`
+(:func:`train`, the ``lite train`` verb). Built on :mod:`lite.model`.
 """
 
 from .trainer import DEFAULT_LORA_TARGETS, TrainError, TrainResult, loss_summary, train

@@ -1,0 +1,211 @@
+"""What lite plugs into Hugging Face Trainer: the exit-loss Trainer, callbacks, what it trains, checkpoints.
+
+* :func:`_make_trainer_class`: ``LiteTrainer``, a ``transformers.Trainer`` whose ``compute_loss`` runs the
+  model once for its hidden states (no full-vocab logits) and applies the exit losses of
+  :mod:`lite.training.losses` (CE, self-distillation, or both); per-layer losses are logged as ``loss_l<k>``
+  / ``kl_l<k>``.
+* callbacks: a log entry at the last step (:func:`_log_last_step_callback`) and the training clock kept
+  across resumes in each checkpoint (:func:`_train_clock_callback`, ``TIME_FILE``).
+* what Trainer trains besides a plain model: :class:`_FrozenBackbone` (exit modules on a frozen backbone)
+  and the frozen teacher of ``--targets distill|mixed`` (:func:`_make_teacher`).
+* Trainer's checkpoints and arguments: the last checkpoint of a work folder, whether it is the final one,
+  the activation checkpointing options under the installed transformers' names.
+
+:mod:`lite.training.trainer` (``train``) puts these together; transformers is imported only inside the
+functions, so importing :mod:`lite.training` stays light.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .fsdp import direct_head
+from .losses import distill_loss, lite_loss
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _make_trainer_class():
+    """Built lazily so that importing lite.training does not import transformers."""
+    from transformers import Trainer
+
+    class LiteTrainer(Trainer):
+        """Trainer whose loss is the LITE loss over exit layers; logs ``loss_l<k>`` per exit."""
+
+        # lite_loss returns a per-micro-batch mean: Trainer divides it by the accumulation steps.
+        loss_is_scaled_for_ga = False
+
+        def __init__(self, *args, lite_model, exit_weights: dict[int, float], loss_mode: str,
+                     chunk_size: int, targets: str = "data", ce_weight: float = 0.5, teacher=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.model_accepts_loss_kwargs = False
+            self.lite_model = lite_model
+            self.exit_weights = exit_weights
+            self.loss_mode = loss_mode
+            self.chunk_size = chunk_size
+            self.targets = targets
+            self.ce_weight = ce_weight
+            self.teacher = teacher  # (model, inputs) -> (B, T, D) normed teacher states; None = own layer L
+            self._layer_sums: dict[str, float] = {}
+            self._layer_count = 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels, lm = inputs["labels"], self.lite_model
+            layers = sorted(self.exit_weights)
+            own_teacher = self.targets != "data" and self.teacher is None  # frozen backbone: layer L
+            wanted = sorted(set(layers) | ({lm.num_layers} if own_teacher else set()))
+            states = lm.forward_exit_states(inputs["input_ids"], inputs.get("attention_mask"), layers=wanted,
+                                            module=model)
+            exits = {k: states[k] for k in layers}
+            head = direct_head(lm.lm_head) if self.is_fsdp_enabled else lm.lm_head
+            parts: dict[str, Any] = {}
+            if self.targets != "data":
+                teacher = states[lm.num_layers].detach() if own_teacher else self.teacher(model, inputs)
+                parts["kl_l"] = distill_loss(exits, teacher, labels, head, self.exit_weights,
+                                             chunk_size=self.chunk_size)
+            if self.targets != "distill":
+                parts["loss_l"] = lite_loss(exits, labels, head, self.exit_weights,
+                                            chunk_size=self.chunk_size, mode=self.loss_mode)
+            if self.targets == "mixed":
+                total = (1 - self.ce_weight) * parts["kl_l"].total + self.ce_weight * parts["loss_l"].total
+            else:
+                total = next(iter(parts.values())).total
+            if model.training and all(r.num_tokens for r in parts.values()):
+                for prefix, result in parts.items():
+                    for k, v in result.per_layer.items():
+                        key = f"{prefix}{k}"
+                        self._layer_sums[key] = self._layer_sums.get(key, 0.0) + float(v)
+                self._layer_count += 1
+            return (total, {"parts": parts}) if return_outputs else total
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            if "loss" in logs and self._layer_count:
+                for key in sorted(self._layer_sums):
+                    logs[key] = round(self._layer_sums[key] / self._layer_count, 4)
+                self._layer_sums, self._layer_count = {}, 0
+            super().log(logs, start_time)
+
+    return LiteTrainer
+
+
+def _log_last_step_callback():
+    """A callback that forces a log entry at the last step, so the final per-layer losses are known."""
+    from transformers import TrainerCallback
+
+    class LogLastStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.max_steps and state.global_step >= state.max_steps:
+                control.should_log = True
+            return control
+
+    return LogLastStep()
+
+
+TIME_FILE = "lite_train_seconds.json"  # in each checkpoint: training seconds spent up to it
+
+
+def _train_clock_callback(resume: str | None):
+    """A callback that counts the wall seconds spent in training steps, over every resume: each checkpoint
+    records the seconds up to it (``TIME_FILE``), a resumed run starts from that figure. ``seconds()``
+    gives the total (the ``train_seconds`` of ``lite_config.json``, the training minutes of a recipe)."""
+    import time
+
+    from transformers import TrainerCallback
+
+    before = 0.0
+    if resume and (Path(resume) / TIME_FILE).is_file():
+        try:
+            before = float(json.loads((Path(resume) / TIME_FILE).read_text())["seconds"])
+        except (OSError, ValueError, KeyError, TypeError):
+            before = 0.0  # an unreadable clock only makes the figure smaller, never stops the run
+
+    class TrainClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.start: float | None = None
+
+        def seconds(self) -> float:
+            return before + (time.perf_counter() - self.start if self.start is not None else 0.0)
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_save(self, args, state, control, **kwargs):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir() and _rank() == 0:
+                (folder / TIME_FILE).write_text(json.dumps({"seconds": round(self.seconds(), 3),
+                                                            "global_step": state.global_step}))
+            return control
+
+    return TrainClock()
+
+
+def _last_checkpoint(work: Path) -> str | None:
+    if not work.is_dir():
+        return None
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(work))
+
+
+def _checkpoint_is_final(checkpoint: str) -> bool:
+    """True when the checkpoint's Trainer state says all planned steps were done."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return bool(state.get("max_steps")) and state.get("global_step", 0) >= state["max_steps"]
+
+
+def _checkpointing_args(arguments_class, enabled: bool) -> dict[str, Any]:
+    """Trainer's activation (gradient) checkpointing options under the installed transformers' names:
+    ``activation_checkpointing`` in recent 5.x, ``gradient_checkpointing`` (deprecated there) in 5.0."""
+    import inspect
+
+    kwargs = {"use_reentrant": False} if enabled else None
+    params = inspect.signature(arguments_class.__init__).parameters
+    name = "activation_checkpointing" if "activation_checkpointing" in params else "gradient_checkpointing"
+    return {name: enabled, f"{name}_kwargs": kwargs}
+
+
+class _FrozenBackbone(torch.nn.Module):
+    """What Trainer optimises and checkpoints in an exit-module run: the modules, and nothing else.
+
+    The backbone is kept outside the module tree (so it is neither in the optimiser nor in checkpoints)
+    and runs without autograd; the exit modules are applied to its hidden states afterwards
+    (``LiteModel.forward_exit_states``), so gradients reach only them.
+    """
+
+    def __init__(self, modules, backbone: torch.nn.Module) -> None:
+        super().__init__()
+        self.exit_modules = modules
+        object.__setattr__(self, "_backbone", backbone)
+
+    def forward(self, **kwargs):
+        with torch.no_grad():
+            return self._backbone(**kwargs)
+
+
+def _make_teacher(lm, lora: bool):
+    """The frozen teacher of ``--targets distill|mixed`` for a trained backbone: the starting model's final
+    layer. LoRA: the same model with its adapter switched off (no second copy); full fine-tuning: a frozen
+    copy made before training. Returns ``teacher(model, inputs) -> (B, T, D)`` normed final states."""
+    import copy
+
+    frozen = None if lora else copy.deepcopy(lm.model).eval().requires_grad_(False)
+
+    def teacher(model, inputs) -> torch.Tensor:
+        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+        with torch.no_grad():
+            if frozen is not None:
+                out = frozen.model(input_ids=ids, attention_mask=mask, use_cache=False)
+                return out.last_hidden_state  # already normed (transformers 5.x)
+            peft_model = model.module if hasattr(model, "module") else model  # under DDP
+            with peft_model.disable_adapter():
+                out = peft_model.get_base_model().model(input_ids=ids, attention_mask=mask, use_cache=False)
+            return out.last_hidden_state
+
+    return teacher
