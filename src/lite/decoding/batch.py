@@ -211,13 +211,14 @@ class BatchDecoder:
         return out
 
     def _check(self, layer: int, h: torch.Tensor, tcs: list[TokenCost], prev: torch.Tensor
-               ) -> tuple[list[bool], torch.Tensor | None, list[float | None], torch.Tensor]:
+               ) -> tuple[list[bool], torch.Tensor | None, list[float | None], torch.Tensor, torch.Tensor | None]:
         """One exit check for every row still inside (h: (b, 1, D), raw output of block ``layer``).
 
-        As the batch-1 engine's check, per row: the gate decides from the normed state and the head runs
-        only for rows it lets leave; a head-based measure evaluates the head for every row; ``state_cosine``
-        compares with each row's previous checked state. Returns (leave per row, logits (b, V) or None,
-        confidence per row, prev for the next cosine check). One host sync: the decisions.
+        As the batch-1 engine's check, per row: the gate decides from the normed state (the head runs later,
+        once per step for every row, see :meth:`_step`); a head-based measure evaluates the head for every
+        row; ``state_cosine`` compares with each row's previous checked state. Returns (leave per row,
+        logits (b, V) or None, confidence per row, prev for the next cosine check, the normed states (b, D)
+        when the gate decided). One host sync: the decisions.
         """
         lm, plan = self.lm, self.plan
         b = h.shape[0]
@@ -229,14 +230,7 @@ class BatchDecoder:
             rows_fn = getattr(plan.gate, "should_exit_rows", None)  # one decision call for every row
             leave = ([bool(x) for x in rows_fn(layer, normed)] if rows_fn is not None
                      else [bool(plan.gate.should_exit(layer, normed[i])) for i in range(b)])
-            logits = None
-            if any(leave):
-                idx = [i for i in range(b) if leave[i]]
-                logits = torch.zeros(b, lm.vocab_size, dtype=h.dtype, device=h.device)
-                logits[idx] = lm.head_logits(normed[idx])
-                for i in idx:
-                    tcs[i].head_evals += 1
-            return leave, logits, [None] * b, prev
+            return leave, None, [None] * b, prev, normed
         threshold = plan.checks[layer]
         head_fn = conf_mod.HEAD_FUNCTIONS.get(plan.confidence)
         if head_fn is not None:
@@ -246,11 +240,11 @@ class BatchDecoder:
                 tc.head_checks += 1
                 tc.exit_module_flops += lm.exit_module_flops(layer)
             values = head_fn(logits).tolist()  # the exit decisions
-            return [v >= threshold for v in values], logits, values, prev
+            return [v >= threshold for v in values], logits, values, prev, None
         values = conf_mod.state_cosine(h[:, -1], prev).tolist()  # no head
         for tc in tcs:
             tc.cosine_checks += 1
-        return [v >= threshold for v in values], None, values, h[:, -1]
+        return [v >= threshold for v in values], None, values, h[:, -1], None
 
     def _step(self, rows: list[int], tokens: torch.Tensor, positions: list[int]
               ) -> tuple[torch.Tensor, list[int], list[float | None], list[TokenCost]]:
@@ -264,6 +258,7 @@ class BatchDecoder:
         conf: list[float | None] = [None] * b
         has_logits = [False] * b
         exit_state: list[torch.Tensor | None] = [None] * b  # raw state at the exit, for K/V fill
+        exit_normed: list[torch.Tensor | None] = [None] * b  # normed exit state, when the gate made it
         inside = list(range(b))  # indices (into rows) of the rows still inside the network
         h = lm.embed(tokens)  # (b, 1, D)
         prev = h[:, -1]  # state_cosine: "layer 0" is the input embedding
@@ -272,7 +267,7 @@ class BatchDecoder:
                             [tcs[i] for i in inside])
             if plan.checks.get(layer) is None:
                 continue
-            leave, logits, values, prev = self._check(layer, h, [tcs[i] for i in inside], prev)
+            leave, logits, values, prev, normed = self._check(layer, h, [tcs[i] for i in inside], prev)
             if not any(leave):
                 continue
             stay = [j for j, go in enumerate(leave) if not go]
@@ -282,6 +277,8 @@ class BatchDecoder:
                     exit_layer[i], conf[i], exit_state[i] = layer, values[j], h[j:j + 1]
                     if logits is not None:
                         out_logits[i], has_logits[i] = logits[j], True
+                    elif normed is not None:
+                        exit_normed[i] = normed[j]
             inside = [inside[j] for j in stay]
             h, prev = h[stay], prev[stay]
             if not inside:
@@ -289,14 +286,18 @@ class BatchDecoder:
         for j, i in enumerate(inside):  # the rows that reached the stop layer
             exit_state[i] = h[j:j + 1]
         missing = [i for i in range(b) if not has_logits[i]]
-        if missing:  # static:K, the rows that ran to L, and state-cosine exits: the head runs now
+        if missing:  # gate exits, static:K, the rows that ran to L, state-cosine exits: the head runs now,
+            # once for all of them (the head's weights are read once per step, not once per exit layer)
             for k in sorted({exit_layer[i] for i in missing}):
-                group = [i for i in missing if exit_layer[i] == k]
-                states = torch.cat([exit_state[i] for i in group])[:, -1]  # (g, D)
-                out_logits[group] = lm.exit_logits(states, k)
-                for i in group:
-                    tcs[i].head_evals += 1
-                    tcs[i].exit_module_flops += lm.exit_module_flops(k)
+                group = [i for i in missing if exit_layer[i] == k and exit_normed[i] is None]
+                if group:
+                    normed_k = lm.exit_normed(torch.cat([exit_state[i] for i in group])[:, -1], k)  # (g, D)
+                    for i, row in zip(group, normed_k):
+                        exit_normed[i] = row
+                        tcs[i].exit_module_flops += lm.exit_module_flops(k)
+            out_logits[missing] = lm.head_logits(torch.stack([exit_normed[i] for i in missing]))
+            for i in missing:
+                tcs[i].head_evals += 1
         if plan.kind != "none":  # record the exit's confidence where the check did not (one reduction)
             measure = plan.confidence
             head_fn = conf_mod.HEAD_FUNCTIONS.get(measure)
