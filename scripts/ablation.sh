@@ -26,6 +26,7 @@ DATA=${DATA:-../shared/data/train}
 MINUTES=${MINUTES:-40}
 ANSWER_TOKENS=${ANSWER_TOKENS:-64}
 RECIPES=${RECIPES:-"paper-lora paper-full distill-full modules-affine modules-mlp"}
+TABLE=${TABLE:-benchmarks/results/ablation}  # writes $TABLE.md and ${TABLE}_agreement.{md,json}
 export OMP_NUM_THREADS=${THREADS:-2}
 LITE=${LITE:-.venv/bin/lite}
 PY=${PY:-.venv/bin/python}
@@ -72,6 +73,6 @@ done
 # every run and the untuned model, scored on the same held-out rows (the split every recipe kept aside)
 first=$(echo "$RECIPES" | awk '{print $1}')
 "$PY" benchmarks/exit_agreement.py --model smollm2-135m-instruct "${MODELS[@]}" --heldout-from "$ROOT/$first" \
-    --limit 40 --threads "$OMP_NUM_THREADS" --out benchmarks/results/ablation_agreement.md
-"$PY" benchmarks/ablation_table.py --agreement benchmarks/results/ablation_agreement.json \
-    --untuned smollm2-135m-instruct --out benchmarks/results/ablation.md
+    --limit "${LIMIT:-40}" --threads "$OMP_NUM_THREADS" --out "${TABLE}_agreement.md"
+"$PY" benchmarks/ablation_table.py --agreement "${TABLE}_agreement.json" \
+    --untuned smollm2-135m-instruct --out "$TABLE.md"
