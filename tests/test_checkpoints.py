@@ -123,3 +123,26 @@ def test_the_card_follows_the_folder_and_keeps_a_readme_lite_did_not_write(tmp_p
     assert "Calibrated max_prob thresholds: 1: 0.750, 2: 0.500, 3: 0.250" in card and "3: 80%" in card
     (folder / "README.md").write_text("# my own card\n")
     assert write_model_card(folder) is None and (folder / "README.md").read_text() == "# my own card\n"
+
+
+def test_saving_an_adapter_without_a_network_prints_no_peft_warning(default_is_tiny, tmp_path, monkeypatch):
+    """Online mode on a machine without network: peft's save probes the hub for the base named by hub id,
+    fails, and would print a UserWarning of its own in the middle of `lite train --lora`; lite hides it."""
+    import warnings
+
+    import peft.utils.other as peft_other
+
+    def unreachable(*args, **kwargs):
+        raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(peft_other, "file_exists", unreachable)
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        code = main(["train", "--model", DEFAULT_MODEL, "--data", str(data), "--out", str(tmp_path / "lora"),
+                     "--max-steps", "1", "--lora", "--lora-rank", "4", "--batch-size", "4", "--max-length",
+                     "320", "--no-progress-bar", "--exit-layers", "2,4"])
+    assert code == 0
+    assert not [w for w in seen if "Unable to fetch remote file" in str(w.message)]

@@ -463,6 +463,8 @@ def _save_final(trainer, train_model, tokenizer, lite_config: LiteConfig, work: 
                 cfg.base_model_name_or_path = hub_id_for(base_spec)
         with warnings.catch_warnings():  # peft probes the hub for the base's vocabulary; lite never changes it
             warnings.filterwarnings("ignore", message=r"Could not find a config file in .* vocabulary was not modified")
+            # ... and without a network that probe fails with a UserWarning of peft's own (utils/other.py)
+            warnings.filterwarnings("ignore", message=r"Unable to fetch remote file due to the following error")
             if state_dict is not None and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
                 # gathered copies share no memory, so save_pretrained would keep the tied head as a second copy
                 state_dict = {k: v for k, v in state_dict.items() if not k.endswith("lm_head.weight")}
