@@ -103,18 +103,21 @@ class BatchDecoder:
         self.after_step: Callable[[BatchDecoder], None] | None = None
 
     # ------------------------------------------------------------------ rows in and out
+    def _max_steps(self, ids: list[int], s: GenerationSettings) -> int:
+        """Tokens a row may generate: its budget, cut where the context ends."""
+        return min(s.max_new_tokens, self.lm.max_context - (len(ids) - 1))
+
     def _need(self, ids: list[int], s: GenerationSettings) -> int:
         """Cache slots a row needs: its prompt but the last token, then one per generated token."""
-        steps = min(s.max_new_tokens, self.lm.max_context - (len(ids) - 1))
-        return len(ids) - 1 + steps
+        return len(ids) - 1 + self._max_steps(ids, s)
 
     def _reserve(self, rows: int, length: int) -> None:
         """Grow the cache (and the recompute states) to at least ``rows`` rows of ``length`` slots."""
         c = self.cache
         if rows <= c.batch and length <= c.max_len:
             return
-        grown_len = length if length <= c.max_len else max(length, min(2 * c.max_len, self.lm.max_context))
-        self.cache.grow(max(rows, c.batch), max(grown_len, c.max_len))
+        new_len = c.max_len if length <= c.max_len else max(length, min(2 * c.max_len, self.lm.max_context))
+        self.cache.grow(max(rows, c.batch), new_len)
         if self.states is not None:
             old = self.states
             self.states = torch.zeros(self.cache.batch, self.cache.max_len, self.lm.hidden_size,
@@ -130,7 +133,7 @@ class BatchDecoder:
             g = torch.Generator(device=self.lm.device)
             g.manual_seed(s.seed if s.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
         fields = dict(prompts=[int(i) for i in ids], settings=s, generators=g,
-                      max_steps=min(s.max_new_tokens, self.lm.max_context - (len(ids) - 1)),
+                      max_steps=self._max_steps(ids, s),
                       texts=TextStream(self.lm.tokenizer, s.stop), token_costs=[], records=[],
                       finish_reasons="length", seconds=0.0, _started=time.perf_counter())
         for name, value in fields.items():
@@ -154,9 +157,7 @@ class BatchDecoder:
             check_settings(self.lm, ids, s)
             if s.kv != self.kv:
                 raise LiteError(f"--kv {s.kv} cannot join a batch decoding with --kv {self.kv}")
-        rows = [self._admit(ids, s) for ids, s in zip(prompts, settings)]
-        for r in rows:
-            self._started[r] = time.perf_counter()
+        rows = [self._admit(ids, s) for ids, s in zip(prompts, settings)]  # each row's clock starts here
         with torch.inference_mode():
             self._prefill(rows)
         self._activate(rows)

@@ -180,17 +180,16 @@ class _RowsView:
         return max(self.starts)
 
     def mask(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
-        """:meth:`build_mask`, built once per step for the blocks that see the same rows and positions."""
+        """The additive mask of this call (:meth:`_build_mask`), built once per step for the blocks that see
+        the same rows and positions; None when no row has anything to hide (one new position per row, all
+        at the last slot)."""
         if self.new == 1 and all(s == self.span - 1 for s in self.starts):
             return None
         return self.cache.memo(("mask", tuple(self.starts), self.new, dtype, device),
-                               lambda: self.build_mask(dtype, device))
+                               lambda: self._build_mask(dtype, device))
 
-    def build_mask(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
-        """Additive mask ``(b, 1, new, span)``: query j of row i (at slot start_i + j) sees slots <= it.
-        None when no row has anything to hide (one new position per row, all at the last slot)."""
-        if self.new == 1 and all(s == self.span - 1 for s in self.starts):
-            return None
+    def _build_mask(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Additive mask ``(b, 1, new, span)``: query j of row i (at slot start_i + j) sees slots <= it."""
         starts = torch.tensor(self.starts, device=device)
         q_pos = starts[:, None] + torch.arange(self.new, device=device)[None]  # (b, new)
         k_pos = torch.arange(self.span, device=device)  # (span,)

@@ -62,10 +62,10 @@ class _Lane:
     sequence stepped one round at a time."""
 
     def __init__(self, lm: LiteModel, policy: ExitPolicy, kv: str) -> None:
-        self.lm, self.policy = lm, policy
+        self.lm = lm
         self.batch = None if policy.kind == "speculative" else BatchDecoder.open(lm, policy, kv)
         self.jobs: dict[int, Job] = {}
-        self._spec = None  # speculative: (decoder, iterator, records so far)
+        self._spec = None  # speculative: (decoder, its token iterator)
 
     def add(self, jobs: list[Job]) -> None:
         if self.batch is not None:
@@ -74,7 +74,7 @@ class _Lane:
             return
         (job,) = jobs
         decoder = decoding.make_decoder(self.lm, job.prompt_ids, job.policy, job.settings)
-        self._spec = (decoder, decoder.run(), [])
+        self._spec = (decoder, decoder.run())
         self.jobs[0] = job
 
     def step(self) -> list[tuple[Job, TokenRecord | None, GenerationResult | None]]:
@@ -89,15 +89,14 @@ class _Lane:
                     self.drop(job)
                 out.append((job, record, result))
             return out
-        decoder, it, seen = self._spec
+        decoder, tokens = self._spec
         job = self.jobs[0]
-        before = len(seen)
         try:  # one token: buffered from the last round, or the next draft/verify round
-            seen.append(next(it))
+            record = next(tokens)
         except StopIteration:
             self.drop(job)
             return [(job, None, decoder.result())]
-        return [(job, rec, None) for rec in seen[before:]]
+        return [(job, record, None)]
 
     def drop(self, job: Job) -> None:
         """Take ``job`` out of the lane (finished, or cancelled: it stops at once)."""
