@@ -15,7 +15,8 @@
 # benchmarks/results/ablation.md (agreement and KL per exit, final-layer held-out loss against the untuned
 # model, training minutes, artefact size).
 #
-# Resumable: a finished run is skipped, an unfinished one resumes from its checkpoint (re-run the command).
+# Resumable: a finished run is skipped, an unfinished one resumes from its checkpoint (re-run the command);
+# the training clock resumes with it, so an interrupted recipe still gets and reports MINUTES of training.
 # The model's own answers are generated once (64 tokens) into $ROOT/own_answers.jsonl (or $OWN_ANSWERS) and
 # shared by the recipes that use them (lite train --own-answers-cache).
 #   LITE_HOME=/path/outside/the/checkout bash scripts/ablation.sh
@@ -56,6 +57,12 @@ step_seconds() {  # measured seconds per optimiser step of a recipe (3-step prob
     "$PY" -c "import json,sys; t=json.load(open(sys.argv[1]))['training']; print(t['train_seconds']/t['steps'])" \
         "$probe/lite_config.json"
 }
+
+# Every unfinished recipe's probe first, back to back: step times are measured on the same quiet machine,
+# and a later interruption (the training resumes from its checkpoint) never lands in a probe.
+for recipe in $RECIPES; do
+    [ -d "$ROOT/$recipe" ] || step_seconds "$recipe" >/dev/null
+done
 
 MODELS=()
 for recipe in $RECIPES; do
