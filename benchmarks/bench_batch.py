@@ -11,11 +11,14 @@ ratio measured in one run:
     products can flip near-ties, more so in bfloat16);
 (b) engine, exits on (``--exit``, default ``auto``: the model's own best policy, its gate or thresholds) at batch B
     over exits off at batch B (target >= 1x), with the answers' identity to the same policy at batch 1
-    (the quality of batch-1 early exit is kept when the tokens are the same).
+    (the quality of batch-1 early exit is kept when the tokens are the same); both ways a row that left
+    can go on in a batch are timed: riding along (the default for small batches) and regrouping (DREX),
+    see :mod:`lite.decoding.batch`.
 
 Device and dtype are whatever ``--device`` / ``--dtype`` say (default: the accelerator torch reports, and
 float32), so the same command measures the same table on a GPU. Each configuration is timed ``--repeats``
-times and keeps its fastest run (the machine may be shared).
+times, the configurations of a batch size interleaved round by round, and keeps its fastest run (the
+machine may be shared).
 
     .venv/bin/python benchmarks/bench_batch.py --model smollm2-135m-lite --threads 2 \\
         --out benchmarks/results/batch.md
@@ -34,6 +37,7 @@ from common import vicuna_questions
 
 from lite import load_model
 from lite.decoding import ExitPolicy, GenerationSettings, generate_batch
+from lite.decoding.batch import rides_along
 from lite.decoding.reference import hf_generate_batch
 from lite.decoding.spec import ExitOptions, build_policy, resolve_exit_spec
 from lite.files import write_atomic, write_json_atomic
@@ -44,11 +48,12 @@ def _batched(prompts: list[list[int]], size: int) -> list[list[list[int]]]:
     return [prompts[i:i + size] for i in range(0, len(prompts), size)]
 
 
-def run_engine(lm, prompts, size: int, policy: ExitPolicy, max_new: int) -> tuple[list[list[int]], float, list]:
+def run_engine(lm, prompts, size: int, policy: ExitPolicy, max_new: int, regroup: bool | None = None
+               ) -> tuple[list[list[int]], float, list]:
     """All prompts in batches of ``size``: (answers, seconds, exit layers per token)."""
     answers, layers, start = [], [], time.perf_counter()
     for chunk in _batched(prompts, size):
-        for r in generate_batch(lm, chunk, policy, GenerationSettings(max_new_tokens=max_new)):
+        for r in generate_batch(lm, chunk, policy, GenerationSettings(max_new_tokens=max_new), regroup=regroup):
             answers.append(r.token_ids)
             layers.extend(t.exit_layer for t in r.tokens)
     return answers, time.perf_counter() - start, layers
@@ -63,13 +68,16 @@ def run_hf(lm, prompts, size: int, max_new: int) -> tuple[list[list[int]], float
     return answers, seconds
 
 
-def best_of(repeats: int, fn):
-    """The fastest of ``repeats`` runs of ``fn() -> (..., seconds, ...)`` (seconds at index 1)."""
-    best = None
+def best_of(repeats: int, configs: dict) -> dict:
+    """The fastest of ``repeats`` runs of every ``configs[name]() -> (..., seconds, ...)`` (seconds at index
+    1), the configurations interleaved round by round, so that a slow spell of a shared machine falls on
+    all of them alike rather than on one."""
+    best: dict = {}
     for _ in range(repeats):
-        out = fn()
-        if best is None or out[1] < best[1]:
-            best = out
+        for name, fn in configs.items():
+            out = fn()
+            if name not in best or out[1] < best[name][1]:
+                best[name] = out
     return best
 
 
@@ -103,9 +111,14 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, ref_off, ref_exit = [], None, None
     for size in sizes:
-        off, off_s, _ = best_of(args.repeats, lambda: run_engine(lm, prompts, size, ExitPolicy(), n))
-        hf, hf_s = best_of(args.repeats, lambda: run_hf(lm, prompts, size, n))
-        ex, ex_s, layers = best_of(args.repeats, lambda: run_engine(lm, prompts, size, policy, n))
+        best = best_of(args.repeats, {
+            "off": lambda: run_engine(lm, prompts, size, ExitPolicy(), n),
+            "hf": lambda: run_hf(lm, prompts, size, n),
+            "ride": lambda: run_engine(lm, prompts, size, policy, n, regroup=False),
+            "regroup": lambda: run_engine(lm, prompts, size, policy, n, regroup=True),
+        })
+        (off, off_s, _), (hf, hf_s), (ex, ex_s, layers), (rg, rg_s, _) = (
+            best[k] for k in ("off", "hf", "ride", "regroup"))
         ref_off = ref_off or off
         ref_exit = ref_exit or ex
         rows.append({
@@ -113,10 +126,13 @@ def main(argv: list[str] | None = None) -> int:
             "engine_off_tokens": sum(map(len, off)), "engine_off_s": off_s,
             "hf_tokens": sum(map(len, hf)), "hf_s": hf_s,
             "exit_tokens": sum(map(len, ex)), "exit_s": ex_s,
+            "regroup_tokens": sum(map(len, rg)), "regroup_s": rg_s,
+            "default": "ride along" if rides_along("copy", size) else "regroup",
             "mean_exit_layer": sum(layers) / max(len(layers), 1),
             "off_differs_from_batch1": sum(a != b for a, b in zip(off, ref_off)),
             "off_differs_from_hf": sum(a != b for a, b in zip(off, hf)),
             "exit_differs_from_batch1": sum(a != b for a, b in zip(ex, ref_exit)),
+            "regroup_differs_from_batch1": sum(a != b for a, b in zip(rg, ref_exit)),
         })
     base = rows[0]["engine_off_tokens"] / rows[0]["engine_off_s"]
     for r in rows:
@@ -126,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         r["off_vs_batch1"] = r["engine_off_tps"] / base
         r["off_vs_hf"] = r["engine_off_tps"] / r["hf_tps"]
         r["exit_vs_off"] = r["exit_tps"] / r["engine_off_tps"]
+        r["regroup_tps"] = r["regroup_tokens"] / r["regroup_s"]
+        r["regroup_vs_off"] = r["regroup_tps"] / r["engine_off_tps"]
     meta = {
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model": args.model, "exit": spec,
@@ -141,16 +159,17 @@ def main(argv: list[str] | None = None) -> int:
         f"threads; {len(prompts)} Vicuna prompts, {n} new tokens, greedy; best of {args.repeats}; "
         f"exit policy for (b): `{spec}`.", "",
         "| batch | engine tok/s (exits off) | vs batch 1 | HF generate tok/s | engine vs HF | prompts differing "
-        "from batch 1 / from HF | exits on tok/s | exits on vs off | mean exit layer | exits-on prompts "
-        "differing from batch 1 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "from batch 1 / from HF | exits on, riding along: tok/s | vs off | exits on, regrouped: tok/s | vs off | "
+        "default | mean exit layer | exits-on prompts differing from batch 1 (riding / regrouped) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['batch']} | {r['engine_off_tps']:.1f} | {r['off_vs_batch1']:.2f}x | {r['hf_tps']:.1f} | "
             f"{r['off_vs_hf']:.2f}x | {r['off_differs_from_batch1']} / {r['off_differs_from_hf']} | "
-            f"{r['exit_tps']:.1f} | {r['exit_vs_off']:.2f}x | {r['mean_exit_layer']:.1f} of {lm.num_layers} | "
-            f"{r['exit_differs_from_batch1']} |")
+            f"{r['exit_tps']:.1f} | {r['exit_vs_off']:.2f}x | {r['regroup_tps']:.1f} | {r['regroup_vs_off']:.2f}x | "
+            f"{r['default']} | {r['mean_exit_layer']:.1f} of {lm.num_layers} | "
+            f"{r['exit_differs_from_batch1']} / {r['regroup_differs_from_batch1']} |")
     write_atomic(out, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

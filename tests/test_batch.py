@@ -13,14 +13,27 @@ from lite.decoding import (
     generate_batch,
     make_decoder,
 )
+from lite.decoding.cost import ModelShape
 from lite.errors import LiteError
 
 PROMPTS = [[5, 17, 42, 99, 3], [7, 8], [11, 12, 13, 14, 15, 16, 17, 18, 19], [21, 22, 23]]
 
 
+# (kv, regroup): both K/V strategies, and under copy both ways a row that left goes on (regroup / ride along)
+MODES = [("copy", True), ("copy", False), ("recompute", None)]
+SHAPE = None
+
+
 @pytest.fixture(scope="module")
 def lm(tiny_model_dir):
-    return load_model(tiny_model_dir, device="cpu")
+    global SHAPE
+    model = load_model(tiny_model_dir, device="cpu")
+    SHAPE = ModelShape.from_config(model.config)
+    return model
+
+
+def _rode(results) -> int:
+    return sum(tc.rode for r in results for tc in r.cost.tokens)
 
 
 def _alone(lm, policy, settings):
@@ -28,12 +41,18 @@ def _alone(lm, policy, settings):
 
 
 def _same(batched, alone):
+    """Each row is its batch-1 run: tokens, exit layers, text, confidences, and cost records field by field,
+    except that a block ridden along (``rode``) stands where batch 1 filled K/V, charged as a whole block."""
     for b, a in zip(batched, alone):
         assert b.token_ids == a.token_ids
         assert [t.exit_layer for t in b.tokens] == [t.exit_layer for t in a.tokens]
         assert b.text == a.text and b.finish_reason == a.finish_reason
         for tb, ta in zip(b.cost.tokens, a.cost.tokens):  # cost records, field by field
-            assert {k: v for k, v in vars(tb).items()} == {k: v for k, v in vars(ta).items()}
+            assert ta.rode == 0 and tb.rode + tb.kv_fills == ta.kv_fills
+            extra = tb.rode * (SHAPE.block_flops(tb.position) - SHAPE.kv_fill_flops())
+            assert tb.flops == ta.flops + extra
+            same = lambda tc: {k: v for k, v in vars(tc).items() if k not in ("rode", "kv_fills", "flops")}
+            assert same(tb) == same(ta)
         for cb, ca in zip(b.tokens, a.tokens):
             assert (cb.confidence is None) == (ca.confidence is None)
             if cb.confidence is not None:
@@ -71,18 +90,35 @@ def _split(values: list[float]) -> float:
     return (v[i] + v[i + 1]) / 2
 
 
-@pytest.mark.parametrize("kv", ["copy", "recompute"])
+@pytest.mark.parametrize("kv,regroup", MODES)
 @pytest.mark.parametrize("measure", ["max_prob", "state_cosine"])
-def test_forced_exits_each_row_leaves_where_it_leaves_alone(lm, kv, measure):
+def test_forced_exits_each_row_leaves_where_it_leaves_alone(lm, kv, regroup, measure):
     if measure == "max_prob":
         policy = ExitPolicy(kind="dynamic", thresholds=_thresholds(lm))
     else:
         policy = ExitPolicy(kind="dynamic", thresholds={1: 0.86, 2: 0.95, 3: 0.95}, confidence="state_cosine")
     settings = [GenerationSettings(max_new_tokens=10, kv=kv)] * len(PROMPTS)
-    batched = generate_batch(lm, PROMPTS, policy, settings)
+    batched = generate_batch(lm, PROMPTS, policy, settings, regroup=regroup)
     _same(batched, _alone(lm, policy, settings))
     layers = {t.exit_layer for r in batched for t in r.tokens}
     assert len(layers) > 1  # the rows really did leave at different layers
+    assert (_rode(batched) > 0) == (regroup is False)  # rows rode along exactly when asked to
+
+
+def test_rows_ride_along_in_small_copy_batches_and_regroup_otherwise(lm, monkeypatch):
+    import lite.decoding.batch as batch_mod
+
+    limit = batch_mod.RIDE_ALONG_ROWS
+    assert batch_mod.rides_along("copy", limit) and not batch_mod.rides_along("copy", limit + 1)
+    assert batch_mod.rides_along("copy", limit + 1, regroup=False) and not batch_mod.rides_along("copy", 2, True)
+    assert not batch_mod.rides_along("recompute", 2)
+    with pytest.raises(LiteError, match="ride along with --kv copy only"):
+        BatchDecoder(lm, PROMPTS, ExitPolicy(), GenerationSettings(kv="recompute"), regroup=False)
+    policy = ExitPolicy(kind="dynamic", thresholds=_thresholds(lm))
+    settings = GenerationSettings(max_new_tokens=10)
+    assert _rode(generate_batch(lm, PROMPTS, policy, settings)) > 0  # the default rides at batch 4
+    monkeypatch.setattr(batch_mod, "RIDE_ALONG_ROWS", 3)
+    assert _rode(generate_batch(lm, PROMPTS, policy, settings)) == 0  # and regroups above the limit
 
 
 def test_static_and_gate_policies_batch_too(lm):
@@ -103,8 +139,8 @@ def test_static_and_gate_policies_batch_too(lm):
     assert {t.exit_layer for r in batched for t in r.tokens} == {2, 4}
 
 
-@pytest.mark.parametrize("kv", ["copy", "recompute"])
-def test_the_cache_of_every_row_after_every_step_is_the_batch_1_cache(lm, kv):
+@pytest.mark.parametrize("kv,regroup", MODES)
+def test_the_cache_of_every_row_after_every_step_is_the_batch_1_cache(lm, kv, regroup):
     policy = ExitPolicy(kind="dynamic", thresholds=_thresholds(lm))
     settings = GenerationSettings(max_new_tokens=6, kv=kv)
     alone = []
@@ -118,7 +154,7 @@ def test_the_cache_of_every_row_after_every_step_is_the_batch_1_cache(lm, kv):
             pass
         alone.append(snaps)
     batch_snaps = []
-    decoder = BatchDecoder(lm, PROMPTS, policy, settings)
+    decoder = BatchDecoder(lm, PROMPTS, policy, settings, regroup)
     decoder.after_step = lambda dec: batch_snaps.append(
         [[tuple(t.clone() for t in dec.cache.row(r, b)) for b in range(lm.num_layers)] for r in range(len(PROMPTS))])
     for _ in decoder.run():
@@ -166,14 +202,14 @@ def test_batch_refuses_what_it_cannot_do(lm):
         BatchDecoder(lm, [[1, 2], []], ExitPolicy(), GenerationSettings())
 
 
-@pytest.mark.parametrize("kv", ["copy", "recompute"])
-def test_rows_that_join_a_running_batch_get_their_batch_1_answers(lm, kv):
+@pytest.mark.parametrize("kv,regroup", MODES)
+def test_rows_that_join_a_running_batch_get_their_batch_1_answers(lm, kv, regroup):
     """Continuous batching: rows join at token boundaries (the cache grows for them), one is cancelled
     mid-way and its slot reused; every finished row equals its batch-1 run, exits included."""
     policy = ExitPolicy(kind="dynamic", thresholds=_thresholds(lm))
     settings = [GenerationSettings(max_new_tokens=n, kv=kv) for n in (6, 9, 4, 7)]
     alone = _alone(lm, policy, settings)
-    d = BatchDecoder.open(lm, policy, kv=kv)
+    d = BatchDecoder.open(lm, policy, kv=kv, regroup=regroup)
     rows = {d.add(PROMPTS[0], settings[0]): 0}
     got, steps = {}, 0
     cancelled = d.add(PROMPTS[2], GenerationSettings(max_new_tokens=20, kv=kv))
@@ -207,6 +243,7 @@ def test_a_learned_gate_decides_for_all_rows_at_once_as_it_does_row_by_row(lm):
     params = {k: [(torch.randn(1, lm.hidden_size, generator=g), torch.zeros(1))] for k in (2, 3)}
     gate = ExitPolicy(kind="dynamic", gate=LearnedExitGate(params, {2: 0.5, 3: 0.5}))
     settings = [GenerationSettings(max_new_tokens=n) for n in (6, 9, 4, 7)]
-    batched = generate_batch(lm, PROMPTS, gate, settings)
-    _same(batched, _alone(lm, gate, settings))
+    for regroup in (True, False):
+        batched = generate_batch(lm, PROMPTS, gate, settings, regroup=regroup)
+        _same(batched, _alone(lm, gate, settings))
     assert len({t.exit_layer for r in batched for t in r.tokens}) > 1

@@ -69,18 +69,23 @@ def generate(lm: LiteModel, prompt_ids: list[int], policy: ExitPolicy, settings:
 
 def stream_batch(lm: LiteModel, prompts: list[list[int]], policy: ExitPolicy,
                  settings: GenerationSettings | list[GenerationSettings],
-                 on_token: Callable[[int, TokenRecord], None] | None = None) -> Iterator[tuple[int, TokenRecord]]:
+                 on_token: Callable[[int, TokenRecord], None] | None = None,
+                 regroup: bool | None = None) -> Iterator[tuple[int, TokenRecord]]:
     """Decode ``prompts`` together (:class:`BatchDecoder`); yield ``(row, TokenRecord)`` as tokens come.
-    ``settings``: one for every row, or one per row. Bad input raises :class:`LiteError` before decoding."""
-    return BatchDecoder(lm, prompts, policy, settings).run(on_token)
+    ``settings``: one for every row, or one per row; ``regroup``: what rows that leave early do
+    (:func:`lite.decoding.batch.rides_along`; None chooses by batch size). Bad input raises :class:`LiteError` before
+    decoding."""
+    return BatchDecoder(lm, prompts, policy, settings, regroup).run(on_token)
 
 
 def generate_batch(lm: LiteModel, prompts: list[list[int]], policy: ExitPolicy,
                    settings: GenerationSettings | list[GenerationSettings],
-                   on_token: Callable[[int, TokenRecord], None] | None = None) -> list[GenerationResult]:
+                   on_token: Callable[[int, TokenRecord], None] | None = None,
+                   regroup: bool | None = None) -> list[GenerationResult]:
     """:func:`generate` for many prompts at once: one :class:`GenerationResult` per prompt, in order, each
-    what the prompt gets alone (exit layers, tokens, cost), each row exiting at its own layer."""
-    decoder = BatchDecoder(lm, prompts, policy, settings)
+    what the prompt gets alone (exit layers, tokens, cost), each row exiting at its own layer
+    (``regroup``: see :func:`stream_batch`)."""
+    decoder = BatchDecoder(lm, prompts, policy, settings, regroup)
     for _ in decoder.run(on_token):
         pass
     return decoder.results()

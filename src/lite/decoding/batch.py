@@ -6,12 +6,21 @@ slots 0, 1, ... of a shared :class:`lite.model.adapter.BatchCache` (no left padd
 masks what a row must not see.
 
 One decode step over the rows still generating: block after block over the rows still inside the
-network. At an exit layer, the rows whose policy says leave emit their token there (their skipped blocks'
-K/V are filled from the exit state under ``copy``, or left pending under ``recompute``), and the deeper
-blocks run on the remaining rows only, regrouped into a smaller batch (the DREX idea: no row waits for a
-slower one, and nothing is computed for a row that left). Each row's exit decisions, tokens, cache and cost
-records are the ones the batch-1 engine produces for it alone (tested), up to float rounding of batched
-matrix products.
+network. At an exit layer, the rows whose policy says leave emit their token there, and then one of two
+things happens to them (:func:`rides_along`):
+
+* regroup (the DREX idea): the deeper blocks run on the remaining rows only, regrouped into a smaller
+  batch, and the rows that left get their skipped blocks' K/V filled from their exit state (``copy``) or
+  left pending (``recompute``). Nothing is computed for a row that left; what it saves is arithmetic.
+* ride along (``copy``, the default for small batches): the deeper blocks keep running on every row, a row
+  that left with its exit state as input, so the block writes the very K/V a fill would write and its
+  output is discarded. A small batch is bound by reading the weights, so a block over 8 rows costs what it
+  costs over 7; riding saves the regrouped calls' cache gathers and the fill calls.
+
+Either way, when every row has left, the step stops there. Each row's exit decisions, tokens and cache are
+the ones the batch-1 engine produces for it alone (tested), up to float rounding of batched matrix
+products; so are its cost records, except that a block ridden along is counted as such (``rode``, charged
+as a whole block) instead of as a K/V fill.
 
 Exits off, this is plain batched greedy/sampled decoding. Speculative decoding stays batch 1
 (:mod:`lite.decoding.speculative`): its verify pass would need per-row rollback of a shared cache.
@@ -34,6 +43,24 @@ from .engine import GenerationResult, GenerationSettings, TokenRecord, check_set
 from .policy import ExitPolicy, resolve_policy
 from .sampling import TextStream, eos_ids, pick_token
 
+RIDE_ALONG_ROWS = 16  # regroup=None: rows that left ride along in steps of at most this many rows
+
+
+def rides_along(kv: str, rows: int, regroup: bool | None = None) -> bool:
+    """Whether the rows that leave early during a step of ``rows`` rows ride along, or drop out (regroup).
+
+    ``regroup`` True: the deeper blocks run on the rows still inside only (DREX), and the rows that left
+    get their skipped blocks' K/V filled; False: they ride along (``copy`` only), the deeper blocks run on
+    every row and write those K/V themselves; None: ride along in steps of at most :data:`RIDE_ALONG_ROWS`
+    rows under ``copy``, regroup otherwise. A small batch is bound by reading the weights, not by
+    arithmetic, so a block over fewer rows takes no less time, while a regrouped call gathers the rows'
+    caches and the fills add calls of their own (measured in ``benchmarks/results/batch.md``); a large
+    batch is bound by arithmetic, which regrouping saves.
+    """
+    if kv != "copy":
+        return False
+    return rows <= RIDE_ALONG_ROWS if regroup is None else not regroup
+
 
 class BatchDecoder:
     """The decode-time state of B sequences: one cache, per-row positions, texts, costs.
@@ -52,7 +79,7 @@ class BatchDecoder:
     """
 
     def __init__(self, lm: LiteModel, prompts: list[list[int]], policy: ExitPolicy,
-                 settings: GenerationSettings | list[GenerationSettings]) -> None:
+                 settings: GenerationSettings | list[GenerationSettings], regroup: bool | None = None) -> None:
         if not prompts:
             raise LiteError("no prompts to decode: give at least one")
         per_row = settings if isinstance(settings, list) else [settings] * len(prompts)
@@ -63,21 +90,25 @@ class BatchDecoder:
         kvs = {s.kv for s in per_row}
         if len(kvs) > 1:
             raise LiteError(f"--kv must be the same for every row of a batch, got {sorted(kvs)}")
-        self._open(lm, policy, per_row[0].kv)
+        self._open(lm, policy, per_row[0].kv, regroup)
         self._reserve(len(prompts), max(self._need(ids, s) for ids, s in zip(prompts, per_row)))
         self._fresh = [self._admit(ids, s) for ids, s in zip(prompts, per_row)]  # prefilled by run()
 
     @classmethod
-    def open(cls, lm: LiteModel, policy: ExitPolicy, kv: str = "copy") -> BatchDecoder:
+    def open(cls, lm: LiteModel, policy: ExitPolicy, kv: str = "copy", regroup: bool | None = None) -> BatchDecoder:
         """An empty decoder for continuous batching: rows come with :meth:`add` and go with :meth:`release`."""
         decoder = cls.__new__(cls)
-        decoder._open(lm, policy, kv)
+        decoder._open(lm, policy, kv, regroup)
         decoder._fresh = []
         return decoder
 
-    def _open(self, lm: LiteModel, policy: ExitPolicy, kv: str) -> None:
+    def _open(self, lm: LiteModel, policy: ExitPolicy, kv: str, regroup: bool | None) -> None:
         if policy.kind == "speculative":
             raise LiteError("speculative decoding runs one sequence at a time: use batch size 1 for it")
+        if regroup is False and kv != "copy":
+            raise LiteError(f"rows ride along with --kv copy only (a fill's K/V), not --kv {kv}: "
+                            f"use regroup=True or None with it")
+        self.regroup = regroup
         self.lm = lm
         self.plan = resolve_policy(lm, policy)
         self.kv = kv
@@ -189,10 +220,9 @@ class BatchDecoder:
     def _block(self, layer: int, h: torch.Tensor, rows: list[int], positions: list[int],
                tcs: list[TokenCost]) -> torch.Tensor:
         """Block ``layer`` for the current tokens of ``rows`` (h: (b, 1, D)). Under ``recompute``, a row
-        whose earlier positions skipped this block pushes them through first, in its own call."""
+        whose earlier positions skipped this block pushes them through first, in its own call (recorded in
+        its cost, ``tcs`` in the order of ``rows``)."""
         lm, cache = self.lm, self.cache
-        for tc in tcs:
-            tc.blocks_run += 1
         pending = [i for i, r in enumerate(rows) if cache.lengths[layer - 1][r] != positions[i]]
         if not pending:
             return lm.run_block_rows(layer, h, cache, rows)
@@ -250,7 +280,13 @@ class BatchDecoder:
     def _step(self, rows: list[int], tokens: torch.Tensor, positions: list[int]
               ) -> tuple[torch.Tensor, list[int], list[float | None], list[TokenCost]]:
         """One decode step of ``rows``: their tokens (b, 1) at ``positions`` through the blocks until each
-        exits. Returns (exit logits (b, V), exit layer per row, confidence per row, cost per row)."""
+        exits. Returns (exit logits (b, V), exit layer per row, confidence per row, cost per row).
+
+        A row that leaves either drops out of the batch (the deeper blocks run on the rows still inside,
+        regrouped) or rides along (:func:`rides_along`): the deeper blocks keep running on every row, a
+        row that left with its exit state as input, so that the block writes the K/V a fill would write
+        and its output is discarded. Either way its token, exit layer and cache are the same; when every
+        row has left, the step stops and fills the rest."""
         lm, plan = self.lm, self.plan
         L, b = lm.num_layers, len(rows)
         tcs = [TokenCost(position=p) for p in positions]
@@ -260,32 +296,52 @@ class BatchDecoder:
         has_logits = [False] * b
         exit_state: list[torch.Tensor | None] = [None] * b  # raw state at the exit, for K/V fill
         exit_normed: list[torch.Tensor | None] = [None] * b  # normed exit state, when the gate made it
+        ride = rides_along(self.kv, b, self.regroup)
         inside = list(range(b))  # indices (into rows) of the rows still inside the network
+        run = inside  # the rows the blocks run on, in the order of h: inside, or every row when riding
+        left = torch.zeros(b, 1, 1, dtype=torch.bool, device=lm.device) if ride else None  # rows riding
+        pinned = None  # riding: by row, the exit states of the rows that left (their input from then on)
         h = lm.embed(tokens)  # (b, 1, D)
-        prev = h[:, -1]  # state_cosine: "layer 0" is the input embedding
+        prev = h[:, -1]  # state_cosine: "layer 0" is the input embedding, of the rows inside
+        last = 0  # the last block run this step
         for layer in range(1, plan.stop_layer + 1):
-            h = self._block(layer, h, [rows[i] for i in inside], [positions[i] for i in inside],
-                            [tcs[i] for i in inside])
+            h = self._block(layer, h, [rows[i] for i in run], [positions[i] for i in run], [tcs[i] for i in run])
+            last = layer
+            for i in inside:
+                tcs[i].blocks_run += 1
+            if pinned is not None:  # riding rows keep their exit state as the next block's input
+                h = torch.where(left, pinned, h)
+                for i in run:
+                    tcs[i].rode += exit_layer[i] < layer
             if plan.checks.get(layer) is None:
                 continue
-            leave, logits, values, prev, normed = self._check(layer, h, [tcs[i] for i in inside], prev)
+            h_in = h if len(run) == len(inside) else h[inside]
+            leave, logits, values, prev, normed = self._check(layer, h_in, [tcs[i] for i in inside], prev)
             if not any(leave):
                 continue
             stay = [j for j, go in enumerate(leave) if not go]
             for j, go in enumerate(leave):
                 if go:
                     i = inside[j]
-                    exit_layer[i], conf[i], exit_state[i] = layer, values[j], h[j:j + 1]
+                    exit_layer[i], conf[i], exit_state[i] = layer, values[j], h_in[j:j + 1]
                     if logits is not None:
                         out_logits[i], has_logits[i] = logits[j], True
                     elif normed is not None:
                         exit_normed[i] = normed[j]
-            inside = [inside[j] for j in stay]
-            h, prev = h[stay], prev[stay]
+                    if ride:
+                        left[i] = True
+            prev = prev[stay]
+            if ride:
+                pinned = h if pinned is None else torch.where(left, h, pinned)
+                inside = [inside[j] for j in stay]
+            else:
+                inside = run = [inside[j] for j in stay]
+                h = h[stay]
             if not inside:
                 break
         for j, i in enumerate(inside):  # the rows that reached the stop layer
-            exit_state[i] = h[j:j + 1]
+            k = i if ride else j
+            exit_state[i] = h[k:k + 1]
         missing = [i for i in range(b) if not has_logits[i]]
         if missing:  # gate exits, static:K, the rows that ran to L, state-cosine exits: the head runs now,
             # once for all of them (the head's weights are read once per step, not once per exit layer)
@@ -299,38 +355,46 @@ class BatchDecoder:
             out_logits[missing] = lm.head_logits(torch.stack([exit_normed[i] for i in missing]))
             for i in missing:
                 tcs[i].head_evals += 1
-        if plan.kind != "none":  # record the exit's confidence where the check did not (one reduction)
-            measure = plan.confidence
-            head_fn = conf_mod.HEAD_FUNCTIONS.get(measure)
-            for i in range(b):
-                if conf[i] is not None:
-                    continue
-                if measure == "state_cosine" and exit_layer[i] == L:
-                    continue  # the batch-1 engine compares with the last checked state: recorded below
-                if measure != "state_cosine":
-                    conf[i] = float((head_fn or conf_mod.max_prob)(out_logits[i:i + 1]))
-                    tcs[i].head_checks += 1
-            if measure == "state_cosine" and plan.gate is None:
-                # rows that ran to L: cosine of the final state with their last checked state
-                for j, i in enumerate(inside):
-                    if exit_layer[i] == L:
-                        conf[i] = float(conf_mod.state_cosine(h[j, -1], prev[j]))
-                        tcs[i].cosine_checks += 1
+        if plan.kind != "none":
+            self._record_confidence(conf, out_logits, exit_layer, tcs, inside, h, prev, ride)
         for i, tc in enumerate(tcs):
             tc.exit_layer = exit_layer[i]
-        left = [i for i in range(b) if exit_layer[i] < L]
-        if left:
-            if self.kv == "copy":  # fill the skipped blocks' K/V from each row's exit state, batched by layer
-                for layer in range(min(exit_layer[i] for i in left) + 1, L + 1):
-                    group = [i for i in left if exit_layer[i] < layer]
-                    lm.fill_kv_rows(layer, torch.cat([exit_state[i] for i in group]), self.cache,
-                                    [rows[i] for i in group])
-                    for i in group:
-                        tcs[i].kv_fills += 1
-            else:
-                for i in left:
+        if self.kv == "copy":  # fill the blocks no row ran for its position, from its exit state, by layer
+            done = [max(exit_layer[i], last) if ride else exit_layer[i] for i in range(b)]
+            for layer in range(min(done) + 1, L + 1):
+                group = [i for i in range(b) if done[i] < layer]
+                lm.fill_kv_rows(layer, torch.cat([exit_state[i] for i in group]), self.cache,
+                                [rows[i] for i in group])
+                for i in group:
+                    tcs[i].kv_fills += 1
+        else:
+            for i in range(b):
+                if exit_layer[i] < L:
                     self.states[rows[i], positions[i]] = exit_state[i][0, -1]
         return out_logits, exit_layer, conf, tcs
+
+    def _record_confidence(self, conf: list[float | None], logits: torch.Tensor, exit_layer: list[int],
+                           tcs: list[TokenCost], inside: list[int], h: torch.Tensor, prev: torch.Tensor,
+                           ride: bool) -> None:
+        """The exit's confidence of every row whose check did not record one (the gate's exits, static:K,
+        the rows that ran to L), in one reduction over their logits, as the batch-1 engine records it;
+        under ``state_cosine``, the rows that ran to L only (``inside``, ``prev``: the rows still inside and
+        their last checked states; ``h``: the last block's output, by row when ``ride``)."""
+        measure, L = self.plan.confidence, self.lm.num_layers
+        if measure == "state_cosine":
+            if self.plan.gate is None:  # rows that ran to L: their final state against their last check
+                for j, i in enumerate(inside):
+                    if exit_layer[i] == L:
+                        conf[i] = float(conf_mod.state_cosine(h[i if ride else j, -1], prev[j]))
+                        tcs[i].cosine_checks += 1
+            return
+        todo = [i for i in range(len(conf)) if conf[i] is None]
+        if not todo:
+            return
+        head_fn = conf_mod.HEAD_FUNCTIONS.get(measure) or conf_mod.max_prob
+        for i, value in zip(todo, head_fn(logits[todo]).tolist()):
+            conf[i] = value
+            tcs[i].head_checks += 1
 
     def _prefill(self, rows: list[int]) -> None:
         """All L blocks over the first n - 1 prompt positions of ``rows`` (fresh rows, empty cache),

@@ -16,6 +16,10 @@ Conventions (all counts are floating-point operations, a multiply-add = 2 FLOPs,
   ``recomputed``) plus one head evaluation per verified position; the blocks that drafts later rejected
   ran for other positions are ``other_blocks`` (whole blocks, with their attention context).
 * A state-cosine check: ``6*D`` (two norms and a dot product).
+* Batched decoding, a row riding along (:mod:`lite.decoding.batch`): a block run for a row that has already
+  left, because other rows of its batch go on; its K/V are the ones a fill would write (its input is its
+  exit state), the rest is discarded. Counted as a whole block at the row's position (``rode``): the
+  hardware computed it, even where, as on a memory-bound CPU, it cost no time.
 * An exit module (:mod:`lite.model.exit_modules`): what ``LiteModel.exit_module_flops(layer)`` reports,
   for every evaluation of an exit that has one (a gate check, a head check, the exit that emits).
 * Not counted, and negligible here: RMSNorms (~4*D per norm), rotary embeddings, residual adds, the
@@ -129,6 +133,8 @@ class TokenCost:
         draft_head_rows: vocabulary rows evaluated by shortlist draft heads (speculative ``--draft-vocab``):
             each row is one dot product over D plus its share of the confidence reduction.
         kv_fills: skipped blocks whose K/V were filled from the exit state (``copy``).
+        rode: skipped blocks run for this position while riding along in a batch (``copy``, batched
+            decoding): each stands in for a K/V fill and is charged as a whole block.
         recomputed: (block, pending position) pairs pushed through blocks they had skipped (``recompute``).
         recompute_context: sum of the attended context lengths of those pairs (for their attention cost).
         other_blocks: (block, position) pairs run for other positions and charged to this token
@@ -149,6 +155,7 @@ class TokenCost:
     exit_module_flops: int = 0
     draft_head_rows: int = 0
     kv_fills: int = 0
+    rode: int = 0
     recomputed: int = 0
     recompute_context: int = 0
     other_blocks: int = 0
@@ -160,8 +167,8 @@ class TokenCost:
 
 def token_flops(shape: ModelShape, tc: TokenCost) -> int:
     """FLOPs of one decode step: its own blocks, head evaluations (with their V-reductions), cosine and
-    gate checks, exit modules, K/V fills, and the recompute of pending positions."""
-    own = tc.blocks_run * shape.block_flops(tc.position)
+    gate checks, exit modules, K/V fills, blocks ridden along, and the recompute of pending positions."""
+    own = (tc.blocks_run + tc.rode) * shape.block_flops(tc.position)
     heads = tc.head_evals * shape.head_flops() + tc.head_checks * 5 * shape.vocab + \
         tc.draft_head_rows * (2 * shape.hidden + 5)
     fills = tc.kv_fills * shape.kv_fill_flops()
@@ -187,7 +194,7 @@ class SequenceCost:
         layer_cost_improvement: ``1 - mean(exit layer) / L`` (the paper's figure).
         compute_cost_improvement: ``1 - flops / full_flops``.
         seconds: measured wall-clock seconds of the whole generation (prefill included).
-        head_evals, kv_fills, recomputed: totals of the per-token counts.
+        head_evals, kv_fills, rode, recomputed: totals of the per-token counts.
         drafted, accepted, rejected: speculative decoding totals (accepted + rejected = drafted).
         acceptance_by_position: speculative, entry i = accepted / drafted among the rounds that drafted an
             (i+1)-th token (greedy: the chance the full model agrees that far); empty otherwise.
@@ -205,6 +212,7 @@ class SequenceCost:
     seconds: float = 0.0
     head_evals: int = field(default=0)
     kv_fills: int = field(default=0)
+    rode: int = field(default=0)
     recomputed: int = field(default=0)
     drafted: int = 0
     accepted: int = 0
@@ -260,7 +268,7 @@ def sequence_cost(shape: ModelShape, prompt_len: int, tokens: list[TokenCost], s
         layer_cost_improvement=layer_cost_improvement([tc.exit_layer for tc in tokens], shape.num_layers),
         compute_cost_improvement=(1.0 - flops / full) if full else 0.0, seconds=seconds,
         head_evals=sum(tc.head_evals for tc in tokens), kv_fills=sum(tc.kv_fills for tc in tokens),
-        recomputed=sum(tc.recomputed for tc in tokens),
+        rode=sum(tc.rode for tc in tokens), recomputed=sum(tc.recomputed for tc in tokens),
         drafted=sum(tc.drafted for tc in tokens), accepted=sum(tc.accepted for tc in tokens),
         rejected=sum(tc.drafted - tc.accepted for tc in tokens), acceptance_by_position=acceptance_by_position(tokens),
     )
