@@ -9,7 +9,7 @@ from lite import load_model
 from lite.cli import main
 from lite.decoding import ExitPolicy, GenerationSettings, generate
 from lite.model.exit_modules import EXIT_MODULES_FILE
-from lite.training import train
+from lite.training import TrainError, train
 from lite.training.own_answers import ANSWERS_FILE
 
 ROWS = [
@@ -152,3 +152,23 @@ def test_a_shared_answers_cache_outlives_the_run_and_serves_the_next(tiny_model_
     code = main(["train", "--model", str(tiny_model_dir), "--data", str(data_file), "--out", str(tmp_path / "c"),
                  "--own-answers", "--own-answers-cache", str(tmp_path)])
     assert code == 2 and not (tmp_path / "c.partial").exists()
+
+
+def test_snapshots_keep_the_modules_every_few_minutes_of_training(tiny_model_dir, data_file, tmp_path):
+    """--snapshot-minutes: a loadable copy of the modules at each checkpoint after a boundary of the training
+    clock (here every checkpoint: the period is tiny), with its steps and seconds; the last is the output."""
+    out = tmp_path / "out"
+    fast = dict(FAST, save_steps=4)
+    train(str(tiny_model_dir), str(data_file), out, max_steps=8, lr=1e-2, exit_modules="affine",
+          targets="distill", exit_layers="1,2,3,4", snapshot_minutes=1e-6, **fast)
+    snaps = sorted((tmp_path / "out.snapshots").iterdir())
+    assert [s.name for s in snaps] == ["step-000004", "step-000008"]
+    steps = [json.loads((s / "lite_config.json").read_text())["training"] for s in snaps]
+    assert [t["steps"] for t in steps] == [4, 8] and 0 < steps[0]["train_seconds"] < steps[1]["train_seconds"]
+    first, last, final = (load_model(f, device="cpu") for f in (*snaps, out))
+    h = torch.randn(2, final.hidden_size)
+    assert torch.equal(last.exit_logits(h, 1), final.exit_logits(h, 1))  # step 8 is the finished run
+    assert not torch.allclose(first.exit_logits(h, 1), final.exit_logits(h, 1))  # step 4 is earlier
+    with pytest.raises(TrainError, match="needs --exit-modules"):
+        train(str(tiny_model_dir), str(data_file), tmp_path / "lora", max_steps=2, lora=True,
+              snapshot_minutes=5, **FAST)

@@ -18,7 +18,10 @@ functions, so importing :mod:`lite.training` stays light.
 from __future__ import annotations
 
 import json
+import math
 import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +147,43 @@ def _train_clock_callback(resume: str | None):
             return control
 
     return TrainClock()
+
+
+SNAPSHOT_PREFIX = "step-"  # <out>.snapshots/step-000400: the exit modules after 400 steps (minutes inside)
+
+
+def snapshot_folder(out: Path) -> Path:
+    """Where a run's snapshots go: ``<out>.snapshots``, beside the output (it outlives the work folder)."""
+    return out.with_name(out.name + ".snapshots")
+
+
+def _snapshot_callback(folder: Path, every_minutes: float, clock, write: Callable[[Path, int, float], None]):
+    """A callback that keeps a loadable copy of the model every ``every_minutes`` of training (by ``clock``,
+    the run's training clock, so resumed runs go on where they were): at the first checkpoint after each
+    boundary, ``write(tmp_folder, step, seconds)`` fills a new ``folder/step-NNNNNN`` (made in one rename)."""
+    from transformers import TrainerCallback
+
+    from ..files import folder_in_place
+
+    period = every_minutes * 60.0
+
+    class Snapshots(TrainerCallback):
+        def __init__(self) -> None:
+            self.next = (math.floor(clock.seconds() / period) + 1) * period
+
+        def on_save(self, args, state, control, **kwargs):
+            seconds = clock.seconds()
+            if seconds < self.next or _rank() != 0:
+                return control
+            self.next = (math.floor(seconds / period) + 1) * period
+            target = folder / f"{SNAPSHOT_PREFIX}{state.global_step:06d}"
+            if not target.exists():
+                folder.mkdir(parents=True, exist_ok=True)
+                with folder_in_place(Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=folder)), target) as tmp:
+                    write(tmp, state.global_step, seconds)
+            return control
+
+    return Snapshots()
 
 
 def _last_checkpoint(work: Path) -> str | None:

@@ -24,7 +24,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,9 @@ from .hf_trainer import (
     _make_teacher,
     _make_trainer_class,
     _rank,
+    _snapshot_callback,
     _train_clock_callback,
+    snapshot_folder,
 )
 from .losses import DEFAULT_CHUNK_SIZE, LOSS_MODES
 from .own_answers import ANSWERS_FILE, generate_own_answers
@@ -148,7 +150,7 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
           fsdp: bool = False, device: str | None = None, targets: str = "data",
           ce_weight: float = 0.5, exit_modules: str | None = None, own_answers: bool = False,
           own_answer_tokens: int = 128, own_answers_cache: str | os.PathLike[str] | None = None,
-          progress: Callable[[str], None] | None = None,
+          snapshot_minutes: float | None = None, progress: Callable[[str], None] | None = None,
           show_progress_bar: bool = True) -> TrainResult:
     """LITE instruction tuning (or the final-layer baseline), full or LoRA; see the module docstring.
 
@@ -194,6 +196,10 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
             tokens) instead of the dataset's responses (:mod:`lite.training.own_answers`), cached in the
             work folder, or in ``own_answers_cache`` (a JSONL file kept across runs: its entries are keyed
             by row, prompt, model and budget, so runs on the same rows share it and others regenerate).
+        snapshot_minutes: with ``exit_modules``, keep a loadable copy of the modules every this many minutes
+            of training, at the first checkpoint after each (so ``save_steps`` sets the grain), in
+            ``<out>.snapshots/step-NNNNNN`` (a few MB each; kept over resumes): score them with
+            ``benchmarks/exit_agreement.py`` for the curve of agreement against training minutes.
         progress: called with status lines. show_progress_bar: Trainer's tqdm bar.
     """
     from ..model.adapter import LiteModel
@@ -233,6 +239,12 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
     for flag, value in (("--lr", lr), ("--epochs", epochs)):  # the CLI checks these too (lite.cli.numbers)
         if value is not None and not (value > 0 and math.isfinite(value)):  # NaN fails both
             raise TrainError(f"{flag} must be a finite number > 0, got {value}")
+    if snapshot_minutes is not None:
+        if not (snapshot_minutes > 0 and math.isfinite(snapshot_minutes)):
+            raise TrainError(f"--snapshot-minutes must be a finite number > 0, got {snapshot_minutes}")
+        if exit_modules is None:
+            raise TrainError("--snapshot-minutes keeps copies of exit modules (a few MB each) and needs "
+                             "--exit-modules; a LoRA or full run keeps its last checkpoints in OUT.partial")
     if exit_modules is not None:
         from ..model.exit_modules import EXIT_MODULE_KINDS
 
@@ -384,11 +396,15 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
             save_only_model=False, **({"fsdp": True, "fsdp_config": fsdp_config(lm)} if fsdp else {}),
         )
         clock = _train_clock_callback(resume)
+        callbacks = [_log_last_step_callback(), clock]
+        if snapshot_minutes:
+            callbacks.append(_snapshot_callback(snapshot_folder(out), snapshot_minutes, clock, _snapshot_writer(
+                modules, tokenizer, lite_config, getattr(lm.model, "generation_config", None))))
         trainer = _make_trainer_class()(
             model=train_model, args=args, train_dataset=dataset,
             data_collator=PadCollator(tokenizer.pad_token_id), processing_class=tokenizer, lite_model=trainee,
             exit_weights=weights, loss_mode=loss_mode, chunk_size=chunk_size,
-            callbacks=[_log_last_step_callback(), clock], targets=targets, ce_weight=ce_weight,
+            callbacks=callbacks, targets=targets, ce_weight=ce_weight,
             teacher=teacher,
         )
         if fsdp and not trainer.is_fsdp_enabled:
@@ -479,6 +495,21 @@ def _save_final(trainer, train_model, tokenizer, lite_config: LiteConfig, work: 
     write_model_card(final, base_id=hub_id_for(base_spec), name=out.name)
     os.replace(final, out)
     remove_own_files(work, WORK_FILES)  # what lite wrote there, and the folder if nothing else is left
+
+
+def _snapshot_writer(modules, tokenizer, lite_config: LiteConfig, generation_config=None
+                     ) -> Callable[[Path, int, float], None]:
+    """What a snapshot of an exit-module run holds: the modules as they are now, the tokenizer, and
+    ``lite_config.json`` with the steps and training seconds so far; loadable like the final output."""
+    def write(folder: Path, step: int, seconds: float) -> None:
+        modules.save(folder)
+        tokenizer.save_pretrained(str(folder))
+        training = dict(lite_config.training, steps=step, train_seconds=round(seconds, 3), snapshot=True)
+        replace(lite_config, training=training).save(folder)
+        if generation_config is not None:
+            generation_config.save_pretrained(str(folder))
+
+    return write
 
 
 def loss_summary(result: TrainResult) -> str:
