@@ -68,8 +68,8 @@ def test_exits_on_it_is_lite_generate_with_the_exit_record(tiny_model_dir):
         assert out.sequences[row, width:width + len(result.token_ids)].tolist() == result.token_ids
         assert out.exit_layers[row] == result.exit_layers
         got = record[row].cost  # batched: a block ridden along stands where batch 1 filled K/V
-        assert record[row].token_ids == result.token_ids and got.kv_fills + got.rode == result.cost.kv_fills
-        assert got.layer_cost_improvement == result.cost.layer_cost_improvement
+        assert record[row].token_ids == result.token_ids and got.flops == result.cost.flops
+        assert got.kv_fills + got.rode == result.cost.kv_fills
     assert min(min(layers) for layers in out.exit_layers) < lm.num_layers  # exits did happen
     # the module-level callable reads the folder's tokenizer, so the record has the text too
     plain_record: list = []

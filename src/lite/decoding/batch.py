@@ -19,8 +19,8 @@ things happens to them (:func:`rides_along`):
 
 Either way, when every row has left, the step stops there. Each row's exit decisions, tokens and cache are
 the ones the batch-1 engine produces for it alone (tested), up to float rounding of batched matrix
-products; so are its cost records, except that a block ridden along is counted as such (``rode``, charged
-as a whole block) instead of as a K/V fill.
+products; so are its cost records and FLOPs, except that a block ridden along is counted as such
+(``rode``) where batch 1 counts a K/V fill (it is charged as one: :mod:`lite.decoding.cost`).
 
 Exits off, this is plain batched greedy/sampled decoding. Speculative decoding stays batch 1
 (:mod:`lite.decoding.speculative`): its verify pass would need per-row rollback of a shared cache.

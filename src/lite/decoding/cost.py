@@ -18,8 +18,10 @@ Conventions (all counts are floating-point operations, a multiply-add = 2 FLOPs,
 * A state-cosine check: ``6*D`` (two norms and a dot product).
 * Batched decoding, a row riding along (:mod:`lite.decoding.batch`): a block run for a row that has already
   left, because other rows of its batch go on; its K/V are the ones a fill would write (its input is its
-  exit state), the rest is discarded. Counted as a whole block at the row's position (``rode``): the
-  hardware computed it, even where, as on a memory-bound CPU, it cost no time.
+  exit state), the rest is discarded. Charged as the K/V fill it stands in for: the rest is work of the
+  batch's execution, like the padded positions of a batched ``generate``, not of the token's policy, so a
+  token costs the same alone and in any batch. The count is kept (``rode``), and wall-clock figures
+  include whatever it cost.
 * An exit module (:mod:`lite.model.exit_modules`): what ``LiteModel.exit_module_flops(layer)`` reports,
   for every evaluation of an exit that has one (a gate check, a head check, the exit that emits).
 * Not counted, and negligible here: RMSNorms (~4*D per norm), rotary embeddings, residual adds, the
@@ -134,7 +136,7 @@ class TokenCost:
             each row is one dot product over D plus its share of the confidence reduction.
         kv_fills: skipped blocks whose K/V were filled from the exit state (``copy``).
         rode: skipped blocks run for this position while riding along in a batch (``copy``, batched
-            decoding): each stands in for a K/V fill and is charged as a whole block.
+            decoding): each stands in for a K/V fill and is charged as one.
         recomputed: (block, pending position) pairs pushed through blocks they had skipped (``recompute``).
         recompute_context: sum of the attended context lengths of those pairs (for their attention cost).
         other_blocks: (block, position) pairs run for other positions and charged to this token
@@ -167,11 +169,12 @@ class TokenCost:
 
 def token_flops(shape: ModelShape, tc: TokenCost) -> int:
     """FLOPs of one decode step: its own blocks, head evaluations (with their V-reductions), cosine and
-    gate checks, exit modules, K/V fills, blocks ridden along, and the recompute of pending positions."""
-    own = (tc.blocks_run + tc.rode) * shape.block_flops(tc.position)
+    gate checks, exit modules, K/V fills (or the blocks ridden along in their place), and the recompute of
+    pending positions."""
+    own = tc.blocks_run * shape.block_flops(tc.position)
     heads = tc.head_evals * shape.head_flops() + tc.head_checks * 5 * shape.vocab + \
         tc.draft_head_rows * (2 * shape.hidden + 5)
-    fills = tc.kv_fills * shape.kv_fill_flops()
+    fills = (tc.kv_fills + tc.rode) * shape.kv_fill_flops()  # a block ridden along stands in for a fill
     pairs = tc.recomputed + tc.other_blocks
     recompute = pairs * (shape.projection_flops() + shape.mlp_flops()) + \
         shape.attention_flops(1) * (tc.recompute_context + tc.other_context)
