@@ -9,8 +9,8 @@
 #   distill-full    self-distillation (KL toward the frozen starting model) on the model's own answers, full FT
 #   modules-affine  affine exit modules on the frozen backbone, self-distillation on own answers
 #   modules-mlp     MLP exit modules on the frozen backbone, self-distillation on own answers
-# Each recipe gets MINUTES of training (default 40): a 3-step probe run measures its step time
-# (lite_config.json's train_seconds), and the run gets the steps that fit. Then exit_agreement.py scores every
+# Each recipe gets MINUTES of training (default 40): a 3-step and a 12-step probe measure its steady step
+# time (lite_config.json's train_seconds, differenced), and the run gets the steps that fit. Then exit_agreement.py scores every
 # run and the untuned model on the same held-out rows, and ablation_table.py writes
 # benchmarks/results/ablation.md (agreement and KL per exit, final-layer held-out loss against the untuned
 # model, training minutes, artefact size).
@@ -50,12 +50,16 @@ flags() {  # the recipe's own flags
     esac
 }
 
-step_seconds() {  # measured seconds per optimiser step of a recipe (3-step probe, kept for later re-runs)
-    local probe="$ROOT/probe-$1"
+step_seconds() {  # steady seconds per optimiser step of a recipe: the difference between a 12-step and a
+    # 3-step probe over their 9 extra steps (the first steps also pay for allocation and warm-up: a 3-step
+    # probe alone gave paper-full 5.5 s per step where it runs at 3.8); the probes are kept for re-runs
+    local short="$ROOT/probe-$1" long="$ROOT/probe12-$1"
     # shellcheck disable=SC2046
-    [ -d "$probe" ] || "$LITE" train "${COMMON[@]}" $(flags "$1") --max-steps 3 --save-steps 1000 --out "$probe" >&2
-    "$PY" -c "import json,sys; t=json.load(open(sys.argv[1]))['training']; print(t['train_seconds']/t['steps'])" \
-        "$probe/lite_config.json"
+    [ -d "$short" ] || "$LITE" train "${COMMON[@]}" $(flags "$1") --max-steps 3 --save-steps 1000 --out "$short" >&2
+    # shellcheck disable=SC2046
+    [ -d "$long" ] || "$LITE" train "${COMMON[@]}" $(flags "$1") --max-steps 12 --save-steps 1000 --out "$long" >&2
+    "$PY" -c "import json,sys; s=[json.load(open(p))['training']['train_seconds'] for p in sys.argv[1:]]; print((s[1]-s[0])/9)" \
+        "$short/lite_config.json" "$long/lite_config.json"
 }
 
 # Every unfinished recipe's probe first, back to back: step times are measured on the same quiet machine,
