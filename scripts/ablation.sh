@@ -10,7 +10,8 @@
 #   modules-affine  affine exit modules on the frozen backbone, self-distillation on own answers
 #   modules-mlp     MLP exit modules on the frozen backbone, self-distillation on own answers
 # Each recipe gets MINUTES of training (default 40): a 3-step and a 12-step probe measure its steady step
-# time (lite_config.json's train_seconds, differenced), and the run gets the steps that fit. Then exit_agreement.py scores every
+# time (lite_config.json's train_seconds, differenced), the run plans the steps that fit plus 10% (its
+# cosine schedule spans them), and lite train --max-minutes ends it at MINUTES of training. Then exit_agreement.py scores every
 # run and the untuned model on the same held-out rows, and ablation_table.py writes
 # benchmarks/results/ablation.md (agreement and KL per exit, final-layer held-out loss against the untuned
 # model, training minutes, artefact size).
@@ -73,10 +74,12 @@ for recipe in $RECIPES; do
     out="$ROOT/$recipe"
     if [ ! -d "$out" ]; then
         per_step=$(step_seconds "$recipe")
-        steps=$("$PY" -c "import sys; print(max(1, int($MINUTES * 60 / float(sys.argv[1]))))" "$per_step")
-        echo "[ablation] $recipe: $per_step s per step -> $steps steps for $MINUTES minutes" >&2
+        # the steps that fit, plus 10% (a probe misjudges a run by about that much; the step time depends on the
+        # batches' lengths); --max-minutes ends every run at MINUTES of training whichever comes first
+        steps=$("$PY" -c "import sys; print(max(1, int(1.1 * $MINUTES * 60 / float(sys.argv[1]))))" "$per_step")
+        echo "[ablation] $recipe: $per_step s per step -> $steps steps planned, stopped at $MINUTES minutes" >&2
         # shellcheck disable=SC2046
-        "$LITE" train "${COMMON[@]}" $(flags "$recipe") --max-steps "$steps" --out "$out"
+        "$LITE" train "${COMMON[@]}" $(flags "$recipe") --max-steps "$steps" --max-minutes "$MINUTES" --out "$out"
     fi
     MODELS+=(--model "$out")
 done

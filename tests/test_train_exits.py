@@ -172,3 +172,17 @@ def test_snapshots_keep_the_modules_every_few_minutes_of_training(tiny_model_dir
     with pytest.raises(TrainError, match="needs --exit-modules"):
         train(str(tiny_model_dir), str(data_file), tmp_path / "lora", max_steps=2, lora=True,
               snapshot_minutes=5, **FAST)
+
+
+def test_max_minutes_ends_training_on_the_clock_and_says_so(tiny_model_dir, data_file, tmp_path):
+    """--max-minutes: training stops once the run's training clock reaches the budget, although more steps
+    were planned; the output is written as usual and lite_config.json records why it stopped."""
+    out = tmp_path / "out"
+    result = train(str(tiny_model_dir), str(data_file), out, max_steps=500, lr=1e-2, exit_modules="affine",
+                   targets="distill", exit_layers="1,2,3,4", max_minutes=1e-6, **FAST)
+    training = json.loads((out / "lite_config.json").read_text())["training"]
+    assert result.steps == training["steps"] == 1 and training["stopped_by_max_minutes"] is True
+    assert training["max_minutes"] == 1e-6 and (out / EXIT_MODULES_FILE).is_file()
+    assert "kl_l1" in result.log_history[-2]  # the last step was logged
+    with pytest.raises(TrainError, match="--max-minutes must be a finite number > 0"):
+        train(str(tiny_model_dir), str(data_file), tmp_path / "x", max_steps=2, max_minutes=float("nan"), **FAST)

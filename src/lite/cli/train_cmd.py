@@ -89,6 +89,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--own-answers-cache", default=None, metavar="FILE",
                    help="keep the own answers in FILE (JSONL) instead of <out>.partial, to share them between runs "
                         "on the same rows and model")
+    p.add_argument("--max-minutes", type=positive_float, default=None, metavar="M",
+                   help="end training after M minutes of training (over resumes), even if more steps were "
+                        "planned; the schedule still spans the planned steps (recipes compared at equal time)")
     p.add_argument("--snapshot-minutes", type=positive_float, default=None, metavar="M",
                    help="with --exit-modules: keep a loadable copy of the modules every M minutes of training "
                         "(at the next checkpoint) in <out>.snapshots/step-NNNNNN, for the curve of agreement "
@@ -114,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
         logging_steps=args.logging_steps, dtype=args.dtype, device=args.device, loss_mode=args.loss_mode, progress=progress,
         show_progress_bar=not args.no_progress_bar, targets=args.targets, ce_weight=args.ce_weight,
         exit_modules=args.exit_modules, own_answers=args.own_answers, own_answer_tokens=args.own_answer_tokens,
-        own_answers_cache=args.own_answers_cache, snapshot_minutes=args.snapshot_minutes, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        own_answers_cache=args.own_answers_cache, snapshot_minutes=args.snapshot_minutes,
+        max_minutes=args.max_minutes, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         warmup_ratio=args.warmup_ratio, chunk_size=args.chunk_size, report_to=args.report_to, fsdp=args.fsdp,
     )
     import os

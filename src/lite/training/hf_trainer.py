@@ -149,6 +149,25 @@ def _train_clock_callback(resume: str | None):
     return TrainClock()
 
 
+def _time_budget_callback(clock, max_minutes: float):
+    """A callback that ends training once ``clock`` (the run's training clock, which resumes with the run)
+    reaches ``max_minutes``: the step under way finishes and is logged, then the output is written as usual.
+    ``stopped`` says whether the budget, rather than the planned steps, ended the run."""
+    from transformers import TrainerCallback
+
+    class TimeBudget(TrainerCallback):
+        stopped = False
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if clock.seconds() >= max_minutes * 60.0 and state.global_step < state.max_steps:
+                self.stopped = True
+                control.should_training_stop = True
+                control.should_log = True
+            return control
+
+    return TimeBudget()
+
+
 SNAPSHOT_PREFIX = "step-"  # <out>.snapshots/step-000400: the exit modules after 400 steps (minutes inside)
 
 

@@ -57,6 +57,7 @@ from .hf_trainer import (
     _make_trainer_class,
     _rank,
     _snapshot_callback,
+    _time_budget_callback,
     _train_clock_callback,
     snapshot_folder,
 )
@@ -150,7 +151,8 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
           fsdp: bool = False, device: str | None = None, targets: str = "data",
           ce_weight: float = 0.5, exit_modules: str | None = None, own_answers: bool = False,
           own_answer_tokens: int = 128, own_answers_cache: str | os.PathLike[str] | None = None,
-          snapshot_minutes: float | None = None, progress: Callable[[str], None] | None = None,
+          snapshot_minutes: float | None = None, max_minutes: float | None = None,
+          progress: Callable[[str], None] | None = None,
           show_progress_bar: bool = True) -> TrainResult:
     """LITE instruction tuning (or the final-layer baseline), full or LoRA; see the module docstring.
 
@@ -196,6 +198,9 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
             tokens) instead of the dataset's responses (:mod:`lite.training.own_answers`), cached in the
             work folder, or in ``own_answers_cache`` (a JSONL file kept across runs: its entries are keyed
             by row, prompt, model and budget, so runs on the same rows share it and others regenerate).
+        max_minutes: end training once this many minutes of training have passed (the run's training clock,
+            over resumes), even if ``max_steps``/``epochs`` planned more: recipes compared at equal time.
+            The learning-rate schedule still spans the planned steps, so plan about as many as fit.
         snapshot_minutes: with ``exit_modules``, keep a loadable copy of the modules every this many minutes
             of training, at the first checkpoint after each (so ``save_steps`` sets the grain), in
             ``<out>.snapshots/step-NNNNNN`` (a few MB each; kept over resumes): score them with
@@ -239,6 +244,8 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
     for flag, value in (("--lr", lr), ("--epochs", epochs)):  # the CLI checks these too (lite.cli.numbers)
         if value is not None and not (value > 0 and math.isfinite(value)):  # NaN fails both
             raise TrainError(f"{flag} must be a finite number > 0, got {value}")
+    if max_minutes is not None and not (max_minutes > 0 and math.isfinite(max_minutes)):
+        raise TrainError(f"--max-minutes must be a finite number > 0, got {max_minutes}")
     if snapshot_minutes is not None:
         if not (snapshot_minutes > 0 and math.isfinite(snapshot_minutes)):
             raise TrainError(f"--snapshot-minutes must be a finite number > 0, got {snapshot_minutes}")
@@ -318,7 +325,7 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
         "ce_weight": ce_weight if targets == "mixed" else None, "exit_modules": exit_modules,
         "responses": "own answers" if own_answers else "dataset",
         "own_answer_tokens": own_answer_tokens if own_answers else None, "report_to": reports,
-        "fsdp": fsdp_config(lm) if fsdp else None,
+        "fsdp": fsdp_config(lm) if fsdp else None, "max_minutes": max_minutes,
     }
     run_record = {"model": _portable_model_spec(model), "data": split.provenance, "exit_layers": layers,
                   "loss_weighting": loss_weighting, "prompt_format": prompt_format, "training": settings}
@@ -397,6 +404,9 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
         )
         clock = _train_clock_callback(resume)
         callbacks = [_log_last_step_callback(), clock]
+        budget = _time_budget_callback(clock, max_minutes) if max_minutes else None
+        if budget is not None:
+            callbacks.append(budget)
         if snapshot_minutes:
             callbacks.append(_snapshot_callback(snapshot_folder(out), snapshot_minutes, clock, _snapshot_writer(
                 modules, tokenizer, lite_config, getattr(lm.model, "generation_config", None))))
@@ -437,6 +447,8 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
         final_losses = {int(k[len(prefix):]): float(v) for k, v in last.items() if k.startswith(prefix)}
         lite_config.training["steps"] = trainer.state.global_step
         lite_config.training["train_seconds"] = round(clock.seconds(), 3)  # wall time training, resumes too
+        if budget is not None:
+            lite_config.training["stopped_by_max_minutes"] = budget.stopped
         # under FSDP the full weights are gathered from every process (a collective: all ranks take part)
         state_dict = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
         if _rank() == 0:
