@@ -241,17 +241,13 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
         raise TrainError(f"--targets must be one of {TARGETS}, got {targets!r}")
     if not 0.0 <= ce_weight <= 1.0:
         raise TrainError(f"--ce-weight must be in [0, 1], got {ce_weight}")
-    for flag, value in (("--lr", lr), ("--epochs", epochs)):  # the CLI checks these too (lite.cli.numbers)
+    for flag, value in (("--lr", lr), ("--epochs", epochs), ("--max-minutes", max_minutes),
+                        ("--snapshot-minutes", snapshot_minutes)):  # the CLI checks these too (lite.cli.numbers)
         if value is not None and not (value > 0 and math.isfinite(value)):  # NaN fails both
             raise TrainError(f"{flag} must be a finite number > 0, got {value}")
-    if max_minutes is not None and not (max_minutes > 0 and math.isfinite(max_minutes)):
-        raise TrainError(f"--max-minutes must be a finite number > 0, got {max_minutes}")
-    if snapshot_minutes is not None:
-        if not (snapshot_minutes > 0 and math.isfinite(snapshot_minutes)):
-            raise TrainError(f"--snapshot-minutes must be a finite number > 0, got {snapshot_minutes}")
-        if exit_modules is None:
-            raise TrainError("--snapshot-minutes keeps copies of exit modules (a few MB each) and needs "
-                             "--exit-modules; a LoRA or full run keeps its last checkpoints in OUT.partial")
+    if snapshot_minutes is not None and exit_modules is None:
+        raise TrainError("--snapshot-minutes keeps copies of exit modules (a few MB each) and needs "
+                         "--exit-modules; a LoRA or full run keeps its last checkpoints in OUT.partial")
     if exit_modules is not None:
         from ..model.exit_modules import EXIT_MODULE_KINDS
 
