@@ -88,10 +88,10 @@ def draw(layers: list[int], rows: list[dict], path: Path) -> None:
     xs = [r["minutes"] for r in rows]
     for i, k in enumerate(layers):
         ys = [100 * r["layers"][k]["agreement"] for r in rows]
-        lo = [y - 100 * (r["layers"][k].get("agreement_ci95") or [r["layers"][k]["agreement"]] * 2)[0]
-              for y, r in zip(ys, rows)]
-        hi = [100 * (r["layers"][k].get("agreement_ci95") or [r["layers"][k]["agreement"]] * 2)[1] - y
-              for y, r in zip(ys, rows)]
+        cis = [[100 * v for v in (r["layers"][k].get("agreement_ci95") or [r["layers"][k]["agreement"]] * 2)]
+               for r in rows]  # no interval: a zero-length bar
+        lo = [y - ci[0] for y, ci in zip(ys, cis)]
+        hi = [ci[1] - y for y, ci in zip(ys, cis)]
         ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o-", color=f"C{i}", capsize=2, label=f"layer {k}")
     ax.set_xlabel("training minutes")
     ax.set_ylabel("agreement with the final layer (%)")
