@@ -9,7 +9,15 @@ from __future__ import annotations
 import argparse
 
 from . import add_device_argument, add_dtype_argument, add_threads_argument
-from .numbers import number, positive_float, positive_int, probability, report_targets, seed
+from .numbers import (
+    nonnegative_float,
+    number,
+    positive_float,
+    positive_int,
+    probability,
+    report_targets,
+    seed,
+)
 
 EXAMPLE = ("lite train --data rows.jsonl --lora --max-steps 200 --out runs/mine   (or: lite train --config "
            "run.yaml)")
@@ -96,6 +104,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --exit-modules: keep a loadable copy of the modules every M minutes of training "
                         "(at the next checkpoint) in <out>.snapshots/step-NNNNNN, for the curve of agreement "
                         "against training minutes")
+    p.add_argument("--state-cache-gb", type=nonnegative_float, default=4.0, metavar="G",
+                   help="with --exit-modules: keep the frozen backbone's states at the response positions in "
+                        "memory, up to G GiB, so that epochs after the first skip the backbone (default 4; 0: off)")
     p.add_argument("--report-to", type=report_targets, default=None, metavar="none|tensorboard|wandb",
                    help="also send the logs to TensorBoard (event files in <out>/runs) or Weights & Biases; "
                         "comma-separated for both; needs the package installed (default none)")
@@ -118,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         show_progress_bar=not args.no_progress_bar, targets=args.targets, ce_weight=args.ce_weight,
         exit_modules=args.exit_modules, own_answers=args.own_answers, own_answer_tokens=args.own_answer_tokens,
         own_answers_cache=args.own_answers_cache, snapshot_minutes=args.snapshot_minutes,
-        max_minutes=args.max_minutes, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        max_minutes=args.max_minutes, state_cache_gb=args.state_cache_gb, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         warmup_ratio=args.warmup_ratio, chunk_size=args.chunk_size, report_to=args.report_to, fsdp=args.fsdp,
     )
     import os

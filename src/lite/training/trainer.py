@@ -42,12 +42,14 @@ from .data import (
     DEFAULT_HELDOUT_FRACTION,
     DEFAULT_MAX_LENGTH,
     FORMATS_HELP,
+    IndexedDataset,
     PadCollator,
     TokenizedDataset,
     prepare_data,
 )
 from .fsdp import fsdp_config
 from .hf_trainer import (
+    StateCache,
     _checkpoint_is_final,
     _checkpointing_args,
     _FrozenBackbone,
@@ -152,7 +154,7 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
           ce_weight: float = 0.5, exit_modules: str | None = None, own_answers: bool = False,
           own_answer_tokens: int = 128, own_answers_cache: str | os.PathLike[str] | None = None,
           snapshot_minutes: float | None = None, max_minutes: float | None = None,
-          progress: Callable[[str], None] | None = None,
+          state_cache_gb: float = 4.0, progress: Callable[[str], None] | None = None,
           show_progress_bar: bool = True) -> TrainResult:
     """LITE instruction tuning (or the final-layer baseline), full or LoRA; see the module docstring.
 
@@ -205,6 +207,10 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
             of training, at the first checkpoint after each (so ``save_steps`` sets the grain), in
             ``<out>.snapshots/step-NNNNNN`` (a few MB each; kept over resumes): score them with
             ``benchmarks/exit_agreement.py`` for the curve of agreement against training minutes.
+        state_cache_gb: with ``exit_modules``, keep the frozen backbone's states at the response positions of
+            each sequence in memory, up to this many GiB, so that epochs after the first do not run the
+            backbone (:class:`lite.training.hf_trainer.StateCache`); 0 turns it off. Not with several
+            processes (each would see other rows every epoch).
         progress: called with status lines. show_progress_bar: Trainer's tqdm bar.
     """
     from ..model.adapter import LiteModel
@@ -245,6 +251,8 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
                         ("--snapshot-minutes", snapshot_minutes)):  # the CLI checks these too (lite.cli.numbers)
         if value is not None and not (value > 0 and math.isfinite(value)):  # NaN fails both
             raise TrainError(f"{flag} must be a finite number > 0, got {value}")
+    if not (state_cache_gb >= 0 and math.isfinite(state_cache_gb)):
+        raise TrainError(f"--state-cache-gb must be a finite number >= 0 (0: no cache), got {state_cache_gb}")
     if snapshot_minutes is not None and exit_modules is None:
         raise TrainError("--snapshot-minutes keeps copies of exit modules (a few MB each) and needs "
                          "--exit-modules; a LoRA or full run keeps its last checkpoints in OUT.partial")
@@ -406,12 +414,16 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
         if snapshot_minutes:
             callbacks.append(_snapshot_callback(snapshot_folder(out), snapshot_minutes, clock, _snapshot_writer(
                 modules, tokenizer, lite_config, getattr(lm.model, "generation_config", None))))
+        state_cache = None
+        if exit_modules and state_cache_gb > 0 and not distributed:
+            state_cache = StateCache(int(state_cache_gb * 2**30), say)
         trainer = _make_trainer_class()(
-            model=train_model, args=args, train_dataset=dataset,
+            model=train_model, args=args,
+            train_dataset=IndexedDataset(dataset) if state_cache is not None else dataset,
             data_collator=PadCollator(tokenizer.pad_token_id), processing_class=tokenizer, lite_model=trainee,
             exit_weights=weights, loss_mode=loss_mode, chunk_size=chunk_size,
             callbacks=callbacks, targets=targets, ce_weight=ce_weight,
-            teacher=teacher,
+            teacher=teacher, state_cache=state_cache,
         )
         if fsdp and not trainer.is_fsdp_enabled:
             import accelerate
