@@ -2,7 +2,8 @@
 
 What ``lite train --exit-modules affine --targets distill --bf16`` does per step, on one real batch:
   * batch: 8 alpaca-libre "ok" rows in the chat format, each answer cut to ``--answer-tokens`` (64, the
-    own-answer budget of scripts/train_exit_modules.sh), labels on the answer (+EOS) only;
+    own-answer budget of scripts/train_exit_modules.sh), labels on the answer (+EOS) only; with
+    ``--own-answers FILE`` the answers are the model's own from the run's cache, as the run trains on;
   * exits 15, 19, 23, 26 with affine (or ``--kind mlp``) modules, KL toward the final layer, bf16 autocast;
   * step = forward + backward + AdamW update of the modules.
 
@@ -19,7 +20,9 @@ shared, and CPU time of one thread measures the work), median over rounds after 
 median of per-round ratios. Quality: the loss of each mode on the same batch and modules (the three compute
 the same KL up to rounding).
 
-Run: ``python benchmarks/bench_module_step.py`` (writes benchmarks/results/module_step.{json,md}).
+Run (the committed results; FILE = the run's --own-answers-cache):
+    python benchmarks/bench_module_step.py --kind mlp --own-answers FILE --out benchmarks/results/module_step_mlp
+(writes the .json and .md beside --out).
 """
 
 from __future__ import annotations
@@ -39,11 +42,21 @@ MODES = ["checkpoint", "fused", "cached"]
 EXITS = [15, 19, 23, 26]
 
 
-def batch(tokenizer, rows: int, answer_tokens: int):
-    """(B, T) right-padded ids, attention mask and labels from the first ``rows`` usable 'ok' rows."""
+def batch(tokenizer, rows: int, answer_tokens: int, own_answers: str | None = None):
+    """(B, T) right-padded ids, attention mask and labels from the first ``rows`` usable 'ok' rows, their
+    responses the model's own answers when ``own_answers`` (a ``lite train --own-answers-cache`` file) has
+    them, as in the run."""
+    import dataclasses
+
     from lite.training.data import PadCollator, read_examples, tokenize_example
 
     examples, _ = read_examples([str(DATA)], ["status=ok"])
+    answers = {}
+    if own_answers:
+        with open(own_answers, encoding="utf-8") as f:
+            answers = {e["row_id"]: e["ids"] for e in map(json.loads, f)}
+        examples = [dataclasses.replace(e, response_ids=tuple(answers[e.row_id])) for e in examples
+                    if e.row_id in answers]
     items = []
     for example in examples:
         item = tokenize_example(tokenizer, example, "chat", 320)
@@ -62,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kind", default="affine", choices=["affine", "mlp"])
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--answer-tokens", type=int, default=64)
+    parser.add_argument("--own-answers", default=None, metavar="FILE",
+                        help="the own-answers cache of the run (lite train --own-answers-cache): train on those "
+                             "answers, as the run does (default: the dataset's responses, cut)")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
@@ -84,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     lm = LiteModel(base.model, base.tokenizer, base.lite_config, exit_modules=modules)
     L = lm.num_layers
     weights = {k: 1.0 for k in EXITS}
-    inputs = batch(lm.tokenizer, args.rows, args.answer_tokens)
+    inputs = batch(lm.tokenizer, args.rows, args.answer_tokens, args.own_answers)
     ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
     optim = torch.optim.AdamW(modules.parameters(), lr=1e-3)
     no_position = torch.empty(0, dtype=torch.long)
@@ -141,10 +157,11 @@ def main(argv: list[str] | None = None) -> int:
                 wall[mode].append(time.perf_counter() - t0)
     result = {
         "command": "python " + " ".join(["benchmarks/bench_module_step.py", *(argv or sys.argv[1:])]),
-        "kind": args.kind, "rows": len(ids), "tokens": int(mask.sum()), "answer_positions": int(positions.sum()),
-        "threads": args.threads, "rounds": args.rounds, "warmup": args.warmup, "cpu": platform.processor(),
-        "modes": {m: {"step_cpu_s_median": statistics.median(cpu[m]), "step_wall_s_median": statistics.median(wall[m]),
-                      "cpu_s": cpu[m], "loss_first_step": losses[m],
+        "kind": args.kind, "rows": len(ids), "responses": "own answers" if args.own_answers else "dataset",
+        "tokens": int(mask.sum()), "answer_positions": int(positions.sum()), "threads": args.threads,
+        "rounds": args.rounds, "warmup": args.warmup, "cpu": platform.processor(),
+        "modes": {m: {"step_cpu_s_median": statistics.median(cpu[m]),
+                      "step_wall_s_median": statistics.median(wall[m]), "cpu_s": cpu[m], "loss_first_step": losses[m],
                       "time_vs_checkpoint": statistics.median(c / b for c, b in zip(cpu[m], cpu["checkpoint"]))}
                   for m in MODES},
     }
@@ -156,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Command: `{result['command']}`  ",
         (f"SmolLM2-135M-Instruct frozen, {args.kind} modules at layers {EXITS}, KL toward layer {L}. One batch: "
-         f"{result['rows']} alpaca-libre rows (chat format), {result['tokens']} tokens, "
+         f"{result['rows']} alpaca-libre rows (chat format; responses: {result['responses']}), "
+         f"{result['tokens']} tokens, "
          f"{result['answer_positions']} answer positions (answers cut to {args.answer_tokens} tokens). Step = "
          f"forward + backward + AdamW. CPU seconds per step with {args.threads} torch thread(s), modes "
          f"interleaved round by round ({args.warmup} warm-up, median of {args.rounds}); ratio = median of the "
