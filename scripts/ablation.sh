@@ -42,11 +42,11 @@ OWN=(--own-answers --own-answer-tokens "$ANSWER_TOKENS" --own-answers-cache "${O
 
 flags() {  # the recipe's own flags
     case "$1" in
-        paper-lora) echo --lora --lora-rank 8 --targets data --lr 1e-3 ;;
-        paper-full) echo --targets data --lr 5e-5 ;;
-        distill-full) echo --targets distill --lr 5e-5 "${OWN[@]}" ;;
-        modules-affine) echo --exit-modules affine --targets distill --lr 1e-3 "${OWN[@]}" ;;
-        modules-mlp) echo --exit-modules mlp --targets distill --lr 1e-3 "${OWN[@]}" ;;
+        paper-lora) echo --recipe paper --lora --lora-rank 8 --targets data --lr 1e-3 ;;
+        paper-full) echo --recipe paper --targets data --lr 5e-5 ;;
+        distill-full) echo --recipe paper --targets distill --lr 5e-5 "${OWN[@]}" ;;
+        modules-affine) echo --recipe exit-modules --exit-modules affine --targets distill --lr 1e-3 "${OWN[@]}" ;;
+        modules-mlp) echo --recipe exit-modules --exit-modules mlp --targets distill --lr 1e-3 "${OWN[@]}" ;;
         *) echo "unknown recipe $1" >&2; exit 2 ;;
     esac
 }

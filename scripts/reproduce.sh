@@ -33,7 +33,7 @@ mkdir -p "$RUNS"
 
 TRAIN=(--model smollm2-135m-instruct --data "$DATA/alpaca_libre_v1.jsonl" "$DATA/alpaca_libre_v3.jsonl"
        --filter status=ok --prompt-format chat --exit-layers 15,19,23,26,30 --loss-weighting uniform
-       --batch-size 8 --max-length 320 --bf16 --seed 0 --epochs 20 --lora --lora-rank 8 --targets data --lr 1e-3
+       --batch-size 8 --max-length 320 --bf16 --seed 0 --epochs 20 --recipe paper --lora --lora-rank 8 --targets data --lr 1e-3
        --max-steps "$STEPS" --save-steps 20 --logging-steps 10 --no-progress-bar)
 [ -d "$BASELINE_RUN" ] || "$LITE" train "${TRAIN[@]}" --baseline --out "$BASELINE_RUN"
 [ -d "$LITE_RUN" ] || "$LITE" train "${TRAIN[@]}" --out "$LITE_RUN"

@@ -17,7 +17,7 @@ LITE=${LITE:-.venv/bin/lite}
 
 if [ ! -d "$OUT" ]; then
     "$LITE" train --data "$DATA/alpaca_libre_v1.jsonl" "$DATA/alpaca_libre_v3.jsonl" --filter status=ok \
-        --out "$OUT" --lora --lora-rank 8 --prompt-format chat --max-steps "$STEPS" --lr 1e-3 \
+        --out "$OUT" --recipe paper --lora --lora-rank 8 --prompt-format chat --max-steps "$STEPS" --lr 1e-3 \
         --exit-layers 15,19,23,26,30 --loss-weighting increasing \
         --save-steps 10 --logging-steps 1 --no-progress-bar
 fi

@@ -147,3 +147,62 @@ def test_distill_loss_is_zero_when_the_exit_is_the_teacher(tiny_model_dir):
     out = distill_loss(states, states[4].detach(), labels, lm.lm_head, {2: 1.0, 4: 1.0})
     assert out.per_layer[4].item() == pytest.approx(0.0, abs=1e-5)
     assert out.per_layer[2].item() > 0.01
+
+
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_fused_distill_matches_autograd(weight_grad):
+    """The fused KL (gradients formed in forward) gives the plain autograd loss and gradients, for the exit
+    states and, when the head is trained (full fine-tuning ties it to the embeddings), for its weight."""
+    torch.manual_seed(0)
+    B, T, D, V = 2, 7, 6, 11
+    labels = torch.randint(0, V, (B, T))
+    labels[0, :3] = -100
+    labels[1, 5:] = -100
+    base = {k: torch.randn(B, T, D) for k in (1, 2, 3)}
+    teacher = torch.randn(B, T, D)
+    results = {}
+    for mode in ("plain", "checkpoint", "fused"):
+        head = torch.nn.Linear(D, V, bias=False)
+        with torch.no_grad():
+            head.weight.copy_(torch.linspace(-1, 1, V * D).reshape(V, D))
+        head.weight.requires_grad_(weight_grad)
+        states = {k: v.clone().requires_grad_(True) for k, v in base.items()}
+        out = distill_loss(states, teacher, labels, head, {1: 1.0, 2: 2.0, 3: 1.0}, chunk_size=3, mode=mode)
+        out.total.backward()
+        results[mode] = (out, {k: v.grad for k, v in states.items()}, head.weight.grad)
+    ref_out, ref_grads, ref_w = results["plain"]
+    for mode in ("checkpoint", "fused"):
+        out, grads, w = results[mode]
+        assert out.num_tokens == ref_out.num_tokens == int((labels[:, 1:] != -100).sum())
+        torch.testing.assert_close(out.total, ref_out.total)
+        for k in (1, 2, 3):
+            torch.testing.assert_close(out.per_layer[k], ref_out.per_layer[k])
+            torch.testing.assert_close(grads[k], ref_grads[k])
+            assert grads[k][:, -1].abs().sum() == 0  # the last position predicts nothing
+        assert (w is None) == (not weight_grad)
+        if weight_grad:
+            torch.testing.assert_close(w, ref_w)
+    assert ref_grads[1].abs().sum() > 0
+
+
+def test_fused_distill_hand_computed():
+    """The hand computation of test_distill_loss_hand_computed, through the fused path with chunks of 1."""
+    head = _head([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    labels = torch.tensor([[-100, 0, 2]])
+    teacher = torch.tensor([[[2.0, 0.0], [0.0, 1.0], [5.0, 5.0]]])
+    s1 = torch.tensor([[[1.0, 0.0], [0.0, 0.0], [9.0, 9.0]]], requires_grad=True)
+    out = distill_loss({1: s1}, teacher, labels, head, {1: 1.0}, chunk_size=1, mode="fused")
+    t0, t1 = _softmax([2, 0, 0]), _softmax([0, 1, 0])
+    l1 = (_kl(t0, _softmax([1, 0, 0])) + _kl(t1, _softmax([0, 0, 0]))) / 2
+    assert out.per_layer[1].item() == pytest.approx(l1, abs=1e-6)
+    out.total.backward()
+    q = _softmax([1, 0, 0])
+    torch.testing.assert_close(s1.grad[0, 0], torch.tensor([q[0] - t0[0], q[1] - t0[1]]) / 2)
+    assert s1.grad[0, 2].abs().sum() == 0
+
+
+def test_distill_loss_rejects_an_unknown_mode():
+    head = _head([[1.0, 0.0], [0.0, 1.0]])
+    s = torch.zeros(1, 3, 2)
+    with pytest.raises(ValueError, match="loss mode must be one of"):
+        distill_loss({1: s}, s, torch.tensor([[-100, 0, 1]]), head, {1: 1.0}, mode="bogus")

@@ -32,7 +32,9 @@ def data_file(tmp_path_factory):
     return path
 
 
-FAST = {"batch_size": 4, "max_length": 320, "logging_steps": 1, "show_progress_bar": False, "save_steps": 100}
+# these tests are about training the backbone (the paper's recipe); the default recipe: test_train_exits.py
+FAST = {"batch_size": 4, "max_length": 320, "logging_steps": 1, "show_progress_bar": False, "save_steps": 100,
+        "recipe": "paper"}
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +180,7 @@ def test_torchrun_two_processes(tiny_model_dir, data_file, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "lite", "train", "--model", str(tiny_model_dir), "--data", str(data_file), "--out", str(out),
            "--max-steps", "2", "--batch-size", "2", "--max-length", "320", "--no-progress-bar",
-           "--logging-steps", "1"]
+           "--logging-steps", "1", "--recipe", "paper"]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     cfg = json.loads((out / "lite_config.json").read_text())
@@ -281,7 +283,7 @@ def test_fsdp_two_processes_match_one_process(tiny_model_dir, tmp_path):
     data = tmp_path / "equal.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in EQUAL_ROWS))
     one = train(str(tiny_model_dir), str(data), tmp_path / "one", max_steps=3, lr=1e-2, batch_size=4,
-                max_length=128, logging_steps=1, show_progress_bar=False)
+                max_length=128, logging_steps=1, show_progress_bar=False, recipe="paper")
     out = tmp_path / "fsdp"
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     launcher = str(Path(__file__).with_name("fsdp_cpu.py"))

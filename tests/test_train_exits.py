@@ -87,7 +87,7 @@ def test_own_answers_are_the_models_greedy_answers(module_run, tiny_model_dir):
 @pytest.mark.parametrize("lora", [True, False])
 def test_distill_targets_train_a_backbone_toward_its_starting_self(tiny_model_dir, data_file, tmp_path, lora):
     result = train(str(tiny_model_dir), str(data_file), tmp_path / "d", max_steps=3, lr=1e-2, lora=lora,
-                   lora_rank=4, targets="mixed", ce_weight=0.3, exit_layers="2,4", **FAST)
+                   lora_rank=4, targets="mixed", ce_weight=0.3, exit_layers="2,4", recipe="paper", **FAST)
     last = [h for h in result.log_history if "kl_l2" in h][-1]
     assert {"kl_l2", "kl_l4", "loss_l2", "loss_l4"} <= set(last)
     assert last["kl_l4"] < 0.5  # the final layer stays near its teacher, itself before training
@@ -96,6 +96,9 @@ def test_distill_targets_train_a_backbone_toward_its_starting_self(tiny_model_di
 
 @pytest.mark.parametrize("argv, message", [
     (["--exit-modules", "affine", "--lora"], "leave out --lora"),
+    (["--recipe", "exit-modules", "--lora"], "use --recipe paper"),
+    (["--recipe", "exit-modules", "--baseline"], "use --recipe paper"),
+    (["--recipe", "lite"], "invalid choice"),
     (["--targets", "teacher"], "invalid choice"),
     (["--ce-weight", "1.5", "--targets", "mixed"], "--ce-weight"),
     (["--own-answers", "--own-answer-tokens", "0"], "--own-answer-tokens"),
@@ -186,3 +189,73 @@ def test_max_minutes_ends_training_on_the_clock_and_says_so(tiny_model_dir, data
     assert "kl_l1" in result.log_history[-2]  # the last step was logged
     with pytest.raises(TrainError, match="--max-minutes must be a finite number > 0"):
         train(str(tiny_model_dir), str(data_file), tmp_path / "x", max_steps=2, max_minutes=float("nan"), **FAST)
+
+
+def _count_backbone_forwards(monkeypatch) -> list[int]:
+    from lite.training import hf_trainer
+
+    calls: list[int] = []
+    forward = hf_trainer._FrozenBackbone.forward
+
+    def counted(self, **kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return forward(self, **kwargs)
+
+    monkeypatch.setattr(hf_trainer._FrozenBackbone, "forward", counted)
+    return calls
+
+
+def test_state_cache_skips_the_frozen_backbone_after_the_first_epoch(tiny_model_dir, data_file, tmp_path,
+                                                                     monkeypatch):
+    """Exit modules on a frozen backbone: each sequence's backbone states are kept after its first batch, so
+    epochs after the first never run the backbone, and training learns what it learns without the cache."""
+    kw = dict(max_steps=12, lr=1e-2, exit_modules="affine", targets="mixed", exit_layers="1,2,3,4", **FAST)
+    calls = _count_backbone_forwards(monkeypatch)
+    cached = train(str(tiny_model_dir), str(data_file), tmp_path / "cached", **kw)
+    with_cache, sequences = len(calls), sum(calls)
+    calls.clear()
+    plain = train(str(tiny_model_dir), str(data_file), tmp_path / "plain", state_cache_gb=0, **kw)
+    assert len(calls) == 12  # one backbone forward per step without the cache
+    trained = plain.lite_config.data["rows_train"]
+    assert sequences == trained and with_cache == -(-trained // FAST["batch_size"]) < 12  # the first epoch
+    a, b = (load_model(r.output_dir, device="cpu") for r in (cached, plain))
+    for name, p in a.exit_modules.state_dict().items():
+        torch.testing.assert_close(p, b.exit_modules.state_dict()[name], rtol=1e-4, atol=1e-5)
+    first = [h for h in plain.log_history if "kl_l1" in h]
+    assert [h["kl_l1"] for h in first] == pytest.approx([h["kl_l1"] for h in cached.log_history if "kl_l1" in h],
+                                                      rel=1e-3)
+
+
+def test_state_cache_over_its_limit_computes_the_rest(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    calls = _count_backbone_forwards(monkeypatch)
+    said: list[str] = []
+    train(str(tiny_model_dir), str(data_file), tmp_path / "out", max_steps=8, lr=1e-2, exit_modules="affine",
+          targets="distill", exit_layers="1,2,3,4", state_cache_gb=1e-12, progress=said.append, **FAST)
+    assert len(calls) == 8 and any("cache is full" in s and "--state-cache-gb" in s for s in said)
+    with pytest.raises(TrainError, match="--state-cache-gb must be a finite number >= 0"):
+        train(str(tiny_model_dir), str(data_file), tmp_path / "x", max_steps=2, exit_modules="affine",
+              state_cache_gb=-1, **FAST)
+
+
+def test_the_default_recipe_is_exit_modules_and_the_papers_is_one_flag_away(tiny_model_dir, data_file, tmp_path):
+    """lite train with no recipe flags trains affine exit modules by self-distillation on the model's own
+    answers (the comparison's choice); --recipe paper is the paper's LITE (the backbone, CE on the data);
+    --lora or --baseline mean the paper's recipe; any single flag still overrides its recipe's value."""
+    kw = dict(max_steps=1, lr=1e-2, exit_layers="2,4", own_answer_tokens=4, **FAST)
+    runs = {
+        "default": train(str(tiny_model_dir), str(data_file), tmp_path / "default", **kw),
+        "paper": train(str(tiny_model_dir), str(data_file), tmp_path / "paper", recipe="paper", **kw),
+        "lora": train(str(tiny_model_dir), str(data_file), tmp_path / "lora", lora=True, lora_rank=2, **kw),
+        "mlp": train(str(tiny_model_dir), str(data_file), tmp_path / "mlp", exit_modules="mlp",
+                     own_answers=False, **kw),
+    }
+    seen = {name: (r.lite_config.exit_modules, r.lite_config.training["targets"], r.lite_config.training["responses"],
+                   r.lite_config.adapter) for name, r in runs.items()}
+    assert seen == {
+        "default": ("affine", "distill", "own answers", False),
+        "paper": (None, "data", "dataset", False),
+        "lora": (None, "data", "dataset", True),
+        "mlp": ("mlp", "distill", "dataset", False),
+    }
+    assert (runs["default"].output_dir / EXIT_MODULES_FILE).is_file()
+    assert (runs["paper"].output_dir / "model.safetensors").is_file()

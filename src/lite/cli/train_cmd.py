@@ -9,7 +9,15 @@ from __future__ import annotations
 import argparse
 
 from . import add_device_argument, add_dtype_argument, add_threads_argument
-from .numbers import number, positive_float, positive_int, probability, report_targets, seed
+from .numbers import (
+    nonnegative_float,
+    number,
+    positive_float,
+    positive_int,
+    probability,
+    report_targets,
+    seed,
+)
 
 EXAMPLE = ("lite train --data rows.jsonl --lora --max-steps 200 --out runs/mine   (or: lite train --config "
            "run.yaml)")
@@ -75,16 +83,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how exit logits are kept for backward (default fused; see docs/train.md)")
     p.add_argument("--chunk-size", type=positive_int, default=512,
                    help="response positions per LM-head chunk in the exit losses (default 512)")
-    p.add_argument("--targets", default="data", choices=["data", "distill", "mixed"],
+    p.add_argument("--recipe", default=None, choices=["exit-modules", "paper"],
+                   help="what --exit-modules, --targets and --own-answers default to: exit-modules (affine "
+                        "modules on the frozen backbone, distill, own answers: the recipe the comparison chose) "
+                        "or paper (the paper's LITE: the backbone, CE on the dataset's responses); default "
+                        "paper with --lora, --baseline or --fsdp, else exit-modules")
+    p.add_argument("--targets", default=None, choices=["data", "distill", "mixed"],
                    help="what each exit learns: data (the paper: CE on the response tokens), distill (KL toward "
-                        "the starting model's final layer), mixed (--ce-weight x CE + the rest x KL); default data")
+                        "the starting model's final layer), mixed (--ce-weight x CE + the rest x KL); default: "
+                        "the recipe's (distill for exit-modules, data for paper)")
     p.add_argument("--ce-weight", type=probability, default=0.5, help="share of CE in --targets mixed (default 0.5)")
     p.add_argument("--exit-modules", default=None, choices=["affine", "mlp"],
                    help="freeze the backbone and train one small module per exit below L; the output holds "
-                        "only the modules (see docs/train.md)")
-    p.add_argument("--own-answers", action="store_true",
+                        "only the modules (see docs/train.md); default: the recipe's (affine for exit-modules, "
+                        "none for paper)")
+    p.add_argument("--own-answers", action=argparse.BooleanOptionalAction, default=None,
                    help="train on the starting model's own greedy answers instead of the dataset's responses "
-                        "(generated once, batched, cached in <out>.partial)")
+                        "(generated once, batched, cached in <out>.partial); default: the recipe's (yes for "
+                        "exit-modules, no for paper)")
     p.add_argument("--own-answer-tokens", type=positive_int, default=128, help="cap per own answer (default 128)")
     p.add_argument("--own-answers-cache", default=None, metavar="FILE",
                    help="keep the own answers in FILE (JSONL) instead of <out>.partial, to share them between runs "
@@ -96,6 +112,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --exit-modules: keep a loadable copy of the modules every M minutes of training "
                         "(at the next checkpoint) in <out>.snapshots/step-NNNNNN, for the curve of agreement "
                         "against training minutes")
+    p.add_argument("--state-cache-gb", type=nonnegative_float, default=4.0, metavar="G",
+                   help="with --exit-modules: keep the frozen backbone's states at the response positions in "
+                        "memory, up to G GiB, so that epochs after the first skip the backbone (default 4; 0: off)")
     p.add_argument("--report-to", type=report_targets, default=None, metavar="none|tensorboard|wandb",
                    help="also send the logs to TensorBoard (event files in <out>/runs) or Weights & Biases; "
                         "comma-separated for both; needs the package installed (default none)")
@@ -115,10 +134,10 @@ def run(args: argparse.Namespace) -> int:
         heldout_fraction=args.heldout_fraction, seed=args.seed, bf16=args.bf16,
         gradient_checkpointing=args.gradient_checkpointing, save_steps=args.save_steps,
         logging_steps=args.logging_steps, dtype=args.dtype, device=args.device, loss_mode=args.loss_mode, progress=progress,
-        show_progress_bar=not args.no_progress_bar, targets=args.targets, ce_weight=args.ce_weight,
+        show_progress_bar=not args.no_progress_bar, recipe=args.recipe, targets=args.targets, ce_weight=args.ce_weight,
         exit_modules=args.exit_modules, own_answers=args.own_answers, own_answer_tokens=args.own_answer_tokens,
         own_answers_cache=args.own_answers_cache, snapshot_minutes=args.snapshot_minutes,
-        max_minutes=args.max_minutes, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        max_minutes=args.max_minutes, state_cache_gb=args.state_cache_gb, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         warmup_ratio=args.warmup_ratio, chunk_size=args.chunk_size, report_to=args.report_to, fsdp=args.fsdp,
     )
     import os

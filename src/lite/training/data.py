@@ -419,9 +419,23 @@ class TokenizedDataset(torch.utils.data.Dataset):
         return self.items[i]
 
 
+class IndexedDataset(torch.utils.data.Dataset):
+    """The items of ``dataset`` with their position added as ``index`` (for caches kept by sequence)."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.dataset[i], "index": i}
+
+
 @dataclass
 class PadCollator:
-    """Right-pads a batch: ``input_ids`` with the pad id, ``labels`` with -100, plus ``attention_mask``."""
+    """Right-pads a batch: ``input_ids`` with the pad id, ``labels`` with -100, plus ``attention_mask``;
+    items' ``index`` (:class:`IndexedDataset`) comes along as a tensor."""
 
     pad_token_id: int
 
@@ -435,4 +449,7 @@ class PadCollator:
             ids[i, :n] = torch.tensor(b["input_ids"])
             labels[i, :n] = torch.tensor(b["labels"])
             mask[i, :n] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if "index" in batch[0]:
+            out["index"] = torch.tensor([b["index"] for b in batch], dtype=torch.long)
+        return out

@@ -23,6 +23,12 @@ rows, so logits for [exits, batch, seq, vocab] never exist at once. What backwar
 * ``"checkpoint"``: each chunk runs under ``torch.utils.checkpoint``; backward recomputes its logits
   (one extra head forward per exit).
 * ``"plain"``: ordinary autograd; keeps every chunk's (rows, V) logits alive until backward.
+
+Self-distillation (:func:`distill_loss`) takes the same modes; fused, each chunk's teacher distribution
+is computed once for every exit and d KL / d logits = softmax(logits) - teacher is formed in forward, so
+a chunk costs the head twice per exit (logits, then the gradient of the rows) where the checkpointed
+form costs it three times, and the (rows, V) float32 passes are fewer. The ``*_rows_loss`` functions take
+response positions already gathered ({layer: (N, D)}), e.g. from a cache of a frozen backbone's states.
 """
 
 from __future__ import annotations
@@ -137,30 +143,90 @@ def lite_loss(states: dict[int, torch.Tensor], labels: torch.Tensor, head: nn.Mo
     Returns:
         :class:`ExitLoss`; with no response position at all the total is a differentiable zero.
     """
+    layers = sorted(weights)
+    missing = [k for k in layers if k not in states]
+    if missing:
+        raise ValueError(f"no hidden states for exit layers {missing}")
+    mask = response_mask(labels)
+    return lite_rows_loss({k: states[k][:, :-1][mask] for k in layers}, labels[:, 1:][mask], head, weights,
+                          chunk_size=chunk_size, mode=mode)
+
+
+def lite_rows_loss(rows: dict[int, torch.Tensor], targets: torch.Tensor, head: nn.Module,
+                   weights: dict[int, float], *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                   mode: str = "fused") -> ExitLoss:
+    """:func:`lite_loss` over gathered response positions: ``rows`` {layer: (N, D)} normed exit states and
+    ``targets`` (N,) the token each position predicts, in the same order."""
     if mode not in LOSS_MODES:
         raise ValueError(f"loss mode must be one of {LOSS_MODES}, got {mode!r}")
     if mode == "fused" and not (isinstance(head, nn.Linear) and head.bias is None):
         mode = "checkpoint"
     layers = sorted(weights)
-    missing = [k for k in layers if k not in states]
-    if missing:
-        raise ValueError(f"no hidden states for exit layers {missing}")
     norm = sum(weights[k] for k in layers)
-    targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
-    mask = targets != IGNORE_INDEX
-    tgt = targets[mask]  # (N,)
-    n = int(tgt.numel())
+    n = int(targets.numel())
     if n == 0:
-        zero = sum(states[k].sum() * 0.0 for k in layers)
+        zero = sum(rows[k].sum() * 0.0 for k in layers)
         return ExitLoss(zero, {k: torch.tensor(float("nan")) for k in layers}, 0)
-    # gather response positions of every exit into one (E*N, D) matrix: the head runs once over all of them
-    h = torch.cat([states[k][:, :-1][mask] for k in layers])  # (E*N, D)
+    # every exit's rows in one (E*N, D) matrix: the head runs once over all of them
+    h = torch.cat([rows[k] for k in layers])  # (E*N, D)
     row_weights = torch.cat([
         torch.full((n,), weights[k] / norm / n, dtype=torch.float32, device=h.device) for k in layers
     ])
-    total, per_row = _chunked_ce(head, h, tgt.repeat(len(layers)), row_weights, chunk_size, mode)
+    total, per_row = _chunked_ce(head, h, targets.repeat(len(layers)), row_weights, chunk_size, mode)
     per_layer = {k: per_row[i * n:(i + 1) * n].mean() for i, k in enumerate(layers)}
     return ExitLoss(total, per_layer, n)
+
+
+class _FusedKL(torch.autograd.Function):
+    """sum_k sum_i row_weight_k,i * KL(teacher_i || softmax(h_k,i @ W^T)) over exits k, chunk by chunk, with
+    the gradients computed in forward: d KL / d logits = softmax(logits) - teacher, so backward only scales
+    them (no logits recomputed, none kept). The teacher's distribution of each chunk is computed once
+    for every exit. Returns (weighted total, per-row KL of each exit as one (E*N,) tensor, exit-major).
+    """
+
+    @staticmethod
+    def forward(ctx, teacher, weight, row_weights, chunk_size, *hs):  # teacher, h_k (N, D); weight (V, D)
+        n, e = teacher.shape[0], len(hs)
+        per_row = torch.empty(e * n, dtype=torch.float32, device=teacher.device)
+        grads_h = [torch.empty_like(h) if ctx.needs_input_grad[4 + i] else None for i, h in enumerate(hs)]
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        w = weight.to(hs[0].dtype) if weight.dtype != hs[0].dtype else weight
+        for s in range(0, n, chunk_size):
+            stop = min(s + chunk_size, n)
+            with torch.no_grad():
+                t_logp = F.log_softmax((teacher[s:stop].to(w.dtype) @ w.T).float(), dim=-1)  # (n_c, V)
+                t_p = t_logp.exp()
+                t_entropy = (t_p * t_logp).sum(-1)  # sum_v p log p, shared by every exit
+            for i, h in enumerate(hs):
+                hc = h[s:stop]
+                logits = (hc @ w.T).float()
+                logq = logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
+                rows = slice(i * n + s, i * n + stop)
+                per_row[rows] = t_entropy - (t_p * logq).sum(-1)
+                if grads_h[i] is None and grad_w is None:
+                    continue
+                dlogits = logq.exp_().sub_(t_p).mul_(row_weights[rows, None]).to(hc.dtype)  # a (q - p)
+                if grads_h[i] is not None:
+                    grads_h[i][s:stop] = dlogits @ w
+                if grad_w is not None:
+                    grad_w.addmm_(dlogits.T.float(), hc.float())
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_w, *[g for g in grads_h if g is not None])
+        ctx.has_grad_h = [g is not None for g in grads_h]
+        ctx.mark_non_differentiable(per_row)
+        return (per_row * row_weights).sum(), per_row
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_rows):
+        grad_w, *saved = ctx.saved_tensors
+        saved = iter(saved)
+        dhs = []
+        for has in ctx.has_grad_h:
+            g = next(saved) if has else None
+            dhs.append(g * grad_total.to(g.dtype) if g is not None else None)
+        dw = (grad_w * grad_total).to(ctx.weight_dtype) if grad_w is not None else None
+        return (None, dw, None, None, *dhs)
 
 
 def _kl_rows(head: nn.Module, h: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
@@ -169,8 +235,14 @@ def _kl_rows(head: nn.Module, h: torch.Tensor, teacher_logp: torch.Tensor) -> to
     return (teacher_logp.exp() * (teacher_logp - logp)).sum(-1)  # (R,)
 
 
+def response_mask(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) labels -> (B, T-1) bool: position t is trained where ``labels[:, t + 1] != -100``."""
+    return labels[:, 1:] != IGNORE_INDEX
+
+
 def distill_loss(states: dict[int, torch.Tensor], teacher: torch.Tensor, labels: torch.Tensor, head: nn.Module,
-                 weights: dict[int, float], *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> ExitLoss:
+                 weights: dict[int, float], *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 mode: str = "fused") -> ExitLoss:
     """Self-distillation: weighted KL(teacher || exit) over exit layers at response positions (SPEC §7).
 
     Each exit is trained toward the distribution of a frozen teacher (the starting model's final layer)
@@ -185,8 +257,10 @@ def distill_loss(states: dict[int, torch.Tensor], teacher: torch.Tensor, labels:
             ``labels[:, t + 1] != -100``).
         head: the LM head shared by exits and teacher.
         weights: {layer: weight}; normalised here to sum to 1.
-        chunk_size: rows per head evaluation; each chunk runs under ``torch.utils.checkpoint``, so
-            backward recomputes its (rows, V) logits instead of keeping them.
+        chunk_size: rows per head evaluation.
+        mode: as in :func:`lite_loss`: "fused" (default) computes each chunk's gradients in forward
+            (d KL / d logits = softmax - teacher), "checkpoint" recomputes each chunk's logits in backward,
+            "plain" keeps them; the same loss and gradients up to rounding.
 
     Returns:
         :class:`ExitLoss` with ``per_layer`` = mean KL in nats per response token.
@@ -195,26 +269,45 @@ def distill_loss(states: dict[int, torch.Tensor], teacher: torch.Tensor, labels:
     missing = [k for k in layers if k not in states]
     if missing:
         raise ValueError(f"no hidden states for exit layers {missing}")
+    mask = response_mask(labels)
+    return distill_rows_loss({k: states[k][:, :-1][mask] for k in layers}, teacher[:, :-1][mask], head,
+                             weights, chunk_size=chunk_size, mode=mode)
+
+
+def distill_rows_loss(rows: dict[int, torch.Tensor], teacher: torch.Tensor, head: nn.Module,
+                      weights: dict[int, float], *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                      mode: str = "fused") -> ExitLoss:
+    """:func:`distill_loss` over gathered response positions: ``rows`` {layer: (N, D)} normed exit states
+    and ``teacher`` (N, D) the teacher's normed states at the same positions, in the same order."""
+    if mode not in LOSS_MODES:
+        raise ValueError(f"loss mode must be one of {LOSS_MODES}, got {mode!r}")
+    if mode == "fused" and not (isinstance(head, nn.Linear) and head.bias is None):
+        mode = "checkpoint"
+    layers = sorted(weights)
     norm = sum(weights[k] for k in layers)
-    mask = labels[:, 1:] != IGNORE_INDEX  # (B, T-1)
-    n = int(mask.sum())
+    n = int(teacher.shape[0])
     if n == 0:
-        zero = sum(states[k].sum() * 0.0 for k in layers)
+        zero = sum(rows[k].sum() * 0.0 for k in layers)
         return ExitLoss(zero, {k: torch.tensor(float("nan")) for k in layers}, 0)
+    teacher = teacher.detach()
+    if mode == "fused":
+        row_weights = torch.cat([torch.full((n,), weights[k] / norm / n, dtype=torch.float32,
+                                            device=teacher.device) for k in layers])
+        total, per_row = _FusedKL.apply(teacher, head.weight, row_weights, chunk_size, *[rows[k] for k in layers])
+        return ExitLoss(total, {k: per_row[i * n:(i + 1) * n].mean() for i, k in enumerate(layers)}, n)
     with torch.no_grad():
-        t_rows = teacher[:, :-1][mask]  # (N, D)
-        teacher_logp = torch.cat([F.log_softmax(head(t_rows[s:s + chunk_size]).float(), dim=-1)
+        teacher_logp = torch.cat([F.log_softmax(head(teacher[s:s + chunk_size]).float(), dim=-1)
                                   for s in range(0, n, chunk_size)])  # (N, V)
     total = torch.zeros((), dtype=torch.float32, device=teacher.device)
     per_layer: dict[int, torch.Tensor] = {}
     for k in layers:
-        h = states[k][:, :-1][mask]  # (N, D)
-        rows = []
+        h = rows[k]
+        parts = []
         for s in range(0, n, chunk_size):
             part = (h[s:s + chunk_size], teacher_logp[s:s + chunk_size])
-            rows.append(checkpoint(_kl_rows, head, *part, use_reentrant=False) if h.requires_grad
-                        else _kl_rows(head, *part))
-        kl = torch.cat(rows)  # (N,)
+            parts.append(checkpoint(_kl_rows, head, *part, use_reentrant=False)
+                         if mode == "checkpoint" and h.requires_grad else _kl_rows(head, *part))
+        kl = torch.cat(parts)  # (N,)
         total = total + weights[k] / norm * kl.mean()
         per_layer[k] = kl.detach().mean()
     return ExitLoss(total, per_layer, n)

@@ -42,12 +42,14 @@ from .data import (
     DEFAULT_HELDOUT_FRACTION,
     DEFAULT_MAX_LENGTH,
     FORMATS_HELP,
+    IndexedDataset,
     PadCollator,
     TokenizedDataset,
     prepare_data,
 )
 from .fsdp import fsdp_config
 from .hf_trainer import (
+    StateCache,
     _checkpoint_is_final,
     _checkpointing_args,
     _FrozenBackbone,
@@ -65,6 +67,13 @@ from .losses import DEFAULT_CHUNK_SIZE, LOSS_MODES
 from .own_answers import ANSWERS_FILE, generate_own_answers
 
 TARGETS = ("data", "distill", "mixed")
+# What a run trains when its flags leave it open (SPEC §7, issue 14): the recipe the comparison of
+# scripts/ablation.sh chose (benchmarks/results/ablation.md), and the paper's, one flag away.
+RECIPES = {
+    "exit-modules": {"exit_modules": "affine", "targets": "distill", "own_answers": True},
+    "paper": {"exit_modules": None, "targets": "data", "own_answers": False},
+}
+DEFAULT_RECIPE = "exit-modules"
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RUN_FILE = "lite_run.json"
 # what a run writes in its work folder (<out>.partial): only these are removed once the output is in place
@@ -148,11 +157,12 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
           gradient_checkpointing: bool = False, save_steps: int = 200, logging_steps: int = 10,
           dtype: str | None = "float32", loss_mode: str = "fused", chunk_size: int = DEFAULT_CHUNK_SIZE,
           warmup_ratio: float = 0.03, lora_dropout: float = 0.0, report_to: str | list[str] | None = None,
-          fsdp: bool = False, device: str | None = None, targets: str = "data",
-          ce_weight: float = 0.5, exit_modules: str | None = None, own_answers: bool = False,
+          fsdp: bool = False, device: str | None = None, recipe: str | None = None,
+          targets: str | None = None, ce_weight: float = 0.5, exit_modules: str | None = None,
+          own_answers: bool | None = None,
           own_answer_tokens: int = 128, own_answers_cache: str | os.PathLike[str] | None = None,
           snapshot_minutes: float | None = None, max_minutes: float | None = None,
-          progress: Callable[[str], None] | None = None,
+          state_cache_gb: float = 4.0, progress: Callable[[str], None] | None = None,
           show_progress_bar: bool = True) -> TrainResult:
     """LITE instruction tuning (or the final-layer baseline), full or LoRA; see the module docstring.
 
@@ -189,6 +199,11 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
             (DDP); for models too large for one device. Run under ``torchrun``/``accelerate launch``.
         device: "cpu", "cuda", "mps", "xpu" (a type, not an index: under torchrun each process takes its
             own GPU); default: the accelerator torch reports, else the CPU.
+        recipe: what ``exit_modules``, ``targets`` and ``own_answers`` are when left at None (``RECIPES``):
+            "exit-modules" (affine modules on the frozen backbone, self-distillation on the model's own
+            answers: the recipe the comparison chose) or "paper" (the paper's LITE: the backbone trained
+            with CE on the dataset's responses, full or ``lora``). Default: "paper" when ``lora``,
+            ``baseline`` or ``fsdp`` asks to train the backbone, else "exit-modules".
         targets: what each exit learns (SPEC §7): "data" (the paper: cross-entropy against the response
             tokens), "distill" (KL toward a frozen teacher, the starting model's final layer), "mixed"
             (``ce_weight`` x CE + (1 - ``ce_weight``) x KL).
@@ -205,6 +220,10 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
             of training, at the first checkpoint after each (so ``save_steps`` sets the grain), in
             ``<out>.snapshots/step-NNNNNN`` (a few MB each; kept over resumes): score them with
             ``benchmarks/exit_agreement.py`` for the curve of agreement against training minutes.
+        state_cache_gb: with ``exit_modules``, keep the frozen backbone's states at the response positions of
+            each sequence in memory, up to this many GiB, so that epochs after the first do not run the
+            backbone (:class:`lite.training.hf_trainer.StateCache`); 0 turns it off. Not with several
+            processes (each would see other rows every epoch).
         progress: called with status lines. show_progress_bar: Trainer's tqdm bar.
     """
     from ..model.adapter import LiteModel
@@ -212,6 +231,19 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
     from ..model.prompts import default_format
 
     say = progress or (lambda _msg: None)
+    trains_backbone = [flag for flag, on in (("--lora", lora), ("--baseline", baseline), ("--fsdp", fsdp)) if on]
+    if recipe is None:
+        recipe = "paper" if trains_backbone else DEFAULT_RECIPE
+    if recipe not in RECIPES:
+        raise TrainError(f"--recipe must be one of {tuple(RECIPES)}, got {recipe!r}")
+    if recipe == "exit-modules" and trains_backbone and exit_modules is None:
+        raise TrainError(f"--recipe exit-modules trains small modules on a frozen backbone; {trains_backbone[0]} "
+                         f"trains the backbone: use --recipe paper (the paper's LITE), or leave out "
+                         f"{trains_backbone[0]}")
+    preset = RECIPES[recipe]
+    exit_modules = exit_modules if exit_modules is not None else preset["exit_modules"]
+    targets = targets if targets is not None else preset["targets"]
+    own_answers = own_answers if own_answers is not None else preset["own_answers"]
     target = parse_device(device)
     if target.index is not None:
         raise TrainError(f"--device {device}: lite train takes a device type (cpu, cuda, mps, xpu); pick one "
@@ -245,6 +277,8 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
                         ("--snapshot-minutes", snapshot_minutes)):  # the CLI checks these too (lite.cli.numbers)
         if value is not None and not (value > 0 and math.isfinite(value)):  # NaN fails both
             raise TrainError(f"{flag} must be a finite number > 0, got {value}")
+    if not (state_cache_gb >= 0 and math.isfinite(state_cache_gb)):
+        raise TrainError(f"--state-cache-gb must be a finite number >= 0 (0: no cache), got {state_cache_gb}")
     if snapshot_minutes is not None and exit_modules is None:
         raise TrainError("--snapshot-minutes keeps copies of exit modules (a few MB each) and needs "
                          "--exit-modules; a LoRA or full run keeps its last checkpoints in OUT.partial")
@@ -406,12 +440,16 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
         if snapshot_minutes:
             callbacks.append(_snapshot_callback(snapshot_folder(out), snapshot_minutes, clock, _snapshot_writer(
                 modules, tokenizer, lite_config, getattr(lm.model, "generation_config", None))))
+        state_cache = None
+        if exit_modules and state_cache_gb > 0 and not distributed:
+            state_cache = StateCache(int(state_cache_gb * 2**30), say)
         trainer = _make_trainer_class()(
-            model=train_model, args=args, train_dataset=dataset,
+            model=train_model, args=args,
+            train_dataset=IndexedDataset(dataset) if state_cache is not None else dataset,
             data_collator=PadCollator(tokenizer.pad_token_id), processing_class=tokenizer, lite_model=trainee,
             exit_weights=weights, loss_mode=loss_mode, chunk_size=chunk_size,
             callbacks=callbacks, targets=targets, ce_weight=ce_weight,
-            teacher=teacher,
+            teacher=teacher, state_cache=state_cache,
         )
         if fsdp and not trainer.is_fsdp_enabled:
             import accelerate
