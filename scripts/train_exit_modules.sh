@@ -9,9 +9,11 @@
 # $OUT.snapshots; at the end all of them are scored on the same held-out rows for the curve of agreement
 # against training minutes (benchmarks/results/agreement_curve_$KIND.md).
 #   LITE_HOME=/path/outside/the/checkout bash scripts/train_exit_modules.sh
-# The long run of the winner (issue 14, step 5: several CPU hours, resumable at any checkpoint):
-#   LITE_HOME=... EPOCHS=12 OWN_ANSWERS=$LITE_HOME/own_answers-smollm2-135m-instruct-64tok.jsonl \
-#       bash scripts/train_exit_modules.sh
+# The long run of the winner (issue 14, step 5; affine won the recipe comparison, benchmarks/results/ablation.md),
+# as run in session 4: 10 epochs, a snapshot every 10 minutes, at most 58 minutes of training (the fused loss
+# and the state cache make an epoch after the first about 0.42x the step time the comparison ran at):
+#   LITE_HOME=... EPOCHS=10 SNAPSHOT_MINUTES=10 MAX_MINUTES=58 OUT=$LITE_HOME/runs/winner-affine \
+#       OWN_ANSWERS=$LITE_HOME/own_answers-smollm2-135m-instruct-64tok.jsonl bash scripts/train_exit_modules.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-${LITE_HOME:-$HOME/.cache/lite}/runs}
@@ -22,6 +24,7 @@ ANSWER_TOKENS=${ANSWER_TOKENS:-64}
 SNAPSHOT_MINUTES=${SNAPSHOT_MINUTES:-30}
 OUT=${OUT:-$RUNS/exit-modules-$KIND}
 CACHE=(${OWN_ANSWERS:+--own-answers-cache "$OWN_ANSWERS"})
+BUDGET=(${MAX_MINUTES:+--max-minutes "$MAX_MINUTES"})  # optional: end training at this many minutes
 export OMP_NUM_THREADS=${THREADS:-2}
 LITE=${LITE:-.venv/bin/lite}
 
@@ -31,7 +34,7 @@ if [ ! -d "$OUT" ]; then
         --out "$OUT" --exit-modules "$KIND" --targets distill --own-answers --own-answer-tokens "$ANSWER_TOKENS" \
         --prompt-format chat --exit-layers 15,19,23,26,30 --epochs "$EPOCHS" --batch-size 8 --max-length 320 \
         --lr 1e-3 --bf16 --save-steps 20 --logging-steps 5 --no-progress-bar \
-        --snapshot-minutes "$SNAPSHOT_MINUTES" "${CACHE[@]}"
+        --snapshot-minutes "$SNAPSHOT_MINUTES" "${CACHE[@]}" "${BUDGET[@]}"
 fi
 # agreement with the final layer on held-out rows, beside the shipped default (same rows)
 .venv/bin/python benchmarks/exit_agreement.py --model "$OUT" --model smollm2-135m-lite \
