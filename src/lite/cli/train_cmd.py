@@ -1,4 +1,6 @@
-"""`lite train`: LITE instruction tuning (or the final-layer baseline), full or LoRA.
+"""`lite train`: train the exits. By default exit modules on the frozen model by self-distillation on its own
+answers (``--recipe exit-modules``); ``--recipe paper`` is LITE instruction tuning as the paper does it (or
+the final-layer baseline), full or LoRA.
 
 Runs in one process, or in several with ``torchrun --nproc_per_node N -m lite train ...`` (only rank 0
 writes the output). Re-running a killed command resumes from ``<out>.partial``'s last checkpoint.
@@ -19,8 +21,8 @@ from .numbers import (
     seed,
 )
 
-EXAMPLE = ("lite train --data rows.jsonl --lora --max-steps 200 --out runs/mine   (or: lite train --config "
-           "run.yaml)")
+EXAMPLE = ("lite train --data rows.jsonl --epochs 3 --out runs/mine   (the paper's recipe: lite train --recipe paper "
+           "--data rows.jsonl --lora --max-steps 200 --out runs/paper; or: lite train --config run.yaml)")
 
 # The typed function behind this verb, and how its parameters meet the flags: a parameter is the flag of
 # the same name, the flag named here, or (None) a Python-only argument. tests/test_cli.py fails when a
