@@ -4,7 +4,9 @@ What ``lite train --exit-modules affine --targets distill --bf16`` does per step
   * batch: 8 alpaca-libre "ok" rows in the chat format, each answer cut to ``--answer-tokens`` (64, the
     own-answer budget of scripts/train_exit_modules.sh), labels on the answer (+EOS) only; with
     ``--own-answers FILE`` the answers are the model's own from the run's cache, as the run trains on;
-  * exits 15, 19, 23, 26 with affine (or ``--kind mlp``) modules, KL toward the final layer, bf16 autocast;
+  * exits 15, 19, 23, 26 with affine (or ``--kind mlp``) modules, KL toward the final layer; as under
+    ``--bf16``, the backbone's forward runs under bf16 autocast and hands float32 states on, and the
+    modules, head and KL run in float32 (``--loss-dtype bfloat16``: under bf16 autocast, a what-if);
   * step = forward + backward + AdamW update of the modules.
 
 Modes, interleaved round by round in one process (same batch, same modules):
@@ -28,6 +30,7 @@ Run (the committed results; FILE = the run's --own-answers-cache):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -74,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--kind", default="affine", choices=["affine", "mlp"])
     parser.add_argument("--rows", type=int, default=8)
+    parser.add_argument("--loss-dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="precision of the modules, head and KL: float32 as lite train --bf16 runs them "
+                             "(accelerate autocasts the model's forward only), or under bf16 autocast")
     parser.add_argument("--answer-tokens", type=int, default=64)
     parser.add_argument("--own-answers", default=None, metavar="FILE",
                         help="the own-answers cache of the run (lite train --own-answers-cache): train on those "
@@ -105,13 +111,21 @@ def main(argv: list[str] | None = None) -> int:
     optim = torch.optim.AdamW(modules.parameters(), lr=1e-3)
     no_position = torch.empty(0, dtype=torch.long)
 
-    def backbone():
-        with torch.no_grad():
-            return lm.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False,
-                            logits_to_keep=no_position).hidden_states
+    def loss_precision():
+        """The modules, the head and the KL: float32 as in lite train, or under bf16 autocast (what it could be)."""
+        if args.loss_dtype == "bfloat16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        hidden = backbone()
+    def backbone():
+        """As lite train --bf16 runs it: accelerate autocasts the model's forward only and hands its outputs
+        back in float32 (the losses then run in float32, unless --loss-dtype bfloat16)."""
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = lm.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False,
+                           logits_to_keep=no_position).hidden_states
+        return tuple(h.float() for h in out)
+
+    hidden = backbone()
     cache = StateCache(2**34)
     positions = response_mask(labels)
     cache.put(list(range(len(ids))), positions.sum(1).tolist(),
@@ -120,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def step(mode: str) -> float:
         optim.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with loss_precision():
             if mode == "checkpoint":
                 hidden = backbone()
                 states = {k: lm.exit_normed(hidden[k], k, direct=True) for k in EXITS}
@@ -157,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                 wall[mode].append(time.perf_counter() - t0)
     result = {
         "command": "python " + " ".join(["benchmarks/bench_module_step.py", *(argv or sys.argv[1:])]),
-        "kind": args.kind, "rows": len(ids), "responses": "own answers" if args.own_answers else "dataset",
+        "kind": args.kind, "loss_dtype": args.loss_dtype, "rows": len(ids),
+        "responses": "own answers" if args.own_answers else "dataset",
         "tokens": int(mask.sum()), "answer_positions": int(positions.sum()), "threads": args.threads,
         "rounds": args.rounds, "warmup": args.warmup, "cpu": platform.processor(),
         "modes": {m: {"step_cpu_s_median": statistics.median(cpu[m]),
@@ -169,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     lines = [
-        f"# Exit-module training step ({args.kind}, self-distillation, bf16 autocast): three ways",
+        f"# Exit-module training step ({args.kind}, self-distillation, backbone under bf16 autocast, "
+        f"losses in {args.loss_dtype}): three ways",
         "",
         f"Command: `{result['command']}`  ",
         (f"SmolLM2-135M-Instruct frozen, {args.kind} modules at layers {EXITS}, KL toward layer {L}. One batch: "

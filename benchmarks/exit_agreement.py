@@ -75,17 +75,26 @@ def own_answers(lm, rows, max_new_tokens: int, batch_size: int = BATCH) -> list[
 
 
 def backbone_key(spec: str, lm) -> str | None:
-    """Models whose full model is the same frozen backbone give the same greedy answers: a plain model and
-    exit modules over it (their base_model) share one key; LoRA and full fine-tunes get none."""
+    """Models whose full model is the same frozen backbone, prompted the same way, give the same greedy
+    answers: a plain model and folders of exit modules only over it (their base_model) share one key; a
+    LoRA adapter, a full fine-tune, or a folder with weights of its own besides modules get none."""
+    import hashlib
+    import json
+
+    from lite.model.loading import _modules_only
+
     folder = resolve_model(spec)
     config = LiteConfig.load(folder)  # None: a model lite did not train
     if config is None:
         base = folder
-    elif config.exit_modules and not config.adapter and config.base_model:
+    elif _modules_only(folder, config) and config.base_model:
         base = resolve_model(config.base_model)
     else:
         return None
-    return f"{Path(base).resolve()}|{default_format(lm)}"
+    tok = lm.tokenizer
+    prompting = json.dumps([sorted(tok.get_vocab().items()), getattr(tok, "chat_template", None),
+                            default_format(lm)])
+    return f"{Path(base).resolve()}|{hashlib.sha256(prompting.encode()).hexdigest()[:16]}"
 
 
 def own_answer_stats(lm, rows, layers: list[int], max_new_tokens: int,

@@ -307,3 +307,14 @@ def test_a_bad_shared_flag_is_refused_before_a_model_loads(verb, flag, value, wo
     line = [x for x in err.splitlines() if x.startswith("lite")]
     assert len(line) == 1 and flag in line[0] and words in line[0], err
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+@pytest.mark.parametrize("text, expect", [
+    ("own_answers: true\n", True), ("own_answers: false\n", False),
+    ("no_own_answers: true\n", False), ("no_own_answers: false\n", True), ("", None),
+])
+def test_a_yes_no_switch_in_a_file_means_what_it_says(text, expect, tmp_path):
+    """--own-answers / --no-own-answers (default: the recipe's): a file's true or false picks the flag."""
+    path = tmp_path / "run.yaml"
+    path.write_text(text + "data: [d.jsonl]\nout: o\n")
+    assert _parsed(["train", "--config", str(path)])["own_answers"] is expect

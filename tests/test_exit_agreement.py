@@ -65,3 +65,13 @@ def test_lora_and_full_models_never_share_answers(module_run, tiny_model_dir, tm
     shutil.copytree(tiny_model_dir, full)
     LiteConfig(num_layers=4, exit_layers=[2, 4], base_model=str(tiny_model_dir)).save(full)
     assert exit_agreement.backbone_key(str(full), lm) is None
+
+
+def test_a_folder_with_modules_and_weights_of_its_own_gets_no_shared_answers(module_run, tiny_model_dir, tmp_path):
+    import shutil
+
+    lm = load_model(tiny_model_dir, device="cpu")
+    own = tmp_path / "own"  # exit modules beside a full model of its own: its answers are its own
+    shutil.copytree(module_run, own)
+    shutil.copy(tiny_model_dir / "config.json", own / "config.json")
+    assert exit_agreement.backbone_key(str(own), lm) is None

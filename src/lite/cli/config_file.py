@@ -101,10 +101,14 @@ def config_arguments(parser: argparse.ArgumentParser, values: dict[str, Any], pa
         if value is None:
             continue
         flag = _long_option(action)
-        if action.nargs == 0:  # a switch: store_true / store_false / store_const
+        if action.nargs == 0:  # a switch: store_true / store_false / store_const / --x and --no-x
             if not isinstance(value, bool):
                 raise ConfigFileError(f"{where}: is a switch, give true or false, got {json.dumps(value)}")
-            out.append((action, [flag] if value == bool(action.const) else []))
+            if isinstance(action, argparse.BooleanOptionalAction):  # own-answers: false means --no-own-answers
+                yes, no = action.option_strings[:2]
+                out.append((action, [yes if value != (f"--{name}" == no) else no]))
+            else:
+                out.append((action, [flag] if value == bool(action.const) else []))
             continue
         many = action.nargs in ("+", "*") or isinstance(action, argparse._AppendAction)  # noqa: SLF001
         items = value if many and isinstance(value, list) else [value]

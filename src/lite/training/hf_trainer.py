@@ -91,7 +91,7 @@ def _make_trainer_class():
             wanted = sorted(set(layers) | ({L} if self.targets != "data" else set()))
             index = inputs.get("index")
             cache = self.state_cache if index is not None else None
-            found = cache.get(index.tolist()) if cache is not None else None
+            found = cache.get(index.tolist(), inputs["labels"].device) if cache is not None else None
             if found is None:
                 labels = inputs["labels"]
                 no_position = torch.empty(0, dtype=torch.long, device=labels.device)
@@ -289,7 +289,8 @@ class _FrozenBackbone(torch.nn.Module):
 
 
 class StateCache:
-    """A frozen backbone's states at the response positions of each training sequence, kept in memory.
+    """A frozen backbone's states at the response positions of each training sequence, kept in CPU memory
+    (also when training on an accelerator: the rows of a batch are moved there when used).
 
     In an exit-module run the backbone never changes, so what the losses read of it (the raw state of each
     exit layer below L and the normed final state, the teacher, at the positions that predict a response
@@ -312,13 +313,16 @@ class StateCache:
     def __len__(self) -> int:
         return len(self._rows)
 
-    def get(self, index: list[int]) -> tuple[dict[int, torch.Tensor], torch.Tensor] | None:
-        """The batch's ({layer: (N, D)}, targets (N,)), rows in batch order; None unless all are kept."""
+    def get(self, index: list[int], device: torch.device | str = "cpu"
+            ) -> tuple[dict[int, torch.Tensor], torch.Tensor] | None:
+        """The batch's ({layer: (N, D)}, targets (N,)) on ``device``, rows in batch order; None unless all
+        are kept."""
         if not all(i in self._rows for i in index):
             return None
         parts = [self._rows[i] for i in index]
         layers = parts[0][0].keys()
-        return ({k: torch.cat([p[0][k] for p in parts]) for k in layers}, torch.cat([p[1] for p in parts]))
+        return ({k: torch.cat([p[0][k] for p in parts]).to(device) for k in layers},
+                torch.cat([p[1] for p in parts]).to(device))
 
     def put(self, index: list[int], counts: list[int], states: dict[int, torch.Tensor],
             targets: torch.Tensor) -> None:
@@ -328,8 +332,8 @@ class StateCache:
         for i, n in zip(index, counts):
             stop = start + n
             if i not in self._rows and not self.full:
-                row = ({k: v[start:stop].detach().clone() for k, v in states.items()},
-                       targets[start:stop].clone())
+                row = ({k: v[start:stop].detach().to("cpu", copy=True) for k, v in states.items()},
+                       targets[start:stop].to("cpu", copy=True))
                 size = sum(t.numel() * t.element_size() for t in (*row[0].values(), row[1]))
                 if self.bytes + size > self.limit_bytes:
                     self.full = True

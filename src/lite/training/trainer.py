@@ -222,8 +222,9 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
             ``benchmarks/exit_agreement.py`` for the curve of agreement against training minutes.
         state_cache_gb: with ``exit_modules``, keep the frozen backbone's states at the response positions of
             each sequence in memory, up to this many GiB, so that epochs after the first do not run the
-            backbone (:class:`lite.training.hf_trainer.StateCache`); 0 turns it off. Not with several
-            processes (each would see other rows every epoch).
+            backbone (:class:`lite.training.hf_trainer.StateCache`); 0 turns it off. One process only: under
+            DDP the loss sees the wrapped model and takes the general path, and each process would see
+            other rows every epoch.
         progress: called with status lines. show_progress_bar: Trainer's tqdm bar.
     """
     from ..model.adapter import LiteModel
@@ -295,7 +296,8 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
         raise TrainError(f"--own-answers-cache {answers_path}: give a file path in an existing folder (it is "
                          f"created when missing)")
     if own_answers and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not answers_path.is_file():
-        raise TrainError("--own-answers with several processes: generate the answers once with one process "
+        raise TrainError("--own-answers (the default recipe's; --no-own-answers or --recipe paper leave them out) "
+                         "with several processes: generate the answers once with one process "
                          "(the same command without torchrun; interrupt it once training starts), then resume "
                          "under torchrun")
     if own_answer_tokens < 1:
@@ -369,7 +371,8 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
                              f"delete {work} to start afresh") from None
         if recorded != _as_recorded_by_older_lite(json.loads(json.dumps(run_record)), recorded):
             raise TrainError(f"{work} holds an unfinished run with other settings; re-run the same command to "
-                             f"resume it, or delete {work} to start afresh")
+                             f"resume it (a run begun before exit modules became the default recipe: add --recipe "
+                             f"paper), or delete {work} to start afresh")
     if _rank() == 0:
         work.mkdir(parents=True, exist_ok=True)
         from ..files import write_json_atomic
