@@ -11,7 +11,7 @@
 #   LITE_HOME=/path/outside/the/checkout bash scripts/train_exit_modules.sh
 # The long run of the winner (issue 14, step 5; affine won the recipe comparison, benchmarks/results/ablation.md),
 # as run in session 4: 10 epochs, a snapshot every 10 minutes, at most 58 minutes of training (the fused loss
-# and the state cache make an epoch after the first about 0.42x the step time the comparison ran at):
+# and the state cache make an epoch after the first about 0.43x the step time the comparison ran at: 1.43 s against 3.32):
 #   LITE_HOME=... EPOCHS=10 SNAPSHOT_MINUTES=10 MAX_MINUTES=58 OUT=$LITE_HOME/runs/winner-affine \
 #       OWN_ANSWERS=$LITE_HOME/own_answers-smollm2-135m-instruct-64tok.jsonl bash scripts/train_exit_modules.sh
 set -euo pipefail
