@@ -143,12 +143,8 @@ def lite_loss(states: dict[int, torch.Tensor], labels: torch.Tensor, head: nn.Mo
     Returns:
         :class:`ExitLoss`; with no response position at all the total is a differentiable zero.
     """
-    layers = sorted(weights)
-    missing = [k for k in layers if k not in states]
-    if missing:
-        raise ValueError(f"no hidden states for exit layers {missing}")
     mask = response_mask(labels)
-    return lite_rows_loss({k: states[k][:, :-1][mask] for k in layers}, labels[:, 1:][mask], head, weights,
+    return lite_rows_loss(_response_rows(states, mask, weights), labels[:, 1:][mask], head, weights,
                           chunk_size=chunk_size, mode=mode)
 
 
@@ -157,24 +153,51 @@ def lite_rows_loss(rows: dict[int, torch.Tensor], targets: torch.Tensor, head: n
                    mode: str = "fused") -> ExitLoss:
     """:func:`lite_loss` over gathered response positions: ``rows`` {layer: (N, D)} normed exit states and
     ``targets`` (N,) the token each position predicts, in the same order."""
+    mode = _head_mode(mode, head)
+    layers, n = sorted(weights), int(targets.numel())
+    if n == 0:
+        return _no_positions(rows, layers)
+    # every exit's rows in one (E*N, D) matrix: the head runs once over all of them
+    h = torch.cat([rows[k] for k in layers])  # (E*N, D)
+    total, per_row = _chunked_ce(head, h, targets.repeat(len(layers)), _row_weights(weights, n, h.device),
+                                 chunk_size, mode)
+    return _exit_loss(total, per_row, layers, n)
+
+
+def _head_mode(mode: str, head: nn.Module) -> str:
+    """``mode`` checked; "fused" needs a bias-free ``nn.Linear`` head, others fall back to "checkpoint"."""
     if mode not in LOSS_MODES:
         raise ValueError(f"loss mode must be one of {LOSS_MODES}, got {mode!r}")
     if mode == "fused" and not (isinstance(head, nn.Linear) and head.bias is None):
-        mode = "checkpoint"
-    layers = sorted(weights)
-    norm = sum(weights[k] for k in layers)
-    n = int(targets.numel())
-    if n == 0:
-        zero = sum(rows[k].sum() * 0.0 for k in layers)
-        return ExitLoss(zero, {k: torch.tensor(float("nan")) for k in layers}, 0)
-    # every exit's rows in one (E*N, D) matrix: the head runs once over all of them
-    h = torch.cat([rows[k] for k in layers])  # (E*N, D)
-    row_weights = torch.cat([
-        torch.full((n,), weights[k] / norm / n, dtype=torch.float32, device=h.device) for k in layers
-    ])
-    total, per_row = _chunked_ce(head, h, targets.repeat(len(layers)), row_weights, chunk_size, mode)
-    per_layer = {k: per_row[i * n:(i + 1) * n].mean() for i, k in enumerate(layers)}
-    return ExitLoss(total, per_layer, n)
+        return "checkpoint"
+    return mode
+
+
+def _response_rows(states: dict[int, torch.Tensor], mask: torch.Tensor, weights: dict[int, float]
+                   ) -> dict[int, torch.Tensor]:
+    """{layer: (N, D)}: each weighted layer's states at the positions of ``mask`` (:func:`response_mask`)."""
+    missing = [k for k in sorted(weights) if k not in states]
+    if missing:
+        raise ValueError(f"no hidden states for exit layers {missing}")
+    return {k: states[k][:, :-1][mask] for k in sorted(weights)}
+
+
+def _row_weights(weights: dict[int, float], n: int, device) -> torch.Tensor:
+    """(E*N,) exit-major: each of an exit's ``n`` rows weighs its share of the normalised weights / n."""
+    norm = sum(weights.values())
+    return torch.cat([torch.full((n,), weights[k] / norm / n, dtype=torch.float32, device=device)
+                      for k in sorted(weights)])
+
+
+def _exit_loss(total: torch.Tensor, per_row: torch.Tensor, layers: list[int], n: int) -> ExitLoss:
+    """:class:`ExitLoss` from the weighted total and the (E*N,) exit-major per-row losses."""
+    return ExitLoss(total, {k: per_row[i * n:(i + 1) * n].mean() for i, k in enumerate(layers)}, n)
+
+
+def _no_positions(rows: dict[int, torch.Tensor], layers: list[int]) -> ExitLoss:
+    """No response position at all: a differentiable zero, NaN per layer."""
+    zero = sum(rows[k].sum() * 0.0 for k in layers)
+    return ExitLoss(zero, {k: torch.tensor(float("nan")) for k in layers}, 0)
 
 
 class _FusedKL(torch.autograd.Function):
@@ -265,13 +288,9 @@ def distill_loss(states: dict[int, torch.Tensor], teacher: torch.Tensor, labels:
     Returns:
         :class:`ExitLoss` with ``per_layer`` = mean KL in nats per response token.
     """
-    layers = sorted(weights)
-    missing = [k for k in layers if k not in states]
-    if missing:
-        raise ValueError(f"no hidden states for exit layers {missing}")
     mask = response_mask(labels)
-    return distill_rows_loss({k: states[k][:, :-1][mask] for k in layers}, teacher[:, :-1][mask], head,
-                             weights, chunk_size=chunk_size, mode=mode)
+    return distill_rows_loss(_response_rows(states, mask, weights), teacher[:, :-1][mask], head, weights,
+                             chunk_size=chunk_size, mode=mode)
 
 
 def distill_rows_loss(rows: dict[int, torch.Tensor], teacher: torch.Tensor, head: nn.Module,
@@ -279,22 +298,16 @@ def distill_rows_loss(rows: dict[int, torch.Tensor], teacher: torch.Tensor, head
                       mode: str = "fused") -> ExitLoss:
     """:func:`distill_loss` over gathered response positions: ``rows`` {layer: (N, D)} normed exit states
     and ``teacher`` (N, D) the teacher's normed states at the same positions, in the same order."""
-    if mode not in LOSS_MODES:
-        raise ValueError(f"loss mode must be one of {LOSS_MODES}, got {mode!r}")
-    if mode == "fused" and not (isinstance(head, nn.Linear) and head.bias is None):
-        mode = "checkpoint"
-    layers = sorted(weights)
-    norm = sum(weights[k] for k in layers)
-    n = int(teacher.shape[0])
+    mode = _head_mode(mode, head)
+    layers, n = sorted(weights), int(teacher.shape[0])
     if n == 0:
-        zero = sum(rows[k].sum() * 0.0 for k in layers)
-        return ExitLoss(zero, {k: torch.tensor(float("nan")) for k in layers}, 0)
+        return _no_positions(rows, layers)
     teacher = teacher.detach()
     if mode == "fused":
-        row_weights = torch.cat([torch.full((n,), weights[k] / norm / n, dtype=torch.float32,
-                                            device=teacher.device) for k in layers])
-        total, per_row = _FusedKL.apply(teacher, head.weight, row_weights, chunk_size, *[rows[k] for k in layers])
-        return ExitLoss(total, {k: per_row[i * n:(i + 1) * n].mean() for i, k in enumerate(layers)}, n)
+        total, per_row = _FusedKL.apply(teacher, head.weight, _row_weights(weights, n, teacher.device), chunk_size,
+                                        *[rows[k] for k in layers])
+        return _exit_loss(total, per_row, layers, n)
+    norm = sum(weights.values())
     with torch.no_grad():
         teacher_logp = torch.cat([F.log_softmax(head(teacher[s:s + chunk_size]).float(), dim=-1)
                                   for s in range(0, n, chunk_size)])  # (N, V)
