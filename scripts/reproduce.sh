@@ -49,12 +49,13 @@ evaluate() {  # MODEL OUT_FOLDER EXIT_FLAGS...: one lite eval, skipped once its 
     shift 2
     grep -q '"complete": true' "$out/report.json" 2>/dev/null || "$LITE" eval --model "$model" "$@" "${EVAL[@]}" --out "$out"
 }
-for pair in "winner=$WINNER" "lite=$LITE_RUN"; do
+# the winner last: its evals read the shipped default as it is when they start
+evaluate "$BASELINE_RUN" "$RUNS/eval-baseline" --exit static:26 --static-layers
+for pair in "lite=$LITE_RUN" "winner=$WINNER"; do
     name=${pair%%=*} model=${pair#*=}
     evaluate "$model" "$RUNS/eval-$name-gate" --exit gate
     evaluate "$model" "$RUNS/eval-$name" --exit dynamic --threshold-scales 1.0,0.9,1.1 --static-layers
 done
-evaluate "$BASELINE_RUN" "$RUNS/eval-baseline" --exit static:26 --static-layers
 
 # agreement with the final layer and held-out loss at every exit, on LITE's held-out rows (the split of
 # every run here: seed 0, 5%)
