@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Make a trained run the packaged default `smollm2-135m-lite` (issue 14, step 5): calibrate it on its own
 # held-out rows (max-prob thresholds at 90% agreement, the learned exit gate, the draft vocabulary of the
-# lossless mode), record its provenance, and copy it into src/lite/assets (at most 48 MB of weights: an
+# lossless mode, which is also the exits' vocabulary), record its provenance, and copy it into src/lite/assets (at most 48 MB of weights: an
 # adapter or exit modules, never a full copy of the 135M model). Run it only after the run beat the
 # shipped default on benchmarks/exit_agreement.py; the previous default stays in git history.
 #   LITE_HOME=/path/outside/the/checkout bash scripts/ship_default.sh RUN_FOLDER "how it was made"
@@ -28,8 +28,10 @@ cfg.save(sys.argv[1])
 PY
 # thresholds, gate and draft vocabulary from the held-out rows lite train recorded (never trained on); this
 # also rewrites the model card from lite_config.json
+# the exits read the head over the EXIT_VOCAB most frequent tokens (benchmarks/results/exit_vocab.md chose 4096);
+# --exit auto becomes whichever of the thresholds and the gate costs less compute on these rows
 "$LITE" calibrate --model "$RUN" --rule agreement --target 0.9 --source generated --max-examples 100 --gate \
-    --draft-vocab
+    --draft-vocab --exit-vocab "${EXIT_VOCAB:-4096}"
 size=$(du -cm "$RUN"/*.safetensors | tail -1 | cut -f1)
 if [ "$size" -gt 48 ]; then echo "$RUN holds $size MB of weights; the package ships at most 48" >&2; exit 1; fi
 rm -rf "$ASSET.tmp"

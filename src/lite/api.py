@@ -141,7 +141,7 @@ class LiteLM:
                  stop: list[str] | None = None, kv: str = "copy", threshold_scale: float = 1.0,
                  thresholds: str | dict[int, float] | None = None, confidence: str | None = None,
                  exit_layers: str | list[int] | None = None, gate: bool = False, max_draft: int | None = None,
-                 draft_stop: float | None = None, draft_vocab: int | None = None,
+                 draft_stop: float | None = None, draft_vocab: int | None = None, exit_vocab: int | None = None,
                  prompt_format: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE, stream: bool = False,
                  ) -> GenerationResult | list[GenerationResult] | Iterator[TokenRecord] | Iterator[tuple[int, TokenRecord]]:
         """Generate with early exit; the arguments are ``lite generate``'s flags, with its defaults.
@@ -155,8 +155,8 @@ class LiteLM:
                 model is calibrated (or ``thresholds``/``gate`` are given), else none (``--exit``).
             max_new_tokens, temperature, top_p, seed, stop, kv: sampling and stopping (temperature 0 is
                 greedy; ``kv`` is "copy" or "recompute", what later tokens see at skipped layers).
-            threshold_scale, thresholds, confidence, exit_layers, gate, max_draft, draft_stop, draft_vocab:
-                the exit flags of every verb (:class:`lite.decoding.spec.ExitOptions`).
+            threshold_scale, thresholds, confidence, exit_layers, gate, max_draft, draft_stop, draft_vocab,
+            exit_vocab: the exit flags of every verb (:class:`lite.decoding.spec.ExitOptions`).
             prompt_format: "chat", "alpaca" or "raw" for string prompts (default: the model's own).
             stream: yield tokens as they are produced instead of returning results: a
                 :class:`TokenRecord` per token for one prompt, ``(index, TokenRecord)`` for a list.
@@ -177,6 +177,7 @@ class LiteLM:
         policy = build_policy(lm, ExitOptions(
             exit=exit, threshold_scale=threshold_scale, thresholds=thresholds, confidence=confidence,
             exit_layers=exit_layers, gate=gate, max_draft=max_draft, draft_stop=draft_stop, draft_vocab=draft_vocab,
+            exit_vocab=exit_vocab,
         ))
         settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                       seed=seed, stop=list(stop or []), kv=kv)

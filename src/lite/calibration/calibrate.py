@@ -55,6 +55,9 @@ class CalibrationData:
         agree: (E, N) bool, layer i's argmax equals the final layer's argmax at that token.
         example_index: (N,) int, which collected example each token comes from (0-based).
         states: (E, N, D) float32 normed states ``final_norm(h_k)`` (gate features), or None.
+        exit_vocab: the exit vocabulary the statistics were measured with (the exits read the head over
+            its N most frequent tokens: confidences over them, agreement of their argmax), or None (the full
+            head).
         source: "reference" or "generated".
         examples: examples that contributed tokens.
         skipped: examples that contributed none (prompt too long, empty answer).
@@ -71,6 +74,7 @@ class CalibrationData:
     examples: int = 0
     skipped: int = 0
     seconds: float = 0.0
+    exit_vocab: int | None = None
 
     @property
     def tokens(self) -> int:
@@ -132,9 +136,12 @@ def drop_training_rows(lite_config, examples: list, sources: list[dict[str, Any]
 
 # ---------------------------------------------------------------------------------------- collection
 def _score_sequence(lm: LiteModel, ids: list[int], positions: list[int], layers: list[int],
-                    with_states: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
+                    with_states: bool, check: tuple[torch.Tensor, Callable] | None = None
+                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
     """One teacher-forced pass over ``ids``; statistics at ``positions`` (each predicts the next token).
 
+    ``check``: (ids, head) of an exit vocabulary: the exits' confidences and argmax come from the head over
+    those ids, as the engine's exits read it; the final layer's argmax always from the full head.
     Returns ({measure: (E, P)}, agree (E, P) bool, normed states (E, P, D) or None).
     """
     x = torch.tensor([ids], device=lm.device)
@@ -151,12 +158,12 @@ def _score_sequence(lm: LiteModel, ids: list[int], positions: list[int], layers:
             continue
         raw = h[0, pos]  # (P, D)
         normed = lm.exit_normed(raw, layer)  # through the exit module, when the model has them
-        logits = lm.lm_head(normed)  # (P, V)
+        logits = lm.lm_head(normed) if check is None else check[1](normed)  # (P, V) or (P, N)
         for name, fn in conf_mod.HEAD_FUNCTIONS.items():
             measures[name].append(fn(logits))
         measures["state_cosine"].append(conf_mod.state_cosine(raw, prev))
         prev = raw
-        argmaxes.append(logits.argmax(-1))
+        argmaxes.append(logits.argmax(-1) if check is None else check[0][logits.argmax(-1)])
         if with_states:
             normed_states.append(normed.float())
     final = lm.exit_logits(h[0, pos], lm.num_layers).argmax(-1)  # (P,)
@@ -206,7 +213,7 @@ def _sequences(lm: LiteModel, examples: list, source: str, prompt_format: str, m
 
 
 def collect(lm: LiteModel, examples: list, *, source: str = "reference", with_states: bool = False,
-            max_length: int = 256, max_new_tokens: int = 128, batch_size: int = 8,
+            max_length: int = 256, max_new_tokens: int = 128, batch_size: int = 8, exit_vocab: int | None = None,
             progress: Callable[[int, int], None] | None = None) -> CalibrationData:
     """Run ``lm`` over ``examples`` (:class:`lite.training.data.Example` rows) and record per-token exit statistics.
 
@@ -217,6 +224,8 @@ def collect(lm: LiteModel, examples: list, *, source: str = "reference", with_st
         max_length: sequences (prompt + response) are cut at this many tokens.
         max_new_tokens: answer budget of the ``generated`` source.
         batch_size: examples whose answers are generated together (``generated`` source).
+        exit_vocab: ``--exit-vocab N``: measure the exits as they decode with an exit vocabulary (the head
+            over the N most frequent tokens of ``draft_vocab.json``); None or 0 = the full head.
         progress: called as ``progress(done, total)`` after every example.
     """
     if source not in SOURCES:
@@ -227,6 +236,15 @@ def collect(lm: LiteModel, examples: list, *, source: str = "reference", with_st
         raise LiteError(f"--batch-size must be >= 1, got {batch_size}")
     layers = calibration_layers(lm)
     fmt = default_format(lm)
+    check = None
+    if exit_vocab:
+        from ..decoding.draft_vocab import shortlist_head
+        from ..decoding.policy import shortlist_ids
+
+        if exit_vocab >= lm.vocab_size:
+            exit_vocab = None  # the whole vocabulary: the full head
+        else:
+            check = shortlist_head(lm, shortlist_ids(lm, exit_vocab, "--exit-vocab"))
     start = time.perf_counter()
     conf_parts: dict[str, list[np.ndarray]] = {m: [] for m in conf_mod.MEASURES}
     agree_parts, index_parts, state_parts = [], [], []
@@ -237,7 +255,7 @@ def collect(lm: LiteModel, examples: list, *, source: str = "reference", with_st
             if seq is None:
                 skipped += 1
             else:
-                measures, agree, states = _score_sequence(lm, seq[0], seq[1], layers, with_states)
+                measures, agree, states = _score_sequence(lm, seq[0], seq[1], layers, with_states, check)
                 for m, v in measures.items():
                     conf_parts[m].append(v.cpu().numpy())
                 agree_parts.append(agree.cpu().numpy())
@@ -255,7 +273,7 @@ def collect(lm: LiteModel, examples: list, *, source: str = "reference", with_st
         confidences={m: np.concatenate(v, axis=1).astype(np.float32) for m, v in conf_parts.items()},
         agree=np.concatenate(agree_parts, axis=1), example_index=np.concatenate(index_parts),
         states=np.concatenate(state_parts, axis=1) if with_states else None, source=source,
-        examples=used, skipped=skipped, seconds=time.perf_counter() - start,
+        examples=used, skipped=skipped, seconds=time.perf_counter() - start, exit_vocab=exit_vocab or None,
     )
 
 
@@ -301,6 +319,7 @@ class CalibrationResult:
     collect_seconds: float
     gate: GateFit | None = None
     data: dict[str, Any] = field(default_factory=dict)
+    exit_vocab: int | None = None
 
     def record(self) -> dict[str, Any]:
         """The ``calibration`` entry of ``lite_config.json`` (JSON-safe: NaN becomes null)."""
@@ -322,6 +341,7 @@ class CalibrationResult:
             "marginal_exit_rate": per_layer(s.marginal_exit_rate),
             "marginal_agreement": per_layer(s.marginal_agreement), "final_rate": _json_float(s.final_rate),
             "exited_agreement": _json_float(s.exited_agreement), "collect_seconds": round(self.collect_seconds, 2),
+            "exit_vocab": self.exit_vocab,
         }
         if self.gate is not None:
             g = self.gate
@@ -378,6 +398,7 @@ def select(data: CalibrationData, *, rule: str = "paper", confidence: str = "max
         layers=list(data.layers), thresholds={k: float(v) for k, v in zip(data.layers, values)},
         confidence=confidence, rule=rule, parameters=params, stats=cascade_stats(conf, data.agree, values),
         source=data.source, examples=data.examples, tokens=data.tokens, collect_seconds=data.seconds,
+        exit_vocab=data.exit_vocab,
     )
     if gate:
         result.gate = _fit_gate(data, rule, target, epsilon, delta, gate_hidden, gate_steps, seed, min_tokens)
@@ -422,6 +443,40 @@ def _fit_gate(data: CalibrationData, rule: str, target: float, epsilon: float, d
     )
 
 
+COST_POSITION = 256  # the decode position at which expected_compute prices a step (attention grows with it)
+
+
+def expected_compute(lm: LiteModel, result: CalibrationResult) -> dict[str, float]:
+    """Expected FLOPs of one decode step under each calibrated policy, as a fraction of the full model's step
+    (:mod:`lite.decoding.cost`'s prices at position :data:`COST_POSITION`, ``copy`` K/V fills included), from
+    where its decisions let the calibration tokens leave: ``dynamic`` (the thresholds: a head, or an exit
+    vocabulary's head, at every checked exit) and ``gate`` (its classifier at every checked exit, the head
+    only where a token leaves). Both were chosen by the same rule and target, so the cheaper one is the
+    better policy at the same quality on these tokens."""
+    from ..decoding.cost import ModelShape
+
+    shape = ModelShape.from_config(lm.config)
+    L, block, fill = lm.num_layers, shape.block_flops(COST_POSITION), shape.kv_fill_flops()
+    vocab_head = None if not result.exit_vocab else result.exit_vocab * (2 * shape.hidden + 5)
+    full_step = L * block + shape.head_flops()
+
+    def step(rates: list[float], check: Callable[[int], float], leave: float) -> float:
+        total, checked = 0.0, 0.0
+        for k, rate in zip(result.layers, rates):
+            checked += check(k) + lm.exit_module_flops(k)
+            total += (0.0 if np.isnan(rate) else rate) * (k * block + checked + leave + (L - k) * fill)
+        rest = 1.0 - sum(0.0 if np.isnan(r) else r for r in rates)
+        return (total + rest * (L * block + checked + shape.head_flops())) / full_step
+
+    head_check = vocab_head if vocab_head is not None else shape.head_check_flops()
+    out = {"dynamic": step(list(result.stats.exit_rate), lambda k: head_check, 0.0)}
+    if result.gate is not None:
+        g = result.gate
+        out["gate"] = step(list(g.stats.exit_rate), g.gate.flops,
+                           vocab_head if vocab_head is not None else shape.head_flops())
+    return {k: round(float(v), 4) for k, v in out.items()}
+
+
 def save_calibration(lm: LiteModel, result: CalibrationResult) -> str:
     """Write thresholds, confidence, the calibration record (and the gate file) into ``lm.folder``.
 
@@ -444,13 +499,19 @@ def save_calibration(lm: LiteModel, result: CalibrationResult) -> str:
         gate_file = save_gate(result.gate.gate, lm.folder, GATE_FILE).name
     elif old.gate_file and "gate" in old.calibration:
         record["gate"] = old.calibration["gate"]
+    # what --exit auto (every verb's default) decodes with: of the policies calibrated here, the one whose
+    # decisions cost the least compute per step on the calibration tokens (same rule and target, so the
+    # same quality there); a gate kept from an earlier calibration (another exit vocabulary) is not compared
+    costs = expected_compute(lm, result)
+    record["expected_compute"] = costs
+    default = "gate" if result.gate is not None and costs["gate"] <= costs["dynamic"] else "dynamic"
+    if result.gate is None and gate_file and old.default_exit == "gate" and old.exit_vocab == result.exit_vocab:
+        default = "gate"  # thresholds re-calibrated alone: the gate chosen before stays the default
     # record the prompt format the thresholds were measured with, so every verb then prompts the same way
     cfg = dataclasses.replace(
         old, prompt_format=default_format(lm), thresholds={str(k): float(v) for k, v in result.thresholds.items()},
-        confidence=result.confidence, calibration=record, gate_file=gate_file,
-        # what --exit auto (every verb's default) decodes with: the learned gate, which runs the head only
-        # where it says leave (faster on the wall clock than head-based thresholds), else the thresholds
-        default_exit="gate" if gate_file else "dynamic",
+        confidence=result.confidence, calibration=record, gate_file=gate_file, default_exit=default,
+        exit_vocab=result.exit_vocab,
     )
     path = cfg.save(lm.folder)
     lm.lite_config = cfg

@@ -54,6 +54,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also rank tokens by frequency in the responses of the training sources recorded in "
                         "lite_config.json (else of the calibration rows) into draft_vocab.json, for "
                         "'lite generate --speculative --draft-vocab N'")
+    p.add_argument("--exit-vocab", type=nonnegative_int, default=None, metavar="N",
+                   help="measure (and record) the exits as they decode with an exit vocabulary: every exit below "
+                        "the final layer reads the head over the N most frequent tokens of draft_vocab.json "
+                        "(N/V of the head's cost) and emits only those; 0 = the full head; default: the model's "
+                        "recorded one")
     p.add_argument("--min-tokens", type=positive_int, default=None, metavar="N",
                    help="refuse to choose thresholds on fewer than N tokens per exit, or gate thresholds on fewer "
                         "than N held-out tokens (default 200: an agreement rate known to about +-0.07)")
@@ -156,7 +161,11 @@ def run(args: argparse.Namespace) -> int:
     data_info["rows_used"] = len(examples)
     confidence = args.confidence or lm.lite_config.confidence
     check_options(confidence=confidence)
-    progress(f"collecting {args.source} statistics on {len(examples)} examples")
+    exit_vocab = lm.lite_config.exit_vocab if args.exit_vocab is None else args.exit_vocab
+    if args.draft_vocab and exit_vocab:  # the exit vocabulary is the head of this new ranking
+        print(f"wrote {write_draft_vocab(lm, examples, progress)}")
+    progress(f"collecting {args.source} statistics on {len(examples)} examples"
+             + (f" (exit vocabulary: {exit_vocab} tokens)" if exit_vocab else ""))
     start = time.perf_counter()
     every = max(1, len(examples) // 10)
 
@@ -165,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
             progress(f"{done}/{total} examples, {time.perf_counter() - start:.0f} s")
 
     data = collect(lm, examples, source=args.source, with_states=args.gate, max_length=args.max_length,
-                   batch_size=args.batch_size,
+                   batch_size=args.batch_size, exit_vocab=exit_vocab,
                    max_new_tokens=args.max_new_tokens, progress=tick)
     progress(f"collected {data.tokens} tokens from {data.examples} examples in {time.perf_counter() - start:.1f} s")
     result = select(data, rule=args.rule, confidence=confidence, target=args.target, epsilon=args.epsilon,
@@ -175,8 +184,12 @@ def run(args: argparse.Namespace) -> int:
     result.data = data_info
     path = save_calibration(lm, result)
     _print_table(result)
+    cfg = lm.lite_config
+    costs = ", ".join(f"{k} {v:.2f}" for k, v in cfg.calibration.get("expected_compute", {}).items())
+    print(f"default policy (--exit auto): {cfg.default_exit}; expected compute per step on these tokens, as a "
+          f"fraction of the full model's: {costs}" + (f" (exit vocabulary {cfg.exit_vocab})" if cfg.exit_vocab else ""))
     print(f"wrote {path}")
-    if args.draft_vocab:
+    if args.draft_vocab and not exit_vocab:
         print(f"wrote {write_draft_vocab(lm, examples, progress)}")
     return 0
 

@@ -17,6 +17,7 @@ from .numbers import (
     finite_float,
     nonempty_text,
     nonnegative_float,
+    nonnegative_int,
     number,
     positive_float,
     positive_int,
@@ -46,6 +47,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-vocab", type=positive_int, default=None, metavar="N",
                    help="speculative: drafts use the head over the N most frequent tokens (draft_vocab.json, "
                         "made by 'lite calibrate --draft-vocab'); the output does not change")
+    p.add_argument("--exit-vocab", type=nonnegative_int, default=None, metavar="N",
+                   help="dynamic, gate and speculative: exits below the final layer read the head over the N most "
+                        "frequent tokens and emit only those (draft_vocab.json); 0 = the full head; default: what "
+                        "'lite calibrate --exit-vocab' recorded")
     p.add_argument("--kv", default="copy", choices=("copy", "recompute"),
                    help="what later tokens see at skipped layers (default copy)")
     p.add_argument("--max-new-tokens", type=positive_int, default=128, help="tokens to generate at most")
@@ -82,7 +87,7 @@ def build_policy(args: argparse.Namespace, lm):
     return build_policy(lm, ExitOptions(
         exit=exit_spec, threshold_scale=args.threshold_scale, thresholds=args.thresholds,
         confidence=args.confidence, exit_layers=args.exit_layers, gate=args.gate, max_draft=args.max_draft,
-        draft_stop=args.draft_stop, draft_vocab=args.draft_vocab,
+        draft_stop=args.draft_stop, draft_vocab=args.draft_vocab, exit_vocab=args.exit_vocab,
     ))
 
 

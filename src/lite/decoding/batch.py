@@ -39,6 +39,7 @@ from ..errors import LiteError
 from ..model.adapter import LiteModel
 from . import confidence as conf_mod
 from .cost import ModelShape, TokenCost, sequence_cost
+from .draft_vocab import shortlist_head, widen
 from .engine import GenerationResult, GenerationSettings, TokenRecord, check_settings
 from .policy import ExitPolicy, resolve_policy
 from .sampling import TextStream, eos_ids, pick_token
@@ -111,6 +112,8 @@ class BatchDecoder:
         self.regroup = regroup
         self.lm = lm
         self.plan = resolve_policy(lm, policy)
+        # an exit vocabulary: the exits below L read the head over these ids only (see Decoder._exit_head)
+        self.check_ids, self.check_head = shortlist_head(lm, self.plan.check_ids)
         self.kv = kv
         self.eos = eos_ids(lm.tokenizer, getattr(lm.model, "generation_config", None))
         self.cache = lm.new_batch_cache(0, 0)
@@ -265,10 +268,15 @@ class BatchDecoder:
         threshold = plan.checks[layer]
         head_fn = conf_mod.HEAD_FUNCTIONS.get(plan.confidence)
         if head_fn is not None:
-            logits = lm.head_logits(lm.exit_normed(h[:, -1], layer))  # (b, V)
+            normed = lm.exit_normed(h[:, -1], layer)
+            # (b, V), or (b, N) over an exit vocabulary (its reduction is charged with its rows)
+            logits = lm.head_logits(normed) if self.check_head is None else self.check_head(normed)
             for tc in tcs:
-                tc.head_evals += 1
-                tc.head_checks += 1
+                if self.check_head is None:
+                    tc.head_evals += 1
+                    tc.head_checks += 1
+                else:
+                    tc.draft_head_rows += len(self.check_ids)
                 tc.exit_module_flops += lm.exit_module_flops(layer)
             values = head_fn(logits).tolist()  # the exit decisions
             return [v >= threshold for v in values], logits, values, prev, None
@@ -325,7 +333,7 @@ class BatchDecoder:
                     i = inside[j]
                     exit_layer[i], conf[i], exit_state[i] = layer, values[j], h_in[j:j + 1]
                     if logits is not None:
-                        out_logits[i], has_logits[i] = logits[j], True
+                        out_logits[i], has_logits[i] = self._widen(logits[j]), True
                     elif normed is not None:
                         exit_normed[i] = normed[j]
                     if ride:
@@ -352,8 +360,22 @@ class BatchDecoder:
                     for i, row in zip(group, normed_k):
                         exit_normed[i] = row
                         tcs[i].exit_module_flops += lm.exit_module_flops(k)
-            out_logits[missing] = lm.head_logits(torch.stack([exit_normed[i] for i in missing]))
-            for i in missing:
+            # with an exit vocabulary, the rows that left below L read its head (and record their
+            # confidence over it); the rows at L (or static:K) the full head
+            short = [i for i in missing if self.check_head is not None and exit_layer[i] < L]
+            full = [i for i in missing if i not in set(short)]
+            if short:
+                sub = self.check_head(torch.stack([exit_normed[i] for i in short]))  # (s, N)
+                head_fn = conf_mod.HEAD_FUNCTIONS.get(plan.confidence) or conf_mod.max_prob
+                values = head_fn(sub).tolist() if plan.confidence != "state_cosine" else [None] * len(short)
+                for j, i in enumerate(short):
+                    out_logits[i] = self._widen(sub[j])
+                    tcs[i].draft_head_rows += len(self.check_ids)
+                    if conf[i] is None and values[j] is not None:
+                        conf[i] = values[j]
+            if full:
+                out_logits[full] = lm.head_logits(torch.stack([exit_normed[i] for i in full]))
+            for i in full:
                 tcs[i].head_evals += 1
         if plan.kind != "none":
             self._record_confidence(conf, out_logits, exit_layer, tcs, inside, h, prev, ride)
@@ -372,6 +394,10 @@ class BatchDecoder:
                 if exit_layer[i] < L:
                     self.states[rows[i], positions[i]] = exit_state[i][0, -1]
         return out_logits, exit_layer, conf, tcs
+
+    def _widen(self, logits: torch.Tensor) -> torch.Tensor:
+        """Exit-vocabulary logits (..., N) as (..., V), -inf outside it; full-head logits pass through."""
+        return widen(logits, self.check_ids, self.lm.vocab_size)
 
     def _record_confidence(self, conf: list[float | None], logits: torch.Tensor, exit_layer: list[int],
                            tcs: list[TokenCost], inside: list[int], h: torch.Tensor, prev: torch.Tensor,

@@ -21,6 +21,8 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
+
 from ..errors import LiteError
 from ..files import write_atomic
 
@@ -62,16 +64,16 @@ def load_ranking(folder: str | Path | None) -> list[int] | None:
 
 
 def shortlist(ranking: list[int] | None, size: int, vocab: int, always: Iterable[int] = (),
-              where: str | None = None) -> list[int]:
+              where: str | None = None, flag: str = "--draft-vocab") -> list[int]:
     """The draft vocabulary: the first ``size`` ids of ``ranking`` plus the ``always`` ids (end of
     sequence), sorted. Fewer than ``size`` ids were ranked: the rest are the lowest unranked ids (BPE
     tokenizers number frequent merges first)."""
     if ranking is None:
-        raise LiteError(f"--draft-vocab needs the token ranking of {where or 'this model'} (draft_vocab.json); "
+        raise LiteError(f"{flag} needs the token ranking of {where or 'this model'} (draft_vocab.json); "
                         f"create it with 'lite calibrate --model {where or 'MODEL'} --draft-vocab', or drop "
-                        f"--draft-vocab")
+                        f"{flag}")
     if not isinstance(size, int) or not 1 <= size <= vocab:
-        raise LiteError(f"--draft-vocab must be an integer in 1..{vocab} (the vocabulary size), got {size!r}")
+        raise LiteError(f"{flag} must be an integer in 1..{vocab} (the vocabulary size), got {size!r}")
     ids = [t for t in ranking if 0 <= t < vocab][:size]
     chosen = set(ids)
     filler = (t for t in range(vocab) if t not in chosen)
@@ -80,3 +82,20 @@ def shortlist(ranking: list[int] | None, size: int, vocab: int, always: Iterable
         ids.append(t)
         chosen.add(t)
     return sorted(chosen | {int(t) for t in always if 0 <= int(t) < vocab})
+
+
+def shortlist_head(lm, ids: list[int] | None) -> tuple[torch.Tensor | None, object | None]:
+    """(the ids as a tensor on the model's device, the head restricted to them: normed (..., D) -> logits
+    (..., N)), or (None, None) for the full head."""
+    if ids is None:
+        return None, None
+    return torch.tensor(ids, dtype=torch.long, device=lm.device), lm.subset_head(ids)
+
+
+def widen(logits: torch.Tensor, ids: torch.Tensor | None, vocab: int) -> torch.Tensor:
+    """Shortlist logits (..., N) over ``ids`` as (..., vocab), -inf outside the shortlist (so that a token
+    picked from them is one of the N); full-vocabulary logits pass through."""
+    if ids is None or logits.shape[-1] == vocab:
+        return logits
+    full = logits.new_full((*logits.shape[:-1], vocab), float("-inf"))
+    return full.index_copy_(-1, ids, logits)

@@ -43,6 +43,7 @@ from ..errors import LiteError
 from ..model.adapter import LiteModel
 from . import confidence as conf_mod
 from .cost import ModelShape, SequenceCost, TokenCost, sequence_cost
+from .draft_vocab import shortlist_head, widen
 from .policy import ExitPolicy, resolve_policy
 from .sampling import TextStream, eos_ids, pick_token
 
@@ -150,6 +151,9 @@ class Decoder:
         self.finish_reason = "length"
         self.seconds = 0.0
         self.after_step: Callable[[Decoder], None] | None = None
+        # an exit vocabulary (dynamic): the exits below L read the head over these ids only
+        self.check_ids, self.check_head = shortlist_head(lm, self.plan.check_ids if self.plan.kind == "dynamic"
+                                                         else None)
 
     # ------------------------------------------------------------------ per block / per step
     def _block(self, layer: int, h: torch.Tensor, pos: int, tc: TokenCost) -> torch.Tensor:
@@ -168,12 +172,22 @@ class Decoder:
         return out[:, -1:]
 
     def _exit_head(self, normed: torch.Tensor, tc: TokenCost, check: bool) -> torch.Tensor:
-        """Logits of a token leaving (or checked) at an exit, from its normed state (..., D): the full head,
-        counted in ``tc`` (``check``: a confidence reduction over V follows). The speculative decoder
-        overrides this with its shortlist draft head."""
+        """Logits of a token leaving (or checked) at an exit below L, from its normed state (..., D): the
+        full head, counted in ``tc`` (``check``: a confidence reduction over V follows), or with an exit
+        vocabulary the head over its N ids, logits (..., N) (counted as ``draft_head_rows``, reduction
+        included; :meth:`_widen` makes them (..., V)). The speculative decoder overrides this with its
+        draft head."""
+        if self.check_head is not None:
+            tc.draft_head_rows += len(self.check_ids)
+            return self.check_head(normed)
         tc.head_evals += 1
         tc.head_checks += int(check)
         return self.lm.head_logits(normed)
+
+    def _widen(self, logits: torch.Tensor) -> torch.Tensor:
+        """Exit-vocabulary logits (..., N) as (..., V), -inf outside it (a token that leaves is one of
+        the N); full-head logits pass through."""
+        return widen(logits, self.check_ids, self.lm.vocab_size)
 
     def _check(self, layer: int, h: torch.Tensor, tc: TokenCost, prev_state: torch.Tensor
                ) -> tuple[torch.Tensor | None, float | None, bool, torch.Tensor]:
@@ -229,6 +243,9 @@ class Decoder:
             if leave:
                 logits, conf, exit_layer = candidate, value, layer
                 break
+        if logits is None and exit_layer < L and self.check_head is not None:  # state_cosine exits
+            logits = self._exit_head(lm.exit_normed(h[:, -1], exit_layer), tc, check=False)
+            tc.exit_module_flops += lm.exit_module_flops(exit_layer)
         if logits is None:
             logits = lm.exit_logits(h[:, -1], exit_layer)
             tc.head_evals += 1
@@ -239,7 +256,9 @@ class Decoder:
                 tc.cosine_checks += 1
             elif measure != "state_cosine":
                 conf = float((head_fn or conf_mod.max_prob)(logits))
-                tc.head_checks += 1
+                # over an exit vocabulary the reduction is charged with its rows (draft_head_rows)
+                tc.head_checks += int(logits.shape[-1] == lm.vocab_size)
+        logits = self._widen(logits)
         tc.exit_layer = exit_layer
         if exit_layer < L:
             if self.settings.kv == "copy":

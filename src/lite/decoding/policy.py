@@ -62,7 +62,11 @@ class ExitPolicy:
             (0 = never; saves head evaluations on hopeless tokens).
         draft_vocab: ``speculative`` only (``--draft-vocab N``): drafts use the head restricted to the N
             most frequent tokens of the model's ``draft_vocab.json`` (:mod:`lite.decoding.draft_vocab`); None = the
-            full head. The verify pass always uses the full head, so the output does not change.
+            exit vocabulary (below). The verify pass always uses the full head, so the output does not change.
+        exit_vocab: ``dynamic`` and ``speculative`` (``--exit-vocab N``): every exit below L reads the head
+            restricted to the N most frequent tokens (its confidence is measured over them, and a token that
+            leaves there is one of them); the final layer reads the full head. None = what calibration
+            recorded (``lite_config.json``'s ``exit_vocab``, for its own thresholds and gate), 0 = the full head.
     """
 
     kind: str = "none"
@@ -75,6 +79,7 @@ class ExitPolicy:
     max_draft_tokens: int = 4
     draft_stop_confidence: float = 0.0
     draft_vocab: int | None = None
+    exit_vocab: int | None = None
 
 
 def parse_exit(text: str, num_layers: int) -> ExitPolicy:
@@ -142,7 +147,10 @@ class ResolvedPolicy:
             the layers it is asked at, with threshold NaN).
         confidence: the measure used for checks and recorded confidences.
         gate: the learned gate, or None.
-        draft_ids: speculative with ``draft_vocab``: the sorted token ids of the draft head, else None.
+        draft_ids: speculative with ``draft_vocab`` or an exit vocabulary: the sorted token ids of the draft
+            head, else None.
+        check_ids: dynamic with an exit vocabulary: the sorted token ids of the head every exit below L
+            reads, else None (the full head).
     """
 
     kind: str
@@ -151,6 +159,17 @@ class ResolvedPolicy:
     confidence: str
     gate: ExitGate | None = None
     draft_ids: list[int] | None = None
+    check_ids: list[int] | None = None
+
+
+def shortlist_ids(lm: LiteModel, size: int, flag: str) -> list[int]:
+    """The first ``size`` ids of the model's ``draft_vocab.json`` ranking, plus its special tokens."""
+    from .draft_vocab import load_ranking, shortlist
+    from .sampling import eos_ids
+
+    always = set(eos_ids(lm.tokenizer, getattr(lm.model, "generation_config", None)))
+    always |= set(getattr(lm.tokenizer, "all_special_ids", []) or [])
+    return shortlist(load_ranking(lm.folder), size, lm.vocab_size, always, where=lm.folder, flag=flag)
 
 
 def resolve_policy(lm: LiteModel, policy: ExitPolicy) -> ResolvedPolicy:
@@ -161,18 +180,14 @@ def resolve_policy(lm: LiteModel, policy: ExitPolicy) -> ResolvedPolicy:
     if policy.kind == "speculative":  # drafts exit exactly as dynamic tokens do
         check_draft_settings(policy)
         plan = resolve_policy(lm, replace(policy, kind="dynamic", draft_vocab=None))
-        draft_ids = None
+        draft_ids = plan.check_ids  # drafts leave where dynamic tokens would, over the same vocabulary
         if policy.draft_vocab is not None:
-            from .draft_vocab import load_ranking, shortlist
-            from .sampling import eos_ids
-
-            always = set(eos_ids(lm.tokenizer, getattr(lm.model, "generation_config", None)))
-            always |= set(getattr(lm.tokenizer, "all_special_ids", []) or [])
-            draft_ids = shortlist(load_ranking(lm.folder), policy.draft_vocab, lm.vocab_size, always,
-                                  where=lm.folder)
-        return replace(plan, kind="speculative", draft_ids=draft_ids)
+            draft_ids = shortlist_ids(lm, policy.draft_vocab, "--draft-vocab")
+        return replace(plan, kind="speculative", draft_ids=draft_ids, check_ids=None)
     if policy.draft_vocab is not None:
         raise LiteError(f"--draft-vocab applies to --speculative (the draft head), not --exit {policy.kind}")
+    if policy.exit_vocab is not None and policy.kind != "dynamic":
+        raise LiteError(f"--exit-vocab applies to --exit dynamic, gate and speculative, not --exit {policy.kind}")
     if policy.kind == "none":
         return ResolvedPolicy("none", L, {}, policy.confidence)
     if policy.kind == "static":
@@ -186,7 +201,8 @@ def resolve_policy(lm: LiteModel, policy: ExitPolicy) -> ResolvedPolicy:
     if policy.gate is not None:
         if not isinstance(policy.gate, ExitGate):
             raise LiteError("ExitPolicy.gate must have should_exit(layer, normed_state) and flops(layer)")
-        return ResolvedPolicy("dynamic", L, {k: float("nan") for k in below}, "max_prob", policy.gate)
+        return ResolvedPolicy("dynamic", L, {k: float("nan") for k in below}, "max_prob", policy.gate,
+                              check_ids=_check_ids(lm, policy.exit_vocab))
     thresholds, measure = dict(policy.thresholds), policy.confidence
     if thresholds:  # given by the caller: finite, and only for the exits this policy checks
         bad = {k: v for k, v in thresholds.items() if not math.isfinite(v)}
@@ -216,4 +232,19 @@ def resolve_policy(lm: LiteModel, policy: ExitPolicy) -> ResolvedPolicy:
     if not (policy.threshold_scale > 0 and math.isfinite(policy.threshold_scale)):
         raise LiteError(f"--threshold-scale must be a finite number > 0, got {policy.threshold_scale}")
     checks = {k: thresholds[k] * policy.threshold_scale for k in below}
-    return ResolvedPolicy("dynamic", L, checks, measure)
+    # the recorded exit vocabulary belongs to the recorded thresholds: thresholds given here read the full
+    # head unless an exit vocabulary is given with them
+    vocab = policy.exit_vocab if policy.exit_vocab is not None or not policy.thresholds else 0
+    return ResolvedPolicy("dynamic", L, checks, measure, check_ids=_check_ids(lm, vocab))
+
+
+def _check_ids(lm: LiteModel, exit_vocab: int | None) -> list[int] | None:
+    """The exit vocabulary of a dynamic policy: ``exit_vocab`` (0 = the full head), or None = the one the
+    model's calibration recorded (``lite_config.json``'s ``exit_vocab``)."""
+    if exit_vocab is None:
+        exit_vocab = lm.lite_config.exit_vocab
+    if exit_vocab is not None and (not isinstance(exit_vocab, int) or isinstance(exit_vocab, bool) or exit_vocab < 0):
+        raise LiteError(f"--exit-vocab must be an integer >= 0 (0 = the full head), got {exit_vocab!r}")
+    if not exit_vocab or exit_vocab >= lm.vocab_size:
+        return None
+    return shortlist_ids(lm, exit_vocab, "--exit-vocab")

@@ -10,7 +10,7 @@ server, the evaluator or the CLI.
 
 :class:`ExitOptions` are the exit flags, spelled the same on every verb (``--exit``, ``--thresholds``,
 ``--threshold-scale``, ``--confidence``, ``--exit-layers``, ``--gate``, ``--max-draft``, ``--draft-stop``,
-``--draft-vocab``); :func:`build_policy` turns them into an :class:`ExitPolicy` checked against the model
+``--draft-vocab``, ``--exit-vocab``); :func:`build_policy` turns them into an :class:`ExitPolicy` checked against the model
 (:func:`lite.decoding.policy.resolve_policy`), so a bad combination is refused, naming the flag, before
 anything is decoded. :func:`parse_exit` is the text-only form the server and the demo use.
 
@@ -166,6 +166,8 @@ class ExitOptions:
         gate: ``--gate``: the learned exit gate decides (dynamic exit, or speculative drafts).
         max_draft, draft_stop, draft_vocab: speculative only (``--max-draft``, ``--draft-stop``,
             ``--draft-vocab``), see :class:`ExitPolicy`.
+        exit_vocab: ``--exit-vocab N``: dynamic, gate and speculative exits below L read the head over the N
+            most frequent tokens (0 = the full head); None = what calibration recorded, see :class:`ExitPolicy`.
     """
 
     exit: str | None = None
@@ -177,6 +179,7 @@ class ExitOptions:
     max_draft: int | None = None
     draft_stop: float | None = None
     draft_vocab: int | None = None
+    exit_vocab: int | None = None
 
 
 def _exit_layers(lm: LiteModel, value: str | list[int]) -> list[int]:
@@ -218,8 +221,9 @@ def build_policy(lm: LiteModel, options: ExitOptions | None = None) -> ExitPolic
         policy.draft_vocab = o.draft_vocab
     elif o.max_draft is not None or o.draft_stop is not None or o.draft_vocab is not None:
         raise LiteError(f"--max-draft/--draft-stop/--draft-vocab apply to --speculative, not --exit {spec}")
-    if (o.gate or o.thresholds or o.confidence) and policy.kind not in THRESHOLD_KINDS:
-        raise LiteError(f"--gate/--thresholds/--confidence apply to --exit dynamic, not --exit {spec}")
+    if (o.gate or o.thresholds or o.confidence or o.exit_vocab is not None) and policy.kind not in THRESHOLD_KINDS:
+        raise LiteError(f"--gate/--thresholds/--confidence/--exit-vocab apply to --exit dynamic, not --exit {spec}")
+    policy.exit_vocab = o.exit_vocab
     if o.exit_layers:
         policy.exit_layers = _exit_layers(lm, o.exit_layers)
     if o.thresholds:

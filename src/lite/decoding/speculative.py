@@ -53,6 +53,7 @@ import torch
 
 from ..model.adapter import LiteModel
 from .cost import TokenCost
+from .draft_vocab import shortlist_head
 from .engine import Decoder, ExitPolicy, GenerationSettings, TokenRecord
 
 
@@ -162,9 +163,7 @@ class SpeculativeDecoder(Decoder):
         self.stop_confidence = float(policy.draft_stop_confidence)
         self.rounds: list[tuple[int, int]] = []  # (drafted, accepted) per round
         # --draft-vocab: drafts propose from a shortlist head (the verify head stays full)
-        ids = self.plan.draft_ids
-        self.draft_ids = None if ids is None else torch.tensor(ids, dtype=torch.long, device=lm.device)
-        self.draft_head = None if ids is None else lm.subset_head(ids)
+        self.draft_ids, self.draft_head = shortlist_head(lm, self.plan.draft_ids)
 
     # ------------------------------------------------------------------ one step of a round
     def _draft_step(self, token: torch.Tensor, pos: int, tc: TokenCost, may_draft: bool

@@ -106,7 +106,7 @@ _FIELD_TYPES: dict[str, tuple[type | None, ...]] = {
     "prompt_format": (str,), "base_model": (str, None), "adapter": (bool,), "training": (dict,),
     "data": (dict,), "thresholds": (dict,), "confidence": (str,), "calibration": (dict,),
     "gate_file": (str, None), "exit_modules": (str, None), "provenance": (dict,), "lite_version": (str,),
-    "default_exit": (str, None),
+    "default_exit": (str, None), "exit_vocab": (int, None),
 }
 _JSON_NAMES = {int: "an integer", list: "a list", str: "a string", bool: "true or false", dict: "an object",
                None: "null"}
@@ -200,6 +200,10 @@ class LiteConfig:
         default_exit: the exit policy every verb uses for this model unless told otherwise (``--exit auto``,
             the default): the best policy calibration found ("gate" when it trained a gate, else
             "dynamic"), recorded by ``lite calibrate``; None = decided from what the folder holds.
+        exit_vocab: the exit vocabulary the calibration was measured with (``lite calibrate --exit-vocab N``):
+            a dynamic exit below L (thresholds or gate) reads the head restricted to the N most frequent
+            tokens of ``draft_vocab.json`` (:mod:`lite.decoding.draft_vocab`) and can emit only those; the
+            final layer always reads the full head. None = the full head everywhere.
     """
 
     num_layers: int
@@ -219,6 +223,7 @@ class LiteConfig:
     provenance: dict[str, Any] = field(default_factory=dict)
     lite_version: str = "0.1.0"
     default_exit: str | None = None
+    exit_vocab: int | None = None
 
     def __post_init__(self) -> None:
         validate_exit_layers(self.exit_layers, self.num_layers)
@@ -228,6 +233,9 @@ class LiteConfig:
             )
         if self.prompt_format not in PROMPT_FORMATS:
             raise LiteConfigError(f"--prompt-format must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}")
+        if self.exit_vocab is not None and self.exit_vocab < 1:
+            raise LiteConfigError(f"exit_vocab must be a token count >= 1 (or null for the full head), got "
+                                  f"{self.exit_vocab}")
 
     @classmethod
     def default_for(cls, num_layers: int, **kwargs: Any) -> LiteConfig:
