@@ -74,7 +74,11 @@ def test_shipped_adapter_is_complete_when_present():
     assert cfg.adapter or (cfg.exit_modules and (folder / "exit_modules.safetensors").is_file())
     assert not list(folder.glob("model*.safetensors"))
     assert all(cfg.threshold_for(k) is not None for k in cfg.exit_layers if k < cfg.num_layers)
-    assert cfg.gate_file and (folder / cfg.gate_file).is_file() and cfg.default_exit == "gate"
+    assert cfg.gate_file and (folder / cfg.gate_file).is_file()
+    costs = cfg.calibration["expected_compute"]  # --exit auto: the calibrated policy that costs the least
+    assert cfg.default_exit == min(costs, key=lambda k: (costs[k], k != "gate"))
+    if cfg.exit_vocab:
+        assert (folder / "draft_vocab.json").is_file() and cfg.calibration["exit_vocab"] == cfg.exit_vocab
     assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) <= 16 * 2**20
 
 

@@ -128,6 +128,15 @@ def model_card(folder: str | Path, base_id: str | None = None, name: str | None 
         lines.append("- Not calibrated yet: `lite calibrate --model <this folder>` sets exit thresholds.")
     if cfg.gate_file:
         lines.append(f"- Learned exit gate: `{cfg.gate_file}` (`--exit gate`).")
+    if cfg.exit_vocab:
+        lines.append(f"- Exit vocabulary: exits below layer {cfg.num_layers} read the head over the {cfg.exit_vocab} most "
+                     f"frequent tokens of `draft_vocab.json` (`--exit-vocab`).")
+    if cfg.default_exit:
+        costs = (cfg.calibration or {}).get("expected_compute") or {}
+        priced = ", ".join(f"{k} {float(v):.2f}" for k, v in costs.items())
+        lines.append(f"- Default exit policy (`--exit auto`): {cfg.default_exit}"
+                     + (f"; expected compute per step on the calibration tokens, against the full model's: {priced}"
+                        if priced else "") + ".")
     if t:
         lines += ["", "## Recipe", ""]
         keys = ("steps", "max_steps", "epochs", "lr", "lr_schedule", "batch_size", "grad_accum", "world_size",
