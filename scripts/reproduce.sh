@@ -7,7 +7,8 @@
 #             self-distillation on the model's own answers; scripts/ablation.sh chose it)
 # baseline and LITE use scripts/ablation.sh's paper-lora flags and its step count (STEPS, 619 = 40 minutes on a
 # 2-core CPU); LITE_RUN= points at a finished LITE run to reuse (e.g. the ablation's paper-lora, the same
-# recipe). LITE is calibrated on its held-out rows as the winner was (thresholds at 90% agreement + gate).
+# recipe). LITE is calibrated on its held-out rows as the winner was (thresholds at 90% agreement + gate, the
+# 4096-token exit vocabulary), so both decode the same way and differ only in training.
 # Every model is evaluated on the first $LIMIT prompts of each of the paper's four test sets (never trained
 # on), greedy, float32, $MAX_NEW new tokens, batch 8: max-prob thresholds at three scales with static exit at
 # every exit layer, and the learned gate; the agreement benchmark scores every exit on the held-out rows.
@@ -37,8 +38,9 @@ TRAIN=(--model smollm2-135m-instruct --data "$DATA/alpaca_libre_v1.jsonl" "$DATA
        --max-steps "$STEPS" --save-steps 20 --logging-steps 10 --no-progress-bar)
 [ -d "$BASELINE_RUN" ] || "$LITE" train "${TRAIN[@]}" --baseline --out "$BASELINE_RUN"
 [ -d "$LITE_RUN" ] || "$LITE" train "${TRAIN[@]}" --out "$LITE_RUN"
-grep -q '"gate_file"' "$LITE_RUN/lite_config.json" ||
-    "$LITE" calibrate --model "$LITE_RUN" --rule agreement --target 0.9 --source generated --max-examples 100 --gate
+grep -q '"exit_vocab": 4096' "$LITE_RUN/lite_config.json" ||
+    "$LITE" calibrate --model "$LITE_RUN" --rule agreement --target 0.9 --source generated --max-examples 100 --gate \
+        --draft-vocab --exit-vocab 4096
 
 SETS=(--testset vicuna="$TESTS/vicuna.jsonl" --testset koala="$TESTS/koala.jsonl"
       --testset wizardlm="$TESTS/wizardlm.jsonl" --testset self_instruct="$TESTS/self_instruct.jsonl")
