@@ -175,6 +175,16 @@ def test_calibrate_records_the_exit_vocabulary_and_decoding_uses_it(tiny_model_d
     assert resolve_policy(lm, ExitPolicy("speculative")).draft_ids == want  # drafts exit the same way
     assert resolve_policy(lm, ExitPolicy("dynamic", thresholds=FORCED)).check_ids is None  # thresholds of your own
     assert resolve_policy(lm, ExitPolicy("dynamic", exit_vocab=0)).check_ids is None
+    # the demo's lossless row drafts as the default policy decides, over the exit vocabulary
+    from lite.demo import lossless_policy
+
+    for default in ("gate", "dynamic"):
+        cfg.default_exit = default
+        cfg.save(model)
+        lm = load_model(model, device="cpu")
+        policy, what = lossless_policy(lm)
+        assert (policy.gate is not None) is (default == "gate") and policy.draft_vocab is None
+        assert resolve_policy(lm, policy).draft_ids == want and "over 24 tokens" in what
     # re-calibrating without the flag keeps the recorded vocabulary; --exit-vocab 0 goes back to the full head
     assert main(["calibrate", "--model", str(model), "--data", str(data), "--rule", "agreement", "--target", "0.5",
                  "--min-tokens", "1"]) == 0

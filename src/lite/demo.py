@@ -115,20 +115,24 @@ LOSSLESS_DRAFT_VOCAB = 8192
 
 def lossless_policy(lm):
     """Self-speculative decoding for the demo's lossless row, and its description; (None, reason) when the
-    model has neither a gate nor calibrated thresholds to draft with. Drafts leave where the learned gate
-    says (else by the calibrated thresholds) and use the shortlist head when ``draft_vocab.json`` exists."""
+    model has neither a gate nor calibrated thresholds to draft with. Drafts leave as the model's default
+    policy decides (the learned gate, or the calibrated thresholds), over the calibrated exit vocabulary,
+    else over a shortlist head when ``draft_vocab.json`` exists."""
     from .decoding import ExitPolicy
     from .decoding.draft_vocab import load_ranking
     from .decoding.gate import load_gate
-    from .decoding.spec import is_calibrated
+    from .decoding.spec import default_exit, is_calibrated
 
     gate = load_gate(lm)
     if gate is None and not is_calibrated(lm):
         return None, "not calibrated"
-    vocab = min(LOSSLESS_DRAFT_VOCAB, lm.vocab_size) if load_ranking(lm.folder) else None
+    if gate is not None and is_calibrated(lm) and default_exit(lm) != "gate":
+        gate = None  # the thresholds are the default policy: they draft
+    exit_vocab = lm.lite_config.exit_vocab
+    vocab = None if exit_vocab else (min(LOSSLESS_DRAFT_VOCAB, lm.vocab_size) if load_ranking(lm.folder) else None)
     policy = ExitPolicy("speculative", gate=gate, max_draft_tokens=LOSSLESS_MAX_DRAFT, draft_vocab=vocab)
     what = f"self-speculative, drafts by the {'learned gate' if gate else 'calibrated thresholds'}, " \
-           f"up to {LOSSLESS_MAX_DRAFT} per round, draft head over {vocab or 'all'} tokens"
+           f"up to {LOSSLESS_MAX_DRAFT} per round, draft head over {exit_vocab or vocab or 'all'} tokens"
     return policy, what
 
 
