@@ -75,8 +75,12 @@ def test_shipped_adapter_is_complete_when_present():
     assert not list(folder.glob("model*.safetensors"))
     assert all(cfg.threshold_for(k) is not None for k in cfg.exit_layers if k < cfg.num_layers)
     assert cfg.gate_file and (folder / cfg.gate_file).is_file()
-    costs = cfg.calibration["expected_compute"]  # --exit auto: the calibrated policy that costs the least
-    assert cfg.default_exit == min(costs, key=lambda k: (costs[k], k != "gate"))
+    # --exit auto: the cheapest calibrated policy whose tokens agree with the final layer at the bar
+    costs, agree = cfg.calibration["expected_compute"], cfg.calibration["expected_agreement"]
+    bar = cfg.calibration["parameters"]["target"]
+    meeting = [k for k in costs if agree[k] >= bar]
+    assert cfg.default_exit == (min(meeting, key=lambda k: (costs[k], k != "gate")) if meeting
+                                else max(agree, key=agree.get))
     if cfg.exit_vocab:
         assert (folder / "draft_vocab.json").is_file() and cfg.calibration["exit_vocab"] == cfg.exit_vocab
     assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) <= 16 * 2**20

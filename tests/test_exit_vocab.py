@@ -167,8 +167,10 @@ def test_calibrate_records_the_exit_vocabulary_and_decoding_uses_it(tiny_model_d
     assert "default policy (--exit auto)" in out and "exit vocabulary 24" in out
     cfg = LiteConfig.load(model)
     assert cfg.exit_vocab == 24 and cfg.calibration["exit_vocab"] == 24
-    costs = cfg.calibration["expected_compute"]
-    assert cfg.default_exit == ("gate" if costs["gate"] <= costs["dynamic"] else "dynamic")
+    costs, agree = cfg.calibration["expected_compute"], cfg.calibration["expected_agreement"]
+    meeting = [k for k in ("gate", "dynamic") if agree[k] >= 0.5]
+    want_default = (min(meeting, key=lambda k: (costs[k], k != "gate")) if meeting else max(agree, key=agree.get))
+    assert cfg.default_exit == want_default
     lm = load_model(model, device="cpu")
     want = shortlist_ids(lm, 24, "--exit-vocab")
     assert resolve_policy(lm, ExitPolicy("dynamic")).check_ids == want  # the calibrated thresholds
@@ -225,3 +227,34 @@ def test_expected_compute_prices_every_token_where_it_leaves(tiny_model_dir):
                 total += k * block + (leave + 1) * check + (L - k) * fill
         want = total / N / (L * block + shape.head_flops())
         assert expected_compute(lm, result)["dynamic"] == pytest.approx(want, abs=1e-3)
+
+
+def _stats(exit_rate, exit_agreement):
+    from lite.calibration.thresholds import LayerStats
+
+    e = len(exit_rate)
+    return LayerStats(agreement=[0.5] * e, marginal_exit_rate=list(exit_rate), marginal_agreement=list(exit_agreement),
+                      exit_rate=list(exit_rate), exit_agreement=list(exit_agreement), final_rate=1 - sum(exit_rate),
+                      exited_agreement=float("nan"), exit_count=[0] * e)
+
+
+@pytest.mark.parametrize("rule, parameters, dynamic, gate, costs, want", [
+    # thresholds cheaper but their tokens agree at 0.6*0.8 + 0.4 = 0.88 < 0.9; the gate's at 0.3*0.9 + 0.7 = 0.97
+    ("agreement", {"target": 0.9}, ([0.6], [0.8]), ([0.3], [0.9]), {"dynamic": 0.7, "gate": 0.8}, "gate"),
+    # both reach the bar: the cheaper
+    ("agreement", {"target": 0.85}, ([0.6], [0.8]), ([0.3], [0.9]), {"dynamic": 0.7, "gate": 0.8}, "dynamic"),
+    # neither reaches it: the one that agrees most
+    ("agreement", {"target": 0.99}, ([0.6], [0.8]), ([0.3], [0.9]), {"dynamic": 0.7, "gate": 0.8}, "gate"),
+    ("ltt", {"epsilon": 0.15, "delta": 0.1}, ([0.6], [0.8]), ([0.3], [0.9]), {"dynamic": 0.7, "gate": 0.8}, "dynamic"),
+    ("paper", {}, ([0.6], [0.8]), ([0.3], [0.9]), {"dynamic": 0.9, "gate": 0.8}, "gate"),
+])
+def test_the_default_policy_is_the_cheapest_that_agrees_enough(rule, parameters, dynamic, gate, costs, want):
+    from types import SimpleNamespace
+
+    from lite.calibration.calibrate import choose_default
+
+    result = SimpleNamespace(stats=_stats(*dynamic), gate=SimpleNamespace(stats=_stats(*gate)), rule=rule,
+                             parameters=parameters)
+    best, agreement, _ = choose_default(result, costs)
+    assert best == want
+    assert agreement["dynamic"] == pytest.approx(dynamic[0][0] * dynamic[1][0] + 1 - dynamic[0][0])

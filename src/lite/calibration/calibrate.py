@@ -477,6 +477,30 @@ def expected_compute(lm: LiteModel, result: CalibrationResult) -> dict[str, floa
     return {k: round(float(v), 4) for k, v in out.items()}
 
 
+def expected_agreement(stats: LayerStats) -> float:
+    """Share of the calibration tokens whose emitted token is the final layer's under a policy's decisions
+    (``stats``): the tokens that leave early and agree, plus every token that reaches L."""
+    early = sum(0.0 if np.isnan(r) or np.isnan(a) else r * a for r, a in zip(stats.exit_rate, stats.exit_agreement))
+    return float(early + (0.0 if np.isnan(stats.final_rate) else stats.final_rate))
+
+
+def choose_default(result: CalibrationResult, costs: dict[str, float]) -> tuple[str, dict[str, float], float | None]:
+    """The policy ``--exit auto`` decodes with, of those calibrated here: the cheapest (``costs``) whose
+    expected agreement (:func:`expected_agreement`) reaches the rule's own bar (``target`` for the agreement
+    rule, ``1 - epsilon`` for ltt; the paper's rule has none), else the one that agrees most. The per-layer
+    rule alone does not equalise the two: thresholds and gate cascade differently. Returns (policy, expected
+    agreement per policy, the bar)."""
+    agreement = {"dynamic": expected_agreement(result.stats)}
+    if result.gate is not None:
+        agreement["gate"] = expected_agreement(result.gate.stats)
+    p = result.parameters
+    bar = p.get("target") if result.rule == "agreement" else (1 - p["epsilon"] if result.rule == "ltt" else None)
+    order = sorted(agreement, key=lambda k: (costs[k], k != "gate"))  # cheapest first; a tie goes to the gate
+    meeting = [k for k in order if bar is None or agreement[k] >= bar - 1e-9]
+    best = meeting[0] if meeting else max(order, key=lambda k: agreement[k])
+    return best, {k: round(v, 4) for k, v in agreement.items()}, bar
+
+
 def save_calibration(lm: LiteModel, result: CalibrationResult) -> str:
     """Write thresholds, confidence, the calibration record (and the gate file) into ``lm.folder``.
 
@@ -499,12 +523,12 @@ def save_calibration(lm: LiteModel, result: CalibrationResult) -> str:
         gate_file = save_gate(result.gate.gate, lm.folder, GATE_FILE).name
     elif old.gate_file and "gate" in old.calibration:
         record["gate"] = old.calibration["gate"]
-    # what --exit auto (every verb's default) decodes with: of the policies calibrated here, the one whose
-    # decisions cost the least compute per step on the calibration tokens (same rule and target, so the
-    # same quality there); a gate kept from an earlier calibration (another exit vocabulary) is not compared
+    # what --exit auto (every verb's default) decodes with: of the policies calibrated here, the cheapest
+    # whose emitted tokens agree with the final layer's at the rule's bar (choose_default); a gate kept
+    # from an earlier calibration is not compared
     costs = expected_compute(lm, result)
-    record["expected_compute"] = costs
-    default = "gate" if result.gate is not None and costs["gate"] <= costs["dynamic"] else "dynamic"
+    default, agreement, _ = choose_default(result, costs)
+    record["expected_compute"], record["expected_agreement"] = costs, agreement
     if result.gate is None and gate_file and old.default_exit == "gate" and old.exit_vocab == result.exit_vocab:
         default = "gate"  # thresholds re-calibrated alone: the gate chosen before stays the default
     # record the prompt format the thresholds were measured with, so every verb then prompts the same way

@@ -185,9 +185,12 @@ def run(args: argparse.Namespace) -> int:
     path = save_calibration(lm, result)
     _print_table(result)
     cfg = lm.lite_config
-    costs = ", ".join(f"{k} {v:.2f}" for k, v in cfg.calibration.get("expected_compute", {}).items())
-    print(f"default policy (--exit auto): {cfg.default_exit}; expected compute per step on these tokens, as a "
-          f"fraction of the full model's: {costs}" + (f" (exit vocabulary {cfg.exit_vocab})" if cfg.exit_vocab else ""))
+    agree = cfg.calibration.get("expected_agreement", {})
+    costs = ", ".join(f"{k} {v:.2f} (tokens agreeing with the final layer: {agree.get(k, float('nan')):.3f})"
+                      for k, v in cfg.calibration.get("expected_compute", {}).items())
+    print(f"default policy (--exit auto): {cfg.default_exit}, the cheapest that meets the rule's agreement bar "
+          f"over all tokens (else the one that agrees most); expected compute per step on these tokens, as a "
+          f"fraction of the full model's: {costs}" + (f"; exit vocabulary {cfg.exit_vocab}" if cfg.exit_vocab else ""))
     print(f"wrote {path}")
     if args.draft_vocab and not exit_vocab:
         print(f"wrote {write_draft_vocab(lm, examples, progress)}")
