@@ -115,6 +115,15 @@ def unit_costs(lm, context: int, reps: int = 20) -> dict[str, float]:
     return out
 
 
+def _draft_head_size(lm, policy: ExitPolicy) -> int | None:
+    """Rows of the head the drafts read: --draft-vocab, else the calibrated exit vocabulary, else None
+    (the whole vocabulary)."""
+    from lite.decoding.policy import resolve_policy
+
+    ids = resolve_policy(lm, policy).draft_ids
+    return None if ids is None else len(ids)
+
+
 def build_policy(lm, args) -> ExitPolicy:
     L = lm.num_layers
     layers = [int(k) for k in args.exit_layers.split(",")] if args.exit_layers else lm.exit_layers
@@ -245,7 +254,7 @@ def summarise(lm, args, policy, records, calls, units) -> dict:
         "policy": {"exit_layers": policy.exit_layers, "thresholds": {str(k): v for k, v in policy.thresholds.items()}
                    or "calibrated (lite_config.json)", "confidence": policy.confidence,
                    "max_draft_tokens": policy.max_draft_tokens, "draft_stop_confidence": policy.draft_stop_confidence,
-                   "draft_vocab": policy.draft_vocab, "gate": policy.gate is not None},
+                   "draft_vocab": _draft_head_size(lm, policy), "gate": policy.gate is not None},
         "prompts": len(records), "max_new_tokens": args.max_new_tokens, "tokens": tokens,
         "threads": args.threads, "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
         "identical_outputs": all(r["identical"] for r in records),

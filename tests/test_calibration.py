@@ -194,19 +194,24 @@ def test_generate_dynamic_uses_calibrated_thresholds(calibrated, capsys):
 
 def test_every_verb_defaults_to_the_policy_calibration_recorded(calibrated, tmp_path, capsys):
     """--exit auto (the default of generate, eval, serve, demo and the Python API) is the model's own best
-    policy: calibration records the gate when it trained one; a folder that records dynamic gets dynamic."""
+    policy: calibration records one of the policies it calibrated (which one: test_exit_vocab); a folder that
+    records the gate gets the gate, one that records dynamic gets dynamic."""
     from lite.decoding.spec import resolve_exit_spec
     from lite.demo import demo_policy
     from lite.evaluation.run import EvalConfig, _policies
 
     model, _ = calibrated
-    assert LiteConfig.load(model).default_exit == "gate"
-    other = tmp_path / "dynamic-default"
-    shutil.copytree(model, other)
-    cfg = LiteConfig.load(other)
-    cfg.default_exit = "dynamic"
-    cfg.save(other)
-    for folder, gate in ((model, True), (other, False)):
+    recorded = LiteConfig.load(model)
+    assert set(recorded.calibration["expected_compute"]) == {"dynamic", "gate"}
+    assert recorded.default_exit in ("dynamic", "gate")
+    folders = {}
+    for default in ("gate", "dynamic"):
+        folders[default] = tmp_path / f"{default}-default"
+        shutil.copytree(model, folders[default])
+        cfg = LiteConfig.load(folders[default])
+        cfg.default_exit = default
+        cfg.save(folders[default])
+    for folder, gate in ((folders["gate"], True), (folders["dynamic"], False)):
         assert main(["generate", "--model", str(folder), "--max-new-tokens", "3", "--json", "Say hi"]) == 0
         out = json.loads(capsys.readouterr().out)
         assert out["exit"] == "dynamic" and out["gate"] is gate
