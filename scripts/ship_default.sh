@@ -29,7 +29,7 @@ PY
 # thresholds, gate and draft vocabulary from the held-out rows lite train recorded (never trained on); this
 # also rewrites the model card from lite_config.json
 # the exits read the head over the EXIT_VOCAB most frequent tokens (benchmarks/results/exit_vocab.md chose 4096);
-# --exit auto becomes whichever of the thresholds and the gate costs less compute on these rows
+# --exit auto becomes the cheaper of the thresholds and the gate whose tokens agree with the final layer at 0.9
 "$LITE" calibrate --model "$RUN" --rule agreement --target 0.9 --source generated --max-examples 100 --gate \
     --draft-vocab --exit-vocab "${EXIT_VOCAB:-4096}"
 size=$(du -cm "$RUN"/*.safetensors | tail -1 | cut -f1)

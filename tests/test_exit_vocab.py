@@ -34,6 +34,20 @@ def ranked(tmp_path):
     return with_ranking(lm, tmp_path, random.Random(5).sample(range(32), 32))
 
 
+class SomeAt:
+    """A gate that lets a token leave at one layer when its normed state's first entry is positive, so that
+    in one step some rows leave and others reach L."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def should_exit(self, layer, normed_state):
+        return layer == self.layer and float(normed_state.reshape(-1)[0]) > 0
+
+    def flops(self, layer):
+        return 64
+
+
 class AlwaysAt:
     """A gate that lets every token leave at one layer."""
 
@@ -92,10 +106,18 @@ def test_batched_rows_equal_their_batch_1_runs_with_an_exit_vocabulary(ranked, k
     prompts = random_prompts(5, seed=7)
     rng = np.random.default_rng(0)
     thresholds = {1: 0.3, 2: 0.25, 3: 0.2}  # some tokens leave, some do not
-    for policy in (ExitPolicy("dynamic", thresholds=thresholds, exit_vocab=6),
-                   ExitPolicy("dynamic", gate=AlwaysAt(2), exit_vocab=6)):
-        settings = [GenerationSettings(max_new_tokens=int(rng.integers(3, 10)), kv=kv) for _ in prompts]
+    for policy, temperature in ((ExitPolicy("dynamic", thresholds=thresholds, exit_vocab=6), 0.0),
+                                (ExitPolicy("dynamic", gate=SomeAt(2), exit_vocab=6), 0.0),
+                                (ExitPolicy("dynamic", thresholds={1: 0.9, 2: 0.9, 3: 0.9}, confidence="state_cosine",
+                                            exit_vocab=6), 0.0),
+                                (ExitPolicy("dynamic", thresholds=thresholds, exit_vocab=6), 0.8)):
+        settings = [GenerationSettings(max_new_tokens=int(rng.integers(3, 10)), kv=kv, temperature=temperature,
+                                       top_p=0.9, seed=i) for i in range(len(prompts))]
         batched = generate_batch(lm, prompts, policy, settings, regroup=regroup)
+        layers = [k for r in batched for k in r.exit_layers]
+        assert min(layers) < lm.num_layers and max(layers) == lm.num_layers  # early and full tokens mixed
+        allowed = set(resolve_policy(lm, policy).check_ids)
+        assert all(t.id in allowed for r in batched for t in r.tokens if t.exit_layer < lm.num_layers)
         for ids, s, got in zip(prompts, settings, batched):
             alone = generate(lm, ids, policy, s)
             assert got.token_ids == alone.token_ids
@@ -221,7 +243,7 @@ def test_expected_compute_prices_every_token_where_it_leaves(tiny_model_dir):
         for t in range(N):
             leave = next((i for i in range(E) if conf[i, t] >= result.thresholds[i + 1]), None)
             if leave is None:
-                total += L * block + E * check + shape.head_flops()
+                total += L * block + E * check + shape.head_check_flops()  # its confidence is recorded too
             else:
                 k = leave + 1
                 total += k * block + (leave + 1) * check + (L - k) * fill
@@ -258,3 +280,20 @@ def test_the_default_policy_is_the_cheapest_that_agrees_enough(rule, parameters,
     best, agreement, _ = choose_default(result, costs)
     assert best == want
     assert agreement["dynamic"] == pytest.approx(dynamic[0][0] * dynamic[1][0] + 1 - dynamic[0][0])
+
+
+def test_a_failed_calibration_leaves_the_ranking_as_it_was(tiny_model_dir, tmp_path, capsys):
+    """--draft-vocab with an exit vocabulary ranks in memory and writes draft_vocab.json only once the
+    statistics were chosen, so a refused calibration leaves the folder as it was."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(ROWS))
+    args = ["calibrate", "--model", str(model), "--data", str(data), "--rule", "agreement", "--target", "0.5",
+            "--draft-vocab", "--exit-vocab", "24"]
+    assert main(args + ["--min-tokens", "100000"]) == 2
+    assert "--min-tokens" in capsys.readouterr().err
+    before = LiteConfig.load(model)
+    assert not (model / "draft_vocab.json").exists() and (before is None or before.exit_vocab is None)
+    assert main(args + ["--min-tokens", "1"]) == 0
+    assert (model / "draft_vocab.json").is_file() and LiteConfig.load(model).exit_vocab == 24

@@ -214,7 +214,7 @@ def _sequences(lm: LiteModel, examples: list, source: str, prompt_format: str, m
 
 def collect(lm: LiteModel, examples: list, *, source: str = "reference", with_states: bool = False,
             max_length: int = 256, max_new_tokens: int = 128, batch_size: int = 8, exit_vocab: int | None = None,
-            progress: Callable[[int, int], None] | None = None) -> CalibrationData:
+            ranking: list[int] | None = None, progress: Callable[[int, int], None] | None = None) -> CalibrationData:
     """Run ``lm`` over ``examples`` (:class:`lite.training.data.Example` rows) and record per-token exit statistics.
 
     Args:
@@ -225,7 +225,8 @@ def collect(lm: LiteModel, examples: list, *, source: str = "reference", with_st
         max_new_tokens: answer budget of the ``generated`` source.
         batch_size: examples whose answers are generated together (``generated`` source).
         exit_vocab: ``--exit-vocab N``: measure the exits as they decode with an exit vocabulary (the head
-            over the N most frequent tokens of ``draft_vocab.json``); None or 0 = the full head.
+            over the N most frequent tokens of ``draft_vocab.json``, or of ``ranking`` when given); None or 0 =
+            the full head.
         progress: called as ``progress(done, total)`` after every example.
     """
     if source not in SOURCES:
@@ -244,7 +245,7 @@ def collect(lm: LiteModel, examples: list, *, source: str = "reference", with_st
         if exit_vocab >= lm.vocab_size:
             exit_vocab = None  # the whole vocabulary: the full head
         else:
-            check = shortlist_head(lm, shortlist_ids(lm, exit_vocab, "--exit-vocab"))
+            check = shortlist_head(lm, shortlist_ids(lm, exit_vocab, "--exit-vocab", ranking))
     start = time.perf_counter()
     conf_parts: dict[str, list[np.ndarray]] = {m: [] for m in conf_mod.MEASURES}
     agree_parts, index_parts, state_parts = [], [], []
@@ -466,14 +467,15 @@ def expected_compute(lm: LiteModel, result: CalibrationResult) -> dict[str, floa
             checked += check(k) + lm.exit_module_flops(k)
             total += (0.0 if np.isnan(rate) else rate) * (k * block + checked + leave + (L - k) * fill)
         rest = 1.0 - sum(0.0 if np.isnan(r) else r for r in rates)
-        return (total + rest * (L * block + checked + shape.head_flops())) / full_step
+        # a token at L: the full head and the reduction over V that records its confidence
+        return (total + rest * (L * block + checked + shape.head_check_flops())) / full_step
 
     head_check = vocab_head if vocab_head is not None else shape.head_check_flops()
     out = {"dynamic": step(list(result.stats.exit_rate), lambda k: head_check, 0.0)}
     if result.gate is not None:
         g = result.gate
         out["gate"] = step(list(g.stats.exit_rate), g.gate.flops,
-                           vocab_head if vocab_head is not None else shape.head_flops())
+                           vocab_head if vocab_head is not None else shape.head_check_flops())
     return {k: round(float(v), 4) for k, v in out.items()}
 
 
@@ -529,7 +531,8 @@ def save_calibration(lm: LiteModel, result: CalibrationResult) -> str:
     costs = expected_compute(lm, result)
     default, agreement, _ = choose_default(result, costs)
     record["expected_compute"], record["expected_agreement"] = costs, agreement
-    if result.gate is None and gate_file and old.default_exit == "gate" and old.exit_vocab == result.exit_vocab:
+    kept_default = old.default_exit or ("gate" if old.gate_file else None)  # what auto meant before
+    if result.gate is None and gate_file and kept_default == "gate" and old.exit_vocab == result.exit_vocab:
         default = "gate"  # thresholds re-calibrated alone: the gate chosen before stays the default
     # record the prompt format the thresholds were measured with, so every verb then prompts the same way
     cfg = dataclasses.replace(

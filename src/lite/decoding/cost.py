@@ -132,7 +132,8 @@ class TokenCost:
         gate_flops: FLOPs reported by the learned gate for the checks it made (``gate.flops``).
         exit_module_flops: FLOPs of the exit modules run for this token (every checked or emitting exit
             below L that has one).
-        draft_head_rows: vocabulary rows evaluated by shortlist draft heads (speculative ``--draft-vocab``):
+        draft_head_rows: vocabulary rows evaluated by shortlist heads (speculative drafts, ``--draft-vocab``, and
+            exits that read an exit vocabulary, ``--exit-vocab``):
             each row is one dot product over D plus its share of the confidence reduction.
         kv_fills: skipped blocks whose K/V were filled from the exit state (``copy``).
         rode: skipped blocks run for this position while riding along in a batch (``copy``, batched

@@ -162,14 +162,16 @@ class ResolvedPolicy:
     check_ids: list[int] | None = None
 
 
-def shortlist_ids(lm: LiteModel, size: int, flag: str) -> list[int]:
-    """The first ``size`` ids of the model's ``draft_vocab.json`` ranking, plus its special tokens."""
+def shortlist_ids(lm: LiteModel, size: int, flag: str, ranking: list[int] | None = None) -> list[int]:
+    """The first ``size`` ids of ``ranking`` (default: the model's ``draft_vocab.json``), plus its special
+    tokens."""
     from .draft_vocab import load_ranking, shortlist
     from .sampling import eos_ids
 
     always = set(eos_ids(lm.tokenizer, getattr(lm.model, "generation_config", None)))
     always |= set(getattr(lm.tokenizer, "all_special_ids", []) or [])
-    return shortlist(load_ranking(lm.folder), size, lm.vocab_size, always, where=lm.folder, flag=flag)
+    ranking = load_ranking(lm.folder) if ranking is None else ranking
+    return shortlist(ranking, size, lm.vocab_size, always, where=lm.folder, flag=flag)
 
 
 def resolve_policy(lm: LiteModel, policy: ExitPolicy) -> ResolvedPolicy:
@@ -241,10 +243,11 @@ def resolve_policy(lm: LiteModel, policy: ExitPolicy) -> ResolvedPolicy:
 def _check_ids(lm: LiteModel, exit_vocab: int | None) -> list[int] | None:
     """The exit vocabulary of a dynamic policy: ``exit_vocab`` (0 = the full head), or None = the one the
     model's calibration recorded (``lite_config.json``'s ``exit_vocab``)."""
+    flag = "--exit-vocab"
     if exit_vocab is None:
-        exit_vocab = lm.lite_config.exit_vocab
+        exit_vocab, flag = lm.lite_config.exit_vocab, "the exit vocabulary recorded in lite_config.json (exit_vocab; --exit-vocab 0 = the full head)"
     if exit_vocab is not None and (not isinstance(exit_vocab, int) or isinstance(exit_vocab, bool) or exit_vocab < 0):
         raise LiteError(f"--exit-vocab must be an integer >= 0 (0 = the full head), got {exit_vocab!r}")
     if not exit_vocab or exit_vocab >= lm.vocab_size:
         return None
-    return shortlist_ids(lm, exit_vocab, "--exit-vocab")
+    return shortlist_ids(lm, exit_vocab, flag)
