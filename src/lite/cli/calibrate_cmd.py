@@ -17,7 +17,8 @@ EXAMPLE = "lite calibrate --model runs/mine --rule agreement --target 0.9 --gate
 # Their data arguments (the model, the rows, the collected statistics) are what the verb itself prepares.
 CONTRACT = {
     "lite.calibration.check_options": {},
-    "lite.calibration.collect": {"lm": None, "examples": None, "with_states": "gate", "progress": None},
+    "lite.calibration.collect": {"lm": None, "examples": None, "with_states": "gate", "progress": None,
+                                 "ranking": None},  # --draft-vocab ranks it in memory first
     "lite.calibration.select": {"data": None},
 }
 
