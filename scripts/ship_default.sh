@@ -37,4 +37,6 @@ if [ "$size" -gt 48 ]; then echo "$RUN holds $size MB of weights; the package sh
 rm -rf "$ASSET.tmp"
 cp -r "$RUN" "$ASSET.tmp"
 rm -rf "$ASSET" && mv "$ASSET.tmp" "$ASSET"
+# the card calibration wrote names the run folder; the packaged model is called by the asset's name
+"$PY" -c "import sys; from lite.model.card import write_model_card; write_model_card(sys.argv[1])" "$ASSET"
 du -sh "$ASSET"

@@ -83,6 +83,8 @@ def test_shipped_adapter_is_complete_when_present():
                                 else max(agree, key=agree.get))
     if cfg.exit_vocab:
         assert (folder / "draft_vocab.json").is_file() and cfg.calibration["exit_vocab"] == cfg.exit_vocab
+    card = (folder / "README.md").read_text()  # the card calls the packaged model by its own name
+    assert f"# {folder.name}\n" in card and f"--model {folder.name} " in card
     assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) <= 16 * 2**20
 
 
