@@ -163,9 +163,9 @@ def run(args: argparse.Namespace) -> int:
     confidence = args.confidence or lm.lite_config.confidence
     check_options(confidence=confidence)
     exit_vocab = lm.lite_config.exit_vocab if args.exit_vocab is None else args.exit_vocab
-    ranking = None
+    ranked = None  # (ranking, tokens counted, source)
     if args.draft_vocab and exit_vocab:  # the exit vocabulary is the head of this new ranking, written with
-        ranking = rank_draft_vocab(lm, examples, progress)  # the calibration, once it has succeeded
+        ranked = rank_draft_vocab(lm, examples, progress)  # the calibration, once it has succeeded
     progress(f"collecting {args.source} statistics on {len(examples)} examples"
              + (f" (exit vocabulary: {exit_vocab} tokens)" if exit_vocab else ""))
     start = time.perf_counter()
@@ -176,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
             progress(f"{done}/{total} examples, {time.perf_counter() - start:.0f} s")
 
     data = collect(lm, examples, source=args.source, with_states=args.gate, max_length=args.max_length,
-                   batch_size=args.batch_size, exit_vocab=exit_vocab, ranking=ranking and ranking[0],
+                   batch_size=args.batch_size, exit_vocab=exit_vocab,
+                   ranking=None if ranked is None else ranked[0],
                    max_new_tokens=args.max_new_tokens, progress=tick)
     progress(f"collected {data.tokens} tokens from {data.examples} examples in {time.perf_counter() - start:.1f} s")
     result = select(data, rule=args.rule, confidence=confidence, target=args.target, epsilon=args.epsilon,
@@ -184,8 +185,10 @@ def run(args: argparse.Namespace) -> int:
                     seed=args.seed,
                     **({"min_tokens": args.min_tokens} if args.min_tokens else {}))
     result.data = data_info
-    if ranking is not None:  # before the config that names the exit vocabulary
-        print(f"wrote {save_ranking(lm.folder, *ranking)}")
+    if ranked is not None:  # before the config that names the exit vocabulary
+        from ..decoding.draft_vocab import save_ranking
+
+        print(f"wrote {save_ranking(lm.folder, *ranked)}")
     path = save_calibration(lm, result)
     _print_table(result)
     cfg = lm.lite_config
@@ -201,14 +204,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def save_ranking(folder, ranking: list[int], tokens: int, source: str) -> Path:
-    from ..decoding.draft_vocab import save_ranking as save
-
-    return save(folder, ranking, tokens, source)
-
-
 def write_draft_vocab(lm, examples, progress) -> Path:
     """:func:`rank_draft_vocab`, saved as ``draft_vocab.json`` into the model folder."""
+    from ..decoding.draft_vocab import save_ranking
+
     return save_ranking(lm.folder, *rank_draft_vocab(lm, examples, progress))
 
 

@@ -368,8 +368,8 @@ class BatchDecoder:
                 sub = self.check_head(torch.stack([exit_normed[i] for i in short]))  # (s, N)
                 head_fn = conf_mod.HEAD_FUNCTIONS.get(plan.confidence) or conf_mod.max_prob
                 values = head_fn(sub).tolist() if plan.confidence != "state_cosine" else [None] * len(short)
+                out_logits[short] = self._widen(sub)
                 for j, i in enumerate(short):
-                    out_logits[i] = self._widen(sub[j])
                     tcs[i].draft_head_rows += len(self.check_ids)
                     if conf[i] is None and values[j] is not None:
                         conf[i] = values[j]
