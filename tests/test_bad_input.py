@@ -10,13 +10,16 @@ edge, calibration guard-rails, --seed and the conversion's temporary folders hav
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,6 +28,7 @@ import torch
 from lite import LiteConfig
 from lite.cli import main
 from lite.decoding.gate import LearnedExitGate, save_gate
+from lite.errors import LiteError
 
 ROWS = [{"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w} {w}"}
         for w in ("red", "green", "blue", "cyan", "pink", "gold", "gray", "teal")]
@@ -412,7 +416,7 @@ USER = [{"role": "user", "content": "Hi"}]
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "Hi"}], "lite": {"threshold_scale": 1e999}}',
      "lite.threshold_scale"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "Hi"}], "lite": {"threshold_scale": -Infinity}}',
-     None),
+     "lite.threshold_scale"),
     ("/v1/completions", b'{"prompt": "Hi", "temperature": 1e999}', "temperature"),
     ("/v1/completions", b'{"prompt": "Hi", "top_p": -0.5}', "top_p"),
     ("/v1/completions", b'{"prompt": "Hi", "max_tokens": 1e999}', "max_tokens"),
@@ -549,3 +553,69 @@ def test_a_killed_conversion_leaves_no_temporary_folder_behind(tmp_path, monkeyp
     assert not killed.exists() and not old_style.exists()
     assert live.exists() and other_host.exists() and mine.read_text() == "mine"  # live or unknown: kept
     assert loading._conversion_prefix().startswith(f".{loading.DEFAULT_MODEL}.converting-{host}-{os.getpid()}-")
+
+
+def _no_model_loads(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    for name in ("lite.model.loading.load_model", "lite.model.loading.resolve_model",
+                 "lite.model.loading.default_model_dir"):
+        monkeypatch.setattr(name, refuse)
+
+
+# ------------------------------------------------------------------------- inputs that are not what they seem
+def test_a_prompt_with_bytes_that_are_not_utf8_is_refused_naming_the_byte(kit, capsys, monkeypatch):
+    _no_model_loads(monkeypatch)
+    prompt = os.fsdecode(b"caf\xe9 au lait")  # how Python hands such an argument over (surrogate escapes)
+    assert main(["generate", "--model", kit.model, prompt]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not UTF-8" in err and "0xe9" in err and "Traceback" not in err
+    from lite.model.prompts import encode_prompt  # the Python API refuses it too, where text becomes tokens
+    from transformers import AutoTokenizer
+
+    with pytest.raises(LiteError, match="not UTF-8"):
+        encode_prompt(AutoTokenizer.from_pretrained(kit.model), prompt, fmt="raw")
+
+
+@pytest.mark.parametrize("lines, where, kind", [
+    (['{"instruction": "a", "output": "b"}', "[1, 2]"], "line 2", "an array"),
+    (["[1, 2]", '{"instruction": "a", "output": "b"}'], "line 1", "an array"),
+    (['{"instruction": "a", "output": "b"}', "", "42"], "line 3", "a number"),
+    (['{"instruction": "a", "output": "b"}', '"text"'], "line 2", "a string"),
+    (['[{"instruction": "a", "output": "b"}, 7]'], "row 1", "a number"),
+])
+def test_rows_that_are_not_json_objects_are_named_by_line(lines, where, kind, kit, capsys):
+    data = kit.file("rows.jsonl", "\n".join(lines) + "\n")
+    assert main(["train", "--model", kit.model, "--data", data, "--out", kit.out, "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "each row must be a JSON object" in err and where in err and kind in err and "Extra data" not in err
+
+
+@pytest.mark.parametrize("content", ["model", "empty"])
+def test_a_data_path_that_is_a_folder_gets_one_line_and_no_progress_bar(content, kit, capsys):
+    folder = kit.model_copy() if content == "model" else kit.root / "empty"
+    folder.mkdir(exist_ok=True)
+    before = snapshot(kit.root)
+    assert main(["train", "--model", kit.model, "--data", str(folder), "--out", kit.out, "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Generating" not in err and "%" not in err, err
+    assert f"--data {folder}" in err and "folder" in err and "JSONL" in err
+    assert snapshot(kit.root) == before
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", b'{"prompt": "Hi", "temperature": NaN}', "temperature"),
+    ("/v1/completions", b'{"prompt": "Hi", "top_p": Infinity}', "top_p"),
+    ("/v1/completions", b'{"prompt": "Hi", "max_tokens": -Infinity}', "max_tokens"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": NaN}]}', "messages.0.content"),
+])
+def test_nan_and_infinity_in_a_request_body_name_the_field(served, path, body, param):
+    client, rounds = served
+    before = len(rounds)
+    r = client.post(path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"].startswith(param) and "finite number" in err["message"]
+    assert len(rounds) == before
