@@ -564,6 +564,79 @@ def _no_model_loads(monkeypatch):
         monkeypatch.setattr(name, refuse)
 
 
+# ------------------------------------------------------------------------- places lite cannot write
+@contextlib.contextmanager
+def _unprivileged():
+    """Inside the block permission bits apply: root, who ignores them, acts as the user nobody (the
+    effective ids only; they are restored after), anyone else is themselves."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.setegid(65534)
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """A folder nobody but root may write, under a parent anyone may enter (``/tmp``): (folder, cleanup)."""
+    base = Path(tempfile.mkdtemp(prefix="lite-ro-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    folder = base / "locked"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    os.chmod(folder, 0o555)
+    yield folder
+    os.chmod(folder, 0o755)
+    shutil.rmtree(base)
+
+
+@pytest.mark.parametrize("verb", ["train", "eval", "calibrate"])
+@pytest.mark.parametrize("where", ["/proc", "read-only folder"])
+def test_every_verb_that_writes_refuses_a_place_it_cannot_write_before_loading_a_model(
+        verb, where, kit, read_only, capsys, monkeypatch):
+    """--out under /proc or in a read-only folder (for calibrate: the model folder it writes into) is lite's
+    own refusal, exit 2, naming the folder, before any model is loaded and without touching anything."""
+    _no_model_loads(monkeypatch)
+    place = Path("/proc") if where == "/proc" else read_only
+    if verb == "calibrate":
+        if where == "/proc":
+            model = "/proc/self"  # an existing folder no one can write into
+        else:
+            model = str(read_only / "model")
+            os.chmod(read_only, 0o755)
+            shutil.copytree(kit.model, model)
+            os.chmod(read_only, 0o555)
+        argv = ["calibrate", "--model", model, "--data", kit.data]
+    else:
+        build = _train() if verb == "train" else _eval()
+        argv = build(kit)
+        argv[argv.index("--out") + 1] = str(place / "lite-out")
+    before = snapshot(kit.root, read_only)
+    with _unprivileged():
+        code = main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("lite")]
+    assert code == 2 and len(lines) == 1, err
+    assert "not writable" in lines[0] and str(place) in lines[0] and "Traceback" not in err
+    assert snapshot(kit.root, read_only) == before and (read_only / "keep.txt").read_text() == "mine"
+
+
+def test_a_read_only_lite_home_is_named_before_the_default_model_is_converted(tmp_path, capsys, monkeypatch):
+    from lite.model import loading
+
+    monkeypatch.setenv("LITE_HOME", "/proc/lite-home")
+    monkeypatch.setattr(loading, "embedded_gguf_path", lambda: tmp_path / "model.gguf")
+    with pytest.raises(LiteError, match=r"\$LITE_HOME .*/proc.* not writable"):
+        loading.default_model_dir()
+    assert main(["generate", "--max-new-tokens", "1", "Hi"]) == 2
+    assert "LITE_HOME" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------- inputs that are not what they seem
 def test_a_prompt_with_bytes_that_are_not_utf8_is_refused_naming_the_byte(kit, capsys, monkeypatch):
     _no_model_loads(monkeypatch)

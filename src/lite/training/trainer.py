@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LiteError
-from ..files import check_output_folder, remove_own_files
+from ..files import check_output_folder, check_writable, remove_own_files
 from ..model.config import (
     CONFIG_NAME,
     LOSS_WEIGHTINGS,
@@ -295,6 +295,8 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
     if own_answers_cache and (answers_path.is_dir() or not answers_path.parent.is_dir()):
         raise TrainError(f"--own-answers-cache {answers_path}: give a file path in an existing folder (it is "
                          f"created when missing)")
+    if own_answers_cache:
+        check_writable(answers_path.parent, "--own-answers-cache")
     if own_answers and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not answers_path.is_file():
         raise TrainError("--own-answers (the default recipe's; --no-own-answers or --recipe paper leave them out) "
                          "with several processes: generate the answers once with one process "
