@@ -694,6 +694,49 @@ def test_nan_and_infinity_in_a_request_body_name_the_field(served, path, body, p
     assert len(rounds) == before
 
 
+# ------------------------------------------------------------------------------ bounded allocations
+@pytest.mark.parametrize("recipe", ["exit-modules", "paper"])
+def test_a_1mb_row_with_max_length_64_trains_within_normal_memory(recipe, kit, capsys):
+    """A row far longer than --max-length never reaches the model whole: it is dropped (its prompt alone
+    passes the cut) and counted, with memory capped at 3 GiB above what this process holds already."""
+    from kills import run_killed
+
+    rows = ROWS + [{"instruction": "x" * 1_000_000, "input": "", "output": "y"}]
+    data = kit.file("big.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["train", "--model", kit.model, "--data", data, "--out", kit.out, "--max-steps", "1", "--max-length",
+            "64", "--batch-size", "4", "--own-answer-tokens", "4", "--recipe", recipe, "--no-progress-bar"]
+    done = run_killed(lambda: main(argv), kit.root, memory_gib=3)
+    assert not done.killed and done.status == 0, done.error
+    assert LiteConfig.load(kit.out).training["rows_dropped_too_long"] == 1
+
+
+def test_own_answers_get_no_more_tokens_than_max_length_leaves_after_the_prompt(kit, tmp_path):
+    """The one length bound (training.data.answer_budget): an answer is generated only up to --max-length
+    less its prompt, and not at all for a prompt that reaches --max-length."""
+    from lite import load_model
+    from lite.training.data import Example, answer_budget, prompt_ids
+    from lite.training.own_answers import generate_own_answers
+
+    assert [answer_budget(n, 8, 20) for n in (5, 12, 19, 20, 400)] == [8, 8, 1, 0, 0]
+    lm = load_model(kit.model, device="cpu")
+    lm.model.generation_config.eos_token_id = None  # random weights: answers run to their budget
+    rows = [Example(f"0:{i}", text, "", "x") for i, text in enumerate(("Hi.", "word " * 6, "word " * 40))]
+    lengths = [len(prompt_ids(lm.tokenizer, r, "alpaca")) for r in rows]
+    limit = lengths[1] + 3  # row 0 gets its whole budget, row 1 three tokens, row 2 nothing
+    answered, _ = generate_own_answers(lm, rows, prompt_format="alpaca", cache=tmp_path / "answers.jsonl",
+                                       max_new_tokens=limit - lengths[0], max_length=limit, batch_size=4)
+    assert [len(e.response_ids) for e in answered] == [limit - lengths[0], 3, 0]
+
+
+def test_a_max_length_beyond_the_models_context_is_refused(kit, capsys):
+    argv = ["train", "--model", kit.model, "--data", kit.data, "--out", kit.out, "--max-steps", "1",
+            "--max-length", "100000", "--recipe", "paper", "--no-progress-bar"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--max-length 100000" in err and "512" in err and "Traceback" not in err
+    assert not Path(kit.out).exists() and not Path(kit.out + ".partial").exists()
+
+
 # --------------------------------------------------------------------- kills at any instant, then resume
 KILL_ROWS = [{"instruction": f"Repeat {w}.", "input": "", "output": f"{w} {w}"}
              for w in ("red", "green", "blue", "cyan", "pink", "gold", "gray", "teal", "lime")]

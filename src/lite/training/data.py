@@ -354,6 +354,14 @@ def prompt_ids(tokenizer, example: Example, prompt_format: str = "alpaca") -> li
     return encode_messages(tokenizer, list(example.messages[:example.trained_turns[-1]]), prompt_format)
 
 
+def answer_budget(prompt_tokens: int, max_new_tokens: int, max_length: int) -> int:
+    """How many tokens an answer to a prompt of ``prompt_tokens`` may have: ``max_new_tokens``, less what
+    would fall beyond ``max_length`` (the cut every sequence gets, :func:`tokenize_example`). 0 when the prompt
+    alone reaches ``max_length``: nothing of an answer would be kept, so none is generated (the bound that
+    keeps a row far longer than ``--max-length`` from reaching the model)."""
+    return max(0, min(max_new_tokens, max_length - prompt_tokens))
+
+
 def _response_ids(tokenizer, text: str) -> list[int]:
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if tokenizer.eos_token_id is not None:

@@ -328,6 +328,9 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
 
     split = prepare_data(data, filters=filters, heldout_fraction=heldout_fraction, seed=seed)
     lm = load_model(model, dtype=dtype, device=str(target), progress=say)
+    if max_length > lm.max_context:  # every sequence is cut at max_length: the one bound of what is trained
+        raise TrainError(f"--max-length {max_length} is longer than the model's context ({lm.max_context} "
+                         f"tokens); give --max-length {lm.max_context} or less")
     L = lm.num_layers
     layers = parse_exit_layers(exit_layers, L)  # a baseline model keeps them for early-exit decoding later
     train_layers = [L] if baseline else ([k for k in layers if k < L] if exit_modules else layers)
@@ -341,6 +344,7 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
     if own_answers:  # generated once by the starting model, cached in the work folder (resumable)
         train_rows, answers = generate_own_answers(lm, split.train, prompt_format=prompt_format,
                                                    cache=answers_path, max_new_tokens=own_answer_tokens,
+                                                   max_length=max_length,
                                                    model_id=_portable_model_spec(model), bf16=bf16,
                                                    progress=say)
     dataset = TokenizedDataset(train_rows, tokenizer, prompt_format, max_length)
