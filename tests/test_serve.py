@@ -19,7 +19,7 @@ import torch
 
 from lite import LiteConfig, load_model
 from lite.cli import main as cli_main
-from lite.decoding import POLICIES, ExitPolicy, GenerationSettings, generate
+from lite.decoding import ExitPolicy, GenerationSettings, generate
 from lite.serving import ServeConfig, chat_prompt_ids, completion_prompt_ids, serve_in_thread
 
 MODEL = "tiny"
@@ -59,7 +59,9 @@ def client(url: str, key: str = "unused") -> openai.OpenAI:
 
 def alone(lm, prompt_ids, exit="dynamic", **settings) -> str:
     """What the engine answers for one request on its own (no server)."""
-    policy = ExitPolicy(kind="static", layer=int(exit[7:])) if exit.startswith("static:") else ExitPolicy(kind=exit)
+    from lite.decoding import parse_exit
+
+    policy = parse_exit(lm, exit)  # the spec the server parses, resolved the same way
     return generate(lm, prompt_ids, policy, GenerationSettings(**settings)).text
 
 
@@ -106,7 +108,6 @@ def test_chat_uses_the_chat_template_and_the_request_policy(server, lm):
     assert r.lite["exit_counts"] == {"4": 4} and r.lite["threshold_scale"] == 100.0
 
 
-@pytest.mark.skipif("speculative" not in POLICIES, reason="the engine has no speculative policy yet")
 def test_speculative_through_the_server_is_lossless(server):
     c = client(server)
     kw = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}

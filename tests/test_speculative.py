@@ -10,7 +10,7 @@ from tiny import full_cache, make_tiny_model
 
 from lite import load_model
 from lite.cli import main
-from lite.decoding import ExitPolicy, GenerationSettings, generate, make_decoder, parse_exit, stream
+from lite.decoding import ExitPolicy, GenerationSettings, decoder_for, generate, parse_exit, stream
 from lite.decoding.sampling import pick_token
 from lite.decoding.speculative import SpeculativeDecoder, accept_greedy, accept_sampled, sampling_probs
 from lite.errors import LiteError
@@ -67,23 +67,30 @@ def test_greedy_is_token_for_token_the_full_model(lm):
 
 def test_verify_pass_runs_every_block_once_per_position_and_the_head_once(lm):
     ids = random_prompts(1, seed=3)[0] + [7, 9]
-    decoder = make_decoder(lm, ids, ExitPolicy("speculative", thresholds=THRESHOLDS, max_draft_tokens=4),
-                           GenerationSettings(max_new_tokens=16))
+    policy = ExitPolicy("speculative", thresholds=THRESHOLDS, max_draft_tokens=4)
+    decoder = decoder_for(policy)(lm, [ids], policy, GenerationSettings(max_new_tokens=16))
     assert isinstance(decoder, SpeculativeDecoder)
     writes, heads, per_round = [], [], []
-    update = decoder.cache.update
+    view = decoder.cache.view
 
-    def logged(key, value, layer_idx, *a, **kw):
-        start = decoder.cache.lengths[layer_idx]
-        writes.extend((layer_idx, p) for p in range(start, start + key.shape[2]))
-        return update(key, value, layer_idx, *a, **kw)
+    def logged(block, rows, new):  # every K/V write of a block call goes through its view's update
+        v = view(block, rows, new)
+        update = v.update
+
+        def update_logged(key, value, layer_idx, *a, **kw):
+            start = v.starts[0]
+            writes.extend((layer_idx, p) for p in range(start, start + key.shape[2]))
+            return update(key, value, layer_idx, *a, **kw)
+
+        v.update = update_logged
+        return v
 
     def round_done(d):
         per_round.append((list(writes), sum(heads)))
         writes.clear()
         heads.clear()
 
-    decoder.cache.update = logged
+    decoder.cache.view = logged
     decoder.after_step = round_done
     head_logits = lm.head_logits  # every full-head evaluation of this policy goes through it
 
@@ -101,7 +108,7 @@ def test_verify_pass_runs_every_block_once_per_position_and_the_head_once(lm):
     assert len(per_round) == len(rounds) and any(d > 0 for d, _ in rounds)
     prefill = per_round[0][0][: 4 * (len(ids) - 1)]
     per_round[0] = (per_round[0][0][len(prefill):], per_round[0][1])
-    costs = iter(decoder.token_costs)
+    costs = iter(decoder.rows[0].costs)
     for (written, head_positions), (d, j) in zip(per_round, rounds):
         positions = sorted({p for _, p in written})
         assert len(positions) == d + 1  # the drafted positions and the verify step's own
@@ -117,8 +124,9 @@ def test_cache_after_every_round_is_the_full_models(lm):
     checked = []
 
     def compare(d):
-        processed = d.prompt_ids + [r.id for r in d.records[:-1]]  # the last token is not consumed yet
-        assert d.cache.lengths == [len(processed)] * 4
+        row = d.rows[0]
+        processed = row.prompt + [r.id for r in row.records[:-1]]  # the last token is not consumed yet
+        assert d.cache.lengths == [[len(processed)]] * 4
         ref = full_cache(d.lm, processed)
         for i in range(4):
             torch.testing.assert_close(d.cache.keys[i][:, :, :len(processed)], ref.keys[i], rtol=1e-4, atol=1e-5)
@@ -126,8 +134,8 @@ def test_cache_after_every_round_is_the_full_models(lm):
         checked.append(d.rounds[-1])
 
     for ids in random_prompts(4, seed=5):
-        decoder = make_decoder(lm, ids, ExitPolicy("speculative", thresholds=THRESHOLDS, max_draft_tokens=3),
-                               GenerationSettings(max_new_tokens=12))
+        policy = ExitPolicy("speculative", thresholds=THRESHOLDS, max_draft_tokens=3)
+        decoder = decoder_for(policy)(lm, [ids], policy, GenerationSettings(max_new_tokens=12))
         decoder.after_step = compare
         list(decoder.run())
     assert any(j < d for d, j in checked) and any(0 < j == d for d, j in checked)  # rollbacks and full accepts
@@ -200,10 +208,11 @@ def first_round_tokens(decoder, ids: list[int], n: int, vocab: int) -> tuple[tor
     round's first emitted token over the vocabulary, and (drafted, accepted, first token) per round."""
     counts, rounds = torch.zeros(vocab), []
     with torch.inference_mode():
-        decoder._prefill()
+        decoder._prefill([0])
+        decoder._activate([0])
         for _ in range(n):
-            decoder.cache.truncate(len(ids) - 1)
-            emitted, d, j = decoder._round(torch.tensor([[ids[-1]]]), len(ids) - 1, budget=2)
+            decoder.cache.truncate(0, len(ids) - 1)
+            emitted, d, j = decoder._round(0)  # the row's budget: 2 tokens
             counts[emitted[0][0]] += 1
             rounds.append((d, j, emitted[0][0]))
     return counts, rounds
@@ -216,7 +225,8 @@ def test_sampled_decoding_end_to_end_follows_the_full_model():
     lm = agreeing_model(num_layers=2, hidden=16, vocab=8, damp=4.0, seed=5)
     ids = [3, 5, 6]
     settings = GenerationSettings(max_new_tokens=2, temperature=0.3, top_p=0.95, seed=0)
-    decoder = make_decoder(lm, ids, ExitPolicy("speculative", thresholds={1: 0.0}, max_draft_tokens=1), settings)
+    policy = ExitPolicy("speculative", thresholds={1: 0.0}, max_draft_tokens=1)
+    decoder = decoder_for(policy)(lm, [ids], policy, settings)
     with torch.no_grad():
         full = lm.model(torch.tensor([ids])).logits[0, -1]
         draft = lm.lm_head(lm.hidden_states(torch.tensor([ids]), layers=[1])[1][0, -1])
@@ -260,13 +270,13 @@ def test_eos_and_max_new_tokens_end_a_round_early(lm):
     policy = ExitPolicy("speculative", thresholds=THRESHOLDS, max_draft_tokens=4)
     for n in (1, 2, 5):
         assert generate(lm, ids, policy, GenerationSettings(max_new_tokens=n)).token_ids == plain[:n]
-    decoder = make_decoder(lm, ids, policy, GenerationSettings(max_new_tokens=16))
+    decoder = decoder_for(policy)(lm, [ids], policy, GenerationSettings(max_new_tokens=16))
     decoder.eos = {plain[6]}
-    out = [r.id for r in decoder.run()]
+    out = [r.id for _, r in decoder.run()]
     cut = plain.index(plain[6])
-    assert out == plain[: cut + 1] and decoder.finish_reason == "stop"
-    assert decoder.cache.lengths == [len(ids) - 1 + cut + 1] * 4
-    assert sum(tc.drafted for tc in decoder.token_costs) == sum(d for d, _ in decoder.rounds)
+    assert out == plain[: cut + 1] and decoder.rows[0].finish_reason == "stop"
+    assert decoder.cache.lengths == [[len(ids) - 1 + cut + 1]] * 4
+    assert sum(tc.drafted for tc in decoder.rows[0].costs) == sum(d for d, _ in decoder.rounds)
 
 
 def test_stream_yields_the_records(lm):
@@ -278,11 +288,12 @@ def test_stream_yields_the_records(lm):
 
 
 # ----------------------------------------------------------------------------- policy and CLI
-def test_policy_parsing_and_bad_draft_settings(lm):
-    assert parse_exit("speculative", 4).kind == "speculative"
-    assert parse_exit("speculative:6", 4).max_draft_tokens == 6
+def test_policy_parsing_and_bad_draft_settings(lm, monkeypatch):
+    monkeypatch.setattr(lm.lite_config, "thresholds", {"1": 0.1, "2": 0.08, "3": 0.06})
+    assert parse_exit(lm, "speculative").kind == "speculative"
+    assert parse_exit(lm, "speculative:6").max_draft_tokens == 6
     with pytest.raises(LiteError, match="speculative:4"):
-        parse_exit("speculative:x", 4)
+        parse_exit(lm, "speculative:x")
     for policy, match in ((ExitPolicy("speculative", thresholds=THRESHOLDS, max_draft_tokens=0), "--max-draft"),
                           (ExitPolicy("speculative", thresholds=THRESHOLDS, draft_stop_confidence=float("nan")),
                            "--draft-stop"),

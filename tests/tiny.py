@@ -74,9 +74,9 @@ def make_tiny_model_dir(path: str | Path, **kwargs) -> Path:
 def full_cache(lm, ids: list[int]):
     """The cache of the full model (every block, every position) after processing ``ids``: the reference
     that early-exit and speculative caches are compared against."""
-    cache, rope = lm.new_cache(len(ids)), lm.rope(0, len(ids))
+    cache = lm.new_cache(len(ids))
     with torch.no_grad():
         h = lm.embed(torch.tensor([ids]))
         for k in range(1, lm.num_layers + 1):
-            h = lm.run_block(k, h, rope, cache)
+            h = lm.run_block(k, h, cache)
     return cache

@@ -146,14 +146,13 @@ def _score_sequence(lm: LiteModel, ids: list[int], positions: list[int], layers:
     """
     x = torch.tensor([ids], device=lm.device)
     cache = lm.new_cache(len(ids))
-    rope = lm.rope(0, len(ids))
     pos = torch.tensor(positions, device=lm.device)
     h = lm.embed(x)  # (1, T, D)
     prev = h[0, pos]  # raw "layer 0" state: the engine's previous state for the first check
     measures: dict[str, list[torch.Tensor]] = {m: [] for m in conf_mod.MEASURES}
     argmaxes, normed_states = [], []
     for layer in range(1, lm.num_layers + 1):
-        h = lm.run_block(layer, h, rope, cache)
+        h = lm.run_block(layer, h, cache)
         if layer not in layers:
             continue
         raw = h[0, pos]  # (P, D)
@@ -239,13 +238,13 @@ def collect(lm: LiteModel, examples: list, *, source: str = "reference", with_st
     fmt = default_format(lm)
     check = None
     if exit_vocab:
-        from ..decoding.draft_vocab import shortlist_head
-        from ..decoding.policy import shortlist_ids
+        from ..decoding.spec import exit_vocab_ids
 
-        if exit_vocab >= lm.vocab_size:
+        ids = exit_vocab_ids(lm, exit_vocab, "--exit-vocab", ranking)
+        if ids is None:
             exit_vocab = None  # the whole vocabulary: the full head
         else:
-            check = shortlist_head(lm, shortlist_ids(lm, exit_vocab, "--exit-vocab", ranking))
+            check = (torch.tensor(ids, dtype=torch.long, device=lm.device), lm.vocab_head(list(ids)))
     start = time.perf_counter()
     conf_parts: dict[str, list[np.ndarray]] = {m: [] for m in conf_mod.MEASURES}
     agree_parts, index_parts, state_parts = [], [], []

@@ -63,7 +63,7 @@ class EvalConfig:
         exit: the early-exit policy compared with the full model: "auto" (default: the model's own best
             policy recorded by calibration, see :func:`lite.decoding.spec.default_exit`), "dynamic"
             (thresholds from ``lite_config.json`` or ``thresholds``), "gate" (the learned exit gate),
-            "static:K", or any kind registered with :mod:`lite.decoding.spec` that the engine runs.
+            "static:K" or "speculative[:N]" (decoded one sequence at a time, whatever ``batch_size``).
         kv: skipped-layer strategies, each run separately ("copy", "recompute").
         threshold_scales: each dynamic run is made at every scale; the first is the headline one.
         thresholds: ``--thresholds`` override ("0.9" for every exit, or "8:0.9,11:0.85"); None = calibrated.
@@ -267,13 +267,8 @@ def _policies(lm, cfg: EvalConfig, role: str) -> dict[str, tuple[decoding.ExitPo
                                       thresholds=cfg.thresholds if mine else None,
                                       confidence=cfg.confidence if mine and cfg.thresholds else None)
                 policies[f"{spec}@{scale:g}/{kv}"] = (build_policy(lm, options), kv)
-        else:  # static:K, gate, or any kind registered with lite.decoding.spec
+        else:  # static:K, gate
             policies[f"{spec}/{kv}"] = (build_policy(lm, ExitOptions(exit=spec)), kv)
-    for policy, _ in policies.values():
-        if policy.kind not in decoding.POLICIES:
-            raise EvalError(f"--exit {spec}: lite eval decodes with lite.decoding.generate, which does "
-                            f"not run {policy.kind!r} policies; use one of "
-                            f"{', '.join(decoding.POLICIES[1:])} or gate")
     return policies
 
 
@@ -479,6 +474,11 @@ def evaluate(model: str | None = None, testsets: list[str] | None = None, *,
             lm = load_model(spec, dtype=cfg.dtype, device=device, progress=log,
                             flag="--model" if role == "main" else "--compare-model")
             job = _plan(lm, role, spec, cfg)
+            alone = sorted({p.describe() for p, _ in job.policies.values()
+                            if decoding.batch_limit(p, cfg.batch_size) < cfg.batch_size})
+            if alone:
+                log(f"lite eval: --exit {', '.join(alone)} decodes one sequence at a time (its verify pass rolls "
+                    f"back one sequence's cache); --batch-size {cfg.batch_size} applies to the other runs")
             _check_model_unchanged(out, role, job.info)
             models_info[role] = job.info
             mine = [(s, p) for r, s, p in todo if r == role]
