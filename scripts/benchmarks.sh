@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The device-agnostic benchmarks of batched and served early exit (issue 15), one after the other, each a
+# The device-agnostic benchmarks of batched and served early exit, one after the other, each a
 # ratio measured in one run, results into benchmarks/results/ (or $RESULTS). The same command measures the
 # same tables on a GPU: every script takes --device (default: the accelerator torch reports, else the CPU).
 #   bash scripts/benchmarks.sh                  # all, on the shipped default smollm2-135m-lite

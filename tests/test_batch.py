@@ -165,13 +165,18 @@ def test_the_cache_of_every_row_after_every_step_is_the_batch_1_cache(lm, kv, re
 def test_rows_finish_at_different_steps_and_stop_strings_hold(lm):
     settings = [GenerationSettings(max_new_tokens=n) for n in (1, 12, 3, 8)]
     first = generate(lm, PROMPTS[3], ExitPolicy(), GenerationSettings(max_new_tokens=8))
-    stop = first.text[2:4] if len(first.text) >= 4 else None
-    if stop:
-        settings[3] = GenerationSettings(max_new_tokens=8, stop=[stop])
+    assert first.finish_reason == "length" and len(first.text) >= 4
+    stop = first.text[2:4]  # a stop string that the row's own 8-token answer contains
+    settings[3] = GenerationSettings(max_new_tokens=8, stop=[stop])
     batched = generate_batch(lm, PROMPTS, ExitPolicy(), settings)
     alone = _alone(lm, ExitPolicy(), settings)
     _same(batched, alone)
-    assert [len(r.tokens) for r in batched][:3] == [1, 12, 3] or batched[0].finish_reason == "stop"
+    # rows 0-2 run to their own budgets, so they leave the batch at steps 1, 3 and 12
+    assert [(len(r.tokens), r.finish_reason) for r in batched[:3]] == [(1, "length"), (12, "length"),
+                                                                       (3, "length")]
+    # row 3 stops at the stop string, before its budget, and its text ends just before it
+    assert batched[3].finish_reason == "stop" and len(batched[3].tokens) < 8
+    assert batched[3].text == first.text[:first.text.index(stop)]
 
 
 def test_sampling_with_a_seed_is_reproducible_per_row(lm):

@@ -7,6 +7,7 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+from tiny import CALIBRATION_ROWS as ROWS
 
 import lite
 from lite import LiteConfig, load_model
@@ -138,8 +139,6 @@ def test_bad_options_name_the_flag(kwargs, flag):
 
 
 # ------------------------------------------------------------------------------------ on a tiny model
-ROWS = [{"instruction": f"Repeat the word number {i}.", "input": "" if i % 3 else f"word {i}",
-         "output": f"number {i} number {i}", "status": "ok" if i % 5 else "bad"} for i in range(10)]
 
 
 @pytest.fixture(scope="module")

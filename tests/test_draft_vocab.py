@@ -6,16 +6,17 @@ import shutil
 
 import pytest
 import torch
-from test_calibration import ROWS
-from test_speculative import (
+from tiny import (
+    CALIBRATION_ROWS as ROWS,
     CHI2_999,
     THRESHOLDS,
     agreeing_model,
     chi_square,
     first_round_tokens,
+    make_tiny_model,
     random_prompts,
+    with_ranking,
 )
-from tiny import make_tiny_model
 
 from lite.cli import main
 from lite.decoding import ExitPolicy, GenerationSettings, decoder_for, generate
@@ -24,13 +25,6 @@ from lite.decoding.draft_vocab import vocab_ids as shortlist
 from lite.decoding.spec import exit_vocab_ids
 from lite.decoding.speculative import sampling_probs
 from lite.errors import LiteError
-from lite.model import LiteModel
-
-
-def with_ranking(lm: LiteModel, folder, ranking) -> LiteModel:
-    save_ranking(folder, ranking, tokens=len(ranking), source="test")
-    lm.folder = str(folder)
-    return lm
 
 
 def test_ranking_counts_response_tokens_most_frequent_first():

@@ -3,11 +3,9 @@ input."""
 
 import json
 import shutil
-import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
+from tiny import VICUNA, FakeEmbedder, make_tiny_model_dir
 
 from lite import LiteConfig, decoding, load_model
 from lite.cli import main as cli_main
@@ -15,11 +13,7 @@ from lite.errors import LiteError
 from lite.evaluation import RECORDS, EvalError, evaluate
 from lite.evaluation import report as report_mod
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny import make_tiny_model_dir  # noqa: E402
 
-VICUNA = [{"question_id": i, "category": "generic", "turns": [t]} for i, t in
-          enumerate(["Name a color.", "Say hello.", "Count to three."], start=1)]
 SELF_INSTRUCT = [{"id": f"user_oriented_task_{i}", "motivation_app": "app", "instruction": t,
                   "instances": [{"input": inp, "output": out}]} for i, (t, inp, out) in
                  enumerate([("Fix the spelling.", "teh cat", "the cat"), ("Add the numbers.", "2 3", "5")])]
@@ -28,18 +22,6 @@ KEYS = ("n", "layer_cost_improvement", "compute_cost_improvement", "speedup", "r
 REAL_GENERATE = decoding.generate
 REAL_GENERATE_BATCH = decoding.generate_batch
 COMMON = dict(max_new_tokens=4, thresholds="0.1", kv="copy")
-
-
-class FakeEmbedder:
-    """Character-bigram counts: fast, and identical texts give identical vectors."""
-
-    def encode(self, texts):
-        out = np.zeros((len(texts), 64))
-        for i, t in enumerate(texts):
-            for a, b in zip(t, t[1:] + " "):
-                out[i, (ord(a) * 31 + ord(b)) % 64] += 1
-        return out
-
 
 
 @pytest.fixture(scope="module")

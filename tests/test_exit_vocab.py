@@ -10,9 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from test_calibration import ROWS
-from test_draft_vocab import with_ranking
-from test_speculative import agreeing_model, random_prompts
+from tiny import CALIBRATION_ROWS as ROWS, agreeing_model, random_prompts, with_ranking
 
 from lite import load_model
 from lite.calibration.calibrate import COST_POSITION, collect, expected_compute, select

@@ -2,11 +2,18 @@
 distribution, honest cost counts."""
 
 import json
-import random
 
 import pytest
 import torch
-from tiny import full_cache, make_tiny_model
+from tiny import (
+    CHI2_999,
+    THRESHOLDS,
+    agreeing_model,
+    chi_square,
+    first_round_tokens,
+    full_cache,
+    random_prompts,
+)
 
 from lite import load_model
 from lite.cli import main
@@ -14,33 +21,11 @@ from lite.decoding import ExitPolicy, GenerationSettings, decoder_for, generate,
 from lite.decoding.sampling import pick_token
 from lite.decoding.speculative import SpeculativeDecoder, accept_greedy, accept_sampled, sampling_probs
 from lite.errors import LiteError
-from lite.model import LiteModel
 from lite.model.prompts import encode_prompt
-
-# thresholds at which the test model below drafts at every exit layer and the full model sometimes disagrees
-THRESHOLDS = {1: 0.1, 2: 0.08, 3: 0.06}
-
-
-
-def agreeing_model(num_layers=4, hidden=32, vocab=32, damp=0.8, seed=1) -> LiteModel:
-    """A random tiny Llama whose blocks after the first write damped updates into the residual stream,
-    so that intermediate exits often (not always) predict the final layer's token."""
-    model, tok = make_tiny_model(num_layers=num_layers, hidden=hidden, vocab_size=vocab, seed=seed)
-    with torch.no_grad():
-        for block in model.model.layers[1:]:
-            block.self_attn.o_proj.weight.mul_(damp)
-            block.mlp.down_proj.weight.mul_(damp)
-    return LiteModel(model, tok)
-
 
 @pytest.fixture(scope="module")
 def lm():
     return agreeing_model()
-
-
-def random_prompts(n, vocab=32, seed=0):
-    rng = random.Random(seed)
-    return [[rng.randrange(3, vocab) for _ in range(rng.randrange(1, 9))] for _ in range(n)]
 
 
 # ----------------------------------------------------------------------------- lossless greedy
@@ -142,19 +127,6 @@ def test_cache_after_every_round_is_the_full_models(lm):
 
 
 # ----------------------------------------------------------------------------- sampling
-def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
-    """Pearson statistic and degrees of freedom over the cells with positive expected count."""
-    n = counts.sum()
-    mask = probs > 0
-    expected = probs[mask] * n
-    return float(((counts[mask] - expected) ** 2 / expected).sum()), int(mask.sum()) - 1
-
-
-# 99.9% quantiles of the chi-square distribution by degrees of freedom (scipy.stats.chi2.ppf(0.999, df))
-CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88,
-            10: 29.59, 11: 31.26, 12: 32.91, 13: 34.53, 14: 36.12, 15: 37.70}
-
-
 def test_rejection_rule_emits_the_full_models_distribution():
     """Synthetic p and q far apart on 8 tokens, drafts sampled from q: the first emitted token follows p
     (chi-square at the 0.1% level, 4000 samples) and visibly not q; after accepting every draft the
@@ -203,21 +175,6 @@ def test_greedy_rule_accepts_the_agreeing_prefix():
     assert accept_greedy([], logits[:1]) == (0, 2)
 
 
-def first_round_tokens(decoder, ids: list[int], n: int, vocab: int) -> tuple[torch.Tensor, list[tuple]]:
-    """Run the first round after ``ids`` ``n`` times (rolling the cache back each time): counts of the
-    round's first emitted token over the vocabulary, and (drafted, accepted, first token) per round."""
-    counts, rounds = torch.zeros(vocab), []
-    with torch.inference_mode():
-        decoder._prefill([0])
-        decoder._activate([0])
-        for _ in range(n):
-            decoder.cache.truncate(0, len(ids) - 1)
-            emitted, d, j = decoder._round(0)  # the row's budget: 2 tokens
-            counts[emitted[0][0]] += 1
-            rounds.append((d, j, emitted[0][0]))
-    return counts, rounds
-
-
 def test_sampled_decoding_end_to_end_follows_the_full_model():
     """Vocabulary 8, every step drafts at layer 1 of a 2-layer model whose layer 1 disagrees with layer 2,
     temperature 0.3 and top-p 0.95: the first token of 200 rounds follows the full model's distribution
@@ -240,10 +197,18 @@ def test_sampled_decoding_end_to_end_follows_the_full_model():
 
 
 def test_sampling_with_a_seed_is_reproducible(lm):
+    """A seed fixes the sampled tokens whatever the global random state and whatever ran before: drafts and
+    verification draw from the request's own generator, and the global one is left as it was."""
     policy = ExitPolicy("speculative", thresholds=THRESHOLDS)
     run = lambda seed: generate(lm, [4, 5, 6], policy, GenerationSettings(max_new_tokens=12, temperature=0.8,
                                                                              top_p=0.9, seed=seed)).token_ids
-    assert run(1) == run(1) and run(1) != run(2)
+    torch.manual_seed(0)
+    first = run(1)
+    state = torch.get_rng_state()
+    run(2)  # another seeded request in between
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(12345)
+    assert run(1) == first
 
 
 # ----------------------------------------------------------------------------- cost, stopping, streaming

@@ -174,6 +174,7 @@ def test_existing_output_is_never_overwritten(tiny_model_dir, data_file, tmp_pat
     assert "already exists" in capsys.readouterr().err and list(out.iterdir()) == []
 
 
+@pytest.mark.slow  # child processes
 def test_torchrun_two_processes(tiny_model_dir, data_file, tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -274,6 +275,7 @@ EQUAL_ROWS = [{"instruction": f"Say number {i:02d}.", "input": "", "output": f"N
               for i in range(24)]
 
 
+@pytest.mark.slow  # child processes
 def test_fsdp_two_processes_match_one_process(tiny_model_dir, tmp_path):
     """lite train --fsdp under torchrun, 2 CPU processes (gloo), against one process on the same global
     batch: same losses step by step, same weights. accelerate keeps DDP on CPUs; tests/fsdp_cpu.py lifts

@@ -29,7 +29,7 @@ same prompts:
   paper's figure, token-weighted.
 * ``compute_cost_improvement`` = 1 - sum FLOPs(R) / sum FLOPs(F), decode steps of whole answers (lite.decoding.cost):
   head evaluations at every checked exit and K/V fills or recomputes are in FLOPs(R); F is charged for its
-  own answers, so an early-exit answer that runs longer counts against R (SPEC §4).
+  own answers, so an early-exit answer that runs longer counts against R.
   ``compute_cost_improvement_same_length`` charges F for R's own lengths instead.
 * ``speedup`` = sum seconds(HF generate) / sum seconds(R): time to produce the answers, prefill included.
   ``speedup_per_token`` = (HF seconds per HF token) / (R seconds per R token), a throughput ratio that

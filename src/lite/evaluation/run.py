@@ -18,7 +18,7 @@ The report (:mod:`lite.evaluation.report`) is written only when every selected p
 first removes a report that its new work would make stale.
 
 Prompt format: ``--prompt-format``, else ``prompt_format`` of the model's ``lite_config.json``, else the
-tokenizer's chat template when it has one, else the Alpaca template (SPEC §1).
+tokenizer's chat template when it has one, else the Alpaca template (the paper's).
 """
 
 from __future__ import annotations
