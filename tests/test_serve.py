@@ -19,7 +19,7 @@ import torch
 
 from lite import LiteConfig, load_model
 from lite.cli import main as cli_main
-from lite.decoding import ExitPolicy, GenerationSettings, generate
+from lite.decoding import ExitPolicy, GenerationSettings, generate, parse_exit
 from lite.serving import (
     ServeConfig,
     chat_prompt_ids,
@@ -374,7 +374,7 @@ def test_requests_join_and_leave_the_running_batch(lm):
                                 on_step=lambda: time.sleep(0.1))
     body = {"model": MODEL, "messages": USER, "max_tokens": CAP, "stream": True}
     ids = chat_prompt_ids(lm, USER, resolve_chat_format(lm, "auto"))  # in the server's own prompt format
-    expected = generate(lm, ids, ExitPolicy(kind="dynamic"), GenerationSettings(max_new_tokens=CAP))  # c alone
+    expected = generate(lm, ids, parse_exit(lm, "dynamic"), GenerationSettings(max_new_tokens=CAP))  # c alone
     try:
         with httpx.Client(timeout=30) as a, httpx.Client(timeout=30) as b, httpx.Client(timeout=30) as c:
             with a.stream("POST", f"{url}{CHAT}", json=body) as ra, b.stream("POST", f"{url}{CHAT}", json=body) as rb:
