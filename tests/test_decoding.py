@@ -112,16 +112,18 @@ def test_cache_holds_exactly_the_processed_positions_after_every_step(lm, prompt
     exits = [r.exit_layer for r in records]
     assert exits == [1, 1, 2, 4, 4, 1, 2, 2, 4, 3, 4, 4]
     n = len(prompt_ids)
-    expected = [n - 1] * 4  # prefill: all blocks hold the first n - 1 prompt positions
+    expected = [n] * 4  # prefill: all blocks hold every prompt position; the first token reads its states
     for t, (exit_layer, lengths) in enumerate(zip(exits, snapshots)):
         pos = n - 1 + t
-        if kv == "copy":
+        if t == 0:
+            pass  # decided from the prefill's states: no block ran, nothing is pending
+        elif kv == "copy":
             expected = [pos + 1] * 4  # the exit state's K/V filled into every skipped block
         else:  # blocks up to the exit hold every position so far; deeper ones wait for a deeper token
             expected = [pos + 1 if k <= exit_layer else expected[k - 1] for k in range(1, 5)]
         assert lengths == expected, f"step {t}"
     if kv == "recompute":
-        assert snapshots[0] == [n, n - 1, n - 1, n - 1] and snapshots[3] == [n + 3] * 4
+        assert snapshots[0] == [n] * 4 and snapshots[1] == [n + 1, n, n, n] and snapshots[3] == [n + 3] * 4
 
 
 def test_recompute_leaves_the_full_models_cache(lm, prompt_ids):
@@ -144,7 +146,8 @@ def test_recompute_leaves_the_full_models_cache(lm, prompt_ids):
 def test_copy_fills_skipped_blocks_from_the_exit_state(lm, prompt_ids):
     decoder, records, _, _ = _run_with_gate(lm, prompt_ids, "copy")
     costs = decoder.rows[0].costs
-    assert [c.kv_fills for c in costs] == [4 - r.exit_layer for r in records]
+    # the first token's position was run through every block by the prefill: nothing to fill
+    assert [c.kv_fills for c in costs] == [0] + [4 - r.exit_layer for r in records[1:]]
     assert all(c.recomputed == 0 for c in costs)
 
 
@@ -152,8 +155,8 @@ def test_recompute_cost_counts_pending_positions(lm, prompt_ids):
     decoder, records, _, _ = _run_with_gate(lm, prompt_ids, "recompute")
     # step 2 (exit 2) pushes steps 0, 1 through block 2; step 3 (exit 4) pushes step 0..2 through 3, 4 and
     # step 1, 2 ... : count (block, position) pairs by hand from the exit pattern
-    level, pairs = [], []
-    for r in records:
+    level, pairs = [4], [0]  # the first token's position went through every block in the prefill
+    for r in records[1:]:
         count = sum(max(0, r.exit_layer - lv) for lv in level)
         level = [max(lv, r.exit_layer) for lv in level] + [r.exit_layer]
         pairs.append(count)

@@ -91,10 +91,14 @@ def test_verify_pass_runs_every_block_once_per_position_and_the_head_once(lm):
         del lm.head_logits
     rounds = decoder.rounds
     assert len(per_round) == len(rounds) and any(d > 0 for d, _ in rounds)
-    prefill = per_round[0][0][: 4 * (len(ids) - 1)]
-    per_round[0] = (per_round[0][0][len(prefill):], per_round[0][1])
+    # the first token is the full model's, from the prefill of every prompt position: one head, no block
+    (prefill, first_heads), (d0, j0) = per_round[0], rounds[0]
+    assert sorted(prefill) == [(b, p) for b in range(4) for p in range(len(ids))] and first_heads == 1
+    assert (d0, j0) == (0, 0)
     costs = iter(decoder.rows[0].costs)
-    for (written, head_positions), (d, j) in zip(per_round, rounds):
+    first = next(costs)
+    assert (first.blocks_run, first.head_evals, first.drafted) == (0, 1, 0)
+    for (written, head_positions), (d, j) in zip(per_round[1:], rounds[1:]):
         positions = sorted({p for _, p in written})
         assert len(positions) == d + 1  # the drafted positions and the verify step's own
         for layer in range(4):  # every block ran every position of the round exactly once

@@ -27,13 +27,14 @@ Conventions (all counts are floating-point operations, a multiply-add = 2 FLOPs,
 * Not counted, and negligible here: RMSNorms (~4*D per norm), rotary embeddings, residual adds, the
   embedding lookup, sampling. They are the same for every policy to within a few D per layer.
 
-Decode steps only: step t consumes the previous token (for t = 1 the last prompt token) at position
-``prompt_len - 1 + t - 1`` and produces token t. The prefill of the first ``prompt_len - 1`` prompt
-positions is identical for every policy, is reported separately (``prefill_flops``) and is left out of
-the improvement figures.
+Decode steps only. The prefill runs all L blocks over the ``prompt_len`` prompt positions; it is identical
+for every policy, is reported separately (``prefill_flops``) and is left out of the improvement figures.
+Token 1 is decided from the prefill's states at the last prompt position (position ``prompt_len - 1``): its
+record holds only what the policy adds there (exit checks, heads; no blocks). Step t >= 2 consumes token
+t - 1 at position ``prompt_len + t - 2`` and produces token t.
 
-The full-model reference: ``full_flops(n)`` = n decode steps of all L blocks plus one head evaluation each,
-from the same prompt. ``compute_cost_improvement`` compares the early-exit sequence with the full model
+The full-model reference: ``full_flops(n)`` = the first token's head plus n - 1 decode steps of all L
+blocks and one head evaluation each, from the same prompt. ``compute_cost_improvement`` compares the early-exit sequence with the full model
 generating ``reference_tokens`` tokens: the full model's own answer length when the caller knows it
 (evaluation decodes both), so that an early-exit answer that runs longer counts against it (SPEC §4);
 when it is not known, the same number of tokens the early-exit run produced.
@@ -108,14 +109,16 @@ class ModelShape:
         return self.num_layers * self.block_flops(position) + self.head_flops()
 
     def full_flops(self, prompt_len: int, num_tokens: int) -> int:
-        """The full model generating ``num_tokens`` tokens after a prompt of ``prompt_len`` tokens
-        (decode steps only, see the module docstring)."""
-        first = prompt_len - 1
-        return sum(self.full_step_flops(first + t) for t in range(num_tokens))
+        """The full model generating ``num_tokens`` tokens after a prompt of ``prompt_len`` tokens (see the
+        module docstring): the first token's head (its blocks ran in the prefill), then one full step per
+        later token."""
+        if num_tokens < 1:
+            return 0
+        return self.head_flops() + sum(self.full_step_flops(prompt_len - 1 + t) for t in range(1, num_tokens))
 
     def prefill_flops(self, prompt_len: int) -> int:
-        """All L blocks over the first ``prompt_len - 1`` prompt positions (same for every policy)."""
-        return self.num_layers * sum(self.block_flops(p) for p in range(max(prompt_len - 1, 0)))
+        """All L blocks over the ``prompt_len`` prompt positions (the same for every policy)."""
+        return self.num_layers * sum(self.block_flops(p) for p in range(max(prompt_len, 0)))
 
 
 @dataclass

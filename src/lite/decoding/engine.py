@@ -6,9 +6,11 @@ yields one :class:`TokenRecord` per token. :class:`Decoder` holds B sequences at
 B = 1, not a second engine. Everything runs through the model adapter (:mod:`lite.model.adapter`); no
 transformers forward is copied.
 
-Decode steps. The prompt's first ``n - 1`` positions are prefilled through all L blocks. Step t then
-consumes the previous token (for t = 1 the last prompt token) at position ``n - 1 + t - 1`` and produces
-token t, so every generated token, the first included, goes through the same exit policy. Each row keeps
+Decode steps. The prompt's ``n`` positions are prefilled through all L blocks in one call per block, as
+transformers' ``generate`` does (so that exits off gives its very tokens, in bfloat16 too). Token 1 is
+decided from the prefill's own states at the last prompt position (the exit policy reads them layer by
+layer: no block runs again); step t >= 2 consumes token t - 1 at position ``n + t - 2`` and produces token
+t. Every generated token, the first included, goes through the same exit policy. Each row keeps
 its positions at cache slots 0, 1, ... (no left padding), has its own prompt length, sampling settings,
 stop strings and budget, and leaves the network at its own layer; its tokens, exits, cache and cost are
 the ones it gets alone (tested), up to float rounding of batched matrix products, except that a block
@@ -146,6 +148,7 @@ class Row:
     seconds: float = 0.0
     next_token: int = 0
     position: int = 0  # position of next_token, the input of the row's next step
+    first: torch.Tensor | None = None  # (L + 1, 1, D) the prefill's states at the last prompt position
 
 
 class Decoder:
@@ -218,7 +221,7 @@ class Decoder:
 
     # ------------------------------------------------------------------ rows in and out
     def _need(self, ids: list[int], s: GenerationSettings) -> int:
-        """Cache slots a row needs: its prompt but the last token, then one per generated token."""
+        """Cache slots a row needs: its prompt, then one per generated token but the last."""
         return len(ids) - 1 + min(s.max_new_tokens, self.lm.max_context - (len(ids) - 1))
 
     def _reserve(self, rows: int, length: int) -> None:
@@ -273,7 +276,7 @@ class Decoder:
         for r in rows:
             row = self.rows[r]
             if row.max_steps > 0:
-                self.active.append(r)
+                self.active.append(r)  # the first token comes from the prefill's last position
                 row.next_token, row.position = row.prompt[-1], len(row.prompt) - 1
 
     def release(self, r: int) -> None:
@@ -290,22 +293,30 @@ class Decoder:
         return len(self.rows) - len(self._free)
 
     def _prefill(self, rows: list[int]) -> None:
-        """All L blocks over the first n - 1 prompt positions of ``rows`` (fresh rows, empty cache),
-        right-padded into one batch call per block (padded positions write slots that the row overwrites
-        later and that its masks hide)."""
+        """All L blocks over the n prompt positions of ``rows`` (fresh rows, empty cache), right-padded into
+        one batch call per block (padded positions write slots that the row overwrites later and that its
+        masks hide); each row keeps its states at its last prompt position for its first token."""
         lm = self.lm
-        lengths = {r: len(self.rows[r].prompt) - 1 for r in rows}
-        rows = [r for r in rows if lengths[r] > 0]
         if not rows:
             return
-        width = max(lengths[r] for r in rows)
+        lengths = {r: len(self.rows[r].prompt) for r in rows}
+        width = max(lengths.values())
         pad = lm.tokenizer.pad_token_id if getattr(lm.tokenizer, "pad_token_id", None) is not None else 0
         ids = torch.full((len(rows), width), pad, dtype=torch.long, device=lm.device)
         for j, r in enumerate(rows):
-            ids[j, :lengths[r]] = torch.tensor(self.rows[r].prompt[:-1], device=lm.device)
+            ids[j, :lengths[r]] = torch.tensor(self.rows[r].prompt, device=lm.device)
+        last = torch.tensor([lengths[r] - 1 for r in rows], device=lm.device)
+        at = torch.arange(len(rows), device=lm.device)
         h = lm.embed(ids)  # (b, width, D)
-        for layer in range(1, lm.num_layers + 1):
+        states = [h[at, last]]  # per layer: (b, D) at each row's last prompt position
+        for layer in range(1, self.plan.stop_layer + 1):
             h = lm.run_block(layer, h, self.cache, rows)
+            states.append(h[at, last])
+        for layer in range(self.plan.stop_layer + 1, lm.num_layers + 1):  # static:K: the cache needs them all
+            h = lm.run_block(layer, h, self.cache, rows)
+        first = torch.stack(states)[:, :, None]  # (K + 1, b, 1, D)
+        for j, r in enumerate(rows):
+            self.rows[r].first = first[:, j:j + 1]
         for lengths_of_block in self.cache.lengths:
             for r in rows:
                 lengths_of_block[r] = lengths[r]
@@ -345,7 +356,7 @@ class Decoder:
         finished = done or last
         if finished:
             self.active.remove(r)
-        else:
+        else:  # the next step consumes this token at the next position
             row.next_token, row.position = token_id, row.position + 1
         return record, finished
 
@@ -354,6 +365,17 @@ class Decoder:
         return decode_step(self.lm, self.plan, self.cache, rows, tokens, positions, kv=self.kv,
                            ride=rides_along(self.kv, len(rows), self.regroup), pending=self.pending, **options)
 
+    first_token_checks = True  # the first token's exits are checked (speculative: it is the full model's)
+
+    def _first_tokens(self, rows: list[int]) -> StepOut:
+        """The first token of ``rows`` from their prefill states (:func:`decode_step` with ``given``)."""
+        given = torch.cat([self.rows[r].first for r in rows], dim=1)  # (K + 1, b, 1, D)
+        for r in rows:
+            self.rows[r].first = None
+        return decode_step(self.lm, self.plan, self.cache, rows, None, [self.rows[r].position for r in rows],
+                           kv=self.kv, given=given, check=self.first_token_checks,
+                           record_confidence=self.first_token_checks)
+
     def step(self) -> list[tuple[int, TokenRecord, bool]]:
         """One token for every active row: ``[(row, record, finished), ...]`` in row order of
         :attr:`active`. A row that finished leaves :attr:`active` (its slot stays taken until
@@ -361,13 +383,23 @@ class Decoder:
         active = list(self.active)
         if not active:
             return []
-        ids = torch.tensor([[self.rows[r].next_token] for r in active], device=self.lm.device)
+        fresh = [r for r in active if self.rows[r].first is not None]
+        going = [r for r in active if self.rows[r].first is None]
+        outs: dict[int, tuple] = {}
         with torch.inference_mode():
-            out = self._step_rows(active, ids, [self.rows[r].position for r in active])
-            picks = self._pick(out.logits, active)
+            for rows, first in ((fresh, True), (going, False)):
+                if not rows:
+                    continue
+                if first:
+                    out = self._first_tokens(rows)
+                else:
+                    ids = torch.tensor([[self.rows[r].next_token] for r in rows], device=self.lm.device)
+                    out = self._step_rows(rows, ids, [self.rows[r].position for r in rows])
+                picks = self._pick(out.logits, rows)
+                for j, r in enumerate(rows):
+                    outs[r] = (picks[j], out.exit_layers[j], out.confidences[j], out.costs[j])
         now = time.perf_counter()
-        return [(r, *self._emit(r, picks[j], out.exit_layers[j], out.confidences[j], out.costs[j], now=now))
-                for j, r in enumerate(active)]
+        return [(r, *self._emit(r, *outs[r], now=now)) for r in active]
 
     def run(self, on_token: Callable[[int, TokenRecord], None] | None = None) -> Iterator[tuple[int, TokenRecord]]:
         """Prefill the rows given at construction, then one :meth:`step` per token until every row has

@@ -147,6 +147,7 @@ class SpeculativeDecoder(Decoder):
 
     max_rows = 1  # the verify pass rolls back one sequence's cache
     runs = ("speculative",)
+    first_token_checks = False  # the first token is the full model's, from the prefill
 
     def __init__(self, lm: LiteModel, prompts: list[list[int]], policy: ExitPolicy,
                  settings: GenerationSettings | list[GenerationSettings], regroup: bool | None = None) -> None:
@@ -232,6 +233,9 @@ class SpeculativeDecoder(Decoder):
         if not self.active:
             return []
         (r,) = self.active
+        if self.rows[r].first is not None:  # the first token: the full model's, from the prefill
+            self.rounds.append((0, 0))  # a round that drafted nothing
+            return super().step()
         with torch.inference_mode():
             emitted, drafted, accepted = self._round(r)
         self.rounds.append((drafted, accepted))

@@ -160,9 +160,10 @@ def _check(lm: LiteModel, plan: Plan, layer: int, h: torch.Tensor, idx: list[int
     return [v >= threshold for v in values], None, values, h[:, -1], None
 
 
-def decode_step(lm: LiteModel, plan: Plan, cache: KVCache, rows: list[int], tokens: torch.Tensor,
+def decode_step(lm: LiteModel, plan: Plan, cache: KVCache, rows: list[int], tokens: torch.Tensor | None,
                 positions: list[int], *, kv: str = "copy", ride: bool = False, pending: torch.Tensor | None = None,
-                check: bool = True, stop_below: float | None = None, final_head: bool = True) -> StepOut:
+                check: bool = True, stop_below: float | None = None, final_head: bool = True,
+                given: torch.Tensor | None = None, record_confidence: bool = True) -> StepOut:
     """One decode step of the cache rows ``rows``: their tokens (b, 1) at ``positions`` through the blocks
     until each leaves.
 
@@ -175,6 +176,11 @@ def decode_step(lm: LiteModel, plan: Plan, cache: KVCache, rows: list[int], toke
         stop_below: a row whose confidence at a check is below this checks no further exits this step.
         final_head: read the full head for the rows that reach L and record their confidence (False: the
             caller reads it, over more positions, from ``states``: a speculative verify).
+        given: the raw states of every layer at these positions, already computed (the prompt's last
+            position, run by the prefill): ``(L + 1, b, 1, D)``, entry 0 the input embedding. No block runs
+            and no K/V is written: only the exit decisions and heads, and their cost.
+        record_confidence: record each row's confidence at its exit (False: a speculative first token,
+            which is the full model's).
     Returns:
         The :class:`StepOut`; every piece of work is in its ``costs``.
     """
@@ -191,13 +197,16 @@ def decode_step(lm: LiteModel, plan: Plan, cache: KVCache, rows: list[int], toke
     run = inside  # the rows the blocks run on, in the order of h: inside, or every row when riding
     left = torch.zeros(b, 1, 1, dtype=torch.bool, device=lm.device) if ride else None  # rows riding
     pinned = None  # riding: by row, the exit states of the rows that left (their input from then on)
-    h = lm.embed(tokens)  # (b, 1, D)
+    h = lm.embed(tokens) if given is None else given[0]  # (b, 1, D)
     prev = h[:, -1]  # state_cosine: "layer 0" is the input embedding, of the rows inside
     last = 0  # the last block run this step
     for layer in range(1, plan.stop_layer + 1):
-        h = _block(lm, layer, h, cache, pending, rows, positions, run, meter)
+        if given is None:
+            h = _block(lm, layer, h, cache, pending, rows, positions, run, meter)
+            meter.blocks(inside)
+        else:  # computed by the prefill, charged there
+            h = given[layer] if len(run) == b else given[layer][run]
         last = layer
-        meter.blocks(inside)
         if pinned is not None:  # riding rows keep their exit state as the next block's input
             h = torch.where(left, pinned, h)
             meter.rode(i for i in run if exit_layer[i] < layer)
@@ -246,11 +255,13 @@ def decode_step(lm: LiteModel, plan: Plan, cache: KVCache, rows: list[int], toke
     for j, i in enumerate(inside):  # the rows that reached the stop layer
         exit_state[i] = h[i if ride else j:(i if ride else j) + 1]
     _read_heads(lm, plan, exit_layer, exit_state, exit_normed, has_logits, conf, out_logits, meter, final_head)
-    if plan.kind != "none":
+    if plan.kind != "none" and record_confidence:
         _record_confidence(plan, conf, out_logits, exit_layer, has_logits, inside, h, prev, ride, meter,
                            cosine_at_end=check and final_head)
     meter.exits(exit_layer)
-    if kv == "copy":  # fill the blocks no row ran for its position, from its exit state, by layer
+    if given is not None:
+        pass  # every block already holds these positions' own K/V
+    elif kv == "copy":  # fill the blocks no row ran for its position, from its exit state, by layer
         done = [max(exit_layer[i], last) if ride else exit_layer[i] for i in range(b)]
         for layer in range(min(done) + 1, L + 1):
             group = [i for i in range(b) if done[i] < layer]
