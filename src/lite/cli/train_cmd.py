@@ -65,9 +65,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "when the tokenizer has a chat template, else alpaca (default auto; recorded in "
                         "lite_config.json)")
     p.add_argument("--filter", action="append", default=None, metavar="FIELD=VALUE",
-                   help="keep rows whose FIELD equals VALUE (repeatable), e.g. status=ok for alpaca-libre")
+                   help="keep rows whose FIELD equals VALUE (repeatable; rows without FIELD are kept; a FIELD "
+                        "given several times keeps any of its values), e.g. status=ok for alpaca-libre")
     p.add_argument("--heldout-fraction", type=number(float, 0, 1, high_open=True), default=0.05,
                    help="share of rows kept aside for calibration (default 0.05)")
+    p.add_argument("--heldout-from", default=None, metavar="MODEL",
+                   help="hold out exactly the rows MODEL (trained by lite train) held out, instead of drawing "
+                        "--heldout-fraction: its sources must come first in --data; for runs on more data "
+                        "measured on the same rows (e.g. smollm2-135m-lite)")
     p.add_argument("--seed", type=seed, default=0, help="seed of the held-out split and of training (default 0)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision)")
     p.add_argument("--gradient-checkpointing", action="store_true",
@@ -133,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         lora_rank=args.lora_rank, lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
         baseline=args.baseline, exit_layers=args.exit_layers,
         loss_weighting=args.loss_weighting, prompt_format=args.prompt_format, filters=args.filter,
-        heldout_fraction=args.heldout_fraction, seed=args.seed, bf16=args.bf16,
+        heldout_fraction=args.heldout_fraction, heldout_from=args.heldout_from, seed=args.seed, bf16=args.bf16,
         gradient_checkpointing=args.gradient_checkpointing, save_steps=args.save_steps,
         logging_steps=args.logging_steps, dtype=args.dtype, device=args.device, loss_mode=args.loss_mode, progress=progress,
         show_progress_bar=not args.no_progress_bar, recipe=args.recipe, targets=args.targets, ce_weight=args.ce_weight,
