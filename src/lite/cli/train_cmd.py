@@ -109,6 +109,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(generated once, batched, cached in <out>.partial); default: the recipe's (yes for "
                         "exit-modules, no for paper)")
     p.add_argument("--own-answer-tokens", type=positive_int, default=128, help="cap per own answer (default 128)")
+    p.add_argument("--own-answers-batch-size", type=positive_int, default=16, metavar="N",
+                   help="prompts whose own answers are generated together (default 16)")
     p.add_argument("--own-answers-cache", default=None, metavar="FILE",
                    help="keep the own answers in FILE (JSONL) instead of <out>.partial, to share them between runs "
                         "on the same rows and model")
@@ -143,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         logging_steps=args.logging_steps, dtype=args.dtype, device=args.device, loss_mode=args.loss_mode, progress=progress,
         show_progress_bar=not args.no_progress_bar, recipe=args.recipe, targets=args.targets, ce_weight=args.ce_weight,
         exit_modules=args.exit_modules, own_answers=args.own_answers, own_answer_tokens=args.own_answer_tokens,
-        own_answers_cache=args.own_answers_cache, snapshot_minutes=args.snapshot_minutes,
+        own_answers_cache=args.own_answers_cache, own_answers_batch_size=args.own_answers_batch_size, snapshot_minutes=args.snapshot_minutes,
         max_minutes=args.max_minutes, state_cache_gb=args.state_cache_gb, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         warmup_ratio=args.warmup_ratio, chunk_size=args.chunk_size, report_to=args.report_to, fsdp=args.fsdp,
     )

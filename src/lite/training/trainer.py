@@ -161,6 +161,7 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
           targets: str | None = None, ce_weight: float = 0.5, exit_modules: str | None = None,
           own_answers: bool | None = None,
           own_answer_tokens: int = 128, own_answers_cache: str | os.PathLike[str] | None = None,
+          own_answers_batch_size: int = 16,
           snapshot_minutes: float | None = None, max_minutes: float | None = None,
           state_cache_gb: float = 4.0, heldout_from: str | None = None, progress: Callable[[str], None] | None = None,
           show_progress_bar: bool = True) -> TrainResult:
@@ -216,6 +217,8 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
             tokens) instead of the dataset's responses (:mod:`lite.training.own_answers`), cached in the
             work folder, or in ``own_answers_cache`` (a JSONL file kept across runs: its entries are keyed
             by row, prompt, model and budget, so runs on the same rows share it and others regenerate).
+            ``own_answers_batch_size`` prompts are generated together (more rows per step cost little more
+            on a memory-bound CPU or GPU; the answers are the same).
         max_minutes: end training once this many minutes of training have passed (the run's training clock,
             over resumes), even if ``max_steps``/``epochs`` planned more: recipes compared at equal time.
             The learning-rate schedule still spans the planned steps, so plan about as many as fit.
@@ -305,6 +308,8 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
                          "under torchrun")
     if own_answer_tokens < 1:
         raise TrainError(f"--own-answer-tokens must be at least 1, got {own_answer_tokens}")
+    if own_answers_batch_size < 1:
+        raise TrainError(f"--own-answers-batch-size must be at least 1, got {own_answers_batch_size}")
     for flag, value in (("--warmup-ratio", warmup_ratio), ("--lora-dropout", lora_dropout)):
         if not (math.isfinite(value) and 0.0 <= value < 1.0):
             raise TrainError(f"{flag} must be in [0, 1), got {value}")
@@ -355,6 +360,7 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
     if own_answers:  # generated once by the starting model, cached in the work folder (resumable)
         train_rows, answers = generate_own_answers(lm, split.train, prompt_format=prompt_format,
                                                    cache=answers_path, max_new_tokens=own_answer_tokens,
+                                                   batch_size=own_answers_batch_size,
                                                    model_id=_portable_model_spec(model), bf16=bf16,
                                                    max_prompt_tokens=max_length, progress=say)
     dataset = TokenizedDataset(train_rows, tokenizer, prompt_format, max_length)
