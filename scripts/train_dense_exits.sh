@@ -27,7 +27,7 @@ SNAPSHOT_MINUTES=${SNAPSHOT_MINUTES:-15}
 OUT=${OUT:-$HOME_DIR/runs/dense-affine}
 OWN_ANSWERS=${OWN_ANSWERS:-$HOME_DIR/own_answers-dense-smollm2-135m-instruct-64tok-fp32.jsonl}
 BUDGET=(${MAX_MINUTES:+--max-minutes "$MAX_MINUTES"})  # optional: end training at this many minutes
-export OMP_NUM_THREADS=${THREADS:-2}
+export OMP_NUM_THREADS=${THREADS:-1}  # 1: on this shared 2-core CPU, 2 threads spent 4.5x the CPU time per batch (OpenMP spinning)
 LITE=${LITE:-.venv/bin/lite}
 DOLLY_FILE=russellemergentai/DatabricksDolly15k_transform_finetune:output1to1000.csv
 EXTRA=() MORE=()

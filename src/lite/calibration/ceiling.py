@@ -69,6 +69,7 @@ class Ceiling:
         default: the policy ``--exit auto`` decodes with (``lite_config.json``'s), or None.
         exit_vocab: the exit vocabulary the exits were read over (None: the full head).
         source: how the tokens were made ("generated": the model's own greedy answers).
+        confidence: the measure the ``dynamic`` policy's thresholds belong to.
     """
 
     layers: list[int]
@@ -83,6 +84,7 @@ class Ceiling:
     default: str | None = None
     exit_vocab: int | None = None
     source: str = "generated"
+    confidence: str = "max_prob"
 
     def saving_at(self, rule: str, agreement: float) -> float:
         """The largest saving of ``rule``'s frontier among cuts whose agreement reaches ``agreement`` (0.0:
@@ -100,6 +102,7 @@ class Ceiling:
             "saving_at_agreement": {rule: {f"{bar:.2f}": round(self.saving_at(rule, bar), 4)
                                            for bar in AGREEMENT_BARS} for rule in self.frontiers},
             "policies": {k: _point_record(p) for k, p in self.policies.items()}, "default": self.default,
+            "confidence": self.confidence,
             "frontiers": {rule: [_point_record(p) for p in pts] for rule, pts in self.frontiers.items()},
         }
 
@@ -193,7 +196,7 @@ def ceiling(data: CalibrationData, *, gate=None, thresholds: dict[int, float] | 
         oracle_saving=float(1.0 - exits.mean() / L),
         oracle_share={k: float((exits == k).mean()) for k in [*layers, L]},
         agreement={k: float(agree[j].mean()) for j, k in enumerate(layers)},
-        default=default, exit_vocab=data.exit_vocab, source=data.source,
+        default=default, exit_vocab=data.exit_vocab, source=data.source, confidence=confidence,
     )
     subset = layers != list(data.layers)
     for name in conf_mod.MEASURES:
@@ -278,7 +281,9 @@ def markdown(c: Ceiling | dict[str, Any]) -> str:
              f"| oracle: the first exit whose argmax is layer {L}'s | {_pct(r['oracle_saving'])} | 1.000 |"]
     for name, p in r["policies"].items():
         mark = " (the default, --exit auto)" if name == r.get("default") else ""
-        lines.append(f"| calibrated {name}{mark} | {_pct(p['saving'])} | {p['agreement']:.3f} |")
+        how = (f"{RULE_NAMES.get(r.get('confidence'), r.get('confidence'))} thresholds per exit" if name == "dynamic"
+               else "its cut per exit")
+        lines.append(f"| calibrated {name}, {how}{mark} | {_pct(p['saving'])} | {p['agreement']:.3f} |")
     bars = list(next(iter(r["saving_at_agreement"].values()), {}))
     lines += ["", "| rule, one cut at every exit | " + " | ".join(f"saving at agreement >= {b}" for b in bars) + " |",
               "|---|" + "---|" * len(bars)]
