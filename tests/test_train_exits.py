@@ -283,3 +283,23 @@ def test_prompt_only_rows_train_on_own_answers_and_the_papers_recipe_refuses_the
         err = capsys.readouterr().err
         assert f"{prompts.resolve()}: 6 rows have no output" in err and "--own-answers" in err
         assert not out.with_name(out.name + ".partial").exists()
+
+
+def test_prompts_longer_than_max_length_get_no_answer(tiny_model_dir, tmp_path, monkeypatch):
+    """A prompt of --max-length tokens or more would keep none of its answer: it is not generated, its row
+    is dropped by tokenisation (and counted); the others are answered as before."""
+    import lite.training.own_answers as own
+    from lite.training.data import Example, TokenizedDataset, prompt_ids
+
+    lm = load_model(tiny_model_dir, device="cpu")
+    rows = [Example("0:0", "Hi.", "", "x"), Example("0:1", "word " * 80, "", "x")]
+    limit = len(prompt_ids(lm.tokenizer, rows[1], "alpaca"))
+    seen = []
+    real = own.hf_generate_batch
+    monkeypatch.setattr(own, "hf_generate_batch", lambda lm_, prompts, *a, **k: seen.append(len(prompts)) or
+                        real(lm_, prompts, *a, **k))
+    answered, prov = own.generate_own_answers(lm, rows, prompt_format="alpaca", cache=tmp_path / ANSWERS_FILE,
+                                              max_new_tokens=4, max_prompt_tokens=limit, batch_size=4)
+    assert seen == [1] and answered[1].response_ids == () and len(answered[0].response_ids) > 0
+    assert prov["rows_prompt_too_long"] == 1
+    assert TokenizedDataset(answered, lm.tokenizer, "alpaca", max_length=limit).dropped == 1
