@@ -223,6 +223,16 @@ def test_cli_run_uses_calibrated_thresholds(tiny_model_dir, sets, tmp_path, monk
     assert report["model"]["thresholds"] == {"1": 0.1, "2": 0.1, "3": 0.1}
     record = json.loads((out / RECORDS).read_text())
     assert record["prompt_tokens"] > 20  # the Alpaca template wraps the 13-character question
+    # the ceiling, teacher-forced on the full run's answer: every answer token scored, the calibrated policy
+    # on it, a table in report.md, its plot, and one line on the terminal
+    ceiling = report["ceiling"]
+    assert ceiling["tokens"] == len(record["full"]["token_ids"]) and ceiling["layers"] == [1, 2, 3]
+    assert 0.0 <= ceiling["oracle_saving"] <= 0.75 and ceiling["default"] == "dynamic"
+    assert set(ceiling["frontiers"]) == {"max_prob", "margin", "entropy", "state_cosine"}
+    assert ceiling["policies"]["dynamic"]["saving"] <= ceiling["oracle_saving"] + 1e-9 or \
+        ceiling["policies"]["dynamic"]["agreement"] < 1.0  # beating the oracle costs agreement
+    assert "| oracle" in (out / "report.md").read_text() and (out / "plots" / "ceiling.png").is_file()
+    assert "oracle layer saving" in captured.err
     # recalibrating the model between two runs into the same folder is refused, not silently mixed
     LiteConfig.default_for(4, thresholds={"1": 0.2, "2": 0.2, "3": 0.2}, prompt_format="alpaca").save(folder)
     with pytest.raises(EvalError, match="changed since the run .* started \\(thresholds\\)"):

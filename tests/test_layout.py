@@ -23,7 +23,7 @@ ALLOWED = {
     "training": {"decoding", "model", "errors", "files"},  # own answers are decoded by the model
     "decoding": {"model", "errors", "files"},
     "calibration": {"decoding", "training", "model", "errors", "files"},
-    "evaluation": {"decoding", "model", "errors", "files"},
+    "evaluation": {"calibration", "decoding", "model", "errors", "files"},  # the ceiling, by calibration's scorer
     "serving": {"decoding", "model", "errors", "files"},
     "demo": {"decoding", "evaluation", "model", "errors", "files"},
     "api": {"decoding", "model", "errors", "files"},  # lite.load / LiteLM.generate: a face over the two

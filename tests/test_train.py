@@ -133,13 +133,15 @@ def _write(path, text):
     return str(path)
 
 
-@pytest.mark.parametrize("case", ["missing", "malformed", "fields", "empty", "exits", "unsorted", "model"])
+@pytest.mark.parametrize("case", ["missing", "malformed", "fields", "prompt-only", "empty", "exits", "unsorted",
+                                  "model"])
 def test_bad_input_exits_2_with_one_message_and_no_output(case, tiny_model_dir, data_file, tmp_path, capsys):
     data, model, extra = str(data_file), str(tiny_model_dir), []
     expect = {
         "missing": "nope.jsonl: no such file",
         "malformed": "malformed JSON on line 2",
-        "fields": "row 0 (0-based) lacks string field(s) ['output']",
+        "fields": "row 0 (0-based) lacks string field(s) ['instruction']",
+        "prompt-only": "p.jsonl: 1 rows have no output (prompt only; the first is row 0, 0-based), but --recipe paper",
         "empty": "no rows left to train on",
         "exits": "--exit-layers [7] out of range",
         "unsorted": "--exit-layers must be strictly increasing",
@@ -150,7 +152,10 @@ def test_bad_input_exits_2_with_one_message_and_no_output(case, tiny_model_dir, 
     elif case == "malformed":
         data = _write(tmp_path / "bad.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": \n')
     elif case == "fields":
-        data = _write(tmp_path / "f.jsonl", '{"instruction": "a", "input": ""}\n')
+        data = _write(tmp_path / "f.jsonl", '{"input": "a", "output": "b"}\n')
+    elif case == "prompt-only":  # a row without output: only the model's own answers can train on it
+        data = _write(tmp_path / "p.jsonl", '{"instruction": "a", "input": ""}\n')
+        extra = ["--recipe", "paper"]
     elif case == "empty":
         extra = ["--filter", "status=missing"]
     elif case == "exits":

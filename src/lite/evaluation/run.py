@@ -382,6 +382,19 @@ def _evaluate_batch(lm, job: _Job, items: list[tuple[TestSet, TestPrompt]], cfg:
     return records
 
 
+def _ceiling(lm, job: _Job, records: list[dict | None]) -> dict[str, Any] | None:
+    """The model's ceiling teacher-forced on its full runs' answers (the prompts' own greedy answers), as
+    :meth:`lite.calibration.ceiling.Ceiling.record`; None when the model has no exit below L or no answer."""
+    from ..calibration.ceiling import measure_ceiling
+    from ..model.prompts import encode_prompt
+
+    pairs = [(encode_prompt(lm.tokenizer, r["instruction"], r["input"], job.fmt), list(r["full"]["token_ids"]))
+             for r in records if r is not None and "full" in r and r["full"]["token_ids"]]
+    if not pairs or not [k for k in lm.exit_layers if k < lm.num_layers]:
+        return None
+    return measure_ceiling(lm, answers=pairs)[0].record()
+
+
 def _warm_up(lm, job: _Job, cfg: EvalConfig) -> None:
     """One short untimed generation each way, so that first-call allocations do not skew the timings."""
     from ..model.prompts import encode_prompt
@@ -402,7 +415,7 @@ def evaluate(model: str | None = None, testsets: list[str] | None = None, *,
              max_new_tokens: int = 128, dtype: str = "auto", prompt_format: str | None = None,
              judge_url: str | None = None, judge_model: str | None = None, hf_baseline: bool = True,
              restart: bool = False, embedder=None, progress_bar: bool = False, device: str | None = None,
-             batch_size: int = 8,
+             batch_size: int = 8, ceiling: bool = True,
              log: Callable[[str], None] | None = None) -> EvalResult:
     """Evaluate early exit against the full model and write the report into ``out``.
 
@@ -413,6 +426,9 @@ def evaluate(model: str | None = None, testsets: list[str] | None = None, *,
             ``report.md`` and ``plots/*.png``.
         device: where both models run (default: the accelerator torch reports, else cpu).
         restart: discard the records of an earlier run in ``out`` instead of continuing it.
+        ceiling: also report the evaluated model's ceiling (:mod:`lite.calibration.ceiling`), teacher-forced
+            on its full runs' answers (its own greedy answers): the oracle saving and each decision rule's
+            frontier, with its policies on it (a table in ``report.md``, ``plots/ceiling.png``).
         embedder: sentence embedder for similarity (default: offline all-MiniLM-L6-v2).
         progress_bar: a tqdm bar over prompts on stderr.
         log: called with short status lines.
@@ -467,6 +483,7 @@ def evaluate(model: str | None = None, testsets: list[str] | None = None, *,
         for name in REPORT_FILES:  # a report from before would now be stale
             (out / name).unlink(missing_ok=True)
     bar = None
+    ceiling_record = None
     models_info: dict[str, Any] = {}
     ran = 0
     try:
@@ -499,6 +516,8 @@ def evaluate(model: str | None = None, testsets: list[str] | None = None, *,
                     ran += 1
                     if bar is not None:
                         bar.update(1)
+            if ceiling and role == "main":
+                ceiling_record = _ceiling(lm, job, [done.get((role, s.name, p.id)) for s in sets for p in s.prompts])
             del lm
     finally:
         if bar is not None:
@@ -508,5 +527,7 @@ def evaluate(model: str | None = None, testsets: list[str] | None = None, *,
 
     records = [done[(role, s.name, p.id)] for role, s, p in wanted]
     report = build_report(records, cfg, models_info, sets, embedder=embedder)
+    if ceiling_record is not None:
+        report["ceiling"] = ceiling_record
     files = write_report(out, report)
     return EvalResult(out=out, complete=True, report=report, files=files, prompts_run=ran)

@@ -51,7 +51,7 @@ def _read_cache(path: Path) -> dict[str, dict[str, Any]]:
 
 def generate_own_answers(lm, examples: list[Example], *, prompt_format: str, cache: Path,
                          max_new_tokens: int = 128, batch_size: int = 16, model_id: str | None = None,
-                         bf16: bool = False,
+                         bf16: bool = False, max_prompt_tokens: int | None = None,
                          progress: Callable[[str], None] | None = None) -> tuple[list[Example], dict[str, Any]]:
     """Replace each example's response by ``lm``'s own greedy answer, generated once and cached.
 
@@ -65,6 +65,8 @@ def generate_own_answers(lm, examples: list[Example], *, prompt_format: str, cac
         model_id: what the model was loaded from (recorded per answer; answers of another model are refused).
         bf16: generate under bf16 autocast (``--bf16``; 2-3x faster on CPUs with native bf16). Greedy answers
             can then differ from float32 ones at near-ties; they are still the model's own answers.
+        max_prompt_tokens: rows whose prompt has at least this many tokens get no answer (an empty response,
+            which tokenisation drops): with ``--max-length`` this many, none of their answer would be kept.
     Returns:
         (examples with ``response_ids`` set to the answers, provenance for ``lite_config.json``).
     """
@@ -85,7 +87,9 @@ def generate_own_answers(lm, examples: list[Example], *, prompt_format: str, cac
             entry["ids"] = entry["ids"][:max_new_tokens]
         elif made_with < max_new_tokens and not ended:  # cut shorter than asked now: generate again
             entry["stale"] = True
-    todo = [i for i, e in enumerate(examples) if e.row_id not in done or done[e.row_id].get("stale")]
+    too_long = {i for i, p in enumerate(prompts) if max_prompt_tokens is not None and len(p) >= max_prompt_tokens}
+    todo = [i for i, e in enumerate(examples) if i not in too_long and (
+        e.row_id not in done or done[e.row_id].get("stale"))]
     start = time.perf_counter()
     if todo:
         say(f"generating the model's own answers for {len(todo)} of {len(examples)} rows "
@@ -105,13 +109,15 @@ def generate_own_answers(lm, examples: list[Example], *, prompt_format: str, cac
         with cache.open("a", encoding="utf-8") as f:  # one append per batch: a kill loses one batch at most
             f.write("\n".join(lines) + "\n")
         say(f"own answers: {min(b + batch_size, len(todo))}/{len(todo)}")
-    answered = [dataclasses.replace(e, response_ids=tuple(done[e.row_id]["ids"])) for e in examples]
+    answered = [dataclasses.replace(e, response_ids=() if i in too_long else tuple(done[e.row_id]["ids"]))
+                for i, e in enumerate(examples)]
     lengths = [len(e.response_ids) for e in answered]
     provenance = {
         "responses": "own answers", "file": ANSWERS_FILE, "rows": len(answered),
         "max_new_tokens": max_new_tokens, "greedy": True, "prompt_format": prompt_format,
         "autocast": "bfloat16" if bf16 else None,
-        "mean_tokens": round(sum(lengths) / max(len(lengths), 1), 1),
+        "mean_tokens": round(sum(lengths) / max(len(lengths) - len(too_long), 1), 1),
+        "rows_prompt_too_long": len(too_long),
         "generated_seconds": round(time.perf_counter() - start, 1),
     }
     return answered, provenance
