@@ -32,6 +32,7 @@ from torch import nn
 
 from .config import LiteConfig
 from .exit_modules import ExitModules
+from .fast_block import FastBlocks, fast_blocks
 
 TRANSFORMERS_CHECKED = ("5.0", "5.24")  # the oldest and newest transformers the adapter was tested with
 
@@ -215,6 +216,7 @@ class LiteModel:
                     f"(Llama, Mistral, Qwen2, SmolLM) with embed_tokens, layers, norm, rotary_emb and lm_head"
                 )
         self._cache_kw = cache_keyword(self.blocks[0])  # decided once, at wrap time
+        self._fast: FastBlocks | None = None  # plain Llama blocks called on their weights (new_cache decides)
         self.lite_config = lite_config or LiteConfig.default_for(self.num_layers)
         if self.lite_config.num_layers != self.num_layers:
             raise ValueError(
@@ -410,6 +412,7 @@ class LiteModel:
     def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
         """A cache for ``batch`` independent sequences of up to ``max_len`` positions each, in the model's
         dtype and device."""
+        self._fast = fast_blocks(self.model, self.blocks)  # seen afresh per decode: a model wrapped later runs its modules
         return KVCache(self.num_layers, batch, self.kv_heads, self.head_dim, max_len, self.dtype, self.device)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -446,6 +449,8 @@ class LiteModel:
         """
         rows = list(range(cache.batch)) if rows is None else rows
         view = cache.view(layer - 1, rows, hidden.shape[1])
+        if self._fast is not None:
+            return self._fast(layer - 1, hidden, view.mask(self.dtype, self.device), self._rope_for(view), view)
         return self.blocks[layer - 1](hidden, attention_mask=view.mask(self.dtype, self.device),
                                       position_embeddings=self._rope_for(view), use_cache=True,
                                       **{self._cache_kw: view})
