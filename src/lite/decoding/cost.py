@@ -36,7 +36,7 @@ t - 1 at position ``prompt_len + t - 2`` and produces token t.
 The full-model reference: ``full_flops(n)`` = the first token's head plus n - 1 decode steps of all L
 blocks and one head evaluation each, from the same prompt. ``compute_cost_improvement`` compares the early-exit sequence with the full model
 generating ``reference_tokens`` tokens: the full model's own answer length when the caller knows it
-(evaluation decodes both), so that an early-exit answer that runs longer counts against it (SPEC §4);
+(evaluation decodes both), so that an early-exit answer that runs longer counts against it;
 when it is not known, the same number of tokens the early-exit run produced.
 """
 
