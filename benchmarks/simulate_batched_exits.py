@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"batch": B, "curve": name, **s})
         lines.append(f"| {B} | {depth:.1f} | " + " | ".join(cells) + " |")
     measured_rows = {r["batch"]: r for r in batch["rows"]}
-    lines += ["", "Measured by `bench_batch.py` (the same engine, 16 Vicuna prompts, mean exit "
+    lines += ["", "Measured (`batch.json`, by the batched engine before the engines became one; 16 Vicuna prompts, mean exit "
               f"{batch['rows'][0]['mean_exit_layer']:.1f}), exits on against off: "
               + "; ".join(f"batch {b}: ride along {r['exit_vs_off']:.2f}x, regroup {r['regroup_vs_off']:.2f}x"
                           for b, r in sorted(measured_rows.items())) + ".", ""]
