@@ -170,12 +170,14 @@ def test_public_names_still_come_from_the_top(name, home):
 
 
 def test_only_the_adapter_touches_transformers_model_internals():
-    """Decoder blocks, rotary embeddings and the cache protocol are reached only through the adapter."""
+    """Decoder blocks, rotary embeddings and the cache protocol are reached only through the adapter (and
+    its fast path for plain Llama blocks, which the adapter alone calls)."""
     internals = ("rotary_emb", "apply_rotary_pos_emb", "input_layernorm", ".layers[", "past_key_values")
     offenders = []
     for name, path in _modules().items():
-        if name == "lite.model.adapter":
+        if name in ("lite.model.adapter", "lite.model.fast_block"):
             continue
+        assert "fast_block" not in path.read_text(), f"{name}: only the adapter calls the fast blocks"
         text = path.read_text()
         offenders += [f"{name}: {word}" for word in internals if word in text]
     assert offenders == []
