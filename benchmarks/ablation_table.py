@@ -1,4 +1,4 @@
-"""The recipe table of issue 14 (SPEC section 7): how each way of training the exits of one model does.
+"""The recipe table: how each way of training the exits of one model does.
 
 Reads the JSON that ``benchmarks/exit_agreement.py`` wrote for every recipe's output folder and the
 untuned model, on the same held-out rows, plus each folder's ``lite_config.json`` (recipe, training time)

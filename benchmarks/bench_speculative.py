@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO / "src"))
 from common import vicuna_questions
 
 from lite import load_model
-from lite.decoding import ExitPolicy, GenerationSettings, generate, parse_thresholds
+from lite.decoding import ExitPolicy, GenerationSettings, generate
 from lite.decoding.cost import ModelShape
 from lite.decoding.reference import hf_generate
 from lite.files import write_atomic
@@ -64,8 +64,8 @@ class CallTimer:
         self._block, self._head = lm.run_block, lm.exit_logits
         lm.run_block = self._timed(self._block, "block", lambda a: a[1].shape[1])
         lm.exit_logits = self._timed(self._head, "head", lambda a: a[0].reshape(-1, a[0].shape[-1]).shape[0])
-        subset_head = lm.subset_head
-        lm.subset_head = lambda ids: self._timed(subset_head(ids), "draft_head",
+        vocab_head = lm.vocab_head
+        lm.vocab_head = lambda ids: self._timed(vocab_head(ids), "draft_head",
                                                  lambda a: a[0].reshape(-1, a[0].shape[-1]).shape[0])
 
     def _timed(self, fn, kind, width):
@@ -92,7 +92,7 @@ class CallTimer:
 def unit_costs(lm, context: int, reps: int = 20) -> dict[str, float]:
     """Milliseconds of one decoder block (middle layer) and of the head, for 1 and 5 positions, with a
     ``context``-position cache."""
-    cache, rope = lm.new_cache(context + 8), lm.rope(0, context + 8)
+    cache = lm.new_cache(context + 8)
     cache.lengths = [context] * lm.num_layers
     layer = lm.num_layers // 2
     out = {}
@@ -100,12 +100,12 @@ def unit_costs(lm, context: int, reps: int = 20) -> dict[str, float]:
         for n in (1, 5):
             h = torch.randn(1, n, lm.hidden_size, dtype=lm.dtype)
             for _ in range(3):
-                lm.run_block(layer, h, rope, cache)
+                lm.run_block(layer, h, cache)
                 cache.truncate(context)
                 lm.exit_logits(h)
             start = time.perf_counter()
             for _ in range(reps):
-                lm.run_block(layer, h, rope, cache)
+                lm.run_block(layer, h, cache)
                 cache.truncate(context)
             out[f"block_ms_{n}"] = (time.perf_counter() - start) / reps * 1000
             start = time.perf_counter()
@@ -118,33 +118,18 @@ def unit_costs(lm, context: int, reps: int = 20) -> dict[str, float]:
 def _draft_head_size(lm, policy: ExitPolicy) -> int | None:
     """Rows of the head the drafts read: --draft-vocab, else the calibrated exit vocabulary, else None
     (the whole vocabulary)."""
-    from lite.decoding.policy import resolve_policy
-
-    ids = resolve_policy(lm, policy).draft_ids
-    return None if ids is None else len(ids)
+    return None if policy.exit_ids is None else len(policy.exit_ids)
 
 
 def build_policy(lm, args) -> ExitPolicy:
-    L = lm.num_layers
-    layers = [int(k) for k in args.exit_layers.split(",")] if args.exit_layers else lm.exit_layers
-    if layers[-1] != L:
-        layers.append(L)
-    if args.thresholds == "calibrated":
-        thresholds = {}
-    elif ":" in args.thresholds:
-        thresholds = parse_thresholds(args.thresholds)
-    else:
-        thresholds = {k: float(args.thresholds) for k in layers if k < L}
-    gate = None
-    if args.gate:
-        from lite.decoding.gate import load_gate
+    """The speculative policy of the flags, built by lite's own flag parser."""
+    from lite.decoding import ExitOptions
+    from lite.decoding import build_policy as lite_build_policy
 
-        gate = load_gate(lm)
-        if gate is None:
-            raise SystemExit(f"--gate: {args.model} has no learned exit gate (lite calibrate --gate)")
-    return ExitPolicy("speculative", thresholds=thresholds, confidence=args.confidence, exit_layers=layers, gate=gate,
-                      max_draft_tokens=args.max_draft, draft_stop_confidence=args.draft_stop,
-                      draft_vocab=args.draft_vocab)
+    return lite_build_policy(lm, ExitOptions(
+        exit="speculative", thresholds=None if args.thresholds == "calibrated" else args.thresholds,
+        confidence=None if args.thresholds == "calibrated" else args.confidence, exit_layers=args.exit_layers,
+        gate=args.gate, max_draft=args.max_draft, draft_stop=args.draft_stop, draft_vocab=args.draft_vocab))
 
 
 def run(args) -> dict:

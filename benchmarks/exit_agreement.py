@@ -1,6 +1,6 @@
 """How well each exit layer agrees with the final layer, on held-out prompts, for one or more models.
 
-SPEC section 7's deciding measure. For every model, on the same held-out rows (the rows `lite train` kept
+The measure that decides between ways of training the exits. For every model, on the same held-out rows (the rows `lite train` kept
 aside, never the test sets), the model first writes its OWN full greedy answer (exits off); prompt + answer
 is then teacher-forced in one forward, and at every answer position (each predicting the next answer
 token) each exit layer k is scored against the final layer L:

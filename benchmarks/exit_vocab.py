@@ -31,8 +31,7 @@ from lite.calibration.calibrate import (
     select,
 )
 from lite.decoding import confidence as conf_mod
-from lite.decoding.draft_vocab import shortlist_head
-from lite.decoding.policy import shortlist_ids
+from lite.decoding.spec import exit_vocab_ids
 from lite.model.loading import load_model
 from lite.model.prompts import default_format
 from lite.training.data import load_heldout
@@ -53,7 +52,10 @@ def main() -> None:
     examples = load_heldout(lm.lite_config)[: args.limit]
     layers = calibration_layers(lm)
     sizes = [int(n) for n in args.sizes.split(",")]
-    heads = {n: shortlist_head(lm, shortlist_ids(lm, n, "--exit-vocab")) for n in sizes}
+    heads = {}
+    for n in sizes:
+        ids = list(exit_vocab_ids(lm, n))
+        heads[n] = (torch.tensor(ids, dtype=torch.long, device=lm.device), lm.vocab_head(ids))
     keys = [None] + sizes
     conf: dict = {k: [] for k in keys}
     agree: dict = {k: [] for k in keys}
@@ -64,11 +66,11 @@ def main() -> None:
                 continue
             ids, positions = seq
             x, pos = torch.tensor([ids]), torch.tensor(positions)
-            cache, rope = lm.new_cache(len(ids)), lm.rope(0, len(ids))
+            cache = lm.new_cache(len(ids))
             h = lm.embed(x)
             per = {k: ([], []) for k in keys}
             for layer in range(1, lm.num_layers + 1):
-                h = lm.run_block(layer, h, rope, cache)
+                h = lm.run_block(layer, h, cache)
                 if layer not in layers:
                     continue
                 normed = lm.exit_normed(h[0, pos], layer)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14 / SPEC section 7: which way of training the exits of the embedded default (SmolLM2-135M-Instruct,
+# Which way of training the exits of the embedded default (SmolLM2-135M-Instruct,
 # exits 15, 19, 23, 26) makes them agree with the final layer, at the same training time for each.
 #
 # Recipes (same data: the MIT-licensed alpaca-libre "ok" rows; same held-out split: seed 0, 5%; chat format;

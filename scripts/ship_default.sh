@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Make a trained run the packaged default `smollm2-135m-lite` (issue 14, step 5): calibrate it on its own
+# Make a trained run the packaged default `smollm2-135m-lite`: calibrate it on its own
 # held-out rows (max-prob thresholds at 90% agreement, the learned exit gate, the draft vocabulary of the
 # lossless mode, which is also the exits' vocabulary), record its provenance, and copy it into src/lite/assets (at most 48 MB of weights: an
 # adapter or exit modules, never a full copy of the 135M model). Run it only after the run beat the

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Exit modules on a frozen backbone (issue 14, SPEC §7): one affine module per exit of the embedded default
+# Exit modules on a frozen backbone: one affine module per exit of the embedded default
 # (SmolLM2-135M-Instruct, layers 15, 19, 23, 26), trained by self-distillation (KL toward the model's own
 # final layer) on the model's own greedy answers to the MIT-licensed alpaca-libre "ok" instructions. The
 # backbone is untouched, so the full model's output is identical; the output folder holds 5 MB of modules.
@@ -9,8 +9,8 @@
 # $OUT.snapshots; at the end all of them are scored on the same held-out rows for the curve of agreement
 # against training minutes (benchmarks/results/agreement_curve_$KIND.md).
 #   LITE_HOME=/path/outside/the/checkout bash scripts/train_exit_modules.sh
-# The long run of the winner (issue 14, step 5; affine won the recipe comparison, benchmarks/results/ablation.md),
-# as run in session 4: 10 epochs, a snapshot every 10 minutes, at most 58 minutes of training (the fused loss
+# The long run of the shipped default (affine won the recipe comparison, benchmarks/results/ablation.md),
+# as run on 2026-11-30: 10 epochs, a snapshot every 10 minutes, at most 58 minutes of training (the fused loss
 # and the state cache make an epoch after the first about 0.43x the step time the comparison ran at: 1.43 s against 3.32):
 #   LITE_HOME=... EPOCHS=10 SNAPSHOT_MINUTES=10 MAX_MINUTES=58 OUT=$LITE_HOME/runs/winner-affine \
 #       OWN_ANSWERS=$LITE_HOME/own_answers-smollm2-135m-instruct-64tok.jsonl bash scripts/train_exit_modules.sh

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The shipped LITE default (issue 6): a LoRA adapter of the embedded default (SmolLM2-135M-Instruct)
+# The former shipped LITE default (until 2026-11-30): a LoRA adapter of the embedded default (SmolLM2-135M-Instruct)
 # trained with the LITE loss on MIT-licensed data only (alpaca-libre v1+v3, status "ok" rows), calibrated
 # on its own held-out rows, with a learned exit gate, then copied into the package (src/lite/assets).
 # Resumable: re-run the same command after an interruption (lite train resumes from RUNS/...partial).

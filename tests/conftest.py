@@ -2,10 +2,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from tiny import make_tiny_model_dir  # noqa: E402
+# tests/ is importable: pytest puts the folder of a conftest.py outside any package on the import path
+from tiny import make_tiny_model_dir
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -6,12 +6,11 @@ import torch
 
 from lite import load_model
 from lite.decoding import (
-    BatchDecoder,
+    Decoder,
     ExitPolicy,
     GenerationSettings,
     generate,
     generate_batch,
-    make_decoder,
 )
 from lite.errors import LiteError
 
@@ -99,14 +98,14 @@ def test_forced_exits_each_row_leaves_where_it_leaves_alone(lm, kv, regroup, mea
 
 
 def test_rows_ride_along_in_small_copy_batches_and_regroup_otherwise(lm, monkeypatch):
-    import lite.decoding.batch as batch_mod
+    import lite.decoding.engine as batch_mod
 
     limit = batch_mod.RIDE_ALONG_ROWS
     assert batch_mod.rides_along("copy", limit) and not batch_mod.rides_along("copy", limit + 1)
     assert batch_mod.rides_along("copy", limit + 1, regroup=False) and not batch_mod.rides_along("copy", 2, True)
     assert not batch_mod.rides_along("recompute", 2)
     with pytest.raises(LiteError, match="ride along with --kv copy only"):
-        BatchDecoder(lm, PROMPTS, ExitPolicy(), GenerationSettings(kv="recompute"), regroup=False)
+        Decoder(lm, PROMPTS, ExitPolicy(), GenerationSettings(kv="recompute"), regroup=False)
     policy = ExitPolicy(kind="dynamic", thresholds=_thresholds(lm))
     settings = GenerationSettings(max_new_tokens=10)
     assert _rode(generate_batch(lm, PROMPTS, policy, settings)) > 0  # the default rides at batch 4
@@ -126,7 +125,7 @@ def test_static_and_gate_policies_batch_too(lm):
         def flops(self, layer):
             return 10
 
-    gate = ExitPolicy(kind="dynamic", gate=ParityGate())
+    gate = ExitPolicy(kind="gate", gate=ParityGate())
     batched = generate_batch(lm, PROMPTS, gate, settings)
     _same(batched, _alone(lm, gate, settings))
     assert {t.exit_layer for r in batched for t in r.tokens} == {2, 4}
@@ -139,15 +138,15 @@ def test_the_cache_of_every_row_after_every_step_is_the_batch_1_cache(lm, kv, re
     alone = []
     for p in PROMPTS:
         snaps = []
-        d = make_decoder(lm, p, policy, settings)
+        d = Decoder(lm, [p], policy, settings)
         d.after_step = lambda dec: snaps.append(
-            [(dec.cache.keys[b][0, :, :n].clone(), dec.cache.values[b][0, :, :n].clone())
+            [(dec.cache.keys[b][0, :, :n[0]].clone(), dec.cache.values[b][0, :, :n[0]].clone())
              for b, n in enumerate(dec.cache.lengths)])
         for _ in d.run():
             pass
         alone.append(snaps)
     batch_snaps = []
-    decoder = BatchDecoder(lm, PROMPTS, policy, settings, regroup)
+    decoder = Decoder(lm, PROMPTS, policy, settings, regroup)
     decoder.after_step = lambda dec: batch_snaps.append(
         [[tuple(t.clone() for t in dec.cache.row(r, b)) for b in range(lm.num_layers)] for r in range(len(PROMPTS))])
     for _ in decoder.run():
@@ -166,13 +165,18 @@ def test_the_cache_of_every_row_after_every_step_is_the_batch_1_cache(lm, kv, re
 def test_rows_finish_at_different_steps_and_stop_strings_hold(lm):
     settings = [GenerationSettings(max_new_tokens=n) for n in (1, 12, 3, 8)]
     first = generate(lm, PROMPTS[3], ExitPolicy(), GenerationSettings(max_new_tokens=8))
-    stop = first.text[2:4] if len(first.text) >= 4 else None
-    if stop:
-        settings[3] = GenerationSettings(max_new_tokens=8, stop=[stop])
+    assert first.finish_reason == "length" and len(first.text) >= 4
+    stop = first.text[2:4]  # a stop string that the row's own 8-token answer contains
+    settings[3] = GenerationSettings(max_new_tokens=8, stop=[stop])
     batched = generate_batch(lm, PROMPTS, ExitPolicy(), settings)
     alone = _alone(lm, ExitPolicy(), settings)
     _same(batched, alone)
-    assert [len(r.tokens) for r in batched][:3] == [1, 12, 3] or batched[0].finish_reason == "stop"
+    # rows 0-2 run to their own budgets, so they leave the batch at steps 1, 3 and 12
+    assert [(len(r.tokens), r.finish_reason) for r in batched[:3]] == [(1, "length"), (12, "length"),
+                                                                       (3, "length")]
+    # row 3 stops at the stop string, before its budget, and its text ends just before it
+    assert batched[3].finish_reason == "stop" and len(batched[3].tokens) < 8
+    assert batched[3].text == first.text[:first.text.index(stop)]
 
 
 def test_sampling_with_a_seed_is_reproducible_per_row(lm):
@@ -185,14 +189,14 @@ def test_sampling_with_a_seed_is_reproducible_per_row(lm):
 
 def test_batch_refuses_what_it_cannot_do(lm):
     with pytest.raises(LiteError, match="one sequence at a time"):
-        BatchDecoder(lm, PROMPTS, ExitPolicy(kind="speculative", thresholds={1: 0.5, 2: 0.5, 3: 0.5}),
+        Decoder(lm, PROMPTS, ExitPolicy(kind="speculative", thresholds={1: 0.5, 2: 0.5, 3: 0.5}),
                      GenerationSettings())
     with pytest.raises(LiteError, match="--kv must be the same"):
-        BatchDecoder(lm, PROMPTS[:2], ExitPolicy(), [GenerationSettings(kv="copy"), GenerationSettings(kv="recompute")])
+        Decoder(lm, PROMPTS[:2], ExitPolicy(), [GenerationSettings(kv="copy"), GenerationSettings(kv="recompute")])
     with pytest.raises(LiteError, match="one per prompt"):
-        BatchDecoder(lm, PROMPTS, ExitPolicy(), [GenerationSettings()] * 2)
+        Decoder(lm, PROMPTS, ExitPolicy(), [GenerationSettings()] * 2)
     with pytest.raises(LiteError, match="prompt is empty"):
-        BatchDecoder(lm, [[1, 2], []], ExitPolicy(), GenerationSettings())
+        Decoder(lm, [[1, 2], []], ExitPolicy(), GenerationSettings())
 
 
 @pytest.mark.parametrize("kv,regroup", MODES)
@@ -202,7 +206,7 @@ def test_rows_that_join_a_running_batch_get_their_batch_1_answers(lm, kv, regrou
     policy = ExitPolicy(kind="dynamic", thresholds=_thresholds(lm))
     settings = [GenerationSettings(max_new_tokens=n, kv=kv) for n in (6, 9, 4, 7)]
     alone = _alone(lm, policy, settings)
-    d = BatchDecoder.open(lm, policy, kv=kv, regroup=regroup)
+    d = Decoder.open(lm, policy, kv=kv, regroup=regroup)
     rows = {d.add(PROMPTS[0], settings[0]): 0}
     got, steps = {}, 0
     cancelled = d.add(PROMPTS[2], GenerationSettings(max_new_tokens=20, kv=kv))
@@ -234,7 +238,7 @@ def test_a_learned_gate_decides_for_all_rows_at_once_as_it_does_row_by_row(lm):
 
     g = torch.Generator().manual_seed(3)
     params = {k: [(torch.randn(1, lm.hidden_size, generator=g), torch.zeros(1))] for k in (2, 3)}
-    gate = ExitPolicy(kind="dynamic", gate=LearnedExitGate(params, {2: 0.5, 3: 0.5}))
+    gate = ExitPolicy(kind="gate", gate=LearnedExitGate(params, {2: 0.5, 3: 0.5}))
     settings = [GenerationSettings(max_new_tokens=n) for n in (6, 9, 4, 7)]
     for regroup in (True, False):
         batched = generate_batch(lm, PROMPTS, gate, settings, regroup=regroup)

@@ -7,6 +7,7 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+from tiny import CALIBRATION_ROWS as ROWS
 
 import lite
 from lite import LiteConfig, load_model
@@ -23,6 +24,7 @@ from lite.calibration.thresholds import (
     paper_thresholds,
 )
 from lite.cli import main
+from lite.decoding import parse_exit
 from lite.errors import LiteError
 
 
@@ -137,8 +139,6 @@ def test_bad_options_name_the_flag(kwargs, flag):
 
 
 # ------------------------------------------------------------------------------------ on a tiny model
-ROWS = [{"instruction": f"Repeat the word number {i}.", "input": "" if i % 3 else f"word {i}",
-         "output": f"number {i} number {i}", "status": "ok" if i % 5 else "bad"} for i in range(10)]
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +185,7 @@ def test_generate_dynamic_uses_calibrated_thresholds(calibrated, capsys):
     assert main(["generate", "--model", str(model), "--gate", "--max-new-tokens", "6", "--json", "Say hi"]) == 0
     assert json.loads(capsys.readouterr().out)["gate"] is True
     lm = load_model(model, device="cpu")
-    res = generate(lm, [5, 17, 42], ExitPolicy(kind="dynamic"), GenerationSettings(max_new_tokens=8))
+    res = generate(lm, [5, 17, 42], parse_exit(lm, "dynamic"), GenerationSettings(max_new_tokens=8))
     thresholds = {int(k): v for k, v in lm.lite_config.thresholds.items()}
     for tok in res.tokens:  # a token left at an early layer only with confidence >= that layer's threshold
         if tok.exit_layer < lm.num_layers:
@@ -214,7 +214,7 @@ def test_every_verb_defaults_to_the_policy_calibration_recorded(calibrated, tmp_
     for folder, gate in ((folders["gate"], True), (folders["dynamic"], False)):
         assert main(["generate", "--model", str(folder), "--max-new-tokens", "3", "--json", "Say hi"]) == 0
         out = json.loads(capsys.readouterr().out)
-        assert out["exit"] == "dynamic" and out["gate"] is gate
+        assert out["exit"] == ("gate" if gate else "dynamic") and out["gate"] is gate
         lm = load_model(folder, device="cpu")
         want = "gate" if gate else "dynamic"
         assert resolve_exit_spec(lm, "auto") == want  # what lite serve's --exit auto decodes with

@@ -63,6 +63,7 @@ def test_an_entry_already_in_the_cache_is_never_replaced(tiny_model_dir, tmp_pat
     assert hub_id_for(DEFAULT_MODEL) == DEFAULT_HUB_ID and hub_id_for("/some/folder") == "/some/folder"
 
 
+@pytest.mark.slow  # child processes
 def test_a_lora_checkpoint_of_the_default_loads_with_peft_offline(default_is_tiny, tmp_path):
     """The acceptance test: `lite train --lora` on the embedded default, then peft alone, in a fresh process
     with HF_HUB_OFFLINE=1, loads the adapter over its base named by hub id, and computes what lite does."""

@@ -39,10 +39,10 @@ def test_lite_calls_of_decoder_blocks_raise_no_deprecation_warning(tiny_model_di
         generate(lm, [5, 17, 42, 99], ExitPolicy(kind="none"), settings)
         generate(lm, [5, 17, 42, 99], ExitPolicy(kind="static", layer=1), settings)
         with torch.no_grad():
-            cache, rope = lm.new_cache(8), lm.rope(0, 8)
+            cache = lm.new_cache(8)
             h = lm.embed(torch.tensor([[1, 2, 3]]))
-            lm.run_block(1, h, rope, cache)
-            lm.fill_kv(2, h, rope, cache)
+            lm.run_block(1, h, cache)
+            lm.fill_kv(2, h, cache)
     assert _deprecations(caught) == []
 
 

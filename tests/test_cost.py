@@ -22,28 +22,35 @@ def test_unit_costs_by_hand():
     assert SHAPE.block_flops(0) == 96 + 16 + 192 and SHAPE.block_flops(5) == 304 + 16 * 5
     assert SHAPE.head_flops() == 80 and SHAPE.head_check_flops() == 130
     assert SHAPE.kv_fill_flops() == 32
-    # prompt of 3 tokens: decode steps at positions 2 and 3, each 2 blocks + 1 head
-    assert SHAPE.full_flops(3, 2) == (2 * (304 + 32) + 80) + (2 * (304 + 48) + 80) == 1536
+    # prompt of 3 tokens: the prefill runs positions 0..2; token 1 is the head at position 2, token 2 the
+    # decode step at position 3: 2 blocks + 1 head
+    assert SHAPE.full_flops(3, 2) == 80 + (2 * (304 + 48) + 80) == 864
+    assert SHAPE.prefill_flops(3) == 2 * (304 + 320 + 336)
 
 
 def test_exit_at_the_last_layer_gives_zero_improvement():
-    tokens = [TokenCost(position=p, exit_layer=2, blocks_run=2, head_evals=1) for p in (2, 3)]
+    tokens = [TokenCost(position=2, exit_layer=2, head_evals=1), TokenCost(position=3, exit_layer=2, blocks_run=2,
+                                                                           head_evals=1)]
     cost = sequence_cost(SHAPE, 3, tokens)
-    assert cost.flops == cost.full_flops == 1536
+    assert cost.flops == cost.full_flops == 864
     assert cost.compute_cost_improvement == 0.0 and cost.layer_cost_improvement == 0.0
 
 
 def test_head_checks_fills_and_recompute_are_charged():
-    # token 1 (position 2): checked at layer 1 (head + reduction), left there, K/V of block 2 filled
-    first = TokenCost(position=2, exit_layer=1, blocks_run=1, head_evals=1, head_checks=1, kv_fills=1)
-    # token 2 (position 3): checked at layer 1 without leaving, then head at L and its confidence
+    # token 1 (position 2, from the prefill's states): checked at layer 1 (head + reduction), left there
+    first = TokenCost(position=2, exit_layer=1, head_evals=1, head_checks=1)
+    # token 2 (position 3): checked at layer 1 without leaving, then head at L and its confidence; then
+    # a token 3 (position 4) that left at layer 1 and had the K/V of block 2 filled
     second = TokenCost(position=3, exit_layer=2, blocks_run=2, head_evals=2, head_checks=2)
-    cost = sequence_cost(SHAPE, 3, [first, second])
-    assert first.flops == 336 + 80 + 50 + 32
+    third = TokenCost(position=4, exit_layer=1, blocks_run=1, head_evals=1, head_checks=1, kv_fills=1)
+    cost = sequence_cost(SHAPE, 3, [first, second, third])
+    assert first.flops == 80 + 50
     assert second.flops == 2 * 352 + 2 * 80 + 2 * 50
-    assert cost.flops == 498 + 964
-    assert cost.compute_cost_improvement == pytest.approx(1 - 1462 / 1536)
-    assert cost.layer_cost_improvement == pytest.approx(1 - 3 / 4)
+    assert third.flops == 368 + 80 + 50 + 32
+    assert cost.flops == 130 + 964 + 530
+    full = 80 + (2 * 352 + 80) + (2 * 368 + 80)
+    assert cost.full_flops == full and cost.compute_cost_improvement == pytest.approx(1 - 1624 / full)
+    assert cost.layer_cost_improvement == pytest.approx(1 - 4 / 6)
     # recompute: positions 2 and 3 pushed through one block while the token at 5 runs 2 blocks
     tc = TokenCost(position=5, exit_layer=2, blocks_run=2, head_evals=1, recomputed=2, recompute_context=3 + 4)
     assert token_flops(SHAPE, tc) == 2 * SHAPE.block_flops(5) + 80 + SHAPE.block_flops(2) + SHAPE.block_flops(3)
@@ -52,7 +59,8 @@ def test_head_checks_fills_and_recompute_are_charged():
 
 
 def test_longer_reference_answers_count_for_early_exit():
-    tokens = [TokenCost(position=p, exit_layer=2, blocks_run=2, head_evals=1) for p in (2, 3)]
+    tokens = [TokenCost(position=2, exit_layer=2, head_evals=1), TokenCost(position=3, exit_layer=2, blocks_run=2,
+                                                                           head_evals=1)]
     cost = sequence_cost(SHAPE, 3, tokens, reference_tokens=4)
     assert cost.reference_tokens == 4 and cost.compute_cost_improvement > 0.4
     assert cost.improvement_against(SHAPE, 2) == 0.0
@@ -87,7 +95,10 @@ def test_engine_static_exit_counts_blocks_and_fills(lm):
     shape = ModelShape.from_config(lm.config)
     result = generate(lm, ids, ExitPolicy("static", layer=1), GenerationSettings(max_new_tokens=3))
     n0 = len(ids) - 1
-    for t, tc in enumerate(result.cost.tokens):
+    first, *rest = result.cost.tokens  # the first token reads the prefill's layer-1 state: its head only
+    assert (first.position, first.blocks_run, first.head_evals, first.kv_fills) == (n0, 0, 1, 0)
+    assert first.flops == shape.head_flops() + 5 * shape.vocab
+    for t, tc in enumerate(rest, 1):
         assert (tc.position, tc.blocks_run, tc.head_evals, tc.kv_fills) == (n0 + t, 1, 1, 3)
         assert tc.flops == shape.block_flops(n0 + t) + shape.head_flops() + 5 * shape.vocab + 3 * shape.kv_fill_flops()
     assert result.layer_cost_improvement == pytest.approx(0.75)

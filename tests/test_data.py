@@ -105,8 +105,9 @@ def test_malformed_json_list_names_the_line(tmp_path):
 
 
 def test_missing_fields_name_the_row(tmp_path):
-    path = _jsonl(tmp_path / "m.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "c", "input": ""}])
-    with pytest.raises(DataError, match=r"m.jsonl: row 1 .*lacks string field\(s\) \['output'\]"):
+    # (a row without output is a prompt-only row: test_prompt_only_rows_parse_and_need_own_answers)
+    path = _jsonl(tmp_path / "m.jsonl", [{"instruction": "a", "output": "b"}, {"input": "c", "output": "d"}])
+    with pytest.raises(DataError, match=r"m.jsonl: row 1 .*lacks string field\(s\) \['instruction'\]"):
         read_examples([str(path)])
 
 
@@ -261,3 +262,55 @@ def test_datasets_sources_saved_folder_parquet_and_split_with_heldout_reload(tmp
     files.mkdir()
     _jsonl(files / "train.jsonl", rows[:5])
     assert [e.output for e in read_examples([str(files)])[0]] == ["A0", "A1", "A2", "A3", "A4"]
+
+
+def test_prompt_only_rows_parse_and_need_own_answers(tmp_path):
+    """Rows without a response (Alpaca without output, TRL prompt without completion) are read as
+    prompt-only; they tokenise only once an own answer is their response; a wrong-typed output is refused."""
+    from tiny import make_tokenizer
+
+    from lite.training.rows import response_texts
+
+    path = _jsonl(tmp_path / "p.jsonl", [{"instruction": "Name a fish.", "input": ""}, {"prompt": "Say hi."},
+                                         {"instruction": "Add.", "input": "1+1", "output": "2"}])
+    examples, _ = read_examples([str(path)])
+    assert [e.prompt_only for e in examples] == [True, True, False]
+    assert [response_texts(e) for e in examples] == [[], [], ["2"]]
+    tok = make_tokenizer()
+    with pytest.raises(DataError, match="row 0:0 has no output.*--own-answers"):
+        tokenize_example(tok, examples[0], max_length=1000)
+    import dataclasses
+
+    answered = tokenize_example(tok, dataclasses.replace(examples[0], response_ids=(7, 8)), max_length=1000)
+    assert answered["input_ids"][-2:] == [7, 8] and answered["labels"][-2:] == [7, 8]
+    bad = _jsonl(tmp_path / "bad.jsonl", [{"instruction": "x", "output": 3}])
+    with pytest.raises(DataError, match=r"bad.jsonl: row 0.*\['output'\]"):
+        read_examples([str(bad)])
+
+
+def test_a_field_filtered_several_times_keeps_any_of_its_values(tmp_path):
+    rows = [{"instruction": f"t{i}", "output": "o", "source": "abc"[i % 3]} for i in range(6)]
+    path = _jsonl(tmp_path / "s.jsonl", rows)
+    examples, _ = read_examples([str(path)], ["source=a", "source=c"])
+    assert [e.row_id for e in examples] == ["0:0", "0:2", "0:3", "0:5"]
+    split = prepare_data([str(path)], filters=["source=a", "source=c"], heldout_fraction=0.25)
+    assert split.provenance["filter"] == {"source": ["a", "c"]}
+    assert load_heldout(split.provenance) == split.heldout  # the recorded filter reads the same rows back
+
+
+def test_heldout_from_another_run_keeps_its_rows_with_more_sources(tmp_path):
+    """A run on more data holds out exactly the rows an earlier run held out (its sources first)."""
+    a = _jsonl(tmp_path / "a.jsonl", _rows(40))
+    more = _jsonl(tmp_path / "more.jsonl", [{"instruction": f"p{i}"} for i in range(30)])
+    first = prepare_data([str(a)], heldout_fraction=0.1, seed=0)
+    second = prepare_data([str(a), str(more)], heldout_from=first.provenance)
+    assert second.provenance["heldout_ids"] == first.provenance["heldout_ids"]
+    assert len(second.train) == 36 + 30 and second.heldout == first.heldout
+    drawn = prepare_data([str(a), str(more)], heldout_fraction=0.1, seed=0)  # a new draw would differ
+    assert drawn.provenance["heldout_ids"] != first.provenance["heldout_ids"]
+    with pytest.raises(DataError, match="give its sources first"):
+        prepare_data([str(more), str(a)], heldout_from=first.provenance)
+    with pytest.raises(DataError, match="not among the rows read now"):
+        prepare_data([str(a), str(more)], filters=["output=nothing"], heldout_from=first.provenance)
+    with pytest.raises(DataError, match="records no held-out split"):
+        prepare_data([str(a)], heldout_from={"sources": []})

@@ -99,10 +99,10 @@ def test_single_token_prompt_and_chat_prompt_match_transformers(lm):
 # ----------------------------------------------------------------------------- caches
 def _run_with_gate(lm, prompt_ids, kv, n=12):
     gate = mixed_gate()
-    decoder = Decoder(lm, prompt_ids, ExitPolicy("dynamic", gate=gate), GenerationSettings(max_new_tokens=n, kv=kv))
+    decoder = Decoder(lm, [prompt_ids], ExitPolicy("gate", gate=gate), GenerationSettings(max_new_tokens=n, kv=kv))
     snapshots = []
-    decoder.after_step = lambda d: snapshots.append(list(d.cache.lengths))
-    records = list(decoder.run())
+    decoder.after_step = lambda d: snapshots.append([lengths[0] for lengths in d.cache.lengths])
+    records = [record for _, record in decoder.run()]
     return decoder, records, snapshots, gate
 
 
@@ -112,23 +112,25 @@ def test_cache_holds_exactly_the_processed_positions_after_every_step(lm, prompt
     exits = [r.exit_layer for r in records]
     assert exits == [1, 1, 2, 4, 4, 1, 2, 2, 4, 3, 4, 4]
     n = len(prompt_ids)
-    expected = [n - 1] * 4  # prefill: all blocks hold the first n - 1 prompt positions
+    expected = [n] * 4  # prefill: all blocks hold every prompt position; the first token reads its states
     for t, (exit_layer, lengths) in enumerate(zip(exits, snapshots)):
         pos = n - 1 + t
-        if kv == "copy":
+        if t == 0:
+            pass  # decided from the prefill's states: no block ran, nothing is pending
+        elif kv == "copy":
             expected = [pos + 1] * 4  # the exit state's K/V filled into every skipped block
         else:  # blocks up to the exit hold every position so far; deeper ones wait for a deeper token
             expected = [pos + 1 if k <= exit_layer else expected[k - 1] for k in range(1, 5)]
         assert lengths == expected, f"step {t}"
     if kv == "recompute":
-        assert snapshots[0] == [n, n - 1, n - 1, n - 1] and snapshots[3] == [n + 3] * 4
+        assert snapshots[0] == [n] * 4 and snapshots[1] == [n + 1, n, n, n] and snapshots[3] == [n + 3] * 4
 
 
 def test_recompute_leaves_the_full_models_cache(lm, prompt_ids):
     decoder, records, _, _ = _run_with_gate(lm, prompt_ids, "recompute", n=10)  # ends with an exit at 3
     processed = prompt_ids + [r.id for r in records[:-1]]  # the last token is produced, never consumed
     full = full_cache(lm, processed)
-    lengths = decoder.cache.lengths
+    lengths = [n[0] for n in decoder.cache.lengths]
     assert lengths[0] == len(processed) and lengths[-1] < len(processed)  # some positions still pending
     for i, n in enumerate(lengths):
         torch.testing.assert_close(decoder.cache.keys[i][:, :, :n], full.keys[i][:, :, :n], rtol=1e-4, atol=1e-4)
@@ -143,8 +145,9 @@ def test_recompute_leaves_the_full_models_cache(lm, prompt_ids):
 
 def test_copy_fills_skipped_blocks_from_the_exit_state(lm, prompt_ids):
     decoder, records, _, _ = _run_with_gate(lm, prompt_ids, "copy")
-    costs = decoder.token_costs
-    assert [c.kv_fills for c in costs] == [4 - r.exit_layer for r in records]
+    costs = decoder.rows[0].costs
+    # the first token's position was run through every block by the prefill: nothing to fill
+    assert [c.kv_fills for c in costs] == [0] + [4 - r.exit_layer for r in records[1:]]
     assert all(c.recomputed == 0 for c in costs)
 
 
@@ -152,13 +155,13 @@ def test_recompute_cost_counts_pending_positions(lm, prompt_ids):
     decoder, records, _, _ = _run_with_gate(lm, prompt_ids, "recompute")
     # step 2 (exit 2) pushes steps 0, 1 through block 2; step 3 (exit 4) pushes step 0..2 through 3, 4 and
     # step 1, 2 ... : count (block, position) pairs by hand from the exit pattern
-    level, pairs = [], []
-    for r in records:
+    level, pairs = [4], [0]  # the first token's position went through every block in the prefill
+    for r in records[1:]:
         count = sum(max(0, r.exit_layer - lv) for lv in level)
         level = [max(lv, r.exit_layer) for lv in level] + [r.exit_layer]
         pairs.append(count)
-    assert [c.recomputed for c in decoder.token_costs] == pairs
-    assert sum(pairs) > 0 and all(c.kv_fills == 0 for c in decoder.token_costs)
+    assert [c.recomputed for c in decoder.rows[0].costs] == pairs
+    assert sum(pairs) > 0 and all(c.kv_fills == 0 for c in decoder.rows[0].costs)
 
 
 # ----------------------------------------------------------------------------- the learned gate
@@ -167,7 +170,7 @@ def test_gate_decides_and_head_runs_only_where_it_exits(lm, prompt_ids):
     heads = []
     hook = lm.lm_head.register_forward_hook(lambda *a: heads.append(1))
     try:
-        result = generate(lm, prompt_ids, ExitPolicy("dynamic", gate=gate), GenerationSettings(max_new_tokens=4))
+        result = generate(lm, prompt_ids, ExitPolicy("gate", gate=gate), GenerationSettings(max_new_tokens=4))
     finally:
         hook.remove()
     assert [t.exit_layer for t in result.tokens] == [2, 4, 2, 4]
@@ -216,11 +219,11 @@ def test_stop_string_ends_generation_without_the_stop_text(lm, prompt_ids):
 
 def test_eos_stops_and_is_kept_as_the_last_token(lm, prompt_ids):
     plain = generate(lm, prompt_ids, ExitPolicy(), GenerationSettings(max_new_tokens=N))
-    decoder = Decoder(lm, prompt_ids, ExitPolicy(), GenerationSettings(max_new_tokens=N))
+    decoder = Decoder(lm, [prompt_ids], ExitPolicy(), GenerationSettings(max_new_tokens=N))
     decoder.eos = {plain.token_ids[2]}
-    out = list(decoder.run())
+    out = [record for _, record in decoder.run()]
     first = plain.token_ids.index(plain.token_ids[2])
-    assert [r.id for r in out] == plain.token_ids[: first + 1] and decoder.finish_reason == "stop"
+    assert [r.id for r in out] == plain.token_ids[: first + 1] and decoder.rows[0].finish_reason == "stop"
 
 
 def test_stream_yields_the_same_records_and_calls_on_token(lm, prompt_ids):
@@ -250,12 +253,14 @@ def test_bad_input_is_one_clear_error(lm, prompt_ids, policy, settings, prompt, 
         generate(lm, prompt_ids if prompt is None else prompt, policy, settings)
 
 
-def test_parsers():
-    assert parse_exit("static:3", 4).layer == 3 and parse_exit("dynamic", 4).kind == "dynamic"
+def test_parsers(lm, monkeypatch):
+    monkeypatch.setattr(lm.lite_config, "thresholds", {"1": 0.5, "2": 0.5, "3": 0.5})
+    assert parse_exit(lm, "static:3").layer == 3 and parse_exit(lm, "dynamic").kind == "dynamic"
+    assert parse_exit(lm, "dynamic", 2.0).checks == {1: 1.0, 2: 1.0, 3: 1.0}  # the scale is applied once
     assert parse_thresholds("1:0.9, 3:0.5") == {1: 0.9, 3: 0.5}
-    for bad in ("static:9", "static:x", "fast"):
-        with pytest.raises(LiteError, match="--exit"):
-            parse_exit(bad, 4)
+    for bad in ("static:9", "static:x", "fast", "dynamic:2"):
+        with pytest.raises(LiteError, match="--exit|argument"):
+            parse_exit(lm, bad)
     with pytest.raises(LiteError, match="--thresholds"):
         parse_thresholds("1=0.9")
 
@@ -263,7 +268,7 @@ def test_parsers():
 def test_calibrated_thresholds_come_from_lite_config(lm, prompt_ids, monkeypatch):
     monkeypatch.setattr(lm.lite_config, "thresholds", {"1": 0.0, "2": 0.0, "3": 0.0})
     monkeypatch.setattr(lm.lite_config, "confidence", "margin")
-    result = generate(lm, prompt_ids, ExitPolicy("dynamic"), GenerationSettings(max_new_tokens=4))
+    result = generate(lm, prompt_ids, parse_exit(lm, "dynamic"), GenerationSettings(max_new_tokens=4))
     assert [t.exit_layer for t in result.tokens] == [1] * 4
     assert result.layer_cost_improvement == pytest.approx(0.75)
 

@@ -51,7 +51,7 @@ def test_uncalibrated_model_gets_a_labelled_fallback(tiny_model_dir):
     lm = load_model(tiny_model_dir, device="cpu")
     policy, name = demo_policy(lm, None)
     assert policy.kind == "dynamic" and "not calibrated" in name
-    assert all(k >= 2 * lm.num_layers / 3 for k in policy.thresholds)
+    assert all(k >= 2 * lm.num_layers / 3 for k in policy.checks)
 
 
 def test_demo_cli(tiny_model_dir, capsys):

@@ -6,30 +6,25 @@ import shutil
 
 import pytest
 import torch
-from test_calibration import ROWS
-from test_speculative import (
+from tiny import (
+    CALIBRATION_ROWS as ROWS,
     CHI2_999,
     THRESHOLDS,
     agreeing_model,
     chi_square,
     first_round_tokens,
+    make_tiny_model,
     random_prompts,
+    with_ranking,
 )
-from tiny import make_tiny_model
 
 from lite.cli import main
-from lite.decoding import ExitPolicy, GenerationSettings, generate, make_decoder
-from lite.decoding.draft_vocab import FILE, load_ranking, rank_tokens, save_ranking, shortlist
-from lite.decoding.policy import resolve_policy
+from lite.decoding import ExitPolicy, GenerationSettings, decoder_for, generate
+from lite.decoding.draft_vocab import FILE, load_ranking, rank_tokens, save_ranking
+from lite.decoding.draft_vocab import vocab_ids as shortlist
+from lite.decoding.spec import exit_vocab_ids
 from lite.decoding.speculative import sampling_probs
 from lite.errors import LiteError
-from lite.model import LiteModel
-
-
-def with_ranking(lm: LiteModel, folder, ranking) -> LiteModel:
-    save_ranking(folder, ranking, tokens=len(ranking), source="test")
-    lm.folder = str(folder)
-    return lm
 
 
 def test_ranking_counts_response_tokens_most_frequent_first():
@@ -63,12 +58,13 @@ def test_greedy_with_a_shortlist_draft_head_is_still_the_full_model(tmp_path):
         ids_allowed = set(shortlist(load_ranking(tmp_path), n, 32, {lm.tokenizer.eos_token_id}))
         for i, ids in enumerate(random_prompts(6, seed=n)):
             full = generate(lm, ids, ExitPolicy("none"), GenerationSettings(max_new_tokens=12))
-            policy = ExitPolicy("speculative", thresholds=THRESHOLDS, max_draft_tokens=3, draft_vocab=n)
+            policy = ExitPolicy("speculative", thresholds=THRESHOLDS, max_draft_tokens=3, exit_ids=exit_vocab_ids(lm, n, "--draft-vocab"))
             result = generate(lm, ids, policy, GenerationSettings(max_new_tokens=12))
             assert result.token_ids == full.token_ids, (n, i)
             assert all(t.id in ids_allowed for t in result.tokens if t.draft_layer is not None)
             drafted += result.cost.drafted
-            assert sum(tc.draft_head_rows for tc in result.cost.tokens) > 0
+            rows = sum(tc.draft_head_rows for tc in result.cost.tokens)
+            assert rows > 0 if n < 32 else rows == 0  # the whole vocabulary is the full head
     assert drafted > 0
 
 
@@ -78,14 +74,14 @@ def test_shortlist_drafts_cost_fewer_flops_than_full_head_drafts(tmp_path):
     full_head = generate(lm, ids, ExitPolicy("speculative", thresholds=THRESHOLDS), settings)
     emitted = list(dict.fromkeys(full_head.token_ids))  # the answer's tokens first: same drafts
     with_ranking(lm, tmp_path, emitted + [t for t in range(32) if t not in emitted])
-    policy = ExitPolicy("speculative", thresholds=THRESHOLDS, draft_vocab=len(emitted) + 1)
+    policy = ExitPolicy("speculative", thresholds=THRESHOLDS, exit_ids=exit_vocab_ids(lm, len(emitted) + 1, "--draft-vocab"))
     short = generate(lm, ids, policy, settings)
     assert short.token_ids == full_head.token_ids
     assert short.cost.accepted == full_head.cost.accepted
     # the full head now runs only in verify passes; drafts pay for a few rows instead of 32
     assert short.cost.head_evals < full_head.cost.head_evals
     assert short.cost.flops < full_head.cost.flops
-    size = len(resolve_policy(lm, policy).draft_ids)
+    size = len(policy.exit_ids)
     rows = sum(tc.draft_head_rows for tc in short.cost.tokens)
     assert rows > 0 and rows % size == 0  # one shortlist evaluation per draft check
 
@@ -101,9 +97,9 @@ def test_sampling_with_a_shortlist_keeps_the_full_models_distribution(tmp_path):
     ranking = p.argsort().tolist()  # least likely first: the draft misses the likely tokens
     with_ranking(lm, tmp_path, ranking)
     settings = GenerationSettings(max_new_tokens=2, temperature=0.7, seed=0)
-    policy = ExitPolicy("speculative", thresholds={1: 0.0}, max_draft_tokens=1, draft_vocab=3)
-    decoder = make_decoder(lm, ids, policy, settings)
-    allowed = set(decoder.plan.draft_ids)
+    policy = ExitPolicy("speculative", thresholds={1: 0.0}, max_draft_tokens=1, exit_ids=exit_vocab_ids(lm, 3, "--draft-vocab"))
+    decoder = decoder_for(policy)(lm, [ids], policy, settings)
+    allowed = set(policy.exit_ids)
     counts, rounds = first_round_tokens(decoder, ids, 300, vocab=8)
     drafts = {token for _, j, token in rounds if j}  # accepted first drafts
     assert drafts <= allowed

@@ -3,11 +3,9 @@ input."""
 
 import json
 import shutil
-import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
+from tiny import VICUNA, FakeEmbedder, make_tiny_model_dir
 
 from lite import LiteConfig, decoding, load_model
 from lite.cli import main as cli_main
@@ -15,11 +13,7 @@ from lite.errors import LiteError
 from lite.evaluation import RECORDS, EvalError, evaluate
 from lite.evaluation import report as report_mod
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny import make_tiny_model_dir  # noqa: E402
 
-VICUNA = [{"question_id": i, "category": "generic", "turns": [t]} for i, t in
-          enumerate(["Name a color.", "Say hello.", "Count to three."], start=1)]
 SELF_INSTRUCT = [{"id": f"user_oriented_task_{i}", "motivation_app": "app", "instruction": t,
                   "instances": [{"input": inp, "output": out}]} for i, (t, inp, out) in
                  enumerate([("Fix the spelling.", "teh cat", "the cat"), ("Add the numbers.", "2 3", "5")])]
@@ -28,18 +22,6 @@ KEYS = ("n", "layer_cost_improvement", "compute_cost_improvement", "speedup", "r
 REAL_GENERATE = decoding.generate
 REAL_GENERATE_BATCH = decoding.generate_batch
 COMMON = dict(max_new_tokens=4, thresholds="0.1", kv="copy")
-
-
-class FakeEmbedder:
-    """Character-bigram counts: fast, and identical texts give identical vectors."""
-
-    def encode(self, texts):
-        out = np.zeros((len(texts), 64))
-        for i, t in enumerate(texts):
-            for a, b in zip(t, t[1:] + " "):
-                out[i, (ord(a) * 31 + ord(b)) % 64] += 1
-        return out
-
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +223,16 @@ def test_cli_run_uses_calibrated_thresholds(tiny_model_dir, sets, tmp_path, monk
     assert report["model"]["thresholds"] == {"1": 0.1, "2": 0.1, "3": 0.1}
     record = json.loads((out / RECORDS).read_text())
     assert record["prompt_tokens"] > 20  # the Alpaca template wraps the 13-character question
+    # the ceiling, teacher-forced on the full run's answer: every answer token scored, the calibrated policy
+    # on it, a table in report.md, its plot, and one line on the terminal
+    ceiling = report["ceiling"]
+    assert ceiling["tokens"] == len(record["full"]["token_ids"]) and ceiling["layers"] == [1, 2, 3]
+    assert 0.0 <= ceiling["oracle_saving"] <= 0.75 and ceiling["default"] == "dynamic"
+    assert set(ceiling["frontiers"]) == {"max_prob", "margin", "entropy", "state_cosine"}
+    assert ceiling["policies"]["dynamic"]["saving"] <= ceiling["oracle_saving"] + 1e-9 or \
+        ceiling["policies"]["dynamic"]["agreement"] < 1.0  # beating the oracle costs agreement
+    assert "| oracle" in (out / "report.md").read_text() and (out / "plots" / "ceiling.png").is_file()
+    assert "oracle layer saving" in captured.err
     # recalibrating the model between two runs into the same folder is refused, not silently mixed
     LiteConfig.default_for(4, thresholds={"1": 0.2, "2": 0.2, "3": 0.2}, prompt_format="alpaca").save(folder)
     with pytest.raises(EvalError, match="changed since the run .* started \\(thresholds\\)"):

@@ -1,19 +1,24 @@
-"""benchmarks/exit_agreement.py on a tiny exit-module run: the greedy answers are decoded in batches and
-shared by the models over one frozen backbone, and the figures are those of answers decoded one by one."""
+"""benchmarks/exit_agreement.py on a tiny exit-module run: models over one frozen backbone share their greedy
+answers, models with weights of their own never do, and the figures are those of answers decoded one by one.
+The script runs as users run it, in its own process (tests import no benchmark)."""
 
 import json
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from lite import load_model
+from lite import LiteConfig, load_model
 from lite.decoding import ExitPolicy, GenerationSettings, generate
+from lite.model.prompts import default_format, encode_prompt
 from lite.training import train
 from lite.training.data import load_heldout
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import exit_agreement  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # child processes
 
 ROWS = [{"instruction": f"Say something about {w}.", "input": "", "output": f"{w} is nice."}
         for w in ("cats", "rain", "tea", "maps", "snow", "bees", "jazz", "salt", "moss", "kites")] * 2
@@ -29,49 +34,33 @@ def module_run(tiny_model_dir, tmp_path_factory):
                  exit_layers="2,4", own_answer_tokens=4, heldout_fraction=0.25, show_progress_bar=False).output_dir
 
 
-def test_answers_are_batched_shared_by_the_backbone_and_equal_to_one_by_one(module_run, tiny_model_dir, tmp_path):
-    out = tmp_path / "agree.md"
-    assert exit_agreement.main(["--model", str(module_run), "--model", str(tiny_model_dir), "--heldout-from",
-                                str(module_run), "--limit", "5", "--max-new-tokens", "6", "--out", str(out)]) == 0
-    res = json.loads(out.with_suffix(".json").read_text())
-    first, base = res["models"][str(module_run)], res["models"][str(tiny_model_dir)]
-    assert first["answers_shared_by_backbone"] is False and base["answers_shared_by_backbone"] is True
-    assert first["answer_tokens"] == base["answer_tokens"] > 0  # the same answers
-    assert first["layers"]["4"]["agreement"] == 1.0  # layer L agrees with itself
-    # the batched answers are the ones each prompt gets alone
-    lm = load_model(module_run, device="cpu")
-    rows = load_heldout(lm.lite_config)[:5]
-    batched = exit_agreement.own_answers(lm, rows, 6, batch_size=4)
-    for prompt, answer in batched:
-        alone = generate(lm, prompt, ExitPolicy(kind="none"), GenerationSettings(max_new_tokens=6)).token_ids
-        assert answer == list(alone)
-    # and the figures are those of the answers given one by one
-    stats = exit_agreement.own_answer_stats(lm, rows, [2, 4], 6, answered=batched)
-    single = exit_agreement.own_answer_stats(lm, rows, [2, 4], 6,
-                                             answered=exit_agreement.own_answers(lm, rows, 6, batch_size=1))
-    assert stats["agree"] == single["agree"] and stats["counts"] == single["counts"]
-    assert sum(stats["counts"]) == first["answer_tokens"]
-
-
-def test_lora_and_full_models_never_share_answers(module_run, tiny_model_dir, tmp_path):
-    import shutil
-
-    from lite import LiteConfig
-
-    lm = load_model(tiny_model_dir, device="cpu")
-    plain = exit_agreement.backbone_key(str(tiny_model_dir), lm)
-    assert plain is not None and plain == exit_agreement.backbone_key(str(module_run), lm)  # modules over it
+def test_answers_are_shared_by_one_backbone_only_and_equal_to_one_by_one(module_run, tiny_model_dir, tmp_path):
     full = tmp_path / "full"  # a lite folder whose backbone was trained (no modules): never shared
     shutil.copytree(tiny_model_dir, full)
     LiteConfig(num_layers=4, exit_layers=[2, 4], base_model=str(tiny_model_dir)).save(full)
-    assert exit_agreement.backbone_key(str(full), lm) is None
-
-
-def test_a_folder_with_modules_and_weights_of_its_own_gets_no_shared_answers(module_run, tiny_model_dir, tmp_path):
-    import shutil
-
-    lm = load_model(tiny_model_dir, device="cpu")
     own = tmp_path / "own"  # exit modules beside a full model of its own: its answers are its own
     shutil.copytree(module_run, own)
-    shutil.copy(tiny_model_dir / "config.json", own / "config.json")
-    assert exit_agreement.backbone_key(str(own), lm) is None
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_model_dir / name, own / name)
+    out = tmp_path / "agree.md"
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               OMP_NUM_THREADS="1")
+    models = [module_run, tiny_model_dir, full, own]
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "exit_agreement.py"),
+                          *[a for m in models for a in ("--model", str(m))], "--heldout-from", str(module_run),
+                          "--limit", "5", "--max-new-tokens", "6", "--out", str(out)],
+                         env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    res = json.loads(out.with_suffix(".json").read_text())["models"]
+    shared = {m: res[str(m)]["answers_shared_by_backbone"] for m in models}
+    # the plain model reuses the answers of the modules over it; the full fine-tune and a folder with a model
+    # of its own answer for themselves
+    assert shared == {module_run: False, tiny_model_dir: True, full: False, own: False}
+    first, base = res[str(module_run)], res[str(tiny_model_dir)]
+    assert first["layers"]["4"]["agreement"] == 1.0  # layer L agrees with itself
+    # the batched answers are the ones each prompt gets alone
+    lm = load_model(module_run, device="cpu")
+    alone = [generate(lm, encode_prompt(lm.tokenizer, row.instruction, row.input, default_format(lm)),
+                      ExitPolicy(kind="none"), GenerationSettings(max_new_tokens=6)).token_ids
+             for row in load_heldout(lm.lite_config)[:5]]
+    assert first["answer_tokens"] == base["answer_tokens"] == sum(len(a) for a in alone) > 0

@@ -83,7 +83,7 @@ def test_the_gate_reads_the_modules_normed_state(lm):
         def flops(self, layer):
             return 0
 
-    result = generate(lm, PROMPT, ExitPolicy(kind="dynamic", gate=RecordingGate()), SETTINGS)
+    result = generate(lm, PROMPT, ExitPolicy(kind="gate", gate=RecordingGate()), SETTINGS)
     assert result.token_ids == [x] * len(result.tokens)
     expected = lm.exit_normed(lm.exit_modules.per_layer["1"].proj.bias, 1)  # the module ignores h
     torch.testing.assert_close(seen[0][1], expected, rtol=1e-5, atol=1e-5)

@@ -10,9 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from test_calibration import ROWS
-from test_draft_vocab import with_ranking
-from test_speculative import agreeing_model, random_prompts
+from tiny import CALIBRATION_ROWS as ROWS, agreeing_model, random_prompts, with_ranking
 
 from lite import load_model
 from lite.calibration.calibrate import COST_POSITION, collect, expected_compute, select
@@ -20,7 +18,7 @@ from lite.cli import main
 from lite.decoding import ExitPolicy, GenerationSettings, generate, generate_batch
 from lite.decoding.cost import ModelShape
 from lite.decoding.draft_vocab import save_ranking
-from lite.decoding.policy import resolve_policy, shortlist_ids
+from lite.decoding.spec import exit_vocab_ids, make_policy
 from lite.errors import LiteError
 from lite.model.config import LiteConfig
 
@@ -73,10 +71,10 @@ def by_hand_first_token(lm, ids, layer, allowed):
 
 def test_a_token_leaving_early_is_the_argmax_over_the_exit_vocabulary(ranked):
     lm, n = ranked, 8
-    allowed = shortlist_ids(lm, n, "--exit-vocab")
+    allowed = list(exit_vocab_ids(lm, n))
     assert len(allowed) >= n and len(allowed) < lm.vocab_size
     for ids in random_prompts(5, seed=2):
-        res = generate(lm, ids, ExitPolicy("dynamic", thresholds=FORCED, exit_vocab=n),
+        res = generate(lm, ids, ExitPolicy("dynamic", thresholds=FORCED, exit_ids=exit_vocab_ids(lm, n)),
                        GenerationSettings(max_new_tokens=8))
         assert all(t.exit_layer == 1 for t in res.tokens) and all(t.id in allowed for t in res.tokens)
         token, conf = by_hand_first_token(lm, ids, 1, allowed)
@@ -89,11 +87,11 @@ def test_a_token_leaving_early_is_the_argmax_over_the_exit_vocabulary(ranked):
 
 def test_the_final_layer_still_reads_the_full_head(ranked):
     lm = ranked
-    allowed = set(shortlist_ids(lm, 4, "--exit-vocab"))
+    allowed = set(exit_vocab_ids(lm, 4))
     outside = 0
     for ids in random_prompts(6, seed=4):
         full = generate(lm, ids, ExitPolicy("none"), GenerationSettings(max_new_tokens=10))
-        res = generate(lm, ids, ExitPolicy("dynamic", thresholds=NEVER, exit_vocab=4), GenerationSettings(max_new_tokens=10))
+        res = generate(lm, ids, ExitPolicy("dynamic", thresholds=NEVER, exit_ids=exit_vocab_ids(lm, 4)), GenerationSettings(max_new_tokens=10))
         assert res.token_ids == full.token_ids
         outside += sum(t not in allowed for t in res.token_ids)
     assert outside > 0  # the check above would be empty if every token were in the shortlist anyway
@@ -106,17 +104,17 @@ def test_batched_rows_equal_their_batch_1_runs_with_an_exit_vocabulary(ranked, k
     prompts = random_prompts(5, seed=7)
     rng = np.random.default_rng(0)
     thresholds = {1: 0.3, 2: 0.25, 3: 0.2}  # some tokens leave, some do not
-    for policy, temperature in ((ExitPolicy("dynamic", thresholds=thresholds, exit_vocab=6), 0.0),
-                                (ExitPolicy("dynamic", gate=SomeAt(2), exit_vocab=6), 0.0),
+    for policy, temperature in ((ExitPolicy("dynamic", thresholds=thresholds, exit_ids=exit_vocab_ids(lm, 6)), 0.0),
+                                (ExitPolicy("gate", gate=SomeAt(2), exit_ids=exit_vocab_ids(lm, 6)), 0.0),
                                 (ExitPolicy("dynamic", thresholds={1: 0.9, 2: 0.9, 3: 0.9}, confidence="state_cosine",
-                                            exit_vocab=6), 0.0),
-                                (ExitPolicy("dynamic", thresholds=thresholds, exit_vocab=6), 0.8)):
+                                            exit_ids=exit_vocab_ids(lm, 6)), 0.0),
+                                (ExitPolicy("dynamic", thresholds=thresholds, exit_ids=exit_vocab_ids(lm, 6)), 0.8)):
         settings = [GenerationSettings(max_new_tokens=int(rng.integers(3, 10)), kv=kv, temperature=temperature,
                                        top_p=0.9, seed=i) for i in range(len(prompts))]
         batched = generate_batch(lm, prompts, policy, settings, regroup=regroup)
         layers = [k for r in batched for k in r.exit_layers]
         assert min(layers) < lm.num_layers and max(layers) == lm.num_layers  # early and full tokens mixed
-        allowed = set(resolve_policy(lm, policy).check_ids)
+        allowed = set(policy.exit_ids)
         assert all(t.id in allowed for r in batched for t in r.tokens if t.exit_layer < lm.num_layers)
         for ids, s, got in zip(prompts, settings, batched):
             alone = generate(lm, ids, policy, s)
@@ -128,9 +126,9 @@ def test_batched_rows_equal_their_batch_1_runs_with_an_exit_vocabulary(ranked, k
 
 def test_a_gate_exit_emits_from_the_exit_vocabulary(ranked):
     lm = ranked
-    allowed = shortlist_ids(lm, 5, "--exit-vocab")
+    allowed = list(exit_vocab_ids(lm, 5))
     for ids in random_prompts(4, seed=9):
-        res = generate(lm, ids, ExitPolicy("dynamic", gate=AlwaysAt(2), exit_vocab=5), GenerationSettings(max_new_tokens=6))
+        res = generate(lm, ids, ExitPolicy("gate", gate=AlwaysAt(2), exit_ids=exit_vocab_ids(lm, 5)), GenerationSettings(max_new_tokens=6))
         assert all(t.exit_layer == 2 and t.id in allowed for t in res.tokens)
         assert res.tokens[0].id == by_hand_first_token(lm, ids, 2, allowed)[0]
 
@@ -138,13 +136,16 @@ def test_a_gate_exit_emits_from_the_exit_vocabulary(ranked):
 def test_exit_vocab_is_refused_where_it_does_not_apply(ranked, tmp_path):
     lm = ranked
     with pytest.raises(LiteError, match="--exit-vocab applies to"):
-        resolve_policy(lm, ExitPolicy("static", layer=2, exit_vocab=8))
+        make_policy(lm, exit="static:2", exit_vocab=8)
+    with pytest.raises(LiteError, match="--exit-vocab applies to"):  # a policy built by hand is checked too
+        generate(lm, [5, 9], ExitPolicy("static", layer=2, exit_ids=exit_vocab_ids(lm, 8)), GenerationSettings())
     with pytest.raises(LiteError, match="--exit-vocab must be an integer >= 0"):
-        resolve_policy(lm, ExitPolicy("dynamic", thresholds=FORCED, exit_vocab=-1))
-    assert resolve_policy(lm, ExitPolicy("dynamic", thresholds=FORCED, exit_vocab=0)).check_ids is None
+        make_policy(lm, exit="dynamic", thresholds=FORCED, exit_vocab=-1)
+    assert make_policy(lm, exit="dynamic", thresholds=FORCED, exit_vocab=0).exit_ids is None
+    assert make_policy(lm, exit="dynamic", thresholds=FORCED, exit_vocab=8).exit_ids == exit_vocab_ids(lm, 8)
     lm.folder = str(tmp_path / "no-ranking")
     with pytest.raises(LiteError, match="--exit-vocab needs the token ranking"):
-        resolve_policy(lm, ExitPolicy("dynamic", thresholds=FORCED, exit_vocab=8))
+        make_policy(lm, exit="dynamic", thresholds=FORCED, exit_vocab=9)
 
 
 def test_collect_measures_the_exits_over_the_exit_vocabulary(tiny_model_dir, tmp_path):
@@ -167,7 +168,7 @@ def test_collect_measures_the_exits_over_the_exit_vocabulary(tiny_model_dir, tmp
     item = tokenize_example(lm.tokenizer, examples[0], default_format(lm), 256)
     ids, labels = item["input_ids"], item["labels"]
     pos = [j - 1 for j in range(1, len(ids)) if labels[j] != IGNORE_INDEX]
-    allowed = torch.tensor(shortlist_ids(lm, n, "--exit-vocab"))
+    allowed = torch.tensor(exit_vocab_ids(lm, n))
     with torch.no_grad():
         hs = lm.model(torch.tensor([ids]), output_hidden_states=True).hidden_states
         final = lm.head_logits(hs[-1][0, pos]).argmax(-1)
@@ -194,11 +195,11 @@ def test_calibrate_records_the_exit_vocabulary_and_decoding_uses_it(tiny_model_d
     want_default = (min(meeting, key=lambda k: (costs[k], k != "gate")) if meeting else max(agree, key=agree.get))
     assert cfg.default_exit == want_default
     lm = load_model(model, device="cpu")
-    want = shortlist_ids(lm, 24, "--exit-vocab")
-    assert resolve_policy(lm, ExitPolicy("dynamic")).check_ids == want  # the calibrated thresholds
-    assert resolve_policy(lm, ExitPolicy("speculative")).draft_ids == want  # drafts exit the same way
-    assert resolve_policy(lm, ExitPolicy("dynamic", thresholds=FORCED)).check_ids is None  # thresholds of your own
-    assert resolve_policy(lm, ExitPolicy("dynamic", exit_vocab=0)).check_ids is None
+    want = exit_vocab_ids(lm, 24)
+    assert make_policy(lm, exit="dynamic").exit_ids == want  # the calibrated thresholds
+    assert make_policy(lm, exit="speculative").exit_ids == want  # drafts exit the same way
+    assert make_policy(lm, exit="dynamic", thresholds=FORCED).exit_ids is None  # thresholds of your own
+    assert make_policy(lm, exit="dynamic", exit_vocab=0).exit_ids is None
     # the demo's lossless row drafts as the default policy decides, over the exit vocabulary
     from lite.demo import lossless_policy
 
@@ -207,8 +208,8 @@ def test_calibrate_records_the_exit_vocabulary_and_decoding_uses_it(tiny_model_d
         cfg.save(model)
         lm = load_model(model, device="cpu")
         policy, what = lossless_policy(lm)
-        assert (policy.gate is not None) is (default == "gate") and policy.draft_vocab is None
-        assert resolve_policy(lm, policy).draft_ids == want and "over 24 tokens" in what
+        assert (policy.gate is not None) is (default == "gate")
+        assert policy.exit_ids == want and "over 24 tokens" in what
     # re-calibrating without the flag keeps the recorded vocabulary; --exit-vocab 0 goes back to the full head
     assert main(["calibrate", "--model", str(model), "--data", str(data), "--rule", "agreement", "--target", "0.5",
                  "--min-tokens", "1"]) == 0
@@ -218,7 +219,7 @@ def test_calibrate_records_the_exit_vocabulary_and_decoding_uses_it(tiny_model_d
     assert LiteConfig.load(model).exit_vocab is None
     capsys.readouterr()
     assert main(["generate", "--model", str(model), "--exit", "static:2", "--exit-vocab", "8", "hi"]) == 2
-    assert "--exit-vocab apply to --exit dynamic" in capsys.readouterr().err
+    assert "--exit-vocab applies to --exit dynamic" in capsys.readouterr().err
 
 
 def test_expected_compute_prices_every_token_where_it_leaves(tiny_model_dir):

@@ -96,7 +96,7 @@ def test_engine_evaluates_the_head_only_where_the_gate_says_leave(tiny_model_dir
         for layer, expected in ((2, 2), (None, lm.num_layers)):
             gate = _constant_gate(lm.hidden_size, {1: False, 2: layer == 2, 3: False})
             calls.clear()
-            res = generate(lm, [5, 17, 42, 7], ExitPolicy(kind="dynamic", gate=gate),
+            res = generate(lm, [5, 17, 42, 7], ExitPolicy(kind="gate", gate=gate),
                            GenerationSettings(max_new_tokens=6))
             assert [t.exit_layer for t in res.tokens] == [expected] * len(res.tokens)
             assert len(calls) == len(res.tokens)  # one head evaluation per token, none for the checks
@@ -127,7 +127,7 @@ def test_trained_gate_drives_the_engine(tiny_model_dir):
         def flops(self, layer):
             return gate.flops(layer)
 
-    res = generate(lm, [5, 17, 42], ExitPolicy(kind="dynamic", gate=Spy()), GenerationSettings(max_new_tokens=8))
+    res = generate(lm, [5, 17, 42], ExitPolicy(kind="gate", gate=Spy()), GenerationSettings(max_new_tokens=8))
     groups = []  # the engine asks the exit layers in increasing order, stopping at the first "leave"
     for layer, decision in seen:
         if layer == data.layers[0]:

@@ -49,16 +49,15 @@ def test_block_by_block_prefill_and_decode_equal_transformers(tiny_model_dir):
     with torch.no_grad():
         ref = lm.model(ids).logits
         cache = lm.new_cache(16)
-        rope = lm.rope(0, 16)
         # prefill 4 positions, then 1, then 2 (a multi-token step on a non-empty cache needs the mask)
         outs = []
         for a, b in [(0, 4), (4, 5), (5, 7)]:
             h = lm.embed(ids[:, a:b])
             for k in range(1, lm.num_layers + 1):
-                h = lm.run_block(k, h, rope, cache)
+                h = lm.run_block(k, h, cache)
             outs.append(lm.exit_logits(h))
         torch.testing.assert_close(torch.cat(outs, 1), ref, rtol=1e-4, atol=1e-4)
-        assert cache.lengths == [7] * lm.num_layers
+        assert cache.lengths == [[7]] * lm.num_layers
 
 
 def test_fill_kv_equals_block_keys(tiny_model_dir):
@@ -66,13 +65,12 @@ def test_fill_kv_equals_block_keys(tiny_model_dir):
     lm = load_model(tiny_model_dir, device="cpu")
     with torch.no_grad():
         h = lm.embed(torch.tensor([[1, 2, 3]]))
-        rope = lm.rope(0, 8)
         a, b = lm.new_cache(8), lm.new_cache(8)
-        lm.run_block(2, h, rope, a)
-        lm.fill_kv(2, h, rope, b)
+        lm.run_block(2, h, a)
+        lm.fill_kv(2, h, b)
         torch.testing.assert_close(a.keys[1][:, :, :3], b.keys[1][:, :, :3])
         torch.testing.assert_close(a.values[1][:, :, :3], b.values[1][:, :, :3])
-        assert a.lengths == b.lengths == [0, 3, 0, 0]
+        assert a.lengths == b.lengths == [[0], [3], [0], [0]]
 
 
 def test_forward_exit_states_equal_hidden_states_without_logits(tiny_model_dir):
@@ -106,19 +104,19 @@ def test_head_logits_equal_the_head_module_for_every_row_count(tiny_model_dir, r
     normed = torch.randn(1, rows, lm.hidden_size)
     with torch.inference_mode():
         got, want = lm.head_logits(normed), lm.lm_head(normed)
-        short = lm.subset_head([5, 2, 9])(normed)
+        short = lm.vocab_head([5, 2, 9])(normed)
     assert got.shape == want.shape == (1, rows, lm.vocab_size)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(short, want[..., [5, 2, 9]], rtol=1e-5, atol=1e-5)
 
 
-def test_subset_head_copies_rows_once_until_the_head_changes(tiny_model_dir):
+def test_vocab_head_copies_rows_once_until_the_head_changes(tiny_model_dir):
     lm = load_model(tiny_model_dir, device="cpu")
-    first = lm.subset_head([5, 2, 9])
-    assert lm.subset_head([5, 2, 9]) is first and lm.subset_head([5, 2]) is not first
+    first = lm.vocab_head([5, 2, 9])
+    assert lm.vocab_head([5, 2, 9]) is first and lm.vocab_head([5, 2]) is not first
     normed = torch.randn(1, lm.hidden_size)
-    before = lm.subset_head([5, 2, 9])(normed)
+    before = lm.vocab_head([5, 2, 9])(normed)
     with torch.no_grad():
         lm.lm_head.weight.mul_(2.0)  # an in-place update (as an optimizer step makes)
-    after = lm.subset_head([5, 2, 9])(normed)
+    after = lm.vocab_head([5, 2, 9])(normed)
     torch.testing.assert_close(after, 2 * before)

@@ -1,23 +1,31 @@
 """benchmarks/reproduce_report.py on tiny `lite eval` folders: every section, a row per model, exit marks in
-the samples, both figures, and bad input refused with a message."""
+the samples, both figures, and bad input refused with a message. The script runs as users run it, in its
+own process (tests import no benchmark)."""
 
 import json
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from tiny import VICUNA, FakeEmbedder, make_tiny_model_dir
 
 from lite import LiteConfig
 from lite.decoding.gate import LearnedExitGate, save_gate
 from lite.evaluation import evaluate
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import reproduce_report  # noqa: E402
-from test_eval import VICUNA, FakeEmbedder  # noqa: E402
-from tiny import make_tiny_model_dir  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
+
+
+def reproduce_report(argv: list[str]) -> subprocess.CompletedProcess:
+    """``python benchmarks/reproduce_report.py ARGV`` with this checkout's lite, offline."""
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "reproduce_report.py"), *argv], env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
 
 SELF_INSTRUCT = [{"id": "user_oriented_task_1", "motivation_app": "app", "instruction": "Fix the spelling.",
                   "instances": [{"input": "teh cat", "output": "the cat"}]}]
@@ -73,17 +81,18 @@ def evals(tiny_model_dir, tmp_path_factory):
     return {"root": root, "winner": winner, "baseline": baseline, "agreement": agreement}
 
 
+@pytest.mark.slow  # a child process that loads the sentence embedder
 def test_report_tells_the_story_for_every_model(evals, tmp_path):
     root = evals["root"]
     out = tmp_path / "report"
-    code = reproduce_report.main([
+    run = reproduce_report([
         "--eval", f"winner={root / 'winner-gate'},{root / 'winner'}",
         "--eval", f"baseline={root / 'baseline'}", "--agreement", str(evals["agreement"]),
         "--agreement-label", f"winner={evals['winner']}",
         "--agreement-label", f"baseline={evals['baseline']}",
         "--agreement-label", "untuned=smollm2-135m-instruct",
-        "--samples", "2", "--out-dir", str(out)], embedder=FakeEmbedder())
-    assert code == 0
+        "--samples", "2", "--out-dir", str(out)])
+    assert run.returncode == 0, run.stderr[-2000:]
     md = (out / "report.md").read_text()
     for section in ("## What was run", "## Headline", "## Per exit layer",
                     "## Cost against quality, every policy", "## Exit thresholds", "## Sample answers",
@@ -112,7 +121,8 @@ def test_report_tells_the_story_for_every_model(evals, tmp_path):
     assert len(answers) == 2 and all(a["pieces_match_text"] for a in answers)
 
 
-def test_bad_input_is_named(evals, tmp_path, capsys):
+@pytest.mark.slow  # child processes
+def test_bad_input_is_named(evals, tmp_path):
     root = evals["root"]
     cases = [(["--eval", "winner"], "give LABEL=DIR[,DIR...]"),
              (["--eval", f"winner={tmp_path / 'nope'}"], "is not a folder"),
@@ -121,7 +131,7 @@ def test_bad_input_is_named(evals, tmp_path, capsys):
                "--agreement-label", "LITE=runs/lite"], "has no model 'runs/lite'"),
              (["--eval", f"winner={root / 'winner'}", "--agreement-label", "LITE=x"], "needs --agreement")]
     for argv, message in cases:
-        code = reproduce_report.main(argv + ["--out-dir", str(tmp_path / "out")], embedder=FakeEmbedder())
-        assert code == 2
-        assert message in capsys.readouterr().err, message
+        run = reproduce_report(argv + ["--out-dir", str(tmp_path / "out")])
+        assert run.returncode == 2
+        assert message in run.stderr, message
     assert not (tmp_path / "out").exists()

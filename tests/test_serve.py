@@ -19,8 +19,14 @@ import torch
 
 from lite import LiteConfig, load_model
 from lite.cli import main as cli_main
-from lite.decoding import POLICIES, ExitPolicy, GenerationSettings, generate
-from lite.serving import ServeConfig, chat_prompt_ids, completion_prompt_ids, serve_in_thread
+from lite.decoding import ExitPolicy, GenerationSettings, generate, parse_exit
+from lite.serving import (
+    ServeConfig,
+    chat_prompt_ids,
+    completion_prompt_ids,
+    resolve_chat_format,
+    serve_in_thread,
+)
 
 MODEL = "tiny"
 CAP = 64
@@ -59,7 +65,9 @@ def client(url: str, key: str = "unused") -> openai.OpenAI:
 
 def alone(lm, prompt_ids, exit="dynamic", **settings) -> str:
     """What the engine answers for one request on its own (no server)."""
-    policy = ExitPolicy(kind="static", layer=int(exit[7:])) if exit.startswith("static:") else ExitPolicy(kind=exit)
+    from lite.decoding import parse_exit
+
+    policy = parse_exit(lm, exit)  # the spec the server parses, resolved the same way
     return generate(lm, prompt_ids, policy, GenerationSettings(**settings)).text
 
 
@@ -106,7 +114,6 @@ def test_chat_uses_the_chat_template_and_the_request_policy(server, lm):
     assert r.lite["exit_counts"] == {"4": 4} and r.lite["threshold_scale"] == 100.0
 
 
-@pytest.mark.skipif("speculative" not in POLICIES, reason="the engine has no speculative policy yet")
 def test_speculative_through_the_server_is_lossless(server):
     c = client(server)
     kw = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}
@@ -366,6 +373,8 @@ def test_requests_join_and_leave_the_running_batch(lm):
     url, stop = serve_in_thread(lm, ServeConfig(model_name=MODEL, max_queue=1, max_batch=2),
                                 on_step=lambda: time.sleep(0.1))
     body = {"model": MODEL, "messages": USER, "max_tokens": CAP, "stream": True}
+    ids = chat_prompt_ids(lm, USER, resolve_chat_format(lm, "auto"))  # in the server's own prompt format
+    expected = generate(lm, ids, parse_exit(lm, "dynamic"), GenerationSettings(max_new_tokens=CAP))  # c alone
     try:
         with httpx.Client(timeout=30) as a, httpx.Client(timeout=30) as b, httpx.Client(timeout=30) as c:
             with a.stream("POST", f"{url}{CHAT}", json=body) as ra, b.stream("POST", f"{url}{CHAT}", json=body) as rb:
@@ -378,8 +387,13 @@ def test_requests_join_and_leave_the_running_batch(lm):
                     assert wait_for(lambda: health(url)["waiting"] == 0 and health(url)["running"] == 2)
                     lines = [line for line in rc.iter_lines() if line.startswith("data: ")]
                     assert lines[-1] == "data: [DONE]"
-                    final = json.loads(lines[-2][len("data: "):])
-                    assert final["usage"]["completion_tokens"] == CAP or final["choices"][0]["finish_reason"] == "stop"
+                    chunks = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+                    final = chunks[-1]
+                    # c took a's row mid-way, beside b: its answer is the one it gets alone, to the last token
+                    assert "".join(ch["choices"][0]["delta"].get("content") or "" for ch in chunks
+                                   if ch["choices"]) == expected.text
+                    assert final["usage"]["completion_tokens"] == len(expected.tokens)
+                    assert final["choices"][0]["finish_reason"] == expected.finish_reason
         q = health(url)
         assert q["peak_batch"] == 2 and q["cancelled"] >= 1 and q["rejected"] == 1 and q["served"] >= 1
     finally:

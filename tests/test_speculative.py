@@ -2,45 +2,30 @@
 distribution, honest cost counts."""
 
 import json
-import random
 
 import pytest
 import torch
-from tiny import full_cache, make_tiny_model
+from tiny import (
+    CHI2_999,
+    THRESHOLDS,
+    agreeing_model,
+    chi_square,
+    first_round_tokens,
+    full_cache,
+    random_prompts,
+)
 
 from lite import load_model
 from lite.cli import main
-from lite.decoding import ExitPolicy, GenerationSettings, generate, make_decoder, parse_exit, stream
+from lite.decoding import ExitPolicy, GenerationSettings, decoder_for, generate, parse_exit, stream
 from lite.decoding.sampling import pick_token
 from lite.decoding.speculative import SpeculativeDecoder, accept_greedy, accept_sampled, sampling_probs
 from lite.errors import LiteError
-from lite.model import LiteModel
 from lite.model.prompts import encode_prompt
-
-# thresholds at which the test model below drafts at every exit layer and the full model sometimes disagrees
-THRESHOLDS = {1: 0.1, 2: 0.08, 3: 0.06}
-
-
-
-def agreeing_model(num_layers=4, hidden=32, vocab=32, damp=0.8, seed=1) -> LiteModel:
-    """A random tiny Llama whose blocks after the first write damped updates into the residual stream,
-    so that intermediate exits often (not always) predict the final layer's token."""
-    model, tok = make_tiny_model(num_layers=num_layers, hidden=hidden, vocab_size=vocab, seed=seed)
-    with torch.no_grad():
-        for block in model.model.layers[1:]:
-            block.self_attn.o_proj.weight.mul_(damp)
-            block.mlp.down_proj.weight.mul_(damp)
-    return LiteModel(model, tok)
-
 
 @pytest.fixture(scope="module")
 def lm():
     return agreeing_model()
-
-
-def random_prompts(n, vocab=32, seed=0):
-    rng = random.Random(seed)
-    return [[rng.randrange(3, vocab) for _ in range(rng.randrange(1, 9))] for _ in range(n)]
 
 
 # ----------------------------------------------------------------------------- lossless greedy
@@ -67,23 +52,30 @@ def test_greedy_is_token_for_token_the_full_model(lm):
 
 def test_verify_pass_runs_every_block_once_per_position_and_the_head_once(lm):
     ids = random_prompts(1, seed=3)[0] + [7, 9]
-    decoder = make_decoder(lm, ids, ExitPolicy("speculative", thresholds=THRESHOLDS, max_draft_tokens=4),
-                           GenerationSettings(max_new_tokens=16))
+    policy = ExitPolicy("speculative", thresholds=THRESHOLDS, max_draft_tokens=4)
+    decoder = decoder_for(policy)(lm, [ids], policy, GenerationSettings(max_new_tokens=16))
     assert isinstance(decoder, SpeculativeDecoder)
     writes, heads, per_round = [], [], []
-    update = decoder.cache.update
+    view = decoder.cache.view
 
-    def logged(key, value, layer_idx, *a, **kw):
-        start = decoder.cache.lengths[layer_idx]
-        writes.extend((layer_idx, p) for p in range(start, start + key.shape[2]))
-        return update(key, value, layer_idx, *a, **kw)
+    def logged(block, rows, new):  # every K/V write of a block call goes through its view's update
+        v = view(block, rows, new)
+        update = v.update
+
+        def update_logged(key, value, layer_idx, *a, **kw):
+            start = v.starts[0]
+            writes.extend((layer_idx, p) for p in range(start, start + key.shape[2]))
+            return update(key, value, layer_idx, *a, **kw)
+
+        v.update = update_logged
+        return v
 
     def round_done(d):
         per_round.append((list(writes), sum(heads)))
         writes.clear()
         heads.clear()
 
-    decoder.cache.update = logged
+    decoder.cache.view = logged
     decoder.after_step = round_done
     head_logits = lm.head_logits  # every full-head evaluation of this policy goes through it
 
@@ -99,10 +91,14 @@ def test_verify_pass_runs_every_block_once_per_position_and_the_head_once(lm):
         del lm.head_logits
     rounds = decoder.rounds
     assert len(per_round) == len(rounds) and any(d > 0 for d, _ in rounds)
-    prefill = per_round[0][0][: 4 * (len(ids) - 1)]
-    per_round[0] = (per_round[0][0][len(prefill):], per_round[0][1])
-    costs = iter(decoder.token_costs)
-    for (written, head_positions), (d, j) in zip(per_round, rounds):
+    # the first token is the full model's, from the prefill of every prompt position: one head, no block
+    (prefill, first_heads), (d0, j0) = per_round[0], rounds[0]
+    assert sorted(prefill) == [(b, p) for b in range(4) for p in range(len(ids))] and first_heads == 1
+    assert (d0, j0) == (0, 0)
+    costs = iter(decoder.rows[0].costs)
+    first = next(costs)
+    assert (first.blocks_run, first.head_evals, first.drafted) == (0, 1, 0)
+    for (written, head_positions), (d, j) in zip(per_round[1:], rounds[1:]):
         positions = sorted({p for _, p in written})
         assert len(positions) == d + 1  # the drafted positions and the verify step's own
         for layer in range(4):  # every block ran every position of the round exactly once
@@ -117,8 +113,9 @@ def test_cache_after_every_round_is_the_full_models(lm):
     checked = []
 
     def compare(d):
-        processed = d.prompt_ids + [r.id for r in d.records[:-1]]  # the last token is not consumed yet
-        assert d.cache.lengths == [len(processed)] * 4
+        row = d.rows[0]
+        processed = row.prompt + [r.id for r in row.records[:-1]]  # the last token is not consumed yet
+        assert d.cache.lengths == [[len(processed)]] * 4
         ref = full_cache(d.lm, processed)
         for i in range(4):
             torch.testing.assert_close(d.cache.keys[i][:, :, :len(processed)], ref.keys[i], rtol=1e-4, atol=1e-5)
@@ -126,27 +123,14 @@ def test_cache_after_every_round_is_the_full_models(lm):
         checked.append(d.rounds[-1])
 
     for ids in random_prompts(4, seed=5):
-        decoder = make_decoder(lm, ids, ExitPolicy("speculative", thresholds=THRESHOLDS, max_draft_tokens=3),
-                               GenerationSettings(max_new_tokens=12))
+        policy = ExitPolicy("speculative", thresholds=THRESHOLDS, max_draft_tokens=3)
+        decoder = decoder_for(policy)(lm, [ids], policy, GenerationSettings(max_new_tokens=12))
         decoder.after_step = compare
         list(decoder.run())
     assert any(j < d for d, j in checked) and any(0 < j == d for d, j in checked)  # rollbacks and full accepts
 
 
 # ----------------------------------------------------------------------------- sampling
-def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
-    """Pearson statistic and degrees of freedom over the cells with positive expected count."""
-    n = counts.sum()
-    mask = probs > 0
-    expected = probs[mask] * n
-    return float(((counts[mask] - expected) ** 2 / expected).sum()), int(mask.sum()) - 1
-
-
-# 99.9% quantiles of the chi-square distribution by degrees of freedom (scipy.stats.chi2.ppf(0.999, df))
-CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88,
-            10: 29.59, 11: 31.26, 12: 32.91, 13: 34.53, 14: 36.12, 15: 37.70}
-
-
 def test_rejection_rule_emits_the_full_models_distribution():
     """Synthetic p and q far apart on 8 tokens, drafts sampled from q: the first emitted token follows p
     (chi-square at the 0.1% level, 4000 samples) and visibly not q; after accepting every draft the
@@ -195,20 +179,6 @@ def test_greedy_rule_accepts_the_agreeing_prefix():
     assert accept_greedy([], logits[:1]) == (0, 2)
 
 
-def first_round_tokens(decoder, ids: list[int], n: int, vocab: int) -> tuple[torch.Tensor, list[tuple]]:
-    """Run the first round after ``ids`` ``n`` times (rolling the cache back each time): counts of the
-    round's first emitted token over the vocabulary, and (drafted, accepted, first token) per round."""
-    counts, rounds = torch.zeros(vocab), []
-    with torch.inference_mode():
-        decoder._prefill()
-        for _ in range(n):
-            decoder.cache.truncate(len(ids) - 1)
-            emitted, d, j = decoder._round(torch.tensor([[ids[-1]]]), len(ids) - 1, budget=2)
-            counts[emitted[0][0]] += 1
-            rounds.append((d, j, emitted[0][0]))
-    return counts, rounds
-
-
 def test_sampled_decoding_end_to_end_follows_the_full_model():
     """Vocabulary 8, every step drafts at layer 1 of a 2-layer model whose layer 1 disagrees with layer 2,
     temperature 0.3 and top-p 0.95: the first token of 200 rounds follows the full model's distribution
@@ -216,7 +186,8 @@ def test_sampled_decoding_end_to_end_follows_the_full_model():
     lm = agreeing_model(num_layers=2, hidden=16, vocab=8, damp=4.0, seed=5)
     ids = [3, 5, 6]
     settings = GenerationSettings(max_new_tokens=2, temperature=0.3, top_p=0.95, seed=0)
-    decoder = make_decoder(lm, ids, ExitPolicy("speculative", thresholds={1: 0.0}, max_draft_tokens=1), settings)
+    policy = ExitPolicy("speculative", thresholds={1: 0.0}, max_draft_tokens=1)
+    decoder = decoder_for(policy)(lm, [ids], policy, settings)
     with torch.no_grad():
         full = lm.model(torch.tensor([ids])).logits[0, -1]
         draft = lm.lm_head(lm.hidden_states(torch.tensor([ids]), layers=[1])[1][0, -1])
@@ -230,10 +201,18 @@ def test_sampled_decoding_end_to_end_follows_the_full_model():
 
 
 def test_sampling_with_a_seed_is_reproducible(lm):
+    """A seed fixes the sampled tokens whatever the global random state and whatever ran before: drafts and
+    verification draw from the request's own generator, and the global one is left as it was."""
     policy = ExitPolicy("speculative", thresholds=THRESHOLDS)
     run = lambda seed: generate(lm, [4, 5, 6], policy, GenerationSettings(max_new_tokens=12, temperature=0.8,
                                                                              top_p=0.9, seed=seed)).token_ids
-    assert run(1) == run(1) and run(1) != run(2)
+    torch.manual_seed(0)
+    first = run(1)
+    state = torch.get_rng_state()
+    run(2)  # another seeded request in between
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(12345)
+    assert run(1) == first
 
 
 # ----------------------------------------------------------------------------- cost, stopping, streaming
@@ -260,13 +239,13 @@ def test_eos_and_max_new_tokens_end_a_round_early(lm):
     policy = ExitPolicy("speculative", thresholds=THRESHOLDS, max_draft_tokens=4)
     for n in (1, 2, 5):
         assert generate(lm, ids, policy, GenerationSettings(max_new_tokens=n)).token_ids == plain[:n]
-    decoder = make_decoder(lm, ids, policy, GenerationSettings(max_new_tokens=16))
+    decoder = decoder_for(policy)(lm, [ids], policy, GenerationSettings(max_new_tokens=16))
     decoder.eos = {plain[6]}
-    out = [r.id for r in decoder.run()]
+    out = [r.id for _, r in decoder.run()]
     cut = plain.index(plain[6])
-    assert out == plain[: cut + 1] and decoder.finish_reason == "stop"
-    assert decoder.cache.lengths == [len(ids) - 1 + cut + 1] * 4
-    assert sum(tc.drafted for tc in decoder.token_costs) == sum(d for d, _ in decoder.rounds)
+    assert out == plain[: cut + 1] and decoder.rows[0].finish_reason == "stop"
+    assert decoder.cache.lengths == [[len(ids) - 1 + cut + 1]] * 4
+    assert sum(tc.drafted for tc in decoder.rows[0].costs) == sum(d for d, _ in decoder.rounds)
 
 
 def test_stream_yields_the_records(lm):
@@ -278,11 +257,12 @@ def test_stream_yields_the_records(lm):
 
 
 # ----------------------------------------------------------------------------- policy and CLI
-def test_policy_parsing_and_bad_draft_settings(lm):
-    assert parse_exit("speculative", 4).kind == "speculative"
-    assert parse_exit("speculative:6", 4).max_draft_tokens == 6
+def test_policy_parsing_and_bad_draft_settings(lm, monkeypatch):
+    monkeypatch.setattr(lm.lite_config, "thresholds", {"1": 0.1, "2": 0.08, "3": 0.06})
+    assert parse_exit(lm, "speculative").kind == "speculative"
+    assert parse_exit(lm, "speculative:6").max_draft_tokens == 6
     with pytest.raises(LiteError, match="speculative:4"):
-        parse_exit("speculative:x", 4)
+        parse_exit(lm, "speculative:x")
     for policy, match in ((ExitPolicy("speculative", thresholds=THRESHOLDS, max_draft_tokens=0), "--max-draft"),
                           (ExitPolicy("speculative", thresholds=THRESHOLDS, draft_stop_confidence=float("nan")),
                            "--draft-stop"),

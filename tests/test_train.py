@@ -133,13 +133,15 @@ def _write(path, text):
     return str(path)
 
 
-@pytest.mark.parametrize("case", ["missing", "malformed", "fields", "empty", "exits", "unsorted", "model"])
+@pytest.mark.parametrize("case", ["missing", "malformed", "fields", "prompt-only", "empty", "exits", "unsorted",
+                                  "model"])
 def test_bad_input_exits_2_with_one_message_and_no_output(case, tiny_model_dir, data_file, tmp_path, capsys):
     data, model, extra = str(data_file), str(tiny_model_dir), []
     expect = {
         "missing": "nope.jsonl: no such file",
         "malformed": "malformed JSON on line 2",
-        "fields": "row 0 (0-based) lacks string field(s) ['output']",
+        "fields": "row 0 (0-based) lacks string field(s) ['instruction']",
+        "prompt-only": "p.jsonl: 1 rows have no output (prompt only; the first is row 0, 0-based), but --recipe paper",
         "empty": "no rows left to train on",
         "exits": "--exit-layers [7] out of range",
         "unsorted": "--exit-layers must be strictly increasing",
@@ -150,7 +152,10 @@ def test_bad_input_exits_2_with_one_message_and_no_output(case, tiny_model_dir, 
     elif case == "malformed":
         data = _write(tmp_path / "bad.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": \n')
     elif case == "fields":
-        data = _write(tmp_path / "f.jsonl", '{"instruction": "a", "input": ""}\n')
+        data = _write(tmp_path / "f.jsonl", '{"input": "a", "output": "b"}\n')
+    elif case == "prompt-only":  # a row without output: only the model's own answers can train on it
+        data = _write(tmp_path / "p.jsonl", '{"instruction": "a", "input": ""}\n')
+        extra = ["--recipe", "paper"]
     elif case == "empty":
         extra = ["--filter", "status=missing"]
     elif case == "exits":
@@ -174,6 +179,7 @@ def test_existing_output_is_never_overwritten(tiny_model_dir, data_file, tmp_pat
     assert "already exists" in capsys.readouterr().err and list(out.iterdir()) == []
 
 
+@pytest.mark.slow  # child processes
 def test_torchrun_two_processes(tiny_model_dir, data_file, tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -274,6 +280,7 @@ EQUAL_ROWS = [{"instruction": f"Say number {i:02d}.", "input": "", "output": f"N
               for i in range(24)]
 
 
+@pytest.mark.slow  # child processes
 def test_fsdp_two_processes_match_one_process(tiny_model_dir, tmp_path):
     """lite train --fsdp under torchrun, 2 CPU processes (gloo), against one process on the same global
     batch: same losses step by step, same weights. accelerate keeps DDP on CPUs; tests/fsdp_cpu.py lifts

@@ -268,3 +268,47 @@ def test_the_default_recipe_is_exit_modules_and_the_papers_is_one_flag_away(tiny
     }
     assert (runs["default"].output_dir / EXIT_MODULES_FILE).is_file()
     assert (runs["paper"].output_dir / "model.safetensors").is_file()
+
+
+def test_prompt_only_rows_train_on_own_answers_and_the_papers_recipe_refuses_them(tiny_model_dir, data_file,
+                                                                                  tmp_path, capsys):
+    """Rows without outputs are trained on with the model's own answers; a recipe that trains on the data's
+    responses refuses them, naming the file; --heldout-from keeps another run's held-out rows."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"instruction": f"Tell me a fact #{i}."}) + "\n" for i in range(6)))
+    kw = dict(max_steps=1, lr=1e-2, exit_layers="2,4", own_answer_tokens=4, **FAST)
+    first = train(str(tiny_model_dir), str(data_file), tmp_path / "first", **kw)
+    run = train(str(tiny_model_dir), [str(data_file), str(prompts)], tmp_path / "own",
+                heldout_from=str(first.output_dir), **kw)
+    cfg = run.lite_config
+    assert cfg.data["heldout_ids"] == first.lite_config.data["heldout_ids"]
+    assert cfg.data["heldout_from"] == str(first.output_dir.resolve())
+    assert cfg.provenance["own_answers"]["rows"] == cfg.data["rows_train"] == 24 - 1 + 6
+    for argv in (["--recipe", "paper"], ["--no-own-answers"]):
+        out = tmp_path / f"refused{len(argv)}"
+        code = main(["train", "--model", str(tiny_model_dir), "--data", str(data_file), str(prompts),
+                     "--out", str(out), "--max-steps", "1", *argv])
+        assert code == 2
+        err = capsys.readouterr().err
+        assert f"{prompts.resolve()}: 6 rows have no output" in err and "--own-answers" in err
+        assert not out.with_name(out.name + ".partial").exists()
+
+
+def test_prompts_longer_than_max_length_get_no_answer(tiny_model_dir, tmp_path, monkeypatch):
+    """A prompt of --max-length tokens or more would keep none of its answer: it is not generated, its row
+    is dropped by tokenisation (and counted); the others are answered as before."""
+    import lite.training.own_answers as own
+    from lite.training.data import Example, TokenizedDataset, prompt_ids
+
+    lm = load_model(tiny_model_dir, device="cpu")
+    rows = [Example("0:0", "Hi.", "", "x"), Example("0:1", "word " * 80, "", "x")]
+    limit = len(prompt_ids(lm.tokenizer, rows[1], "alpaca"))
+    seen = []
+    real = own.hf_generate_batch
+    monkeypatch.setattr(own, "hf_generate_batch", lambda lm_, prompts, *a, **k: seen.append(len(prompts)) or
+                        real(lm_, prompts, *a, **k))
+    answered, prov = own.generate_own_answers(lm, rows, prompt_format="alpaca", cache=tmp_path / ANSWERS_FILE,
+                                              max_new_tokens=4, max_length=limit, batch_size=4)
+    assert seen == [1] and answered[1].response_ids == () and len(answered[0].response_ids) > 0
+    assert prov["rows_prompt_too_long"] == 1
+    assert TokenizedDataset(answered, lm.tokenizer, "alpaca", max_length=limit).dropped == 1

@@ -1,4 +1,5 @@
-"""Tiny random Llama models and a real byte-level tokenizer, built in-process (no network).
+"""Tiny random Llama models and a real byte-level tokenizer, built in-process (no network), and the few
+helpers several test files share (test files import this module, never each other).
 
 ``make_tiny_model_dir(path)`` writes an ordinary Hugging Face folder (config, safetensors, tokenizer with
 a chat template) that every lite verb and plain transformers can load.
@@ -6,8 +7,10 @@ a chat template) that every lite verb and plain transformers can load.
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
 
 CHAT_TEMPLATE = (
@@ -74,9 +77,88 @@ def make_tiny_model_dir(path: str | Path, **kwargs) -> Path:
 def full_cache(lm, ids: list[int]):
     """The cache of the full model (every block, every position) after processing ``ids``: the reference
     that early-exit and speculative caches are compared against."""
-    cache, rope = lm.new_cache(len(ids)), lm.rope(0, len(ids))
+    cache = lm.new_cache(len(ids))
     with torch.no_grad():
         h = lm.embed(torch.tensor([ids]))
         for k in range(1, lm.num_layers + 1):
-            h = lm.run_block(k, h, rope, cache)
+            h = lm.run_block(k, h, cache)
     return cache
+
+
+# ----------------------------------------------------------------------------- shared by several test files
+# the calibration tests' rows: some held out, some filtered out by status
+CALIBRATION_ROWS = [{"instruction": f"Repeat the word number {i}.", "input": "" if i % 3 else f"word {i}",
+                     "output": f"number {i} number {i}", "status": "ok" if i % 5 else "bad"}
+                    for i in range(10)]
+VICUNA = [{"question_id": i, "category": "generic", "turns": [t]} for i, t in
+          enumerate(["Name a color.", "Say hello.", "Count to three."], start=1)]
+
+
+class FakeEmbedder:
+    """Character-bigram counts: fast, and identical texts give identical vectors."""
+
+    def encode(self, texts):
+        out = np.zeros((len(texts), 64))
+        for i, t in enumerate(texts):
+            for a, b in zip(t, t[1:] + " "):
+                out[i, (ord(a) * 31 + ord(b)) % 64] += 1
+        return out
+
+
+# thresholds at which agreeing_model() drafts at every exit layer and the full model sometimes disagrees
+THRESHOLDS = {1: 0.1, 2: 0.08, 3: 0.06}
+
+
+def agreeing_model(num_layers=4, hidden=32, vocab=32, damp=0.8, seed=1) -> LiteModel:
+    """A random tiny Llama whose blocks after the first write damped updates into the residual stream,
+    so that intermediate exits often (not always) predict the final layer's token."""
+    from lite.model import LiteModel
+
+    model, tok = make_tiny_model(num_layers=num_layers, hidden=hidden, vocab_size=vocab, seed=seed)
+    with torch.no_grad():
+        for block in model.model.layers[1:]:
+            block.self_attn.o_proj.weight.mul_(damp)
+            block.mlp.down_proj.weight.mul_(damp)
+    return LiteModel(model, tok)
+
+
+def random_prompts(n, vocab=32, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(rng.randrange(1, 9))] for _ in range(n)]
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
+    """Pearson statistic and degrees of freedom over the cells with positive expected count."""
+    n = counts.sum()
+    mask = probs > 0
+    expected = probs[mask] * n
+    return float(((counts[mask] - expected) ** 2 / expected).sum()), int(mask.sum()) - 1
+
+
+# 99.9% quantiles of the chi-square distribution by degrees of freedom (scipy.stats.chi2.ppf(0.999, df))
+CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88,
+            10: 29.59, 11: 31.26, 12: 32.91, 13: 34.53, 14: 36.12, 15: 37.70}
+
+
+def first_round_tokens(decoder, ids: list[int], n: int, vocab: int) -> tuple[torch.Tensor, list[tuple]]:
+    """Run the first round after ``ids`` ``n`` times (rolling the cache back each time): counts of the
+    round's first emitted token over the vocabulary, and (drafted, accepted, first token) per round."""
+    counts, rounds = torch.zeros(vocab), []
+    with torch.inference_mode():
+        decoder._prefill([0])
+        decoder._activate([0])
+        for _ in range(n):
+            decoder.cache.truncate(0, len(ids) - 1)
+            emitted, d, j = decoder._round(0)  # the row's budget: its max_new_tokens
+            counts[emitted[0][0]] += 1
+            rounds.append((d, j, emitted[0][0]))
+    return counts, rounds
+
+
+def with_ranking(lm: LiteModel, folder, ranking) -> LiteModel:
+    """``lm`` with an exit/draft vocabulary ranking saved into ``folder`` (where lite looks for it)."""
+    from lite.decoding.draft_vocab import save_ranking
+
+    save_ranking(folder, ranking, tokens=len(ranking), source="test")
+    lm.folder = str(folder)
+    return lm

@@ -191,27 +191,10 @@ class LiteLM:
                 raise LiteError(f"{what}: {exc}") from None
         if single:
             return _stream(lm, ids[0], policy, settings) if stream else _generate(lm, ids[0], policy, settings)
-        step = 1 if policy.kind == "speculative" else batch_size  # the speculative verify pass is batch 1
-        chunks = [list(range(start, min(start + step, len(ids)))) for start in range(0, len(ids), step)]
+        # batch_size at a time (speculative decoding: one at a time, lite.decoding.batch_limit)
         if stream:
-            return self._stream_rows(ids, chunks, policy, settings)
-        results: list[GenerationResult] = []
-        for rows in chunks:
-            if len(rows) == 1:
-                results.append(_generate(lm, ids[rows[0]], policy, settings))
-            else:
-                results += _generate_batch(lm, [ids[r] for r in rows], policy, settings)
-        return results
-
-    def _stream_rows(self, ids: list[list[int]], chunks: list[list[int]], policy, settings
-                     ) -> Iterator[tuple[int, TokenRecord]]:
-        for rows in chunks:
-            if len(rows) == 1:
-                for record in _stream(self.lite_model, ids[rows[0]], policy, settings):
-                    yield rows[0], record
-            else:
-                for row, record in _stream_batch(self.lite_model, [ids[r] for r in rows], policy, settings):
-                    yield rows[row], record
+            return _stream_batch(lm, ids, policy, settings, batch_size=batch_size)
+        return _generate_batch(lm, ids, policy, settings, batch_size=batch_size)
 
 
 def _as_prompt_list(prompts: object) -> tuple[list[Prompt], bool]:

@@ -117,20 +117,19 @@ def lossless_policy(lm):
     """Self-speculative decoding for the demo's lossless row, and its description; (None, reason) when the
     model has neither a gate nor calibrated thresholds to draft with. Drafts leave as the model's default
     policy decides (the learned gate, or the calibrated thresholds), over the calibrated exit vocabulary,
-    else over a shortlist head when ``draft_vocab.json`` exists."""
-    from .decoding import ExitPolicy
+    else over an exit vocabulary when ``draft_vocab.json`` exists."""
     from .decoding.draft_vocab import load_ranking
-    from .decoding.gate import load_gate
-    from .decoding.spec import default_exit, is_calibrated
+    from .decoding.spec import ExitOptions, build_policy, default_exit, is_calibrated, model_gate
 
-    gate = load_gate(lm)
+    gate = model_gate(lm)
     if gate is None and not is_calibrated(lm):
         return None, "not calibrated"
     if gate is not None and is_calibrated(lm) and default_exit(lm) != "gate":
         gate = None  # the thresholds are the default policy: they draft
     exit_vocab = lm.lite_config.exit_vocab
     vocab = None if exit_vocab else (min(LOSSLESS_DRAFT_VOCAB, lm.vocab_size) if load_ranking(lm.folder) else None)
-    policy = ExitPolicy("speculative", gate=gate, max_draft_tokens=LOSSLESS_MAX_DRAFT, draft_vocab=vocab)
+    policy = build_policy(lm, ExitOptions(exit="speculative", gate=gate is not None, max_draft=LOSSLESS_MAX_DRAFT,
+                                          draft_vocab=vocab))
     what = f"self-speculative, drafts by the {'learned gate' if gate else 'calibrated thresholds'}, " \
            f"up to {LOSSLESS_MAX_DRAFT} per round, draft head over {exit_vocab or vocab or 'all'} tokens"
     return policy, what
@@ -155,7 +154,7 @@ def run_demo(*, model: str | None = None, prompts: list[str] | None = None, max_
         on_ready / on_answer_start / on_token: hooks for the CLI: the (still empty) result once the model and
             policy are known; each prompt before its early-exit answer; each early-exit TokenRecord.
     """
-    from .decoding import GenerationSettings, generate, make_decoder
+    from .decoding import GenerationSettings, decoder_for, generate
     from .decoding.reference import hf_generate
     from .model.loading import load_model, shipped_adapter_dir
     from .model.prompts import default_format, encode_prompt
@@ -201,11 +200,12 @@ def run_demo(*, model: str | None = None, prompts: list[str] | None = None, max_
         full_text = lm.tokenizer.decode(full_ids, skip_special_tokens=True)
         if on_answer_start:
             on_answer_start(prompt)
-        decoder = make_decoder(lm, ids, policy, settings)
-        for _ in decoder.run(on_token):
-            pass
+        decoder = decoder_for(policy)(lm, [ids], policy, settings)
+        for _, record in decoder.run():
+            if on_token is not None:
+                on_token(record)
         # compute cost against the full model's own answer length: longer early-exit answers count against it
-        early = decoder.result(reference_tokens=len(full_ids))
+        early = decoder.result(0, reference_tokens=len(full_ids))
         n = max(len(early.tokens), 1)
         sim = None
         if embedder is not None:

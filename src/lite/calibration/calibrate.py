@@ -146,14 +146,13 @@ def _score_sequence(lm: LiteModel, ids: list[int], positions: list[int], layers:
     """
     x = torch.tensor([ids], device=lm.device)
     cache = lm.new_cache(len(ids))
-    rope = lm.rope(0, len(ids))
     pos = torch.tensor(positions, device=lm.device)
     h = lm.embed(x)  # (1, T, D)
     prev = h[0, pos]  # raw "layer 0" state: the engine's previous state for the first check
     measures: dict[str, list[torch.Tensor]] = {m: [] for m in conf_mod.MEASURES}
     argmaxes, normed_states = [], []
     for layer in range(1, lm.num_layers + 1):
-        h = lm.run_block(layer, h, rope, cache)
+        h = lm.run_block(layer, h, cache)
         if layer not in layers:
             continue
         raw = h[0, pos]  # (P, D)
@@ -235,23 +234,36 @@ def collect(lm: LiteModel, examples: list, *, source: str = "reference", with_st
         raise LiteError("no held-out examples to calibrate on: give --data (and check --filter/--max-examples)")
     if batch_size < 1:
         raise LiteError(f"--batch-size must be >= 1, got {batch_size}")
+    sequences = _sequences(lm, examples, source, default_format(lm), max_length, max_new_tokens, batch_size)
+    return collect_sequences(lm, sequences, len(examples), source=source, with_states=with_states,
+                             exit_vocab=exit_vocab, ranking=ranking, progress=progress)
+
+
+def collect_sequences(lm: LiteModel, sequences: Iterator[tuple[list[int], list[int]] | None] | list, total: int,
+                      *, source: str = "generated", with_states: bool = False, exit_vocab: int | None = None,
+                      ranking: list[int] | None = None,
+                      progress: Callable[[int, int], None] | None = None) -> CalibrationData:
+    """:func:`collect` over given token sequences: each (ids, positions to score), or None (nothing to score).
+
+    For callers that already hold the model's answers (``lite eval`` has the full model's): prompt + answer
+    ids, and the positions that predict the answer's tokens. ``total``: how many sequences (for
+    ``progress``); ``source`` is what the data records. The other arguments are :func:`collect`'s.
+    """
     layers = calibration_layers(lm)
-    fmt = default_format(lm)
     check = None
     if exit_vocab:
-        from ..decoding.draft_vocab import shortlist_head
-        from ..decoding.policy import shortlist_ids
+        from ..decoding.spec import exit_vocab_ids
 
-        if exit_vocab >= lm.vocab_size:
+        ids = exit_vocab_ids(lm, exit_vocab, "--exit-vocab", ranking)
+        if ids is None:
             exit_vocab = None  # the whole vocabulary: the full head
         else:
-            check = shortlist_head(lm, shortlist_ids(lm, exit_vocab, "--exit-vocab", ranking))
+            check = (torch.tensor(ids, dtype=torch.long, device=lm.device), lm.vocab_head(list(ids)))
     start = time.perf_counter()
     conf_parts: dict[str, list[np.ndarray]] = {m: [] for m in conf_mod.MEASURES}
     agree_parts, index_parts, state_parts = [], [], []
     used = skipped = 0
     with torch.inference_mode():
-        sequences = _sequences(lm, examples, source, fmt, max_length, max_new_tokens, batch_size)
         for i, seq in enumerate(sequences):
             if seq is None:
                 skipped += 1
@@ -265,10 +277,10 @@ def collect(lm: LiteModel, examples: list, *, source: str = "reference", with_st
                     state_parts.append(states.cpu().numpy())
                 used += 1
             if progress:
-                progress(i + 1, len(examples))
+                progress(i + 1, total)
     if not used:
-        raise LiteError(f"none of the {len(examples)} examples had a token to score (prompts longer than "
-                        f"--max-length {max_length}?); raise --max-length or give other data")
+        raise LiteError(f"none of the {total} examples had a token to score (prompts longer than --max-length, "
+                        f"or empty answers?); raise --max-length or give other data")
     return CalibrationData(
         layers=layers, num_layers=lm.num_layers,
         confidences={m: np.concatenate(v, axis=1).astype(np.float32) for m, v in conf_parts.items()},

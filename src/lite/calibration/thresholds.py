@@ -44,8 +44,9 @@ def _check(conf: np.ndarray, agree: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 
 def paper_thresholds(conf: np.ndarray, agree: np.ndarray) -> np.ndarray:
-    """The reconstructed LITE rule (SPEC §2): threshold_i = mean of ``conf[i]`` over the tokens where layer
-    i agrees with the final layer; :data:`NEVER_EXIT` for a layer that never agrees.
+    """The LITE paper's rule as we reconstruct it (the paper gives no formula): threshold_i = mean of
+    ``conf[i]`` over the tokens where layer i agrees with the final layer; :data:`NEVER_EXIT` for a layer
+    that never agrees.
 
     Returns:
         (E,) thresholds.

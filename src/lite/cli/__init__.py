@@ -154,18 +154,57 @@ def add_threads_argument(p: argparse.ArgumentParser) -> None:
                         "other jobs)")
 
 
-EXIT_HELP = ("exit policy: auto (the model's own best: the one lite calibrate recorded, else its gate, else its "
-             "thresholds, else none), none, dynamic (calibrated thresholds), gate (the learned exit gate), static:K "
-             "(always layer K), speculative[:N] (lossless: exits draft N tokens, the full model verifies)")
+def _exit_field_help() -> dict:
+    from dataclasses import fields
+
+    from ..decoding.spec import ExitOptions
+
+    return {f.name: f for f in fields(ExitOptions)}
 
 
 def add_exit_argument(p: argparse.ArgumentParser, default: str | None = "auto", more: str = "") -> None:
     """``--exit``, spelled, explained and checked the same way on every verb that decodes (``default`` None
-    where the verb tells 'not given' from auto, e.g. beside ``--speculative``; it then means auto)."""
+    where the verb tells 'not given' from auto, e.g. beside ``--speculative``; it then means auto). Its help
+    is :class:`lite.decoding.spec.ExitOptions`'s."""
     from .numbers import exit_spec
 
-    p.add_argument("--exit", default=default, type=exit_spec, metavar="POLICY",
-                   help=EXIT_HELP + (" (default auto)" if default is None else "") + more)
+    meta = _exit_field_help()["exit"].metadata
+    p.add_argument("--exit", default=default, type=exit_spec, metavar=meta["metavar"],
+                   help=meta["help"] + ("" if default is None else f" (default {default})") + more)
+
+
+def add_exit_flags(p: argparse.ArgumentParser) -> None:
+    """Every exit flag, generated from :class:`lite.decoding.spec.ExitOptions` (names, defaults, help), with
+    ``--speculative`` as an alias of ``--exit speculative``. :func:`exit_options` reads them back."""
+    from . import numbers
+
+    for name, f in _exit_field_help().items():
+        meta = dict(f.metadata)
+        flag, help_ = meta.pop("flag"), meta.pop("help")
+        if name == "exit":
+            add_exit_argument(p, default=None)
+            continue
+        kwargs = {"default": f.default, "help": help_}
+        if "type" in meta:
+            kwargs["type"] = getattr(numbers, meta.pop("type"))
+        kwargs.update(meta)
+        p.add_argument(flag, **kwargs)
+    p.add_argument("--speculative", action="store_true",
+                   help="lossless self-speculative decoding: the exits draft, the full model verifies (same as "
+                        "--exit speculative; output identical to --exit none when greedy)")
+
+
+def exit_options(args: argparse.Namespace):
+    """The :class:`lite.decoding.spec.ExitOptions` of flags added by :func:`add_exit_flags`."""
+    from ..decoding.spec import ExitOptions
+    from ..errors import LiteError
+
+    if args.speculative and args.exit and not args.exit.startswith("speculative"):
+        raise LiteError(f"--speculative conflicts with --exit {args.exit}: give one of them")
+    values = {name: getattr(args, name) for name in _exit_field_help()}
+    if args.speculative and not args.exit:
+        values["exit"] = "speculative"
+    return ExitOptions(**values)
 
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")

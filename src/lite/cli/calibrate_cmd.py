@@ -63,6 +63,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-tokens", type=positive_int, default=None, metavar="N",
                    help="refuse to choose thresholds on fewer than N tokens per exit, or gate thresholds on fewer "
                         "than N held-out tokens (default 200: an agreement rate known to about +-0.07)")
+    p.add_argument("--ceiling", type=nonnegative_int, default=40, metavar="N",
+                   help="after calibrating, teacher-forced on the model's own greedy answers to the first N "
+                        "calibration rows: the oracle saving (each token leaving at the first exit that agrees "
+                        "with the final layer) and each decision rule's saving-versus-agreement frontier, with "
+                        "the calibrated policies on it; printed, and written as ceiling.md and ceiling.png into "
+                        "the model folder (default 40; 0: skip)")
     p.add_argument("--seed", type=seed, default=0, help="seed of gate training")
     add_dtype_argument(p, "float32")
     add_device_argument(p)
@@ -202,6 +208,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {path}")
     if args.draft_vocab and not exit_vocab:
         print(f"wrote {write_draft_vocab(lm, examples, progress)}")
+    if args.ceiling:
+        report_ceiling(lm, examples[: args.ceiling], args, data)
     return 0
 
 
@@ -218,6 +226,34 @@ def check_model_folder_writable(spec: str | None) -> None:
     if folder is not None:
         check_writable(folder, "--model", "calibration writes lite_config.json into the model folder: copy the "
                                           "model to a folder you can write and calibrate the copy")
+
+
+def report_ceiling(lm, examples: list, args: argparse.Namespace, data) -> None:
+    """The ceiling of the calibrated model (:mod:`lite.calibration.ceiling`) on ``examples``: printed as a
+    table, written as ``ceiling.md`` and ``ceiling.png`` beside ``lite_config.json``, its summary recorded
+    there under ``calibration.ceiling``. Statistics collected on the model's own answers with every state the
+    gate needs are reused; otherwise the answers are generated here."""
+    import dataclasses
+
+    from ..calibration.ceiling import markdown, measure_ceiling, model_ceiling, plot
+    from . import progress
+
+    if args.source == "generated" and (data.states is not None or not lm.lite_config.gate_file) \
+            and data.examples <= len(examples):
+        ceiling = model_ceiling(lm, data)
+    else:
+        progress(f"ceiling: teacher-forced on the model's own answers to {len(examples)} rows")
+        ceiling, _ = measure_ceiling(lm, examples, max_new_tokens=args.max_new_tokens, max_length=args.max_length,
+                                     batch_size=args.batch_size)
+    text = markdown(ceiling)
+    print("\nThe ceiling of early exit on this model (calibration rows; one cut at every exit):\n" + text)
+    (Path(lm.folder) / "ceiling.md").write_text("# Early-exit ceiling\n\n" + text, encoding="utf-8")
+    plot(ceiling, Path(lm.folder) / "ceiling.png")
+    summary = {k: v for k, v in ceiling.record().items() if k != "frontiers"}
+    cfg = dataclasses.replace(lm.lite_config, calibration={**lm.lite_config.calibration, "ceiling": summary})
+    cfg.save(lm.folder)
+    lm.lite_config = cfg
+    print(f"wrote {Path(lm.folder) / 'ceiling.md'}, {Path(lm.folder) / 'ceiling.png'}")
 
 
 def write_draft_vocab(lm, examples, progress) -> Path:

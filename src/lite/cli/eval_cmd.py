@@ -52,6 +52,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="OpenAI-compatible API root for a pairwise LLM judge, e.g. http://127.0.0.1:8000/v1 (key from "
              "$LITE_JUDGE_API_KEY)")
     add("--judge-model", default=None, help="model name for the judge")
+    add("--ceiling", action=argparse.BooleanOptionalAction, default=True,
+        help="report the model's ceiling, teacher-forced on its full answers: the oracle saving (each token "
+             "leaving at the first exit that agrees with the final layer) and each decision rule's "
+             "saving-versus-agreement frontier, with the model's policies on it (default: yes)")
     add("--no-hf-baseline", action="store_true",
         help="do not time transformers' generate (no speedup figure)")
     add_threads_argument(p)
@@ -71,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens, dtype=args.dtype, device=args.device, prompt_format=args.prompt_format,
             judge_url=args.judge_url, judge_model=args.judge_model, hf_baseline=not args.no_hf_baseline,
             restart=args.restart, progress_bar=True, log=progress, batch_size=args.batch_size,
+            ceiling=args.ceiling,
         )
     except KeyboardInterrupt:
         print(f"lite eval: interrupted; finished prompts are kept in {args.out}/{RECORDS}: run the same "
@@ -93,6 +98,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name:<16}{s['n']:>5}{pct(s['layer_cost_improvement']):>12}{pct(s['compute_cost_improvement']):>14}"
               f"{num(s['speedup'], '.2f'):>9}{num(s['rougeL_vs_full']):>9}{num(s['similarity_vs_full']):>12}"
               f"{tokens:>16}")
+    ceiling = report.get("ceiling")
+    if ceiling:
+        at = ", ".join(f"{rule} {100 * v['0.95']:.1f}%" for rule, v in ceiling["saving_at_agreement"].items())
+        progress(f"ceiling (teacher-forced on the full answers): oracle layer saving "
+                 f"{100 * ceiling['oracle_saving']:.1f}%; at agreement >= 0.95, one cut at every exit: {at}")
     progress(f"report: {result.out}/report.md, {result.out}/report.json ({result.prompts_run} prompts "
              f"decoded now, the rest from {RECORDS})")
     return 0

@@ -12,18 +12,8 @@ import os
 import sys
 
 from ..errors import LiteError
-from . import add_device_argument, add_dtype_argument, add_exit_argument, add_threads_argument
-from .numbers import (
-    finite_float,
-    nonempty_text,
-    nonnegative_float,
-    nonnegative_int,
-    number,
-    positive_float,
-    positive_int,
-    seed,
-    thresholds,
-)
+from . import add_device_argument, add_dtype_argument, add_exit_flags, add_threads_argument, exit_options
+from .numbers import nonempty_text, nonnegative_float, number, positive_int, seed
 
 # ANSI 256-colour codes from early (red) to late (blue); the final layer is printed uncoloured.
 _PALETTE = [196, 202, 208, 214, 220, 190, 118, 48, 51, 39, 33, 99]
@@ -35,33 +25,10 @@ EXAMPLE = "lite generate --model runs/mine --exit gate --max-new-tokens 64 \"Giv
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", metavar="PROMPT", type=nonempty_text, help="the instruction (formatted with --prompt-format)")
     p.add_argument("--model", default=None, help="model folder, LoRA adapter folder, hub id, or smollm2-135m-instruct")
-    add_exit_argument(p, default=None)
-    p.add_argument("--speculative", action="store_true",
-                   help="lossless self-speculative decoding: dynamic exits draft, the full model verifies "
-                        "(same as --exit speculative; output identical to --exit none when greedy)")
-    p.add_argument("--max-draft", type=positive_int, default=None, metavar="N",
-                   help="speculative: tokens drafted per round at most (default 4)")
-    p.add_argument("--draft-stop", type=finite_float, default=None, metavar="C",
-                   help="speculative: a draft token whose confidence at a checked exit is below C checks no "
-                        "further exits and is verified at once (default 0 = never)")
-    p.add_argument("--draft-vocab", type=positive_int, default=None, metavar="N",
-                   help="speculative: drafts use the head over the N most frequent tokens (draft_vocab.json, "
-                        "made by 'lite calibrate --draft-vocab'); the output does not change")
-    p.add_argument("--exit-vocab", type=nonnegative_int, default=None, metavar="N",
-                   help="dynamic, gate and speculative: exits below the final layer read the head over the N most "
-                        "frequent tokens and emit only those (draft_vocab.json); 0 = the full head; default: what "
-                        "'lite calibrate --exit-vocab' recorded")
+    add_exit_flags(p)
     p.add_argument("--kv", default="copy", choices=("copy", "recompute"),
                    help="what later tokens see at skipped layers (default copy)")
     p.add_argument("--max-new-tokens", type=positive_int, default=128, help="tokens to generate at most")
-    p.add_argument("--thresholds", type=thresholds, default=None, metavar="K:T,...",
-                   help="dynamic exit thresholds per exit layer, e.g. '8:0.9,11:0.85' (default: lite_config.json)")
-    p.add_argument("--threshold-scale", type=positive_float, default=1.0, help="multiply every threshold (>1 exits less)")
-    p.add_argument("--confidence", default=None, choices=("max_prob", "margin", "entropy", "state_cosine"),
-                   help="confidence measure for --thresholds (default max_prob, or the calibrated one)")
-    p.add_argument("--exit-layers", default=None, metavar="K,...",
-                   help="exit layers to check (default: the model's, from lite_config.json)")
-    p.add_argument("--gate", action="store_true", help="use the learned exit gate calibrated for this model")
     p.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=number(float, 0, 1, low_open=True), default=1.0,
                    help="nucleus sampling: keep the smallest set of tokens whose probability reaches P, in (0, 1]")
@@ -79,16 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_policy(args: argparse.Namespace, lm):
     """The :class:`ExitPolicy` the flags ask for, checked against the model (:mod:`lite.decoding.spec`)."""
-    from ..decoding.spec import ExitOptions, build_policy
+    from ..decoding.spec import build_policy
 
-    if args.speculative and args.exit and not args.exit.startswith("speculative"):
-        raise LiteError(f"--speculative conflicts with --exit {args.exit}: give one of them")
-    exit_spec = "speculative" if args.speculative and not args.exit else args.exit
-    return build_policy(lm, ExitOptions(
-        exit=exit_spec, threshold_scale=args.threshold_scale, thresholds=args.thresholds,
-        confidence=args.confidence, exit_layers=args.exit_layers, gate=args.gate, max_draft=args.max_draft,
-        draft_stop=args.draft_stop, draft_vocab=args.draft_vocab, exit_vocab=args.exit_vocab,
-    ))
+    return build_policy(lm, exit_options(args))
 
 
 def _colour_for(layer: int, checked: list[int], L: int) -> str | None:
@@ -100,7 +60,7 @@ def _colour_for(layer: int, checked: list[int], L: int) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..decoding import GenerationSettings, make_decoder
+    from ..decoding import GenerationSettings, decoder_for
     from ..decoding.cost import ModelShape
     from ..model.loading import load_model
     from ..model.prompts import default_format, encode_prompt
@@ -112,11 +72,11 @@ def run(args: argparse.Namespace) -> int:
     prompt_ids = encode_prompt(lm.tokenizer, args.prompt, fmt=fmt)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_p=args.top_p, seed=args.seed, stop=list(args.stop), kv=args.kv)
-    decoder = make_decoder(lm, prompt_ids, policy, settings)
+    decoder = decoder_for(policy)(lm, [prompt_ids], policy, settings)
     L = lm.num_layers
-    plan = decoder.plan
-    speculative = plan.kind == "speculative"
-    checked = sorted(plan.checks) if plan.kind in ("dynamic", "speculative") else ([plan.stop_layer] if plan.kind == "static" else [])
+    speculative = policy.kind == "speculative"
+    checked = policy.check_layers(lm) if policy.kind not in ("none", "static") else (
+        [policy.layer] if policy.kind == "static" else [])
     colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
     on_token = None
     if not args.json:
@@ -130,9 +90,10 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(f"{c}{record.text}\033[0m" if c else record.text)
             sys.stdout.flush()
 
-    for _ in decoder.run(on_token):
-        pass
-    result = decoder.result()
+    for _, record in decoder.run():
+        if on_token is not None:
+            on_token(record)
+    result = decoder.result(0)
     cost = result.cost
     shape = ModelShape.from_config(lm.config)
     n = len(result.tokens)
@@ -150,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
             "exit": policy.kind if policy.kind != "static" else f"static:{policy.layer}",
             "kv": "recompute" if speculative else settings.kv,
             "checked_layers": checked,
-            "confidence_measure": None if (policy.gate is not None or plan.kind == "none") else plan.confidence,
+            "confidence_measure": None if (policy.gate is not None or policy.kind == "none") else policy.confidence,
             "gate": policy.gate is not None,
             "prompt_format": fmt,
             "dtype": str(lm.dtype).replace("torch.", ""),
@@ -163,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         }
         if speculative:
             out.update({"max_draft": policy.max_draft_tokens, "draft_stop": policy.draft_stop_confidence,
-                        "draft_vocab": policy.draft_vocab,
+                        "draft_vocab": args.draft_vocab,
                         "drafted": cost.drafted, "accepted": cost.accepted, "rejected": cost.rejected,
                         "acceptance_by_position": cost.acceptance_by_position})
         print(json.dumps(out))

@@ -104,7 +104,7 @@ def thresholds(text: str) -> str:
     """``--thresholds``: one finite number for every exit (``0.9``) or ``LAYER:VALUE`` pairs, each value a
     confidence in [-1, 1] (the measure decides the exact range, checked once the model is known). The
     text itself is returned: :func:`lite.decoding.spec.build_policy` turns it into thresholds."""
-    from ..decoding.policy import parse_thresholds
+    from ..decoding.spec import parse_thresholds
     from ..errors import LiteError
 
     try:
@@ -141,16 +141,11 @@ BUILTIN_EXITS = ("auto", "none", "dynamic", "gate", "static", "speculative")
 
 def exit_spec(text: str) -> str:
     """``--exit``: ``auto``, ``none``, ``dynamic``, ``gate``, ``static:K`` (K >= 1) or ``speculative[:N]``
-    (N >= 1), or a kind registered with :func:`lite.decoding.spec.register_policy`. Whether K is a layer of
-    the model is checked once it is loaded; the text is returned as given."""
+    (N >= 1). Whether K is a layer of the model is checked once it is loaded; the text is returned as given."""
     kind, sep, arg = text.strip().partition(":")
     if kind not in BUILTIN_EXITS:
-        from ..decoding.spec import policy_kinds
-
-        if kind not in policy_kinds():
-            raise argparse.ArgumentTypeError(f"{text!r} is not a policy: use auto, none, dynamic, gate, static:K or "
-                                             f"speculative[:N]")
-        return text
+        raise argparse.ArgumentTypeError(f"{text!r} is not a policy: use auto, none, dynamic, gate, static:K or "
+                                         f"speculative[:N]")
     if kind == "static" or (kind == "speculative" and sep):
         try:
             number(int, 1)(arg)

@@ -65,9 +65,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "when the tokenizer has a chat template, else alpaca (default auto; recorded in "
                         "lite_config.json)")
     p.add_argument("--filter", action="append", default=None, metavar="FIELD=VALUE",
-                   help="keep rows whose FIELD equals VALUE (repeatable), e.g. status=ok for alpaca-libre")
+                   help="keep rows whose FIELD equals VALUE (repeatable; rows without FIELD are kept; a FIELD "
+                        "given several times keeps any of its values), e.g. status=ok for alpaca-libre")
     p.add_argument("--heldout-fraction", type=number(float, 0, 1, high_open=True), default=0.05,
                    help="share of rows kept aside for calibration (default 0.05)")
+    p.add_argument("--heldout-from", default=None, metavar="MODEL",
+                   help="hold out exactly the rows MODEL (trained by lite train) held out, instead of drawing "
+                        "--heldout-fraction: its sources must come first in --data; for runs on more data "
+                        "measured on the same rows (e.g. smollm2-135m-lite)")
     p.add_argument("--seed", type=seed, default=0, help="seed of the held-out split and of training (default 0)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision)")
     p.add_argument("--gradient-checkpointing", action="store_true",
@@ -104,6 +109,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(generated once, batched, cached in <out>.partial); default: the recipe's (yes for "
                         "exit-modules, no for paper)")
     p.add_argument("--own-answer-tokens", type=positive_int, default=128, help="cap per own answer (default 128)")
+    p.add_argument("--own-answers-batch-size", type=positive_int, default=16, metavar="N",
+                   help="prompts whose own answers are generated together (default 16)")
     p.add_argument("--own-answers-cache", default=None, metavar="FILE",
                    help="keep the own answers in FILE (JSONL) instead of <out>.partial, to share them between runs "
                         "on the same rows and model")
@@ -133,12 +140,12 @@ def run(args: argparse.Namespace) -> int:
         lora_rank=args.lora_rank, lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
         baseline=args.baseline, exit_layers=args.exit_layers,
         loss_weighting=args.loss_weighting, prompt_format=args.prompt_format, filters=args.filter,
-        heldout_fraction=args.heldout_fraction, seed=args.seed, bf16=args.bf16,
+        heldout_fraction=args.heldout_fraction, heldout_from=args.heldout_from, seed=args.seed, bf16=args.bf16,
         gradient_checkpointing=args.gradient_checkpointing, save_steps=args.save_steps,
         logging_steps=args.logging_steps, dtype=args.dtype, device=args.device, loss_mode=args.loss_mode, progress=progress,
         show_progress_bar=not args.no_progress_bar, recipe=args.recipe, targets=args.targets, ce_weight=args.ce_weight,
         exit_modules=args.exit_modules, own_answers=args.own_answers, own_answer_tokens=args.own_answer_tokens,
-        own_answers_cache=args.own_answers_cache, snapshot_minutes=args.snapshot_minutes,
+        own_answers_cache=args.own_answers_cache, own_answers_batch_size=args.own_answers_batch_size, snapshot_minutes=args.snapshot_minutes,
         max_minutes=args.max_minutes, state_cache_gb=args.state_cache_gb, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         warmup_ratio=args.warmup_ratio, chunk_size=args.chunk_size, report_to=args.report_to, fsdp=args.fsdp,
     )

@@ -16,7 +16,7 @@ Conventions (all counts are floating-point operations, a multiply-add = 2 FLOPs,
   ``recomputed``) plus one head evaluation per verified position; the blocks that drafts later rejected
   ran for other positions are ``other_blocks`` (whole blocks, with their attention context).
 * A state-cosine check: ``6*D`` (two norms and a dot product).
-* Batched decoding, a row riding along (:mod:`lite.decoding.batch`): a block run for a row that has already
+* Batched decoding, a row riding along (:mod:`lite.decoding.step`): a block run for a row that has already
   left, because other rows of its batch go on; its K/V are the ones a fill would write (its input is its
   exit state), the rest is discarded. Charged as the K/V fill it stands in for: the rest is work of the
   batch's execution, like the padded positions of a batched ``generate``, not of the token's policy, so a
@@ -27,21 +27,23 @@ Conventions (all counts are floating-point operations, a multiply-add = 2 FLOPs,
 * Not counted, and negligible here: RMSNorms (~4*D per norm), rotary embeddings, residual adds, the
   embedding lookup, sampling. They are the same for every policy to within a few D per layer.
 
-Decode steps only: step t consumes the previous token (for t = 1 the last prompt token) at position
-``prompt_len - 1 + t - 1`` and produces token t. The prefill of the first ``prompt_len - 1`` prompt
-positions is identical for every policy, is reported separately (``prefill_flops``) and is left out of
-the improvement figures.
+Decode steps only. The prefill runs all L blocks over the ``prompt_len`` prompt positions; it is identical
+for every policy, is reported separately (``prefill_flops``) and is left out of the improvement figures.
+Token 1 is decided from the prefill's states at the last prompt position (position ``prompt_len - 1``): its
+record holds only what the policy adds there (exit checks, heads; no blocks). Step t >= 2 consumes token
+t - 1 at position ``prompt_len + t - 2`` and produces token t.
 
-The full-model reference: ``full_flops(n)`` = n decode steps of all L blocks plus one head evaluation each,
-from the same prompt. ``compute_cost_improvement`` compares the early-exit sequence with the full model
+The full-model reference: ``full_flops(n)`` = the first token's head plus n - 1 decode steps of all L
+blocks and one head evaluation each, from the same prompt. ``compute_cost_improvement`` compares the early-exit sequence with the full model
 generating ``reference_tokens`` tokens: the full model's own answer length when the caller knows it
-(evaluation decodes both), so that an early-exit answer that runs longer counts against it (SPEC §4);
+(evaluation decodes both), so that an early-exit answer that runs longer counts against it;
 when it is not known, the same number of tokens the early-exit run produced.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields
 
 
 @dataclass(frozen=True)
@@ -107,19 +109,22 @@ class ModelShape:
         return self.num_layers * self.block_flops(position) + self.head_flops()
 
     def full_flops(self, prompt_len: int, num_tokens: int) -> int:
-        """The full model generating ``num_tokens`` tokens after a prompt of ``prompt_len`` tokens
-        (decode steps only, see the module docstring)."""
-        first = prompt_len - 1
-        return sum(self.full_step_flops(first + t) for t in range(num_tokens))
+        """The full model generating ``num_tokens`` tokens after a prompt of ``prompt_len`` tokens (see the
+        module docstring): the first token's head (its blocks ran in the prefill), then one full step per
+        later token."""
+        if num_tokens < 1:
+            return 0
+        return self.head_flops() + sum(self.full_step_flops(prompt_len - 1 + t) for t in range(1, num_tokens))
 
     def prefill_flops(self, prompt_len: int) -> int:
-        """All L blocks over the first ``prompt_len - 1`` prompt positions (same for every policy)."""
-        return self.num_layers * sum(self.block_flops(p) for p in range(max(prompt_len - 1, 0)))
+        """All L blocks over the ``prompt_len`` prompt positions (the same for every policy)."""
+        return self.num_layers * sum(self.block_flops(p) for p in range(max(prompt_len, 0)))
 
 
 @dataclass
 class TokenCost:
-    """The work one decode step did. Filled in by the engine; ``flops`` by :func:`token_flops`.
+    """The work one decode step did for one token. Filled in by a :class:`Meter`; ``flops`` by
+    :func:`token_flops`.
 
     Attributes:
         position: absolute position of the step's input token (it attends to position + 1 positions).
@@ -132,7 +137,7 @@ class TokenCost:
         gate_flops: FLOPs reported by the learned gate for the checks it made (``gate.flops``).
         exit_module_flops: FLOPs of the exit modules run for this token (every checked or emitting exit
             below L that has one).
-        draft_head_rows: vocabulary rows evaluated by shortlist heads (speculative drafts, ``--draft-vocab``, and
+        draft_head_rows: vocabulary rows evaluated by exit-vocabulary heads (speculative drafts, ``--draft-vocab``, and
             exits that read an exit vocabulary, ``--exit-vocab``):
             each row is one dot product over D plus its share of the confidence reduction.
         kv_fills: skipped blocks whose K/V were filled from the exit state (``copy``).
@@ -166,6 +171,89 @@ class TokenCost:
     drafted: int = 0
     accepted: int = 0
     flops: int = 0
+
+
+class Meter:
+    """What one decode step did, row by row: the step reports each piece of work here as it does it, and
+    the meter keeps one :class:`TokenCost` per row (``tokens``, in the order of the step's rows).
+
+    Every method takes the indices (into the step's rows) of the rows the work was done for. Nothing here
+    touches a tensor: the counts are host-side integers, so metering costs no device sync.
+    """
+
+    def __init__(self, positions: list[int], module_flops: Callable[[int], int], gate=None) -> None:
+        self.tokens = [TokenCost(position=p) for p in positions]
+        self._module_flops = module_flops
+        self._gate = gate
+
+    def blocks(self, rows: Iterable[int]) -> None:
+        """One decoder block ran for each row's own position."""
+        for i in rows:
+            self.tokens[i].blocks_run += 1
+
+    def rode(self, rows: Iterable[int]) -> None:
+        """One block ran for each row after it had left (riding along in a batch: stands in for a fill)."""
+        for i in rows:
+            self.tokens[i].rode += 1
+
+    def fills(self, rows: Iterable[int]) -> None:
+        """One skipped block's K/V filled from each row's exit state (``copy``)."""
+        for i in rows:
+            self.tokens[i].kv_fills += 1
+
+    def recompute(self, row: int, start: int, stop: int) -> None:
+        """Pending positions ``start..stop-1`` of ``row`` pushed through one block they had skipped."""
+        tc = self.tokens[row]
+        tc.recomputed += stop - start
+        tc.recompute_context += sum(p + 1 for p in range(start, stop))
+
+    def head(self, rows: Iterable[int], vocab: int | None = None, reduce: bool = False) -> None:
+        """One head read per row: the full head (``vocab`` None; ``reduce``: a confidence reduction over V
+        follows) or the head over an exit vocabulary of ``vocab`` ids (its reduction included)."""
+        for i in rows:
+            tc = self.tokens[i]
+            if vocab is None:
+                tc.head_evals += 1
+                tc.head_checks += int(reduce)
+            else:
+                tc.draft_head_rows += vocab
+
+    def reduction(self, rows: Iterable[int]) -> None:
+        """A confidence reduction over the full vocabulary on logits already read."""
+        for i in rows:
+            self.tokens[i].head_checks += 1
+
+    def module(self, rows: Iterable[int], layer: int) -> None:
+        """The exit module of ``layer`` ran for each row (0 FLOPs without one)."""
+        flops = self._module_flops(layer)
+        for i in rows:
+            self.tokens[i].exit_module_flops += flops
+
+    def gate(self, rows: Iterable[int], layer: int) -> None:
+        """The learned gate was asked at ``layer`` for each row."""
+        flops = int(self._gate.flops(layer))
+        for i in rows:
+            self.tokens[i].gate_flops += flops
+
+    def cosine(self, rows: Iterable[int]) -> None:
+        """One state-cosine check per row."""
+        for i in rows:
+            self.tokens[i].cosine_checks += 1
+
+    def exits(self, layers: list[int]) -> None:
+        """The layer each row left at."""
+        for tc, k in zip(self.tokens, layers):
+            tc.exit_layer = k
+
+
+def merge_costs(into: TokenCost, other: TokenCost) -> None:
+    """Add the work of step ``other`` (at another position) to ``into``: its own blocks become
+    ``other_blocks`` of ``into`` (with their attention context); every other count adds up."""
+    into.other_blocks += other.blocks_run + other.other_blocks
+    into.other_context += other.blocks_run * (other.position + 1) + other.other_context
+    for f in fields(TokenCost):
+        if f.name not in ("position", "exit_layer", "blocks_run", "other_blocks", "other_context", "flops"):
+            setattr(into, f.name, getattr(into, f.name) + getattr(other, f.name))
 
 
 def token_flops(shape: ModelShape, tc: TokenCost) -> int:

@@ -1,17 +1,19 @@
-"""A frequency-ranked shortlist of the vocabulary for cheap speculative drafts.
+"""Exit vocabularies: the N most frequent tokens, whose head is what a cheap exit reads.
 
-On a small model the LM head dominates a draft step: SmolLM2-135M's head (576 x 49152) costs as much as
-4 to 8 decoder blocks on a CPU, and a speculative draft needs one head evaluation per checked exit. A
-draft only has to *propose* a token, so it can use the head restricted to the N most frequent tokens
-(FR-Spec's idea, Zhao et al. 2025): N/V of the cost. The full model still verifies every draft with the
-full head, so the output is unchanged (greedy: identical tokens; sampling: the rejection rule with a draft
-distribution that is zero outside the shortlist keeps the full model's distribution exactly). A token
-outside the shortlist can only be emitted by the verify pass, which costs acceptance, never correctness.
+On a small model the LM head dominates an exit check: SmolLM2-135M's head (576 x 49152) costs as much as
+4 to 8 decoder blocks on a CPU. An exit below the final layer can instead read the head restricted to the
+N most frequent tokens (FR-Spec's idea, Zhao et al. 2025): N/V of the cost; its confidence is measured
+over those N and a token that leaves there is one of them (``--exit-vocab N``). The final layer always
+reads the full head. Speculative drafts read an exit vocabulary too (``--draft-vocab N``, default the exit
+vocabulary); the full model still verifies every draft with the full head, so the output is unchanged
+(greedy: identical tokens; sampling: the rejection rule with a draft distribution that is zero outside
+the vocabulary keeps the full model's distribution exactly).
 
 The ranking is counted once, by ``lite calibrate --draft-vocab``, over the tokens of the responses of the
 model's training rows (the sources recorded in ``lite_config.json``) and of the calibration rows, and saved
-beside the model as ``draft_vocab.json``; ``--draft-vocab N`` at decode time takes its first N ids. The
-tokenizer's special tokens (end of sequence) are always in the shortlist.
+beside the model as ``draft_vocab.json``; an exit vocabulary of N tokens is its first N ids. The
+tokenizer's special tokens (end of sequence) are always in it. The model adapter's
+:meth:`lite.model.adapter.LiteModel.vocab_head` is the head over such ids.
 """
 
 from __future__ import annotations
@@ -63,9 +65,9 @@ def load_ranking(folder: str | Path | None) -> list[int] | None:
     return [int(t) for t in ranking]
 
 
-def shortlist(ranking: list[int] | None, size: int, vocab: int, always: Iterable[int] = (),
-              where: str | None = None, flag: str = "--draft-vocab") -> list[int]:
-    """The draft vocabulary: the first ``size`` ids of ``ranking`` plus the ``always`` ids (end of
+def vocab_ids(ranking: list[int] | None, size: int, vocab: int, always: Iterable[int] = (),
+              where: str | None = None, flag: str = "--exit-vocab") -> list[int]:
+    """An exit vocabulary: the first ``size`` ids of ``ranking`` plus the ``always`` ids (end of
     sequence), sorted. Fewer than ``size`` ids were ranked: the rest are the lowest unranked ids (BPE
     tokenizers number frequent merges first)."""
     if ranking is None:
@@ -84,16 +86,8 @@ def shortlist(ranking: list[int] | None, size: int, vocab: int, always: Iterable
     return sorted(chosen | {int(t) for t in always if 0 <= int(t) < vocab})
 
 
-def shortlist_head(lm, ids: list[int] | None) -> tuple[torch.Tensor | None, object | None]:
-    """(the ids as a tensor on the model's device, the head restricted to them: normed (..., D) -> logits
-    (..., N)), or (None, None) for the full head."""
-    if ids is None:
-        return None, None
-    return torch.tensor(ids, dtype=torch.long, device=lm.device), lm.subset_head(ids)
-
-
 def widen(logits: torch.Tensor, ids: torch.Tensor | None, vocab: int) -> torch.Tensor:
-    """Shortlist logits (..., N) over ``ids`` as (..., vocab), -inf outside the shortlist (so that a token
+    """Exit-vocabulary logits (..., N) over ``ids`` as (..., vocab), -inf outside it (so that a token
     picked from them is one of the N); full-vocabulary logits pass through."""
     if ids is None or logits.shape[-1] == vocab:
         return logits

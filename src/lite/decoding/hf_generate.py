@@ -9,8 +9,8 @@ are handed to ``fn``; here those are lite's exit flags, so
     out = model.generate(**inputs, custom_generate=lite.custom_generate, exit="dynamic", max_new_tokens=64)
 
 returns what ``generate`` returns (the prompt ids followed by the new ids, rows that finished early padded
-with the pad token), decoded by :mod:`lite.decoding`'s engines: one prompt by :class:`Decoder`, a
-(left- or right-padded) batch by :class:`BatchDecoder`, each row exactly as it decodes alone. With
+with the pad token), decoded by :mod:`lite.decoding`'s one decoder (a left- or right-padded batch as rows of
+their own, :func:`lite.decoding.batch_limit` at a time), each row exactly as it decodes alone. With
 ``return_dict_in_generate=True`` the result is a :class:`LiteGenerateOutput` that adds each row's exit layers
 and full :class:`GenerationResult` (exit layers, confidences, FLOPs); ``exit_record=[]`` collects the same
 results beside a plain tensor. With exits off, greedy output is transformers' own, token for token.
@@ -37,8 +37,7 @@ from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengt
 
 from ..errors import LiteError
 from ..model.adapter import LiteModel
-from . import make_decoder
-from .batch import BatchDecoder
+from . import batch_limit, decoder_for
 from .engine import GenerationResult, GenerationSettings
 from .spec import ExitOptions, build_policy
 
@@ -117,7 +116,7 @@ def custom_generate(model: torch.nn.Module, input_ids: torch.Tensor, logits_proc
                     threshold_scale: float = 1.0, thresholds: str | dict[int, float] | None = None,
                     confidence: str | None = None, exit_layers: str | list[int] | None = None, gate: bool = False,
                     kv: str = "copy", max_draft: int | None = None, draft_stop: float | None = None,
-                    draft_vocab: int | None = None, exit_record: list | None = None,
+                    draft_vocab: int | None = None, exit_vocab: int | None = None, exit_record: list | None = None,
                     lite_model: LiteModel | None = None, **model_kwargs) -> torch.Tensor | LiteGenerateOutput:
     """The decoding loop ``model.generate(..., custom_generate=custom_generate)`` runs (see the module
     docstring); transformers calls it, not the user.
@@ -127,7 +126,7 @@ def custom_generate(model: torch.nn.Module, input_ids: torch.Tensor, logits_proc
             ``generate``. ``model_kwargs`` too: only ``attention_mask`` is read (which positions are
             padding); lite keeps its own per-layer cache.
         exit, threshold_scale, thresholds, confidence, exit_layers, gate, kv, max_draft, draft_stop,
-            draft_vocab: lite's exit flags, spelled as on the CLI (:class:`lite.decoding.spec.ExitOptions`);
+            draft_vocab, exit_vocab: lite's exit flags, spelled as on the CLI (:class:`lite.decoding.spec.ExitOptions`);
             ``exit=None`` is dynamic on a calibrated model, else none.
         exit_record: a list that receives one :class:`GenerationResult` per row.
         lite_model: the :class:`LiteModel` of ``model`` (``LiteLM.custom_generate`` passes its own);
@@ -147,6 +146,7 @@ def custom_generate(model: torch.nn.Module, input_ids: torch.Tensor, logits_proc
     policy = build_policy(lm, ExitOptions(
         exit=exit, threshold_scale=threshold_scale, thresholds=thresholds, confidence=confidence,
         exit_layers=exit_layers, gate=gate, max_draft=max_draft, draft_stop=draft_stop, draft_vocab=draft_vocab,
+        exit_vocab=exit_vocab,
     ))
     width = input_ids.shape[1]
     max_new = int(g.max_length) - width
@@ -162,16 +162,14 @@ def custom_generate(model: torch.nn.Module, input_ids: torch.Tensor, logits_proc
     settings = GenerationSettings(max_new_tokens=max_new, kv=kv,
                                   temperature=(g.temperature if g.temperature is not None else 1.0) if g.do_sample else 0.0,
                                   top_p=(g.top_p if g.top_p is not None else 1.0) if g.do_sample else 1.0)
-    if len(rows) == 1 or policy.kind == "speculative":  # the speculative verify pass is batch 1
-        decoders = [make_decoder(lm, ids, policy, settings) for ids in rows]
-    else:
-        decoders = [BatchDecoder(lm, rows, policy, settings)]
+    size = batch_limit(policy, len(rows))
     results: list[GenerationResult] = []
-    for decoder in decoders:
+    for start in range(0, len(rows), size):
+        decoder = decoder_for(policy)(lm, rows[start:start + size], policy, settings)
         decoder.eos = eos  # generate's end-of-sequence ids (its config, or the call), not only the tokenizer's
         for _ in decoder.run():
             pass
-        results += decoder.results() if isinstance(decoder, BatchDecoder) else [decoder.result()]
+        results += decoder.results()
     new = max(len(r.token_ids) for r in results)
     sequences = torch.full((len(rows), width + new), pad_ids[0], dtype=input_ids.dtype, device=input_ids.device)
     sequences[:, :width] = input_ids

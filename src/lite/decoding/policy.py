@@ -1,10 +1,12 @@
-"""Exit policies: where each token may leave the network, and how a policy is checked against a model.
+"""Exit policies: where each token may leave the network.
 
-:class:`ExitPolicy` is what callers (CLI, evaluation, serving, calibration) build; :func:`resolve_policy`
-validates it for one model, fills in calibrated thresholds from ``lite_config.json`` and returns the
-:class:`ResolvedPolicy` the engine (:mod:`lite.decoding`) runs. :class:`ExitGate` is the protocol of a
-learned exit classifier (implemented in :mod:`lite.decoding.gate`). Everything here is re-exported by
-:mod:`lite.decoding`, the public entry point.
+:class:`ExitPolicy` is the one object every decoder takes: frozen and hashable (requests that share a
+policy decode in one batch), complete (thresholds already scaled, the exit vocabulary's ids already read),
+so that nothing is looked up or re-validated while decoding. It is built from the exit flags by
+:func:`lite.decoding.spec.build_policy` (CLI, server, evaluator, Python API); tools and tests may also
+construct one directly with explicit thresholds, and :func:`check_policy` refuses one that does not fit the
+model. :class:`ExitGate` is the protocol of a learned exit classifier (implemented in
+:mod:`lite.decoding.gate`).
 
 Layer numbering: layer k = output of decoder block k, 1-indexed; L = number of decoder layers.
 """
@@ -12,7 +14,8 @@ Layer numbering: layer k = output of decoder block k, 1-indexed; L = number of d
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
@@ -22,7 +25,7 @@ from ..errors import LiteError
 if TYPE_CHECKING:
     from ..model.adapter import LiteModel
 
-POLICIES = ("none", "static", "dynamic", "speculative")
+KINDS = ("none", "static", "dynamic", "gate", "speculative")
 CONFIDENCES = ("max_prob", "margin", "entropy", "state_cosine")
 
 
@@ -32,7 +35,8 @@ class ExitGate(Protocol):
 
     ``should_exit(layer, normed_state)`` gets ``final_norm(hidden)`` of the current token at exit layer
     ``layer`` (shape ``(D,)``) and says whether the token leaves there; ``flops(layer)`` is the cost of one
-    such check, charged by :mod:`lite.decoding.cost`.
+    such check, charged by :mod:`lite.decoding.cost`. A gate may add ``should_exit_rows(layer, states)``
+    for ``(b, D)`` states, one decision per row in one call.
     """
 
     def should_exit(self, layer: int, normed_state: torch.Tensor) -> bool: ...
@@ -40,214 +44,129 @@ class ExitGate(Protocol):
     def flops(self, layer: int) -> int: ...
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExitPolicy:
-    """Where each token may leave the network.
+    """Where each token may leave the network (frozen, hashable).
 
     Attributes:
         kind: "none" (all L layers), "static" (always leave at ``layer``), "dynamic" (leave at the first
-            exit layer whose confidence reaches its threshold), "speculative" (lossless: tokens drafted by
-            the dynamic exits are verified by the full model, :mod:`lite.decoding.speculative`).
+            checked exit whose confidence reaches its threshold), "gate" (leave where the learned ``gate``
+            says so), "speculative" (lossless: tokens drafted by the thresholds, or by ``gate`` when it is
+            set, are verified by the full model, :mod:`lite.decoding.speculative`).
         layer: the static exit layer K (1..L), only for ``static``.
-        thresholds: {exit layer: threshold} for ``dynamic``; every checked exit layer below L needs one.
-            Empty: the calibrated thresholds of ``lite_config.json`` and their confidence measure.
-        confidence: "max_prob" (paper), "margin", "entropy", "state_cosine" (see :mod:`lite.decoding.confidence`).
-        threshold_scale: multiplies every threshold (``--threshold-scale``): >1 exits less, <1 more.
-        gate: optional learned exit gate (:class:`ExitGate`); when set, thresholds are not used and the head
-            is evaluated only at the layer where the gate says leave (or at L).
-        exit_layers: the exit layers to check (default: the model's, ``lite_config.exit_layers``).
-        max_draft_tokens: ``speculative`` only (``--max-draft``): tokens drafted per round at most.
-        draft_stop_confidence: ``speculative`` only (``--draft-stop``): a draft token whose confidence at a
-            checked exit is below this checks no further exits and goes straight to the verify pass
-            (0 = never; saves head evaluations on hopeless tokens).
-        draft_vocab: ``speculative`` only (``--draft-vocab N``): drafts use the head restricted to the N
-            most frequent tokens of the model's ``draft_vocab.json`` (:mod:`lite.decoding.draft_vocab`); None = the
-            exit vocabulary (below). The verify pass always uses the full head, so the output does not change.
-        exit_vocab: ``dynamic`` and ``speculative`` (``--exit-vocab N``): every exit below L reads the head
-            restricted to the N most frequent tokens (its confidence is measured over them, and a token that
-            leaves there is one of them); the final layer reads the full head. None = what calibration
-            recorded (``lite_config.json``'s ``exit_vocab``, for its own thresholds and gate), 0 = the full head.
+        thresholds: {exit layer: threshold}, already multiplied by any threshold scale (stored as sorted
+            ``(layer, threshold)`` pairs; a dict is accepted); every checked exit below L needs one.
+        confidence: the measure the thresholds are for: "max_prob" (paper), "margin", "entropy",
+            "state_cosine" (see :mod:`lite.decoding.confidence`).
+        gate: the learned exit gate (:class:`ExitGate`) of ``gate`` and gate-drafted ``speculative``.
+        exit_layers: the exit layers below L that are checked; None = the model's exit layers
+            (``lite_config.exit_layers``).
+        exit_ids: the exit vocabulary: every exit below L reads the head over these token ids only (its
+            confidence is measured over them, and a token that leaves there is one of them); the final
+            layer always reads the full head. None = the full head everywhere.
+        max_draft_tokens: ``speculative`` only: tokens drafted per round at most.
+        draft_stop_confidence: ``speculative`` only: a draft token whose confidence at a checked exit is
+            below this checks no further exits and goes straight to the verify pass (0 = never).
     """
 
     kind: str = "none"
     layer: int | None = None
-    thresholds: dict[int, float] = field(default_factory=dict)
+    thresholds: tuple[tuple[int, float], ...] = field(default=())
     confidence: str = "max_prob"
-    threshold_scale: float = 1.0
     gate: object | None = None
-    exit_layers: list[int] | None = None
+    exit_layers: tuple[int, ...] | None = None
+    exit_ids: tuple[int, ...] | None = None
     max_draft_tokens: int = 4
     draft_stop_confidence: float = 0.0
-    draft_vocab: int | None = None
-    exit_vocab: int | None = None
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # normalise to hashable forms once, at construction
+        if isinstance(self.thresholds, Mapping):
+            set_(self, "thresholds", tuple(sorted((int(k), float(v)) for k, v in self.thresholds.items())))
+        else:
+            set_(self, "thresholds", tuple(sorted((int(k), float(v)) for k, v in self.thresholds)))
+        if self.exit_layers is not None:
+            set_(self, "exit_layers", tuple(sorted({int(k) for k in self.exit_layers})))
+        if self.exit_ids is not None:
+            set_(self, "exit_ids", tuple(int(i) for i in self.exit_ids))
+        if self.kind == "dynamic" and self.gate is not None:
+            raise LiteError("a policy decided by a learned gate is kind 'gate', not 'dynamic' (--exit gate)")
+
+    @property
+    def checks(self) -> dict[int, float]:
+        """{layer: threshold} as a dict."""
+        return dict(self.thresholds)
+
+    @property
+    def decides_by_threshold(self) -> bool:
+        """True for the kinds whose exits are decided by thresholds (dynamic, threshold-drafted speculative)."""
+        return self.kind == "dynamic" or (self.kind == "speculative" and self.gate is None)
+
+    def check_layers(self, lm: LiteModel) -> list[int]:
+        """The exit layers below L this policy checks, in increasing order (none for none and static)."""
+        L = lm.num_layers
+        if self.kind in ("none", "static"):
+            return []
+        layers = lm.exit_layers if self.exit_layers is None else self.exit_layers
+        return sorted(k for k in layers if k < L)
+
+    def stop_layer(self, lm: LiteModel) -> int:
+        """The deepest block any token runs: K for static, else L."""
+        return int(self.layer) if self.kind == "static" else lm.num_layers
+
+    def describe(self) -> str:
+        """The policy as an exit spec: ``none``, ``static:K``, ``dynamic``, ``gate`` or ``speculative:N``."""
+        if self.kind == "static":
+            return f"static:{self.layer}"
+        if self.kind == "speculative":
+            return f"speculative:{self.max_draft_tokens}"
+        return self.kind
 
 
-def parse_exit(text: str, num_layers: int) -> ExitPolicy:
-    """``--exit none|static:K|dynamic|speculative[:N]`` -> an :class:`ExitPolicy` (thresholds are added
-    separately; N = max draft tokens)."""
-    text = (text or "").strip()
-    if text in ("none", "dynamic", "speculative"):
-        return ExitPolicy(kind=text)
-    if text.startswith("speculative:"):
-        try:
-            return ExitPolicy(kind="speculative", max_draft_tokens=int(text.split(":", 1)[1]))
-        except ValueError:
-            raise LiteError(f"--exit {text!r}: N (max draft tokens) must be an integer, e.g. speculative:4") from None
-    if text.startswith("static:"):
-        try:
-            k = int(text.split(":", 1)[1])
-        except ValueError:
-            raise LiteError(f"--exit {text!r}: K must be an integer layer, e.g. static:{num_layers // 2}") from None
-        _check_static(k, num_layers)
-        return ExitPolicy(kind="static", layer=k)
-    raise LiteError(f"--exit {text!r} is not a policy: use none, static:K (1 <= K <= {num_layers}), dynamic "
-                    f"or speculative")
+def check_policy(lm: LiteModel, policy: ExitPolicy) -> None:
+    """Refuse a policy that does not fit ``lm``, naming the flag to fix. No file is read.
 
-
-def parse_thresholds(text: str) -> dict[int, float]:
-    """``--thresholds "8:0.9,11:0.85"`` -> {8: 0.9, 11: 0.85}."""
-    out: dict[int, float] = {}
-    for part in (p.strip() for p in (text or "").split(",")):
-        if not part:
-            continue
-        try:
-            layer, value = part.split(":")
-            out[int(layer)] = float(value)
-        except ValueError:
-            raise LiteError(f"--thresholds: {part!r} is not LAYER:VALUE; write e.g. '8:0.9,11:0.85'") from None
-        if not math.isfinite(out[int(layer)]):
-            raise LiteError(f"--thresholds: {part!r}: a threshold must be a finite number, e.g. '8:0.9'")
-    if not out:
-        raise LiteError("--thresholds is empty; write e.g. '8:0.9,11:0.85'")
-    return out
-
-
-def check_draft_settings(policy: ExitPolicy) -> None:
-    """Reject bad draft settings with the flag to fix (called by :func:`resolve_policy`)."""
-    n = policy.max_draft_tokens
-    if not isinstance(n, int) or n < 1:
-        raise LiteError(f"--max-draft must be an integer >= 1 (tokens drafted per round), got {n!r}")
-    c = policy.draft_stop_confidence
-    if not isinstance(c, (int, float)) or not math.isfinite(c):
-        raise LiteError(f"--draft-stop must be a number (0 = never stop drafting on low confidence), got {c!r}")
-
-
-def _check_static(k: int | None, num_layers: int) -> None:
-    if k is None or not 1 <= k <= num_layers:
-        raise LiteError(f"--exit static:{k}: K is out of range; this model has layers 1..{num_layers}")
-
-
-@dataclass
-class ResolvedPolicy:
-    """An :class:`ExitPolicy` checked against a model: what the engine will actually do.
-
-    Attributes:
-        stop_layer: the deepest block run for any token (K for static, else L).
-        checks: {layer: threshold already multiplied by the scale} for dynamic exits below L (for a gate:
-            the layers it is asked at, with threshold NaN).
-        confidence: the measure used for checks and recorded confidences.
-        gate: the learned gate, or None.
-        draft_ids: speculative with ``draft_vocab`` or an exit vocabulary: the sorted token ids of the draft
-            head, else None.
-        check_ids: dynamic with an exit vocabulary: the sorted token ids of the head every exit below L
-            reads, else None (the full head).
+    Raises:
+        LiteError: an unknown kind or measure, a layer out of range, a checked exit without a threshold, a
+            threshold that is not finite, a gate kind without a gate, bad draft settings, exit ids outside
+            the vocabulary.
     """
-
-    kind: str
-    stop_layer: int
-    checks: dict[int, float]
-    confidence: str
-    gate: ExitGate | None = None
-    draft_ids: list[int] | None = None
-    check_ids: list[int] | None = None
-
-
-def shortlist_ids(lm: LiteModel, size: int, flag: str, ranking: list[int] | None = None) -> list[int]:
-    """The first ``size`` ids of ``ranking`` (default: the model's ``draft_vocab.json``), plus its special
-    tokens."""
-    from .draft_vocab import load_ranking, shortlist
-    from .sampling import eos_ids
-
-    always = set(eos_ids(lm.tokenizer, getattr(lm.model, "generation_config", None)))
-    always |= set(getattr(lm.tokenizer, "all_special_ids", []) or [])
-    ranking = load_ranking(lm.folder) if ranking is None else ranking
-    return shortlist(ranking, size, lm.vocab_size, always, where=lm.folder, flag=flag)
-
-
-def resolve_policy(lm: LiteModel, policy: ExitPolicy) -> ResolvedPolicy:
-    """Validate ``policy`` for ``lm`` and fill in calibrated thresholds; raises :class:`LiteError`."""
     L = lm.num_layers
-    if policy.kind not in POLICIES:
-        raise LiteError(f"--exit {policy.kind!r} is not a policy: use none, static:K, dynamic or speculative")
-    if policy.kind == "speculative":  # drafts exit exactly as dynamic tokens do
-        check_draft_settings(policy)
-        plan = resolve_policy(lm, replace(policy, kind="dynamic", draft_vocab=None))
-        draft_ids = plan.check_ids  # drafts leave where dynamic tokens would, over the same vocabulary
-        if policy.draft_vocab is not None:
-            draft_ids = shortlist_ids(lm, policy.draft_vocab, "--draft-vocab")
-        return replace(plan, kind="speculative", draft_ids=draft_ids, check_ids=None)
-    if policy.draft_vocab is not None:
-        raise LiteError(f"--draft-vocab applies to --speculative (the draft head), not --exit {policy.kind}")
-    if policy.exit_vocab is not None and policy.kind != "dynamic":
-        raise LiteError(f"--exit-vocab applies to --exit dynamic, gate and speculative, not --exit {policy.kind}")
-    if policy.kind == "none":
-        return ResolvedPolicy("none", L, {}, policy.confidence)
-    if policy.kind == "static":
-        _check_static(policy.layer, L)
-        return ResolvedPolicy("static", int(policy.layer), {}, "max_prob")
-    layers = list(policy.exit_layers) if policy.exit_layers else lm.exit_layers
-    bad = [k for k in layers if not 1 <= k <= L]
+    if policy.kind not in KINDS:
+        raise LiteError(f"--exit {policy.kind!r} is not a policy: use none, static:K, dynamic, gate or speculative")
+    if policy.kind == "static" and (policy.layer is None or not 1 <= policy.layer <= L):
+        raise LiteError(f"--exit static:{policy.layer}: K is out of range; this model has layers 1..{L}")
+    if policy.confidence not in CONFIDENCES:
+        raise LiteError(f"--confidence must be one of {CONFIDENCES}, got {policy.confidence!r}")
+    if policy.kind == "gate" and policy.gate is None:
+        raise LiteError("--exit gate: no learned gate given; run 'lite calibrate --gate' on the model")
+    layers = [k for k in (policy.exit_layers or ())] + [k for k, _ in policy.thresholds]
+    bad = sorted({k for k in layers if not 1 <= k <= L})
     if bad:
         raise LiteError(f"--exit-layers {bad} out of range: this model has layers 1..{L}")
-    below = sorted({int(k) for k in layers if k < L})
-    if policy.gate is not None:
-        if not isinstance(policy.gate, ExitGate):
-            raise LiteError("ExitPolicy.gate must have should_exit(layer, normed_state) and flops(layer)")
-        return ResolvedPolicy("dynamic", L, {k: float("nan") for k in below}, "max_prob", policy.gate,
-                              check_ids=_check_ids(lm, policy.exit_vocab))
-    thresholds, measure = dict(policy.thresholds), policy.confidence
-    if thresholds:  # given by the caller: finite, and only for the exits this policy checks
-        bad = {k: v for k, v in thresholds.items() if not math.isfinite(v)}
-        if bad:
-            raise LiteError(f"--thresholds: {bad}: thresholds must be finite numbers")
-        stray = sorted(k for k in thresholds if k not in below)
-        if stray:
-            raise LiteError(f"--thresholds: layers {stray} are not exits checked here (exits: {below}, the final "
-                            f"layer {L} needs none); remove them, or add them to --exit-layers")
-    else:
-        cfg = lm.lite_config
-        thresholds = {int(k): float(v) for k, v in cfg.thresholds.items()}
-        measure = cfg.confidence
-        if not thresholds:
+    if policy.decides_by_threshold:
+        checked = policy.check_layers(lm)
+        if not policy.thresholds:
             raise LiteError(
-                "--exit dynamic needs thresholds: this model's lite_config.json has none; run "
-                "'lite calibrate', or give --thresholds like '8:0.9,11:0.85', or use --gate"
-            )
-    if measure not in CONFIDENCES:
-        raise LiteError(f"--confidence must be one of {CONFIDENCES}, got {measure!r}")
-    missing = [k for k in below if k not in thresholds]
-    if missing:
-        raise LiteError(
-            f"--exit dynamic: exit layers {missing} have no threshold (exits checked: {below}); add them to "
-            f"--thresholds, or choose the layers to check with --exit-layers"
-        )
-    if not (policy.threshold_scale > 0 and math.isfinite(policy.threshold_scale)):
-        raise LiteError(f"--threshold-scale must be a finite number > 0, got {policy.threshold_scale}")
-    checks = {k: thresholds[k] * policy.threshold_scale for k in below}
-    # the recorded exit vocabulary belongs to the recorded thresholds: thresholds given here read the full
-    # head unless an exit vocabulary is given with them
-    vocab = policy.exit_vocab if policy.exit_vocab is not None or not policy.thresholds else 0
-    return ResolvedPolicy("dynamic", L, checks, measure, check_ids=_check_ids(lm, vocab))
-
-
-def _check_ids(lm: LiteModel, exit_vocab: int | None) -> list[int] | None:
-    """The exit vocabulary of a dynamic policy: ``exit_vocab`` (0 = the full head), or None = the one the
-    model's calibration recorded (``lite_config.json``'s ``exit_vocab``)."""
-    flag = "--exit-vocab"
-    if exit_vocab is None:
-        exit_vocab, flag = lm.lite_config.exit_vocab, "the exit vocabulary recorded in lite_config.json (exit_vocab; --exit-vocab 0 = the full head)"
-    if exit_vocab is not None and (not isinstance(exit_vocab, int) or isinstance(exit_vocab, bool) or exit_vocab < 0):
-        raise LiteError(f"--exit-vocab must be an integer >= 0 (0 = the full head), got {exit_vocab!r}")
-    if not exit_vocab or exit_vocab >= lm.vocab_size:
-        return None
-    return shortlist_ids(lm, exit_vocab, flag)
+                "--exit dynamic needs thresholds: this model's lite_config.json has none; run 'lite calibrate', "
+                "or give --thresholds like '8:0.9,11:0.85', or use --exit gate")
+        values = policy.checks
+        missing = [k for k in checked if k not in values]
+        if missing:
+            raise LiteError(f"--exit {policy.kind}: exit layers {missing} have no threshold (exits checked: "
+                            f"{checked}); add them to --thresholds, or choose the layers to check with --exit-layers")
+        nan = {k: v for k, v in values.items() if not math.isfinite(v)}
+        if nan:
+            raise LiteError(f"--thresholds: {nan}: thresholds must be finite numbers")
+    if policy.kind == "speculative":
+        n = policy.max_draft_tokens
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise LiteError(f"--max-draft must be an integer >= 1 (tokens drafted per round), got {n!r}")
+        c = policy.draft_stop_confidence
+        if not isinstance(c, (int, float)) or not math.isfinite(c):
+            raise LiteError(f"--draft-stop must be a number (0 = never stop drafting on low confidence), got {c!r}")
+    if policy.exit_ids is not None:
+        if policy.kind in ("none", "static"):
+            raise LiteError(f"--exit-vocab applies to --exit dynamic, gate and speculative, not --exit {policy.kind}")
+        if not policy.exit_ids or not all(0 <= i < lm.vocab_size for i in policy.exit_ids):
+            raise LiteError(f"the exit vocabulary must hold token ids in 0..{lm.vocab_size - 1}")

@@ -1,18 +1,18 @@
-"""Exit specs: the one place where text and flags become an exit policy, for every verb and the server.
+"""Exit specs and flags: the one place where text and flags become an :class:`ExitPolicy`.
 
 An exit spec is a kind with an optional argument: ``none``, ``static:K``, ``dynamic`` (thresholds: the
 calibrated ones of ``lite_config.json`` or ``--thresholds``, times the threshold scale), ``gate`` (the
 learned exit gate saved by ``lite calibrate --gate``), ``speculative[:N]`` (lossless self-speculative
-decoding drafted by the dynamic exits) and ``auto`` (the model's own best policy: the one calibration recorded,
+decoding drafted by the exits) and ``auto`` (the model's own best policy: the one calibration recorded,
 else the gate, else dynamic when calibrated, else none).
-Kinds live in a registry, so a new policy plugs in with :func:`register_policy` without touching the
-server, the evaluator or the CLI.
 
-:class:`ExitOptions` are the exit flags, spelled the same on every verb (``--exit``, ``--thresholds``,
-``--threshold-scale``, ``--confidence``, ``--exit-layers``, ``--gate``, ``--max-draft``, ``--draft-stop``,
-``--draft-vocab``, ``--exit-vocab``); :func:`build_policy` turns them into an :class:`ExitPolicy` checked against the model
-(:func:`lite.decoding.policy.resolve_policy`), so a bad combination is refused, naming the flag, before
-anything is decoded. :func:`parse_exit` is the text-only form the server and the demo use.
+:class:`ExitOptions` are the exit flags, defined once: their names, defaults and help (field metadata)
+generate the CLI flags (:func:`lite.cli.add_exit_flags`), and ``LiteLM.generate`` and ``custom_generate``
+take the same names with the same defaults (tested). :func:`build_policy` is the one function that turns
+them into a frozen :class:`ExitPolicy` for one model: ``auto`` resolved, thresholds read and scaled, the
+gate and the exit vocabulary's ids loaded (once per model), every combination checked, so a bad one is
+refused, naming the flag, before anything is decoded. :func:`parse_exit` is its text-only form (the
+server's ``exit`` field, ``lite demo --exit``).
 
 Layer numbering: layer k = output of decoder block k, 1-indexed; L = number of decoder layers.
 """
@@ -22,56 +22,34 @@ from __future__ import annotations
 import math
 import threading
 import weakref
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 from ..errors import LiteError
 from ..model.adapter import LiteModel
 from ..model.config import parse_exit_layers, threshold_problem
-from . import policy as policy_mod
-from .policy import POLICIES, ExitPolicy, parse_thresholds, resolve_policy
+from .policy import CONFIDENCES, ExitPolicy, check_policy
 
-PolicyParser = Callable[[LiteModel, str, float], ExitPolicy]
-_POLICY_PARSERS: dict[str, PolicyParser] = {}
-THRESHOLD_KINDS = ("dynamic", "speculative")  # kinds whose exits are decided by thresholds (or a gate)
+SPEC_KINDS = ("none", "static", "dynamic", "gate", "speculative", "auto")
+THRESHOLD_KINDS = ("dynamic", "speculative")  # kinds whose exits may be decided by thresholds
 
-
-def register_policy(kind: str, parser: PolicyParser) -> None:
-    """Make ``kind[:ARG]`` a valid exit spec.
-
-    ``parser(lm, arg, threshold_scale)`` gets the text after the first colon ("" when there is none) and
-    returns the policy, or raises :class:`LiteError` naming the problem. It must not change ``lm``.
-    """
-    _POLICY_PARSERS[kind] = parser
+_PER_MODEL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # lm -> {"gate": ..., ("vocab", n): ids}
+_LOCK = threading.Lock()
 
 
-def policy_kinds() -> list[str]:
-    """The registered kinds, plus ``auto``."""
-    return sorted(_POLICY_PARSERS) + ["auto"]
-
-
-def _engine_policy(lm: LiteModel, arg: str, scale: float, kind: str) -> ExitPolicy:
-    spec = f"{kind}:{arg}" if arg or kind == "static" else kind
-    policy = policy_mod.parse_exit(spec, lm.num_layers)
-    policy.threshold_scale = scale
-    return policy
-
-
-for _kind in POLICIES:  # none, static:K, dynamic, speculative[:N]: the kinds the engine runs
-    register_policy(_kind, lambda lm, arg, scale, kind=_kind: _engine_policy(lm, arg, scale, kind))
-
-_GATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_GATES_LOCK = threading.Lock()
+def _per_model(lm: LiteModel, key, make):
+    """``make()`` once per model and key (the gate, exit vocabularies: read from the folder once)."""
+    with _LOCK:
+        store = _PER_MODEL.setdefault(lm, {})
+        if key not in store:
+            store[key] = make()
+        return store[key]
 
 
 def model_gate(lm: LiteModel):
     """The learned exit gate saved with ``lm`` (read once per model, then shared), or None."""
-    with _GATES_LOCK:  # the gate is only read afterwards
-        if lm not in _GATES:
-            from .gate import load_gate
+    from .gate import load_gate
 
-            _GATES[lm] = load_gate(lm)
-        return _GATES[lm]
+    return _per_model(lm, "gate", lambda: load_gate(lm))
 
 
 def _require_gate(lm: LiteModel, what: str):
@@ -82,13 +60,32 @@ def _require_gate(lm: LiteModel, what: str):
     return gate
 
 
-def _gate_policy(lm: LiteModel, arg: str, scale: float) -> ExitPolicy:
-    if arg:
-        raise LiteError(f"exit policy 'gate' takes no argument, got 'gate:{arg}'")
-    return ExitPolicy(kind="dynamic", gate=_require_gate(lm, "exit policy 'gate'"), threshold_scale=scale)
+def exit_vocab_ids(lm: LiteModel, size: int | None, flag: str = "--exit-vocab",
+                   ranking: list[int] | None = None) -> tuple[int, ...] | None:
+    """The exit vocabulary of ``size`` tokens: the first ``size`` ids of the model's ``draft_vocab.json``
+    ranking (or of ``ranking``) plus its special tokens, sorted; None for 0, None or the whole vocabulary
+    (the full head). Read once per model and size.
 
+    Raises:
+        LiteError: a size that is not an integer >= 0, a model without a ranking (naming ``flag``).
+    """
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+        raise LiteError(f"{flag} must be an integer >= 0 (0 = the full head), got {size!r}")
+    if not size or size >= lm.vocab_size:
+        return None
 
-register_policy("gate", _gate_policy)
+    def make() -> tuple[int, ...]:
+        from .draft_vocab import load_ranking, vocab_ids
+        from .sampling import eos_ids
+
+        always = set(eos_ids(lm.tokenizer, getattr(lm.model, "generation_config", None)))
+        always |= set(getattr(lm.tokenizer, "all_special_ids", []) or [])
+        ranked = load_ranking(lm.folder) if ranking is None else ranking
+        return tuple(vocab_ids(ranked, size, lm.vocab_size, always, where=lm.folder, flag=flag))
+
+    if ranking is not None:
+        return make()
+    return _per_model(lm, ("vocab", size, flag), make)
 
 
 def is_calibrated(lm: LiteModel) -> bool:
@@ -151,35 +148,69 @@ def threshold_values(lm: LiteModel, text: str | dict[int, float] | None, measure
     return values
 
 
+def parse_thresholds(text: str) -> dict[int, float]:
+    """``--thresholds "8:0.9,11:0.85"`` -> {8: 0.9, 11: 0.85}."""
+    out: dict[int, float] = {}
+    for part in (p.strip() for p in (text or "").split(",")):
+        if not part:
+            continue
+        try:
+            layer, value = part.split(":")
+            out[int(layer)] = float(value)
+        except ValueError:
+            raise LiteError(f"--thresholds: {part!r} is not LAYER:VALUE; write e.g. '8:0.9,11:0.85'") from None
+        if not math.isfinite(out[int(layer)]):
+            raise LiteError(f"--thresholds: {part!r}: a threshold must be a finite number, e.g. '8:0.9'")
+    if not out:
+        raise LiteError("--thresholds is empty; write e.g. '8:0.9,11:0.85'")
+    return out
+
+
+def _meta(flag: str, help: str, **cli) -> dict:
+    return {"metadata": {"flag": flag, "help": help, **cli}}
+
+
 @dataclass
 class ExitOptions:
-    """The exit-policy flags, the same on every verb (CLI), request (server) and run (evaluator).
+    """The exit flags, the same on every verb (CLI), request (server), run (evaluator) and Python call.
 
-    Attributes:
-        exit: an exit spec (see the module docstring); None = ``dynamic`` when thresholds or a gate are
-            asked for, else ``auto`` (the model's own best policy, :func:`default_exit`).
-        threshold_scale: multiplies every threshold (``--threshold-scale``, > 0; > 1 exits less).
-        thresholds: ``--thresholds`` ("0.9" for every exit, or "8:0.9,11:0.85"), or {layer: value};
-            None = the calibrated ones.
-        confidence: the measure of ``thresholds`` (``--confidence``; default max_prob, or the calibrated one).
-        exit_layers: ``--exit-layers`` ("8,15" or a list; L is added), None = the model's exits.
-        gate: ``--gate``: the learned exit gate decides (dynamic exit, or speculative drafts).
-        max_draft, draft_stop, draft_vocab: speculative only (``--max-draft``, ``--draft-stop``,
-            ``--draft-vocab``), see :class:`ExitPolicy`.
-        exit_vocab: ``--exit-vocab N``: dynamic, gate and speculative exits below L read the head over the N
-            most frequent tokens (0 = the full head); None = what calibration recorded, see :class:`ExitPolicy`.
+    Each field's metadata holds its flag and help: the CLI's flags are generated from them.
     """
 
-    exit: str | None = None
-    threshold_scale: float = 1.0
-    thresholds: str | dict[int, float] | None = None
-    confidence: str | None = None
-    exit_layers: str | list[int] | None = None
-    gate: bool = False
-    max_draft: int | None = None
-    draft_stop: float | None = None
-    draft_vocab: int | None = None
-    exit_vocab: int | None = None
+    exit: str | None = field(default=None, **_meta(
+        "--exit", "exit policy: auto (the model's own best: the one lite calibrate recorded, else its gate, else "
+        "its thresholds, else none), none, dynamic (calibrated thresholds), gate (the learned exit gate), "
+        "static:K (always layer K), speculative[:N] (lossless: exits draft N tokens, the full model verifies); "
+        "default: dynamic when --thresholds or --gate are given, else auto", type="exit_spec", metavar="POLICY"))
+    threshold_scale: float = field(default=1.0, **_meta(
+        "--threshold-scale", "multiply every threshold (>1 exits less)", type="positive_float"))
+    thresholds: str | dict[int, float] | None = field(default=None, **_meta(
+        "--thresholds", "dynamic exit thresholds: one for every exit ('0.9') or per exit layer "
+        "('8:0.9,11:0.85'); default: lite_config.json", type="thresholds", metavar="K:T,..."))
+    confidence: str | None = field(default=None, **_meta(
+        "--confidence", "confidence measure of --thresholds (default max_prob, or the calibrated one)",
+        choices=CONFIDENCES))
+    exit_layers: str | list[int] | None = field(default=None, **_meta(
+        "--exit-layers", "exit layers to check (default: the model's, from lite_config.json)", metavar="K,..."))
+    gate: bool = field(default=False, **_meta(
+        "--gate", "use the learned exit gate calibrated for this model (same as --exit gate)", action="store_true"))
+    max_draft: int | None = field(default=None, **_meta(
+        "--max-draft", "speculative: tokens drafted per round at most (default 4, or N of speculative:N)",
+        type="positive_int", metavar="N"))
+    draft_stop: float | None = field(default=None, **_meta(
+        "--draft-stop", "speculative: a draft token whose confidence at a checked exit is below C checks no "
+        "further exits and is verified at once (default 0 = never)", type="finite_float", metavar="C"))
+    draft_vocab: int | None = field(default=None, **_meta(
+        "--draft-vocab", "speculative: drafts read the head over the N most frequent tokens (draft_vocab.json, "
+        "made by 'lite calibrate --draft-vocab'); the output does not change; default: the exit vocabulary",
+        type="positive_int", metavar="N"))
+    exit_vocab: int | None = field(default=None, **_meta(
+        "--exit-vocab", "dynamic, gate and speculative: exits below the final layer read the head over the N "
+        "most frequent tokens and emit only those (draft_vocab.json); 0 = the full head; default: what "
+        "'lite calibrate --exit-vocab' recorded", type="nonnegative_int", metavar="N"))
+
+
+EXIT_OPTION_NAMES = tuple(f.name for f in fields(ExitOptions))
 
 
 def _exit_layers(lm: LiteModel, value: str | list[int]) -> list[int]:
@@ -193,8 +224,33 @@ def _exit_layers(lm: LiteModel, value: str | list[int]) -> list[int]:
     return parse_exit_layers(layers if layers and layers[-1] == L else layers + [L], L)
 
 
+def _split_spec(lm: LiteModel, spec: str) -> tuple[str, int | None]:
+    """``kind[:ARG]`` -> (kind, its integer argument or None), refusing unknown kinds and bad arguments."""
+    kind, colon, arg = spec.partition(":")
+    kind, arg = kind.strip(), arg.strip()
+    if kind not in SPEC_KINDS:
+        raise LiteError(f"--exit {spec!r}: unknown exit policy; use one of none, static:K, dynamic, gate, "
+                        f"speculative[:N], auto")
+    if kind == "static":
+        try:
+            k = int(arg)
+        except ValueError:
+            raise LiteError(f"--exit {spec!r}: K must be an integer layer, e.g. static:{lm.num_layers // 2}") from None
+        if not 1 <= k <= lm.num_layers:
+            raise LiteError(f"--exit static:{k}: K is out of range; this model has layers 1..{lm.num_layers}")
+        return kind, k
+    if kind == "speculative" and colon:
+        try:
+            return kind, int(arg)
+        except ValueError:
+            raise LiteError(f"--exit {spec!r}: N (max draft tokens) must be an integer, e.g. speculative:4") from None
+    if colon:
+        raise LiteError(f"exit policy '{kind}' takes no argument, got {spec!r}")
+    return kind, None
+
+
 def build_policy(lm: LiteModel, options: ExitOptions | None = None) -> ExitPolicy:
-    """The :class:`ExitPolicy` that ``options`` ask for, checked against ``lm``.
+    """The :class:`ExitPolicy` that ``options`` ask for on ``lm``: the one place flags become a policy.
 
     Raises:
         LiteError: unknown kind, K out of range, flags that do not apply to the kind, thresholds missing or
@@ -202,56 +258,80 @@ def build_policy(lm: LiteModel, options: ExitOptions | None = None) -> ExitPolic
             the flag to fix.
     """
     o = options or ExitOptions()
-    if not (o.threshold_scale > 0 and math.isfinite(o.threshold_scale)):  # also refuses NaN
+    if not (isinstance(o.threshold_scale, (int, float)) and o.threshold_scale > 0
+            and math.isfinite(o.threshold_scale)):  # also refuses NaN
         raise LiteError(f"--threshold-scale must be a finite number > 0, got {o.threshold_scale}")
-    calibrated = bool(lm.lite_config.thresholds)
     spec = o.exit.strip() if o.exit is not None else ("dynamic" if (o.thresholds or o.gate) else "auto")
     spec = resolve_exit_spec(lm, spec)
-    kind, _, arg = spec.partition(":")
-    parser = _POLICY_PARSERS.get(kind)
-    if parser is None:
-        shown = ["static:K" if k == "static" else k for k in policy_kinds()]
-        raise LiteError(f"--exit {spec!r}: unknown exit policy; use one of {', '.join(shown)}")
-    policy = parser(lm, arg.strip(), o.threshold_scale)
-    if policy.kind == "speculative":
-        if o.max_draft is not None:
-            policy.max_draft_tokens = o.max_draft
-        if o.draft_stop is not None:
-            policy.draft_stop_confidence = o.draft_stop
-        policy.draft_vocab = o.draft_vocab
-    elif o.max_draft is not None or o.draft_stop is not None or o.draft_vocab is not None:
+    kind, arg = _split_spec(lm, spec)
+    if kind != "speculative" and (o.max_draft is not None or o.draft_stop is not None or o.draft_vocab is not None):
         raise LiteError(f"--max-draft/--draft-stop/--draft-vocab apply to --speculative, not --exit {spec}")
-    if (o.gate or o.thresholds or o.confidence or o.exit_vocab is not None) and policy.kind not in THRESHOLD_KINDS:
+    if o.exit_vocab is not None and kind in ("none", "static"):
+        raise LiteError(f"--exit-vocab applies to --exit dynamic, gate and speculative, not --exit {spec}")
+    if (o.gate or o.thresholds or o.confidence or o.exit_vocab is not None) and kind not in ("dynamic", "gate",
+                                                                                            "speculative"):
         raise LiteError(f"--gate/--thresholds/--confidence/--exit-vocab apply to --exit dynamic, not --exit {spec}")
-    policy.exit_vocab = o.exit_vocab
-    if o.exit_layers:
-        policy.exit_layers = _exit_layers(lm, o.exit_layers)
-    if o.thresholds:
-        policy.confidence = o.confidence or "max_prob"
-        policy.thresholds = threshold_values(lm, o.thresholds, policy.confidence, policy.exit_layers)
-    elif (o.confidence and policy.kind in THRESHOLD_KINDS and not o.gate and policy.gate is None
-          and (o.confidence != lm.lite_config.confidence or not calibrated)):
-        raise LiteError(
-            f"--confidence {o.confidence}: the calibrated thresholds are for "
-            f"{lm.lite_config.confidence if calibrated else 'nothing (not calibrated)'}; give --thresholds "
-            f"for {o.confidence}"
-        )
-    if o.gate:
-        policy.gate = _require_gate(lm, "--gate")
-    if policy.kind in POLICIES:  # a kind the engine knows: validate it now, not mid-request
-        resolve_policy(lm, policy)
+    if kind in ("none", "static"):
+        policy = ExitPolicy(kind, layer=arg)
+        check_policy(lm, policy)
+        return policy
+    gate = _require_gate(lm, "--gate" if o.gate else f"exit policy '{kind}'") if (o.gate or kind == "gate") else None
+    if kind == "dynamic" and gate is not None:
+        kind = "gate"
+    layers = _exit_layers(lm, o.exit_layers) if o.exit_layers else None
+    thresholds: dict[int, float] = {}
+    measure = o.confidence or "max_prob"
+    if gate is None:  # thresholds decide: the caller's, or the calibrated ones
+        calibrated = bool(lm.lite_config.thresholds)
+        if o.thresholds:
+            thresholds = threshold_values(lm, o.thresholds, measure, layers)
+            checked = [k for k in (layers or lm.exit_layers) if k < lm.num_layers]
+            stray = sorted(k for k in thresholds if k not in checked)
+            if stray:
+                raise LiteError(f"--thresholds: layers {stray} are not exits checked here (exits: {checked}, the "
+                                f"final layer {lm.num_layers} needs none); remove them, or add them to --exit-layers")
+        else:
+            if o.confidence and (o.confidence != lm.lite_config.confidence or not calibrated):
+                raise LiteError(
+                    f"--confidence {o.confidence}: the calibrated thresholds are for "
+                    f"{lm.lite_config.confidence if calibrated else 'nothing (not calibrated)'}; give --thresholds "
+                    f"for {o.confidence}")
+            thresholds = {int(k): float(v) for k, v in lm.lite_config.thresholds.items()}
+            measure = lm.lite_config.confidence
+        thresholds = {k: v * o.threshold_scale for k, v in thresholds.items()}
+    # the recorded exit vocabulary belongs to the recorded thresholds and gate: thresholds given here read the
+    # full head unless an exit vocabulary is given with them
+    size, flag = o.exit_vocab, "--exit-vocab"
+    if size is None:
+        size = 0 if o.thresholds else lm.lite_config.exit_vocab
+        flag = "the exit vocabulary recorded in lite_config.json (exit_vocab; --exit-vocab 0 = the full head)"
+    if kind == "speculative" and o.draft_vocab is not None:
+        size, flag = o.draft_vocab, "--draft-vocab"
+    policy = ExitPolicy(
+        kind, thresholds=thresholds, confidence=measure, gate=gate, exit_layers=layers,
+        exit_ids=exit_vocab_ids(lm, size, flag),
+        max_draft_tokens=(o.max_draft if o.max_draft is not None else arg if arg is not None else 4),
+        draft_stop_confidence=o.draft_stop if o.draft_stop is not None else 0.0,
+    )
+    check_policy(lm, policy)
     return policy
+
+
+def make_policy(lm: LiteModel, **flags) -> ExitPolicy:
+    """:func:`build_policy` with the flags as keyword arguments (``exit="dynamic", thresholds="0.9"``)."""
+    unknown = sorted(set(flags) - set(EXIT_OPTION_NAMES))
+    if unknown:
+        raise LiteError(f"unknown exit options {unknown}; the exit options are {list(EXIT_OPTION_NAMES)}")
+    return build_policy(lm, ExitOptions(**flags))
 
 
 def parse_exit(lm: LiteModel, spec: str, threshold_scale: float = 1.0) -> ExitPolicy:
     """An exit spec as text (the server's ``exit`` field, ``lite demo --exit``) -> a checked policy.
 
     Args:
-        spec: "none", "static:K", "dynamic", "gate", "auto", "speculative[:N]", or a registered kind.
+        spec: "none", "static:K", "dynamic", "gate", "auto" or "speculative[:N]".
         threshold_scale: multiplies every dynamic threshold (>1 exits less, <1 more).
     Raises:
         LiteError: see :func:`build_policy`.
     """
-    if not (threshold_scale > 0 and math.isfinite(threshold_scale)):
-        raise LiteError(f"the threshold scale must be a finite number > 0, got {threshold_scale}")
     return build_policy(lm, ExitOptions(exit=spec, threshold_scale=threshold_scale))

@@ -11,15 +11,15 @@ block the draft ran (LayerSkip's idea, with the draft depth chosen per token by 
    budget is reached), or when a token's confidence at a checked exit falls below
    ``draft_stop_confidence`` (it checks no further exits), or when no exit lets a token leave.
 2. **Verify.** The step that does not draft runs its own token through all L blocks, and on the way the
-   recompute machinery (:meth:`Decoder._block`) pushes the pending drafted positions through the blocks
-   they skipped, in the same batched call per block. No block runs twice for the same position: the
+   recompute push of the one step (:func:`lite.decoding.step.decode_step`) moves the pending drafted
+   positions through the blocks they skipped, in the same call per block as its own position. No block runs twice for the same position: the
    blocks below a draft's exit ran during drafting and cached their K/V; the blocks above it run once, in
    the verify pass, from the kept exit state. The head then runs once over all d + 1 layer-L states.
 3. **Accept.** Row i of those logits is the full model's next-token distribution after position P + i,
    computed from an exact cache. Greedy: drafts are accepted while they equal the full model's argmax;
    the first disagreement is replaced by the full model's token, and when all d agree the full model's
    token after the last draft comes for free, so a round emits between 1 and d + 1 tokens. The cache is
-   rolled back (:meth:`LayerCache.truncate`) to the positions that hold accepted tokens, so after every
+   rolled back (:meth:`KVCache.truncate`) to the positions that hold accepted tokens, so after every
    round every block holds exactly the full model's K/V for the tokens so far (tests check this).
 
 Sampling (``temperature > 0``) keeps the full model's distribution with the standard speculative
@@ -46,15 +46,13 @@ Layer numbering: layer k = output of decoder block k, 1-indexed; L = number of d
 from __future__ import annotations
 
 import dataclasses
-import time
-from collections.abc import Callable, Iterator
 
 import torch
 
 from ..model.adapter import LiteModel
-from .cost import TokenCost
-from .draft_vocab import shortlist_head
-from .engine import Decoder, ExitPolicy, GenerationSettings, TokenRecord
+from .cost import TokenCost, merge_costs
+from .engine import Decoder, GenerationSettings, TokenRecord
+from .policy import ExitPolicy
 
 
 def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
@@ -78,16 +76,6 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0)
     keep = (sorted_p.cumsum(-1) - sorted_p) < top_p  # mass strictly before a token < top_p
     kept = torch.zeros_like(probs).scatter_(-1, order, sorted_p * keep)
     return kept / kept.sum(-1, keepdim=True)
-
-
-def merge_costs(into: TokenCost, other: TokenCost) -> None:
-    """Add the work of step ``other`` (at another position) to ``into``: its own blocks become
-    ``other_blocks`` of ``into``; every other count adds up."""
-    into.other_blocks += other.blocks_run + other.other_blocks
-    into.other_context += other.blocks_run * (other.position + 1) + other.other_context
-    for name in ("head_evals", "head_checks", "cosine_checks", "gate_flops", "exit_module_flops",
-                 "draft_head_rows", "kv_fills", "recomputed", "recompute_context", "drafted", "accepted"):
-        setattr(into, name, getattr(into, name) + getattr(other, name))
 
 
 def accept_greedy(draft_ids: list[int], full_logits: torch.Tensor) -> tuple[int, int]:
@@ -141,123 +129,96 @@ def accept_sampled(draft_ids: list[int], q: torch.Tensor | None, p: torch.Tensor
 
 @dataclasses.dataclass
 class _Draft:
-    token: torch.Tensor  # 0-d long
+    token: int
     layer: int  # the exit it left at
     confidence: float | None
     q: torch.Tensor | None  # (V,) the draft distribution it was sampled from (sampling only)
 
 
 class SpeculativeDecoder(Decoder):
-    """Self-speculative decoding for one sequence (see the module docstring).
+    """Self-speculative decoding, one sequence at a time (see the module docstring).
 
-    Built by :func:`lite.decoding.make_decoder` for ``ExitPolicy(kind="speculative")``. It reuses the
-    engine's cache, positions, pending states and recompute pushes (``settings.kv`` is ignored: the draft
-    states are always kept and pushed, which is the verify pass). ``after_step`` is called once per round,
-    after the rollback, when the cache holds exactly the positions of the accepted tokens.
+    The :class:`Decoder` with a round on top of the same step (:func:`lite.decoding.step.decode_step`):
+    its rows, cache, pending states and recompute pushes (``settings.kv`` is ignored: the draft states are
+    always kept and pushed, which is the verify pass). :meth:`step` is one round: it returns every token
+    the round emits. ``after_step`` is called once per round, after the rollback, when the cache holds
+    exactly the positions of the accepted tokens.
     """
 
-    def __init__(self, lm: LiteModel, prompt_ids: list[int], policy: ExitPolicy,
-                 settings: GenerationSettings) -> None:
-        super().__init__(lm, prompt_ids, policy, dataclasses.replace(settings, kv="recompute"))
-        self.max_draft = int(policy.max_draft_tokens)
-        self.stop_confidence = float(policy.draft_stop_confidence)
+    max_rows = 1  # the verify pass rolls back one sequence's cache
+    runs = ("speculative",)
+    first_token_checks = False  # the first token is the full model's, from the prefill
+
+    def __init__(self, lm: LiteModel, prompts: list[list[int]], policy: ExitPolicy,
+                 settings: GenerationSettings | list[GenerationSettings], regroup: bool | None = None) -> None:
+        per_row = settings if isinstance(settings, list) else [settings] * len(prompts)
+        super().__init__(lm, prompts, policy, [dataclasses.replace(s, kv="recompute") for s in per_row])
         self.rounds: list[tuple[int, int]] = []  # (drafted, accepted) per round
-        # --draft-vocab: drafts propose from a shortlist head (the verify head stays full)
-        self.draft_ids, self.draft_head = shortlist_head(lm, self.plan.draft_ids)
 
-    # ------------------------------------------------------------------ one step of a round
-    def _draft_step(self, token: torch.Tensor, pos: int, tc: TokenCost, may_draft: bool
-                    ) -> tuple[torch.Tensor | None, int, float | None, torch.Tensor]:
-        """Run the token at ``pos`` (1, 1) through the blocks, checking exits while ``may_draft``.
+    @classmethod
+    def open(cls, lm: LiteModel, policy: ExitPolicy, kv: str = "copy", regroup: bool | None = None):
+        decoder = super().open(lm, policy, "recompute")
+        decoder.rounds = []
+        return decoder
 
-        Returns (draft logits (1, V), or (1, N) over ``self.draft_ids`` with a shortlist head, or None,
-        exit layer, confidence, raw state (1, 1, D)). None means the token went through all L blocks: this
-        step is the verify pass (pending drafts were pushed along).
-        """
-        lm, plan = self.lm, self.plan
-        L = lm.num_layers
-        checking = may_draft
-        h = lm.embed(token)  # (1, 1, D)
-        prev_state = h[0, -1]  # state_cosine: "layer 0" is the input embedding
-        for layer in range(1, L + 1):
-            h = self._block(layer, h, pos, tc)
-            if not checking or plan.checks.get(layer) is None:
-                continue
-            logits, value, leave, prev_state = self._check(layer, h, tc, prev_state)  # shared with dynamic
-            if leave:
-                if logits is None:  # state_cosine: the head runs only once the token leaves
-                    logits = self._exit_head(lm.exit_normed(h[:, -1], layer), tc, check=False)
-                    tc.exit_module_flops += lm.exit_module_flops(layer)
-                self.states[:, pos] = h[:, -1]  # kept for the verify pass (the recompute push)
-                return logits, layer, value, h
-            if value is not None and value < self.stop_confidence:
-                checking = False  # hopeless: go straight to L, the verify pass
-        return None, L, None, h
+    def add_many(self, prompts: list[list[int]], settings: list[GenerationSettings]) -> list[int]:
+        return super().add_many(prompts, [dataclasses.replace(s, kv="recompute") for s in settings])
 
-    def _exit_head(self, normed: torch.Tensor, tc: TokenCost, check: bool) -> torch.Tensor:
-        """Every exit this decoder checks is a draft exit: with ``--draft-vocab`` the shortlist head, logits
-        (..., N) over ``self.draft_ids`` (counted as ``draft_head_rows``), else the full head."""
-        if self.draft_head is None:
-            return super()._exit_head(normed, tc, check)
-        tc.draft_head_rows += len(self.draft_ids)
-        return self.draft_head(normed)
-
-    def _pick_draft(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The draft token (0-d) and, when sampling, the full-vocabulary distribution q it came from (zero
-        outside the shortlist when there is one: the rejection rule holds for any q)."""
-        s = self.settings
-        logits = logits.reshape(-1)
+    def _pick_draft(self, logits: torch.Tensor, r: int) -> tuple[int, torch.Tensor | None]:
+        """The draft token and, when sampling, the distribution q it came from (``logits`` (V,), -inf outside
+        the exit vocabulary, so q is zero there: the rejection rule holds for any q)."""
+        row = self.rows[r]
+        s = row.settings
         if s.temperature <= 0:
-            best = logits.argmax()
-            return (best if self.draft_ids is None else self.draft_ids[best]), None
-        q = sampling_probs(logits, s.temperature, s.top_p)  # (V,) or (N,)
-        if self.draft_ids is not None:
-            q = torch.zeros(self.lm.vocab_size, dtype=q.dtype, device=q.device).index_copy_(0, self.draft_ids, q)
-        return torch.multinomial(q, 1, generator=self.generator)[0], q
+            return int(logits.argmax()), None
+        q = sampling_probs(logits, s.temperature, s.top_p)  # (V,)
+        return int(torch.multinomial(q, 1, generator=row.generator)[0]), q
 
-    def _accept(self, drafts: list[_Draft], full_logits: torch.Tensor) -> tuple[int, int]:
+    def _accept(self, r: int, drafts: list[_Draft], full_logits: torch.Tensor) -> tuple[int, int]:
         """(accepted drafts j, the full model's token after them) from the verify logits (d + 1, V)."""
-        s = self.settings
-        ids = torch.stack([x.token for x in drafts]).tolist() if drafts else []
+        row = self.rows[r]
+        s = row.settings
+        ids = [x.token for x in drafts]
         if s.temperature <= 0:
             return accept_greedy(ids, full_logits)
         q = torch.stack([x.q for x in drafts]) if drafts else None
         p = sampling_probs(full_logits, s.temperature, s.top_p)  # (d + 1, V)
-        return accept_sampled(ids, q, p, self.generator)
+        return accept_sampled(ids, q, p, row.generator)
 
-    def _round(self, token: torch.Tensor, pos: int, budget: int
-               ) -> tuple[list[tuple[int, _Draft | None, TokenCost]], int, int]:
-        """Draft from ``token`` at ``pos``, verify, accept, roll back.
+    def _round(self, r: int) -> tuple[list[tuple[int, _Draft | None, TokenCost]], int, int]:
+        """Draft from row ``r``'s next token, verify, accept, roll back.
 
         Returns ([(token id, its draft or None, its cost)] for the 1..d+1 emitted tokens, drafted, accepted).
         """
-        lm = self.lm
+        lm, row = self.lm, self.rows[r]
         L = lm.num_layers
+        pos, budget = row.position, row.max_steps - len(row.records)
         drafts: list[_Draft] = []
         costs: list[TokenCost] = []
-        x = token
+        x = row.next_token
         while True:
             p = pos + len(drafts)
-            tc = TokenCost(position=p)
-            may_draft = len(drafts) < min(self.max_draft, budget - 1)
-            logits, layer, conf, h = self._draft_step(x, p, tc, may_draft)
-            costs.append(tc)
-            if logits is None:
+            may_draft = len(drafts) < min(self.policy.max_draft_tokens, budget - 1)
+            out = self._step_rows([r], torch.tensor([[x]], device=lm.device), [p], check=may_draft,
+                                  stop_below=self.policy.draft_stop_confidence, final_head=False)
+            costs.append(out.costs[0])
+            if out.exit_layers[0] == L:  # no exit let it leave: this step was the verify pass
+                h = out.states  # (1, 1, D) its layer-L state
                 break
-            y, q = self._pick_draft(logits)
-            drafts.append(_Draft(y, layer, conf, q))
-            x = y.view(1, 1)
+            y, q = self._pick_draft(out.logits[0], r)
+            drafts.append(_Draft(y, out.exit_layers[0], out.confidences[0], q))
+            x = y
         d = len(drafts)
-        # the verify pass left the layer-L states of the drafted positions in self.states; one head call
-        states = torch.cat([self.states[:, pos:pos + d], h], dim=1)  # (1, d + 1, D)
+        # the verify pass left the layer-L states of the drafted positions in the pending states; one head call
+        states = torch.cat([self.pending[r:r + 1, pos:pos + d], h], dim=1)  # (1, d + 1, D)
         full_logits = lm.exit_logits(states, L)[0]  # (d + 1, V)
         costs[-1].head_evals += d + 1
-        j, z = self._accept(drafts, full_logits)
-        self.cache.truncate(pos + j + 1)  # positions pos..pos+j hold accepted tokens
+        j, z = self._accept(r, drafts, full_logits)
+        self.cache.truncate(r, pos + j + 1)  # positions pos..pos+j hold accepted tokens
         emitted: list[tuple[int, _Draft | None, TokenCost]] = []
         for i in range(j):
             costs[i].exit_layer = L
-            emitted.append((int(drafts[i].token), drafts[i], costs[i]))
+            emitted.append((drafts[i].token, drafts[i], costs[i]))
         last = costs[j]
         for other in costs[j + 1:]:  # the steps of rejected drafts and the verify step
             merge_costs(last, other)
@@ -266,48 +227,26 @@ class SpeculativeDecoder(Decoder):
         emitted.append((z, None, last))
         return emitted, d, j
 
-    # ------------------------------------------------------------------ the loop
-    def run(self, on_token: Callable[[TokenRecord], None] | None = None) -> Iterator[TokenRecord]:
-        """Prefill, then one round at a time; yields each emitted :class:`TokenRecord` (in bursts)."""
-        start = time.perf_counter()
+    def step(self) -> list[tuple[int, TokenRecord, bool]]:
+        """One round for the active row: ``[(row, record, finished), ...]`` for every token it emits (every
+        token is the full model's: ``exit_layer`` L, ``draft_layer`` the exit that drafted it)."""
+        if not self.active:
+            return []
+        (r,) = self.active
+        if self.rows[r].first is not None:  # the first token: the full model's, from the prefill
+            self.rounds.append((0, 0))  # a round that drafted nothing
+            return super().step()
         with torch.inference_mode():
-            self._prefill()
-        token = torch.tensor([[self.prompt_ids[-1]]], device=self.lm.device)
-        pos = len(self.prompt_ids) - 1
-        done = 0
-        L = self.lm.num_layers
-        while done < self.max_steps:
-            with torch.inference_mode():
-                emitted, drafted, accepted = self._round(token, pos, self.max_steps - done)
-            self.rounds.append((drafted, accepted))
-            records, finished = [], False
-            for k, (token_id, draft, tc) in enumerate(emitted):
-                piece, stopped = self.text.push(token_id)
-                finished = stopped or token_id in self.eos
-                done += 1
-                if finished:
-                    self.finish_reason = "stop"
-                if not stopped and (finished or done == self.max_steps):
-                    piece += self.text.flush()
-                records.append(TokenRecord(id=token_id, text=piece, exit_layer=L,
-                                           confidence=None if draft is None else draft.confidence,
-                                           draft_layer=None if draft is None else draft.layer))
-                self.token_costs.append(tc)
-                if finished:
-                    for _, _, rest in emitted[k + 1:]:  # work after the end still counts
-                        merge_costs(tc, rest)
-                    self.cache.truncate(pos + k + 1)
-                    break
-            self.records.extend(records)
-            self.seconds = time.perf_counter() - start
-            if self.after_step is not None:
-                self.after_step(self)
-            for record in records:
-                if on_token is not None:
-                    on_token(record)
-                yield record
+            emitted, drafted, accepted = self._round(r)
+        self.rounds.append((drafted, accepted))
+        start, L, out = self.rows[r].position, self.lm.num_layers, []
+        for k, (token_id, draft, tc) in enumerate(emitted):
+            record, finished = self._emit(r, token_id, L, None if draft is None else draft.confidence, tc,
+                                          draft_layer=None if draft is None else draft.layer)
+            out.append((r, record, finished))
             if finished:
+                for _, _, rest in emitted[k + 1:]:  # work after the end still counts
+                    merge_costs(tc, rest)
+                self.cache.truncate(r, start + k + 1)
                 break
-            pos += len(emitted)
-            token = torch.tensor([[emitted[-1][0]]], device=self.lm.device)
-        self.seconds = time.perf_counter() - start
+        return out

@@ -29,7 +29,7 @@ same prompts:
   paper's figure, token-weighted.
 * ``compute_cost_improvement`` = 1 - sum FLOPs(R) / sum FLOPs(F), decode steps of whole answers (lite.decoding.cost):
   head evaluations at every checked exit and K/V fills or recomputes are in FLOPs(R); F is charged for its
-  own answers, so an early-exit answer that runs longer counts against R (SPEC §4).
+  own answers, so an early-exit answer that runs longer counts against R.
   ``compute_cost_improvement_same_length`` charges F for R's own lengths instead.
 * ``speedup`` = sum seconds(HF generate) / sum seconds(R): time to produce the answers, prefill included.
   ``speedup_per_token`` = (HF seconds per HF token) / (R seconds per R token), a throughput ratio that
@@ -346,6 +346,11 @@ def _plots(report: dict[str, Any], folder: Path) -> list[str]:
         fig.savefig(folder / "exit_layers.png", dpi=110)
         plt.close(fig)
         written.append("exit_layers.png")
+    if report.get("ceiling"):
+        from ..calibration.ceiling import plot
+
+        plot(report["ceiling"], folder / "ceiling.png")
+        written.append("ceiling.png")
     return written
 
 
@@ -436,6 +441,11 @@ def render_markdown(report: dict[str, Any], plots: list[str]) -> str:
                           "invalid verdicts"],
                          [[n, _f(j["n"]), _f(j["early_exit_score"]), _f(j["consistency"]),
                            _f(j["invalid_verdicts"])] for n, j in judged.items()])]
+    if report.get("ceiling"):
+        from ..calibration.ceiling import markdown
+
+        parts += ["## The ceiling: what early exit could save here, and what each decision rule gets of it",
+                  markdown(report["ceiling"]).rstrip()]
     if plots:
         parts += ["## Plots"] + [f"![{p}](plots/{p})" for p in plots]
     parts += ["## Definitions", report["definitions"],

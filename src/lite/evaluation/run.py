@@ -18,7 +18,7 @@ The report (:mod:`lite.evaluation.report`) is written only when every selected p
 first removes a report that its new work would make stale.
 
 Prompt format: ``--prompt-format``, else ``prompt_format`` of the model's ``lite_config.json``, else the
-tokenizer's chat template when it has one, else the Alpaca template (SPEC §1).
+tokenizer's chat template when it has one, else the Alpaca template (the paper's).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class EvalConfig:
         exit: the early-exit policy compared with the full model: "auto" (default: the model's own best
             policy recorded by calibration, see :func:`lite.decoding.spec.default_exit`), "dynamic"
             (thresholds from ``lite_config.json`` or ``thresholds``), "gate" (the learned exit gate),
-            "static:K", or any kind registered with :mod:`lite.decoding.spec` that the engine runs.
+            "static:K" or "speculative[:N]" (decoded one sequence at a time, whatever ``batch_size``).
         kv: skipped-layer strategies, each run separately ("copy", "recompute").
         threshold_scales: each dynamic run is made at every scale; the first is the headline one.
         thresholds: ``--thresholds`` override ("0.9" for every exit, or "8:0.9,11:0.85"); None = calibrated.
@@ -267,13 +267,8 @@ def _policies(lm, cfg: EvalConfig, role: str) -> dict[str, tuple[decoding.ExitPo
                                       thresholds=cfg.thresholds if mine else None,
                                       confidence=cfg.confidence if mine and cfg.thresholds else None)
                 policies[f"{spec}@{scale:g}/{kv}"] = (build_policy(lm, options), kv)
-        else:  # static:K, gate, or any kind registered with lite.decoding.spec
+        else:  # static:K, gate
             policies[f"{spec}/{kv}"] = (build_policy(lm, ExitOptions(exit=spec)), kv)
-    for policy, _ in policies.values():
-        if policy.kind not in decoding.POLICIES:
-            raise EvalError(f"--exit {spec}: lite eval decodes with lite.decoding.generate, which does "
-                            f"not run {policy.kind!r} policies; use one of "
-                            f"{', '.join(decoding.POLICIES[1:])} or gate")
     return policies
 
 
@@ -387,6 +382,19 @@ def _evaluate_batch(lm, job: _Job, items: list[tuple[TestSet, TestPrompt]], cfg:
     return records
 
 
+def _ceiling(lm, job: _Job, records: list[dict | None]) -> dict[str, Any] | None:
+    """The model's ceiling teacher-forced on its full runs' answers (the prompts' own greedy answers), as
+    :meth:`lite.calibration.ceiling.Ceiling.record`; None when the model has no exit below L or no answer."""
+    from ..calibration.ceiling import measure_ceiling
+    from ..model.prompts import encode_prompt
+
+    pairs = [(encode_prompt(lm.tokenizer, r["instruction"], r["input"], job.fmt), list(r["full"]["token_ids"]))
+             for r in records if r is not None and "full" in r and r["full"]["token_ids"]]
+    if not pairs or not [k for k in lm.exit_layers if k < lm.num_layers]:
+        return None
+    return measure_ceiling(lm, answers=pairs)[0].record()
+
+
 def _warm_up(lm, job: _Job, cfg: EvalConfig) -> None:
     """One short untimed generation each way, so that first-call allocations do not skew the timings."""
     from ..model.prompts import encode_prompt
@@ -407,7 +415,7 @@ def evaluate(model: str | None = None, testsets: list[str] | None = None, *,
              max_new_tokens: int = 128, dtype: str = "auto", prompt_format: str | None = None,
              judge_url: str | None = None, judge_model: str | None = None, hf_baseline: bool = True,
              restart: bool = False, embedder=None, progress_bar: bool = False, device: str | None = None,
-             batch_size: int = 8,
+             batch_size: int = 8, ceiling: bool = True,
              log: Callable[[str], None] | None = None) -> EvalResult:
     """Evaluate early exit against the full model and write the report into ``out``.
 
@@ -418,6 +426,9 @@ def evaluate(model: str | None = None, testsets: list[str] | None = None, *,
             ``report.md`` and ``plots/*.png``.
         device: where both models run (default: the accelerator torch reports, else cpu).
         restart: discard the records of an earlier run in ``out`` instead of continuing it.
+        ceiling: also report the evaluated model's ceiling (:mod:`lite.calibration.ceiling`), teacher-forced
+            on its full runs' answers (its own greedy answers): the oracle saving and each decision rule's
+            frontier, with its policies on it (a table in ``report.md``, ``plots/ceiling.png``).
         embedder: sentence embedder for similarity (default: offline all-MiniLM-L6-v2).
         progress_bar: a tqdm bar over prompts on stderr.
         log: called with short status lines.
@@ -473,6 +484,7 @@ def evaluate(model: str | None = None, testsets: list[str] | None = None, *,
         for name in REPORT_FILES:  # a report from before would now be stale
             (out / name).unlink(missing_ok=True)
     bar = None
+    ceiling_record = None
     models_info: dict[str, Any] = {}
     ran = 0
     try:
@@ -480,6 +492,11 @@ def evaluate(model: str | None = None, testsets: list[str] | None = None, *,
             lm = load_model(spec, dtype=cfg.dtype, device=device, progress=log,
                             flag="--model" if role == "main" else "--compare-model")
             job = _plan(lm, role, spec, cfg)
+            alone = sorted({p.describe() for p, _ in job.policies.values()
+                            if decoding.batch_limit(p, cfg.batch_size) < cfg.batch_size})
+            if alone:
+                log(f"lite eval: --exit {', '.join(alone)} decodes one sequence at a time (its verify pass rolls "
+                    f"back one sequence's cache); --batch-size {cfg.batch_size} applies to the other runs")
             _check_model_unchanged(out, role, job.info)
             models_info[role] = job.info
             mine = [(s, p) for r, s, p in todo if r == role]
@@ -500,6 +517,8 @@ def evaluate(model: str | None = None, testsets: list[str] | None = None, *,
                     ran += 1
                     if bar is not None:
                         bar.update(1)
+            if ceiling and role == "main":
+                ceiling_record = _ceiling(lm, job, [done.get((role, s.name, p.id)) for s in sets for p in s.prompts])
             del lm
     finally:
         if bar is not None:
@@ -509,5 +528,7 @@ def evaluate(model: str | None = None, testsets: list[str] | None = None, *,
 
     records = [done[(role, s.name, p.id)] for role, s, p in wanted]
     report = build_report(records, cfg, models_info, sets, embedder=embedder)
+    if ceiling_record is not None:
+        report["ceiling"] = ceiling_record
     files = write_report(out, report)
     return EvalResult(out=out, complete=True, report=report, files=files, prompts_run=ran)

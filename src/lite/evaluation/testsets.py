@@ -1,6 +1,6 @@
 """The paper's four instruction test sets, in their original formats, and any file of prompts.
 
-Known sets (SPEC §5) and the fields read from each row:
+Known sets and the fields read from each row:
 
 =============  ====  ============================================================  =====================
 name           rows  fields                                                        reference output
@@ -35,7 +35,7 @@ from typing import Any
 from ..errors import LiteError
 from ..files import read_text, write_atomic
 
-# The original repositories' raw files (SPEC §5; /work/shared/data/README.md names the same paths).
+# The original repositories' raw files.
 SOURCES: dict[str, str] = {
     "vicuna": "https://raw.githubusercontent.com/lm-sys/FastChat/main/fastchat/llm_judge/data/vicuna_bench/question.jsonl",
     "koala": "https://raw.githubusercontent.com/arnav-gudibande/koala-test-set/main/koala_test_set.jsonl",

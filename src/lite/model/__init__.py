@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .config import CONFIG_NAME, LiteConfig, LiteConfigError, default_exit_layers, parse_exit_layers
 
-_LAZY = {"LiteModel": "adapter", "LayerCache": "adapter", "Rope": "adapter", "cache_keyword": "adapter",
+_LAZY = {"LiteModel": "adapter", "KVCache": "adapter", "cache_keyword": "adapter",
          "load_model": "loading", "DEFAULT_MODEL": "loading", "ModelNotFoundError": "loading"}
 
 __all__ = ["CONFIG_NAME", "LiteConfig", "LiteConfigError", "default_exit_layers", "parse_exit_layers", *_LAZY]

@@ -32,6 +32,7 @@ from torch import nn
 
 from .config import LiteConfig
 from .exit_modules import ExitModules
+from .fast_block import FastBlocks, fast_blocks
 
 TRANSFORMERS_CHECKED = ("5.0", "5.24")  # the oldest and newest transformers the adapter was tested with
 
@@ -54,49 +55,17 @@ def cache_keyword(block: nn.Module) -> str:
     )
 
 
-class LayerCache:
-    """Key/value cache with one independent length per layer, allocated once.
-
-    Early exit makes layers fall behind each other (a token that left at layer 8 has no K/V in layers 9..L
-    until they are filled or recomputed), so every layer keeps its own length. Buffers are
-    ``(B, H_kv, max_len, head_dim)`` per layer; ``update`` writes new positions at the layer's length and
-    returns views of everything cached so far, which is what the attention modules expect.
-    """
-
-    def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
-        shape = (batch, kv_heads, max_len, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.lengths = [0] * num_layers  # lengths[i] = positions cached in block i (0-indexed block)
-        self.max_len = max_len
-
-    # The protocol the attention modules call: write, then attend over everything cached.
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
-        start = self.lengths[layer_idx]
-        end = start + key.shape[2]
-        if end > self.max_len:
-            raise RuntimeError(f"cache overflow at block {layer_idx}: {end} positions > {self.max_len}")
-        self.keys[layer_idx][:, :, start:end] = key
-        self.values[layer_idx][:, :, start:end] = value
-        self.lengths[layer_idx] = end
-        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.lengths[layer_idx]
-
-    def truncate(self, length: int) -> None:
-        """Roll every layer back to at most ``length`` positions (speculative rejection)."""
-        self.lengths = [min(n, length) for n in self.lengths]
-
-
-class BatchCache:
+class KVCache:
     """Key/value cache for B sequences that advance independently: one length per (block, row).
 
-    Row r of every block keeps its positions at slots 0, 1, ... (no left padding): slot = absolute
-    position. A call of a block over some rows writes each row's new positions at that row's own length
-    and attends under a mask that hides every slot past the row's own positions, so rows of different
-    lengths, and rows that skipped blocks, share one buffer. Buffers are ``(B, H_kv, max_len, head_dim)``.
+    Early exit makes blocks fall behind each other (a token that left at layer 8 has no K/V in blocks 9..L
+    until they are filled or recomputed), and the rows of a batch advance at their own pace, so every
+    (block, row) keeps its own length. Row r keeps its positions at slots 0, 1, ... (no left padding):
+    slot = absolute position. A call of a block over some rows writes each row's new positions at that
+    row's own length and attends under a mask that hides every slot past the row's own positions, so rows
+    of different lengths, and rows that skipped blocks, share one buffer. Buffers are
+    ``(B, H_kv, max_len, head_dim)`` per block, allocated once (they grow only for continuous batching).
+    A batch of one is B = 1.
     """
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, max_len: int,
@@ -134,6 +103,16 @@ class BatchCache:
             lengths.extend([0] * (batch - self.batch))
         self.batch, self.max_len = batch, max_len
 
+    def truncate(self, row: int, length: int) -> None:
+        """Roll every block of ``row`` back to at most ``length`` positions (a speculative rejection)."""
+        for lengths in self.lengths:
+            lengths[row] = min(lengths[row], length)
+
+    def reset(self, row: int) -> None:
+        """Forget every position of ``row`` (its slot goes to a new sequence)."""
+        for lengths in self.lengths:
+            lengths[row] = 0
+
     def view(self, block: int, rows: list[int], new: int) -> _RowsView:
         """The cache as one block call over ``rows`` sees it (``new`` positions per row)."""
         return _RowsView(self, block, rows, [self.lengths[block][r] for r in rows], new)
@@ -147,16 +126,22 @@ class BatchCache:
 class _RowsView:
     """The cache protocol the attention modules call (``update``), for one block call over some rows."""
 
-    def __init__(self, cache: BatchCache, block: int, rows: list[int], starts: list[int], new: int) -> None:
+    def __init__(self, cache: KVCache, block: int, rows: list[int], starts: list[int], new: int) -> None:
         self.cache, self.block, self.rows, self.starts, self.new = cache, block, rows, starts, new
         self.span = max(starts) + new  # slots the call attends over
+        self.same_start = min(starts) == self.span - new  # every row writes the same slots
+        self.every_row = len(rows) == cache.batch and rows == list(range(cache.batch))
         if self.span > cache.max_len:
             raise RuntimeError(f"cache overflow at block {block}: {self.span} positions > {cache.max_len}")
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         c, b, t = self.cache, self.block, self.new
         keys, values = c.keys[b], c.values[b]
-        if t == 1:  # one position per row, each at its own slot
+        if self.every_row and self.same_start:  # a plain slice: no index tensors
+            s = self.starts[0]
+            keys[:, :, s:s + t] = key
+            values[:, :, s:s + t] = value
+        elif t == 1:  # one position per row, each at its own slot
             index = self._index(keys.device)
             slots = c.memo(("starts", tuple(self.starts), keys.device),
                            lambda: torch.tensor(self.starts, device=keys.device))
@@ -168,8 +153,11 @@ class _RowsView:
                 values[r, :, s:s + t] = value[i]
         for r, s in zip(self.rows, self.starts):
             c.lengths[b][r] = s + t
-        if self.rows == list(range(c.batch)):  # every row, in order: views, no copy
+        if self.every_row:  # every row, in order: views, no copy
             return keys[:, :, :self.span], values[:, :, :self.span]
+        if len(self.rows) == 1:
+            r = self.rows[0]
+            return keys[r:r + 1, :, :self.span], values[r:r + 1, :, :self.span]
         index = self._index(keys.device)
         return keys[index, :, :self.span], values[index, :, :self.span]
 
@@ -181,9 +169,10 @@ class _RowsView:
 
     def mask(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
         """The additive mask of this call (:meth:`_build_mask`), built once per step for the blocks that see
-        the same rows and positions; None when no row has anything to hide (one new position per row, all
-        at the last slot)."""
-        if self.new == 1 and all(s == self.span - 1 for s in self.starts):
+        the same rows and positions; None when the attention kernel needs none: one new position per row,
+        all at the last slot (each query sees everything cached), or every row starting at slot 0 (plain
+        causal, SDPA's own rule)."""
+        if self.same_start and (self.new == 1 or self.starts[0] == 0):
             return None
         return self.cache.memo(("mask", tuple(self.starts), self.new, dtype, device),
                                lambda: self._build_mask(dtype, device))
@@ -196,20 +185,6 @@ class _RowsView:
         mask = torch.zeros(len(self.rows), 1, self.new, self.span, dtype=dtype, device=device)
         mask.masked_fill_((k_pos[None, None, :] > q_pos[:, :, None])[:, None], torch.finfo(dtype).min)
         return mask
-
-
-@dataclass
-class Rope:
-    """Rotary embeddings (cos, sin) for a run of positions, computed once and shared by all blocks."""
-
-    cos: torch.Tensor  # (B, T, head_dim)
-    sin: torch.Tensor  # (B, T, head_dim)
-    start: int  # position of the first entry
-
-    def slice(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) for absolute positions start..end-1."""
-        a, b = start - self.start, end - self.start
-        return self.cos[:, a:b], self.sin[:, a:b]
 
 
 class LiteModel:
@@ -241,6 +216,7 @@ class LiteModel:
                     f"(Llama, Mistral, Qwen2, SmolLM) with embed_tokens, layers, norm, rotary_emb and lm_head"
                 )
         self._cache_kw = cache_keyword(self.blocks[0])  # decided once, at wrap time
+        self._fast: FastBlocks | None = None  # plain Llama blocks called on their weights (new_cache decides)
         self.lite_config = lite_config or LiteConfig.default_for(self.num_layers)
         if self.lite_config.num_layers != self.num_layers:
             raise ValueError(
@@ -363,24 +339,24 @@ class LiteModel:
             return out.reshape(*normed.shape[:-1], out.shape[-1])
         return head(normed)
 
-    def subset_head(self, ids: list[int]):
-        """The LM head restricted to the vocabulary rows ``ids`` (a speculative draft head).
+    def vocab_head(self, ids: list[int]):
+        """The LM head restricted to the vocabulary rows ``ids``: the head of an exit vocabulary.
 
         Returns a function from a *normed* state (..., D) to logits (..., len(ids)) over those ids, in
         order; the rows are copied once so that each call reads only len(ids) x D weights. The last one
-        made is kept, so that decoding request after request with the same shortlist copies the rows once
+        made is kept, so that decoding request after request with the same vocabulary copies the rows once
         (a change of the head's weights makes a new copy).
         """
         head = self.lm_head
         key = (tuple(ids), head.weight.data_ptr(), head.weight._version)
-        cached = getattr(self, "_subset_head", None)
+        cached = getattr(self, "_vocab_head", None)
         if cached is not None and cached[0] == key:
             return cached[1]
         index = torch.tensor(ids, dtype=torch.long, device=head.weight.device)
         weight = head.weight.detach().index_select(0, index).contiguous()
         bias = None if getattr(head, "bias", None) is None else head.bias.detach().index_select(0, index)
         fn = lambda normed: torch.nn.functional.linear(normed, weight, bias)
-        self._subset_head = (key, fn)
+        self._vocab_head = (key, fn)
         return fn
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -433,89 +409,64 @@ class LiteModel:
         return self._normed_exits(out.hidden_states, layers, direct=True)
 
     # ----------------------------------------------------------------- decode primitives
-    def new_cache(self, max_len: int, batch: int = 1) -> LayerCache:
-        """A cache for ``max_len`` positions in every layer, in the model's dtype and device."""
-        return LayerCache(self.num_layers, batch, self.kv_heads, self.head_dim, max_len, self.dtype, self.device)
+    def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
+        """A cache for ``batch`` independent sequences of up to ``max_len`` positions each, in the model's
+        dtype and device."""
+        self._fast = fast_blocks(self.model, self.blocks)  # seen afresh per decode: a model wrapped later runs its modules
+        return KVCache(self.num_layers, batch, self.kv_heads, self.head_dim, max_len, self.dtype, self.device)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids -> (B, T, D) input of block 1."""
         return self.decoder.embed_tokens(input_ids)
 
-    def rope(self, start: int, end: int, batch: int = 1) -> Rope:
-        """Rotary (cos, sin) for absolute positions start..end-1."""
-        positions = torch.arange(start, end, device=self.device).unsqueeze(0).expand(batch, -1)
-        probe = torch.empty(0, dtype=self.dtype, device=self.device)
-        cos, sin = self.decoder.rotary_emb(probe, positions)
-        return Rope(cos, sin, start)
-
-    def _mask(self, past: int, q_len: int) -> torch.Tensor | None:
-        """Additive causal mask (1, 1, q_len, past+q_len) for queries at positions past..past+q_len-1.
-
-        None when the attention kernel's own causal rule is right: a single query (it sees everything
-        cached) or an empty cache (plain causal prefill). With a non-empty cache and several queries SDPA's
-        ``is_causal`` would align top-left, so an explicit mask is built.
-        """
-        if q_len == 1 or past == 0:
-            return None
-        q_pos = torch.arange(past, past + q_len, device=self.device).unsqueeze(1)
-        k_pos = torch.arange(past + q_len, device=self.device).unsqueeze(0)
-        mask = torch.zeros(q_len, past + q_len, dtype=self.dtype, device=self.device)
-        mask.masked_fill_(k_pos > q_pos, torch.finfo(self.dtype).min)
-        return mask[None, None]
-
-    def run_block(self, layer: int, hidden: torch.Tensor, rope: Rope, cache: LayerCache) -> torch.Tensor:
-        """Run decoder block ``layer`` (1-indexed) over new positions, appending their K/V to its cache.
-
-        Args:
-            layer: k in 1..L.
-            hidden: (B, T, D) input of block k (the output of block k-1) at the T positions that follow
-                the ones already cached in block k.
-            rope: rotary embeddings covering those positions.
-            cache: the per-layer cache; block k's length grows by T.
-        Returns:
-            (B, T, D) raw output of block k.
-        """
-        idx = layer - 1
-        past = cache.lengths[idx]
-        t = hidden.shape[1]
-        cos_sin = rope.slice(past, past + t)
-        return self.blocks[idx](hidden, attention_mask=self._mask(past, t), position_embeddings=cos_sin,
-                                use_cache=True, **{self._cache_kw: cache})
-
-    # ----------------------------------------------------------------- batched decode primitives
-    def new_batch_cache(self, max_len: int, batch: int) -> BatchCache:
-        """A cache for ``batch`` independent sequences of up to ``max_len`` positions each."""
-        return BatchCache(self.num_layers, batch, self.kv_heads, self.head_dim, max_len, self.dtype, self.device)
-
     def _rope_for(self, view: _RowsView) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`_build_rope` once per step for every block call over the same positions."""
+        """Rotary (cos, sin) ``(b, new, head_dim)`` at each row's own positions (slot = absolute position),
+        built once per step for every block call over the same positions."""
         return view.cache.memo(("rope", tuple(view.starts), view.new), lambda: self._build_rope(view))
 
     def _build_rope(self, view: _RowsView) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) ``(b, new, head_dim)`` at each row's own positions (slot = absolute position)."""
-        starts = torch.tensor(view.starts, device=self.device)
-        positions = starts[:, None] + torch.arange(view.new, device=self.device)[None]
+        if view.same_start:  # one run of positions shared by every row
+            positions = torch.arange(view.starts[0], view.starts[0] + view.new, device=self.device)[None]
+        else:
+            starts = torch.tensor(view.starts, device=self.device)
+            positions = starts[:, None] + torch.arange(view.new, device=self.device)[None]
         probe = torch.empty(0, dtype=self.dtype, device=self.device)
         return self.decoder.rotary_emb(probe, positions)
 
-    def run_block_rows(self, layer: int, hidden: torch.Tensor, cache: BatchCache, rows: list[int]) -> torch.Tensor:
-        """Run decoder block ``layer`` (1-indexed) for ``rows`` of a batch, each over its next positions.
+    def run_block(self, layer: int, hidden: torch.Tensor, cache: KVCache, rows: list[int] | None = None
+                  ) -> torch.Tensor:
+        """Run decoder block ``layer`` (1-indexed) for ``rows`` of the cache, each over its next positions,
+        appending their K/V.
 
         Args:
-            hidden: (b, T, D) inputs of block ``layer`` for the b = len(rows) rows, at the T positions that
-                follow each row's cached ones in this block.
-            cache: the batch cache; each row's length in block ``layer`` grows by T.
-            rows: which rows of the batch these are (cache rows), in the order of ``hidden``.
+            layer: k in 1..L.
+            hidden: (b, T, D) inputs of block k (the outputs of block k-1) for the b = len(rows) rows, at the
+                T positions that follow each row's cached ones in this block.
+            cache: the cache; each row's length in block k grows by T.
+            rows: which cache rows these are, in the order of ``hidden`` (None: every row, in order).
         Returns:
-            (b, T, D) raw output of block ``layer``.
+            (b, T, D) raw output of block k.
         """
+        rows = list(range(cache.batch)) if rows is None else rows
         view = cache.view(layer - 1, rows, hidden.shape[1])
+        if self._fast is not None:
+            return self._fast(layer - 1, hidden, view.mask(self.dtype, self.device), self._rope_for(view), view)
         return self.blocks[layer - 1](hidden, attention_mask=view.mask(self.dtype, self.device),
                                       position_embeddings=self._rope_for(view), use_cache=True,
                                       **{self._cache_kw: view})
 
-    def fill_kv_rows(self, layer: int, hidden: torch.Tensor, cache: BatchCache, rows: list[int]) -> None:
-        """:meth:`fill_kv` for ``rows`` of a batch: K/V of block ``layer`` from stand-in inputs (b, T, D)."""
+    def fill_kv(self, layer: int, hidden: torch.Tensor, cache: KVCache, rows: list[int] | None = None) -> None:
+        """Append K/V of block ``layer`` computed from ``hidden`` without running the block ("copy").
+
+        For a token that exited below ``layer``, its exit state stands in for the input of every skipped
+        block; only the key and value projections of the block run on it (input norm, k/v projections,
+        optional per-head key norm, rotary on keys), so later tokens can attend to that position.
+
+        Args:
+            hidden: (b, T, D) stand-in inputs of block ``layer`` at each row's next T uncached positions.
+            rows: which cache rows these are (None: every row, in order).
+        """
+        rows = list(range(cache.batch)) if rows is None else rows
         view = cache.view(layer - 1, rows, hidden.shape[1])
         key, value = self._kv_projections(layer, hidden, self._rope_for(view))
         view.update(key, value, layer - 1)
@@ -535,18 +486,3 @@ class LiteModel:
         apply_rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
         key, _ = apply_rotary(key, key, cos, sin)
         return key, value
-
-    def fill_kv(self, layer: int, hidden: torch.Tensor, rope: Rope, cache: LayerCache) -> None:
-        """Append K/V of block ``layer`` computed from ``hidden`` without running the block ("copy").
-
-        For a token that exited below ``layer``, its exit state stands in for the input of every skipped
-        block; only the key and value projections of the block run on it (input norm, k/v projections,
-        optional per-head key norm, rotary on keys), so later tokens can attend to that position.
-
-        Args:
-            hidden: (B, T, D) stand-in input of block ``layer`` at the next T uncached positions.
-        """
-        idx = layer - 1
-        past = cache.lengths[idx]
-        key, value = self._kv_projections(layer, hidden, rope.slice(past, past + hidden.shape[1]))
-        cache.update(key, value, idx)

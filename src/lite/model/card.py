@@ -153,7 +153,10 @@ def model_card(folder: str | Path, base_id: str | None = None, name: str | None 
                          + (f" (sha256 {s['sha256'][:12]}...)" if s.get("sha256") else ""))
         if data.get("filter"):
             lines.append(f"- Filter: {data['filter']}.")
-        if data.get("heldout_fraction") is not None:
+        if data.get("heldout_from"):
+            lines.append(f"- {data.get('rows_train', '?')} training rows; {len(data.get('heldout_ids', []))} held out "
+                         f"for calibration, the rows `{data['heldout_from']}` held out.")
+        elif data.get("heldout_fraction") is not None:
             lines.append(f"- {data.get('rows_train', '?')} training rows; {data['heldout_fraction']:.0%} held out "
                          f"(seed {data.get('heldout_seed')}) for calibration.")
     figures = _last_losses(folder)

@@ -32,7 +32,7 @@ class LiteConfigError(LiteError):
 
 
 def default_exit_layers(num_layers: int) -> list[int]:
-    """Default exits for a model of depth L: every L/8 layers starting at L/4, plus L (SPEC §1).
+    """Default exits for a model of depth L: every L/8 layers starting at L/4, plus L.
 
     For L=32 this gives [8, 12, 16, 20, 24, 28, 32], the layers of the LITE paper. Fractions are rounded
     half up, duplicates removed: L=30 gives [8, 11, 15, 19, 23, 26, 30]; L=4 gives [1, 2, 3, 4].

@@ -1,6 +1,6 @@
 """Exit modules: a small trainable map per exit layer, between the layer-k state and the shared norm and head.
 
-The EE-Tuning / tuned-lens / Balcony family (SPEC §7): the backbone stays frozen, so the full model's
+The EE-Tuning / tuned-lens / Balcony family: the backbone stays frozen, so the full model's
 output is untouched, and each exit k < L gets its own module ``m_k``; the exit's logits become
 ``head(final_norm(m_k(h_k)))`` instead of ``head(final_norm(h_k))``. The final layer L never has one.
 

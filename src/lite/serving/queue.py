@@ -3,9 +3,10 @@
 * The model is only read: each job carries its own :class:`ExitPolicy` and :class:`GenerationSettings`.
 * One thread decodes. Jobs wait in a FIFO; at every token boundary, waiting jobs join the running batch
   while it has fewer than ``max_batch`` rows, and finished or cancelled rows leave it. Rows that share an
-  exit policy and K/V strategy decode together in one :class:`lite.decoding.BatchDecoder` (a *lane*), each
-  row still leaving the network at its own layer; each lane takes one step per round. ``speculative``
-  requests run one sequence per lane (its verify pass is batch 1), one round at a time, beside the others.
+  exit policy (a frozen, hashable :class:`lite.decoding.ExitPolicy`) and K/V strategy decode together in
+  one :class:`lite.decoding.Decoder` (a *lane*) of at most :func:`lite.decoding.batch_limit` rows, each row
+  still leaving the network at its own layer; each lane takes one step per round (for ``speculative``, one
+  sequence per lane, one draft/verify round per step).
 * Tokens go from the worker to the request's coroutine through an ``asyncio.Queue`` fed with
   ``loop.call_soon_threadsafe``, so the event loop never blocks on torch.
 * A client that goes away sets its job's cancel flag: a waiting job is dropped at once (its place in the
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import decoding
-from ..decoding import BatchDecoder, ExitPolicy, GenerationResult, GenerationSettings, TokenRecord
+from ..decoding import ExitPolicy, GenerationResult, GenerationSettings, TokenRecord
 from ..errors import LiteError
 from ..model.adapter import LiteModel
 
@@ -58,66 +59,50 @@ class Job:
 
 
 class _Lane:
-    """Rows decoding under one exit policy and K/V strategy: a :class:`BatchDecoder`, or one speculative
-    sequence stepped one round at a time."""
+    """Rows decoding under one exit policy and K/V strategy: one :class:`lite.decoding.Decoder` (the
+    speculative one for ``speculative``) of at most ``capacity`` rows."""
 
-    def __init__(self, lm: LiteModel, policy: ExitPolicy, kv: str) -> None:
-        self.lm = lm
-        self.batch = None if policy.kind == "speculative" else BatchDecoder.open(lm, policy, kv)
+    def __init__(self, lm: LiteModel, policy: ExitPolicy, kv: str, max_batch: int) -> None:
+        self.decoder = decoding.open_decoder(lm, policy, kv)
+        self.capacity = decoding.batch_limit(policy, max_batch)
         self.jobs: dict[int, Job] = {}
-        self._spec = None  # speculative: (decoder, its token iterator)
 
     def add(self, jobs: list[Job]) -> None:
-        if self.batch is not None:
-            rows = self.batch.add_many([j.prompt_ids for j in jobs], [j.settings for j in jobs])
-            self.jobs.update(zip(rows, jobs))
-            return
-        (job,) = jobs
-        decoder = decoding.make_decoder(self.lm, job.prompt_ids, job.policy, job.settings)
-        self._spec = (decoder, decoder.run())
-        self.jobs[0] = job
+        rows = self.decoder.add_many([j.prompt_ids for j in jobs], [j.settings for j in jobs])
+        self.jobs.update(zip(rows, jobs))
 
-    def step(self) -> list[tuple[Job, TokenRecord | None, GenerationResult | None]]:
-        """One token (one draft/verify round for speculative) for every row: (job, record, result when done)."""
-        if self.batch is not None:
-            out = []
-            for r, record, finished in self.batch.step():
-                job = self.jobs[r]
-                result = None
-                if finished:
-                    result = self.batch.result(r)
-                    self.drop(job)
-                out.append((job, record, result))
-            return out
-        decoder, tokens = self._spec
-        job = self.jobs[0]
-        try:  # one token: buffered from the last round, or the next draft/verify round
-            record = next(tokens)
-        except StopIteration:
-            self.drop(job)
-            return [(job, None, decoder.result())]
-        return [(job, record, None)]
+    def step(self) -> list[tuple[Job, TokenRecord, GenerationResult | None]]:
+        """One step (one draft/verify round for speculative) for every row: (job, record, result when done)."""
+        out = []
+        for r, record, finished in self.decoder.step():
+            job = self.jobs[r]
+            result = None
+            if finished:
+                result = self.decoder.result(r)
+                self.drop(job)
+            out.append((job, record, result))
+        return out
 
     def drop(self, job: Job) -> None:
         """Take ``job`` out of the lane (finished, or cancelled: it stops at once)."""
         for r, j in list(self.jobs.items()):
             if j is job:
                 del self.jobs[r]
-                if self.batch is not None:
-                    self.batch.release(r)
-                else:
-                    self._spec = None
+                self.decoder.release(r)
 
     @property
     def size(self) -> int:
         return len(self.jobs)
 
+    @property
+    def room(self) -> int:
+        return self.capacity - len(self.jobs)
+
 
 def lane_key(policy: ExitPolicy, kv: str) -> tuple:
-    """Jobs with equal keys decode in one batch: same exit decisions, same K/V strategy."""
-    return (policy.kind, policy.layer, tuple(sorted(policy.thresholds.items())), policy.confidence,
-            policy.threshold_scale, id(policy.gate) if policy.gate is not None else None,
-            tuple(policy.exit_layers) if policy.exit_layers is not None else None, kv)
+    """Jobs with equal keys may decode in one batch: the same policy (every field: it is frozen and
+    hashable) and K/V strategy."""
+    return (policy, kv)
 
 
 class DecodeWorker:
@@ -144,7 +129,7 @@ class DecodeWorker:
         self._lock = threading.Lock()
         self.waiting = 0
         self.running = 0
-        self._lanes: dict[tuple, _Lane] = {}
+        self._lanes: list[tuple[tuple, _Lane]] = []  # (lane_key, lane), in the order they opened
         self._closing = False
         self.counts = {"served": 0, "cancelled": 0, "failed": 0, "rejected": 0, "peak_batch": 0}
         self._thread = threading.Thread(target=self._loop, name="lite-decode", daemon=True)
@@ -190,13 +175,12 @@ class DecodeWorker:
                 continue
             with self._lock:
                 self.counts["peak_batch"] = max(self.counts["peak_batch"], self.running)
-            for key, lane in list(self._lanes.items()):
+            for key, lane in list(self._lanes):
                 self._step(lane)
-                if not lane.size:
-                    del self._lanes[key]
+            self._lanes = [(key, lane) for key, lane in self._lanes if lane.size]
             if self._on_step is not None:
                 self._on_step()
-        for lane in self._lanes.values():
+        for _, lane in self._lanes:
             for job in list(lane.jobs.values()):
                 lane.drop(job)
                 self._finish(job, "cancelled", None)
@@ -221,25 +205,28 @@ class DecodeWorker:
                 self.waiting -= 1
             joining.setdefault(lane_key(job.policy, job.settings.kv), []).append(job)
         for key, jobs in joining.items():
-            if jobs[0].policy.kind == "speculative":  # one sequence per lane
-                groups = [[job] for job in jobs]
-                keys = [(key, id(job)) for job in jobs]
-            else:
-                groups, keys = [jobs], [key]
-            for k, group in zip(keys, groups):
-                lane = self._lanes.get(k)
+            while jobs:  # into the open lanes of this policy with room, then into new ones
+                lane = next((ln for k, ln in self._lanes if k == key and ln.room > 0), None)
+                if lane is None:
+                    try:
+                        lane = _Lane(self.lm, jobs[0].policy, jobs[0].settings.kv, self.max_batch)
+                    except Exception as exc:  # reported to these clients only; the worker keeps serving
+                        self._fail(jobs, exc)
+                        break
+                    self._lanes.append((key, lane))
+                group, jobs = jobs[:lane.room], jobs[lane.room:]
                 try:
-                    if lane is None:
-                        lane = _Lane(self.lm, group[0].policy, group[0].settings.kv)
                     lane.add(group)
-                except Exception as exc:  # reported to these clients only; the worker keeps serving
-                    for job in group:
-                        self._start(job)
-                        self._finish(job, "error", exc)
+                except Exception as exc:
+                    self._fail(group, exc)
                     continue
-                self._lanes[k] = lane
                 for job in group:
                     self._start(job)
+
+    def _fail(self, jobs: list[Job], exc: Exception) -> None:
+        for job in jobs:
+            self._start(job)
+            self._finish(job, "error", exc)
 
     def _step(self, lane: _Lane) -> None:
         for job in [j for j in lane.jobs.values() if j.cancel.is_set()]:  # left at this token boundary

@@ -59,20 +59,36 @@ class DataSplit:
     provenance: dict[str, Any] = field(default_factory=dict)
 
 
-def parse_filters(filters: list[str] | str | None) -> dict[str, str]:
-    """``["status=ok"]`` -> ``{"status": "ok"}``; a row is kept when every key it carries equals its value
-    (rows without the field are kept)."""
+def parse_filters(filters: list[str] | str | None) -> dict[str, str | list[str]]:
+    """``["status=ok"]`` -> ``{"status": "ok"}``; a row is kept when every field it carries has the value
+    (rows without the field are kept). A field given several times keeps rows with any of its values:
+    ``["source=a", "source=b"]`` -> ``{"source": ["a", "b"]}``."""
     if not filters:
         return {}
     if isinstance(filters, str):
         filters = [filters]
-    parsed = {}
+    parsed: dict[str, str | list[str]] = {}
     for item in filters:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise DataError(f"--filter must look like FIELD=VALUE (e.g. status=ok), got {item!r}")
-        parsed[key.strip()] = value.strip()
+        key, value = key.strip(), value.strip()
+        if key not in parsed:
+            parsed[key] = value
+        else:
+            before = parsed[key]
+            values = before if isinstance(before, list) else [before]
+            parsed[key] = values + [value] if value not in values else values
     return parsed
+
+
+def _passes(row: Any, filters: dict[str, Any]) -> bool:
+    """Whether a raw row passes the filters: each field it carries has (one of) the filter's value(s)."""
+    for key, wanted in filters.items():
+        if isinstance(row, dict) and row.get(key) is not None:
+            if str(row[key]) not in (wanted if isinstance(wanted, list) else [wanted]):
+                return False
+    return True
 
 
 def sha256_file(path: Path) -> str:
@@ -234,7 +250,7 @@ def read_source(source: str, index: int, filters: dict[str, str]) -> tuple[list[
         example = parse_row(row, f"{index}:{i}", f"{source}: row {i} (0-based)")
         # a filter applies to rows that carry its field, so files with and without it can be mixed
         # (alpaca-libre rows carry status; alpaca_en_demo rows do not and are all clean)
-        if any(row.get(k) is not None and str(row[k]) != v for k, v in filters.items()):
+        if not _passes(row, filters):
             continue
         kept.append(example)
     entry.update({"rows": len(raw), "rows_kept": len(kept)})
@@ -256,7 +272,7 @@ def read_examples(sources: list[str] | str, filters: list[str] | str | None = No
         examples.extend(kept)
         entries.append(entry)
     if not examples:
-        shown = ", ".join(f"{k}={v}" for k, v in parsed.items()) or "none"
+        shown = ", ".join(f"{k}={'|'.join(v) if isinstance(v, list) else v}" for k, v in parsed.items()) or "none"
         raise DataError(f"no rows left to train on in {list(sources)} (filter: {shown}); check --data and --filter")
     return examples, entries
 
@@ -275,8 +291,44 @@ def heldout_ids(row_ids: list[str], fraction: float, seed: int) -> list[str]:
     return [row_ids[i] for i in sorted(picked)]
 
 
+def recorded_heldout(recorded: dict[str, Any], entries: list[dict[str, Any]], row_ids: list[str],
+                     flag: str = "--heldout-from") -> list[str]:
+    """The held-out row ids another run recorded, checked against the sources read now.
+
+    The recorded run's sources must be the first sources here, the same files (same sha256), so that a row
+    id names the same row; every recorded held-out row must still pass the filter.
+
+    Args:
+        recorded: the other run's ``lite_config.json`` ``data`` section.
+        entries: the provenance entries of the sources read now, in order.
+        row_ids: the ids of the rows read now (after the filter).
+        flag: what named the other run, for messages.
+    Raises:
+        DataError: the other run recorded no split, or its sources or rows are not among these.
+    """
+    ids, before = recorded.get("heldout_ids"), recorded.get("sources") or []
+    if ids is None or not before:
+        raise DataError(f"{flag}: that model records no held-out split (it was not trained by lite train); "
+                        f"leave out {flag} to draw one with --heldout-fraction")
+    if len(before) > len(entries):
+        raise DataError(f"{flag}: that model was trained on {len(before)} sources, only {len(entries)} are given; "
+                        f"give its sources first in --data, in the same order, then any new ones")
+    for i, (was, now) in enumerate(zip(before, entries)):
+        if was.get("sha256") != now.get("sha256"):
+            raise DataError(f"{flag}: --data source {i} ({now.get('path') or now.get('hub_dataset')}) is not the "
+                            f"file that model was trained on ({was.get('path') or was.get('hub_dataset')}, sha256 "
+                            f"differs); give its sources first in --data, in the same order")
+    present = set(row_ids)
+    lost = [r for r in ids if r not in present]
+    if lost:
+        raise DataError(f"{flag}: {len(lost)} of its held-out rows (e.g. {lost[0]}) are not among the rows read "
+                        f"now; keep its --filter values (filters on fields its rows lack leave them in)")
+    return list(ids)
+
+
 def prepare_data(sources: list[str] | str, *, filters: list[str] | str | None = None,
-                 heldout_fraction: float = DEFAULT_HELDOUT_FRACTION, seed: int = 0) -> DataSplit:
+                 heldout_fraction: float = DEFAULT_HELDOUT_FRACTION, seed: int = 0,
+                 heldout_from: dict[str, Any] | None = None) -> DataSplit:
     """Read, filter and split the data; the provenance records everything needed to redo the split.
 
     Args:
@@ -284,9 +336,17 @@ def prepare_data(sources: list[str] | str, *, filters: list[str] | str | None = 
         filters: ``FIELD=VALUE`` strings; a row is kept when all match (e.g. ``status=ok``).
         heldout_fraction: share of rows kept aside for calibration, in [0, 1).
         seed: seed of the held-out draw.
+        heldout_from: another run's ``lite_config.json`` ``data`` section: hold out exactly its held-out
+            rows (:func:`recorded_heldout`; its sources come first here) instead of drawing a split, so that
+            runs on more data are measured on the same rows. Its fraction and seed are recorded.
     """
     examples, entries = read_examples(sources, filters)
-    held = set(heldout_ids([e.row_id for e in examples], heldout_fraction, seed))
+    if heldout_from is not None:
+        held = set(recorded_heldout(heldout_from, entries, [e.row_id for e in examples]))
+        heldout_fraction = heldout_from.get("heldout_fraction", heldout_fraction)
+        seed = heldout_from.get("heldout_seed", seed)
+    else:
+        held = set(heldout_ids([e.row_id for e in examples], heldout_fraction, seed))
     train = [e for e in examples if e.row_id not in held]
     heldout = [e for e in examples if e.row_id in held]
     provenance = {
@@ -421,6 +481,9 @@ def tokenize_example(tokenizer, example: Example, prompt_format: str = "alpaca",
         ``{"input_ids": [...], "labels": [...]}`` with labels -100 on every token not trained on, or None
         when no trained token survives truncation (the row then teaches nothing).
     """
+    if example.prompt_only and example.response_ids is None:
+        raise DataError(f"row {example.row_id} has no output (a prompt-only row): it can be trained on only with "
+                        f"the model's own answers (--own-answers)")
     if example.response_ids is not None:  # the model's own answer, as generated
         prompt = prompt_ids(tokenizer, example, prompt_format)
         response = [int(t) for t in example.response_ids]

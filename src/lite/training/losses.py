@@ -266,7 +266,7 @@ def response_mask(labels: torch.Tensor) -> torch.Tensor:
 def distill_loss(states: dict[int, torch.Tensor], teacher: torch.Tensor, labels: torch.Tensor, head: nn.Module,
                  weights: dict[int, float], *, chunk_size: int = DEFAULT_CHUNK_SIZE,
                  mode: str = "fused") -> ExitLoss:
-    """Self-distillation: weighted KL(teacher || exit) over exit layers at response positions (SPEC §7).
+    """Self-distillation: weighted KL(teacher || exit) over exit layers at response positions.
 
     Each exit is trained toward the distribution of a frozen teacher (the starting model's final layer)
     instead of the dataset's next token, so that it learns to agree with the final layer, which is what

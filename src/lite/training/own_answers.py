@@ -149,6 +149,7 @@ def generate_own_answers(lm, examples: list[Example], *, prompt_format: str, cac
         "max_new_tokens": max_new_tokens, "greedy": True, "prompt_format": prompt_format,
         "autocast": "bfloat16" if bf16 else None,
         "mean_tokens": round(sum(lengths) / max(len(lengths), 1), 1),
+        "rows_prompt_too_long": budgets.count(0),
         "generated_seconds": round(time.perf_counter() - start, 1),
     }
     return answered, provenance

@@ -9,6 +9,10 @@ Three shapes, told apart row by row (a file may mix them):
   or TRL's conversational form, ``{"prompt": [messages], "completion": [messages]}``, where only the
   completion's ``assistant`` messages are trained on (assistant turns inside the prompt are context).
 
+A prompt-only row (an Alpaca row without ``output``, or a TRL row with a string ``prompt`` and no
+``completion``) has no response of its own: it can be trained on only where the targets are the model's own
+answers (:mod:`lite.training.own_answers`), which supply the response; :attr:`Example.prompt_only` marks it.
+
 A conversation keeps its messages (:attr:`Example.messages`); ``instruction`` and ``output`` then hold the
 last user message before the last trained turn and that turn's text, so code that shows or counts single
 answers keeps working.
@@ -23,7 +27,8 @@ from typing import Any
 from ..errors import LiteError
 
 SHAPES_HELP = ("Alpaca rows need instruction, output (and input); chat rows need messages (a list of "
-               "{role, content}); TRL rows need prompt and completion")
+               "{role, content}); TRL rows need prompt and completion (output or completion may be left out "
+               "when training on the model's own answers)")
 
 
 class DataError(LiteError):
@@ -44,6 +49,8 @@ class Example:
         messages: a conversation (chat and conversational prompt/completion rows), or None.
         prompt_turns: how many leading messages are context only (a conversational prompt); the
             ``assistant`` messages after them are trained on.
+        prompt_only: the row has no response (``output`` is ""): only the model's own answer can be its
+            training response.
     """
 
     row_id: str
@@ -53,6 +60,7 @@ class Example:
     response_ids: tuple[int, ...] | list[int] | None = None
     messages: tuple[dict[str, str], ...] | None = None
     prompt_turns: int = 0
+    prompt_only: bool = False
 
     @property
     def trained_turns(self) -> list[int]:
@@ -111,18 +119,23 @@ def parse_row(row: Any, row_id: str, where: str) -> Example:
         prompt, completion = row.get("prompt"), row.get("completion")
         if isinstance(prompt, str) and isinstance(completion, str):
             return Example(row_id, prompt, "", completion)
+        if isinstance(prompt, str) and completion is None:
+            return Example(row_id, prompt, "", "", prompt_only=True)
         if isinstance(prompt, list) and isinstance(completion, list):
             turns = _messages(prompt, where, "prompt")
             return _conversation(row_id, turns + _messages(completion, where, "completion"), len(turns), where)
         raise DataError(f"{where}: 'prompt' and 'completion' must both be strings, or both lists of "
                         f"{{role, content}} messages (TRL's conversational form); got "
                         f"{type(prompt).__name__} and {type(completion).__name__}")
-    missing = [k for k in ("instruction", "output") if not isinstance(row.get(k), str)]
-    if missing:
+    # an Alpaca row without any output is a prompt-only row; an output of another type is a mistake
+    if not isinstance(row.get("instruction"), str) or not isinstance(row.get("output", ""), str | None):
+        missing = [k for k in ("instruction", "output") if not isinstance(row.get(k), str)]
         raise DataError(f"{where} lacks string field(s) {missing}; {SHAPES_HELP}")
     inp = row.get("input") or ""
     if not isinstance(inp, str):
         raise DataError(f"{where}: field 'input' must be a string, got {type(inp).__name__}")
+    if row.get("output") is None:
+        return Example(row_id, row["instruction"], inp, "", prompt_only=True)
     return Example(row_id, row["instruction"], inp, row["output"])
 
 
@@ -141,7 +154,10 @@ def split_turns(example: Example) -> list[Example]:
 
 
 def response_texts(example: Example) -> list[str]:
-    """The texts a row trains on: its output, or every trained assistant turn of a conversation."""
+    """The texts a row trains on: its output, or every trained assistant turn of a conversation (none for
+    a prompt-only row)."""
+    if getattr(example, "prompt_only", False):
+        return []
     if getattr(example, "messages", None) is None:  # any row with an ``output``
         return [example.output]
     return [example.messages[i]["content"] for i in example.trained_turns]

@@ -161,8 +161,9 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
           targets: str | None = None, ce_weight: float = 0.5, exit_modules: str | None = None,
           own_answers: bool | None = None,
           own_answer_tokens: int = 128, own_answers_cache: str | os.PathLike[str] | None = None,
+          own_answers_batch_size: int = 16,
           snapshot_minutes: float | None = None, max_minutes: float | None = None,
-          state_cache_gb: float = 4.0, progress: Callable[[str], None] | None = None,
+          state_cache_gb: float = 4.0, heldout_from: str | None = None, progress: Callable[[str], None] | None = None,
           show_progress_bar: bool = True) -> TrainResult:
     """LITE instruction tuning (or the final-layer baseline), full or LoRA; see the module docstring.
 
@@ -187,6 +188,9 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
             else alpaca (:func:`lite.model.prompts.default_format`); ``lite_config.json`` records the choice.
         filters: ``FIELD=VALUE`` row filters (e.g. ``status=ok``).
         heldout_fraction, seed: the held-out split kept aside for calibration (seed also seeds training).
+        heldout_from: a model trained by lite train (folder or alias): hold out exactly the rows it held out
+            instead of drawing a split (its sources must come first in ``data``, the same files), so that a
+            run on more data is measured on the same rows; ``heldout_fraction`` is then unused.
         bf16: bf16 autocast (mixed precision). gradient_checkpointing: recompute blocks in backward.
         save_steps: checkpoint every this many steps (resume point). logging_steps: log every this many.
         dtype: weights dtype ("float32", "bfloat16"). loss_mode, chunk_size: see :mod:`lite.training.losses`.
@@ -213,6 +217,8 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
             tokens) instead of the dataset's responses (:mod:`lite.training.own_answers`), cached in the
             work folder, or in ``own_answers_cache`` (a JSONL file kept across runs: its entries are keyed
             by row, prompt, model and budget, so runs on the same rows share it and others regenerate).
+            ``own_answers_batch_size`` prompts are generated together (more rows per step cost little more
+            on a memory-bound CPU or GPU; the answers are the same).
         max_minutes: end training once this many minutes of training have passed (the run's training clock,
             over resumes), even if ``max_steps``/``epochs`` planned more: recipes compared at equal time.
             The learning-rate schedule still spans the planned steps, so plan about as many as fit.
@@ -307,6 +313,8 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
                          "under torchrun")
     if own_answer_tokens < 1:
         raise TrainError(f"--own-answer-tokens must be at least 1, got {own_answer_tokens}")
+    if own_answers_batch_size < 1:
+        raise TrainError(f"--own-answers-batch-size must be at least 1, got {own_answers_batch_size}")
     for flag, value in (("--warmup-ratio", warmup_ratio), ("--lora-dropout", lora_dropout)):
         if not (math.isfinite(value) and 0.0 <= value < 1.0):
             raise TrainError(f"{flag} must be in [0, 1), got {value}")
@@ -326,7 +334,20 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
                          f"frozen copy, or the base model called outside the sharded forward); use --targets "
                          f"data, or leave out --fsdp")
 
-    split = prepare_data(data, filters=filters, heldout_fraction=heldout_fraction, seed=seed)
+    recorded = None
+    if heldout_from is not None:
+        from ..model.loading import resolve_model
+
+        recorded = LiteConfig.load(resolve_model(heldout_from, flag="--heldout-from"))
+        if recorded is None:
+            raise TrainError(f"--heldout-from {heldout_from}: it has no lite_config.json (not trained by lite "
+                             f"train); leave out --heldout-from to draw a split with --heldout-fraction")
+    split = prepare_data(data, filters=filters, heldout_fraction=heldout_fraction, seed=seed,
+                         heldout_from=recorded.data if recorded is not None else None)
+    if heldout_from is not None:
+        split.provenance["heldout_from"] = _portable_model_spec(heldout_from)
+    if not own_answers:  # the targets are the data's responses: a row must have one
+        _refuse_prompt_only(split.train + split.heldout, split.provenance["sources"], recipe)
     lm = load_model(model, dtype=dtype, device=str(target), progress=say)
     if max_length > lm.max_context:  # every sequence is cut at max_length: the one bound of what is trained
         raise TrainError(f"--max-length {max_length} is longer than the model's context ({lm.max_context} "
@@ -341,16 +362,17 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     train_rows, answers = split.train, None
+    if bf16 and target.type == "cpu" and not cpu_has_native_bf16():  # before own answers, generated under it
+        say("--bf16: this CPU has no native bf16 instructions; autocast will be emulated and likely slower "
+            "(generating own answers too): leave out --bf16 here")
     if own_answers:  # generated once by the starting model, cached in the work folder (resumable)
         train_rows, answers = generate_own_answers(lm, split.train, prompt_format=prompt_format,
                                                    cache=answers_path, max_new_tokens=own_answer_tokens,
-                                                   max_length=max_length,
+                                                   batch_size=own_answers_batch_size,
                                                    model_id=_portable_model_spec(model), bf16=bf16,
-                                                   progress=say)
+                                                   max_length=max_length, progress=say)
     dataset = TokenizedDataset(train_rows, tokenizer, prompt_format, max_length)
     lr = lr if lr is not None else (1e-3 if exit_modules else 2e-4 if lora else 2e-5)
-    if bf16 and target.type == "cpu" and not cpu_has_native_bf16():
-        say("--bf16: this CPU has no native bf16 instructions; autocast will be emulated and likely slower")
 
     settings = {
         "lora": lora, "lora_rank": lora_rank if lora else None,
@@ -560,6 +582,19 @@ def _finished(out: Path, train_layers: list[int], targets: str) -> TrainResult:
     final_losses, final_loss = _last_losses(history, train_layers, targets)
     return TrainResult(out, int(lite_config.training.get("steps", 0)), final_losses, final_loss, None, lite_config,
                        history)
+
+
+def _refuse_prompt_only(examples: list, sources: list[dict[str, Any]], recipe: str) -> None:
+    """A :class:`TrainError` naming the file of the first row without a response, when there is one."""
+    bare = [e for e in examples if e.prompt_only]
+    if not bare:
+        return
+    source, row = bare[0].row_id.split(":")
+    entry = sources[int(source)]
+    raise TrainError(f"{entry.get('path') or entry.get('hub_dataset')}: {len(bare)} rows have no output (prompt "
+                     f"only; the first is row {row}, 0-based), but --recipe {recipe} without own answers trains on "
+                     f"the data's responses; train them on the model's own answers (--own-answers, the "
+                     f"exit-modules recipe's default), or give rows with an output")
 
 
 def _save_final(trainer, train_model, tokenizer, lite_config: LiteConfig, work: Path, out: Path, lora: bool,
