@@ -633,6 +633,22 @@ def test_every_verb_that_writes_refuses_a_place_it_cannot_write_before_loading_a
     assert snapshot(kit.root, read_only) == before and (read_only / "keep.txt").read_text() == "mine"
 
 
+def test_the_probe_of_a_killed_write_check_is_removed_by_the_next_check(tmp_path):
+    """check_writable creates and removes a probe file; one left by a process killed in between (its pid is
+    in the name) is removed by the next check of that folder, a live process's is kept."""
+    from lite.files import PROBE, check_writable, process_prefix
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname().replace("-", "_") or "host"
+    killed = tmp_path / f".{PROBE}.tmp-{host}-{dead.pid}-abc"
+    live = tmp_path / f"{process_prefix(PROBE)}def"
+    for path in (killed, live):
+        path.write_text("")
+    assert check_writable(tmp_path / "new" / "out") == tmp_path / "new" / "out"
+    assert not killed.exists() and live.exists() and sorted(p.name for p in tmp_path.iterdir()) == [live.name]
+
+
 def test_a_read_only_lite_home_is_named_before_the_default_model_is_converted(tmp_path, capsys, monkeypatch):
     from lite.model import loading
 
