@@ -922,10 +922,14 @@ def test_a_calibration_killed_at_seeded_instants_gives_the_uninterrupted_result(
         assert not [p.name for p in model.iterdir() if p.name.startswith(".")]
 
 
-def test_the_first_use_conversion_killed_at_any_instant_is_redone_cleanly(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("every", [pytest.param(False, id="seeded"), pytest.param(True, id="every",
+                                                                        marks=pytest.mark.slow)])
+def test_the_first_use_conversion_killed_at_any_instant_is_redone_cleanly(every, tiny_model_dir, tmp_path,
+                                                                          monkeypatch):
     """The conversion of the embedded default (here of the tiny model, through the same code) killed at
-    every instant it writes anything: the next use converts again and leaves the same folder and hub-cache
-    entry as an uninterrupted conversion, with no temporary anywhere."""
+    4 seeded instants (the slow case: every instant it writes anything, each torn and not): the next use
+    converts again and leaves the same folder and hub-cache entry as an uninterrupted conversion, with no
+    temporary anywhere."""
     from kills import run_killed
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -961,12 +965,12 @@ def test_the_first_use_conversion_killed_at_any_instant_is_redone_cleanly(tiny_m
     assert done.status == 0, done.error
     expected = tree(tmp_path / "base")
     assert any(name.endswith("model.safetensors") for name in expected)
-    for i in range(len(done.instants)):
-        for torn in (False, True):
-            home = tmp_path / f"home-{i}-{torn}"
-            monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / f"cache-{i}-{torn}"))
-            assert run_killed(lambda: convert(home), tmp_path, kill_at=i, torn=torn).killed
-            convert(home)
-            assert tree(home) == expected, (i, torn, done.instants[i])
-            hidden = [p for p in (*home.rglob(".*"), *Path(hub.HF_HUB_CACHE).rglob(".*"))]
-            assert not hidden, (i, torn, hidden)
+    every_case = [(i, torn) for i in range(len(done.instants)) for torn in (False, True)]
+    for i, torn in every_case if every else random.Random("kill:convert").sample(every_case, 4):
+        home = tmp_path / f"home-{i}-{torn}"
+        monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / f"cache-{i}-{torn}"))
+        assert run_killed(lambda: convert(home), tmp_path, kill_at=i, torn=torn).killed
+        convert(home)
+        assert tree(home) == expected, (i, torn, done.instants[i])
+        hidden = [p for p in (*home.rglob(".*"), *Path(hub.HF_HUB_CACHE).rglob(".*"))]
+        assert not hidden, (i, torn, hidden)
