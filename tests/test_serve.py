@@ -257,8 +257,8 @@ BAD = [
     ("negative threshold scale", CHAT, {"messages": USER, "lite": {"threshold_scale": -1.0}}, 400,
      "lite.threshold_scale"),
     ("infinite threshold scale", CHAT, b'{"messages": [{"role": "user", "content": "Hi"}], '
-     b'"lite": {"threshold_scale": Infinity}}', 400, None),
-    ("NaN temperature", COMP, b'{"prompt": "Hi", "temperature": NaN}', 400, None),
+     b'"lite": {"threshold_scale": Infinity}}', 400, "lite.threshold_scale"),
+    ("NaN temperature", COMP, b'{"prompt": "Hi", "temperature": NaN}', 400, "temperature"),
     ("JSON nested too deeply", COMP, b'{"prompt": "Hi", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None),
     ("tools", CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
     ("response_format json", CHAT, {"messages": USER, "response_format": {"type": "json_object"}}, 400,

@@ -6,9 +6,12 @@ see the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import errno
+import glob
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,8 +25,11 @@ if TYPE_CHECKING:
 def temporary_beside(path: Path) -> str:
     """A new empty temporary file in ``path``'s folder, for writing ``path`` atomically (then
     ``os.replace``). It gets the permissions an ordinary new file gets under the umask (``mkstemp`` makes it
-    private, 0600, which would leave a shared or packaged checkpoint unreadable to everyone else)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    private, 0600, which would leave a shared or packaged checkpoint unreadable to everyone else). Its name
+    records this process (:func:`process_prefix`), so the temporaries of killed writes of ``path`` are
+    removed here, before the next write."""
+    sweep_dead_temporaries(path.parent, glob.escape(path.name))  # what a killed write of it left
+    fd, tmp = tempfile.mkstemp(prefix=process_prefix(path.name), dir=path.parent)
     os.fchmod(fd, ordinary_mode())
     os.close(fd)
     return tmp
@@ -57,13 +63,60 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
     write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
+def is_temporary_of(entry: str, names: str | tuple[str, ...] | list[str]) -> bool:
+    """Whether ``entry`` (a file name) is a temporary lite made to write one of ``names`` atomically
+    (:func:`temporary_beside`: ``.<name>.<random>``); a kill between its creation and the rename leaves one."""
+    names = (names,) if isinstance(names, str) else names
+    return any(entry.startswith(f".{name}.") and len(entry) > len(name) + 2 for name in names)
+
+
+WRITE_FAILURES = {errno.EROFS: "a read-only file system", errno.EACCES: "permission denied",
+                  errno.EPERM: "not permitted", errno.ENOENT: "it accepts no new files"}
+
+
+def check_writable(folder: str | os.PathLike[str], flag: str = "--out", fix: str | None = None) -> Path:
+    """Refuse a folder lite could not write into, before anything is loaded: one check for every verb.
+
+    The nearest part of ``folder`` that exists must be a folder in which a file can be created (tried, not
+    inferred from permission bits: those say nothing under ``/proc`` or on a read-only file system, or to
+    root). The probe file is removed at once.
+
+    Args:
+        folder: the folder lite will write (it need not exist yet).
+        flag: what named it, for the message (``--out``, ``--model``, ``$LITE_HOME``).
+        fix: what to do instead (default: choose a folder you can write, with an example for ``flag``).
+    Returns:
+        The path, expanded.
+    Raises:
+        LiteError: naming the flag, the folder, why, and the fix.
+    """
+    from .errors import LiteError
+
+    path = Path(folder).expanduser()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise LiteError(f"{flag} {path}: {existing} is a file, not a folder; choose another place")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".lite-write-check.", dir=existing)
+    except OSError as exc:
+        reason = WRITE_FAILURES.get(exc.errno, exc.strerror or str(exc))
+        fix = fix or f"choose a folder you can write, e.g. {flag} ~/lite-runs/{path.name or 'out'}"
+        raise LiteError(f"{flag} {path}: {existing} is not writable ({reason}); {fix}") from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
+
+
 def check_output_folder(folder: str | os.PathLike[str], record: str | tuple[str, ...],
                         flag: str = "--out") -> Path:
     """The folder a verb may write into: new, empty, or one lite made before (it holds lite's ``record``).
 
     A folder that holds files without lite's record file is someone else's: lite refuses it rather than
-    adopt it, so it never overwrites or deletes a user's files. Also refused: an empty path, ``.`` or a
-    path that names the current folder, a file, a folder whose parent cannot be written.
+    adopt it, so it never overwrites or deletes a user's files; one that holds only temporaries of the
+    record (a run killed while writing it) is lite's. Also refused: an empty path, ``.`` or a path that
+    names the current folder, a file, a place lite cannot write (:func:`check_writable`).
 
     Args:
         folder: the path given by the user.
@@ -83,29 +136,22 @@ def check_output_folder(folder: str | os.PathLike[str], record: str | tuple[str,
                         f"{flag} runs/new")
     if path.exists() and not path.is_dir():
         raise LiteError(f"{flag} {path} is a file, not a folder: give a new folder name")
+    records = (record,) if isinstance(record, str) else record
     if path.is_dir():
         entries = sorted(p.name for p in path.iterdir())
-        records = (record,) if isinstance(record, str) else record
-        if entries and not any(r in entries for r in records):
+        if entries and not any(r in entries or any(is_temporary_of(e, r) for e in entries) for r in records):
             shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
             raise LiteError(f"{flag} {path} holds files lite did not write ({shown}); lite never adopts or "
                             f"deletes them: give a new folder")
-        return path
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise LiteError(f"{flag} {path}: cannot create it, {parent} is not writable; choose another place")
-    return path
+    return check_writable(path, flag)
 
 
 def remove_own_files(folder: Path, names: list[str]) -> bool:
     """Delete what lite wrote in ``folder`` (the entries ``names``, files or folders, glob patterns
-    allowed), then the folder itself if nothing else is left. Returns True when the folder is gone."""
-    import shutil
-
+    allowed, in that order, with any temporaries a killed write of them left), then the folder itself if
+    nothing else is left. Returns True when the folder is gone."""
     for pattern in names:
-        for path in folder.glob(pattern):
+        for path in [*folder.glob(pattern), *folder.glob(f".{pattern}.*")]:
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
             else:
@@ -115,6 +161,47 @@ def remove_own_files(folder: Path, names: list[str]) -> bool:
     except OSError:
         return False
     return True
+
+
+def process_prefix(name: str) -> str:
+    """The name prefix of a temporary folder made by this process for ``name``:
+    ``.<name>.tmp-<host>-<pid>-``, so that a later run can tell a live writer's folder from a killed one's
+    (:func:`sweep_dead_temporaries`)."""
+    host = socket.gethostname().replace("-", "_") or "host"
+    return f".{name}.tmp-{host}-{os.getpid()}-"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine still runs (True when that cannot be told)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists (another user's), or we cannot tell: keep its folder
+    return True
+
+
+def sweep_dead_temporaries(folder: Path, name: str = "*") -> list[Path]:
+    """Remove the temporary files and folders (:func:`process_prefix`, for ``name``: a glob) that killed
+    processes of this machine left in ``folder``; a live process's, or another machine's, are kept. Returns
+    what was removed."""
+    import re
+
+    if not folder.is_dir():
+        return []
+    host = socket.gethostname().replace("-", "_") or "host"
+    removed = []
+    for tmp in folder.glob(f".{name}.tmp-{host}-*-*"):
+        found = re.search(rf"\.tmp-{re.escape(host)}-(\d+)-[^-]*$", tmp.name)
+        if not found or tmp.is_symlink() or process_alive(int(found.group(1))):
+            continue
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
 
 
 # File extensions of what lite reads from disk: a name ending in one is a path, never a hub id.

@@ -192,11 +192,11 @@ def _sequences(lm: LiteModel, examples: list, source: str, prompt_format: str, m
             yield (ids, positions) if positions else None
         return
     from ..decoding import ExitPolicy, GenerationSettings, generate_batch
-    from ..training.data import prompt_ids
+    from ..training.data import answer_budget, prompt_ids
 
     for b in range(0, len(examples), batch_size):
         prompts = [prompt_ids(lm.tokenizer, e, prompt_format) for e in examples[b:b + batch_size]]
-        budgets = [min(max_new_tokens, max_length - len(p)) for p in prompts]
+        budgets = [answer_budget(len(p), max_new_tokens, max_length) for p in prompts]
         live = [i for i, n in enumerate(budgets) if n >= 1]
         answers: dict[int, list[int]] = {}
         if live:

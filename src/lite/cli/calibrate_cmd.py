@@ -136,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_options(rule=args.rule, target=args.target, epsilon=args.epsilon, delta=args.delta,
                   confidence=args.confidence or "max_prob", source=args.source)
+    check_model_folder_writable(args.model)
     examples, data_info = None, {}
     if args.data:  # read (and reject) the data before spending time on the model
         try:
@@ -210,6 +211,21 @@ def run(args: argparse.Namespace) -> int:
     if args.ceiling:
         report_ceiling(lm, examples[: args.ceiling], args, data)
     return 0
+
+
+def check_model_folder_writable(spec: str | None) -> None:
+    """Calibration writes into the model folder (``lite_config.json``, the gate, the draft vocabulary): a
+    folder lite cannot write, or a hub id (no folder of its own), is refused before anything is read."""
+    from ..files import check_writable, looks_like_hub_id
+    from ..model.loading import local_folder
+
+    folder = local_folder(spec)
+    if folder is None and spec is not None and looks_like_hub_id(str(spec)):
+        raise LiteError("--model: calibration writes into the model folder's lite_config.json, but this model "
+                        "comes from the hub; save it to a local folder first and calibrate that")
+    if folder is not None:
+        check_writable(folder, "--model", "calibration writes lite_config.json into the model folder: copy the "
+                                          "model to a folder you can write and calibrate the copy")
 
 
 def report_ceiling(lm, examples: list, args: argparse.Namespace, data) -> None:

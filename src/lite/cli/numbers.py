@@ -67,10 +67,16 @@ port = number(int, 0, 65535)
 
 
 def nonempty_text(text: str) -> str:
-    """A prompt: text with something in it besides spaces."""
+    """A prompt: UTF-8 text with something in it besides spaces."""
+    from ..errors import LiteError
+    from ..model.prompts import check_text
+
     if not text.strip():
         raise argparse.ArgumentTypeError("the prompt is empty: give some text")
-    return text
+    try:
+        return check_text(text)
+    except LiteError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def report_targets(text: str) -> list[str]:

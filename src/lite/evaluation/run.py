@@ -453,6 +453,7 @@ def evaluate(model: str | None = None, testsets: list[str] | None = None, *,
     )
     cfg.validate()
     parse_device(device)  # a bad --device is refused before anything is read or written
+    check_output_folder(Path(out), RUN_FILE, "--out")  # a place lite cannot write: before anything is read
     log = log or (lambda message: None)
     # Bad input fails before any decoding: test sets and the judge before any model is loaded or any file
     # written, the exit policy right after the model loads (_plan).

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..files import folder_in_place, write_atomic
+from ..files import folder_in_place, process_prefix, sweep_dead_temporaries, write_atomic
 
 
 def hub_cache_dir() -> Path:
@@ -72,7 +72,8 @@ def place_in_hub_cache(folder: str | os.PathLike[str], hub_id: str, *, cache: st
     snapshots = repo / "snapshots"
     snapshots.mkdir(parents=True, exist_ok=True)
     snapshot = snapshots / revision
-    with folder_in_place(Path(tempfile.mkdtemp(prefix=f".{revision}.", dir=snapshots)), snapshot) as tmp:
+    sweep_dead_temporaries(snapshots, revision)  # what a killed placement left
+    with folder_in_place(Path(tempfile.mkdtemp(prefix=process_prefix(revision), dir=snapshots)), snapshot) as tmp:
         for p in files:
             _link_or_copy(p, tmp / p.name)
         for name, text in (extra or {}).items():

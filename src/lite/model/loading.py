@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LiteError
-from ..files import folder_in_place, looks_like_hub_id
+from ..files import check_writable, folder_in_place, looks_like_hub_id, process_alive
 from .exit_modules import EXIT_MODULES_FILE
 from .load_checks import ModelLoadError, ModelNotFoundError, check_loadable, load_error
 
@@ -158,6 +158,8 @@ def default_model_dir(progress: Callable[[str], None] | None = None) -> Path:
     sweep_stale_conversions(target.parent)
     if (target / "config.json").is_file():
         return target
+    check_writable(target.parent, "$LITE_HOME", "lite converts the embedded default model into it once: set "
+                                                "LITE_HOME to a folder you can write")
     gguf = embedded_gguf_path()
     if progress:
         progress(f"converting the embedded default model once into {target} (about a minute)")
@@ -192,16 +194,6 @@ def _conversion_prefix() -> str:
     return f".{DEFAULT_MODEL}.converting-{host}-{os.getpid()}-"
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True  # it exists (another user's), or we cannot tell: keep its folder
-    return True
-
-
 def sweep_stale_conversions(folder: Path, max_age_s: float = 3600.0) -> list[Path]:
     """Remove the temporary folders that killed conversions of the default model left in ``folder``.
 
@@ -219,7 +211,7 @@ def sweep_stale_conversions(folder: Path, max_age_s: float = 3600.0) -> list[Pat
             continue
         parts = tmp.name[len(f".{DEFAULT_MODEL}."):].split("-")
         if parts[0] == "converting" and len(parts) >= 3 and parts[1] == host and parts[2].isdigit():
-            stale = not _process_alive(int(parts[2]))
+            stale = not process_alive(int(parts[2]))
         else:
             try:
                 stale = time.time() - tmp.stat().st_mtime > max_age_s
@@ -269,6 +261,18 @@ def resolve_model(spec: str | os.PathLike[str] | None, progress: Callable[[str],
             f"id, {DEFAULT_MODEL} (the embedded default) or {SHIPPED_LITE_MODEL} (its shipped LITE adapter)"
         )
     return text
+
+
+def local_folder(spec: str | os.PathLike[str] | None) -> Path | None:
+    """The folder on this machine that ``--model`` names, found without converting or loading anything: the
+    embedded default's place under ``$LITE_HOME`` (made on first use), the shipped LITE adapter, or an
+    existing path; None for a hub id or a path that does not exist."""
+    if spec is None or str(spec) == DEFAULT_MODEL:
+        return lite_home() / "models" / DEFAULT_MODEL
+    if str(spec) == SHIPPED_LITE_MODEL:
+        return shipped_adapter_dir()
+    path = Path(spec).expanduser()
+    return path if path.exists() else None
 
 
 def _modules_only(folder: str, lite_config) -> bool:

@@ -21,6 +21,25 @@ ALPACA_NO_INPUT = (
 FORMATS = ("alpaca", "chat", "raw")
 
 
+def check_text(text: str, what: str = "the prompt") -> str:
+    """``text`` when it is Unicode text a tokenizer can encode; else a LiteError naming the fault.
+
+    A command-line argument in bytes that are not UTF-8 reaches Python as surrogate escapes (``0xe9`` of a
+    Latin-1 ``é`` becomes ``\\udce9``), and JSON can hold lone surrogates (``"\\ud800"``): neither is text.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8, kept by the surrogateescape handler
+            raise LiteError(f"{what} holds bytes that are not UTF-8 (0x{code - 0xDC00:02x} at character "
+                            f"{exc.start}); pass it as UTF-8 text (convert it first, e.g. iconv -t UTF-8, or set "
+                            f"the terminal to UTF-8)") from None
+        raise LiteError(f"{what} holds a lone surrogate (\\u{code:04x} at character {exc.start}), which is not "
+                        f"Unicode text; pass the text itself") from None
+    return text
+
+
 def default_format(lm) -> str:
     """The prompt format a model is used with when none is asked for: the ``prompt_format`` of its
     ``lite_config.json`` when its folder has one (it was trained or calibrated by lite), else the
@@ -65,6 +84,8 @@ def prompt_text(tokenizer, instruction: str, input: str = "", fmt: str = "alpaca
 def encode_prompt(tokenizer, instruction: str, input: str = "", fmt: str = "alpaca") -> list[int]:
     """Token ids of the formatted prompt. Special tokens of a chat template are kept as written; the
     Alpaca and raw formats get the tokenizer's usual BOS handling."""
+    check_text(instruction)
+    check_text(input, "the prompt's input")
     text = prompt_text(tokenizer, instruction, input, fmt)
     add_special = fmt != "chat"
     return list(tokenizer(text, add_special_tokens=add_special)["input_ids"])
@@ -83,6 +104,7 @@ def check_messages(messages: object, what: str = "messages") -> list[dict[str, s
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise LiteError(f"{what}[{i}]: each message is a dict with a string 'role' and a string 'content', "
                             f"got {m!r:.80}")
+        check_text(m["content"], f"{what}[{i}]")
     if not any(m["role"] == "user" for m in messages):
         raise LiteError(f"{what}: the conversation has no 'user' message")
     return messages

@@ -162,22 +162,57 @@ UNSUPPORTED = {
 }
 
 
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
+class _Constant:
+    """Where the body held ``NaN``, ``Infinity`` or ``-Infinity``: Python's JSON parser accepts them, the
+    JSON standard does not, and no field of a request may be one."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def _find_bad_value(value: Any, path: tuple[str, ...] = ()) -> tuple[tuple[str, ...], str] | None:
+    """The first value of the parsed body no request may hold, with the field path to it (keys and list
+    indices) and what is wrong: a :class:`_Constant`, or text with a lone surrogate (``"\\ud800"``, which
+    JSON lets through and no tokenizer can encode)."""
+    if isinstance(value, _Constant):
+        return path, f"{value.name} is not a JSON number; send a finite number (JSON has no NaN or Infinity)"
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return path, (f"the text holds a lone surrogate (\\u{ord(value[exc.start]):04x} at character "
+                          f"{exc.start}), which is not Unicode text; send the text itself")
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str) and path == () and key not in _FIELD_NAMES and key not in UNSUPPORTED:
+            continue  # fields lite ignores are not checked
+        found = _find_bad_value(item, (*path, str(key)))
+        if found is not None:
+            return found
+    return None
 
 
 def parse_request(body: bytes, model_cls: type[_Request]) -> _Request:
     """Parse and validate a request body; raises :class:`APIError` (400) naming the field at fault.
 
-    Refused: bodies that are not JSON (``NaN`` and ``Infinity`` included), JSON nested too deeply to parse,
+    Refused: bodies that are not JSON (``NaN`` and ``Infinity`` are refused naming the field that holds them),
+    JSON nested too deeply to parse,
     unknown ``lite`` options, and OpenAI fields lite does not implement set to anything but their default.
     """
     try:
-        data = json.loads(body, parse_constant=_no_constant)
+        data = json.loads(body, parse_constant=_Constant)
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
         raise APIError(400, f"the request body is not valid JSON ({exc})", code="invalid_json") from None
     except RecursionError:
         raise APIError(400, "the request body is nested too deeply to parse", code="invalid_json") from None
+    try:
+        bad = _find_bad_value(data)
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply to parse", code="invalid_json") from None
+    if bad is not None:
+        param = ".".join(bad[0]) or None
+        raise APIError(400, f"{param or 'the request body'}: {bad[1]}", param=param, code="invalid_value")
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}",
                        code="invalid_json")

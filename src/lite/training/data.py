@@ -100,27 +100,44 @@ def sha256_file(path: Path) -> str:
 
 
 DATASETS_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".arrow": "arrow"}
+DATA_FILE_SUFFIXES = {".json", ".jsonl", ".txt", *DATASETS_SUFFIXES}  # what datasets reads in a folder
 FORMATS_HELP = ("give a JSON or JSONL file, a .parquet/.csv/.arrow file, a dataset folder (save_to_disk) or a "
                 "hub dataset id owner/name")
 
 
+def _json_kind(value: Any) -> str:
+    return {list: "an array", str: "a string", bool: "true or false", type(None): "null"}.get(
+        type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
+
+
 def _read_file_rows(path: Path) -> list[Any]:
-    """Raw rows of a JSON list or JSON Lines file; unreadable bytes or malformed JSON name the file (and line)."""
+    """Raw rows of a JSON list or JSON Lines file; unreadable bytes, malformed JSON and rows that are not
+    JSON objects name the file and the line (or the list position)."""
     text = read_text(path, DataError, FORMATS_HELP)
+    fix = 'each row must be a JSON object, e.g. {"instruction": ..., "output": ...}'
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: malformed JSON at line {exc.lineno}: {exc.msg}") from None
-        return rows
+            if exc.msg != "Extra data":  # "Extra data": JSON Lines whose first row is an array, read below
+                raise DataError(f"{path}: malformed JSON at line {exc.lineno}: {exc.msg}") from None
+        else:
+            for i, row in enumerate(rows):
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}: row {i} (0-based) of the JSON list is {_json_kind(row)}: {fix}")
+            return rows
     rows = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: malformed JSON on line {lineno}: {exc.msg}; fix or remove that line") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: line {lineno} is {_json_kind(row)}: {fix} (one per line); fix or remove "
+                            f"that line")
+        rows.append(row)
     return rows
 
 
@@ -145,10 +162,19 @@ def _read_datasets_rows(source: str, path: Path | None, split: str | None) -> li
     except ImportError:
         raise DataError(f"--data {source}: reading it needs the 'datasets' package (pip install datasets), or "
                         f"give a JSON/JSONL file") from None
+    saved = path is not None and path.is_dir() and any((path / n).is_file() for n in ("dataset_dict.json", "state.json"))
+    if path is not None and path.is_dir() and not saved:
+        found = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
+        if not any(Path(name).suffix.lower() in DATA_FILE_SUFFIXES for name in found):
+            shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "") if found else "nothing"
+            raise DataError(f"--data {source} is a folder, and neither a saved dataset (save_to_disk) nor one of "
+                            f"data files (it holds {shown}); {FORMATS_HELP}")
+    was_shown = not datasets.utils.are_progress_bars_disabled()
+    datasets.utils.disable_progress_bars()  # a bar for reading a few rows, and one left half drawn by an error
     try:
         if path is None:
             ds = datasets.load_dataset(source, split=split or "train")
-        elif path.is_dir() and any((path / n).is_file() for n in ("dataset_dict.json", "state.json")):
+        elif saved:
             ds = _pick_split(datasets.load_from_disk(str(path)), source, split)
         elif path.is_dir():
             ds = _pick_split(datasets.load_dataset(str(path)), source, split)
@@ -160,8 +186,13 @@ def _read_datasets_rows(source: str, path: Path | None, split: str | None) -> li
     except Exception as exc:  # noqa: BLE001 -- offline, unknown id, unreadable folder, ...: one clear message
         what = "loading it as a hub dataset" if path is None else "datasets could not read it"
         fix = ("give a local file or a reachable dataset id" if path is None else FORMATS_HELP)
+        cause = exc.__cause__ or exc  # datasets wraps the reader's own error in a generic one
+        first = (str(cause).strip().splitlines() or [""])[0][:200]
         raise DataError(f"--data {source}: {'no such file, and ' if path is None else ''}{what} "
-                        f"({type(exc).__name__}: {str(exc)[:200]}); {fix}") from None
+                        f"({type(cause).__name__}: {first}); {fix}") from None
+    finally:
+        if was_shown:
+            datasets.utils.enable_progress_bars()
     return ds.to_list()
 
 
@@ -381,6 +412,14 @@ def prompt_ids(tokenizer, example: Example, prompt_format: str = "alpaca") -> li
     if example.messages is None:
         return encode_prompt(tokenizer, example.instruction, example.input, prompt_format)
     return encode_messages(tokenizer, list(example.messages[:example.trained_turns[-1]]), prompt_format)
+
+
+def answer_budget(prompt_tokens: int, max_new_tokens: int, max_length: int) -> int:
+    """How many tokens an answer to a prompt of ``prompt_tokens`` may have: ``max_new_tokens``, less what
+    would fall beyond ``max_length`` (the cut every sequence gets, :func:`tokenize_example`). 0 when the prompt
+    alone reaches ``max_length``: nothing of an answer would be kept, so none is generated (the bound that
+    keeps a row far longer than ``--max-length`` from reaching the model)."""
+    return max(0, min(max_new_tokens, max_length - prompt_tokens))
 
 
 def _response_ids(tokenizer, text: str) -> list[int]:

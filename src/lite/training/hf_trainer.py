@@ -4,12 +4,12 @@
   model once for its hidden states (no full-vocab logits) and applies the exit losses of
   :mod:`lite.training.losses` (CE, self-distillation, or both); per-layer losses are logged as ``loss_l<k>``
   / ``kl_l<k>``.
-* callbacks: a log entry at the last step (:func:`_log_last_step_callback`) and the training clock kept
-  across resumes in each checkpoint (:func:`_train_clock_callback`, ``TIME_FILE``).
+* callbacks: the training clock kept across resumes in each checkpoint (:func:`_train_clock_callback`,
+  ``TIME_FILE``), a time budget, snapshots of exit modules (which checkpoints count, and the log entries at
+  each, are :mod:`lite.training.checkpoints`).
 * what Trainer trains besides a plain model: :class:`_FrozenBackbone` (exit modules on a frozen backbone)
   and the frozen teacher of ``--targets distill|mixed`` (:func:`_make_teacher`).
-* Trainer's checkpoints and arguments: the last checkpoint of a work folder, whether it is the final one,
-  the activation checkpointing options under the installed transformers' names.
+* Trainer's arguments: the activation checkpointing options under the installed transformers' names.
 
 :mod:`lite.training.trainer` (``train``) puts these together; transformers is imported only inside the
 functions, so importing :mod:`lite.training` stays light.
@@ -85,24 +85,11 @@ def _make_trainer_class():
         def _frozen_backbone_loss(self, model, inputs, return_outputs):
             """Exit modules on a frozen backbone: the losses need the backbone's states at the response
             positions only, and those never change, so they come from ``state_cache`` once a sequence has
-            been seen (the backbone then does not run at all); the modules and the head run on those rows."""
+            been seen (the backbone then does not run for it); the modules and the head run on those rows."""
             lm, L = self.lite_model, self.lite_model.num_layers
             layers = sorted(self.exit_weights)
             wanted = sorted(set(layers) | ({L} if self.targets != "data" else set()))
-            index = inputs.get("index")
-            cache = self.state_cache if index is not None else None
-            found = cache.get(index.tolist(), inputs["labels"].device) if cache is not None else None
-            if found is None:
-                labels = inputs["labels"]
-                no_position = torch.empty(0, dtype=torch.long, device=labels.device)
-                out = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                            output_hidden_states=True, use_cache=False, logits_to_keep=no_position)
-                mask = response_mask(labels)  # (B, T-1): position t predicts token t+1
-                raw = {k: out.hidden_states[k][:, :-1][mask] for k in wanted}  # layer L: already normed
-                found = (raw, labels[:, 1:][mask])
-                if cache is not None:
-                    cache.put(index.tolist(), mask.sum(1).tolist(), *found)
-            raw, targets = found
+            raw, targets = _backbone_rows(model, inputs, wanted, self.state_cache)
             exits = {k: raw[k] if k == L else lm.exit_normed(raw[k], k, direct=True) for k in layers}
             parts: dict[str, Any] = {}
             if self.targets != "data":
@@ -138,17 +125,31 @@ def _make_trainer_class():
     return LiteTrainer
 
 
-def _log_last_step_callback():
-    """A callback that forces a log entry at the last step, so the final per-layer losses are known."""
-    from transformers import TrainerCallback
+def _backbone_rows(model, inputs: dict[str, torch.Tensor], layers: list[int], cache: StateCache | None
+                   ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """The frozen backbone's states at the response positions of a batch, rows in batch order:
+    ({layer: (N, D)}, targets (N,)); layer L's is already normed.
 
-    class LogLastStep(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.max_steps and state.global_step >= state.max_steps:
-                control.should_log = True
-            return control
-
-    return LogLastStep()
+    Each sequence runs alone, without its padding (the batch is right-padded), so its states never depend
+    on what it was batched with: the same in every epoch and after a resume, whether they come from
+    ``cache`` (sequences seen before, when the batch carries ``index``) or are computed now."""
+    ids, labels, mask = inputs["input_ids"], inputs["labels"], inputs.get("attention_mask")
+    index = inputs.get("index")
+    lengths = (mask.sum(1) if mask is not None else torch.full((ids.shape[0],), ids.shape[1])).tolist()
+    no_position = torch.empty(0, dtype=torch.long, device=ids.device)
+    rows = []
+    for b, n in enumerate(lengths):
+        key = int(index[b]) if index is not None and cache is not None else None
+        row = cache.get_row(key, labels.device) if key is not None else None
+        if row is None:
+            out = model(input_ids=ids[b:b + 1, :n], attention_mask=None if mask is None else mask[b:b + 1, :n],
+                        output_hidden_states=True, use_cache=False, logits_to_keep=no_position)
+            response = response_mask(labels[b:b + 1, :n])[0]  # (n-1,): position t predicts token t+1
+            row = ({k: out.hidden_states[k][0, :-1][response] for k in layers}, labels[b, 1:n][response])
+            if key is not None:
+                cache.put_row(key, *row)
+        rows.append(row)
+    return {k: torch.cat([r[0][k] for r in rows]) for k in layers}, torch.cat([r[1] for r in rows])
 
 
 TIME_FILE = "lite_train_seconds.json"  # in each checkpoint: training seconds spent up to it
@@ -222,9 +223,10 @@ def _snapshot_callback(folder: Path, every_minutes: float, clock, write: Callabl
     boundary, ``write(tmp_folder, step, seconds)`` fills a new ``folder/step-NNNNNN`` (made in one rename)."""
     from transformers import TrainerCallback
 
-    from ..files import folder_in_place
+    from ..files import folder_in_place, process_prefix, sweep_dead_temporaries
 
     period = every_minutes * 60.0
+    sweep_dead_temporaries(folder, f"{SNAPSHOT_PREFIX}*")  # snapshots a killed run was writing
 
     class Snapshots(TrainerCallback):
         def __init__(self) -> None:
@@ -238,25 +240,12 @@ def _snapshot_callback(folder: Path, every_minutes: float, clock, write: Callabl
             target = folder / f"{SNAPSHOT_PREFIX}{state.global_step:06d}"
             if not target.exists():
                 folder.mkdir(parents=True, exist_ok=True)
-                with folder_in_place(Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=folder)), target) as tmp:
+                with folder_in_place(Path(tempfile.mkdtemp(prefix=process_prefix(target.name), dir=folder)),
+                                     target) as tmp:
                     write(tmp, state.global_step, seconds)
             return control
 
     return Snapshots()
-
-
-def _last_checkpoint(work: Path) -> str | None:
-    if not work.is_dir():
-        return None
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(work))
-
-
-def _checkpoint_is_final(checkpoint: str) -> bool:
-    """True when the checkpoint's Trainer state says all planned steps were done."""
-    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
-    return bool(state.get("max_steps")) and state.get("global_step", 0) >= state["max_steps"]
 
 
 def _checkpointing_args(arguments_class, enabled: bool) -> dict[str, Any]:
@@ -294,12 +283,12 @@ class StateCache:
 
     In an exit-module run the backbone never changes, so what the losses read of it (the raw state of each
     exit layer below L and the normed final state, the teacher, at the positions that predict a response
-    token, plus those tokens) is the same in every epoch: kept after a sequence's first batch, it spares
-    the backbone's forward in every later one. The states are those of that first batch: a sequence padded
-    to another width later would give the same up to float rounding.
+    token, plus those tokens) is the same in every epoch: kept after a sequence's first use, it spares
+    the backbone's forward in every later one. Each sequence's states are computed alone
+    (:func:`_backbone_rows`), so the cache changes no number: a run resumed with an empty cache trains
+    exactly as one that kept it.
 
-    ``limit_bytes`` caps the memory: once full, sequences not yet kept are computed each time (and a batch
-    runs the backbone unless all its sequences are kept). For SmolLM2-135M (hidden 576), 4 exits, the
+    ``limit_bytes`` caps the memory: once full, sequences not yet kept are computed each time. For SmolLM2-135M (hidden 576), 4 exits, the
     teacher and 64-token answers, a sequence takes about 0.7 MB: the 1763 training rows, 1.3 GB.
     """
 
@@ -313,37 +302,29 @@ class StateCache:
     def __len__(self) -> int:
         return len(self._rows)
 
-    def get(self, index: list[int], device: torch.device | str = "cpu"
-            ) -> tuple[dict[int, torch.Tensor], torch.Tensor] | None:
-        """The batch's ({layer: (N, D)}, targets (N,)) on ``device``, rows in batch order; None unless all
-        are kept."""
-        if not all(i in self._rows for i in index):
+    def get_row(self, index: int, device: torch.device | str = "cpu"
+                ) -> tuple[dict[int, torch.Tensor], torch.Tensor] | None:
+        """Sequence ``index``'s ({layer: (n, D)}, targets (n,)) on ``device``, or None when it is not kept."""
+        row = self._rows.get(index)
+        if row is None:
             return None
-        parts = [self._rows[i] for i in index]
-        layers = parts[0][0].keys()
-        return ({k: torch.cat([p[0][k] for p in parts]).to(device) for k in layers},
-                torch.cat([p[1] for p in parts]).to(device))
+        return {k: v.to(device) for k, v in row[0].items()}, row[1].to(device)
 
-    def put(self, index: list[int], counts: list[int], states: dict[int, torch.Tensor],
-            targets: torch.Tensor) -> None:
-        """Keep the rows of one batch: ``states`` {layer: (N, D)} and ``targets`` (N,) are the batch's
-        response positions in batch order, ``counts[b]`` of them for sequence ``index[b]``."""
-        start = 0
-        for i, n in zip(index, counts):
-            stop = start + n
-            if i not in self._rows and not self.full:
-                row = ({k: v[start:stop].detach().to("cpu", copy=True) for k, v in states.items()},
-                       targets[start:stop].to("cpu", copy=True))
-                size = sum(t.numel() * t.element_size() for t in (*row[0].values(), row[1]))
-                if self.bytes + size > self.limit_bytes:
-                    self.full = True
-                    self._say(f"the backbone-state cache is full at {self.bytes / 2**30:.2f} GiB after "
-                              f"{len(self._rows)} sequences; the rest are computed every epoch (raise "
-                              f"--state-cache-gb to keep them)")
-                else:
-                    self._rows[i] = row
-                    self.bytes += size
-            start = stop
+    def put_row(self, index: int, states: dict[int, torch.Tensor], targets: torch.Tensor) -> None:
+        """Keep sequence ``index``'s ``states`` {layer: (n, D)} and ``targets`` (n,) at its response
+        positions, unless it is kept already or the cache is full."""
+        if index in self._rows or self.full:
+            return
+        row = ({k: v.detach().to("cpu", copy=True) for k, v in states.items()}, targets.to("cpu", copy=True))
+        size = sum(t.numel() * t.element_size() for t in (*row[0].values(), row[1]))
+        if self.bytes + size > self.limit_bytes:
+            self.full = True
+            self._say(f"the backbone-state cache is full at {self.bytes / 2**30:.2f} GiB after "
+                      f"{len(self._rows)} sequences; the rest are computed every epoch (raise "
+                      f"--state-cache-gb to keep them)")
+            return
+        self._rows[index] = row
+        self.bytes += size
 
 
 def _make_teacher(lm, lora: bool):

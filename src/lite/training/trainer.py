@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LiteError
-from ..files import check_output_folder, remove_own_files
+from ..files import check_output_folder, check_writable, remove_own_files
 from ..model.config import (
     CONFIG_NAME,
     LOSS_WEIGHTINGS,
@@ -47,14 +47,12 @@ from .data import (
     TokenizedDataset,
     prepare_data,
 )
+from .checkpoints import complete_callback, drop_incomplete, is_final, last_complete, log_at_checkpoints_callback
 from .fsdp import fsdp_config
 from .hf_trainer import (
     StateCache,
-    _checkpoint_is_final,
     _checkpointing_args,
     _FrozenBackbone,
-    _last_checkpoint,
-    _log_last_step_callback,
     _make_teacher,
     _make_trainer_class,
     _rank,
@@ -76,8 +74,10 @@ RECIPES = {
 DEFAULT_RECIPE = "exit-modules"
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RUN_FILE = "lite_run.json"
-# what a run writes in its work folder (<out>.partial): only these are removed once the output is in place
-WORK_FILES = [RUN_FILE, "checkpoint-*", "final", "own_answers.jsonl", "runs"]
+# what a run writes in its work folder (<out>.partial): only these are removed once the output is in place,
+# in this order: the record that the folder is lite's goes last, so that a kill while removing leaves a
+# folder the same command recognises (and finishes tidying)
+WORK_FILES = ["checkpoint-*", "final", "runs", ANSWERS_FILE, RUN_FILE]
 
 
 class TrainError(LiteError):
@@ -259,7 +259,10 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
     # an empty path, '.', a file, an unwritable place, a user's folder; then a finished lite output
     check_output_folder(out, (RUN_FILE, CONFIG_NAME), "--out")
     work = out.with_name(out.name + ".partial")
-    if out.exists():
+    # a finished output beside its work folder: a run killed while removing the work folder (the same
+    # command finishes that, below); any other existing output is refused
+    tidying = out.exists() and (work / RUN_FILE).is_file() and (out / CONFIG_NAME).is_file()
+    if out.exists() and not tidying:
         raise TrainError(f"--out {out} already exists; choose a new folder or delete it (lite never overwrites)")
     check_output_folder(work, (RUN_FILE, ANSWERS_FILE), f"the work folder of --out {out}:")  # never adopt
     if loss_weighting not in LOSS_WEIGHTINGS:
@@ -301,6 +304,8 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
     if own_answers_cache and (answers_path.is_dir() or not answers_path.parent.is_dir()):
         raise TrainError(f"--own-answers-cache {answers_path}: give a file path in an existing folder (it is "
                          f"created when missing)")
+    if own_answers_cache:
+        check_writable(answers_path.parent, "--own-answers-cache")
     if own_answers and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not answers_path.is_file():
         raise TrainError("--own-answers (the default recipe's; --no-own-answers or --recipe paper leave them out) "
                          "with several processes: generate the answers once with one process "
@@ -344,6 +349,9 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
     if not own_answers:  # the targets are the data's responses: a row must have one
         _refuse_prompt_only(split.train + split.heldout, split.provenance["sources"], recipe)
     lm = load_model(model, dtype=dtype, device=str(target), progress=say)
+    if max_length > lm.max_context:  # every sequence is cut at max_length: the one bound of what is trained
+        raise TrainError(f"--max-length {max_length} is longer than the model's context ({lm.max_context} "
+                         f"tokens); give --max-length {lm.max_context} or less")
     L = lm.num_layers
     layers = parse_exit_layers(exit_layers, L)  # a baseline model keeps them for early-exit decoding later
     train_layers = [L] if baseline else ([k for k in layers if k < L] if exit_modules else layers)
@@ -362,7 +370,7 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
                                                    cache=answers_path, max_new_tokens=own_answer_tokens,
                                                    batch_size=own_answers_batch_size,
                                                    model_id=_portable_model_spec(model), bf16=bf16,
-                                                   max_prompt_tokens=max_length, progress=say)
+                                                   max_length=max_length, progress=say)
     dataset = TokenizedDataset(train_rows, tokenizer, prompt_format, max_length)
     lr = lr if lr is not None else (1e-3 if exit_modules else 2e-4 if lora else 2e-5)
 
@@ -384,22 +392,34 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
     }
     run_record = {"model": _portable_model_spec(model), "data": split.provenance, "exit_layers": layers,
                   "loss_weighting": loss_weighting, "prompt_format": prompt_format, "training": settings}
-    resume = _last_checkpoint(work)
+    resume = last_complete(work)  # the only checkpoints that count are complete ones
     previous = work / RUN_FILE
-    if previous.is_file() and resume is not None:  # without a checkpoint there is nothing to resume
+    if previous.is_file() and (resume is not None or tidying):  # else there is nothing to resume
         try:
             recorded = json.loads(previous.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise TrainError(f"{previous} cannot be read ({exc}); it records the unfinished run in {work}: "
                              f"delete {work} to start afresh") from None
-        if recorded != _as_recorded_by_older_lite(json.loads(json.dumps(run_record)), recorded):
+        same = recorded == _as_recorded_by_older_lite(json.loads(json.dumps(run_record)), recorded)
+        if tidying:
+            if not same:
+                raise TrainError(f"--out {out} already exists; choose a new folder or delete it (lite never "
+                                 f"overwrites)")
+            if _rank() == 0:
+                remove_own_files(work, WORK_FILES)
+            say(f"the run had finished; removed its work folder {work}")
+            return _finished(out, train_layers, targets)
+        if not same:
             raise TrainError(f"{work} holds an unfinished run with other settings; re-run the same command to "
                              f"resume it (a run begun before exit modules became the default recipe: add --recipe "
                              f"paper), or delete {work} to start afresh")
+    if tidying:  # the record was removed after the output was in place (or never matched): not this run's
+        raise TrainError(f"--out {out} already exists; choose a new folder or delete it (lite never overwrites)")
     if _rank() == 0:
         work.mkdir(parents=True, exist_ok=True)
         from ..files import write_json_atomic
 
+        drop_incomplete(work)  # what a kill left half written, so that Trainer never counts it
         write_json_atomic(previous, run_record)
 
     # Seed everything before the first random tensor of the run (the LoRA matrices, exit-module inits):
@@ -459,13 +479,14 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
             save_only_model=False, **({"fsdp": True, "fsdp_config": fsdp_config(lm)} if fsdp else {}),
         )
         clock = _train_clock_callback(resume)
-        callbacks = [_log_last_step_callback(), clock]
+        callbacks = [log_at_checkpoints_callback(), clock]
         budget = _time_budget_callback(clock, max_minutes) if max_minutes else None
         if budget is not None:
             callbacks.append(budget)
         if snapshot_minutes:
             callbacks.append(_snapshot_callback(snapshot_folder(out), snapshot_minutes, clock, _snapshot_writer(
                 modules, tokenizer, lite_config, getattr(lm.model, "generation_config", None))))
+        callbacks.append(complete_callback())  # last: a checkpoint counts once everything above wrote it
         state_cache = None
         if exit_modules and state_cache_gb > 0 and not distributed:
             state_cache = StateCache(int(state_cache_gb * 2**30), say)
@@ -491,7 +512,7 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
         say(f"training {what} on {len(dataset)} sequences from {len(train_rows)} rows "
             f"({settings['responses']}, prompt format {prompt_format}, targets {targets}), exits "
             f"{train_layers}, weights {[round(w, 3) for w in weights.values()]}")
-        if resume and _checkpoint_is_final(resume):
+        if resume and is_final(resume):
             # Killed after the last checkpoint but before the output was written: Trainer would run one
             # extra step on resume (it checks max_steps only after a step), so load the weights instead.
             from transformers import TrainerState
@@ -501,10 +522,9 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
         else:
             trainer.train(resume_from_checkpoint=resume)
 
-        history = trainer.state.log_history
-        prefix = "kl_l" if targets == "distill" else "loss_l"  # the per-exit figure the run optimises
-        last = next((h for h in reversed(history) if f"{prefix}{train_layers[-1]}" in h), {})
-        final_losses = {int(k[len(prefix):]): float(v) for k, v in last.items() if k.startswith(prefix)}
+        history = _with_whole_run_loss(trainer.state.log_history, trainer.state.global_step, trainer.state.epoch)
+        trainer.state.log_history = history
+        final_losses, final_loss = _last_losses(history, train_layers, targets)
         lite_config.training["steps"] = trainer.state.global_step
         lite_config.training["train_seconds"] = round(clock.seconds(), 3)  # wall time training, resumes too
         if budget is not None:
@@ -516,13 +536,52 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
                         modules, generation_config=getattr(lm.model, "generation_config", None),
                         state_dict=state_dict)
         trainer.accelerator.wait_for_everyone()
-        return TrainResult(out, trainer.state.global_step, final_losses, last.get("loss"), resume,
-                           lite_config, history)
+        return TrainResult(out, trainer.state.global_step, final_losses, final_loss, resume, lite_config, history)
     finally:
         if fsdp_mark is None:
             os.environ.pop("ACCELERATE_USE_FSDP", None)
         else:
             os.environ["ACCELERATE_USE_FSDP"] = fsdp_mark
+
+
+def _last_losses(history: list[dict[str, Any]], train_layers: list[int], targets: str
+                 ) -> tuple[dict[int, float], float | None]:
+    """The last logged per-exit losses ({layer: nats per response token}, the figure the run optimises:
+    ``kl_l`` for distillation, else ``loss_l``) and the total logged with them."""
+    prefix = "kl_l" if targets == "distill" else "loss_l"
+    last = next((h for h in reversed(history) if f"{prefix}{train_layers[-1]}" in h), {})
+    return {int(k[len(prefix):]): float(v) for k, v in last.items() if k.startswith(prefix)}, last.get("loss")
+
+
+def _with_whole_run_loss(history: list[dict[str, Any]], steps: int, epoch: float | None) -> list[dict[str, Any]]:
+    """The log with ``train_loss`` of the whole run, resumes included: the mean of the logged losses
+    weighted by the steps each covers (Trainer's own figure covers only the steps since the last resume).
+    It goes into Trainer's closing entry, or a closing entry of its own when training did not run now (the
+    run was killed after its last checkpoint)."""
+    total, before = 0.0, 0
+    for entry in history:
+        if "loss" in entry and "step" in entry:
+            total += float(entry["loss"]) * (entry["step"] - before)
+            before = entry["step"]
+    history = [dict(h) for h in history]
+    closing = history[-1] if history and "train_runtime" in history[-1] else None
+    if closing is None:
+        closing = {"epoch": epoch, "step": steps}
+        history.append(closing)
+    closing["train_loss"] = total / before if before else None
+    return history
+
+
+def _finished(out: Path, train_layers: list[int], targets: str) -> TrainResult:
+    """The result of a run whose output was already in place (its work folder has just been removed)."""
+    lite_config = LiteConfig.load(out)
+    try:
+        history = json.loads((out / "trainer_log.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        history = []
+    final_losses, final_loss = _last_losses(history, train_layers, targets)
+    return TrainResult(out, int(lite_config.training.get("steps", 0)), final_losses, final_loss, None, lite_config,
+                       history)
 
 
 def _refuse_prompt_only(examples: list, sources: list[dict[str, Any]], recipe: str) -> None:
