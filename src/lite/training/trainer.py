@@ -65,7 +65,7 @@ from .losses import DEFAULT_CHUNK_SIZE, LOSS_MODES
 from .own_answers import ANSWERS_FILE, generate_own_answers
 
 TARGETS = ("data", "distill", "mixed")
-# What a run trains when its flags leave it open (SPEC §7, issue 14): the recipe the comparison of
+# What a run trains when its flags leave it open: the recipe the comparison of
 # scripts/ablation.sh chose (benchmarks/results/ablation.md), and the paper's, one flag away.
 RECIPES = {
     "exit-modules": {"exit_modules": "affine", "targets": "distill", "own_answers": True},
@@ -208,7 +208,7 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
             answers: the recipe the comparison chose) or "paper" (the paper's LITE: the backbone trained
             with CE on the dataset's responses, full or ``lora``). Default: "paper" when ``lora``,
             ``baseline`` or ``fsdp`` asks to train the backbone, else "exit-modules".
-        targets: what each exit learns (SPEC §7): "data" (the paper: cross-entropy against the response
+        targets: what each exit learns: "data" (the paper: cross-entropy against the response
             tokens), "distill" (KL toward a frozen teacher, the starting model's final layer), "mixed"
             (``ce_weight`` x CE + (1 - ``ce_weight``) x KL).
         exit_modules: "affine" or "mlp": freeze the backbone and train one exit module per exit below L
