@@ -128,6 +128,20 @@ def report_destinations(report_to: str | list[str] | tuple[str, ...] | None) -> 
     return list(dict.fromkeys(names))
 
 
+UNMARKED = "unmarked_checkpoints"  # lite_run.json: the run was begun by a lite that wrote no checkpoint markers
+
+
+def _unmarked_run(record: Path) -> bool:
+    """True when ``record`` (an unfinished run's lite_run.json) was written by a lite before checkpoint markers
+    (it lacks :data:`UNMARKED`), or by one that resumed such a run (it says True): that run's checkpoints
+    carry no marker and must not be taken for torn ones."""
+    try:
+        recorded = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(recorded, dict) and recorded.get(UNMARKED, True) is True
+
+
 def _as_recorded_by_older_lite(now: Any, recorded: Any) -> Any:
     """``now`` (a run's settings) less the keys ``recorded`` lacks whose value is off (None, False, empty):
     settings a newer lite records at their default do not make an unfinished run of an older one differ."""
@@ -392,15 +406,19 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
     }
     run_record = {"model": _portable_model_spec(model), "data": split.provenance, "exit_layers": layers,
                   "loss_weighting": loss_weighting, "prompt_format": prompt_format, "training": settings}
-    resume = last_complete(work)  # the only checkpoints that count are complete ones
     previous = work / RUN_FILE
+    legacy = _unmarked_run(previous)  # begun by a lite that wrote no checkpoint markers: its checkpoints count
+    run_record[UNMARKED] = legacy
+    resume = last_complete(work, legacy)  # the only checkpoints that count are complete ones
     if previous.is_file() and (resume is not None or tidying):  # else there is nothing to resume
         try:
             recorded = json.loads(previous.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise TrainError(f"{previous} cannot be read ({exc}); it records the unfinished run in {work}: "
                              f"delete {work} to start afresh") from None
-        same = recorded == _as_recorded_by_older_lite(json.loads(json.dumps(run_record)), recorded)
+        now = {k: v for k, v in json.loads(json.dumps(run_record)).items() if k != UNMARKED}
+        recorded = {k: v for k, v in recorded.items() if k != UNMARKED} if isinstance(recorded, dict) else recorded
+        same = recorded == _as_recorded_by_older_lite(now, recorded)
         if tidying:
             if not same:
                 raise TrainError(f"--out {out} already exists; choose a new folder or delete it (lite never "
@@ -419,7 +437,7 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
         work.mkdir(parents=True, exist_ok=True)
         from ..files import write_json_atomic
 
-        drop_incomplete(work)  # what a kill left half written, so that Trainer never counts it
+        drop_incomplete(work, legacy)  # what a kill left half written, so that Trainer never counts it
         write_json_atomic(previous, run_record)
 
     # Seed everything before the first random tensor of the run (the LoRA matrices, exit-module inits):
