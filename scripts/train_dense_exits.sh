@@ -18,6 +18,12 @@
 # A snapshot of the modules every SNAPSHOT_MINUTES of training lands in $OUT.snapshots (for the ceiling per
 # added exit, benchmarks/ceiling_per_exit.py).
 #   LITE_HOME=/work/lite_home nohup nice -n 19 bash scripts/train_dense_exits.sh > $LITE_HOME/dense.log 2>&1 &
+# The run of record began on 2026-12-07 with the code of commit e6db6fd and was at step ~610 of 663 when that
+# session ended. Resume it with that same code: lite from 2026-12-07 08:00 on counts a checkpoint only with
+# its completeness marker, which e6db6fd did not write, and drops the others before resuming.
+#   git worktree add /tmp/wt-dense e6db6fd
+#   cd /tmp/wt-dense && LITE_HOME=/work/lite_home PYTHONPATH=/tmp/wt-dense/src LITE=/work/main/.venv/bin/lite \
+#       nohup nice -n 19 bash scripts/train_dense_exits.sh > /work/lite_home/dense.log 2>&1 &
 set -euo pipefail
 cd "$(dirname "$0")/.."
 HOME_DIR=${LITE_HOME:-$HOME/.cache/lite}

@@ -128,6 +128,39 @@ def test_a_failed_run_leaves_no_output_and_the_rerun_resumes(tiny_model_dir, dat
     assert (out / "lite_config.json").is_file() and not work.exists()
 
 
+def test_a_run_begun_by_a_lite_without_checkpoint_markers_resumes_and_keeps_its_checkpoints(
+        tiny_model_dir, data_file, tmp_path, monkeypatch):
+    """A lite before checkpoint markers wrote none and no unmarked_checkpoints in lite_run.json: its
+    checkpoints are resumed from, not taken for torn ones and deleted; a fresh run's unmarked checkpoint is."""
+    from lite.training.checkpoints import COMPLETE_FILE
+    from lite.training.trainer import UNMARKED
+
+    out, work = tmp_path / "old", tmp_path / "old.partial"
+    kw = dict(FAST, max_steps=3, save_steps=2)
+    with monkeypatch.context() as m:
+        m.setattr(lite.training.trainer, "_save_final", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("killed")))
+        with pytest.raises(RuntimeError, match="killed"):
+            train(str(tiny_model_dir), str(data_file), out, **kw)
+    record = json.loads((work / "lite_run.json").read_text())
+    assert record[UNMARKED] is False  # this lite marks its checkpoints
+    # what the older lite left: the same checkpoints without markers, a record without the key
+    for name in ("checkpoint-2", "checkpoint-3"):
+        (work / name / COMPLETE_FILE).unlink()
+    del record[UNMARKED]
+    (work / "lite_run.json").write_text(json.dumps(record))
+    result = train(str(tiny_model_dir), str(data_file), out, **kw)
+    assert result.resumed_from.endswith("checkpoint-3") and result.steps == 3
+    # a run this lite began: an unmarked checkpoint is torn, and is not resumed from
+    out2, work2 = tmp_path / "new", tmp_path / "new.partial"
+    with monkeypatch.context() as m:
+        m.setattr(lite.training.trainer, "_save_final", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("killed")))
+        with pytest.raises(RuntimeError, match="killed"):
+            train(str(tiny_model_dir), str(data_file), out2, **kw)
+    (work2 / "checkpoint-3" / COMPLETE_FILE).unlink()
+    result = train(str(tiny_model_dir), str(data_file), out2, **kw)
+    assert result.resumed_from.endswith("checkpoint-2")
+
+
 def _write(path, text):
     path.write_text(text)
     return str(path)

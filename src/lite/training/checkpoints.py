@@ -61,15 +61,33 @@ def checkpoints(work: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def last_complete(work: Path) -> str | None:
-    """The highest-numbered complete checkpoint of ``work`` (as Trainer takes it: a string), or None."""
-    return next((str(p) for p in reversed(checkpoints(work)) if is_complete(p)), None)
+def _counts(folder: Path, unmarked: list[Path]) -> bool:
+    return is_complete(folder) or (folder in unmarked and (folder / "trainer_state.json").is_file())
 
 
-def drop_incomplete(work: Path) -> list[Path]:
+def _unmarked(work: Path, legacy: bool) -> list[Path]:
+    """A run begun by a lite that wrote no markers (``legacy``): its checkpoints below every marked one, which
+    count as they did then (Trainer's state file is there). None for any other run."""
+    if not legacy:
+        return []
+    found = checkpoints(work)
+    marked = [int(p.name.split("-")[1]) for p in found if (p / COMPLETE_FILE).is_file()]
+    return [p for p in found if not (p / COMPLETE_FILE).is_file() and int(p.name.split("-")[1]) < min(marked, default=1 << 62)]
+
+
+def last_complete(work: Path, legacy: bool = False) -> str | None:
+    """The highest-numbered complete checkpoint of ``work`` (as Trainer takes it: a string), or None.
+    ``legacy``: the run was begun by a lite that wrote no markers; its unmarked checkpoints count too."""
+    unmarked = _unmarked(work, legacy)
+    return next((str(p) for p in reversed(checkpoints(work)) if _counts(p, unmarked)), None)
+
+
+def drop_incomplete(work: Path, legacy: bool = False) -> list[Path]:
     """Remove the checkpoint folders of ``work`` that are not complete (what a kill left half written or
-    half deleted), marker first, so that a removal cut short leaves nothing that counts. Returns them."""
-    dropped = [p for p in checkpoints(work) if not is_complete(p)]
+    half deleted), marker first, so that a removal cut short leaves nothing that counts. Returns them.
+    ``legacy``: as for :func:`last_complete`; the checkpoints of the older lite are kept."""
+    unmarked = _unmarked(work, legacy)
+    dropped = [p for p in checkpoints(work) if not _counts(p, unmarked)]
     for folder in dropped:
         (folder / COMPLETE_FILE).unlink(missing_ok=True)
         shutil.rmtree(folder, ignore_errors=True)

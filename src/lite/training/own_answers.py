@@ -1,4 +1,4 @@
-"""The model's own answers as training responses (SPEC §7, on-policy data).
+"""The model's own answers as training responses (on-policy data).
 
 Exits are used on the tokens the model itself generates, so they are best trained on those: for every
 training instruction, the starting model's greedy answer (exits off) replaces the dataset's response.

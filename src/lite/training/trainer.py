@@ -65,7 +65,7 @@ from .losses import DEFAULT_CHUNK_SIZE, LOSS_MODES
 from .own_answers import ANSWERS_FILE, generate_own_answers
 
 TARGETS = ("data", "distill", "mixed")
-# What a run trains when its flags leave it open (SPEC §7, issue 14): the recipe the comparison of
+# What a run trains when its flags leave it open: the recipe the comparison of
 # scripts/ablation.sh chose (benchmarks/results/ablation.md), and the paper's, one flag away.
 RECIPES = {
     "exit-modules": {"exit_modules": "affine", "targets": "distill", "own_answers": True},
@@ -127,6 +127,20 @@ def report_destinations(report_to: str | list[str] | tuple[str, ...] | None) -> 
             raise TrainError(f"--report-to {name}: the '{REPORT_TO[name][0]}' package is not installed; "
                              f"pip install {REPORT_TO[name][0]}, or leave --report-to none")
     return list(dict.fromkeys(names))
+
+
+UNMARKED = "unmarked_checkpoints"  # lite_run.json: the run was begun by a lite that wrote no checkpoint markers
+
+
+def _unmarked_run(record: Path) -> bool:
+    """True when ``record`` (an unfinished run's lite_run.json) was written by a lite before checkpoint markers
+    (it lacks :data:`UNMARKED`), or by one that resumed such a run (it says True): that run's checkpoints
+    carry no marker and must not be taken for torn ones."""
+    try:
+        recorded = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(recorded, dict) and recorded.get(UNMARKED, True) is True
 
 
 def _as_recorded_by_older_lite(now: Any, recorded: Any) -> Any:
@@ -209,7 +223,7 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
             answers: the recipe the comparison chose) or "paper" (the paper's LITE: the backbone trained
             with CE on the dataset's responses, full or ``lora``). Default: "paper" when ``lora``,
             ``baseline`` or ``fsdp`` asks to train the backbone, else "exit-modules".
-        targets: what each exit learns (SPEC §7): "data" (the paper: cross-entropy against the response
+        targets: what each exit learns: "data" (the paper: cross-entropy against the response
             tokens), "distill" (KL toward a frozen teacher, the starting model's final layer), "mixed"
             (``ce_weight`` x CE + (1 - ``ce_weight``) x KL).
         exit_modules: "affine" or "mlp": freeze the backbone and train one exit module per exit below L
@@ -395,8 +409,10 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
     }
     run_record = {"model": _portable_model_spec(model), "data": split.provenance, "exit_layers": layers,
                   "loss_weighting": loss_weighting, "prompt_format": prompt_format, "training": settings}
-    resume = last_complete(work)  # the only checkpoints that count are complete ones
     previous = work / RUN_FILE
+    legacy = _unmarked_run(previous)  # begun by a lite that wrote no checkpoint markers: its checkpoints count
+    run_record[UNMARKED] = legacy
+    resume = last_complete(work, legacy)  # the only checkpoints that count are complete ones
     if tidying or (previous.is_file() and resume is not None):  # else there is nothing to resume
         record_path = finished_record if tidying else previous
         try:
@@ -404,7 +420,9 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise TrainError(f"{record_path} cannot be read ({exc}); it records the run in {work}: delete {work} "
                              f"to start afresh") from None
-        same = recorded == _as_recorded_by_older_lite(json.loads(json.dumps(run_record)), recorded)
+        now = {k: v for k, v in json.loads(json.dumps(run_record)).items() if k != UNMARKED}
+        recorded = {k: v for k, v in recorded.items() if k != UNMARKED} if isinstance(recorded, dict) else recorded
+        same = recorded == _as_recorded_by_older_lite(now, recorded)
         if tidying:
             if not same:
                 raise TrainError(f"--out {out} already exists; choose a new folder or delete it (lite never "
@@ -421,7 +439,7 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
         work.mkdir(parents=True, exist_ok=True)
         from ..files import write_json_atomic
 
-        drop_incomplete(work)  # what a kill left half written, so that Trainer never counts it
+        drop_incomplete(work, legacy)  # what a kill left half written, so that Trainer never counts it
         write_json_atomic(previous, run_record)
 
     # Seed everything before the first random tensor of the run (the LoRA matrices, exit-module inits):
