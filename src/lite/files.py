@@ -74,12 +74,16 @@ WRITE_FAILURES = {errno.EROFS: "a read-only file system", errno.EACCES: "permiss
                   errno.EPERM: "not permitted", errno.ENOENT: "it accepts no new files"}
 
 
+PROBE = "lite-write-check"  # the name of check_writable's probe files (their process's temporaries)
+
+
 def check_writable(folder: str | os.PathLike[str], flag: str = "--out", fix: str | None = None) -> Path:
     """Refuse a folder lite could not write into, before anything is loaded: one check for every verb.
 
     The nearest part of ``folder`` that exists must be a folder in which a file can be created (tried, not
     inferred from permission bits: those say nothing under ``/proc`` or on a read-only file system, or to
-    root). The probe file is removed at once.
+    root). The probe file is removed at once; one left by a process killed in between is removed by the
+    next check of that folder.
 
     Args:
         folder: the folder lite will write (it need not exist yet).
@@ -99,7 +103,8 @@ def check_writable(folder: str | os.PathLike[str], flag: str = "--out", fix: str
     if not existing.is_dir():
         raise LiteError(f"{flag} {path}: {existing} is a file, not a folder; choose another place")
     try:
-        fd, probe = tempfile.mkstemp(prefix=".lite-write-check.", dir=existing)
+        sweep_dead_temporaries(existing, PROBE)  # a probe whose process was killed before removing it
+        fd, probe = tempfile.mkstemp(prefix=process_prefix(PROBE), dir=existing)
     except OSError as exc:
         reason = WRITE_FAILURES.get(exc.errno, exc.strerror or str(exc))
         fix = fix or f"choose a folder you can write, e.g. {flag} ~/lite-runs/{path.name or 'out'}"

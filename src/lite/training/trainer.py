@@ -75,8 +75,9 @@ DEFAULT_RECIPE = "exit-modules"
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RUN_FILE = "lite_run.json"
 # what a run writes in its work folder (<out>.partial): only these are removed once the output is in place,
-# in this order: the record that the folder is lite's goes last, so that a kill while removing leaves a
-# folder the same command recognises (and finishes tidying)
+# in this order, the record that the folder is lite's last; the output holds a copy of that record, so
+# the same command recognises its finished run beside what a kill while removing left, even an empty
+# folder, and finishes the tidying
 WORK_FILES = ["checkpoint-*", "final", "runs", ANSWERS_FILE, RUN_FILE]
 
 
@@ -274,8 +275,10 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
     check_output_folder(out, (RUN_FILE, CONFIG_NAME), "--out")
     work = out.with_name(out.name + ".partial")
     # a finished output beside its work folder: a run killed while removing the work folder (the same
-    # command finishes that, below); any other existing output is refused
-    tidying = out.exists() and (work / RUN_FILE).is_file() and (out / CONFIG_NAME).is_file()
+    # command finishes that, below, once the output's run record shows it is this command's run; outputs of
+    # older lite have it only in the work folder); any other existing output is refused
+    finished_record = next((f / RUN_FILE for f in (out, work) if (f / RUN_FILE).is_file()), None)
+    tidying = out.exists() and work.is_dir() and (out / CONFIG_NAME).is_file() and finished_record is not None
     if out.exists() and not tidying:
         raise TrainError(f"--out {out} already exists; choose a new folder or delete it (lite never overwrites)")
     check_output_folder(work, (RUN_FILE, ANSWERS_FILE), f"the work folder of --out {out}:")  # never adopt
@@ -410,12 +413,13 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
     legacy = _unmarked_run(previous)  # begun by a lite that wrote no checkpoint markers: its checkpoints count
     run_record[UNMARKED] = legacy
     resume = last_complete(work, legacy)  # the only checkpoints that count are complete ones
-    if previous.is_file() and (resume is not None or tidying):  # else there is nothing to resume
+    if tidying or (previous.is_file() and resume is not None):  # else there is nothing to resume
+        record_path = finished_record if tidying else previous
         try:
-            recorded = json.loads(previous.read_text(encoding="utf-8"))
+            recorded = json.loads(record_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise TrainError(f"{previous} cannot be read ({exc}); it records the unfinished run in {work}: "
-                             f"delete {work} to start afresh") from None
+            raise TrainError(f"{record_path} cannot be read ({exc}); it records the run in {work}: delete {work} "
+                             f"to start afresh") from None
         now = {k: v for k, v in json.loads(json.dumps(run_record)).items() if k != UNMARKED}
         recorded = {k: v for k, v in recorded.items() if k != UNMARKED} if isinstance(recorded, dict) else recorded
         same = recorded == _as_recorded_by_older_lite(now, recorded)
@@ -431,8 +435,6 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
             raise TrainError(f"{work} holds an unfinished run with other settings; re-run the same command to "
                              f"resume it (a run begun before exit modules became the default recipe: add --recipe "
                              f"paper), or delete {work} to start afresh")
-    if tidying:  # the record was removed after the output was in place (or never matched): not this run's
-        raise TrainError(f"--out {out} already exists; choose a new folder or delete it (lite never overwrites)")
     if _rank() == 0:
         work.mkdir(parents=True, exist_ok=True)
         from ..files import write_json_atomic
@@ -655,6 +657,7 @@ def _save_final(trainer, train_model, tokenizer, lite_config: LiteConfig, work: 
     if generation_config is not None and not (final / "generation_config.json").is_file():
         generation_config.save_pretrained(str(final))
     write_model_card(final, base_id=hub_id_for(base_spec), name=out.name)
+    shutil.copyfile(work / RUN_FILE, final / RUN_FILE)  # the run's settings, with it: a re-run knows it as its own
     os.replace(final, out)
     remove_own_files(work, WORK_FILES)  # what lite wrote there, and the folder if nothing else is left
 
