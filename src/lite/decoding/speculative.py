@@ -143,6 +143,14 @@ class SpeculativeDecoder(Decoder):
     always kept and pushed, which is the verify pass). :meth:`step` is one round: it returns every token
     the round emits. ``after_step`` is called once per round, after the rollback, when the cache holds
     exactly the positions of the accepted tokens.
+
+    ``invariant`` (the default): the verify pass computes every position with the very calls the full model
+    makes for it when it decodes token by token (one position per block call, the head over one position),
+    so greedy output is the full model's token for token in every dtype, by construction. False batches
+    the d + 1 positions into one call per block and one head call: faster where a block over several
+    positions costs little more than over one, but a matrix product over several rows may round
+    differently from one over one row (bfloat16 on hardware with native bf16 kernels; float32 MKL), so
+    a near-tie can then go the other way: not lossless.
     """
 
     max_rows = 1  # the verify pass rolls back one sequence's cache
@@ -150,14 +158,17 @@ class SpeculativeDecoder(Decoder):
     first_token_checks = False  # the first token is the full model's, from the prefill
 
     def __init__(self, lm: LiteModel, prompts: list[list[int]], policy: ExitPolicy,
-                 settings: GenerationSettings | list[GenerationSettings], regroup: bool | None = None) -> None:
+                 settings: GenerationSettings | list[GenerationSettings], regroup: bool | None = None,
+                 invariant: bool = True) -> None:
         per_row = settings if isinstance(settings, list) else [settings] * len(prompts)
-        super().__init__(lm, prompts, policy, [dataclasses.replace(s, kv="recompute") for s in per_row])
+        super().__init__(lm, prompts, policy, [dataclasses.replace(s, kv="recompute") for s in per_row],
+                         invariant=invariant)
         self.rounds: list[tuple[int, int]] = []  # (drafted, accepted) per round
 
     @classmethod
-    def open(cls, lm: LiteModel, policy: ExitPolicy, kv: str = "copy", regroup: bool | None = None):
-        decoder = super().open(lm, policy, "recompute")
+    def open(cls, lm: LiteModel, policy: ExitPolicy, kv: str = "copy", regroup: bool | None = None,
+             invariant: bool = True):
+        decoder = super().open(lm, policy, "recompute", invariant=invariant)
         decoder.rounds = []
         return decoder
 
@@ -211,7 +222,10 @@ class SpeculativeDecoder(Decoder):
         d = len(drafts)
         # the verify pass left the layer-L states of the drafted positions in the pending states; one head call
         states = torch.cat([self.pending[r:r + 1, pos:pos + d], h], dim=1)  # (1, d + 1, D)
-        full_logits = lm.exit_logits(states, L)[0]  # (d + 1, V)
+        if self.invariant:  # one position per head call, as the full model reads it token by token
+            full_logits = torch.cat([lm.exit_logits(states[0, i:i + 1], L) for i in range(d + 1)])
+        else:
+            full_logits = lm.exit_logits(states, L)[0]  # (d + 1, V)
         costs[-1].head_evals += d + 1
         j, z = self._accept(r, drafts, full_logits)
         self.cache.truncate(r, pos + j + 1)  # positions pos..pos+j hold accepted tokens
