@@ -29,10 +29,12 @@ DTYPES = [torch.float32, torch.bfloat16]
 
 
 def policy_of(lm: LiteModel, exit: str) -> ExitPolicy:
-    """``none``, or ``dynamic`` with each exit's threshold at the median max-prob of that layer over a few
+    """``none``; ``never`` (exits checked, none can be taken); or ``dynamic`` with each exit's threshold at the median max-prob of that layer over a few
     greedy tokens, so that tokens leave at every exit and some run to L."""
     if exit == "none":
         return ExitPolicy("none")
+    if exit == "never":  # the full model too, but every token's final-layer max-prob is recorded and compared
+        return ExitPolicy("dynamic", thresholds={k: 2.0 for k in range(1, lm.num_layers)})
     thresholds = {}
     for k in range(1, lm.num_layers):
         confs = sorted(t.confidence for r in generate_batch(lm, prompts(4, seed=9), ExitPolicy("static", layer=k),
@@ -109,7 +111,7 @@ def test_the_server_default_is_batch_invariant():
     assert inspect.signature(DecodeWorker).parameters["invariant"].default is True
 
 
-@pytest.mark.parametrize("exit", ["none", "dynamic"])
+@pytest.mark.parametrize("exit", ["none", "never", "dynamic"])
 def test_sixteen_concurrent_greedy_requests_equal_the_same_requests_alone(lm, exit):
     requests = prompts(16)
     policy = policy_of(lm, exit)
