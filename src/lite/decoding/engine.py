@@ -14,7 +14,9 @@ t. Every generated token, the first included, goes through the same exit policy.
 its positions at cache slots 0, 1, ... (no left padding), has its own prompt length, sampling settings,
 stop strings and budget, and leaves the network at its own layer; its tokens, exits, cache and cost are
 the ones it gets alone (tested), up to float rounding of batched matrix products, except that a block
-ridden along is counted as such (``rode``) where batch 1 counts a K/V fill (charged as one).
+ridden along is counted as such (``rode``) where batch 1 counts a K/V fill (charged as one). With
+``invariant=True`` there is no "up to": every row is computed by the very calls it gets alone, so its
+tokens, exits and confidences are bitwise its batch-1 ones (see :class:`Decoder`).
 
 Skipped layers (``GenerationSettings.kv``), what later tokens see at the blocks a token skipped:
 

@@ -14,7 +14,11 @@ block the draft ran (LayerSkip's idea, with the draft depth chosen per token by 
    recompute push of the one step (:func:`lite.decoding.step.decode_step`) moves the pending drafted
    positions through the blocks they skipped, in the same call per block as its own position. No block runs twice for the same position: the
    blocks below a draft's exit ran during drafting and cached their K/V; the blocks above it run once, in
-   the verify pass, from the kept exit state. The head then runs once over all d + 1 layer-L states.
+   the verify pass, from the kept exit state. The head then reads all d + 1 layer-L states. By default
+   (``invariant``) each verified position is its own block call and its own head call, the calls the full
+   model makes for it when it decodes token by token, so the verify logits are bitwise the full model's in
+   any dtype; batching the d + 1 positions into one call is faster, but a product over several rows can
+   round differently from one over one row, which flips near-ties (bfloat16 on native bf16 kernels).
 3. **Accept.** Row i of those logits is the full model's next-token distribution after position P + i,
    computed from an exact cache. Greedy: drafts are accepted while they equal the full model's argmax;
    the first disagreement is replaced by the full model's token, and when all d agree the full model's
