@@ -25,9 +25,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from .decoding import GenerationResult, GenerationSettings, TokenRecord, check_settings
-from .decoding import generate as _generate
 from .decoding import generate_batch as _generate_batch
-from .decoding import stream as _stream
 from .decoding import stream_batch as _stream_batch
 from .decoding.spec import ExitOptions, build_policy
 from .errors import LiteError
@@ -143,6 +141,7 @@ class LiteLM:
                  exit_layers: str | list[int] | None = None, gate: bool = False, max_draft: int | None = None,
                  draft_stop: float | None = None, draft_vocab: int | None = None, exit_vocab: int | None = None,
                  prompt_format: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE, stream: bool = False,
+                 batch_invariant: bool = True,
                  ) -> GenerationResult | list[GenerationResult] | Iterator[TokenRecord] | Iterator[tuple[int, TokenRecord]]:
         """Generate with early exit; the arguments are ``lite generate``'s flags, with its defaults.
 
@@ -160,6 +159,12 @@ class LiteLM:
             prompt_format: "chat", "alpaca" or "raw" for string prompts (default: the model's own).
             stream: yield tokens as they are produced instead of returning results: a
                 :class:`TokenRecord` per token for one prompt, ``(index, TokenRecord)`` for a list.
+            batch_invariant: every prompt of a list is computed exactly as it is alone (True, the
+                default, as ``lite serve``): a greedy prompt gets the same tokens whatever it is batched
+                with, and a speculative verify computes one position at a time, so it is lossless in every
+                dtype. False batches the rows' matrix products (faster for long lists; tokens may then differ
+                from the prompt alone at near-ties, mostly in bfloat16). One prompt is the same either way,
+                but for speculative decoding.
 
         Returns:
             For one prompt a :class:`GenerationResult` (``text``, ``token_ids``, ``exit_layers`` per token,
@@ -171,6 +176,8 @@ class LiteLM:
                 argument or setting (naming the flag), or a prompt longer than the model's context.
         """
         items, single = _as_prompt_list(prompts)
+        if not isinstance(batch_invariant, bool):
+            raise LiteError(f"batch_invariant must be True or False, got {batch_invariant!r}")
         if batch_size < 1:
             raise LiteError(f"batch_size must be >= 1, got {batch_size}")
         lm = self.lite_model
@@ -189,12 +196,13 @@ class LiteLM:
                 check_settings(lm, ids[-1], settings)  # every prompt is checked before the first is decoded
             except LiteError as exc:
                 raise LiteError(f"{what}: {exc}") from None
-        if single:
-            return _stream(lm, ids[0], policy, settings) if stream else _generate(lm, ids[0], policy, settings)
-        # batch_size at a time (speculative decoding: one at a time, lite.decoding.batch_limit)
+        # batch_size at a time (speculative decoding: one at a time, lite.decoding.batch_limit); one prompt is a
+        # batch of one
         if stream:
-            return _stream_batch(lm, ids, policy, settings, batch_size=batch_size)
-        return _generate_batch(lm, ids, policy, settings, batch_size=batch_size)
+            records = _stream_batch(lm, ids, policy, settings, batch_size=batch_size, invariant=batch_invariant)
+            return (record for _, record in records) if single else records
+        results = _generate_batch(lm, ids, policy, settings, batch_size=batch_size, invariant=batch_invariant)
+        return results[0] if single else results
 
 
 def _as_prompt_list(prompts: object) -> tuple[list[Prompt], bool]:

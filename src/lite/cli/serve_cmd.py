@@ -32,6 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=positive_int, default=8,
                    help="sequences decoded together: requests join the running batch at the next token and "
                         "leave it when done (continuous batching; 1 = one at a time; default 8)")
+    p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
+                   help="compute every request exactly as it is computed alone, so a greedy request gets the "
+                        "same tokens whatever else is running (default on; --no-batch-invariant batches the "
+                        "rows' matrix products: more tokens/s under load, answers may differ at near-ties; "
+                        "see docs/serve.md for the measured cost)")
     p.add_argument("--chat-format", default="auto", choices=["auto", "chat", "alpaca"],
                    help="prompt format of chat requests (auto: the Alpaca template for a lite checkpoint trained "
                         "on it, else the tokenizer's chat template, else Alpaca)")
@@ -85,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         model_name=args.served_model_name or args.model or DEFAULT_MODEL, exit=args.exit, kv=args.kv,
         threshold_scale=args.threshold_scale, max_tokens_cap=args.max_tokens_cap,
         default_max_tokens=args.default_max_tokens, max_queue=args.max_queue, max_batch=args.max_batch,
-        chat_format=args.chat_format,
+        batch_invariant=args.batch_invariant, chat_format=args.chat_format,
         **({"api_key": args.api_key} if args.api_key else {}),
     )
     config.check(lm)

@@ -52,9 +52,17 @@ def decoder_for(policy: ExitPolicy) -> type[Decoder]:
     return SpeculativeDecoder if policy.kind == "speculative" else Decoder
 
 
-def open_decoder(lm: LiteModel, policy: ExitPolicy, kv: str = "copy", regroup: bool | None = None) -> Decoder:
-    """An empty decoder of the right class for continuous batching (``lite serve``)."""
-    return decoder_for(policy).open(lm, policy, kv, regroup)
+def _mode(invariant: bool | None) -> dict:
+    """The ``invariant`` keyword of a decoder: None keeps the class's own default (batched for
+    :class:`Decoder`, one position at a time, so lossless, for :class:`SpeculativeDecoder`)."""
+    return {} if invariant is None else {"invariant": invariant}
+
+
+def open_decoder(lm: LiteModel, policy: ExitPolicy, kv: str = "copy", regroup: bool | None = None,
+                 invariant: bool | None = None) -> Decoder:
+    """An empty decoder of the right class for continuous batching (``lite serve``); ``invariant``: every
+    row computed exactly as it is alone (see :class:`Decoder`)."""
+    return decoder_for(policy).open(lm, policy, kv, regroup, **_mode(invariant))
 
 
 def _per_row(prompts: list[list[int]], settings: GenerationSettings | list[GenerationSettings]
@@ -70,15 +78,16 @@ def _per_row(prompts: list[list[int]], settings: GenerationSettings | list[Gener
 def stream_batch(lm: LiteModel, prompts: list[list[int]], policy: ExitPolicy,
                  settings: GenerationSettings | list[GenerationSettings],
                  on_token: Callable[[int, TokenRecord], None] | None = None, regroup: bool | None = None,
-                 batch_size: int | None = None) -> Iterator[tuple[int, TokenRecord]]:
+                 batch_size: int | None = None, invariant: bool | None = None) -> Iterator[tuple[int, TokenRecord]]:
     """Decode ``prompts``, ``batch_limit(policy, batch_size)`` at a time (all at once by default); yield
     ``(index, TokenRecord)`` as tokens come. ``settings``: one for every prompt, or one per prompt;
-    ``regroup``: what rows that leave early do (:func:`rides_along`; None chooses by batch size). Bad input
-    raises :class:`LiteError` before decoding."""
+    ``regroup``: what rows that leave early do (:func:`rides_along`; None chooses by batch size);
+    ``invariant``: each row computed exactly as it is alone (batch-invariant, see :class:`Decoder`; None:
+    the decoder class's default). Bad input raises :class:`LiteError` before decoding."""
     per_row = _per_row(prompts, settings)
     size = batch_limit(policy, batch_size or max(len(prompts), 1))
     chunks = [(start, decoder_for(policy)(lm, prompts[start:start + size], policy, per_row[start:start + size],
-                                          regroup)) for start in range(0, len(prompts), size)]  # checks all now
+                                          regroup, **_mode(invariant))) for start in range(0, len(prompts), size)]  # checks all now
 
     def records() -> Iterator[tuple[int, TokenRecord]]:
         for start, decoder in chunks:
@@ -93,17 +102,18 @@ def stream_batch(lm: LiteModel, prompts: list[list[int]], policy: ExitPolicy,
 def generate_batch(lm: LiteModel, prompts: list[list[int]], policy: ExitPolicy,
                    settings: GenerationSettings | list[GenerationSettings],
                    on_token: Callable[[int, TokenRecord], None] | None = None, regroup: bool | None = None,
-                   batch_size: int | None = None) -> list[GenerationResult]:
+                   batch_size: int | None = None, invariant: bool | None = None) -> list[GenerationResult]:
     """:func:`generate` for many prompts: one :class:`GenerationResult` per prompt, in order, each what the
     prompt gets alone (exit layers, tokens, cost), each row exiting at its own layer (``regroup``,
-    ``batch_size``: see :func:`stream_batch`)."""
+    ``batch_size``, ``invariant``: see :func:`stream_batch`)."""
     results: list[GenerationResult] = []
     per_row = _per_row(prompts, settings)
     size = batch_limit(policy, batch_size or max(len(prompts), 1))
     for ids, s in zip(prompts, per_row):
         check_settings(lm, ids, s)  # every prompt before the first is decoded
     for start in range(0, len(prompts), size):
-        decoder = decoder_for(policy)(lm, prompts[start:start + size], policy, per_row[start:start + size], regroup)
+        decoder = decoder_for(policy)(lm, prompts[start:start + size], policy, per_row[start:start + size], regroup,
+                                      **_mode(invariant))
         for r, record in decoder.run():
             if on_token is not None:
                 on_token(start + r, record)

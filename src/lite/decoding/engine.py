@@ -14,7 +14,9 @@ t. Every generated token, the first included, goes through the same exit policy.
 its positions at cache slots 0, 1, ... (no left padding), has its own prompt length, sampling settings,
 stop strings and budget, and leaves the network at its own layer; its tokens, exits, cache and cost are
 the ones it gets alone (tested), up to float rounding of batched matrix products, except that a block
-ridden along is counted as such (``rode``) where batch 1 counts a K/V fill (charged as one).
+ridden along is counted as such (``rode``) where batch 1 counts a K/V fill (charged as one). With
+``invariant=True`` there is no "up to": every row is computed by the very calls it gets alone, so its
+tokens, exits and confidences are bitwise its batch-1 ones (see :class:`Decoder`).
 
 Skipped layers (``GenerationSettings.kv``), what later tokens see at the blocks a token skipped:
 
@@ -131,6 +133,13 @@ def rides_along(kv: str, rows: int, regroup: bool | None = None) -> bool:
     return rows <= RIDE_ALONG_ROWS if regroup is None else not regroup
 
 
+def _joined(outs: list[StepOut]) -> StepOut:
+    """The :class:`StepOut` of one-row steps, as one step over their rows in order."""
+    return StepOut(logits=torch.cat([o.logits for o in outs]), exit_layers=[x for o in outs for x in o.exit_layers],
+                   confidences=[x for o in outs for x in o.confidences], states=torch.cat([o.states for o in outs]),
+                   costs=[x for o in outs for x in o.costs])
+
+
 @dataclass
 class Row:
     """The decode-time state of one sequence of a :class:`Decoder` (its cache lives in the shared cache,
@@ -165,13 +174,24 @@ class Decoder:
 
     ``after_step(self)`` is called after every step of :meth:`run` (tests look at the cache then); ``eos``
     holds the end-of-sequence ids (``custom_generate`` sets ``generate``'s own).
+
+    ``invariant`` (batch-invariant decoding): every row is computed exactly as it is when it decodes alone,
+    whatever else is in the batch. By construction, not by tolerance: each row's prefill, each row's step
+    and each position of a recompute push (a speculative verify) is its own call with the shapes it has
+    alone (one row; one position per step), and attention reads a contiguous copy of the row's own K/V
+    (:class:`KVCache` ``exact``). Matrix-product kernels choose their blocking, and so their rounding, by
+    the number of rows M (measured: float32 MKL rounds M = 1, 2, 3 and the other M differently, and
+    attention over a padded key length differs from the exact length in float32 and bfloat16), so a
+    batched product cannot promise this. The price is the batching speed-up (docs/serve.md gives the
+    measured ratio); the output at batch 1 is the same either way.
     """
 
     max_rows: int | None = None  # rows that may generate at once (None: any number)
     runs = ("none", "static", "dynamic", "gate")  # the policy kinds this class decodes
 
     def __init__(self, lm: LiteModel, prompts: list[list[int]], policy: ExitPolicy,
-                 settings: GenerationSettings | list[GenerationSettings], regroup: bool | None = None) -> None:
+                 settings: GenerationSettings | list[GenerationSettings], regroup: bool | None = None,
+                 invariant: bool = False) -> None:
         if not prompts:
             raise LiteError("no prompts to decode: give at least one")
         per_row = settings if isinstance(settings, list) else [settings] * len(prompts)
@@ -182,7 +202,7 @@ class Decoder:
         kvs = {s.kv for s in per_row}
         if len(kvs) > 1:
             raise LiteError(f"--kv must be the same for every row of a batch, got {sorted(kvs)}")
-        self._open(lm, policy, per_row[0].kv, regroup)
+        self._open(lm, policy, per_row[0].kv, regroup, invariant)
         if self.max_rows is not None and len(prompts) > self.max_rows:
             raise LiteError(f"--exit {policy.describe()} decodes one sequence at a time: use batch size 1 for "
                             f"it (lite.decoding.generate_batch, lite eval and lite serve do so by themselves)")
@@ -190,14 +210,17 @@ class Decoder:
         self._fresh = [self._admit(ids, s) for ids, s in zip(prompts, per_row)]  # prefilled by run()
 
     @classmethod
-    def open(cls, lm: LiteModel, policy: ExitPolicy, kv: str = "copy", regroup: bool | None = None) -> Decoder:
+    def open(cls, lm: LiteModel, policy: ExitPolicy, kv: str = "copy", regroup: bool | None = None,
+             invariant: bool = False) -> Decoder:
         """An empty decoder for continuous batching: rows come with :meth:`add` and go with :meth:`release`."""
         decoder = cls.__new__(cls)
-        decoder._open(lm, policy, kv, regroup)
+        decoder._open(lm, policy, kv, regroup, invariant)
         decoder._fresh = []
         return decoder
 
-    def _open(self, lm: LiteModel, policy: ExitPolicy, kv: str, regroup: bool | None) -> None:
+    def _open(self, lm: LiteModel, policy: ExitPolicy, kv: str, regroup: bool | None, invariant: bool) -> None:
+        if not isinstance(invariant, bool):
+            raise LiteError(f"batch_invariant must be True or False, got {invariant!r}")
         if regroup is False and kv != "copy":
             raise LiteError(f"rows ride along with --kv copy only (a fill's K/V), not --kv {kv}: "
                             f"use regroup=True or None with it")
@@ -210,7 +233,9 @@ class Decoder:
                             f"runs one sequence at a time)")
         self.lm, self.policy, self.kv, self.regroup = lm, policy, kv, regroup
         self.eos = eos_ids(lm.tokenizer, getattr(lm.model, "generation_config", None))
+        self.invariant = invariant
         self.cache = lm.new_cache(0, 0)
+        self.cache.exact = invariant
         # recompute: latest raw hidden state of every position of every row (its level = blocks it has been through)
         self.pending = (torch.zeros(0, 0, lm.hidden_size, dtype=lm.dtype, device=lm.device)
                         if kv == "recompute" else None)
@@ -299,6 +324,10 @@ class Decoder:
         lm = self.lm
         if not rows:
             return
+        if self.invariant and len(rows) > 1:  # each prompt alone: no padding, its own M
+            for r in rows:
+                self._prefill([r])
+            return
         lengths = {r: len(self.rows[r].prompt) for r in rows}
         width = max(lengths.values())
         pad = lm.tokenizer.pad_token_id if getattr(lm.tokenizer, "pad_token_id", None) is not None else 0
@@ -361,14 +390,21 @@ class Decoder:
         return record, finished
 
     def _step_rows(self, rows: list[int], tokens: torch.Tensor, positions: list[int], **options) -> StepOut:
-        """:func:`decode_step` over cache rows ``rows`` with this decoder's cache, policy and strategy."""
+        """:func:`decode_step` over cache rows ``rows`` with this decoder's cache, policy and strategy
+        (batch-invariant: one call per row, the call it gets alone)."""
+        if self.invariant and len(rows) > 1:
+            return _joined([self._step_rows([r], tokens[j:j + 1], [p], **options)
+                            for j, (r, p) in enumerate(zip(rows, positions))])
         return decode_step(self.lm, self.plan, self.cache, rows, tokens, positions, kv=self.kv,
-                           ride=rides_along(self.kv, len(rows), self.regroup), pending=self.pending, **options)
+                           ride=rides_along(self.kv, len(rows), self.regroup), pending=self.pending,
+                           one_by_one=self.invariant, **options)
 
     first_token_checks = True  # the first token's exits are checked (speculative: it is the full model's)
 
     def _first_tokens(self, rows: list[int]) -> StepOut:
         """The first token of ``rows`` from their prefill states (:func:`decode_step` with ``given``)."""
+        if self.invariant and len(rows) > 1:
+            return _joined([self._first_tokens([r]) for r in rows])
         given = torch.cat([self.rows[r].first for r in rows], dim=1)  # (K + 1, b, 1, D)
         for r in rows:
             self.rows[r].first = None

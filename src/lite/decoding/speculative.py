@@ -14,7 +14,11 @@ block the draft ran (LayerSkip's idea, with the draft depth chosen per token by 
    recompute push of the one step (:func:`lite.decoding.step.decode_step`) moves the pending drafted
    positions through the blocks they skipped, in the same call per block as its own position. No block runs twice for the same position: the
    blocks below a draft's exit ran during drafting and cached their K/V; the blocks above it run once, in
-   the verify pass, from the kept exit state. The head then runs once over all d + 1 layer-L states.
+   the verify pass, from the kept exit state. The head then reads all d + 1 layer-L states. By default
+   (``invariant``) each verified position is its own block call and its own head call, the calls the full
+   model makes for it when it decodes token by token, so the verify logits are bitwise the full model's in
+   any dtype; batching the d + 1 positions into one call is faster, but a product over several rows can
+   round differently from one over one row, which flips near-ties (bfloat16 on native bf16 kernels).
 3. **Accept.** Row i of those logits is the full model's next-token distribution after position P + i,
    computed from an exact cache. Greedy: drafts are accepted while they equal the full model's argmax;
    the first disagreement is replaced by the full model's token, and when all d agree the full model's
@@ -143,6 +147,14 @@ class SpeculativeDecoder(Decoder):
     always kept and pushed, which is the verify pass). :meth:`step` is one round: it returns every token
     the round emits. ``after_step`` is called once per round, after the rollback, when the cache holds
     exactly the positions of the accepted tokens.
+
+    ``invariant`` (the default): the verify pass computes every position with the very calls the full model
+    makes for it when it decodes token by token (one position per block call, the head over one position),
+    so greedy output is the full model's token for token in every dtype, by construction. False batches
+    the d + 1 positions into one call per block and one head call: faster where a block over several
+    positions costs little more than over one, but a matrix product over several rows may round
+    differently from one over one row (bfloat16 on hardware with native bf16 kernels; float32 MKL), so
+    a near-tie can then go the other way: not lossless.
     """
 
     max_rows = 1  # the verify pass rolls back one sequence's cache
@@ -150,14 +162,17 @@ class SpeculativeDecoder(Decoder):
     first_token_checks = False  # the first token is the full model's, from the prefill
 
     def __init__(self, lm: LiteModel, prompts: list[list[int]], policy: ExitPolicy,
-                 settings: GenerationSettings | list[GenerationSettings], regroup: bool | None = None) -> None:
+                 settings: GenerationSettings | list[GenerationSettings], regroup: bool | None = None,
+                 invariant: bool = True) -> None:
         per_row = settings if isinstance(settings, list) else [settings] * len(prompts)
-        super().__init__(lm, prompts, policy, [dataclasses.replace(s, kv="recompute") for s in per_row])
+        super().__init__(lm, prompts, policy, [dataclasses.replace(s, kv="recompute") for s in per_row],
+                         invariant=invariant)
         self.rounds: list[tuple[int, int]] = []  # (drafted, accepted) per round
 
     @classmethod
-    def open(cls, lm: LiteModel, policy: ExitPolicy, kv: str = "copy", regroup: bool | None = None):
-        decoder = super().open(lm, policy, "recompute")
+    def open(cls, lm: LiteModel, policy: ExitPolicy, kv: str = "copy", regroup: bool | None = None,
+             invariant: bool = True):
+        decoder = super().open(lm, policy, "recompute", invariant=invariant)
         decoder.rounds = []
         return decoder
 
@@ -211,7 +226,10 @@ class SpeculativeDecoder(Decoder):
         d = len(drafts)
         # the verify pass left the layer-L states of the drafted positions in the pending states; one head call
         states = torch.cat([self.pending[r:r + 1, pos:pos + d], h], dim=1)  # (1, d + 1, D)
-        full_logits = lm.exit_logits(states, L)[0]  # (d + 1, V)
+        if self.invariant:  # one position per head call, as the full model reads it token by token
+            full_logits = torch.cat([lm.exit_logits(states[0, i:i + 1], L) for i in range(d + 1)])
+        else:
+            full_logits = lm.exit_logits(states, L)[0]  # (d + 1, V)
         costs[-1].head_evals += d + 1
         j, z = self._accept(r, drafts, full_logits)
         self.cache.truncate(r, pos + j + 1)  # positions pos..pos+j hold accepted tokens

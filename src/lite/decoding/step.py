@@ -102,10 +102,12 @@ class StepOut:
 
 
 def _block(lm: LiteModel, layer: int, h: torch.Tensor, cache: KVCache, pending: torch.Tensor | None,
-           rows: list[int], positions: list[int], run: list[int], meter: Meter) -> torch.Tensor:
+           rows: list[int], positions: list[int], run: list[int], meter: Meter,
+           one_by_one: bool = False) -> torch.Tensor:
     """Block ``layer`` for the current tokens of the step's rows ``run`` (h: (b, 1, D)). Under ``recompute``
     (``pending`` = the kept raw states (B, T, D)), a row whose earlier positions skipped this block pushes
-    them through first, in its own call (metered)."""
+    them through first, in its own call (metered); ``one_by_one``: one call per position, in order, each
+    the very call the full model makes for that position when it decodes token by token."""
     cache_rows = [rows[i] for i in run]
     lengths = cache.lengths[layer - 1]
     late = [] if pending is None else [j for j, i in enumerate(run) if lengths[rows[i]] != positions[i]]
@@ -120,7 +122,10 @@ def _block(lm: LiteModel, layer: int, h: torch.Tensor, cache: KVCache, pending: 
         r, pos = rows[i], positions[i]
         start = lengths[r]
         x = torch.cat([pending[r:r + 1, start:pos], h[j:j + 1]], dim=1)  # (1, pos - start + 1, D)
-        y = lm.run_block(layer, x, cache, [r])
+        if one_by_one:
+            y = torch.cat([lm.run_block(layer, x[:, k:k + 1], cache, [r]) for k in range(x.shape[1])], dim=1)
+        else:
+            y = lm.run_block(layer, x, cache, [r])
         pending[r, start:pos] = y[0, :-1]
         out[j] = y[0, -1:]
         meter.recompute(i, start, pos)
@@ -163,7 +168,8 @@ def _check(lm: LiteModel, plan: Plan, layer: int, h: torch.Tensor, idx: list[int
 def decode_step(lm: LiteModel, plan: Plan, cache: KVCache, rows: list[int], tokens: torch.Tensor | None,
                 positions: list[int], *, kv: str = "copy", ride: bool = False, pending: torch.Tensor | None = None,
                 check: bool = True, stop_below: float | None = None, final_head: bool = True,
-                given: torch.Tensor | None = None, record_confidence: bool = True) -> StepOut:
+                given: torch.Tensor | None = None, record_confidence: bool = True,
+                one_by_one: bool = False) -> StepOut:
     """One decode step of the cache rows ``rows``: their tokens (b, 1) at ``positions`` through the blocks
     until each leaves.
 
@@ -181,6 +187,8 @@ def decode_step(lm: LiteModel, plan: Plan, cache: KVCache, rows: list[int], toke
             and no K/V is written: only the exit decisions and heads, and their cost.
         record_confidence: record each row's confidence at its exit (False: a speculative first token,
             which is the full model's).
+        one_by_one: recompute pushes run one position per block call (batch-invariant decoding: every
+            position is computed by the call the full model makes for it token by token).
     Returns:
         The :class:`StepOut`; every piece of work is in its ``costs``.
     """
@@ -202,7 +210,7 @@ def decode_step(lm: LiteModel, plan: Plan, cache: KVCache, rows: list[int], toke
     last = 0  # the last block run this step
     for layer in range(1, plan.stop_layer + 1):
         if given is None:
-            h = _block(lm, layer, h, cache, pending, rows, positions, run, meter)
+            h = _block(lm, layer, h, cache, pending, rows, positions, run, meter, one_by_one)
             meter.blocks(inside)
         else:  # computed by the prefill, charged there
             h = given[layer] if len(run) == b else given[layer][run]

@@ -66,6 +66,11 @@ class KVCache:
     of different lengths, and rows that skipped blocks, share one buffer. Buffers are
     ``(B, H_kv, max_len, head_dim)`` per block, allocated once (they grow only for continuous batching).
     A batch of one is B = 1.
+
+    ``exact`` (batch-invariant decoding, :class:`lite.decoding.Decoder` ``invariant=True``): every block call
+    attends over a contiguous copy of its row's K/V, exactly its own positions long, so that what attention
+    reads does not depend on how many rows share the buffer or how long the buffer is (``max_len`` grows
+    with the longest row); that is the layout transformers' own cache hands the attention kernel.
     """
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, max_len: int,
@@ -76,6 +81,7 @@ class KVCache:
         self.lengths = [[0] * batch for _ in range(num_layers)]  # lengths[block][row], host-side
         self.batch = batch
         self.max_len = max_len
+        self.exact = False  # attention over contiguous copies of one row's own positions (see the docstring)
         self._memo: dict[tuple, Any] = {}  # per-step tables shared by the blocks (see memo)
 
     def memo(self, key: tuple, make: Callable[[], Any]) -> Any:
@@ -153,6 +159,11 @@ class _RowsView:
                 values[r, :, s:s + t] = value[i]
         for r, s in zip(self.rows, self.starts):
             c.lengths[b][r] = s + t
+        if c.exact:
+            if len(self.rows) != 1:
+                raise RuntimeError("a batch-invariant cache runs one row per block call")
+            r = self.rows[0]
+            return keys[r:r + 1, :, :self.span].contiguous(), values[r:r + 1, :, :self.span].contiguous()
         if self.every_row:  # every row, in order: views, no copy
             return keys[:, :, :self.span], values[:, :, :self.span]
         if len(self.rows) == 1:

@@ -69,6 +69,10 @@ class ServeConfig:
             OpenAI's 1.
         max_queue: requests that may wait while the batch is full (``--max-queue``); more get 503.
         max_batch: sequences decoded together, continuously batched (``--max-batch``); 1 = one at a time.
+        batch_invariant: every request is computed exactly as it is alone, so a greedy request gets the
+            same tokens whatever else is running (``--batch-invariant``, the default; ``--no-batch-invariant``
+            batches the matrix products of the rows, faster under load, answers may then differ at
+            near-ties). Speculative requests verify one position at a time (lossless) when set.
         chat_format: "auto", "chat" (tokenizer template) or "alpaca" (``--chat-format``).
         api_key: when set, every /v1 request needs ``Authorization: Bearer <key>`` (from $LITE_API_KEY).
         max_body_bytes: larger request bodies get 413.
@@ -83,6 +87,7 @@ class ServeConfig:
     default_temperature: float = 0.0
     max_queue: int = 16
     max_batch: int = 8
+    batch_invariant: bool = True
     chat_format: str = "auto"
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
@@ -101,6 +106,9 @@ class ServeConfig:
             raise LiteError(f"--max-queue must be >= 0, got {self.max_queue}")
         if self.max_batch < 1:
             raise LiteError(f"--max-batch must be >= 1, got {self.max_batch}")
+        if not isinstance(self.batch_invariant, bool):
+            raise LiteError(f"batch_invariant (--batch-invariant / --no-batch-invariant) must be True or False, "
+                            f"got {self.batch_invariant!r}")
         resolve_chat_format(lm, self.chat_format)
 
 
@@ -166,7 +174,7 @@ def create_app(lm: LiteModel, config: ServeConfig | None = None,
     @asynccontextmanager
     async def lifespan(app):
         nonlocal worker
-        worker = DecodeWorker(lm, config.max_queue, config.max_batch, on_step)
+        worker = DecodeWorker(lm, config.max_queue, config.max_batch, on_step, invariant=config.batch_invariant)
         app.state.worker = worker
         try:
             yield
@@ -206,7 +214,8 @@ def create_app(lm: LiteModel, config: ServeConfig | None = None,
                 "lite": {"num_layers": lm.num_layers, "exit_layers": lm.exit_layers,
                          "default_exit": resolve_exit_spec(lm, config.exit), "kv": config.kv,
                          "threshold_scale": config.threshold_scale, "chat_format": chat_fmt,
-                         "max_tokens_cap": config.max_tokens_cap, "context": lm.max_context}}
+                         "max_tokens_cap": config.max_tokens_cap, "context": lm.max_context,
+                         "batch_invariant": config.batch_invariant, "dtype": str(lm.dtype).replace("torch.", "")}}
 
     @app.get("/health")
     async def health():

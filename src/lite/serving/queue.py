@@ -62,8 +62,8 @@ class _Lane:
     """Rows decoding under one exit policy and K/V strategy: one :class:`lite.decoding.Decoder` (the
     speculative one for ``speculative``) of at most ``capacity`` rows."""
 
-    def __init__(self, lm: LiteModel, policy: ExitPolicy, kv: str, max_batch: int) -> None:
-        self.decoder = decoding.open_decoder(lm, policy, kv)
+    def __init__(self, lm: LiteModel, policy: ExitPolicy, kv: str, max_batch: int, invariant: bool) -> None:
+        self.decoder = decoding.open_decoder(lm, policy, kv, invariant=invariant)
         self.capacity = decoding.batch_limit(policy, max_batch)
         self.jobs: dict[int, Job] = {}
 
@@ -113,10 +113,12 @@ class DecodeWorker:
         max_queue: how many jobs may wait while the batch is full; more raise :class:`QueueFull`.
         max_batch: how many sequences decode at once (``--max-batch``); 1 decodes one at a time.
         on_step: called after every round of steps (tests slow the worker down with it).
+        invariant: batch-invariant lanes (:class:`lite.decoding.Decoder` ``invariant``): each request is
+            computed exactly as it is alone, so its greedy tokens do not depend on the load.
     """
 
     def __init__(self, lm: LiteModel, max_queue: int = 16, max_batch: int = 8,
-                 on_step: Callable[[], None] | None = None) -> None:
+                 on_step: Callable[[], None] | None = None, invariant: bool = True) -> None:
         if max_queue < 0:
             raise LiteError(f"--max-queue must be >= 0, got {max_queue}")
         if max_batch < 1:
@@ -124,6 +126,7 @@ class DecodeWorker:
         self.lm = lm
         self.max_queue = max_queue
         self.max_batch = max_batch
+        self.invariant = invariant
         self._on_step = on_step
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
@@ -163,7 +166,7 @@ class DecodeWorker:
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {"waiting": self.waiting, "running": self.running, "max_queue": self.max_queue,
-                    "max_batch": self.max_batch, **self.counts}
+                    "max_batch": self.max_batch, "batch_invariant": self.invariant, **self.counts}
 
     # ------------------------------------------------------------------ the decode thread
     def _loop(self) -> None:
@@ -209,7 +212,7 @@ class DecodeWorker:
                 lane = next((ln for k, ln in self._lanes if k == key and ln.room > 0), None)
                 if lane is None:
                     try:
-                        lane = _Lane(self.lm, jobs[0].policy, jobs[0].settings.kv, self.max_batch)
+                        lane = _Lane(self.lm, jobs[0].policy, jobs[0].settings.kv, self.max_batch, self.invariant)
                     except Exception as exc:  # reported to these clients only; the worker keeps serving
                         self._fail(jobs, exc)
                         break
