@@ -50,16 +50,16 @@ from .data import (
 from .checkpoints import complete_callback, drop_incomplete, is_final, last_complete, log_at_checkpoints_callback
 from .fsdp import fsdp_config
 from .hf_trainer import (
+    FrozenBackbone,
     StateCache,
-    _checkpointing_args,
-    _FrozenBackbone,
-    _make_teacher,
-    _make_trainer_class,
-    _rank,
-    _snapshot_callback,
-    _time_budget_callback,
-    _train_clock_callback,
+    checkpointing_args,
+    lite_trainer_class,
+    make_teacher,
+    process_rank,
+    snapshot_callback,
     snapshot_folder,
+    time_budget_callback,
+    train_clock_callback,
 )
 from .losses import DEFAULT_CHUNK_SIZE, LOSS_MODES
 from .own_answers import ANSWERS_FILE, generate_own_answers
@@ -427,7 +427,7 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
             if not same:
                 raise TrainError(f"--out {out} already exists; choose a new folder or delete it (lite never "
                                  f"overwrites)")
-            if _rank() == 0:
+            if process_rank() == 0:
                 remove_own_files(work, WORK_FILES)
             say(f"the run had finished; removed its work folder {work}")
             return _finished(out, train_layers, targets)
@@ -435,7 +435,7 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
             raise TrainError(f"{work} holds an unfinished run with other settings; re-run the same command to "
                              f"resume it (a run begun before exit modules became the default recipe: add --recipe "
                              f"paper), or delete {work} to start afresh")
-    if _rank() == 0:
+    if process_rank() == 0:
         work.mkdir(parents=True, exist_ok=True)
         from ..files import write_json_atomic
 
@@ -456,9 +456,9 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
         lm.model.requires_grad_(False)
         lm.model.eval()  # the backbone is frozen: no dropout, no gradients, no autograd graph
         modules = ExitModules(exit_modules, train_layers, lm.hidden_size).to(lm.device)
-        train_model = _FrozenBackbone(modules, lm.model)
+        train_model = FrozenBackbone(modules, lm.model)
     elif targets != "data":
-        teacher = _make_teacher(lm, lora)
+        teacher = make_teacher(lm, lora)
     if lora:
         from peft import LoraConfig, get_peft_model
 
@@ -492,25 +492,25 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
             lr_scheduler_type="cosine",
             warmup_steps=warmup_ratio, weight_decay=0.0, logging_steps=logging_steps, save_steps=save_steps,
             save_total_limit=2, bf16=bf16, use_cpu=use_cpu, seed=seed, data_seed=seed,
-            **_checkpointing_args(TrainingArguments, gradient_checkpointing),
+            **checkpointing_args(TrainingArguments, gradient_checkpointing),
             report_to=reports, run_name=out.name, disable_tqdm=not show_progress_bar,
             remove_unused_columns=False, dataloader_num_workers=0,
             ddp_backend="gloo" if use_cpu and distributed else None, ddp_find_unused_parameters=False,
             save_only_model=False, **({"fsdp": True, "fsdp_config": fsdp_config(lm)} if fsdp else {}),
         )
-        clock = _train_clock_callback(resume)
+        clock = train_clock_callback(resume)
         callbacks = [log_at_checkpoints_callback(), clock]
-        budget = _time_budget_callback(clock, max_minutes) if max_minutes else None
+        budget = time_budget_callback(clock, max_minutes) if max_minutes else None
         if budget is not None:
             callbacks.append(budget)
         if snapshot_minutes:
-            callbacks.append(_snapshot_callback(snapshot_folder(out), snapshot_minutes, clock, _snapshot_writer(
+            callbacks.append(snapshot_callback(snapshot_folder(out), snapshot_minutes, clock, _snapshot_writer(
                 modules, tokenizer, lite_config, getattr(lm.model, "generation_config", None))))
         callbacks.append(complete_callback())  # last: a checkpoint counts once everything above wrote it
         state_cache = None
         if exit_modules and state_cache_gb > 0 and not distributed:
             state_cache = StateCache(int(state_cache_gb * 2**30), say)
-        trainer = _make_trainer_class()(
+        trainer = lite_trainer_class()(
             model=train_model, args=args,
             train_dataset=IndexedDataset(dataset) if state_cache is not None else dataset,
             data_collator=PadCollator(tokenizer.pad_token_id), processing_class=tokenizer, lite_model=trainee,
@@ -551,7 +551,7 @@ def train(model: str | None = None, data: list[str] | str | None = None, out: st
             lite_config.training["stopped_by_max_minutes"] = budget.stopped
         # under FSDP the full weights are gathered from every process (a collective: all ranks take part)
         state_dict = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
-        if _rank() == 0:
+        if process_rank() == 0:
             _save_final(trainer, train_model, tokenizer, lite_config, work, out, lora, run_record["model"],
                         modules, generation_config=getattr(lm.model, "generation_config", None),
                         state_dict=state_dict)
