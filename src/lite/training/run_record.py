@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import remove_own_files, write_json_atomic
+from ..model.config import CONFIG_NAME
 from .checkpoints import drop_incomplete, last_complete
 from .config import TrainConfig, TrainError, report_destinations, world_size
 from .fsdp import fsdp_config
@@ -92,8 +93,6 @@ def finished_record(out: Path, work: Path) -> Path | None:
 
     The output keeps a copy of the record; outputs of older lite have it only in the work folder."""
     record = next((f / RUN_FILE for f in (out, work) if (f / RUN_FILE).is_file()), None)
-    from ..model.config import CONFIG_NAME
-
     tidying = out.exists() and work.is_dir() and (out / CONFIG_NAME).is_file() and record is not None
     return record if tidying else None
 
