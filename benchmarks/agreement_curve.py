@@ -21,10 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "src"))
-
-from lite.files import write_atomic  # noqa: E402
+from lite.files import write_atomic
 
 
 def training_minutes(folder: str | None) -> tuple[float, int | None]:

@@ -3,8 +3,9 @@
 Starts ``lite serve`` in a subprocess on 127.0.0.1 (a free port) with the embedded default model, then for
 each client count N runs N threads that send chat completions (``stream: true``, greedy, a fixed
 ``max_tokens``) one after the other until the time is up (no request starts after the deadline; the ones
-in flight finish). Prompts are the Vicuna test questions (``../shared/data/testsets/vicuna.jsonl``), or a
-built-in list when that file is absent. Measured per N, in one run:
+in flight finish). Prompts are the Vicuna test questions, found as ``lite eval --testset vicuna`` finds them
+(``$LITE_DATA``, ``../shared/data/testsets/vicuna.jsonl`` from the working directory, lite's cache). Measured
+per N, in one run:
 
 * requests served, errors (target 0), p50/p95 latency and time to first token (seconds);
 * completion tokens per second over the whole window, and its ratio to the 1-client figure (the server
@@ -36,7 +37,6 @@ import time
 from pathlib import Path
 
 import httpx
-from common import vicuna_questions
 
 from lite.files import write_atomic
 
@@ -52,7 +52,10 @@ def free_port() -> int:
 
 
 def prompts() -> list[str]:
-    return vicuna_questions(0, 40)
+    from lite.evaluation.testsets import load_testset
+
+    # the first turns of the Vicuna test set, found where `lite eval --testset vicuna` finds it (never downloaded)
+    return [p.instruction for p in load_testset("vicuna", limit=40, allow_download=False).prompts]
 
 
 def percentile(values: list[float], q: float) -> float | None:

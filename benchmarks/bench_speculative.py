@@ -1,7 +1,7 @@
 """Benchmark of self-speculative decoding (``--exit speculative``) against transformers' ``generate``.
 
-Greedy, batch 1, fixed prompts (the first N Vicuna questions through the model's chat template, or a
-built-in list when the test set is absent), ``max_new_tokens`` tokens each. For every prompt, in one run and
+Greedy, batch 1, fixed prompts (the first N Vicuna questions through the model's chat template, the test
+set found as ``lite eval --testset vicuna`` finds it), ``max_new_tokens`` tokens each. For every prompt, in one run and
 in rotating order (so that a noisy, shared CPU hits all three alike):
 
 * transformers ``generate`` (greedy, the same ids, stopping at end-of-sequence like the engine);
@@ -35,11 +35,6 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "src"))
-
-from common import vicuna_questions
-
 from lite import load_model
 from lite.decoding import ExitPolicy, GenerationSettings, generate
 from lite.decoding.cost import ModelShape
@@ -47,11 +42,15 @@ from lite.decoding.reference import hf_generate
 from lite.files import write_atomic
 from lite.model.prompts import encode_prompt
 
+REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 
 
 def questions(n: int) -> list[str]:
-    return vicuna_questions(0, n)
+    from lite.evaluation.testsets import load_testset
+
+    # the first turns of the Vicuna test set, found where `lite eval --testset vicuna` finds it (never downloaded)
+    return [p.instruction for p in load_testset("vicuna", limit=n, allow_download=False).prompts]
 
 
 class CallTimer:

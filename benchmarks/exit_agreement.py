@@ -34,7 +34,6 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "src"))
 
 from heldout_exit_loss import exit_losses
 
@@ -81,13 +80,15 @@ def backbone_key(spec: str, lm) -> str | None:
     import hashlib
     import json
 
-    from lite.model.loading import _modules_only
-
     folder = resolve_model(spec)
     config = LiteConfig.load(folder)  # None: a model lite did not train
+    # exit modules only (what lite train --exit-modules writes): no weights of its own, neither a model nor
+    # an adapter, over the backbone its lite_config.json names
+    modules_only = config is not None and bool(config.exit_modules) and not any(
+        (Path(folder) / name).is_file() for name in ("config.json", "adapter_config.json"))
     if config is None:
         base = folder
-    elif _modules_only(folder, config) and config.base_model:
+    elif modules_only and config.base_model:
         base = resolve_model(config.base_model)
     else:
         return None

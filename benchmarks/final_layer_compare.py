@@ -14,9 +14,6 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "src"))
-
 from lite.evaluation.metrics import MiniLMEmbedder, cosine_similarities, rouge_l
 from lite.files import write_atomic
 

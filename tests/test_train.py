@@ -133,7 +133,7 @@ def test_a_run_begun_by_a_lite_without_checkpoint_markers_resumes_and_keeps_its_
     """A lite before checkpoint markers wrote none and no unmarked_checkpoints in lite_run.json: its
     checkpoints are resumed from, not taken for torn ones and deleted; a fresh run's unmarked checkpoint is."""
     from lite.training.checkpoints import COMPLETE_FILE
-    from lite.training.trainer import UNMARKED
+    from lite.training.run_record import UNMARKED
 
     out, work = tmp_path / "old", tmp_path / "old.partial"
     kw = dict(FAST, max_steps=3, save_steps=2)
@@ -298,7 +298,7 @@ def test_training_from_prompt_completion_rows_and_alpaca_without_a_chat_template
 def test_an_unfinished_run_of_an_older_lite_still_resumes():
     """Settings a newer lite records at their default (report_to [], lora_dropout None) do not make the run
     recorded in <out>.partial/lite_run.json by an older lite look different; set ones do."""
-    from lite.training.trainer import _as_recorded_by_older_lite as older
+    from lite.training.run_record import as_recorded_by_older_lite as older
 
     recorded = {"model": "m", "training": {"lr": 0.1, "lora": False}}
     now = {"model": "m", "training": {"lr": 0.1, "lora": False, "report_to": [], "lora_dropout": None}}

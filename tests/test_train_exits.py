@@ -195,13 +195,13 @@ def _count_backbone_forwards(monkeypatch) -> list[int]:
     from lite.training import hf_trainer
 
     calls: list[int] = []
-    forward = hf_trainer._FrozenBackbone.forward
+    forward = hf_trainer.FrozenBackbone.forward
 
     def counted(self, **kwargs):
         calls.append(kwargs["input_ids"].shape[0])
         return forward(self, **kwargs)
 
-    monkeypatch.setattr(hf_trainer._FrozenBackbone, "forward", counted)
+    monkeypatch.setattr(hf_trainer.FrozenBackbone, "forward", counted)
     return calls
 
 

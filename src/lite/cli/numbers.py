@@ -61,6 +61,7 @@ positive_float = number(float, 0, low_open=True)
 nonnegative_float = number(float, 0)
 finite_float = number(float)
 probability = number(float, 0, 1)  # [0, 1]
+fraction = number(float, 0, 1, high_open=True)  # [0, 1): a share that cannot be all
 open_unit = number(float, 0, 1, low_open=True, high_open=True)  # (0, 1)
 seed = number(int, 0, SEED_MAX)
 port = number(int, 0, 65535)
@@ -81,12 +82,17 @@ def nonempty_text(text: str) -> str:
 
 def report_targets(text: str) -> list[str]:
     """``--report-to``: ``none``, or comma-separated ``tensorboard``/``wandb`` (whether each is installed is
-    checked by :func:`lite.training.trainer.report_destinations`, before the model loads)."""
+    checked by :func:`lite.training.config.report_destinations`, before the model loads)."""
     names = [t.strip() for t in text.split(",") if t.strip()]
     bad = [n for n in names if n not in ("none", "tensorboard", "wandb")]
     if not names or bad or ("none" in names and len(names) > 1):
         raise argparse.ArgumentTypeError(f"give none, tensorboard, wandb or tensorboard,wandb; got {text!r}")
     return [n for n in names if n != "none"]
+
+
+def names(text: str) -> tuple[str, ...]:
+    """Comma-separated names (``--lora-targets q_proj,v_proj``), spaces and empty items dropped."""
+    return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
 def positive_floats(text: str) -> list[float]:

@@ -1,14 +1,14 @@
 """What lite plugs into Hugging Face Trainer: the exit-loss Trainer, callbacks, what it trains, checkpoints.
 
-* :func:`_make_trainer_class`: ``LiteTrainer``, a ``transformers.Trainer`` whose ``compute_loss`` runs the
+* :func:`lite_trainer_class`: ``LiteTrainer``, a ``transformers.Trainer`` whose ``compute_loss`` runs the
   model once for its hidden states (no full-vocab logits) and applies the exit losses of
   :mod:`lite.training.losses` (CE, self-distillation, or both); per-layer losses are logged as ``loss_l<k>``
   / ``kl_l<k>``.
-* callbacks: the training clock kept across resumes in each checkpoint (:func:`_train_clock_callback`,
+* callbacks: the training clock kept across resumes in each checkpoint (:func:`train_clock_callback`,
   ``TIME_FILE``), a time budget, snapshots of exit modules (which checkpoints count, and the log entries at
   each, are :mod:`lite.training.checkpoints`).
-* what Trainer trains besides a plain model: :class:`_FrozenBackbone` (exit modules on a frozen backbone)
-  and the frozen teacher of ``--targets distill|mixed`` (:func:`_make_teacher`).
+* what Trainer trains besides a plain model: :class:`FrozenBackbone` (exit modules on a frozen backbone)
+  and the frozen teacher of ``--targets distill|mixed`` (:func:`make_teacher`).
 * Trainer's arguments: the activation checkpointing options under the installed transformers' names.
 
 :mod:`lite.training.trainer` (``train``) puts these together; transformers is imported only inside the
@@ -31,12 +31,16 @@ from .fsdp import direct_head
 from .losses import distill_loss, distill_rows_loss, lite_loss, lite_rows_loss, response_mask
 
 
-def _rank() -> int:
+def process_rank() -> int:
+    """This process's rank under torchrun (``RANK``; 0 alone): only rank 0 writes lite's files."""
     return int(os.environ.get("RANK", "0"))
 
 
-def _make_trainer_class():
-    """Built lazily so that importing lite.training does not import transformers."""
+def lite_trainer_class():
+    """The class ``LiteTrainer`` (a ``transformers.Trainer``), built on first call so that importing
+    lite.training does not import transformers. Beyond Trainer's arguments it takes ``lite_model`` (the
+    LiteModel the loss runs), ``exit_weights`` ({layer: weight}), ``loss_mode``, ``chunk_size``, ``targets``,
+    ``ce_weight``, ``teacher`` (:func:`make_teacher`) and ``state_cache`` (:class:`StateCache`)."""
     from transformers import Trainer
 
     class LiteTrainer(Trainer):
@@ -62,7 +66,7 @@ def _make_trainer_class():
             self._layer_count = 0
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if isinstance(model, _FrozenBackbone):
+            if isinstance(model, FrozenBackbone):
                 return self._frozen_backbone_loss(model, inputs, return_outputs)
             labels, lm = inputs["labels"], self.lite_model
             layers = sorted(self.exit_weights)
@@ -155,7 +159,7 @@ def _backbone_rows(model, inputs: dict[str, torch.Tensor], layers: list[int], ca
 TIME_FILE = "lite_train_seconds.json"  # in each checkpoint: training seconds spent up to it
 
 
-def _train_clock_callback(resume: str | None):
+def train_clock_callback(resume: str | None):
     """A callback that counts the wall seconds spent in training steps, over every resume: each checkpoint
     records the seconds up to it (``TIME_FILE``), a resumed run starts from that figure. ``seconds()``
     gives the total (the ``train_seconds`` of ``lite_config.json``, the training minutes of a recipe)."""
@@ -182,7 +186,7 @@ def _train_clock_callback(resume: str | None):
 
         def on_save(self, args, state, control, **kwargs):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir() and _rank() == 0:
+            if folder.is_dir() and process_rank() == 0:
                 (folder / TIME_FILE).write_text(json.dumps({"seconds": round(self.seconds(), 3),
                                                             "global_step": state.global_step}))
             return control
@@ -190,7 +194,7 @@ def _train_clock_callback(resume: str | None):
     return TrainClock()
 
 
-def _time_budget_callback(clock, max_minutes: float):
+def time_budget_callback(clock, max_minutes: float):
     """A callback that ends training once ``clock`` (the run's training clock, which resumes with the run)
     reaches ``max_minutes``: the step under way finishes and is logged, then the output is written as usual.
     ``stopped`` says whether the budget, rather than the planned steps, ended the run."""
@@ -217,7 +221,7 @@ def snapshot_folder(out: Path) -> Path:
     return out.with_name(out.name + ".snapshots")
 
 
-def _snapshot_callback(folder: Path, every_minutes: float, clock, write: Callable[[Path, int, float], None]):
+def snapshot_callback(folder: Path, every_minutes: float, clock, write: Callable[[Path, int, float], None]):
     """A callback that keeps a loadable copy of the model every ``every_minutes`` of training (by ``clock``,
     the run's training clock, so resumed runs go on where they were): at the first checkpoint after each
     boundary, ``write(tmp_folder, step, seconds)`` fills a new ``folder/step-NNNNNN`` (made in one rename)."""
@@ -234,7 +238,7 @@ def _snapshot_callback(folder: Path, every_minutes: float, clock, write: Callabl
 
         def on_save(self, args, state, control, **kwargs):
             seconds = clock.seconds()
-            if seconds < self.next or _rank() != 0:
+            if seconds < self.next or process_rank() != 0:
                 return control
             self.next = (math.floor(seconds / period) + 1) * period
             target = folder / f"{SNAPSHOT_PREFIX}{state.global_step:06d}"
@@ -248,7 +252,7 @@ def _snapshot_callback(folder: Path, every_minutes: float, clock, write: Callabl
     return Snapshots()
 
 
-def _checkpointing_args(arguments_class, enabled: bool) -> dict[str, Any]:
+def checkpointing_args(arguments_class, enabled: bool) -> dict[str, Any]:
     """Trainer's activation (gradient) checkpointing options under the installed transformers' names:
     ``activation_checkpointing`` in recent 5.x, ``gradient_checkpointing`` (deprecated there) in 5.0."""
     import inspect
@@ -259,7 +263,7 @@ def _checkpointing_args(arguments_class, enabled: bool) -> dict[str, Any]:
     return {name: enabled, f"{name}_kwargs": kwargs}
 
 
-class _FrozenBackbone(torch.nn.Module):
+class FrozenBackbone(torch.nn.Module):
     """What Trainer optimises and checkpoints in an exit-module run: the modules, and nothing else.
 
     The backbone is kept outside the module tree (so it is neither in the optimiser nor in checkpoints)
@@ -327,7 +331,7 @@ class StateCache:
         self.bytes += size
 
 
-def _make_teacher(lm, lora: bool):
+def make_teacher(lm, lora: bool):
     """The frozen teacher of ``--targets distill|mixed`` for a trained backbone: the starting model's final
     layer. LoRA: the same model with its adapter switched off (no second copy); full fine-tuning: a frozen
     copy made before training. Returns ``teacher(model, inputs) -> (B, T, D)`` normed final states."""
@@ -347,3 +351,7 @@ def _make_teacher(lm, lora: bool):
             return out.last_hidden_state
 
     return teacher
+
+
+__all__ = ["TIME_FILE", "FrozenBackbone", "StateCache", "checkpointing_args", "lite_trainer_class", "make_teacher",
+           "process_rank", "snapshot_callback", "snapshot_folder", "time_budget_callback", "train_clock_callback"]
