@@ -113,8 +113,8 @@ def test_trained_gate_drives_the_engine(tiny_model_dir):
 
     lm = load_model(tiny_model_dir, device="cpu")
     rows = [Example(f"0:{i}", f"Echo {i}.", "", f"{i} and {i}") for i in range(4)]
-    data = collect(lm, rows, with_states=True)
-    gate = train_gate(data.states, data.agree, data.layers, steps=50)
+    data = collect(lm, rows, with_states=True, gate_features="exit")  # a protocol gate reads the exit state
+    gate = train_gate(data.states, data.agree, data.layers, steps=50, features="exit")
     gate.set_thresholds({k: 0.5 for k in data.layers})
     seen = []
 

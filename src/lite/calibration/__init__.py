@@ -9,6 +9,7 @@ from .calibrate import (
     CalibrationData,
     CalibrationResult,
     calibration_layers,
+    cascade_prices,
     check_options,
     collect,
     drop_training_rows,
@@ -16,5 +17,5 @@ from .calibrate import (
     select,
 )
 
-__all__ = ["CalibrationData", "CalibrationResult", "calibration_layers", "check_options", "collect",
+__all__ = ["CalibrationData", "CalibrationResult", "calibration_layers", "cascade_prices", "check_options", "collect",
            "drop_training_rows", "save_calibration", "select"]

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ..decoding import confidence as conf_mod
+from ..decoding.gate import DEFAULT_FEATURES, check_features, gate_features
 from ..errors import LiteError
 from ..model.adapter import LiteModel
 from ..model.prompts import default_format
@@ -54,7 +55,9 @@ class CalibrationData:
         confidences: {measure: (E, N) float32}, larger = more confident (see :mod:`lite.decoding.confidence`).
         agree: (E, N) bool, layer i's argmax equals the final layer's argmax at that token.
         example_index: (N,) int, which collected example each token comes from (0-based).
-        states: (E, N, D) float32 normed states ``final_norm(h_k)`` (gate features), or None.
+        states: (E, N, F) float32 gate features of kind ``state_features`` (:func:`lite.decoding.gate.gate_features`:
+            the normed state, its change over the block, or the exit state), or None.
+        state_features: the kind of ``states``, or None without them.
         exit_vocab: the exit vocabulary the statistics were measured with (the exits read the head over
             its N most frequent tokens: confidences over them, agreement of their argmax), or None (the full
             head).
@@ -75,6 +78,7 @@ class CalibrationData:
     skipped: int = 0
     seconds: float = 0.0
     exit_vocab: int | None = None
+    state_features: str | None = None
 
     @property
     def tokens(self) -> int:
@@ -136,13 +140,14 @@ def drop_training_rows(lite_config, examples: list, sources: list[dict[str, Any]
 
 # ---------------------------------------------------------------------------------------- collection
 def _score_sequence(lm: LiteModel, ids: list[int], positions: list[int], layers: list[int],
-                    with_states: bool, check: tuple[torch.Tensor, Callable] | None = None
-                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
+                    with_states: bool, check: tuple[torch.Tensor, Callable] | None = None,
+                    features: str = "exit") -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
     """One teacher-forced pass over ``ids``; statistics at ``positions`` (each predicts the next token).
 
     ``check``: (ids, head) of an exit vocabulary: the exits' confidences and argmax come from the head over
     those ids, as the engine's exits read it; the final layer's argmax always from the full head.
-    Returns ({measure: (E, P)}, agree (E, P) bool, normed states (E, P, D) or None).
+    ``features``: the gate features kept with ``with_states`` (:func:`lite.decoding.gate.gate_features`).
+    Returns ({measure: (E, P)}, agree (E, P) bool, gate features (E, P, F) or None).
     """
     x = torch.tensor([ids], device=lm.device)
     cache = lm.new_cache(len(ids))
@@ -152,6 +157,7 @@ def _score_sequence(lm: LiteModel, ids: list[int], positions: list[int], layers:
     measures: dict[str, list[torch.Tensor]] = {m: [] for m in conf_mod.MEASURES}
     argmaxes, normed_states = [], []
     for layer in range(1, lm.num_layers + 1):
+        before = h[0, pos]  # the block's input, for the gate's features
         h = lm.run_block(layer, h, cache)
         if layer not in layers:
             continue
@@ -164,7 +170,7 @@ def _score_sequence(lm: LiteModel, ids: list[int], positions: list[int], layers:
         prev = raw
         argmaxes.append(logits.argmax(-1) if check is None else check[0][logits.argmax(-1)])
         if with_states:
-            normed_states.append(normed.float())
+            normed_states.append((normed if features == "exit" else gate_features(lm, features, layer, raw, before)).float())
     final = lm.exit_logits(h[0, pos], lm.num_layers).argmax(-1)  # (P,)
     agree = torch.stack(argmaxes) == final  # (E, P)
     stacked = {m: torch.stack(v).float() for m, v in measures.items()}
@@ -213,13 +219,15 @@ def _sequences(lm: LiteModel, examples: list, source: str, prompt_format: str, m
 
 def collect(lm: LiteModel, examples: list, *, source: str = "reference", with_states: bool = False,
             max_length: int = 256, max_new_tokens: int = 128, batch_size: int = 8, exit_vocab: int | None = None,
-            ranking: list[int] | None = None, progress: Callable[[int, int], None] | None = None) -> CalibrationData:
+            ranking: list[int] | None = None, progress: Callable[[int, int], None] | None = None,
+            gate_features: str = DEFAULT_FEATURES) -> CalibrationData:
     """Run ``lm`` over ``examples`` (:class:`lite.training.data.Example` rows) and record per-token exit statistics.
 
     Args:
         source: "reference" (teacher-forced on the rows' responses) or "generated" (the model's own greedy
             answers with exits off, then teacher-forced).
-        with_states: also keep the normed states (needed to train a gate; E*N*D float32).
+        with_states: also keep the gate's features (needed to train a gate; E*N*F float32).
+        gate_features: which (:func:`lite.decoding.gate.gate_features`; ``--gate-features``).
         max_length: sequences (prompt + response) are cut at this many tokens.
         max_new_tokens: answer budget of the ``generated`` source.
         batch_size: examples whose answers are generated together (``generated`` source).
@@ -236,13 +244,14 @@ def collect(lm: LiteModel, examples: list, *, source: str = "reference", with_st
         raise LiteError(f"--batch-size must be >= 1, got {batch_size}")
     sequences = _sequences(lm, examples, source, default_format(lm), max_length, max_new_tokens, batch_size)
     return collect_sequences(lm, sequences, len(examples), source=source, with_states=with_states,
-                             exit_vocab=exit_vocab, ranking=ranking, progress=progress)
+                             exit_vocab=exit_vocab, ranking=ranking, progress=progress, gate_features=gate_features)
 
 
 def collect_sequences(lm: LiteModel, sequences: Iterator[tuple[list[int], list[int]] | None] | list, total: int,
                       *, source: str = "generated", with_states: bool = False, exit_vocab: int | None = None,
                       ranking: list[int] | None = None,
-                      progress: Callable[[int, int], None] | None = None) -> CalibrationData:
+                      progress: Callable[[int, int], None] | None = None,
+                      gate_features: str = DEFAULT_FEATURES) -> CalibrationData:
     """:func:`collect` over given token sequences: each (ids, positions to score), or None (nothing to score).
 
     For callers that already hold the model's answers (``lite eval`` has the full model's): prompt + answer
@@ -250,6 +259,7 @@ def collect_sequences(lm: LiteModel, sequences: Iterator[tuple[list[int], list[i
     ``progress``); ``source`` is what the data records. The other arguments are :func:`collect`'s.
     """
     layers = calibration_layers(lm)
+    check_features(gate_features)
     check = None
     if exit_vocab:
         from ..decoding.spec import exit_vocab_ids
@@ -268,7 +278,8 @@ def collect_sequences(lm: LiteModel, sequences: Iterator[tuple[list[int], list[i
             if seq is None:
                 skipped += 1
             else:
-                measures, agree, states = _score_sequence(lm, seq[0], seq[1], layers, with_states, check)
+                measures, agree, states = _score_sequence(lm, seq[0], seq[1], layers, with_states, check,
+                                                          gate_features)
                 for m, v in measures.items():
                     conf_parts[m].append(v.cpu().numpy())
                 agree_parts.append(agree.cpu().numpy())
@@ -287,6 +298,7 @@ def collect_sequences(lm: LiteModel, sequences: Iterator[tuple[list[int], list[i
         agree=np.concatenate(agree_parts, axis=1), example_index=np.concatenate(index_parts),
         states=np.concatenate(state_parts, axis=1) if with_states else None, source=source,
         examples=used, skipped=skipped, seconds=time.perf_counter() - start, exit_vocab=exit_vocab or None,
+        state_features=gate_features if with_states else None,
     )
 
 
@@ -304,6 +316,8 @@ class GateFit:
         stats: what the gate's decisions do on the selection tokens (cascade, see :mod:`lite.calibration.thresholds`).
         closed: layers whose classifier did not beat the constant answer (accuracy <= base accuracy on the
             selection tokens): they are left out of the gate, so no token leaves there.
+        head_rate: the cascade (``gate.confirm``): per exit layer, the share of the selection tokens whose head
+            is read there (the gate let them out, max-prob decides); None without a cascade.
     """
 
     gate: Any
@@ -314,6 +328,7 @@ class GateFit:
     base_accuracy: dict[int, float]
     stats: LayerStats
     closed: list[int] = field(default_factory=list)
+    head_rate: list[float] | None = None
 
 
 @dataclass
@@ -359,8 +374,10 @@ class CalibrationResult:
         if self.gate is not None:
             g = self.gate
             out["gate"] = {
-                "kind": "logistic" if g.gate.hidden == 0 else "mlp", "hidden": g.gate.hidden,
+                "kind": "logistic" if g.gate.hidden == 0 else "mlp", "hidden": g.gate.hidden, "features": g.gate.features,
                 "thresholds": {str(k): v for k, v in g.gate.thresholds.items()},
+                **({"confirm": {str(k): v for k, v in g.gate.confirm.items()},
+                    "head_rate": dict(zip(map(str, self.layers), g.head_rate))} if g.gate.confirm else {}),
                 "train_examples": g.train_examples, "selection_examples": g.selection_examples,
                 "selection_tokens": g.selection_tokens,
                 "accuracy": {str(k): _json_float(v) for k, v in g.accuracy.items()},
@@ -379,7 +396,8 @@ def _json_float(v: float) -> float | None:
 
 def select(data: CalibrationData, *, rule: str = "paper", confidence: str = "max_prob", target: float = 0.9,
            epsilon: float = 0.1, delta: float = 0.1, gate: bool = False, gate_hidden: int = 0,
-           gate_steps: int = 300, seed: int = 0, min_tokens: int = MIN_TOKENS) -> CalibrationResult:
+           gate_steps: int = 300, seed: int = 0, min_tokens: int = MIN_TOKENS,
+           cascade_prices: tuple[float, float, float] | None = None) -> CalibrationResult:
     """Choose thresholds (and optionally train a gate) from collected data; no model needed.
 
     Args:
@@ -390,6 +408,12 @@ def select(data: CalibrationData, *, rule: str = "paper", confidence: str = "max
             its decision thresholds come from the same rule applied to its probabilities on the held-out
             quarter of the examples. A layer whose classifier does not beat the constant answer there is
             left out of the gate (closed).
+        cascade_prices: ``--gate-cascade``: the gate becomes a cascade (:attr:`LearnedExitGate.confirm`): one
+            cut on its probability and one max-prob cut (over the exit vocabulary when the data has one) at
+            every open exit, the pair of least expected compute whose emitted tokens agree with the final
+            layer's at the rule's bar (``target``; ``1 - epsilon`` for ltt) on the selection tokens. The
+            prices, in blocks: (a skipped block's K/V fill, one head read with its exit module, the full head
+            at L); :func:`cascade_prices` gives them for a model.
         min_tokens: ``--min-tokens``: the fewest calibration tokens every exit's threshold may be chosen on
             (each exit sees every token), and the fewest the gate's thresholds may be chosen on (its
             held-out quarter).
@@ -414,16 +438,18 @@ def select(data: CalibrationData, *, rule: str = "paper", confidence: str = "max
         exit_vocab=data.exit_vocab,
     )
     if gate:
-        result.gate = _fit_gate(data, rule, target, epsilon, delta, gate_hidden, gate_steps, seed, min_tokens)
+        result.gate = _fit_gate(data, rule, target, epsilon, delta, gate_hidden, gate_steps, seed, min_tokens,
+                                cascade_prices)
     return result
 
 
 def _fit_gate(data: CalibrationData, rule: str, target: float, epsilon: float, delta: float, hidden: int,
-              steps: int, seed: int, min_tokens: int = 1) -> GateFit:
+              steps: int, seed: int, min_tokens: int = 1,
+              cascade_prices: tuple[float, float, float] | None = None) -> GateFit:
     from ..decoding.gate import train_gate
 
     if data.states is None:
-        raise LiteError("--gate needs the normed states: collect with with_states=True")
+        raise LiteError("--gate needs the gate's features: collect with with_states=True")
     held = data.example_index % GATE_SELECTION_EVERY == GATE_SELECTION_EVERY - 1
     if data.examples < GATE_SELECTION_EVERY or not held.any() or held.all():
         raise LiteError(f"--gate needs at least {GATE_SELECTION_EVERY} examples with tokens (one in "
@@ -434,7 +460,7 @@ def _fit_gate(data: CalibrationData, rule: str, target: float, epsilon: float, d
                         f"give about {GATE_SELECTION_EVERY}x more held-out rows (--data, --max-examples), or lower "
                         f"--min-tokens knowingly")
     gate = train_gate(data.states[:, ~held], data.agree[:, ~held], data.layers, hidden=hidden, steps=steps,
-                      seed=seed)
+                      seed=seed, features=data.state_features or "exit")
     agree = data.agree[:, held]
     with torch.no_grad():
         probs = np.stack([gate.probability(k, torch.from_numpy(data.states[i, held])).numpy()
@@ -448,12 +474,78 @@ def _fit_gate(data: CalibrationData, rule: str, target: float, epsilon: float, d
     cuts = [1.0 if k in closed else min(float(v), 1.0) for k, v in zip(data.layers, cuts)]  # >= 1: never leaves
     gate.set_thresholds(dict(zip(data.layers, cuts)))
     stats = cascade_stats(probs, agree, np.array([np.inf if k in closed else c for k, c in zip(data.layers, cuts)]))
+    head_rate = None
+    if cascade_prices is not None:
+        bar = 1 - epsilon if rule == "ltt" else target
+        probs = np.where(np.isin(data.layers, closed)[:, None], -np.inf, probs)
+        g, c, stats, head_rate = choose_cascade(probs, data.confidences["max_prob"][:, held], agree, data.layers,
+                                                data.num_layers, bar, cascade_prices)
+        gate.set_thresholds({k: g for k in data.layers if k not in closed})
+        gate.confirm = {k: c for k in data.layers if k not in closed}
     gate.drop_layers(closed)
     return GateFit(
         gate=gate, train_examples=int(np.unique(data.example_index[~held]).size),
         selection_examples=int(np.unique(data.example_index[held]).size), selection_tokens=int(held.sum()),
-        accuracy=accuracy, base_accuracy=base, stats=stats, closed=closed,
+        accuracy=accuracy, base_accuracy=base, stats=stats, closed=closed, head_rate=head_rate,
     )
+
+
+CASCADE_GRID = 41  # cuts per side of the cascade's search: quantiles of the gate's and of max-prob's scores
+
+
+def cascade_decisions(probs: np.ndarray, maxprob: np.ndarray, g: float, c: float
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """The cascade's decisions on (E, N) gate probabilities and max-probs: (index of the exit each token
+    leaves at, E when it reaches L; (E, N) bool, the head was read there)."""
+    passed = probs >= g
+    leave = passed & (maxprob >= c)
+    e = probs.shape[0]
+    first = np.where(leave.any(0), np.argmax(leave, 0), e)
+    reached = np.arange(e)[:, None] <= first[None, :]
+    return first, passed & reached
+
+
+def choose_cascade(probs: np.ndarray, maxprob: np.ndarray, agree: np.ndarray, layers: list[int], num_layers: int,
+                   bar: float, prices: tuple[float, float, float]) -> tuple[float, float, LayerStats, list[float]]:
+    """The cascade's cuts (gate probability ``g``, max-prob ``c``): of a grid of quantiles, the pair of least
+    expected compute (in blocks: the blocks run, ``prices`` = (K/V fill of a skipped block, one head read, the
+    full head at L)) whose emitted tokens agree with the final layer's at a share >= ``bar``; (inf, inf)
+    (no token leaves) when none does. Returns (g, c, the cascade's stats, per layer the share of tokens whose
+    head is read there)."""
+    fill, read, final = prices
+    e_layers = np.asarray(layers + [num_layers])
+    n = agree.shape[1]
+    finite = probs[np.isfinite(probs)]
+    q = np.linspace(0.0, 1.0, CASCADE_GRID)
+    gs = np.unique(np.quantile(finite, q)) if finite.size else np.array([])
+    cs = np.unique(np.quantile(maxprob, q)) if maxprob.size else np.array([])
+    best = (np.inf, np.inf, np.inf)
+    agree_l = np.vstack([agree, np.ones((1, n), dtype=bool)])  # a token at L agrees
+    for g in gs:
+        for c in cs:
+            first, heads = cascade_decisions(probs, maxprob, g, c)
+            if agree_l[first, np.arange(n)].mean() < bar - 1e-12:
+                continue
+            at = e_layers[first]
+            cost = float(np.mean(at + (num_layers - at) * fill + heads.sum(0) * read + (first == len(layers)) * final))
+            if cost < best[0]:
+                best = (cost, float(g), float(c))
+    g, c = best[1], best[2]
+    _, heads = cascade_decisions(probs, maxprob, g, c)
+    stats = cascade_stats(np.where(probs >= g, maxprob, -np.inf), agree, np.full(len(layers), c))
+    return g, c, stats, [float(x) for x in heads.mean(1)]
+
+
+def cascade_prices(lm: LiteModel, exit_vocab: int | None) -> tuple[float, float, float]:
+    """:func:`choose_cascade`'s prices for ``lm`` at :data:`COST_POSITION`, in blocks: (a skipped block's K/V
+    fill, one head read at an exit with its module, the full head with its reduction at L)."""
+    from ..decoding.cost import ModelShape
+
+    shape = ModelShape.from_config(lm.config)
+    block = shape.block_flops(COST_POSITION)
+    read = (exit_vocab * (2 * shape.hidden + 5) if exit_vocab else shape.head_check_flops())
+    module = max((lm.exit_module_flops(k) for k in calibration_layers(lm)), default=0)
+    return shape.kv_fill_flops() / block, (read + module) / block, shape.head_check_flops() / block
 
 
 COST_POSITION = 256  # the decode position at which expected_compute prices a step (attention grows with it)
@@ -473,21 +565,29 @@ def expected_compute(lm: LiteModel, result: CalibrationResult) -> dict[str, floa
     vocab_head = None if not result.exit_vocab else result.exit_vocab * (2 * shape.hidden + 5)
     full_step = L * block + shape.head_flops()
 
-    def step(rates: list[float], check: Callable[[int], float], leave: float) -> float:
+    def step(rates: list[float], check: Callable[[int], float], leave: Callable[[int], float],
+             module_each_check: bool = True, reads: list[float] | None = None) -> float:
         total, checked = 0.0, 0.0
         for k, rate in zip(result.layers, rates):
-            checked += check(k) + lm.exit_module_flops(k)
-            total += (0.0 if np.isnan(rate) else rate) * (k * block + checked + leave + (L - k) * fill)
+            checked += check(k) + (lm.exit_module_flops(k) if module_each_check else 0)
+            total += (0.0 if np.isnan(rate) else rate) * (k * block + checked + leave(k) + (L - k) * fill)
         rest = 1.0 - sum(0.0 if np.isnan(r) else r for r in rates)
+        # the cascade's head reads (with their modules), wherever they happened
+        total += sum(r * (head_check + (0 if module_each_check else lm.exit_module_flops(k)))
+                     for k, r in zip(result.layers, reads or []))
         # a token at L: the full head and the reduction over V that records its confidence
         return (total + rest * (L * block + checked + shape.head_check_flops())) / full_step
 
     head_check = vocab_head if vocab_head is not None else shape.head_check_flops()
-    out = {"dynamic": step(list(result.stats.exit_rate), lambda k: head_check, 0.0)}
+    out = {"dynamic": step(list(result.stats.exit_rate), lambda k: head_check, lambda k: 0.0)}
     if result.gate is not None:
         g = result.gate
-        out["gate"] = step(list(g.stats.exit_rate), g.gate.flops,
-                           vocab_head if vocab_head is not None else shape.head_check_flops())
+        exit_state = g.gate.features == "exit"  # the module ran for every check; else only where a token leaves
+        if g.head_rate is not None:  # cascade: the head was read where it decided
+            out["gate"] = step(list(g.stats.exit_rate), g.gate.flops, lambda k: 0.0, exit_state, g.head_rate)
+        else:
+            out["gate"] = step(list(g.stats.exit_rate), g.gate.flops,
+                               lambda k: head_check + (0 if exit_state else lm.exit_module_flops(k)), exit_state)
     return {k: round(float(v), 4) for k, v in out.items()}
 
 

@@ -223,6 +223,9 @@ def model_ceiling(lm, data: CalibrationData, layers: list[int] | None = None, cu
 
     cfg = lm.lite_config
     gate = load_gate(lm) if cfg.gate_file and data.states is not None else None
+    if gate is not None and gate.features != (data.state_features or "exit"):
+        raise LiteError(f"the gate reads {gate.features} features, the statistics hold {data.state_features}: "
+                        f"collect them with gate_features={gate.features!r}")
     thresholds = {int(k): float(v) for k, v in (cfg.thresholds or {}).items()}
     policy = default_exit(lm)
     return ceiling(data, gate=gate, thresholds=thresholds or None, confidence=cfg.confidence or "max_prob",
@@ -245,17 +248,22 @@ def measure_ceiling(lm, examples: list | None = None, *, answers: list[tuple[lis
     """
     from .calibrate import collect, collect_sequences
 
+    from ..decoding.gate import load_gate
+
     vocab = lm.lite_config.exit_vocab if exit_vocab == -1 else exit_vocab
-    states = bool(lm.lite_config.gate_file)  # the gate reads the normed states
+    gate = load_gate(lm) if lm.lite_config.gate_file else None
+    states = gate is not None  # with the features the gate reads
+    features = gate.features if gate is not None else "exit"
     if (examples is None) == (answers is None):
         raise LiteError("measure_ceiling takes prompts (examples) or the answers to them (answers), one of the two")
     if answers is not None:
         sequences = [(p + a, list(range(len(p) - 1, len(p) + len(a) - 1))) if a and p else None for p, a in answers]
         data = collect_sequences(lm, sequences, len(sequences), source="generated", with_states=states,
-                                 exit_vocab=vocab, progress=progress)
+                                 exit_vocab=vocab, progress=progress, gate_features=features)
     else:
         data = collect(lm, examples, source="generated", with_states=states, max_length=max_length,
-                       max_new_tokens=max_new_tokens, batch_size=batch_size, exit_vocab=vocab, progress=progress)
+                       max_new_tokens=max_new_tokens, batch_size=batch_size, exit_vocab=vocab, progress=progress,
+                       gate_features=features)
     return model_ceiling(lm, data), data
 
 

@@ -11,6 +11,9 @@ from ..errors import LiteError
 from . import add_device_argument, add_dtype_argument, add_threads_argument
 from .numbers import nonnegative_int, number, open_unit, positive_int, seed
 
+# lite.decoding.gate.FEATURES and DEFAULT_FEATURES, spelled here so --help imports no torch (tests/test_gate.py
+# checks they agree)
+GATE_FEATURES = ("state+delta", "state", "exit")
 EXAMPLE = "lite calibrate --model runs/mine --rule agreement --target 0.9 --gate"
 
 # The typed functions behind this verb; see lite.cli.train_cmd.CONTRACT (checked by tests/test_cli.py).
@@ -19,7 +22,7 @@ CONTRACT = {
     "lite.calibration.check_options": {},
     "lite.calibration.collect": {"lm": None, "examples": None, "with_states": "gate", "progress": None,
                                  "ranking": None},  # --draft-vocab ranks it in memory first
-    "lite.calibration.select": {"data": None},
+    "lite.calibration.select": {"data": None, "cascade_prices": "gate_cascade"},  # priced from the model
 }
 
 
@@ -48,7 +51,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=8,
                    help="held-out rows whose answers are generated together (--source generated; default 8)")
     p.add_argument("--gate", action="store_true",
-                   help="also train a learned exit gate (logistic regression per exit on the normed state)")
+                   help="also train a learned exit gate (logistic regression per exit on the state's features)")
+    p.add_argument("--gate-features", choices=GATE_FEATURES, default=GATE_FEATURES[0],
+                   help="what the gate reads at exit k: state+delta (the normed state of block k and its change "
+                        "over the block; no exit module runs for a check), state (the normed state alone), exit "
+                        "(the exit state the head reads: the exit module runs at every check)")
+    p.add_argument("--gate-cascade", action="store_true",
+                   help="with --gate: where the gate lets a token out, read the head there and let it leave only if "
+                        "its max-prob reaches a second cut (both cuts chosen together, the cheapest pair that meets "
+                        "the rule's agreement bar): the head is read only where the gate is sure enough")
     p.add_argument("--gate-hidden", type=nonnegative_int, default=0, help="gate hidden width (0 = logistic regression)")
     p.add_argument("--gate-steps", type=positive_int, default=300, help="optimiser steps of gate training")
     p.add_argument("--draft-vocab", action="store_true",
@@ -124,6 +135,7 @@ def _print_table(result) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..calibration import (
         calibration_layers,
+        cascade_prices,
         check_options,
         collect,
         drop_training_rows,
@@ -136,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
 
     check_options(rule=args.rule, target=args.target, epsilon=args.epsilon, delta=args.delta,
                   confidence=args.confidence or "max_prob", source=args.source)
+    if args.gate_cascade and not args.gate:
+        raise LiteError("--gate-cascade refines the learned gate: add --gate")
     check_model_folder_writable(args.model)
     examples, data_info = None, {}
     if args.data:  # read (and reject) the data before spending time on the model
@@ -182,13 +196,15 @@ def run(args: argparse.Namespace) -> int:
         if done % every == 0 or done == total:
             progress(f"{done}/{total} examples, {time.perf_counter() - start:.0f} s")
 
-    data = collect(lm, examples, source=args.source, with_states=args.gate, max_length=args.max_length,
+    data = collect(lm, examples, source=args.source, with_states=args.gate, gate_features=args.gate_features,
+                   max_length=args.max_length,
                    batch_size=args.batch_size, exit_vocab=exit_vocab,
                    ranking=None if ranked is None else ranked[0],
                    max_new_tokens=args.max_new_tokens, progress=tick)
     progress(f"collected {data.tokens} tokens from {data.examples} examples in {time.perf_counter() - start:.1f} s")
     result = select(data, rule=args.rule, confidence=confidence, target=args.target, epsilon=args.epsilon,
                     delta=args.delta, gate=args.gate, gate_hidden=args.gate_hidden, gate_steps=args.gate_steps,
+                    cascade_prices=cascade_prices(lm, exit_vocab or None) if args.gate_cascade else None,
                     seed=args.seed,
                     **({"min_tokens": args.min_tokens} if args.min_tokens else {}))
     result.data = data_info

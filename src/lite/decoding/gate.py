@@ -1,7 +1,14 @@
 """A learned exit gate (CALM's "meta" measure): a tiny classifier per exit layer, no LM head needed.
 
-For exit layer k the gate reads the token's normed state ``final_norm(h_k)`` (shape ``(D,)``, the same
-vector the LM head would read) and predicts whether layer k's argmax equals the final layer's. The token
+For exit layer k the gate reads features of the token's state ``h_k`` (the output of block k) and predicts
+whether layer k's argmax equals the final layer's. Which features is the gate's ``features``:
+
+* ``"state+delta"`` (the default of ``lite calibrate --gate``): ``final_norm(h_k)`` and the change the block
+  made, ``final_norm(h_k) - final_norm(h_{k-1})`` (2D features). No exit module runs for a check: the module
+  and the head run only where a token leaves.
+* ``"state"``: ``final_norm(h_k)`` alone (D features).
+* ``"exit"``: the exit state the head would read, the exit module of layer k and then the final norm (D
+  features; the module runs at every check). Gate files written before ``features`` existed are this kind. The token
 leaves at the first checked layer where the predicted probability reaches the layer's decision threshold;
 only then is the head evaluated, once. One check costs :meth:`LearnedExitGate.flops` (2*D multiply-adds for
 logistic regression), against the 2*D*V of a head evaluation (V = 49152 on the default model).
@@ -27,6 +34,27 @@ from ..files import ordinary_mode, temporary_beside
 
 GATE_FILE = "exit_gate.safetensors"
 GATE_FORMAT = "lite-exit-gate-v1"
+FEATURES = ("state+delta", "state", "exit")
+DEFAULT_FEATURES = "state+delta"
+
+
+def check_features(features: str, flag: str = "--gate-features") -> str:
+    """``features`` if it is a gate feature kind, else a :class:`LiteError` naming ``flag``."""
+    if features not in FEATURES:
+        raise LiteError(f"{flag} must be one of {', '.join(FEATURES)}, got {features!r}")
+    return features
+
+
+def gate_features(lm, features: str, layer: int, raw: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+    """The features a gate of kind ``features`` reads at ``layer``: ``raw`` (..., D) is the output of block
+    ``layer``, ``before`` (..., D) its input (the output of block ``layer - 1``; the embedding at layer 1).
+    Returns (..., D) or (..., 2D), in the model's dtype."""
+    if features == "exit":
+        return lm.exit_normed(raw, layer)
+    state = lm.final_norm(raw)
+    if features == "state":
+        return state
+    return torch.cat([state, state - lm.final_norm(before)], dim=-1)
 
 
 def _logit(p: float) -> float:
@@ -38,19 +66,27 @@ def _logit(p: float) -> float:
 
 
 class LearnedExitGate:
-    """Per exit layer an MLP with zero or one hidden layer, in float32, on the normed state.
+    """Per exit layer an MLP with zero or one hidden layer, in float32, on the state's features.
 
     Attributes:
+        features: what it reads (:data:`FEATURES`, see :func:`gate_features`).
         params: {layer: [(W, b), ...]} linear layers applied in order with ReLU between them; the last
             one has one output, the logit of P(layer agrees with the final layer). W is (out, in). A layer
             without an entry is closed: no token leaves there (calibration closes the layers whose
             classifier does not beat the constant answer).
         thresholds: {layer: decision threshold on the probability}; a token leaves at ``layer`` when
             P >= threshold (>= 1 never leaves; <= 0 always leaves).
+        confirm: {layer: max-prob cut}, the cascade (empty: none): where the gate lets a token out, the head
+            (the exit vocabulary's, when there is one) is read there and the token leaves only if its max-prob
+            reaches the cut; else it goes on. The head is then read only where the gate is sure enough, and
+            the decision is as sharp as max-prob's where it is read.
     """
 
     def __init__(self, params: dict[int, list[tuple[torch.Tensor, torch.Tensor]]],
-                 thresholds: dict[int, float] | None = None, hidden: int | None = None) -> None:
+                 thresholds: dict[int, float] | None = None, hidden: int | None = None,
+                 features: str = "exit", confirm: dict[int, float] | None = None) -> None:
+        self.features = check_features(features, "the gate's features")
+        self.confirm: dict[int, float] = {int(k): float(v) for k, v in (confirm or {}).items()}
         self.params = {int(k): [(w.float(), b.float()) for w, b in v] for k, v in params.items()}
         first = next(iter(self.params.values()), None)
         self._hidden = int(hidden) if hidden is not None else \
@@ -74,14 +110,24 @@ class LearnedExitGate:
             self.params.pop(int(k), None)
             self.thresholds.pop(int(k), None)
             self._cut.pop(int(k), None)
+            self.confirm.pop(int(k), None)
 
     def set_thresholds(self, thresholds: dict[int, float]) -> None:
         """Decision thresholds on the probability, compared as logits so a check needs no sigmoid."""
         self.thresholds = {int(k): float(v) for k, v in thresholds.items()}
         self._cut = {k: _logit(v) for k, v in self.thresholds.items()}
 
+    def features_of(self, lm, layer: int, raw: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+        """This gate's features (:func:`gate_features`) of block ``layer``'s output ``raw`` and input ``before``."""
+        return gate_features(lm, self.features, layer, raw, before)
+
+    @property
+    def reads_exit_state(self) -> bool:
+        """Whether its features are the exit state the head reads (the module ran for the check)."""
+        return self.features == "exit"
+
     def logits(self, layer: int, states: torch.Tensor) -> torch.Tensor:
-        """(..., D) normed states at ``layer`` -> (...) logits of P(agree with the final layer)."""
+        """(..., F) features at ``layer`` -> (...) logits of P(agree with the final layer)."""
         x = states.float()
         linears = self.params[layer]
         for j, (w, b) in enumerate(linears):
@@ -91,11 +137,11 @@ class LearnedExitGate:
         return x[..., 0]
 
     def probability(self, layer: int, states: torch.Tensor) -> torch.Tensor:
-        """(..., D) normed states -> (...) predicted probability that ``layer`` agrees with layer L."""
+        """(..., F) features -> (...) predicted probability that ``layer`` agrees with layer L."""
         return torch.sigmoid(self.logits(layer, states))
 
     def should_exit(self, layer: int, normed_state: torch.Tensor) -> bool:
-        """The engine's protocol: does the token with normed state ``(D,)`` leave at ``layer``?
+        """The engine's protocol: does the token with features ``(F,)`` (:meth:`features_of`) leave at ``layer``?
 
         Layers the gate has no classifier for never exit. The one host sync is this decision.
         """
@@ -114,20 +160,21 @@ class LearnedExitGate:
 
     def flops(self, layer: int) -> int:
         """FLOPs of one check at ``layer``: 2 per multiply-add of every linear layer (2*D for logistic
-        regression, 2*D*H + 2*H with a hidden layer); biases, ReLU and the comparison are not counted."""
+        regression, 2*F*H + 2*H with a hidden layer, F features); biases, ReLU, the norms of the features and the
+        comparison are not counted."""
         if layer not in self.params:
             return 0
         return int(sum(2 * w.shape[0] * w.shape[1] for w, _ in self.params[layer]))
 
 
 def train_gate(states: np.ndarray, agree: np.ndarray, layers: list[int], *, hidden: int = 0,
-               steps: int = 300, lr: float = 0.01, weight_decay: float = 0.1, seed: int = 0
-               ) -> LearnedExitGate:
+               steps: int = 300, lr: float = 0.01, weight_decay: float = 0.1, seed: int = 0,
+               features: str = DEFAULT_FEATURES) -> LearnedExitGate:
     """Fit one classifier per exit layer predicting agreement with the final layer (binary cross-entropy,
     full-batch Adam, features standardised during training and folded back into the first layer).
 
     Args:
-        states: (E, N, D) normed states of the E exit layers at N tokens.
+        states: (E, N, F) features (:func:`gate_features` of kind ``features``) of the E exit layers at N tokens.
         agree: (E, N) bool, layer i's argmax equals layer L's.
         layers: the E exit layers (1-indexed).
         hidden: 0 for logistic regression, else the width of one ReLU hidden layer.
@@ -155,7 +202,7 @@ def train_gate(states: np.ndarray, agree: np.ndarray, layers: list[int], *, hidd
             params[int(layer)] = _fit_one(states[i], agree[i], hidden, steps, lr, weight_decay, gen)
     finally:
         torch.set_num_threads(threads)
-    return LearnedExitGate(params)
+    return LearnedExitGate(params, features=features)
 
 
 def _fit_one(states: np.ndarray, agree: np.ndarray, hidden: int, steps: int, lr: float, weight_decay: float,
@@ -202,7 +249,8 @@ def save_gate(gate: LearnedExitGate, folder: str | os.PathLike[str], name: str =
         for j, (w, b) in enumerate(linears):
             tensors[f"layer{k}.{j}.weight"] = w.contiguous()
             tensors[f"layer{k}.{j}.bias"] = b.contiguous()
-    meta = {"format": GATE_FORMAT, "layers": ",".join(str(k) for k in gate.layers), "hidden": str(gate.hidden)}
+    meta = {"format": GATE_FORMAT, "layers": ",".join(str(k) for k in gate.layers), "hidden": str(gate.hidden),
+            "features": gate.features}
     tmp = temporary_beside(folder / name)
     try:
         save_file(tensors, tmp, metadata=meta)
@@ -236,12 +284,16 @@ def read_gate(path: str | os.PathLike[str], thresholds: dict[int, float] | None 
                     j += 1
                 params[k] = linears
             hidden = int(meta.get("hidden", 0))
+            features = meta.get("features", "exit")  # files from before the key read the exit state
+            if features not in FEATURES:
+                raise LiteError(f"{path} reads features {features!r}, which this lite does not know "
+                                f"({', '.join(FEATURES)}); upgrade lite or rerun 'lite calibrate --gate'")
     except LiteError:
         raise
     except Exception as exc:  # noqa: BLE001 -- a truncated or foreign file: name it and the fix
         raise LiteError(f"{path} is damaged or not a lite exit gate ({type(exc).__name__}: {str(exc)[:200]}); "
                         f"rerun 'lite calibrate --gate'") from exc
-    return LearnedExitGate(params, thresholds, hidden=hidden)
+    return LearnedExitGate(params, thresholds, hidden=hidden, features=features)
 
 
 def load_gate(lm) -> LearnedExitGate | None:
@@ -262,6 +314,15 @@ def load_gate(lm) -> LearnedExitGate | None:
         raise LiteError(f"{where}: calibration.gate.thresholds {bad}: a gate threshold is a probability in [0, 1]; "
                         f"rerun 'lite calibrate --gate'")
     gate = read_gate(Path(lm.folder) / cfg.gate_file, thresholds)
+    confirm = (cfg.calibration.get("gate") or {}).get("confirm") or {}
+    try:
+        gate.confirm = {int(k): float(v) for k, v in confirm.items()}
+    except (TypeError, ValueError, AttributeError):
+        raise LiteError(f"{where}: calibration.gate.confirm must map layers to max-prob cuts; rerun "
+                        f"'lite calibrate --gate'") from None
+    if not all(math.isfinite(v) for v in gate.confirm.values()):
+        raise LiteError(f"{where}: calibration.gate.confirm {gate.confirm}: cuts must be finite; rerun "
+                        f"'lite calibrate --gate'")
     missing = [k for k in gate.layers if k not in thresholds]
     if missing:
         raise LiteError(f"{where} has no gate decision thresholds for layers {missing}; rerun "

@@ -133,10 +133,13 @@ def _block(lm: LiteModel, layer: int, h: torch.Tensor, cache: KVCache, pending: 
 
 
 def _check(lm: LiteModel, plan: Plan, layer: int, h: torch.Tensor, idx: list[int], prev: torch.Tensor,
-           meter: Meter) -> tuple[list[bool], torch.Tensor | None, list[float | None], torch.Tensor, torch.Tensor | None]:
-    """One exit check for the rows ``idx`` (h: (c, 1, D), their raw output of block ``layer``).
+           meter: Meter, before: torch.Tensor | None = None
+           ) -> tuple[list[bool], torch.Tensor | None, list[float | None], torch.Tensor, torch.Tensor | None]:
+    """One exit check for the rows ``idx`` (h: (c, 1, D), their raw output of block ``layer``; ``before``:
+    their input to it, which a gate reading the block's change needs).
 
-    The gate decides from the normed state (the head runs later, once per step for every row that left); a
+    The gate decides from its features of the state (the head runs later, once per step for every row that
+    left; the exit module too, unless the gate read the exit state, which is then kept for the head); a
     head-based measure reads the head (the exit vocabulary's when there is one); ``state_cosine``
     compares with each row's previous checked state and reads no head. Returns (leave per row, logits
     (c, V or N) or None, confidence per row, prev for the next cosine check, normed states (c, D) when the
@@ -144,13 +147,32 @@ def _check(lm: LiteModel, plan: Plan, layer: int, h: torch.Tensor, idx: list[int
     """
     gate = plan.gate
     if gate is not None:
-        normed = lm.exit_normed(h[:, -1], layer)  # (c, D)
+        features_fn = getattr(gate, "features_of", None)
+        exit_state = features_fn is None or gate.reads_exit_state
+        feats = (lm.exit_normed(h[:, -1], layer) if features_fn is None
+                 else features_fn(lm, layer, h[:, -1], before[:, -1]))  # (c, F)
         meter.gate(idx, layer)
-        meter.module(idx, layer)
+        if exit_state:
+            meter.module(idx, layer)
         rows_fn = getattr(gate, "should_exit_rows", None)  # one decision call for every row
-        leave = ([bool(x) for x in rows_fn(layer, normed)] if rows_fn is not None
-                 else [bool(gate.should_exit(layer, normed[j])) for j in range(len(idx))])
-        return leave, None, [None] * len(idx), prev, normed
+        leave = ([bool(x) for x in rows_fn(layer, feats)] if rows_fn is not None
+                 else [bool(gate.should_exit(layer, feats[j])) for j in range(len(idx))])
+        cut = (getattr(gate, "confirm", None) or {}).get(layer)
+        if cut is None or not any(leave):
+            return leave, None, [None] * len(idx), prev, feats if exit_state else None
+        # the cascade: where the gate lets a row out, its head decides (max-prob >= cut), read once
+        passed = [j for j, go in enumerate(leave) if go]
+        normed = feats[passed] if exit_state else lm.exit_normed(h[passed, -1], layer)
+        if not exit_state:
+            meter.module([idx[j] for j in passed], layer)
+        read = lm.head_logits(normed) if plan.exit_head is None else plan.exit_head(normed)
+        meter.head([idx[j] for j in passed], plan.vocab, reduce=True)
+        logits = read.new_zeros(len(idx), read.shape[-1])
+        logits[passed] = read
+        values: list[float | None] = [None] * len(idx)
+        for j, v in zip(passed, conf_mod.HEAD_FUNCTIONS["max_prob"](read).tolist()):
+            values[j] = v
+        return [v is not None and v >= cut for v in values], logits, values, prev, None
     threshold = plan.thresholds[layer]
     head_fn = conf_mod.HEAD_FUNCTIONS.get(plan.measure)
     if head_fn is not None:
@@ -209,6 +231,7 @@ def decode_step(lm: LiteModel, plan: Plan, cache: KVCache, rows: list[int], toke
     prev = h[:, -1]  # state_cosine: "layer 0" is the input embedding, of the rows inside
     last = 0  # the last block run this step
     for layer in range(1, plan.stop_layer + 1):
+        before = h  # block `layer`'s input, for a gate that reads the block's change
         if given is None:
             h = _block(lm, layer, h, cache, pending, rows, positions, run, meter, one_by_one)
             meter.blocks(inside)
@@ -225,7 +248,11 @@ def decode_step(lm: LiteModel, plan: Plan, cache: KVCache, rows: list[int], toke
         h_in = h if len(run) == len(inside) else h[inside]
         h_chk = h_in if len(at) == len(inside) else h_in[at]
         prev_chk = prev if len(at) == len(inside) else prev[at]
-        leave, logits, values, prev_chk, normed = _check(lm, plan, layer, h_chk, idx, prev_chk, meter)
+        before_chk = None
+        if plan.gate is not None:
+            before_in = before if len(run) == len(inside) else before[inside]
+            before_chk = before_in if len(at) == len(inside) else before_in[at]
+        leave, logits, values, prev_chk, normed = _check(lm, plan, layer, h_chk, idx, prev_chk, meter, before_chk)
         if len(at) == len(inside):
             prev = prev_chk
         else:
