@@ -97,6 +97,22 @@ def test_gate_and_calibrated_policies_sit_where_their_cuts_put_them():
     assert "learned gate" in text and json.loads(json.dumps(c.record()))["oracle_saving"] == 0.35
 
 
+def test_a_cascade_gate_sits_where_gate_and_max_prob_cuts_put_it():
+    states = np.zeros((3, 5, 2), dtype=np.float32)
+    states[:, :, 0] = np.array(SCORES)[::-1]
+    data = _data(AGREE, SCORES, states=states)
+    gate = _FakeGate({1: 0.5, 2: 0.5, 3: 0.5})
+    gate.confirm = {1: 0.95, 2: 0.85, 3: 0.85}
+    c = ceiling(data, gate=gate)
+    g, m = np.array(SCORES)[::-1], np.array(data.confidences["max_prob"], dtype=np.float64)
+    # token n leaves at the first exit where the gate passes (>= 0.5) and max-prob reaches that exit's cut
+    exits = [next((k for i, k in enumerate([1, 2, 3]) if g[i, n] >= 0.5 and m[i, n] >= gate.confirm[k]), 4)
+             for n in range(5)]
+    plain = [next((k for i, k in enumerate([1, 2, 3]) if g[i, n] >= 0.5), 4) for n in range(5)]
+    assert exits != plain  # the cuts on max-prob change where tokens leave, so this can fail
+    assert c.policies["gate"].saving == pytest.approx(1 - np.mean(exits) / 4)
+
+
 @pytest.fixture(scope="module")
 def forced_model(tiny_model_dir, tmp_path_factory):
     """The tiny model with blocks 3 and 4 turned into the identity (attention and MLP outputs zero): layer

@@ -207,7 +207,14 @@ def ceiling(data: CalibrationData, *, gate=None, thresholds: dict[int, float] | 
         scores = gate_scores(gate, data, layers)
         out.frontiers[GATE] = frontier(scores, agree, layers, L, cuts)
         own = np.array([gate.thresholds.get(k, np.inf) for k in layers], dtype=np.float64)
-        out.policies[GATE] = point(scores, agree, own, layers, L)
+        confirm = getattr(gate, "confirm", None) or {}
+        if confirm:  # the cascade: where the gate passes, the exit's max-prob decides against its own cut
+            passed = scores >= own[:, None]
+            maxprob = data.confidences["max_prob"][rows].astype(np.float64)
+            cut = np.array([confirm.get(k, np.inf) for k in layers], dtype=np.float64)
+            out.policies[GATE] = point(np.where(passed, maxprob, -np.inf), agree, cut, layers, L)
+        else:
+            out.policies[GATE] = point(scores, agree, own, layers, L)
     if thresholds and not (confidence == "state_cosine" and subset):
         cut = np.array([thresholds.get(k, np.inf) for k in layers], dtype=np.float64)
         out.policies["dynamic"] = point(data.confidences[confidence][rows].astype(np.float64), agree, cut, layers, L)
