@@ -49,7 +49,8 @@ def test_eval_reports_the_hand_computed_loglik(tiny_model_dir, vicuna, tmp_path)
     assert report["loglik_scoring"]["main"]["dtype"] == "forward float32, log-softmax float32"
     differ = 0
     for row, rec in zip(report["prompts"], rows):
-        prompt = encode_prompt(lm.tokenizer, rec["instruction"], rec["input"], report["model"]["prompt_format"])
+        fmt = report["model"]["prompt_format"]
+        prompt = encode_prompt(lm.tokenizer, rec["instruction"], rec["input"], fmt)
         full = by_hand(lm, prompt, rec["full"]["token_ids"])
         early = by_hand(lm, prompt, rec["runs"]["static:1/copy"]["token_ids"])
         assert row["loglik_full"] == pytest.approx(full, abs=1e-5)
@@ -59,8 +60,8 @@ def test_eval_reports_the_hand_computed_loglik(tiny_model_dir, vicuna, tmp_path)
     assert differ >= 1  # the check above compared two different answers at least once
     overall = report["overall"]
     assert overall["loglik_n"] == len(rows) and overall["loglik_empty_early_exit"] == 0
-    assert overall["loglik_full"] == pytest.approx(sum(p["loglik_full"] for p in report["prompts"]) / len(rows))
-    assert overall["loglik_gap"] == pytest.approx(sum(p["loglik_gap"] for p in report["prompts"]) / len(rows))
+    for key in ("loglik_full", "loglik_gap"):
+        assert overall[key] == pytest.approx(sum(p[key] for p in report["prompts"]) / len(rows))
     # the static layers are judged too, each against the full answer
     assert set(overall["static_layers"]) == {"1", "2", "3"}
     assert overall["static_layers"]["1"]["loglik_gap"] == pytest.approx(overall["loglik_gap"])

@@ -67,8 +67,9 @@ def answer_logliks(lm, pairs: list[tuple[list[int], list[int]]], batch_size: int
     todo = [k for k in dict.fromkeys(keys) if k[1]]  # distinct, non-empty answers
     for prompt, answer in todo:
         if not prompt:
-            raise LiteError("an answer to score has an empty prompt: the first answer token has nothing to be "
-                            "predicted from; encode the prompt with its template (lite.model.prompts.encode_prompt)")
+            raise LiteError("an answer to score has an empty prompt: the first answer token has nothing to "
+                            "be predicted from; encode the prompt with its template "
+                            "(lite.model.prompts.encode_prompt)")
         if len(prompt) + len(answer) > lm.max_context:
             raise LiteError(f"prompt + answer is {len(prompt) + len(answer)} tokens, the model's context "
                             f"{lm.max_context}: score a shorter answer (lower --max-new-tokens)")

@@ -167,7 +167,8 @@ def _loglik_summary(pairs: list[tuple[dict, dict]]) -> dict[str, Any]:
     full = [r["full"].get("loglik") for r, _ in pairs]
     gaps = [a - b for a, b in zip(own, full) if a is not None and b is not None]
     return {"loglik_early_exit": mean(own), "loglik_full": mean(full), "loglik_gap": mean(gaps),
-            "loglik_n": len(gaps), "loglik_empty_early_exit": own.count(None), "loglik_empty_full": full.count(None)}
+            "loglik_n": len(gaps), "loglik_empty_early_exit": own.count(None),
+            "loglik_empty_full": full.count(None)}
 
 
 def _per_prompt(records: list[dict], primary: str | None, num_layers: int,
@@ -410,12 +411,14 @@ def _loglik_markdown(report: dict[str, Any]) -> list[str]:
             f"{how['dtype']}." if how else "")
     rows = list(report["testsets"].items()) + [("**overall**", report["overall"])]
     return [f"## The full model's judgement of the answers (headline run `{report['primary_run']}`)",
-            "Mean log-likelihood per answer token (nats) under the full model, teacher-forced on the same prompt, "
-            "exits off; the gap is early exit minus full, per prompt, averaged (0: as likely as the full "
-            f"model's own answer).{cost}",
-            _table(["set", "n", "full answer", "early exit", "gap (early exit - full)", "empty (full / early exit)"],
+            "Mean log-likelihood per answer token (nats) under the full model, teacher-forced on the same "
+            "prompt, exits off; the gap is early exit minus full, per prompt, averaged (0: as likely as the "
+            f"full model's own answer).{cost}",
+            _table(["set", "n", "full answer", "early exit", "gap (early exit - full)",
+                    "empty (full / early exit)"],
                    [[n, _f(s.get("loglik_n")), _f(s.get("loglik_full")), _f(s.get("loglik_early_exit")),
-                     _f(s.get("loglik_gap")), f"{_f(s.get('loglik_empty_full'))} / {_f(s.get('loglik_empty_early_exit'))}"]
+                     _f(s.get("loglik_gap")),
+                     f"{_f(s.get('loglik_empty_full'))} / {_f(s.get('loglik_empty_early_exit'))}"]
                     for n, s in rows])]
 
 
