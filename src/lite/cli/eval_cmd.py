@@ -56,6 +56,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="report the model's ceiling, teacher-forced on its full answers: the oracle saving (each token "
              "leaving at the first exit that agrees with the final layer) and each decision rule's "
              "saving-versus-agreement frontier, with the model's policies on it (default: yes)")
+    add("--loglik", action=argparse.BooleanOptionalAction, default=True,
+        help="report the full model's own judgement of every answer: its mean log-likelihood per token, "
+             "teacher-forced with exits off, of the early-exit answer against that of its own answer; one "
+             "batched forward per distinct answer (default: yes)")
     add("--no-hf-baseline", action="store_true",
         help="do not time transformers' generate (no speedup figure)")
     add_threads_argument(p)
@@ -75,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens, dtype=args.dtype, device=args.device, prompt_format=args.prompt_format,
             judge_url=args.judge_url, judge_model=args.judge_model, hf_baseline=not args.no_hf_baseline,
             restart=args.restart, progress_bar=True, log=progress, batch_size=args.batch_size,
-            ceiling=args.ceiling,
+            ceiling=args.ceiling, loglik=args.loglik,
         )
     except KeyboardInterrupt:
         print(f"lite eval: interrupted; finished prompts are kept in {args.out}/{RECORDS}: run the same "
@@ -98,6 +102,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name:<16}{s['n']:>5}{pct(s['layer_cost_improvement']):>12}{pct(s['compute_cost_improvement']):>14}"
               f"{num(s['speedup'], '.2f'):>9}{num(s['rougeL_vs_full']):>9}{num(s['similarity_vs_full']):>12}"
               f"{tokens:>16}")
+    judged = report["overall"]
+    if "loglik_full" in judged:
+        def nats(x):
+            return "–" if x is None else f"{x:.3f}"
+
+        progress(f"full model's judgement (mean log-likelihood per token, nats): full answers "
+                 f"{nats(judged['loglik_full'])}, early exit {nats(judged['loglik_early_exit'])}, gap "
+                 f"{nats(judged['loglik_gap'])} over {judged['loglik_n']} prompts")
     ceiling = report.get("ceiling")
     if ceiling:
         at = ", ".join(f"{rule} {100 * v['0.95']:.1f}%" for rule, v in ceiling["saving_at_agreement"].items())

@@ -37,6 +37,12 @@ same prompts:
 * ``rougeL_vs_full``, ``similarity_vs_full`` (cosine of MiniLM embeddings), ``token_agreement`` (same id
   at the same position over the longer length), ``prefix_agreement``, ``exact_match_full``: means over
   prompts. ``*_vs_reference``: the same against a set's reference outputs (Self-Instruct).
+* ``loglik_early_exit``, ``loglik_full``: the model's own judgement of an answer, its mean log-likelihood
+  per answer token (nats, <= 0) under the full model, teacher-forced on the prompt as formatted for
+  generation, exits off, end-of-sequence token included (lite.evaluation.loglik); means over prompts whose
+  answer is not empty (``loglik_empty_*`` count the empty ones, which have no value). ``loglik_gap`` =
+  mean over the ``loglik_n`` prompts with both of (early exit - full): 0 for identical answers, negative
+  when the full model finds the early-exit answer less likely than its own.
 * ``tokens_full``, ``tokens_early_exit``: mean generated tokens per prompt.
 * ``overall`` pools every prompt of every set; ``overall.mean_of_testsets`` averages the per-set figures
   (how the paper reports its 4-set average).
@@ -142,6 +148,8 @@ def summarize(records: list[dict], get_run, num_layers: int, sims: _Sims) -> dic
         out["speedup_per_token"] = _ratio(per_hf, per_run) if per_hf is not None else None
         out["seconds_hf_generate"] = hf_seconds
         out["hf_generate_matches_full"] = mean([float(h["matches_full"]) for h, _ in timed])
+    if any("loglik" in run for _, run in pairs):
+        out.update(_loglik_summary(pairs))
     refs = [(r, run) for r, run in pairs if r.get("reference") is not None]
     if refs:
         out["n_with_reference"] = len(refs)
@@ -150,6 +158,17 @@ def summarize(records: list[dict], get_run, num_layers: int, sims: _Sims) -> dic
         out["full_rougeL_vs_reference"] = mean([rouge_l(r["full"]["text"], r["reference"]) for r, _ in refs])
         out["full_similarity_vs_reference"] = mean([sims(r["full"]["text"], r["reference"]) for r, _ in refs])
     return out
+
+
+def _loglik_summary(pairs: list[tuple[dict, dict]]) -> dict[str, Any]:
+    """The full model's judgement (:mod:`lite.evaluation.loglik`) of run and full answers: means over the
+    prompts whose answer is not empty (an empty answer has no value and is counted instead)."""
+    own = [run.get("loglik") for _, run in pairs]
+    full = [r["full"].get("loglik") for r, _ in pairs]
+    gaps = [a - b for a, b in zip(own, full) if a is not None and b is not None]
+    return {"loglik_early_exit": mean(own), "loglik_full": mean(full), "loglik_gap": mean(gaps),
+            "loglik_n": len(gaps), "loglik_empty_early_exit": own.count(None),
+            "loglik_empty_full": full.count(None)}
 
 
 def _per_prompt(records: list[dict], primary: str | None, num_layers: int,
@@ -164,9 +183,11 @@ def _per_prompt(records: list[dict], primary: str | None, num_layers: int,
         run = r["runs"].get(primary) if primary else None
         if run is not None:
             row.update(summarize([r], lambda x: run, num_layers, sims))
-            for key in ("n", "n_with_reference"):
+            for key in ("n", "n_with_reference", "loglik_n"):
                 row.pop(key, None)
         row["tokens_full"] = len(r["full"]["token_ids"])
+        if "loglik" in r["full"]:
+            row["loglik_full"] = r["full"]["loglik"]
         rows.append(row)
     return rows
 
@@ -217,7 +238,8 @@ def _role_report(records: list[dict], info: dict[str, Any], set_names: list[str]
     overall["mean_of_testsets"] = {
         key: mean([testsets[n].get(key) for n in set_names])
         for key in ("layer_cost_improvement", "compute_cost_improvement", "speedup", "rougeL_vs_full",
-                    "similarity_vs_full", "tokens_full", "tokens_early_exit")
+                    "similarity_vs_full", "loglik_early_exit", "loglik_full", "loglik_gap", "tokens_full",
+                    "tokens_early_exit")
     }
     return {"model": info, "primary_run": primary, "testsets": testsets, "overall": overall}
 
@@ -243,7 +265,7 @@ def build_report(records: list[dict], cfg, models_info: dict[str, dict], sets,
         **main,
     }
     frontier_keys = ("layer_cost_improvement", "compute_cost_improvement", "speedup", "rougeL_vs_full",
-                     "similarity_vs_full", "tokens_early_exit")
+                     "similarity_vs_full", "loglik_gap", "tokens_early_exit")
     report["frontier"] = [{"run": key, **parse_run_key(key), **{k: summary.get(k) for k in frontier_keys}}
                           for key, summary in report["overall"]["runs"].items()]
     report["prompts"] = _per_prompt([r for r in records if r["role"] == "main"], report["primary_run"],
@@ -382,6 +404,24 @@ SUMMARY_HEADER = ["", "n", "layer cost impr.", "compute cost impr.", "speedup", 
                   "tokens early exit"]
 
 
+def _loglik_markdown(report: dict[str, Any]) -> list[str]:
+    """The full model's judgement of the headline run's answers, per test set."""
+    how = report.get("loglik_scoring", {}).get("main")
+    cost = (f" Scored {how['scored']} distinct answers ({how['tokens']} tokens) in {how['seconds']:.1f} s, "
+            f"{how['dtype']}." if how else "")
+    rows = list(report["testsets"].items()) + [("**overall**", report["overall"])]
+    return [f"## The full model's judgement of the answers (headline run `{report['primary_run']}`)",
+            "Mean log-likelihood per answer token (nats) under the full model, teacher-forced on the same "
+            "prompt, exits off; the gap is early exit minus full, per prompt, averaged (0: as likely as the "
+            f"full model's own answer).{cost}",
+            _table(["set", "n", "full answer", "early exit", "gap (early exit - full)",
+                    "empty (full / early exit)"],
+                   [[n, _f(s.get("loglik_n")), _f(s.get("loglik_full")), _f(s.get("loglik_early_exit")),
+                     _f(s.get("loglik_gap")),
+                     f"{_f(s.get('loglik_empty_full'))} / {_f(s.get('loglik_empty_early_exit'))}"]
+                    for n, s in rows])]
+
+
 def render_markdown(report: dict[str, Any], plots: list[str]) -> str:
     cfg, model = report["config"], report["model"]
     parts = [
@@ -421,11 +461,14 @@ def render_markdown(report: dict[str, Any], plots: list[str]) -> str:
         static = role["overall"]["static_layers"]
         if static:
             parts += [f"## Static exit at each layer: {label} `{role['model']['source']}`",
-                      _table(["layer", "ROUGE-L vs full", "similarity vs full", "token agreement", "tokens",
-                              "compute cost impr."],
+                      _table(["layer", "ROUGE-L vs full", "similarity vs full", "token agreement",
+                              "log-lik gap vs full", "tokens", "compute cost impr."],
                              [[k, _f(s.get("rougeL_vs_full")), _f(s.get("similarity_vs_full")),
-                               _f(s.get("token_agreement")), _f(s.get("tokens_early_exit"), digits=1),
+                               _f(s.get("token_agreement")), _f(s.get("loglik_gap")),
+                               _f(s.get("tokens_early_exit"), digits=1),
                                _f(s.get("compute_cost_improvement"), True)] for k, s in static.items()])]
+    if "loglik_full" in report["overall"]:
+        parts += _loglik_markdown(report)
     with_refs = {n: s for n, s in report["testsets"].items() if s.get("n_with_reference")}
     if with_refs:
         parts += ["## Against reference outputs",

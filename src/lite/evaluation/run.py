@@ -10,7 +10,11 @@ For every prompt of every test set, with greedy decoding and the same ``max_new_
 * optionally (``--static-layers``) static exit at every exit layer below L: how well each layer generates
   on its own (the paper's per-layer picture); and a second model (``--compare-model``) through the full
   answer, static layers, and dynamic exit when it is calibrated;
-* optionally an LLM judge's position-swapped verdict, early exit vs full (:mod:`lite.evaluation.judge`).
+* optionally an LLM judge's position-swapped verdict, early exit vs full (:mod:`lite.evaluation.judge`);
+* once every prompt of a model is decoded, that model's own judgement of every answer it gave (full,
+  early-exit, static): the mean per-token log-likelihood under its full model, teacher-forced with exits
+  off (:mod:`lite.evaluation.loglik`; ``loglik=False`` leaves it out). It is not kept in the records: it is
+  recomputed, cheaply, whenever the report is written.
 
 Resumable: each finished prompt is appended as one JSON line to ``DIR/records.jsonl`` with the hash of the
 configuration (``DIR/run.json``); a rerun with the same configuration skips the prompts already there.
@@ -395,6 +399,28 @@ def _ceiling(lm, job: _Job, records: list[dict | None]) -> dict[str, Any] | None
     return measure_ceiling(lm, answers=pairs)[0].record()
 
 
+def _score_answers(lm, job: _Job, records: list[dict | None], batch_size: int) -> dict[str, Any]:
+    """Every answer of ``records`` (full, runs, static) judged by ``lm``'s full model
+    (:func:`lite.evaluation.loglik.answer_logliks`); each value is set as ``loglik`` of its run dict, in
+    memory, for the report. Returns what the scoring cost."""
+    from ..model.prompts import encode_prompt
+    from .loglik import answer_logliks
+
+    runs, pairs = [], []
+    for r in records:
+        if r is None or "full" not in r:
+            continue
+        prompt = encode_prompt(lm.tokenizer, r["instruction"], r["input"], job.fmt)
+        for run in [r["full"], *r["runs"].values(), *r["static"].values()]:
+            runs.append(run)
+            pairs.append((prompt, list(run["token_ids"])))
+    scores = answer_logliks(lm, pairs, batch_size)
+    for run, value in zip(runs, scores.values):
+        run["loglik"] = value
+    return {"answers": len(pairs), "scored": scores.scored, "tokens": scores.tokens,
+            "seconds": scores.seconds, "dtype": scores.dtype}
+
+
 def _warm_up(lm, job: _Job, cfg: EvalConfig) -> None:
     """One short untimed generation each way, so that first-call allocations do not skew the timings."""
     from ..model.prompts import encode_prompt
@@ -415,7 +441,7 @@ def evaluate(model: str | None = None, testsets: list[str] | None = None, *,
              max_new_tokens: int = 128, dtype: str = "auto", prompt_format: str | None = None,
              judge_url: str | None = None, judge_model: str | None = None, hf_baseline: bool = True,
              restart: bool = False, embedder=None, progress_bar: bool = False, device: str | None = None,
-             batch_size: int = 8, ceiling: bool = True,
+             batch_size: int = 8, ceiling: bool = True, loglik: bool = True,
              log: Callable[[str], None] | None = None) -> EvalResult:
     """Evaluate early exit against the full model and write the report into ``out``.
 
@@ -429,6 +455,9 @@ def evaluate(model: str | None = None, testsets: list[str] | None = None, *,
         ceiling: also report the evaluated model's ceiling (:mod:`lite.calibration.ceiling`), teacher-forced
             on its full runs' answers (its own greedy answers): the oracle saving and each decision rule's
             frontier, with its policies on it (a table in ``report.md``, ``plots/ceiling.png``).
+        loglik: also report each model's own judgement of its answers: the mean per-token log-likelihood
+            of the early-exit and the full answers under its full model (:mod:`lite.evaluation.loglik`),
+            per prompt and aggregated.
         embedder: sentence embedder for similarity (default: offline all-MiniLM-L6-v2).
         progress_bar: a tqdm bar over prompts on stderr.
         log: called with short status lines.
@@ -485,6 +514,7 @@ def evaluate(model: str | None = None, testsets: list[str] | None = None, *,
             (out / name).unlink(missing_ok=True)
     bar = None
     ceiling_record = None
+    scoring: dict[str, Any] = {}
     models_info: dict[str, Any] = {}
     ran = 0
     try:
@@ -519,6 +549,10 @@ def evaluate(model: str | None = None, testsets: list[str] | None = None, *,
                         bar.update(1)
             if ceiling and role == "main":
                 ceiling_record = _ceiling(lm, job, [done.get((role, s.name, p.id)) for s in sets for p in s.prompts])
+            if loglik:
+                log(f"lite eval: scoring the {role} model's answers under its full model (teacher-forced)")
+                scoring[role] = _score_answers(lm, job, [done.get((role, s.name, p.id)) for s in sets
+                                                         for p in s.prompts], cfg.batch_size)
             del lm
     finally:
         if bar is not None:
@@ -530,5 +564,7 @@ def evaluate(model: str | None = None, testsets: list[str] | None = None, *,
     report = build_report(records, cfg, models_info, sets, embedder=embedder)
     if ceiling_record is not None:
         report["ceiling"] = ceiling_record
+    if scoring:
+        report["loglik_scoring"] = scoring
     files = write_report(out, report)
     return EvalResult(out=out, complete=True, report=report, files=files, prompts_run=ran)
