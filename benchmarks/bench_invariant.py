@@ -30,9 +30,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, vicuna_questions  # noqa: E402
-
 from lite.decoding import GenerationSettings, SpeculativeDecoder, generate, generate_batch  # noqa: E402
 from lite.decoding.reference import hf_generate  # noqa: E402
 from lite.decoding.spec import parse_exit  # noqa: E402
@@ -41,7 +38,15 @@ from lite.files import write_atomic  # noqa: E402
 from lite.model.loading import load_model  # noqa: E402
 from lite.model.prompts import default_format, encode_prompt  # noqa: E402
 
+REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
+
+
+def vicuna_questions(n: int) -> list[str]:
+    """The first n Vicuna questions (../shared/data or lite's cache; never downloaded here)."""
+    from lite.evaluation.testsets import load_testset
+
+    return [p.instruction for p in load_testset("vicuna", limit=n, allow_download=False).prompts]
 
 
 def answer(r) -> tuple:
@@ -166,7 +171,7 @@ def main() -> None:
     for dtype in args.dtypes.split(","):
         lm = load_model(args.model, dtype=dtype)
         fmt = default_format(lm)
-        ids = [encode_prompt(lm.tokenizer, q, fmt=fmt) for q in vicuna_questions(0, args.batch)]
+        ids = [encode_prompt(lm.tokenizer, q, fmt=fmt) for q in vicuna_questions(args.batch)]
         policy = parse_exit(lm, args.exit)
         run = {"batched": batched(lm, ids, policy, args.max_tokens, args.batch, args.rounds)}
         print(dtype, json.dumps(run["batched"]), flush=True)
