@@ -69,9 +69,9 @@ def answer(result) -> tuple:
 
 
 def served(lm: LiteModel, requests: list[list[int]], policy: ExitPolicy, together: bool,
-           invariant: bool = ServeConfig.batch_invariant, max_tokens: int = 12) -> list[tuple]:
-    """The answers of the server's decode worker (``lite serve``'s loop, its default mode unless told) to
-    ``requests``: all submitted at once (continuous batching, up to 16 rows), or one after another."""
+           invariant: bool = True, max_tokens: int = 12) -> list[tuple]:
+    """The answers of the server's decode worker (``lite serve``'s loop) to ``requests``: all submitted at
+    once (continuous batching, up to 16 rows), or one after another; batch-invariant unless told."""
     async def run() -> list[tuple]:
         loop = asyncio.get_running_loop()
         worker = DecodeWorker(lm, max_queue=64, max_batch=16, invariant=invariant)
@@ -96,19 +96,32 @@ def served(lm: LiteModel, requests: list[list[int]], policy: ExitPolicy, togethe
     return asyncio.run(run())
 
 
-def test_the_server_default_is_batch_invariant():
-    """The tests above run the server's default mode; this pins that default (flag, config, worker)."""
+def test_the_server_default_is_batch_invariant_in_half_precision():
+    """The default (flag, config): by dtype, on in bfloat16/float16 (the default dtype on CPUs with native
+    bf16), off in float32; what the server's worker then runs with, and what it reports."""
     import argparse
-    import inspect
 
     from lite.cli import serve_cmd
+    from lite.decoding.engine import default_invariant
+    from lite.serving.app import create_app
 
     parser = argparse.ArgumentParser()
     serve_cmd.add_arguments(parser)
-    assert parser.parse_args([]).batch_invariant is True
+    assert parser.parse_args([]).batch_invariant is None
+    assert parser.parse_args(["--batch-invariant"]).batch_invariant is True
     assert parser.parse_args(["--no-batch-invariant"]).batch_invariant is False
-    assert ServeConfig().batch_invariant is True
-    assert inspect.signature(DecodeWorker).parameters["invariant"].default is True
+    assert ServeConfig().batch_invariant is None
+    for dtype, expected in ((torch.bfloat16, True), (torch.float16, True), (torch.float32, False)):
+        fake = type("M", (), {"dtype": dtype})()
+        assert default_invariant(fake) is expected
+    from fastapi.testclient import TestClient
+
+    for dtype, flag, expected in ((torch.bfloat16, None, True), (torch.float32, None, False),
+                                  (torch.float32, True, True), (torch.bfloat16, False, False)):
+        model, tok = make_tiny_model(num_layers=2, hidden=32, vocab_size=96, seed=3)
+        lm = LiteModel(model.to(dtype), tok)
+        with TestClient(create_app(lm, ServeConfig(exit="none", batch_invariant=flag))) as client:
+            assert client.app.state.worker.invariant is expected
 
 
 @pytest.mark.parametrize("exit", ["none", "never", "dynamic"])
@@ -192,7 +205,7 @@ def test_batch_invariant_must_be_a_bool(lm):
         Decoder(lm, prompts(1), ExitPolicy("none"), GenerationSettings(max_new_tokens=2), invariant="yes")
     from lite.api import LiteLM
 
-    with pytest.raises(LiteError, match="batch_invariant must be True or False"):
+    with pytest.raises(LiteError, match=r"batch_invariant must be True, False or None \(by dtype\)"):
         LiteLM(lm).generate(["a", "b"], batch_invariant=1)
     with pytest.raises(LiteError, match="--batch-invariant"):
         ServeConfig(batch_invariant="off").check(lm)

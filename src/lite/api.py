@@ -27,6 +27,7 @@ import torch
 from .decoding import GenerationResult, GenerationSettings, TokenRecord, check_settings
 from .decoding import generate_batch as _generate_batch
 from .decoding import stream_batch as _stream_batch
+from .decoding.engine import default_invariant
 from .decoding.spec import ExitOptions, build_policy
 from .errors import LiteError
 from .model.adapter import LiteModel
@@ -141,7 +142,7 @@ class LiteLM:
                  exit_layers: str | list[int] | None = None, gate: bool = False, max_draft: int | None = None,
                  draft_stop: float | None = None, draft_vocab: int | None = None, exit_vocab: int | None = None,
                  prompt_format: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE, stream: bool = False,
-                 batch_invariant: bool = True,
+                 batch_invariant: bool | None = None,
                  ) -> GenerationResult | list[GenerationResult] | Iterator[TokenRecord] | Iterator[tuple[int, TokenRecord]]:
         """Generate with early exit; the arguments are ``lite generate``'s flags, with its defaults.
 
@@ -159,11 +160,12 @@ class LiteLM:
             prompt_format: "chat", "alpaca" or "raw" for string prompts (default: the model's own).
             stream: yield tokens as they are produced instead of returning results: a
                 :class:`TokenRecord` per token for one prompt, ``(index, TokenRecord)`` for a list.
-            batch_invariant: every prompt of a list is computed exactly as it is alone (True, the
-                default, as ``lite serve``): a greedy prompt gets the same tokens whatever it is batched
-                with, and a speculative verify computes one position at a time, so it is lossless in every
-                dtype. False batches the rows' matrix products (faster for long lists; tokens may then differ
-                from the prompt alone at near-ties, mostly in bfloat16). One prompt is the same either way,
+            batch_invariant: every prompt of a list is computed exactly as it is alone (True): a greedy
+                prompt gets the same tokens whatever it is batched with, and a speculative verify computes
+                one position at a time, so it is lossless in every dtype. False batches the rows' matrix
+                products (faster for long lists; tokens may then differ from the prompt alone at near-ties,
+                mostly in bfloat16). None (the default, as ``lite serve``): on in bfloat16/float16, off in
+                float32 (:func:`lite.decoding.engine.default_invariant`). One prompt is the same either way,
                 but for speculative decoding.
 
         Returns:
@@ -176,11 +178,13 @@ class LiteLM:
                 argument or setting (naming the flag), or a prompt longer than the model's context.
         """
         items, single = _as_prompt_list(prompts)
-        if not isinstance(batch_invariant, bool):
-            raise LiteError(f"batch_invariant must be True or False, got {batch_invariant!r}")
+        if batch_invariant is not None and not isinstance(batch_invariant, bool):
+            raise LiteError(f"batch_invariant must be True, False or None (by dtype), got {batch_invariant!r}")
         if batch_size < 1:
             raise LiteError(f"batch_size must be >= 1, got {batch_size}")
         lm = self.lite_model
+        if batch_invariant is None:
+            batch_invariant = default_invariant(lm)
         policy = build_policy(lm, ExitOptions(
             exit=exit, threshold_scale=threshold_scale, thresholds=thresholds, confidence=confidence,
             exit_layers=exit_layers, gate=gate, max_draft=max_draft, draft_stop=draft_stop, draft_vocab=draft_vocab,

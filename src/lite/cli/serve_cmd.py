@@ -32,11 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=positive_int, default=8,
                    help="sequences decoded together: requests join the running batch at the next token and "
                         "leave it when done (continuous batching; 1 = one at a time; default 8)")
-    p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
                    help="compute every request exactly as it is computed alone, so a greedy request gets the "
-                        "same tokens whatever else is running (default on; --no-batch-invariant batches the "
-                        "rows' matrix products: more tokens/s under load, answers may differ at near-ties; "
-                        "see docs/serve.md for the measured cost)")
+                        "same tokens whatever else is running (default: on in bfloat16/float16, off in float32; "
+                        "--no-batch-invariant batches the rows' matrix products: more tokens/s under load, "
+                        "answers may differ at near-ties; see docs/serve.md for the measured cost)")
     p.add_argument("--chat-format", default="auto", choices=["auto", "chat", "alpaca"],
                    help="prompt format of chat requests (auto: the Alpaca template for a lite checkpoint trained "
                         "on it, else the tokenizer's chat template, else Alpaca)")

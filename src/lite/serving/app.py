@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..decoding import KV_STRATEGIES, GenerationSettings, check_settings
 from ..decoding.spec import parse_exit, resolve_exit_spec
+from ..decoding.engine import default_invariant
 from ..errors import LiteError
 from ..model.adapter import LiteModel
 from ..model.prompts import default_format, encode_messages
@@ -70,9 +71,11 @@ class ServeConfig:
         max_queue: requests that may wait while the batch is full (``--max-queue``); more get 503.
         max_batch: sequences decoded together, continuously batched (``--max-batch``); 1 = one at a time.
         batch_invariant: every request is computed exactly as it is alone, so a greedy request gets the
-            same tokens whatever else is running (``--batch-invariant``, the default; ``--no-batch-invariant``
-            batches the matrix products of the rows, faster under load, answers may then differ at
-            near-ties). Speculative requests verify one position at a time (lossless) when set.
+            same tokens whatever else is running (``--batch-invariant``); False batches the matrix products
+            of the rows, faster under load, answers may then differ at near-ties (``--no-batch-invariant``);
+            None (the default): on in bfloat16/float16, off in float32
+            (:func:`lite.decoding.engine.default_invariant`). Speculative requests verify one position at a
+            time (lossless) when on.
         chat_format: "auto", "chat" (tokenizer template) or "alpaca" (``--chat-format``).
         api_key: when set, every /v1 request needs ``Authorization: Bearer <key>`` (from $LITE_API_KEY).
         max_body_bytes: larger request bodies get 413.
@@ -87,7 +90,7 @@ class ServeConfig:
     default_temperature: float = 0.0
     max_queue: int = 16
     max_batch: int = 8
-    batch_invariant: bool = True
+    batch_invariant: bool | None = None
     chat_format: str = "auto"
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
@@ -106,9 +109,9 @@ class ServeConfig:
             raise LiteError(f"--max-queue must be >= 0, got {self.max_queue}")
         if self.max_batch < 1:
             raise LiteError(f"--max-batch must be >= 1, got {self.max_batch}")
-        if not isinstance(self.batch_invariant, bool):
-            raise LiteError(f"batch_invariant (--batch-invariant / --no-batch-invariant) must be True or False, "
-                            f"got {self.batch_invariant!r}")
+        if self.batch_invariant is not None and not isinstance(self.batch_invariant, bool):
+            raise LiteError(f"batch_invariant (--batch-invariant / --no-batch-invariant) must be True, False or "
+                            f"None (by dtype), got {self.batch_invariant!r}")
         resolve_chat_format(lm, self.chat_format)
 
 
@@ -168,13 +171,14 @@ def create_app(lm: LiteModel, config: ServeConfig | None = None,
     config = config or ServeConfig()
     config.check(lm)
     chat_fmt = resolve_chat_format(lm, config.chat_format)
+    invariant = default_invariant(lm) if config.batch_invariant is None else config.batch_invariant
     started = now()
     worker: DecodeWorker | None = None
 
     @asynccontextmanager
     async def lifespan(app):
         nonlocal worker
-        worker = DecodeWorker(lm, config.max_queue, config.max_batch, on_step, invariant=config.batch_invariant)
+        worker = DecodeWorker(lm, config.max_queue, config.max_batch, on_step, invariant=invariant)
         app.state.worker = worker
         try:
             yield
@@ -215,7 +219,7 @@ def create_app(lm: LiteModel, config: ServeConfig | None = None,
                          "default_exit": resolve_exit_spec(lm, config.exit), "kv": config.kv,
                          "threshold_scale": config.threshold_scale, "chat_format": chat_fmt,
                          "max_tokens_cap": config.max_tokens_cap, "context": lm.max_context,
-                         "batch_invariant": config.batch_invariant, "dtype": str(lm.dtype).replace("torch.", "")}}
+                         "batch_invariant": invariant, "dtype": str(lm.dtype).replace("torch.", "")}}
 
     @app.get("/health")
     async def health():
