@@ -9,15 +9,6 @@ from lite.decoding import ExitGate, ExitPolicy, GenerationSettings, generate
 from lite.decoding.gate import LearnedExitGate, load_gate, read_gate, save_gate, train_gate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: on a shared 2-core machine extra intra-op threads only spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _separable(n: int, d: int, seed: int):
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((2, d))

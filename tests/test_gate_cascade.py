@@ -14,14 +14,6 @@ from lite.model.exit_modules import ExitModules
 PROMPT = [5, 17, 42, 7]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def lm(tiny_model_dir):
     lm = load_model(tiny_model_dir, device="cpu")

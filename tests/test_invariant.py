@@ -43,14 +43,6 @@ def policy_of(lm: LiteModel, exit: str) -> ExitPolicy:
     return ExitPolicy("dynamic", thresholds=thresholds)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module", params=DTYPES, ids=["float32", "bfloat16"])
 def lm(request) -> LiteModel:
     model, tok = make_tiny_model(num_layers=4, hidden=64, vocab_size=96, seed=3)
