@@ -18,9 +18,11 @@
 # A snapshot of the modules every SNAPSHOT_MINUTES of training lands in $OUT.snapshots (for the ceiling per
 # added exit, benchmarks/ceiling_per_exit.py).
 #   LITE_HOME=/work/lite_home nohup nice -n 19 bash scripts/train_dense_exits.sh > $LITE_HOME/dense.log 2>&1 &
-# The run of record began on 2026-12-07 with the code of commit e6db6fd and was at step ~610 of 663 when that
-# session ended. Resume it with that same code: lite from 2026-12-07 08:00 on counts a checkpoint only with
-# its completeness marker, which e6db6fd did not write, and drops the others before resuming.
+# The run of record began on 2026-12-07 with the code of commit e6db6fd and finished the same day (663 steps,
+# 273 training minutes, final loss 1.422); its ceiling is benchmarks/results/ceiling_per_exit.md, its test-set
+# eval (calibrated with the cascade gate) benchmarks/results/eval_dense_exits/. A run begun by that code and
+# interrupted must be resumed with it: lite from 2026-12-07 08:00 on counts a checkpoint only with its
+# completeness marker, which e6db6fd did not write:
 #   git worktree add /tmp/wt-dense e6db6fd
 #   cd /tmp/wt-dense && LITE_HOME=/work/lite_home PYTHONPATH=/tmp/wt-dense/src LITE=/work/main/.venv/bin/lite \
 #       nohup nice -n 19 bash scripts/train_dense_exits.sh > /work/lite_home/dense.log 2>&1 &
