@@ -132,6 +132,18 @@ def _block(lm: LiteModel, layer: int, h: torch.Tensor, cache: KVCache, pending: 
     return out
 
 
+def _exit_head(lm: LiteModel, plan: Plan, layer: int, h: torch.Tensor, idx: list[int], meter: Meter,
+               normed: torch.Tensor | None = None) -> torch.Tensor:
+    """The exit's head (the exit vocabulary's when there is one) over the rows ``idx`` (h: (c, 1, D), their raw
+    output of block ``layer``), with its reduction; ``normed``: their exit state when a check already made
+    it, else the exit module runs here. Both metered."""
+    if normed is None:
+        normed = lm.exit_normed(h[:, -1], layer)
+        meter.module(idx, layer)
+    meter.head(idx, plan.vocab, reduce=True)
+    return lm.head_logits(normed) if plan.exit_head is None else plan.exit_head(normed)
+
+
 def _check(lm: LiteModel, plan: Plan, layer: int, h: torch.Tensor, idx: list[int], prev: torch.Tensor,
            meter: Meter, before: torch.Tensor | None = None
            ) -> tuple[list[bool], torch.Tensor | None, list[float | None], torch.Tensor, torch.Tensor | None]:
@@ -162,11 +174,8 @@ def _check(lm: LiteModel, plan: Plan, layer: int, h: torch.Tensor, idx: list[int
             return leave, None, [None] * len(idx), prev, feats if exit_state else None
         # the cascade: where the gate lets a row out, its head decides (max-prob >= cut), read once
         passed = [j for j, go in enumerate(leave) if go]
-        normed = feats[passed] if exit_state else lm.exit_normed(h[passed, -1], layer)
-        if not exit_state:
-            meter.module([idx[j] for j in passed], layer)
-        read = lm.head_logits(normed) if plan.exit_head is None else plan.exit_head(normed)
-        meter.head([idx[j] for j in passed], plan.vocab, reduce=True)
+        read = _exit_head(lm, plan, layer, h[passed], [idx[j] for j in passed], meter,
+                          feats[passed] if exit_state else None)
         logits = read.new_zeros(len(idx), read.shape[-1])
         logits[passed] = read
         values: list[float | None] = [None] * len(idx)
@@ -176,10 +185,7 @@ def _check(lm: LiteModel, plan: Plan, layer: int, h: torch.Tensor, idx: list[int
     threshold = plan.thresholds[layer]
     head_fn = conf_mod.HEAD_FUNCTIONS.get(plan.measure)
     if head_fn is not None:
-        normed = lm.exit_normed(h[:, -1], layer)
-        logits = lm.head_logits(normed) if plan.exit_head is None else plan.exit_head(normed)
-        meter.head(idx, plan.vocab, reduce=True)
-        meter.module(idx, layer)
+        logits = _exit_head(lm, plan, layer, h, idx, meter)
         values = head_fn(logits).tolist()  # the exit decisions
         return [v >= threshold for v in values], logits, values, prev, None
     values = conf_mod.state_cosine(h[:, -1], prev).tolist()  # no head
