@@ -163,6 +163,15 @@ def test_choose_cascade_by_hand():
     assert g > 0.6 or c > 0.8  # the pair found screens token 3 out of layer 1 one way or the other
 
 
+def test_choose_cascade_lets_nobody_leave_when_no_pair_meets_the_bar():
+    probs = np.array([[0.9, 0.8]])
+    maxprob = np.array([[0.9, 0.9]])
+    agree = np.array([[False, False]])  # the only exit never agrees: only "nobody leaves" reaches bar 1
+    g, c, stats, rate = choose_cascade(probs, maxprob, agree, [1], 2, bar=1.0, prices=(0.0, 1.0, 0.0))
+    # cuts a lite_config.json can hold (the gate's thresholds are probabilities, confirm cuts finite)
+    assert (g, c) == (1.0, 1.0) and stats.final_rate == 1.0 and rate == [0.0]
+
+
 def test_features_and_confirm_round_trip(lm, tiny_model_dir, tmp_path):
     import shutil
 

@@ -509,8 +509,8 @@ def choose_cascade(probs: np.ndarray, maxprob: np.ndarray, agree: np.ndarray, la
                    bar: float, prices: tuple[float, float, float]) -> tuple[float, float, LayerStats, list[float]]:
     """The cascade's cuts (gate probability ``g``, max-prob ``c``): of a grid of quantiles, the pair of least
     expected compute (in blocks: the blocks run, ``prices`` = (K/V fill of a skipped block, one head read, the
-    full head at L)) whose emitted tokens agree with the final layer's at a share >= ``bar``; (inf, inf)
-    (no token leaves) when none does. Returns (g, c, the cascade's stats, per layer the share of tokens whose
+    full head at L)) whose emitted tokens agree with the final layer's at a share >= ``bar``; (1, 1) (no
+    token leaves: a gate cut of 1 never passes, like a closed layer's) when none does. Returns (g, c, the cascade's stats, per layer the share of tokens whose
     head is read there)."""
     fill, read, final = prices
     e_layers = np.asarray(layers + [num_layers])
@@ -519,7 +519,7 @@ def choose_cascade(probs: np.ndarray, maxprob: np.ndarray, agree: np.ndarray, la
     q = np.linspace(0.0, 1.0, CASCADE_GRID)
     gs = np.unique(np.quantile(finite, q)) if finite.size else np.array([])
     cs = np.unique(np.quantile(maxprob, q)) if maxprob.size else np.array([])
-    best = (np.inf, np.inf, np.inf)
+    best = (np.inf, 1.0, 1.0)  # cost, g, c: nobody leaves unless a pair meets the bar
     agree_l = np.vstack([agree, np.ones((1, n), dtype=bool)])  # a token at L agrees
     for g in gs:
         for c in cs:
