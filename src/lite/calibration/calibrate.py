@@ -582,7 +582,7 @@ def expected_compute(lm: LiteModel, result: CalibrationResult) -> dict[str, floa
     out = {"dynamic": step(list(result.stats.exit_rate), lambda k: head_check, lambda k: 0.0)}
     if result.gate is not None:
         g = result.gate
-        exit_state = g.gate.features == "exit"  # the module ran for every check; else only where a token leaves
+        exit_state = g.gate.reads_exit_state  # the module ran for every check; else only where a token leaves
         if g.head_rate is not None:  # cascade: the head was read where it decided
             out["gate"] = step(list(g.stats.exit_rate), g.gate.flops, lambda k: 0.0, exit_state, g.head_rate)
         else:
