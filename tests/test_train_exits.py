@@ -172,9 +172,27 @@ def test_snapshots_keep_the_modules_every_few_minutes_of_training(tiny_model_dir
     h = torch.randn(2, final.hidden_size)
     assert torch.equal(last.exit_logits(h, 1), final.exit_logits(h, 1))  # step 8 is the finished run
     assert not torch.allclose(first.exit_logits(h, 1), final.exit_logits(h, 1))  # step 4 is earlier
-    with pytest.raises(TrainError, match="needs --exit-modules"):
-        train(str(tiny_model_dir), str(data_file), tmp_path / "lora", max_steps=2, lora=True,
+    with pytest.raises(TrainError, match="needs --exit-modules or --lora"):
+        train(str(tiny_model_dir), str(data_file), tmp_path / "full", max_steps=2, recipe="paper",
               snapshot_minutes=5, **FAST)
+
+
+def test_snapshots_of_a_lora_run_keep_the_adapter(tiny_model_dir, data_file, tmp_path):
+    """A LoRA run's snapshots hold its adapter as it was (a loadable model over the same base): the last is
+    the finished output, an earlier one differs."""
+    out = tmp_path / "out"
+    train(str(tiny_model_dir), str(data_file), out, max_steps=4, lr=5e-2, lora=True, lora_rank=2,
+          lora_targets="q_proj,v_proj", exit_layers="2,4", snapshot_minutes=1e-6, **dict(FAST, save_steps=2))
+    snaps = sorted((tmp_path / "out.snapshots").iterdir())
+    assert [s.name for s in snaps] == ["step-000002", "step-000004"]
+    assert all((s / "adapter_model.safetensors").is_file() and not (s / "model.safetensors").exists()
+               for s in snaps)
+    first, last, final = (load_model(f, device="cpu") for f in (*snaps, out))
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    with torch.no_grad():
+        logits = [m.model(ids).logits for m in (first, last, final)]
+    assert torch.equal(logits[1], logits[2])  # step 4 is the finished run
+    assert not torch.allclose(logits[0], logits[2])  # step 2 is earlier
 
 
 def test_max_minutes_ends_training_on_the_clock_and_says_so(tiny_model_dir, data_file, tmp_path):

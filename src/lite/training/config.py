@@ -124,10 +124,11 @@ class TrainConfig:
         max_minutes: end training once this many minutes of training have passed (the run's training clock,
             over resumes), even if ``max_steps``/``epochs`` planned more: recipes compared at equal time. The
             learning-rate schedule still spans the planned steps, so plan about as many as fit.
-        snapshot_minutes: with ``exit_modules``, keep a loadable copy of the modules every this many minutes
-            of training, at the first checkpoint after each (so ``save_steps`` sets the grain), in
-            ``<out>.snapshots/step-NNNNNN`` (a few MB each; kept over resumes): score them with
-            ``benchmarks/exit_agreement.py`` for the curve of agreement against training minutes.
+        snapshot_minutes: with ``exit_modules`` or ``lora``, keep a loadable copy of the modules (or of the
+            LoRA adapter) every this many minutes of training, at the first checkpoint after each (so
+            ``save_steps`` sets the grain), in ``<out>.snapshots/step-NNNNNN`` (a few MB each; kept over
+            resumes): score them with ``benchmarks/ceiling_per_exit.py`` for the curves against training
+            minutes. A full fine-tuning run has no small copy to keep.
         state_cache_gb: with ``exit_modules``, keep the frozen backbone's states at the response positions of
             each sequence in memory, up to this many GiB, so that epochs after the first do not run the
             backbone (:class:`lite.training.hf_trainer.StateCache`); 0 turns it off. One process only.
@@ -230,8 +231,8 @@ class TrainConfig:
         "end training after M minutes of training (over resumes), even if more steps were planned; the schedule "
         "still spans the planned steps (recipes compared at equal time)", type="positive_float", metavar="M"))
     snapshot_minutes: float | None = field(default=None, **_flag(
-        "with --exit-modules: keep a loadable copy of the modules every M minutes of training (at the next "
-        "checkpoint) in <out>.snapshots/step-NNNNNN, for the curve of agreement against training minutes",
+        "with --exit-modules or --lora: keep a loadable copy of the modules (or the adapter) every M minutes of "
+        "training (at the next checkpoint) in <out>.snapshots/step-NNNNNN, for the curves against training minutes",
         type="positive_float", metavar="M"))
     state_cache_gb: float = field(default=4.0, **_flag(
         "with --exit-modules: keep the frozen backbone's states at the response positions in memory, up to G "
@@ -267,7 +268,10 @@ class TrainConfig:
         preset = RECIPES[recipe]
         exit_modules = self.exit_modules if self.exit_modules is not None else preset["exit_modules"]
         lr = self.lr if self.lr is not None else (1e-3 if exit_modules else 2e-4 if self.lora else 2e-5)
-        return replace(self, recipe=recipe, exit_modules=exit_modules, lr=lr,
+        targets = self.lora_targets  # the Python API may write them as the flag does: "q_proj,v_proj"
+        if isinstance(targets, str):
+            targets = tuple(t.strip() for t in targets.split(",") if t.strip())
+        return replace(self, recipe=recipe, exit_modules=exit_modules, lr=lr, lora_targets=tuple(targets),
                        targets=self.targets if self.targets is not None else preset["targets"],
                        own_answers=self.own_answers if self.own_answers is not None else preset["own_answers"])
 
@@ -312,9 +316,10 @@ class TrainConfig:
                 raise TrainError(f"{flag} must be a finite number > 0, got {value}")
         if not (c.state_cache_gb >= 0 and math.isfinite(c.state_cache_gb)):
             raise TrainError(f"--state-cache-gb must be a finite number >= 0 (0: no cache), got {c.state_cache_gb}")
-        if c.snapshot_minutes is not None and c.exit_modules is None:
-            raise TrainError("--snapshot-minutes keeps copies of exit modules (a few MB each) and needs "
-                             "--exit-modules; a LoRA or full run keeps its last checkpoints in OUT.partial")
+        if c.snapshot_minutes is not None and c.exit_modules is None and not c.lora:
+            raise TrainError("--snapshot-minutes keeps small copies (exit modules or a LoRA adapter, a few MB "
+                             "each) and needs --exit-modules or --lora; a full fine-tuning run keeps its last "
+                             "checkpoints in OUT.partial")
         if c.exit_modules is not None:
             if c.exit_modules not in EXIT_MODULE_KINDS:
                 raise TrainError(f"--exit-modules must be one of {EXIT_MODULE_KINDS}, got {c.exit_modules!r}")

@@ -335,8 +335,10 @@ def _make_trainer(c: TrainConfig, run: _Prepared, wrapped: _Wrapped, show_progre
     if budget is not None:
         callbacks.append(budget)
     if c.snapshot_minutes:
+        weights = wrapped.modules.save if wrapped.modules is not None else \
+            (lambda folder: _save_adapter(wrapped.train_model, folder, run.run_record["model"]))
         callbacks.append(snapshot_callback(snapshot_folder(run.out), c.snapshot_minutes, clock, _snapshot_writer(
-            wrapped.modules, tokenizer, wrapped.lite_config, getattr(lm.model, "generation_config", None))))
+            weights, tokenizer, wrapped.lite_config, getattr(lm.model, "generation_config", None))))
     callbacks.append(complete_callback())  # last: a checkpoint counts once everything above wrote it
     state_cache = None
     if c.exit_modules and c.state_cache_gb > 0 and not distributed:
@@ -471,19 +473,10 @@ def _save_final(trainer, train_model, tokenizer, lite_config: LiteConfig, work: 
         modules.save(final)
     else:
         model = trainer.accelerator.unwrap_model(train_model)
-        if lora:
-            # the adapter names its base as Hugging Face tools do (the embedded default by its hub id, which
-            # lite places in the HF cache), not this machine's cache path; lite_config.json keeps lite's name
-            for cfg in model.peft_config.values():
-                cfg.base_model_name_or_path = hub_id_for(base_spec)
-        with warnings.catch_warnings():  # peft probes the hub for the base's vocabulary; lite never changes it
-            warnings.filterwarnings("ignore", message=r"Could not find a config file in .* vocabulary was not modified")
-            # ... and without a network that probe fails with a UserWarning of peft's own (utils/other.py)
-            warnings.filterwarnings("ignore", message=r"Unable to fetch remote file due to the following error")
-            if state_dict is not None and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
-                # gathered copies share no memory, so save_pretrained would keep the tied head as a second copy
-                state_dict = {k: v for k, v in state_dict.items() if not k.endswith("lm_head.weight")}
-            model.save_pretrained(str(final), **({"state_dict": state_dict} if state_dict is not None else {}))
+        if state_dict is not None and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+            # gathered copies share no memory, so save_pretrained would keep the tied head as a second copy
+            state_dict = {k: v for k, v in state_dict.items() if not k.endswith("lm_head.weight")}
+        _save_pretrained(model, final, base_spec if lora else None, state_dict)
     tokenizer.save_pretrained(str(final))
     if (work / "runs").is_dir():  # TensorBoard's event files (--report-to tensorboard) stay with the model
         shutil.move(str(work / "runs"), str(final / "runs"))
@@ -497,12 +490,34 @@ def _save_final(trainer, train_model, tokenizer, lite_config: LiteConfig, work: 
     remove_own_files(work, WORK_FILES)  # what lite wrote there, and the folder if nothing else is left
 
 
-def _snapshot_writer(modules, tokenizer, lite_config: LiteConfig, generation_config=None
-                     ) -> Callable[[Path, int, float], None]:
-    """What a snapshot of an exit-module run holds: the modules as they are now, the tokenizer, and
-    ``lite_config.json`` with the steps and training seconds so far; loadable like the final output."""
+def _save_pretrained(model, folder: Path, lora_base: str | None = None, state_dict=None) -> None:
+    """``model.save_pretrained(folder)``, quietly. ``lora_base``: the model is a peft adapter over this base,
+    which the adapter then names as Hugging Face tools do (the embedded default by its hub id, which lite
+    places in the HF cache), not this machine's cache path; lite_config.json keeps lite's name."""
+    from ..model.loading import hub_id_for
+
+    if lora_base is not None:
+        for cfg in model.peft_config.values():
+            cfg.base_model_name_or_path = hub_id_for(lora_base)
+    with warnings.catch_warnings():  # peft probes the hub for the base's vocabulary; lite never changes it
+        warnings.filterwarnings("ignore", message=r"Could not find a config file in .* vocabulary was not modified")
+        # ... and without a network that probe fails with a UserWarning of peft's own (utils/other.py)
+        warnings.filterwarnings("ignore", message=r"Unable to fetch remote file due to the following error")
+        model.save_pretrained(str(folder), **({"state_dict": state_dict} if state_dict is not None else {}))
+
+
+def _save_adapter(train_model, folder: Path, base_spec: str) -> None:
+    """A LoRA run's adapter as it is now (what a snapshot of it holds): a few MB, loadable over its base."""
+    _save_pretrained(getattr(train_model, "module", train_model), folder, base_spec)
+
+
+def _snapshot_writer(save_weights: Callable[[Path], None], tokenizer, lite_config: LiteConfig,
+                     generation_config=None) -> Callable[[Path, int, float], None]:
+    """What a snapshot holds: the trained weights as they are now (``save_weights(folder)``: the exit
+    modules, or a LoRA adapter), the tokenizer, and ``lite_config.json`` with the steps and training seconds
+    so far; loadable like the final output."""
     def write(folder: Path, step: int, seconds: float) -> None:
-        modules.save(folder)
+        save_weights(folder)
         tokenizer.save_pretrained(str(folder))
         training = dict(lite_config.training, steps=step, train_seconds=round(seconds, 3), snapshot=True)
         replace(lite_config, training=training).save(folder)
