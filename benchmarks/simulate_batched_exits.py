@@ -6,10 +6,12 @@ Inputs, all committed results of the shipped default (``smollm2-135m-lite``):
 * the per-token exit layers of its default policy on the paper's four test sets
   (``eval_default_modules/report.json``, ``overall.exit_layer_histogram``);
 * what one decode step costs over b rows against one row, from lite's engine with exits off
-  (``batch.json``: c(b) = b * tok/s(1) / tok/s(b); measured at b = 1, 8, 16, linear in between and beyond);
+  (``batch.json``: c(b) = b * tok/s(1) / tok/s(b), measured at b = 1, 8, 16, fitted by c(b) = 1 + r (b - 1)
+  at the largest);
 * the LM head in decoder blocks (``speculative.json``, ``unit_ms``: head / block at one position).
 
-Cost of one step over a batch of B rows, in blocks of one row (c(b) = cost of a block over b rows, relative
+The cost model is lite's own (:func:`lite.decoding.cost.batch_step_price`, which ``--exit auto`` decides by);
+here without the checks' cost. Cost of one step over a batch of B rows, in blocks of one row (c(b) = cost of a block over b rows, relative
 to one row; head H blocks; exits read the head over ``--exit-vocab`` of its ``--vocab`` rows, the final layer
 the whole head; K/V of a skipped layer by state copy costs ``--kv-fraction`` of that layer):
 
@@ -24,7 +26,7 @@ the whole head; K/V of a skipped layer by state copy costs ``--kv-fraction`` of 
 Rows and tokens are drawn independently from the histogram (real exits correlate: easy spans come together,
 which helps ride-along). Expectations are exact (binomial sums), not sampled. Gate evaluations (a dot product
 per exit) and Python overhead are not counted. Three cost curves: measured (this CPU), memory-bound (a step
-costs the same for any b, the small-batch GPU regime) and compute-bound (c(b) = b).
+costs the same for any b, the small-batch GPU regime: r = 0) and compute-bound (c(b) = b: r = 1).
 
 A second table prices the other way an engine can use the exits: a draft model made of the first k layers,
 their exit module and the head (vLLM's draft-model proposer, SGLang's STANDALONE), verified by the whole
@@ -41,58 +43,30 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 from pathlib import Path
+
+from lite.decoding.cost import StepPrices, batch_step_price
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
 
 
-def binomial_pmf(n: int, p: float) -> list[float]:
-    return [math.comb(n, k) * p ** k * (1 - p) ** (n - k) for k in range(n + 1)]
-
-
-def expect(n: int, p: float, f) -> float:
-    """E[f(K)] for K ~ Binomial(n, p)."""
-    return sum(w * f(k) for k, w in enumerate(binomial_pmf(n, p)))
-
-
-def measured_curve(batch_rows: list[dict]):
-    """c(b) from lite's batched engine with exits off: b * tps(1) / tps(b), linear between the measured
-    batch sizes and beyond the last two."""
+def row_costs(batch_rows: list[dict]) -> tuple[float, list[tuple[int, float]]]:
+    """The row cost of :class:`lite.decoding.cost.StepPrices` from lite's batched engine with exits off: c(b)
+    = b * tps(1) / tps(b) at each measured batch size, fitted by c(b) = 1 + row_cost * (b - 1) at the largest."""
     tps = {r["batch"]: r["engine_off_tps"] for r in batch_rows}
     points = sorted((b, b * tps[1] / tps[b]) for b in tps)
-
-    def c(b: float) -> float:
-        if b <= 0:
-            return 0.0
-        for (b0, c0), (b1, c1) in zip(points, points[1:]):
-            if b <= b1:
-                return c0 + (c1 - c0) * (b - b0) / (b1 - b0)
-        (b0, c0), (b1, c1) = points[-2], points[-1]
-        return c1 + (c1 - c0) * (b - b1) / (b1 - b0)
-
-    return c, points
+    b, c = points[-1]
+    return (c - 1) / (b - 1), points
 
 
-def step_costs(hist: dict[int, int], L: int, B: int, c, head: float, exit_head: float, kv: float) -> dict:
-    """Expected cost of one step over B rows: full model, ride along, regroup (units: one block, one row)."""
-    total = sum(hist.values())
-    p_at = {k: hist.get(k, 0) / total for k in range(1, L + 1)}
-    below = 0.0  # P(exit layer < l)
-    ride_depth = 0.0
-    regroup_blocks = 0.0
+def deepest_exit(hist: dict[int, int], L: int, B: int) -> float:
+    """E[the deepest exit of B rows] = sum over blocks l of P(some row reaches l)."""
+    total, below, depth = sum(hist.values()), 0.0, 0.0
     for layer in range(1, L + 1):
-        p_run = 1.0 - below  # a row still runs block l when its exit layer is >= l
-        regroup_blocks += expect(B, p_run, c) + kv * expect(B, below, c)
-        ride_depth += 1.0 - below ** B  # P(max exit >= l), summed over l = E[max exit]
-        below += p_at[layer]
-    heads = sum(expect(B, p_at[k], c) * (head if k == L else exit_head) for k in p_at if p_at[k] > 0)
-    full = c(B) * (L + head)
-    # ride along: blocks up to the deepest exit run over every row; the layers above it are skipped by
-    # every row, whose K/V there is filled by state copy
-    ride = c(B) * ride_depth + kv * c(B) * (L - ride_depth) + heads
-    return {"full": full, "ride": ride, "regroup": regroup_blocks + heads, "max_exit": ride_depth}
+        depth += 1.0 - below ** B
+        below += hist.get(layer, 0) / total
+    return depth
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         d, kv_dim, ffn = 576, 192, 1536  # SmolLM2-135M: hidden, 3 KV heads x 64, MLP width
         block = 2 * d * d + 2 * d * kv_dim + 3 * d * ffn
         args.kv_fraction = 2 * d * kv_dim / block
-    measured, points = measured_curve(batch["rows"])
-    curves = {"measured (this CPU)": measured, "memory-bound": lambda b: 1.0 if b > 0 else 0.0,
-              "compute-bound": lambda b: float(b)}
+    measured, points = row_costs(batch["rows"])
+    curves = {"measured (this CPU)": measured, "memory-bound": 0.0, "compute-bound": 1.0}  # row costs
+    rates = {k: v / sum(hist.values()) for k, v in hist.items() if k < L}
     mean_exit = sum(k * v for k, v in hist.items()) / sum(hist.values())
 
     lines = ["# What batching does to early exit: a projection from measured costs", "",
@@ -133,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{sum(hist.values())} tokens of 80 prompts, mean exit {mean_exit:.1f} of {L}, float32, batch 8 with "
              f"answers identical to batch 1), step cost against batch size from lite's engine with exits off "
              f"(`{Path(args.batch).relative_to(RESULTS.parent.parent)}`, float32, 2 threads: c(b) = "
-             + ", ".join(f"{c:.2f} at {b}" for b, c in points) + "), and the head = "
+             + ", ".join(f"{c:.2f} at {b}" for b, c in points) + f"; r = {measured:.3f}), and the head = "
              f"{head:.1f} blocks (`{Path(args.speculative).relative_to(RESULTS.parent.parent)}`). Exits read "
              f"{args.exit_vocab} of {args.vocab} head rows; a skipped layer's K/V fill costs "
              f"{args.kv_fraction:.3f} of the layer. See the script's docstring for the cost model.", "",
@@ -144,11 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for B in BATCHES:
         cells, depth = [], None
-        for name, c in curves.items():
-            s = step_costs(hist, L, B, c, head, exit_head, args.kv_fraction)
-            depth = s["max_exit"]
-            cells.append(f"{s['full'] / s['ride']:.2f}x / {s['full'] / s['regroup']:.2f}x")
-            rows.append({"batch": B, "curve": name, **s})
+        depth = deepest_exit(hist, L, B)
+        for name, row_cost in curves.items():
+            # gate checks (a dot product per exit) and Python overhead not counted: check 0, overhead 0
+            prices = StepPrices(head=head, exit_read=exit_head, check=0.0, kv_fill=args.kv_fraction, overhead=0.0,
+                                row_cost=row_cost)
+            ride, full = batch_step_price(rates, sorted(rates), L, B, prices, ride=B > 1)
+            regroup, _ = batch_step_price(rates, sorted(rates), L, B, prices, ride=False)
+            cells.append(f"{full / ride:.2f}x / {full / regroup:.2f}x")
+            rows.append({"batch": B, "curve": name, "full": full, "ride": ride, "regroup": regroup, "max_exit": depth})
         lines.append(f"| {B} | {depth:.1f} | " + " | ".join(cells) + " |")
     measured_rows = {r["batch"]: r for r in batch["rows"]}
     lines += ["", "Measured (`batch.json`, by the batched engine before the engines became one; 16 Vicuna prompts, mean exit "

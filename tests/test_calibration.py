@@ -167,6 +167,15 @@ def test_calibrate_writes_thresholds_for_every_exit_below_L(calibrated):
     assert cfg.gate_file and (model / cfg.gate_file).is_file()
     lm = load_model(model, device="cpu")
     assert lm.lite_config.thresholds == cfg.thresholds  # round trip through lite_config.json
+    # what --exit auto decodes with at each batch size, and the prices it follows from, recorded and shown
+    from lite.decoding.spec import PRICED_BATCHES, default_exit, priced_speedup
+
+    assert set(cal["priced_speedup"]) == {"dynamic", "gate"}
+    assert cal["priced_speedup"]["gate"]["8"] == round(priced_speedup(lm, "gate", 8), 3)
+    assert cal["auto_by_batch"] == {str(b): default_exit(lm, b) for b in PRICED_BATCHES}
+    card = (model / "README.md").read_text()
+    by_batch = cal["priced_speedup"][cfg.default_exit]
+    assert "at batch 16" in card and f"{by_batch['16']:.2f}x at batch 16" in card
 
 
 def test_generate_dynamic_uses_calibrated_thresholds(calibrated, capsys):

@@ -189,7 +189,7 @@ class LiteLM:
             exit=exit, threshold_scale=threshold_scale, thresholds=thresholds, confidence=confidence,
             exit_layers=exit_layers, gate=gate, max_draft=max_draft, draft_stop=draft_stop, draft_vocab=draft_vocab,
             exit_vocab=exit_vocab,
-        ))
+        ), batch=1 if batch_invariant else min(batch_size, len(items)))  # auto is priced at the rows run together
         settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                       seed=seed, stop=list(stop or []), kv=kv)
         ids = []

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ..decoding import confidence as conf_mod
+from ..decoding.cost import PRICE_POSITION
 from ..decoding.gate import DEFAULT_FEATURES, check_features, gate_features
 from ..errors import LiteError
 from ..model.adapter import LiteModel
@@ -539,16 +540,12 @@ def choose_cascade(probs: np.ndarray, maxprob: np.ndarray, agree: np.ndarray, la
 def cascade_prices(lm: LiteModel, exit_vocab: int | None) -> tuple[float, float, float]:
     """:func:`choose_cascade`'s prices for ``lm`` at :data:`COST_POSITION`, in blocks: (a skipped block's K/V
     fill, one head read at an exit with its module, the full head with its reduction at L)."""
-    from ..decoding.cost import ModelShape
+    from ..decoding.cost import step_prices
 
-    shape = ModelShape.from_config(lm.config)
-    block = shape.block_flops(COST_POSITION)
-    read = (exit_vocab * (2 * shape.hidden + 5) if exit_vocab else shape.head_check_flops())
-    module = max((lm.exit_module_flops(k) for k in calibration_layers(lm)), default=0)
-    return shape.kv_fill_flops() / block, (read + module) / block, shape.head_check_flops() / block
+    return step_prices(lm, exit_vocab, COST_POSITION)
 
 
-COST_POSITION = 256  # the decode position at which expected_compute prices a step (attention grows with it)
+COST_POSITION = PRICE_POSITION  # the decode position at which expected_compute prices a step (attention grows with it)
 
 
 def expected_compute(lm: LiteModel, result: CalibrationResult) -> dict[str, float]:
@@ -625,6 +622,7 @@ def save_calibration(lm: LiteModel, result: CalibrationResult) -> str:
     import dataclasses
 
     from ..decoding.gate import GATE_FILE, save_gate
+    from ..decoding.spec import PRICED_BATCHES, default_exit, priced_table
     from ..model.card import write_model_card
 
     if lm.folder is None:
@@ -652,7 +650,10 @@ def save_calibration(lm: LiteModel, result: CalibrationResult) -> str:
         confidence=result.confidence, calibration=record, gate_file=gate_file, default_exit=default,
         exit_vocab=result.exit_vocab,
     )
-    path = cfg.save(lm.folder)
     lm.lite_config = cfg
+    # what --exit auto decodes with at each batch size follows from these prices (default_exit)
+    record["priced_speedup"] = priced_table(lm)
+    record["auto_by_batch"] = {str(b): default_exit(lm, b) for b in PRICED_BATCHES}
+    path = cfg.save(lm.folder)
     write_model_card(lm.folder)  # the card shows the new thresholds (a README lite did not write is kept)
     return str(path)

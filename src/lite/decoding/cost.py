@@ -364,3 +364,121 @@ def sequence_cost(shape: ModelShape, prompt_len: int, tokens: list[TokenCost], s
         drafted=sum(tc.drafted for tc in tokens), accepted=sum(tc.accepted for tc in tokens),
         rejected=sum(tc.drafted - tc.accepted for tc in tokens), acceptance_by_position=acceptance_by_position(tokens),
     )
+
+
+# ------------------------------------------------------------------ pricing a step of B rows (wall-clock)
+# FLOPs count the work of each token, the same alone and in any batch; what a batch of B rows waits for is
+# another matter. A decode step at small batch is bound by reading the weights: a block over b rows costs
+# about one block over one row plus a little per row, and the step lasts until its deepest row leaves. The
+# functions below price one step of B rows in those terms ("blocks of one row"), for the decision of whether
+# exits pay at a batch size (``--exit auto``, :func:`lite.decoding.spec.default_exit`).
+
+ROW_COST = 0.095
+"""A block over b rows costs ``1 + ROW_COST * (b - 1)`` blocks over one row: lite's engine with exits off ran
+4.8x the tokens per second of batch 1 at batch 8 (1.67 blocks of one row for a block over 8) and 7.3x at 16
+(2.20 for 16), float32 on a 2-core x86 CPU. A GPU at small batch is more weight-bound still (smaller)."""
+
+CHECK_OVERHEAD = 0.05
+"""What one exit check costs beyond its FLOPs, in blocks of one row: the host sync of its decision and the
+Python around it, about 50 microseconds against a block's 1.07 ms at one position (float32, 2-core CPU). The
+dense-exit model, checked at 22 exits per token, ran 1.15x lite's exits off at batch 1 where its saved layers
+alone promise 1.15x: per-check overhead is small there."""
+
+
+def binomial_expect(n: int, p: float, f: Callable[[int], float]) -> float:
+    """E[f(K)] for K ~ Binomial(n, p), exactly (a sum over k = 0..n)."""
+    import math
+
+    p = min(max(float(p), 0.0), 1.0)
+    return sum(math.comb(n, k) * p ** k * (1 - p) ** (n - k) * f(k) for k in range(n + 1))
+
+
+@dataclass(frozen=True)
+class StepPrices:
+    """What the pieces of a decode step cost, in blocks of one row (a block over one position).
+
+    Attributes:
+        head: the full LM head (a row that reaches L, or leaves without an exit vocabulary).
+        exit_read: what an exit adds where a row leaves below L: its module and its head (the exit
+            vocabulary's when there is one); 0 where a check already read them.
+        check: one check over one row: the gate's dot products, or a head-based measure's module and head.
+        kv_fill: one skipped block's K/V fill for one row.
+        cascade_read: a cascade's confirm read at a check the gate let a row pass (its module and head).
+        overhead: :data:`CHECK_OVERHEAD`, per check call (not per row).
+        row_cost: :data:`ROW_COST`.
+    """
+
+    head: float
+    exit_read: float
+    check: float
+    kv_fill: float
+    cascade_read: float = 0.0
+    overhead: float = CHECK_OVERHEAD
+    row_cost: float = ROW_COST
+
+    def calls(self, rows: int, per_row: float = 1.0) -> float:
+        """One call over ``rows`` rows of work ``per_row`` blocks of one row each: weights read once."""
+        return 0.0 if rows <= 0 else per_row * (1.0 + self.row_cost * (rows - 1))
+
+
+def batch_step_price(exit_rates: dict[int, float], checked: Iterable[int], num_layers: int, batch: int,
+                     prices: StepPrices, ride: bool, head_reads: dict[int, float] | None = None
+                     ) -> tuple[float, float]:
+    """Expected cost of one decode step of ``batch`` rows under early exit, and the full model's, in blocks
+    of one row. ``checked``: the exits checked below L. Each row leaves at exit layer k with probability
+    ``exit_rates[k]`` (the rest reach L),
+    independently (real exits correlate: easy spans come together, which helps ride-along).
+
+    * full model: every block and the head over all B rows.
+    * exits: the checks at each exit over the rows still inside, plus :data:`CHECK_OVERHEAD` per check call;
+      each group of rows leaving at one layer reads its exit (module and head) in one call, the rows at L the
+      full head. ``ride`` (the engine's default up to its ride-along limit): the blocks run over every row
+      until the deepest row leaves, so rows that left write their K/V by riding along, and the layers above
+      the deepest exit get every row's K/V by a fill; regroup: each block runs over the rows still inside and
+      fills the K/V of those that left.
+    ``head_reads``: a cascade's confirm reads per exit, as a share of all rows (``cascade_read`` each; the
+    rows that leave were read there, so ``exit_read`` then holds what leaving adds beyond it, nothing).
+    Returns (early exit, full model)."""
+    L, B = num_layers, batch
+    rates = {int(k): float(v) for k, v in exit_rates.items() if int(k) < L and v > 0}
+    checks = {int(k) for k in checked if int(k) < L}
+    full = prices.calls(B, L + prices.head)
+    below = 0.0  # P(a row left before the current block)
+    cost = 0.0
+    deepest = 0.0  # E[the deepest layer a row reaches] = sum over l of P(some row reaches l)
+    for layer in range(1, L + 1):
+        inside = 1.0 - below
+        p_any = 1.0 - below ** B
+        deepest += p_any
+        if not ride:
+            cost += binomial_expect(B, inside, lambda n: prices.calls(n)) + \
+                binomial_expect(B, below, lambda n: prices.calls(n, prices.kv_fill))
+        if layer in checks:
+            cost += binomial_expect(B, inside, lambda n: prices.calls(n, prices.check)) + prices.overhead * p_any
+            share = (head_reads or {}).get(layer, 0.0)
+            if share:
+                cost += binomial_expect(B, share, lambda n: prices.calls(n, prices.cascade_read))
+        rate = rates.get(layer, 0.0)
+        if rate:
+            cost += binomial_expect(B, rate, lambda n: prices.calls(n, prices.exit_read))
+        below += rate
+    cost += binomial_expect(B, 1.0 - below, lambda n: prices.calls(n, prices.head))
+    if ride:
+        cost += prices.calls(B, deepest) + prices.calls(B, prices.kv_fill * (L - deepest))
+    return cost, full
+
+
+PRICE_POSITION = 256
+"""The decode position at which steps are priced (attention grows with it): calibration's expected compute
+and :func:`step_prices`."""
+
+
+def step_prices(lm, exit_vocab: int | None, position: int = PRICE_POSITION) -> tuple[float, float, float]:
+    """The prices of ``lm``'s exits at ``position``, in blocks of one row: (a skipped block's K/V fill, one
+    head read at an exit with its module (the exit vocabulary's head when ``exit_vocab``), the full head with
+    its reduction at L)."""
+    shape = ModelShape.from_config(lm.config)
+    block = shape.block_flops(position)
+    read = exit_vocab * (2 * shape.hidden + 5) if exit_vocab else shape.head_check_flops()
+    module = max((lm.exit_module_flops(k) for k in lm.exit_layers if k < lm.num_layers), default=0)
+    return shape.kv_fill_flops() / block, (read + module) / block, shape.head_check_flops() / block

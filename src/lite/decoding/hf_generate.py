@@ -147,7 +147,7 @@ def custom_generate(model: torch.nn.Module, input_ids: torch.Tensor, logits_proc
         exit=exit, threshold_scale=threshold_scale, thresholds=thresholds, confidence=confidence,
         exit_layers=exit_layers, gate=gate, max_draft=max_draft, draft_stop=draft_stop, draft_vocab=draft_vocab,
         exit_vocab=exit_vocab,
-    ))
+    ), batch=int(input_ids.shape[0]))  # auto is priced at the rows decoded together
     width = input_ids.shape[1]
     max_new = int(g.max_length) - width
     if max_new < 1:

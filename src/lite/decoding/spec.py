@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, fields
 from ..errors import LiteError
 from ..model.adapter import LiteModel
 from ..model.config import parse_exit_layers, threshold_problem
+from .cost import PRICE_POSITION
 from .policy import CONFIDENCES, ExitPolicy, check_policy
 
 SPEC_KINDS = ("none", "static", "dynamic", "gate", "speculative", "auto")
@@ -94,26 +95,91 @@ def is_calibrated(lm: LiteModel) -> bool:
     return all(cfg.threshold_for(k) is not None for k in cfg.exit_layers if k < lm.num_layers)
 
 
-def default_exit(lm: LiteModel) -> str:
-    """The model's own best exit policy, what ``auto`` means: the one calibration recorded
-    (``lite_config.json``'s ``default_exit``), else the learned gate when the folder has one, else
-    ``dynamic`` when it has calibrated thresholds, else ``none`` (an uncalibrated model decodes in full)."""
+PRICE_MARGIN = 0.10  # (the model card says "10%": lite.model.card)
+"""``auto`` decodes with exits at a batch size only where their priced step (:func:`priced_speedup`) is at
+least this much faster than the full model's. The price left out 3-8% in what was measured against lite's
+exits off (float32, 2-core CPU): the shipped default priced 1.20x at batch 1 and ran 1.09x, 1.01x at batch 8
+and ran 0.98x; the dense-exit cascade priced 1.22x at batch 1 and ran 1.15x."""
+
+
+def priced_speedup(lm: LiteModel, kind: str, batch: int = 1, ride: bool | None = None) -> float | None:
+    """The full model's step cost over that of the calibrated policy ``kind`` ("dynamic" or "gate"), priced
+    at ``batch`` rows (:func:`lite.decoding.cost.batch_step_price`) from where the calibration tokens left
+    (``lite_config.json``'s ``calibration``); > 1 is faster. ``ride``: rows that leave ride along (None: the
+    engine's default, up to its ride-along limit). None when calibration recorded nothing to price."""
+    from .cost import StepPrices, batch_step_price, step_prices
+    from .engine import RIDE_ALONG_ROWS
+
+    cal = lm.lite_config.calibration or {}
+    record = cal.get("gate") if kind == "gate" else cal if kind == "dynamic" else None
+    if not record or not record.get("expected_exit_rate"):
+        return None
+    rates = {int(k): float(v) for k, v in record["expected_exit_rate"].items() if v is not None}
+    checked = [int(k) for k in cal.get("layers") or rates]
+    fill, read, head = step_prices(lm, cal.get("exit_vocab") or lm.lite_config.exit_vocab)
+    heads = None
+    if kind == "dynamic":  # every check reads the module and the head; leaving adds nothing
+        prices = StepPrices(head=head, exit_read=0.0, check=read, kv_fill=fill)
+    else:
+        from .cost import ModelShape
+
+        block = ModelShape.from_config(lm.config).block_flops(PRICE_POSITION)
+        per_check = record.get("flops_per_check") or {}
+        check = max((float(v) for v in per_check.values()), default=0.0) / block
+        module = max((lm.exit_module_flops(k) for k in checked), default=0) / block
+        if record.get("features", "exit") == "exit":  # the gate reads the exit state: the module runs each check
+            check, read = check + module, read - module
+        if record.get("head_rate"):  # the cascade: the head is read where the gate lets a row pass
+            heads = {int(k): float(v) for k, v in record["head_rate"].items()}
+            prices = StepPrices(head=head, exit_read=0.0, check=check, kv_fill=fill, cascade_read=read)
+        else:
+            prices = StepPrices(head=head, exit_read=read, check=check, kv_fill=fill)
+    ride = batch <= RIDE_ALONG_ROWS if ride is None else ride
+    cost, full = batch_step_price(rates, checked, lm.num_layers, batch, prices, ride and batch > 1, heads)
+    return full / cost
+
+
+PRICED_BATCHES = (1, 2, 4, 8, 16)  # the batch sizes calibration records prices at (the model card shows them)
+
+
+def priced_table(lm: LiteModel, batches=PRICED_BATCHES) -> dict[str, dict[str, float]]:
+    """:func:`priced_speedup` of each calibrated policy ("gate", "dynamic") at each of ``batches``, rounded:
+    {kind: {str(batch): speedup}}; kinds calibration recorded nothing for are left out."""
+    table = {kind: {str(b): priced_speedup(lm, kind, b) for b in batches} for kind in ("gate", "dynamic")}
+    return {k: {b: round(v, 3) for b, v in row.items()} for k, row in table.items() if None not in row.values()}
+
+
+def default_exit(lm: LiteModel, batch: int = 1) -> str:
+    """The model's own best exit policy at ``batch`` rows decoded together, what ``auto`` means: the one
+    calibration recorded (``lite_config.json``'s ``default_exit``), else the learned gate when the folder has
+    one, else ``dynamic`` when it has calibrated thresholds, else ``none`` (an uncalibrated model decodes in
+    full). A calibrated policy whose priced step at ``batch`` rows (:func:`priced_speedup`) is not at least
+    :data:`PRICE_MARGIN` faster than the full model's gives way to ``none``: in a batch a step lasts until
+    its deepest row leaves, so exits that pay alone can cost more than they save. Batch-invariant decoding
+    computes every row alone: price it at 1."""
     cfg = lm.lite_config
     has_gate = bool(cfg.gate_file)
     recorded = (cfg.default_exit or "").strip()
     if recorded and recorded != "auto" and (recorded != "gate" or has_gate) and \
             (recorded != "dynamic" or is_calibrated(lm)):
-        return recorded
-    if has_gate:
-        return "gate"
-    return "dynamic" if is_calibrated(lm) else "none"
+        chosen = recorded
+    elif has_gate:
+        chosen = "gate"
+    else:
+        chosen = "dynamic" if is_calibrated(lm) else "none"
+    if chosen in ("gate", "dynamic"):
+        speedup = priced_speedup(lm, chosen, batch)
+        if speedup is not None and speedup < 1.0 + PRICE_MARGIN:
+            return "none"
+    return chosen
 
 
-def resolve_exit_spec(lm: LiteModel, spec: str) -> str:
-    """``auto`` becomes the model's own best policy (:func:`default_exit`); others pass through."""
+def resolve_exit_spec(lm: LiteModel, spec: str, batch: int = 1) -> str:
+    """``auto`` becomes the model's own best policy at ``batch`` rows (:func:`default_exit`); others pass
+    through."""
     spec = spec.strip()
     if spec == "auto":
-        return default_exit(lm)
+        return default_exit(lm, batch)
     return spec
 
 
@@ -249,8 +315,10 @@ def _split_spec(lm: LiteModel, spec: str) -> tuple[str, int | None]:
     return kind, None
 
 
-def build_policy(lm: LiteModel, options: ExitOptions | None = None) -> ExitPolicy:
+def build_policy(lm: LiteModel, options: ExitOptions | None = None, batch: int = 1) -> ExitPolicy:
     """The :class:`ExitPolicy` that ``options`` ask for on ``lm``: the one place flags become a policy.
+    ``batch``: the rows decoded together (1 under batch-invariant decoding), which ``auto`` is priced at
+    (:func:`default_exit`).
 
     Raises:
         LiteError: unknown kind, K out of range, flags that do not apply to the kind, thresholds missing or
@@ -262,7 +330,7 @@ def build_policy(lm: LiteModel, options: ExitOptions | None = None) -> ExitPolic
             and math.isfinite(o.threshold_scale)):  # also refuses NaN
         raise LiteError(f"--threshold-scale must be a finite number > 0, got {o.threshold_scale}")
     spec = o.exit.strip() if o.exit is not None else ("dynamic" if (o.thresholds or o.gate) else "auto")
-    spec = resolve_exit_spec(lm, spec)
+    spec = resolve_exit_spec(lm, spec, batch)
     kind, arg = _split_spec(lm, spec)
     if kind != "speculative" and (o.max_draft is not None or o.draft_stop is not None or o.draft_vocab is not None):
         raise LiteError(f"--max-draft/--draft-stop/--draft-vocab apply to --speculative, not --exit {spec}")
@@ -325,13 +393,14 @@ def make_policy(lm: LiteModel, **flags) -> ExitPolicy:
     return build_policy(lm, ExitOptions(**flags))
 
 
-def parse_exit(lm: LiteModel, spec: str, threshold_scale: float = 1.0) -> ExitPolicy:
+def parse_exit(lm: LiteModel, spec: str, threshold_scale: float = 1.0, batch: int = 1) -> ExitPolicy:
     """An exit spec as text (the server's ``exit`` field, ``lite demo --exit``) -> a checked policy.
 
     Args:
         spec: "none", "static:K", "dynamic", "gate", "auto" or "speculative[:N]".
         threshold_scale: multiplies every dynamic threshold (>1 exits less, <1 more).
+        batch: the rows decoded together, which ``auto`` is priced at (:func:`build_policy`).
     Raises:
         LiteError: see :func:`build_policy`.
     """
-    return build_policy(lm, ExitOptions(exit=spec, threshold_scale=threshold_scale))
+    return build_policy(lm, ExitOptions(exit=spec, threshold_scale=threshold_scale), batch)

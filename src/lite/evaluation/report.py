@@ -422,6 +422,18 @@ def _loglik_markdown(report: dict[str, Any]) -> list[str]:
                     for n, s in rows])]
 
 
+def _auto_line(model: dict[str, Any]) -> list[str]:
+    """What ``--exit auto`` picks at the evaluation's batch size, with the priced speedups it was decided by."""
+    auto = model.get("auto_at_batch") or {}
+    priced = auto.get("priced_speedup") or {}
+    if not priced:
+        return []
+    figures = "; ".join(f"{k} " + ", ".join(f"{x:.2f}x at batch {b}" for b, x in v.items()) for k, v in priced.items())
+    return [f"`--exit auto` at batch {auto['batch']} decodes with `{auto['policy']}` (priced step against the "
+            f"full model's, from the calibration tokens: {figures}; exits are kept only where they price at "
+            f"least 10% faster)."]
+
+
 def render_markdown(report: dict[str, Any], plots: list[str]) -> str:
     cfg, model = report["config"], report["model"]
     parts = [
@@ -430,6 +442,7 @@ def render_markdown(report: dict[str, Any], plots: list[str]) -> str:
         f"{model['prompt_format']}, {model['dtype']}), greedy, max {cfg['max_new_tokens']} new tokens. "
         f"Headline run: `{report['primary_run']}`; thresholds {model['thresholds'] or '–'} "
         f"({'calibrated' if model['calibrated'] and not cfg['thresholds'] else 'given with --thresholds'}).",
+        *_auto_line(model),
         "## Cost and quality per test set (headline run)",
         _table(SUMMARY_HEADER, [_summary_row(n, s) for n, s in report["testsets"].items()]
                + [_summary_row("**overall**", report["overall"])]),

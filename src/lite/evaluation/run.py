@@ -245,10 +245,20 @@ class _Job:
 
 def _exit_spec(lm, cfg: EvalConfig, role: str) -> str:
     """``--exit`` for this model: ``auto`` is ``dynamic`` when ``--thresholds`` are given for it, else the
-    model's own best policy (:func:`lite.decoding.spec.default_exit`); others as given."""
+    model's own best policy alone (:func:`lite.decoding.spec.default_exit` at batch 1: eval measures the
+    calibrated policy even where ``auto`` would decode in full at the batch size; the report says which);
+    others as given."""
     if cfg.exit.strip() == "auto" and cfg.thresholds and role == "main":
         return "dynamic"
     return resolve_exit_spec(lm, cfg.exit)
+
+
+def _auto_at_batch(lm, batch: int) -> dict[str, Any]:
+    """What ``--exit auto`` decodes with at the evaluation's batch size (eval itself runs the calibrated
+    policy, to have one to measure), with the priced speedups it was decided by."""
+    from ..decoding.spec import default_exit, priced_table
+
+    return {"batch": batch, "policy": default_exit(lm, batch), "priced_speedup": priced_table(lm, sorted({1, batch}))}
 
 
 def _policies(lm, cfg: EvalConfig, role: str) -> dict[str, tuple[decoding.ExitPolicy, str]]:
@@ -305,7 +315,7 @@ def _plan(lm, role: str, spec: str | None, cfg: EvalConfig) -> _Job:
             "confidence": (cfg.confidence or "max_prob") if thresholds else lm.lite_config.confidence,
             "prompt_format": fmt,
             "dtype": str(lm.dtype).replace("torch.", ""), "calibration": lm.lite_config.calibration,
-            "policy_skipped": skipped}
+            "policy_skipped": skipped, "auto_at_batch": _auto_at_batch(lm, cfg.batch_size)}
     return _Job(role, spec, policies, static, hf=cfg.hf_baseline and role == "main", fmt=fmt, info=info)
 
 

@@ -172,6 +172,7 @@ def create_app(lm: LiteModel, config: ServeConfig | None = None,
     config.check(lm)
     chat_fmt = resolve_chat_format(lm, config.chat_format)
     invariant = default_invariant(lm) if config.batch_invariant is None else config.batch_invariant
+    rows = 1 if invariant else config.max_batch  # what --exit auto is priced at: every row alone, or the batch
     started = now()
     worker: DecodeWorker | None = None
 
@@ -216,7 +217,7 @@ def create_app(lm: LiteModel, config: ServeConfig | None = None,
     def model_card() -> dict[str, Any]:
         return {"id": config.model_name, "object": "model", "created": started, "owned_by": "lite",
                 "lite": {"num_layers": lm.num_layers, "exit_layers": lm.exit_layers,
-                         "default_exit": resolve_exit_spec(lm, config.exit), "kv": config.kv,
+                         "default_exit": resolve_exit_spec(lm, config.exit, rows), "kv": config.kv,
                          "threshold_scale": config.threshold_scale, "chat_format": chat_fmt,
                          "max_tokens_cap": config.max_tokens_cap, "context": lm.max_context,
                          "batch_invariant": invariant, "dtype": str(lm.dtype).replace("torch.", "")}}
@@ -251,7 +252,7 @@ def create_app(lm: LiteModel, config: ServeConfig | None = None,
         kv = opts.kv if opts and opts.kv else config.kv
         scale = opts.threshold_scale if opts and opts.threshold_scale else config.threshold_scale
         try:
-            policy = parse_exit(lm, spec, scale)
+            policy = parse_exit(lm, spec, scale, batch=rows)
         except LiteError as exc:
             raise APIError(400, f"lite.exit: {exc}", param="lite.exit", code="invalid_exit_policy") from None
         settings = GenerationSettings(
@@ -269,7 +270,7 @@ def create_app(lm: LiteModel, config: ServeConfig | None = None,
         except QueueFull as exc:
             raise APIError(503, f"the server is busy: {exc}; retry shortly", type="server_error",
                            code="queue_full") from None
-        return job, resolve_exit_spec(lm, spec), kv, scale
+        return job, resolve_exit_spec(lm, spec, rows), kv, scale
 
     async def handle(request: Request, kind: str):
         check_auth(request)
