@@ -60,6 +60,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --gate: where the gate lets a token out, read the head there and let it leave only if "
                         "its max-prob reaches a second cut (both cuts chosen together, the cheapest pair that meets "
                         "the rule's agreement bar): the head is read only where the gate is sure enough")
+    p.add_argument("--quality-bar", type=number(float, 0, 1, low_open=True), default=None, metavar="B",
+                   help="choose --exit auto by the answers users get: decode --quality-prompts rows (at most 64 new "
+                        "tokens, greedy) with the full model and with the calibrated thresholds and gate (and with their cuts raised 5, 10 and "
+                        "20%%), and keep the candidate saving the most FLOPs whose quality is at least B of the full "
+                        "model's (ROUGE-L against the rows' references; without references, the full model's "
+                        "likelihood of the answers); none meeting it: auto decodes in full. Default: off (auto by "
+                        "agreement)")
+    p.add_argument("--quality-prompts", type=positive_int, default=24, metavar="N",
+                   help="with --quality-bar: rows decoded per candidate (the first N calibration rows; default 24)")
     p.add_argument("--gate-hidden", type=nonnegative_int, default=0, help="gate hidden width (0 = logistic regression)")
     p.add_argument("--gate-steps", type=positive_int, default=300, help="optimiser steps of gate training")
     p.add_argument("--draft-vocab", action="store_true",
@@ -137,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         calibration_layers,
         cascade_prices,
         check_options,
+        choose_by_quality,
         collect,
         drop_training_rows,
         save_calibration,
@@ -208,6 +218,9 @@ def run(args: argparse.Namespace) -> int:
                     seed=args.seed,
                     **({"min_tokens": args.min_tokens} if args.min_tokens else {}))
     result.data = data_info
+    if args.quality_bar is not None:
+        choose_by_quality(lm, result, examples[: args.quality_prompts], args.quality_bar,
+                          max_new_tokens=min(args.max_new_tokens, 64), batch_size=args.batch_size, progress=progress)
     if ranked is not None:  # before the config that names the exit vocabulary
         from ..decoding.draft_vocab import save_ranking
 

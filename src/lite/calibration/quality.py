@@ -1,0 +1,164 @@
+"""The default policy by the quality users get: ``lite calibrate --quality-bar B``.
+
+Calibration chooses thresholds (and the gate's cuts) on teacher-forced agreement with the final layer. What a
+user gets is a free-running answer, and one early token that differs changes everything after it. With a
+quality bar, calibration decodes some of its prompts with the full model and with each candidate policy: the
+calibrated thresholds and gate, and the same with every cut raised by a factor (exits less often,
+:data:`SCALES`). It keeps as ``--exit auto`` the candidate that saves the most compute (FLOPs of the decoded
+answers, against the full model's own) among those whose quality is at least ``B`` of the full model's:
+
+* with references (rows that have an ``output``): mean ROUGE-L of the answers against the references, over
+  the full model's;
+* without (or where the full model's answers score 0 against them): the full model's own judgement, ``exp(mean log-likelihood per token of the candidate's answers
+  under the full model - that of its own answers)`` (:func:`lite.evaluation.loglik.answer_logliks`).
+
+Both figures, and ROUGE-L against the full model's answers, are recorded for every candidate
+(``calibration.quality`` in ``lite_config.json``). Where none meets the bar, ``auto`` decodes in full. The
+prompts are the first ``--quality-prompts`` calibration rows, so the choice is in-sample on them; a few dozen
+prompts give a noisy ratio: say how many beside any figure.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from ..decoding import ExitPolicy, GenerationSettings, generate_batch
+from ..evaluation.loglik import answer_logliks
+from ..evaluation.metrics import mean, rouge_l
+from ..model.prompts import encode_prompt
+
+SCALES = (1.0, 1.05, 1.1, 1.2)
+"""Factors every cut of a candidate is multiplied by (> 1 exits less; a probability cut above 1 never lets a
+token out)."""
+
+
+@dataclass
+class Candidate:
+    """One judged policy: ``kind`` ("dynamic" or "gate") with its cuts times ``scale``."""
+
+    kind: str
+    scale: float
+    layers_saved: float  # 1 - mean exit layer / L over the answers' tokens
+    compute_saved: float  # 1 - FLOPs / FLOPs of the full model's own answers
+    rouge_full: float | None  # ROUGE-L F against the full model's answers
+    rouge_ref: float | None  # ROUGE-L F against the references (None without them)
+    loglik: float | None  # mean per-token log-likelihood of the answers under the full model
+    quality: float | None  # the figure the bar applies to (see the module docstring)
+    exit_rates: dict[str, float]  # share of the answers' tokens leaving at each exit below L
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}@{self.scale:g}"
+
+
+def scaled_policy(policy: ExitPolicy, scale: float) -> ExitPolicy:
+    """``policy`` with every cut times ``scale``: the thresholds, or the gate's thresholds and its cascade's
+    max-prob cuts (a copy of the gate; the classifiers are shared)."""
+    if policy.gate is None:
+        return replace(policy, thresholds={k: v * scale for k, v in policy.checks.items()})
+    gate = copy.copy(policy.gate)
+    gate.thresholds = {k: v * scale for k, v in policy.gate.thresholds.items()}
+    gate.confirm = {k: v * scale for k, v in policy.gate.confirm.items()}
+    return replace(policy, gate=gate)
+
+
+def _decode(lm, prompts: list[list[int]], policy: ExitPolicy, max_new_tokens: int, batch_size: int):
+    settings = [GenerationSettings(max_new_tokens=max_new_tokens)] * len(prompts)
+    return generate_batch(lm, prompts, policy, settings, batch_size=batch_size)
+
+
+def _loglik(lm, prompts: list[list[int]], runs, batch_size: int) -> float | None:
+    """Mean over answers of the full model's mean per-token log-likelihood of each."""
+    return mean(answer_logliks(lm, [(p, list(r.token_ids)) for p, r in zip(prompts, runs)], batch_size).values)
+
+
+def judge(lm, examples: list, policies: dict[str, ExitPolicy], *, prompt_format: str, max_new_tokens: int,
+          batch_size: int = 8, scales=SCALES, progress=None) -> tuple[dict[str, Any], list[Candidate]]:
+    """Decode ``examples``' prompts with the full model and with each of ``policies`` ({kind: policy}) at every
+    scale; returns (the full model's figures, the candidates)."""
+    prompts = [encode_prompt(lm.tokenizer, ex.instruction, ex.input, prompt_format) for ex in examples]
+    refs = [ex.output or None for ex in examples]
+    with_refs = all(refs)
+    full = _decode(lm, prompts, ExitPolicy(kind="none"), max_new_tokens, batch_size)
+    full_flops = sum(r.cost.flops for r in full)  # the full model's own answers
+    full_ll = _loglik(lm, prompts, full, batch_size)
+    full_rouge = mean([rouge_l(r.text, ref) for r, ref in zip(full, refs)]) if with_refs else None
+    by_refs = bool(full_rouge)  # a full model scoring 0 against the references leaves no ratio: likelihood
+    base = {"prompts": len(prompts), "references": with_refs, "rouge_ref": full_rouge, "loglik": full_ll,
+            "measure": "rouge_l_vs_references" if by_refs else "full_model_likelihood"}
+    out = []
+    for kind, policy in policies.items():
+        for scale in scales:
+            runs = _decode(lm, prompts, scaled_policy(policy, scale), max_new_tokens, batch_size)
+            layers = [t.exit_layer for r in runs for t in r.tokens]
+            ll = _loglik(lm, prompts, runs, batch_size)
+            rouge_ref = mean([rouge_l(r.text, ref) for r, ref in zip(runs, refs)]) if with_refs else None
+            if by_refs:
+                quality = rouge_ref / full_rouge
+            else:
+                quality = None if ll is None or full_ll is None else math.exp(ll - full_ll)
+            out.append(Candidate(
+                kind=kind, scale=scale,
+                layers_saved=1 - sum(layers) / (len(layers) * lm.num_layers) if layers else 0.0,
+                compute_saved=1 - sum(r.cost.flops for r in runs) / full_flops if full_flops else 0.0,
+                rouge_full=mean([rouge_l(r.text, f.text) for r, f in zip(runs, full)]), rouge_ref=rouge_ref,
+                loglik=ll, quality=quality,
+                exit_rates={str(k): layers.count(k) / len(layers) for k in sorted(set(layers))
+                            if k < lm.num_layers} if layers else {}))
+            if progress:
+                progress(f"quality of {out[-1].name}: {_describe(out[-1])}")
+    return base, out
+
+
+def _describe(c: Candidate) -> str:
+    q = "-" if c.quality is None else f"{c.quality:.3f}"
+    return f"quality {q} of the full model's, {100 * c.layers_saved:.1f}% of layers, {100 * c.compute_saved:.1f}% of FLOPs saved"
+
+
+def choose(candidates: list[Candidate], bar: float) -> Candidate | None:
+    """The candidate saving the most compute whose quality reaches ``bar`` (ties: the smaller scale), or None
+    when none does (``auto`` then decodes in full)."""
+    meeting = [c for c in candidates if c.quality is not None and c.quality >= bar - 1e-12]
+    return max(meeting, key=lambda c: (c.compute_saved, -c.scale), default=None)
+
+
+def record(base: dict[str, Any], candidates: list[Candidate], bar: float, chosen: Candidate | None) -> dict[str, Any]:
+    """What ``lite_config.json`` keeps (``calibration.quality``)."""
+    return {"bar": bar, "measure": base["measure"], "full": base, "candidates": [dict(asdict(c), name=c.name) for c in candidates],
+            "chosen": None if chosen is None else chosen.name}
+
+
+def choose_by_quality(lm, result, examples: list, bar: float, *, max_new_tokens: int = 64, batch_size: int = 8,
+                      progress=None) -> Candidate | None:
+    """``lite calibrate --quality-bar``: judge the calibrated policies of ``result`` (a
+    :class:`lite.calibration.calibrate.CalibrationResult`) on ``examples`` and make the choice its default:
+    the chosen kind's cuts are scaled in ``result`` (its thresholds, or its gate's), and ``result.quality``
+    holds :func:`record` (which :func:`lite.calibration.calibrate.save_calibration` writes, with ``auto``
+    the chosen kind, or none)."""
+    from ..decoding.spec import exit_vocab_ids
+    from ..model.prompts import default_format
+
+    ids = exit_vocab_ids(lm, result.exit_vocab, "--exit-vocab") if result.exit_vocab else None
+    policies = {"dynamic": ExitPolicy("dynamic", thresholds=result.thresholds, confidence=result.confidence,
+                                      exit_ids=ids)}
+    if result.gate is not None:
+        policies["gate"] = ExitPolicy("gate", gate=result.gate.gate, exit_ids=ids)
+    base, candidates = judge(lm, examples, policies, prompt_format=default_format(lm),
+                             max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    chosen = choose(candidates, bar)
+    if chosen is not None and chosen.kind == "dynamic":
+        result.thresholds = scaled_policy(policies["dynamic"], chosen.scale).checks
+    elif chosen is not None:
+        scaled = scaled_policy(policies["gate"], chosen.scale).gate
+        result.gate.gate.thresholds, result.gate.gate.confirm = scaled.thresholds, scaled.confirm
+    result.quality = record(base, candidates, bar, chosen)
+    if progress:
+        progress(f"--quality-bar {bar}: " + (f"--exit auto is {chosen.name} ({_describe(chosen)})" if chosen
+                                             else "no candidate meets it: --exit auto decodes in full"))
+    return chosen
+
+
+__all__ = ["SCALES", "Candidate", "choose", "choose_by_quality", "judge", "record", "scaled_policy"]

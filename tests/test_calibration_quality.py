@@ -1,0 +1,106 @@
+"""``lite calibrate --quality-bar``: ``--exit auto`` chosen by the answers users get, not by agreement alone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from tiny import CALIBRATION_ROWS as ROWS
+
+from lite import LiteConfig, load_model
+from lite.calibration import quality
+from lite.calibration.quality import Candidate, choose, scaled_policy
+from lite.cli import main
+from lite.decoding import ExitPolicy
+from lite.decoding.gate import LearnedExitGate
+from lite.decoding.spec import default_exit, priced_speedup
+
+
+def _candidate(kind, scale, compute, q):
+    return Candidate(kind=kind, scale=scale, layers_saved=compute, compute_saved=compute, rouge_full=None,
+                     rouge_ref=None, loglik=None, quality=q, exit_rates={})
+
+
+def test_choose_keeps_the_cheapest_that_meets_the_bar_else_none():
+    cands = [_candidate("gate", 1.0, 0.30, 0.80), _candidate("gate", 1.1, 0.20, 0.96),
+             _candidate("dynamic", 1.0, 0.25, 0.95), _candidate("dynamic", 1.2, 0.05, 0.99),
+             _candidate("dynamic", 1.05, 0.25, 0.97), _candidate("gate", 1.2, 0.40, None)]
+    assert choose(cands, 0.95).name == "dynamic@1"  # 25% saved; the tie with 1.05 goes to the smaller scale
+    assert choose(cands, 0.98).name == "dynamic@1.2"
+    assert choose(cands, 0.995) is None  # nothing meets it: auto decodes in full
+
+
+def test_scaled_policy_raises_every_cut_and_leaves_the_original_alone():
+    p = ExitPolicy("dynamic", thresholds={1: 0.5, 2: 0.8})
+    assert scaled_policy(p, 1.1).checks == pytest.approx({1: 0.55, 2: 0.88}) and p.checks == {1: 0.5, 2: 0.8}
+    gate = LearnedExitGate({1: [(torch.zeros(1, 4), torch.zeros(1))]}, thresholds={1: 0.6}, features="state",
+                           confirm={1: 0.7})
+    g = scaled_policy(ExitPolicy("gate", gate=gate), 1.2).gate
+    assert g.thresholds == pytest.approx({1: 0.72}) and g.confirm == pytest.approx({1: 0.84})
+    assert gate.thresholds == {1: 0.6} and gate.confirm == {1: 0.7} and g.params is gate.params
+
+
+@pytest.fixture()
+def data_file(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(ROWS))
+    return path
+
+
+def _calibrate(model, data, *more):
+    return main(["calibrate", "--model", str(model), "--data", str(data), "--rule", "agreement", "--target",
+                 "0.5", "--gate", "--filter", "status=ok", "--min-tokens", "16", "--ceiling", "0", *more])
+
+
+def test_quality_bar_decodes_every_candidate_and_makes_the_choice_auto(tiny_model_dir, data_file, tmp_path):
+    plain, judged = tmp_path / "plain", tmp_path / "judged"
+    for folder in (plain, judged):
+        shutil.copytree(tiny_model_dir, folder)
+    assert _calibrate(plain, data_file) == 0
+    assert _calibrate(judged, data_file, "--quality-bar", "1e-6", "--quality-prompts", "3",
+                      "--max-new-tokens", "4") == 0
+    before, cfg = LiteConfig.load(plain), LiteConfig.load(judged)
+    q = cfg.calibration["quality"]
+    # a random tiny model's answers share nothing with the references: the full model's likelihood judges
+    assert q["full"]["rouge_ref"] == 0 and q["measure"] == "full_model_likelihood"
+    assert q["full"]["prompts"] == 3 and q["bar"] == 1e-6
+    assert [c["name"] for c in q["candidates"]] == [f"{k}@{s:g}" for k in ("dynamic", "gate") for s in quality.SCALES]
+    quality_of = {c["name"]: c["quality"] for c in q["candidates"]}
+    saved = {c["name"]: c["compute_saved"] for c in q["candidates"]}
+    meeting = [n for n, v in quality_of.items() if v is not None and v >= 1e-6]
+    assert q["chosen"] == max(meeting, key=lambda n: (saved[n], -float(n.split("@")[1])))
+    kind, scale = q["chosen"].split("@")
+    assert cfg.default_exit == kind and default_exit(load_model(judged, device="cpu")) in (kind, "none")
+    if kind == "dynamic":  # the chosen cuts are the calibrated ones times the scale
+        assert {k: v / float(scale) for k, v in cfg.thresholds.items()} == pytest.approx(before.thresholds)
+    else:
+        assert cfg.calibration["gate"]["thresholds"] == pytest.approx(
+            {k: v * float(scale) for k, v in before.calibration["gate"]["thresholds"].items()})
+    chosen = next(c for c in q["candidates"] if c["name"] == q["chosen"])
+    lm = load_model(judged, device="cpu")
+    if chosen["exit_rates"]:  # auto is priced where the chosen policy's decoded answers left
+        by_stats = dict(cfg.calibration if kind == "dynamic" else cfg.calibration["gate"])["expected_exit_rate"]
+        assert by_stats != chosen["exit_rates"] or scale == "1"
+        assert priced_speedup(lm, kind) is not None
+
+
+def test_no_candidate_meeting_the_bar_makes_auto_decode_in_full(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    monkeypatch.setattr(quality, "choose", lambda candidates, bar: None)
+    assert _calibrate(model, data_file, "--quality-bar", "0.99", "--quality-prompts", "2",
+                      "--max-new-tokens", "3") == 0
+    cfg = LiteConfig.load(model)
+    assert cfg.default_exit == "none" and cfg.calibration["quality"]["chosen"] is None
+    assert default_exit(load_model(model, device="cpu")) == "none"
+    assert "--exit auto" in (model / "README.md").read_text()
+
+
+def test_quality_bar_out_of_range_is_refused_before_anything_is_written(tiny_model_dir, data_file, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    before = sorted(p.name for p in model.iterdir())
+    assert _calibrate(model, data_file, "--quality-bar", "1.5") == 2
+    assert "--quality-bar" in capsys.readouterr().err and sorted(p.name for p in model.iterdir()) == before
