@@ -10,8 +10,8 @@ import torch
 from tiny import CALIBRATION_ROWS as ROWS
 
 from lite import LiteConfig, load_model
-from lite.calibration import quality
-from lite.calibration.quality import Candidate, choose, scaled_policy
+from lite.evaluation import quality
+from lite.evaluation.quality import Candidate, choose, scaled_policy
 from lite.cli import main
 from lite.decoding import ExitPolicy
 from lite.decoding.gate import LearnedExitGate

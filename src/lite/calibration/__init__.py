@@ -16,8 +16,6 @@ from .calibrate import (
     save_calibration,
     select,
 )
-from .quality import choose_by_quality
 
-__all__ = ["CalibrationData", "CalibrationResult", "calibration_layers", "cascade_prices", "check_options",
-           "choose_by_quality", "collect",
+__all__ = ["CalibrationData", "CalibrationResult", "calibration_layers", "cascade_prices", "check_options", "collect",
            "drop_training_rows", "save_calibration", "select"]

@@ -349,7 +349,7 @@ class CalibrationResult:
     gate: GateFit | None = None
     data: dict[str, Any] = field(default_factory=dict)
     exit_vocab: int | None = None
-    quality: dict[str, Any] | None = None  # --quality-bar: lite.calibration.quality.record, which sets auto
+    quality: dict[str, Any] | None = None  # --quality-bar: lite.evaluation.quality.record, which sets auto
 
     def record(self) -> dict[str, Any]:
         """The ``calibration`` entry of ``lite_config.json`` (JSON-safe: NaN becomes null)."""
@@ -645,7 +645,7 @@ def save_calibration(lm: LiteModel, result: CalibrationResult) -> str:
     kept_default = old.default_exit or ("gate" if old.gate_file else None)  # what auto meant before
     if result.gate is None and gate_file and kept_default == "gate" and old.exit_vocab == result.exit_vocab:
         default = "gate"  # thresholds re-calibrated alone: the gate chosen before stays the default
-    if result.quality is not None:  # --quality-bar: the answers decided (lite.calibration.quality)
+    if result.quality is not None:  # --quality-bar: the answers decided (lite.evaluation.quality)
         chosen = result.quality["chosen"]
         default = "none" if chosen is None else chosen.split("@")[0]
         record["quality"] = result.quality

@@ -146,7 +146,6 @@ def run(args: argparse.Namespace) -> int:
         calibration_layers,
         cascade_prices,
         check_options,
-        choose_by_quality,
         collect,
         drop_training_rows,
         save_calibration,
@@ -219,6 +218,8 @@ def run(args: argparse.Namespace) -> int:
                     **({"min_tokens": args.min_tokens} if args.min_tokens else {}))
     result.data = data_info
     if args.quality_bar is not None:
+        from ..evaluation.quality import choose_by_quality
+
         choose_by_quality(lm, result, examples[: args.quality_prompts], args.quality_bar,
                           max_new_tokens=min(args.max_new_tokens, 64), batch_size=args.batch_size, progress=progress)
     if ranked is not None:  # before the config that names the exit vocabulary

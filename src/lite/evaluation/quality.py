@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from ..decoding import ExitPolicy, GenerationSettings, generate_batch
-from ..evaluation.loglik import answer_logliks
-from ..evaluation.metrics import mean, rouge_l
+from .loglik import answer_logliks
+from .metrics import mean, rouge_l
 from ..model.prompts import encode_prompt
 
 SCALES = (1.0, 1.05, 1.1, 1.2)
