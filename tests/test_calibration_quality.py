@@ -16,6 +16,7 @@ from lite.cli import main
 from lite.decoding import ExitPolicy
 from lite.decoding.gate import LearnedExitGate
 from lite.decoding.spec import default_exit, priced_speedup
+from lite.model.config import NEVER_EXIT
 
 
 def _candidate(kind, scale, compute, q):
@@ -33,13 +34,20 @@ def test_choose_keeps_the_cheapest_that_meets_the_bar_else_none():
 
 
 def test_scaled_policy_raises_every_cut_and_leaves_the_original_alone():
-    p = ExitPolicy("dynamic", thresholds={1: 0.5, 2: 0.8})
-    assert scaled_policy(p, 1.1).checks == pytest.approx({1: 0.55, 2: 0.88}) and p.checks == {1: 0.5, 2: 0.8}
+    p = ExitPolicy("dynamic", thresholds={1: 0.5, 2: 0.8, 3: 0.95})
+    assert scaled_policy(p, 1.1).checks == pytest.approx({1: 0.55, 2: 0.88, 3: NEVER_EXIT})  # max-prob <= 1
+    assert p.checks == {1: 0.5, 2: 0.8, 3: 0.95}
     gate = LearnedExitGate({1: [(torch.zeros(1, 4), torch.zeros(1))]}, thresholds={1: 0.6}, features="state",
                            confirm={1: 0.7})
     g = scaled_policy(ExitPolicy("gate", gate=gate), 1.2).gate
     assert g.thresholds == pytest.approx({1: 0.72}) and g.confirm == pytest.approx({1: 0.84})
+    assert scaled_policy(ExitPolicy("gate", gate=gate), 1.8).gate.thresholds == {1: 1.0}  # a probability
     assert gate.thresholds == {1: 0.6} and gate.confirm == {1: 0.7} and g.params is gate.params
+    # the decisions follow the scaled cut: a state whose probability (0.5: zero weights) passes 0.45 but not 0.54
+    low = LearnedExitGate({1: [(torch.zeros(1, 4), torch.zeros(1))]}, thresholds={1: 0.45}, features="state")
+    state = torch.zeros(1, 4)
+    assert low.should_exit_rows(1, state) == [True]
+    assert scaled_policy(ExitPolicy("gate", gate=low), 1.2).gate.should_exit_rows(1, state) == [False]
 
 
 @pytest.fixture()

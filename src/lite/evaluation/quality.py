@@ -28,6 +28,7 @@ from typing import Any
 from ..decoding import ExitPolicy, GenerationSettings, generate_batch
 from .loglik import answer_logliks
 from .metrics import mean, rouge_l
+from ..model.config import CONFIDENCE_RANGES, NEVER_EXIT
 from ..model.prompts import encode_prompt
 
 SCALES = (1.0, 1.05, 1.1, 1.2)
@@ -57,11 +58,13 @@ class Candidate:
 def scaled_policy(policy: ExitPolicy, scale: float) -> ExitPolicy:
     """``policy`` with every cut times ``scale``: the thresholds, or the gate's thresholds and its cascade's
     max-prob cuts (a copy of the gate; the classifiers are shared)."""
-    if policy.gate is None:
-        return replace(policy, thresholds={k: v * scale for k, v in policy.checks.items()})
-    gate = copy.copy(policy.gate)
-    gate.thresholds = {k: v * scale for k, v in policy.gate.thresholds.items()}
-    gate.confirm = {k: v * scale for k, v in policy.gate.confirm.items()}
+    if policy.gate is None:  # a cut raised past what the measure can reach is "never" (NEVER_EXIT)
+        top = CONFIDENCE_RANGES[policy.confidence][1]
+        return replace(policy, thresholds={k: v * scale if v * scale <= top else NEVER_EXIT
+                                           for k, v in policy.checks.items()})
+    gate = copy.copy(policy.gate)  # probabilities: a cut of 1 lets nothing out
+    gate.set_thresholds({k: min(v * scale, 1.0) for k, v in policy.gate.thresholds.items()})  # (as logits too)
+    gate.confirm = {k: min(v * scale, 1.0) for k, v in policy.gate.confirm.items()}
     return replace(policy, gate=gate)
 
 
@@ -153,7 +156,8 @@ def choose_by_quality(lm, result, examples: list, bar: float, *, max_new_tokens:
         result.thresholds = scaled_policy(policies["dynamic"], chosen.scale).checks
     elif chosen is not None:
         scaled = scaled_policy(policies["gate"], chosen.scale).gate
-        result.gate.gate.thresholds, result.gate.gate.confirm = scaled.thresholds, scaled.confirm
+        result.gate.gate.set_thresholds(scaled.thresholds)
+        result.gate.gate.confirm = scaled.confirm
     result.quality = record(base, candidates, bar, chosen)
     if progress:
         progress(f"--quality-bar {bar}: " + (f"--exit auto is {chosen.name} ({_describe(chosen)})" if chosen
