@@ -62,7 +62,7 @@ def _calibrate(model, data, *more):
                  "0.5", "--gate", "--filter", "status=ok", "--min-tokens", "16", "--ceiling", "0", *more])
 
 
-def test_quality_bar_decodes_every_candidate_and_makes_the_choice_auto(tiny_model_dir, data_file, tmp_path):
+def test_quality_bar_decodes_every_candidate_and_makes_the_choice_auto(tiny_model_dir, data_file, tmp_path, capsys):
     plain, judged = tmp_path / "plain", tmp_path / "judged"
     for folder in (plain, judged):
         shutil.copytree(tiny_model_dir, folder)
@@ -71,6 +71,8 @@ def test_quality_bar_decodes_every_candidate_and_makes_the_choice_auto(tiny_mode
                       "--max-new-tokens", "4") == 0
     before, cfg = LiteConfig.load(plain), LiteConfig.load(judged)
     q = cfg.calibration["quality"]
+    printed = capsys.readouterr().out
+    assert f"**{q['chosen']}** (chosen)" in printed and printed.count("dynamic@") >= len(quality.SCALES)
     # a random tiny model's answers share nothing with the references: the full model's likelihood judges
     assert q["full"]["rouge_ref"] == 0 and q["measure"] == "full_model_likelihood"
     assert q["full"]["prompts"] == 3 and q["bar"] == 1e-6

@@ -218,10 +218,11 @@ def run(args: argparse.Namespace) -> int:
                     **({"min_tokens": args.min_tokens} if args.min_tokens else {}))
     result.data = data_info
     if args.quality_bar is not None:
-        from ..evaluation.quality import choose_by_quality
+        from ..evaluation.quality import choose_by_quality, quality_table
 
         choose_by_quality(lm, result, examples[: args.quality_prompts], args.quality_bar,
                           max_new_tokens=min(args.max_new_tokens, 64), batch_size=args.batch_size, progress=progress)
+        print(quality_table(result.quality))
     if ranked is not None:  # before the config that names the exit vocabulary
         from ..decoding.draft_vocab import save_ranking
 

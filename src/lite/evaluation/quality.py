@@ -165,4 +165,24 @@ def choose_by_quality(lm, result, examples: list, bar: float, *, max_new_tokens:
     return chosen
 
 
-__all__ = ["SCALES", "Candidate", "choose", "choose_by_quality", "judge", "record", "scaled_policy"]
+def quality_table(rec: dict[str, Any]) -> str:
+    """:func:`record` as a markdown table, one row per candidate, the chosen one marked."""
+    full = rec["full"]
+    ref = "-" if full["rouge_ref"] is None else f"{full['rouge_ref']:.3f}"
+    ll = "-" if full["loglik"] is None else f"{full['loglik']:.3f}"
+    lines = [f"Full model on {full['prompts']} prompts: ROUGE-L against the references {ref}, log-likelihood per "
+             f"token {ll}. Quality: {rec['measure'].replace('_', ' ')}, over the full model's; bar {rec['bar']}.", "",
+             "| candidate | quality | layers saved | FLOPs saved | ROUGE-L vs full answer | ROUGE-L vs references "
+             "| log-likelihood |", "|---|---|---|---|---|---|---|"]
+
+    def f(v, pct=False):
+        return "-" if v is None else f"{100 * v:.1f}%" if pct else f"{v:.3f}"
+
+    for c in rec["candidates"]:
+        name = f"**{c['name']}** (chosen)" if c["name"] == rec["chosen"] else c["name"]
+        lines.append(f"| {name} | {f(c['quality'])} | {f(c['layers_saved'], True)} | {f(c['compute_saved'], True)} | "
+                     f"{f(c['rouge_full'])} | {f(c['rouge_ref'])} | {f(c['loglik'])} |")
+    return "\n".join(lines)
+
+
+__all__ = ["SCALES", "Candidate", "choose", "choose_by_quality", "judge", "quality_table", "record", "scaled_policy"]
