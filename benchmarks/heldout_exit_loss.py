@@ -3,7 +3,8 @@
 The teacher-forced side of the paper's two questions, on rows none of the models trained on: does LITE
 make intermediate layers predict (loss at each exit, LITE vs the final-layer baseline), and does it hurt the
 last layer (loss at L)? Each layer's hidden state goes through the model's own final norm and head, and the
-cross-entropy is averaged over response tokens (prompt tokens ignored), as in training.
+cross-entropy is averaged over response tokens (prompt tokens ignored), as in training
+(:func:`lite.calibration.scoring.score_sequences` on :func:`lite.calibration.scoring.reference_sequences`).
 
 The held-out rows are those recorded in the FIRST model's lite_config.json (lite train keeps the same
 split for the same data, seed and fraction; every other model must record the same ids, which is checked).
@@ -27,31 +28,18 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 
 from lite import load_model
+from lite.calibration.scoring import reference_sequences, score_sequences
 from lite.files import write_atomic
 from lite.model.prompts import default_format
-from lite.training.data import IGNORE_INDEX, load_heldout, tokenize_example
+from lite.training.data import load_heldout
 
 
 def exit_losses(lm, rows, layers: list[int]) -> tuple[dict[int, float], int]:
-    """Mean response-token cross-entropy at each layer over ``rows`` (one row at a time, no padding), and
-    the number of response tokens."""
-    fmt = default_format(lm)
-    total = {k: 0.0 for k in layers}
-    count = 0
-    with torch.inference_mode():
-        for row in rows:
-            item = tokenize_example(lm.tokenizer, row, fmt)
-            if item is None:
-                continue
-            ids = torch.tensor([item["input_ids"]])
-            labels = torch.tensor(item["labels"][1:])
-            keep = labels != IGNORE_INDEX
-            states = lm.hidden_states(ids, layers=layers)
-            for k in layers:
-                logits = lm.lm_head(states[k][0, :-1][keep])
-                total[k] += float(torch.nn.functional.cross_entropy(logits.float(), labels[keep], reduction="sum"))
-            count += int(keep.sum())
-    return {k: total[k] / count for k in layers}, count
+    """Mean response-token cross-entropy at each layer over ``rows`` (the package's teacher-forced scorer, one
+    row at a time, no padding), and the number of response tokens."""
+    scores = score_sequences(lm, reference_sequences(lm.tokenizer, rows, default_format(lm)), layers=layers,
+                             losses=True)
+    return scores.pooled(scores.ce), scores.tokens
 
 
 def main(argv: list[str] | None = None) -> int:
