@@ -39,10 +39,9 @@ from typing import Any
 
 import numpy as np
 
+from lite.evaluation.metrics import BOOTSTRAP_DRAWS, BOOTSTRAP_SEED, bootstrap_interval
 from lite.files import write_atomic, write_json_atomic
 
-BOOTSTRAP_DRAWS = 2000
-BOOTSTRAP_SEED = 0
 NEVER_EXIT_AT = 1.0  # a threshold above any confidence or probability: that layer never lets a token leave
 COLORS = {"baseline": "C0", "LITE": "C1", "winner": "C2", "untuned": "grey"}
 SAMPLE_RULE = ("among the prompts whose early-exit answer is at least the median similarity to the full "
@@ -221,18 +220,11 @@ def load_agreement(path: str | None, labels: dict[str, str]) -> tuple[dict[str, 
 
 
 # ----------------------------------------------------------------------------------- numbers
-def bootstrap(hf_seconds: np.ndarray, run_seconds: np.ndarray, sims: np.ndarray,
-              draws: int = BOOTSTRAP_DRAWS, seed: int = BOOTSTRAP_SEED) -> dict[str, list[float] | None]:
-    """95% percentile intervals over prompts of sum(hf)/sum(run) and mean(sims), the same draws for both."""
-    rng = np.random.default_rng(seed)
-    pick = rng.integers(0, len(sims), size=(draws, len(sims)))
-    out: dict[str, list[float] | None] = {
-        "similarity_ci95": [float(x) for x in np.percentile(sims[pick].mean(1), [2.5, 97.5])],
-        "speedup_ci95": None}
-    if hf_seconds.size:
-        ratios = hf_seconds[pick].sum(1) / np.maximum(run_seconds[pick].sum(1), 1e-12)
-        out["speedup_ci95"] = [float(x) for x in np.percentile(ratios, [2.5, 97.5])]
-    return out
+def bootstrap(hf_seconds: np.ndarray, run_seconds: np.ndarray, sims: np.ndarray) -> dict[str, list[float] | None]:
+    """95% percentile intervals over prompts of sum(hf)/sum(run) and mean(sims), the same draws for both
+    (:func:`lite.evaluation.metrics.bootstrap_interval`, one seed)."""
+    return {"similarity_ci95": list(bootstrap_interval(sims)),
+            "speedup_ci95": list(bootstrap_interval(hf_seconds, run_seconds)) if hf_seconds.size else None}
 
 
 def similarity_table(evals: dict[str, ModelEval], embedder) -> dict[tuple[str, str], float]:
