@@ -32,7 +32,7 @@ from ..decoding import confidence as conf_mod
 from ..decoding.gate import check_features, gate_features
 from ..errors import LiteError
 
-Sequence = tuple[list[int], list[int]]  # (token ids, positions scored: each predicts the token after it)
+TokenSequence = tuple[list[int], list[int]]  # (token ids, positions scored: each predicts the token after it)
 
 
 @dataclass
@@ -90,7 +90,7 @@ class ExitScores:
         return self.pooled(self.agree)
 
 
-def answer_sequences(pairs: Iterable[tuple[list[int], list[int]]]) -> list[Sequence | None]:
+def answer_sequences(pairs: Iterable[tuple[list[int], list[int]]]) -> list[TokenSequence | None]:
     """(prompt ids, answer ids) pairs -> (prompt + answer, the positions predicting each answer token); None
     for an empty answer or prompt (nothing to score)."""
     return [(list(p) + list(a), list(range(len(p) - 1, len(p) + len(a) - 1))) if a and p else None
@@ -98,13 +98,13 @@ def answer_sequences(pairs: Iterable[tuple[list[int], list[int]]]) -> list[Seque
 
 
 def reference_sequences(tokenizer, examples: list, prompt_format: str, max_length: int | None = None
-                        ) -> list[Sequence | None]:
+                        ) -> list[TokenSequence | None]:
     """Each row's prompt + reference response + EOS (:func:`lite.training.data.tokenize_example`, cut at
     ``max_length``; None: its default) and the positions predicting the response tokens; None for a row with
     no response token left."""
     from ..training.data import DEFAULT_MAX_LENGTH, IGNORE_INDEX, tokenize_example
 
-    out: list[Sequence | None] = []
+    out: list[TokenSequence | None] = []
     for example in examples:
         item = tokenize_example(tokenizer, example, prompt_format,
                                 DEFAULT_MAX_LENGTH if max_length is None else max_length)
@@ -117,7 +117,7 @@ def reference_sequences(tokenizer, examples: list, prompt_format: str, max_lengt
     return out
 
 
-def score_sequences(lm, sequences: Iterable[Sequence | None], *, layers: list[int] | None = None,
+def score_sequences(lm, sequences: Iterable[TokenSequence | None], *, layers: list[int] | None = None,
                     losses: bool = False, states: tuple[str, ...] = (), vocab: list[int] | None = None,
                     total: int | None = None, progress: Callable[[int, int], None] | None = None) -> ExitScores:
     """Teacher-force each sequence once through ``lm`` and score every exit at its answer positions.
