@@ -5,8 +5,10 @@ with the same token budget: transformers' batched greedy ``generate`` (left padd
 exits off (``--exit none``), the model's default policy (``--exit auto``) and its calibrated max-prob
 thresholds (``--exit dynamic``). Speed is generated tokens per second, as a ratio to ``generate`` measured
 in the same round; quality beside it: for exits off, the rows whose tokens are identical to ``generate``'s;
-for the exit policies, the share of tokens equal to exits off's tokens at the same position and the layer
-saving (1 - mean exit layer / L).
+for the exit policies, the share of tokens equal to exits off's tokens at the same position
+(:func:`lite.evaluation.metrics.pooled_token_agreement`: over the answer tokens, each pair's longer length;
+results before 2026-12-07's change counted the early-exit answer's tokens instead, the same when both
+answers have one length) and the layer saving (1 - mean exit layer / L).
 
     python benchmarks/bench_engine.py --model smollm2-135m-lite --prompts 16 --max-new-tokens 64 \
         --dtypes float32,bfloat16 --batch-sizes 1,8 --rounds 2 --threads 2 --out benchmarks/results/engine.md
@@ -24,6 +26,7 @@ import torch
 from lite import load_model
 from lite.decoding import GenerationSettings, generate_batch, parse_exit
 from lite.decoding.reference import hf_generate_batch
+from lite.evaluation.metrics import pooled_token_agreement
 from lite.files import write_atomic
 from lite.model.prompts import default_format, encode_prompt
 
@@ -65,12 +68,6 @@ def reference(lm, ids, n, batch):
     return run
 
 
-def agreement(a: list[list[int]], b: list[list[int]]) -> float:
-    """Share of tokens of ``a`` equal to ``b``'s at the same position (over ``a``'s tokens)."""
-    same = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb))
-    return same / max(sum(len(r) for r in a), 1)
-
-
 def measure(args, dtype: str) -> list[dict]:
     lm = load_model(args.model, dtype=dtype, device=args.device)
     fmt = default_format(lm)
@@ -107,7 +104,7 @@ def measure(args, dtype: str) -> list[dict]:
             elif exits is not None:
                 flat = [k for r in exits for k in r]
                 row["layer_saving"] = 1 - sum(flat) / (len(flat) * L) if flat else 0.0
-                row["agreement_with_exits_off"] = agreement(answers, off)
+                row["agreement_with_exits_off"] = pooled_token_agreement(zip(answers, off))
                 row["identical_to_exits_off"] = sum(a == b for a, b in zip(answers, off))
                 row["rows"] = len(answers)
             rows.append(row)

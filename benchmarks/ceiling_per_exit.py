@@ -26,12 +26,13 @@ import torch
 
 from lite.calibration.calibrate import collect_sequences
 from lite.calibration.ceiling import AGREEMENT_BARS, model_ceiling, oracle_layers
-from lite.decoding import ExitPolicy, GenerationSettings, generate_batch
+from lite.calibration.scoring import answer_sequences
 from lite.files import write_atomic, write_json_atomic
 from lite.model.config import LiteConfig
 from lite.model.loading import load_model, resolve_model
 from lite.model.prompts import default_format, encode_prompt
 from lite.training.data import load_heldout
+from lite.training.own_answers import own_answers
 
 RULES = ("max_prob", "margin", "entropy")
 
@@ -72,13 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{args.model}: its held-out split differs from {args.heldout_from}'s")
     fmt = default_format(lm)
     prompts = [encode_prompt(lm.tokenizer, r.instruction, r.input, fmt) for r in rows]
-    answers = []
-    for b in range(0, len(prompts), 8):  # the model's own greedy answers, exits off
-        results = generate_batch(lm, prompts[b:b + 8], ExitPolicy(kind="none"),
-                                 [GenerationSettings(max_new_tokens=args.max_new_tokens)] * len(prompts[b:b + 8]))
-        answers += [list(r.token_ids) for r in results]
+    answers = own_answers(lm, prompts, max_new_tokens=args.max_new_tokens, batch_size=8).ids  # exits off
     print(f"{len(answers)} answers in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    sequences = [(p + a, list(range(len(p) - 1, len(p) + len(a) - 1))) if a else None for p, a in zip(prompts, answers)]
+    sequences = answer_sequences(zip(prompts, answers))
 
     def stats(model):
         return collect_sequences(model, sequences, len(sequences), source="generated", exit_vocab=None)

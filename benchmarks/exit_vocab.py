@@ -24,16 +24,13 @@ import numpy as np
 import torch
 
 from lite.calibration.calibrate import (
-    CalibrationData,
-    _sequences,
     calibration_layers,
+    calibration_sequences,
+    collect_sequences,
     expected_compute,
     select,
 )
-from lite.decoding import confidence as conf_mod
-from lite.decoding.spec import exit_vocab_ids
 from lite.model.loading import load_model
-from lite.model.prompts import default_format
 from lite.training.data import load_heldout
 
 
@@ -52,46 +49,17 @@ def main() -> None:
     examples = load_heldout(lm.lite_config)[: args.limit]
     layers = calibration_layers(lm)
     sizes = [int(n) for n in args.sizes.split(",")]
-    heads = {}
-    for n in sizes:
-        ids = list(exit_vocab_ids(lm, n))
-        heads[n] = (torch.tensor(ids, dtype=torch.long, device=lm.device), lm.vocab_head(ids))
     keys = [None] + sizes
-    conf: dict = {k: [] for k in keys}
-    agree: dict = {k: [] for k in keys}
     start = time.perf_counter()
-    with torch.inference_mode():
-        for seq in _sequences(lm, examples, "generated", default_format(lm), 256, args.max_new_tokens, 8):
-            if seq is None:
-                continue
-            ids, positions = seq
-            x, pos = torch.tensor([ids]), torch.tensor(positions)
-            cache = lm.new_cache(len(ids))
-            h = lm.embed(x)
-            per = {k: ([], []) for k in keys}
-            for layer in range(1, lm.num_layers + 1):
-                h = lm.run_block(layer, h, cache)
-                if layer not in layers:
-                    continue
-                normed = lm.exit_normed(h[0, pos], layer)
-                logits = lm.head_logits(normed)
-                per[None][0].append(conf_mod.max_prob(logits))
-                per[None][1].append(logits.argmax(-1))
-                for n, (ids_n, head) in heads.items():
-                    sub = head(normed)
-                    per[n][0].append(conf_mod.max_prob(sub))
-                    per[n][1].append(ids_n[sub.argmax(-1)])
-            final = lm.exit_logits(h[0, pos], lm.num_layers).argmax(-1)
-            for k in keys:
-                conf[k].append(torch.stack(per[k][0]).float().numpy())
-                agree[k].append((torch.stack(per[k][1]) == final).numpy())
+    # the full model's greedy answers, teacher-forced once per head (the full one, then each exit vocabulary)
+    sequences = calibration_sequences(lm, examples, "generated", max_length=256, max_new_tokens=args.max_new_tokens,
+                                      batch_size=8)
+    collected = {k: collect_sequences(lm, sequences, len(sequences), exit_vocab=k) for k in keys}
     seconds = time.perf_counter() - start
     rows = []
     for k in keys:
-        c, a = np.concatenate(conf[k], 1), np.concatenate(agree[k], 1)
-        data = CalibrationData(layers=layers, num_layers=lm.num_layers, confidences={"max_prob": c}, agree=a,
-                               example_index=np.zeros(c.shape[1], dtype=np.int64), examples=len(conf[k]),
-                               exit_vocab=k)
+        data = collected[k]
+        a = data.agree
         for target in (float(t) for t in args.targets.split(",")):
             result = select(data, rule="agreement", target=target, min_tokens=1)
             rates = [0.0 if np.isnan(r) else float(r) for r in result.stats.exit_rate]
@@ -100,10 +68,10 @@ def main() -> None:
                          "exit_rate": rates, "exited_agreement": float(result.stats.exited_agreement),
                          "mean_exit": mean_exit, "layer_saving": 1 - mean_exit / lm.num_layers,
                          "expected_compute": expected_compute(lm, result)["dynamic"]})
-    tokens = int(np.concatenate(agree[None], 1).shape[1])
+    tokens = collected[None].tokens
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"model": args.model, "rows": len(conf[None]), "tokens": tokens, "layers": layers,
+    meta = {"model": args.model, "rows": collected[None].examples, "tokens": tokens, "layers": layers,
             "seconds": round(seconds, 1), "threads": args.threads}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     lines = [f"# Exit vocabulary size: {args.model}, {meta['rows']} held-out rows ({tokens} tokens of the full "

@@ -18,12 +18,13 @@ MODEL = os.environ.get("MODEL", os.path.join(HOME, "runs", "dense-affine"))
 
 
 def collect(argv):
-    import sys, time, numpy as np, torch
-    from lite.decoding import ExitPolicy, GenerationSettings, generate_batch
+    import time, numpy as np, torch
+    from lite.calibration.scoring import answer_sequences, score_sequences
     from lite.model.config import LiteConfig
     from lite.model.loading import load_model, resolve_model
     from lite.model.prompts import default_format, encode_prompt
     from lite.training.data import load_heldout, read_examples
+    from lite.training.own_answers import own_answers
     torch.set_num_threads(int(argv[3]) if len(argv) > 3 else 2)
     lm = load_model(MODEL, dtype="float32", device="cpu")
     fmt = default_format(lm)
@@ -35,36 +36,18 @@ def collect(argv):
         rows = load_heldout(LiteConfig.load(resolve_model("smollm2-135m-lite")))[:n]
     prompts = [encode_prompt(lm.tokenizer, r.instruction, r.input, fmt) for r in rows]
     prompts = [p for p in prompts if len(p) < 320]
-    t0 = time.time(); answers = []
-    for b in range(0, len(prompts), 8):
-        res = generate_batch(lm, prompts[b:b+8], ExitPolicy(kind="none"), [GenerationSettings(max_new_tokens=64)] * len(prompts[b:b+8]))
-        answers += [list(r.token_ids) for r in res]
-        print(f"answers {len(answers)}/{len(prompts)} {time.time()-t0:.0f}s", flush=True)
+    t0 = time.time()
+    answers = own_answers(lm, prompts, max_new_tokens=64, batch_size=8,
+                          progress=lambda line: print(f"{line} {time.time()-t0:.0f}s", flush=True)).ids
     layers = [k for k in lm.exit_layers if k < lm.num_layers]
-    A, M, S, X, Dd, I = [], [], [], [], [], []
-    with torch.inference_mode():
-        for e, (p, a) in enumerate(zip(prompts, answers)):
-            if not a: continue
-            ids = p + a; pos = torch.tensor(range(len(p) - 1, len(ids) - 1))
-            cache = lm.new_cache(len(ids)); h = lm.embed(torch.tensor([ids]))
-            before = lm.final_norm(h[0, pos]); agr, mp, st, mo, dd = [], [], [], [], []
-            for layer in range(1, lm.num_layers + 1):
-                h = lm.run_block(layer, h, cache)
-                nraw = lm.final_norm(h[0, pos])
-                if layer in layers:
-                    nmod = lm.exit_normed(h[0, pos], layer)
-                    lg = lm.lm_head(nmod)
-                    agr.append(lg.argmax(-1)); mp.append(torch.softmax(lg.float(), -1).amax(-1))
-                    st.append(nraw); mo.append(nmod); dd.append(nraw - before)
-                before = nraw
-            final = lm.lm_head(lm.final_norm(h[0, pos])).argmax(-1)
-            A.append((torch.stack(agr) == final).numpy()); M.append(torch.stack(mp).numpy())
-            S.append(torch.stack(st).numpy()); X.append(torch.stack(mo).numpy()); Dd.append(torch.stack(dd).numpy())
-            I.append(np.full(len(a), e))
-            if e % 20 == 0: print(f"scored {e} {time.time()-t0:.0f}s", flush=True)
-    np.savez(f"{HOME}/exp/gate_{which}.npz", agree=np.concatenate(A, 1), maxprob=np.concatenate(M, 1),
-             state=np.concatenate(S, 1).astype(np.float16), module=np.concatenate(X, 1).astype(np.float16),
-             delta=np.concatenate(Dd, 1).astype(np.float16), index=np.concatenate(I), layers=np.array(layers))
+    # one teacher-forced pass per answer: agreement, max-prob, the exit-module state and state+delta features
+    s = score_sequences(lm, answer_sequences(zip(prompts, answers)), layers=layers, states=("exit", "state+delta"),
+                        progress=lambda e, total: e % 20 == 0 and print(f"scored {e} {time.time()-t0:.0f}s", flush=True))
+    d = lm.hidden_size
+    kept = np.array([e for e, a in enumerate(answers) if a])  # index: the prompt each token belongs to
+    np.savez(f"{HOME}/exp/gate_{which}.npz", agree=s.agree, maxprob=s.confidences["max_prob"],
+             state=s.states["state+delta"][..., :d].astype(np.float16), module=s.states["exit"].astype(np.float16),
+             delta=s.states["state+delta"][..., d:].astype(np.float16), index=kept[s.index], layers=np.array(layers))
     print("done", time.time() - t0)
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper's experiment at small scale (issues 6 and 14), three models on the embedded default
+# The paper's experiment at small scale, three models on the embedded default
 # (SmolLM2-135M-Instruct, exits 15, 19, 23, 26, L = 30):
 #   baseline  LoRA r8 fine-tuned with the final layer's loss only (--baseline)
 #   LITE      the paper's recipe: the same LoRA, data and steps, CE at every exit, uniform weights
@@ -12,7 +12,7 @@
 # Every model is evaluated on the first $LIMIT prompts of each of the paper's four test sets (never trained
 # on), greedy, float32, $MAX_NEW new tokens, batch 8: max-prob thresholds at three scales with static exit at
 # every exit layer, and the learned gate; the agreement benchmark scores every exit on the held-out rows.
-# benchmarks/reproduce_report.py then writes results/reproduce/ (report.md, report.json, plots).
+# lite report then writes results/reproduce/ (report.md, report.json, plots).
 # Resumable: every step is skipped when its output exists; lite train and lite eval resume themselves.
 #   LITE_HOME=/path/outside/the/checkout bash scripts/reproduce.sh
 set -euo pipefail
@@ -66,9 +66,9 @@ mkdir -p "$OUT"
     "$PY" benchmarks/exit_agreement.py --model "$BASELINE_RUN" --model "$LITE_RUN" --model "$WINNER" \
         --model smollm2-135m-instruct --heldout-from "$LITE_RUN" --limit 40 --threads "$OMP_NUM_THREADS" \
         --out "$RUNS/agreement.md"
-"$PY" benchmarks/reproduce_report.py \
-    --eval winner="$RUNS/eval-winner-gate,$RUNS/eval-winner" --eval LITE="$RUNS/eval-lite-gate,$RUNS/eval-lite" \
-    --eval baseline="$RUNS/eval-baseline" --agreement "$RUNS/agreement.json" \
+"$LITE" report winner="$RUNS/eval-winner-gate,$RUNS/eval-winner" LITE="$RUNS/eval-lite-gate,$RUNS/eval-lite" \
+    baseline="$RUNS/eval-baseline" --agreement "$RUNS/agreement.json" \
     --agreement-label baseline="$BASELINE_RUN" --agreement-label LITE="$LITE_RUN" \
-    --agreement-label winner="$WINNER" --agreement-label untuned=smollm2-135m-instruct --out-dir "$OUT"
+    --agreement-label winner="$WINNER" --agreement-label untuned=smollm2-135m-instruct \
+    --title "The paper's experiment: baseline, LITE and our recipe" --out "$OUT"
 cp "$RUNS/agreement.md" "$RUNS/agreement.json" "$OUT/"

@@ -201,20 +201,15 @@ def test_every_lite_name_the_benchmarks_and_scripts_import_exists():
     assert not missing
 
 
-# A benchmark that still reads a private name, with the reason; remove the entry with the import.
-PRIVATE_PENDING = {
-    ("exit_vocab.py", "lite.calibration.calibrate._sequences"): "the own-answers function lite.evaluation is "
-                                                                "getting replaces it",
-}
-
-
 def test_benchmarks_and_scripts_run_on_the_installed_package_and_its_public_names():
     """No benchmark, script or test edits the module search path (they run on the installed lite, ``pip
-    install -e .``), and no benchmark or script reads a private name of lite
-    (``lite.x._y``, or ``from lite.x import _y``): a rename inside the package must not break them silently."""
+    install -e .``), no benchmark or script reads a private name of lite (``lite.x._y``, or ``from lite.x
+    import _y``): a rename inside the package must not break them silently; and no benchmark imports another
+    (what two of them share belongs in the package)."""
     root = Path(__file__).resolve().parent.parent
     search_path = "sys" + ".path"  # spelled apart: this file itself must not match a search for it
-    found, private = [], []
+    found, private, sideways = [], [], []
+    scripts = {p.stem for p in (root / "benchmarks").glob("*.py")}
     files = [p for folder in ("benchmarks", "scripts", "tests") for p in sorted((root / folder).rglob("*"))
              if p.suffix in (".py", ".sh") and p.is_file()]
     for path in files:
@@ -227,6 +222,9 @@ def test_benchmarks_and_scripts_run_on_the_installed_package_and_its_public_name
             if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "lite":
                 names = [f"{node.module}.{a.name}" for a in node.names]
                 private += [(path.name, n) for n in names if any(p.startswith("_") for p in n.split("."))]
+            modules = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                       [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+            sideways += [(path.name, m) for m in modules if m.split(".")[0] in scripts]
     assert found == [], f"{search_path} in {found}"
-    assert [p for p in private if p not in PRIVATE_PENDING] == []
-    assert all(p in private for p in PRIVATE_PENDING), "a pending private import is gone: drop its entry"
+    assert private == []
+    assert sideways == [], "a benchmark imports another benchmark: move what they share into the package"

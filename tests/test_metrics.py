@@ -8,6 +8,7 @@ from lite.evaluation.metrics import (
     MiniLMEmbedder,
     cosine_similarities,
     mean,
+    pooled_token_agreement,
     prefix_agreement,
     rouge_l,
     token_agreement,
@@ -42,7 +43,14 @@ def test_token_and_prefix_agreement():
     assert token_agreement([1, 2, 3, 4], [1, 9, 3]) == pytest.approx(2 / 4)
     assert prefix_agreement([1, 2, 3, 4], [1, 9, 3]) == pytest.approx(1 / 4)
     assert token_agreement([], []) == prefix_agreement([], []) == 1.0
-    assert token_agreement([5], []) == 0.0
+    assert token_agreement([5], []) == 0.0 == token_agreement([], [5])  # the answer tokens: either answer's
+
+
+def test_pooled_token_agreement_sums_positions_over_answer_pairs():
+    pairs = [([1, 2, 3, 4], [1, 9, 3]), ([7], [7]), ([], [])]  # 2 of 4, 1 of 1, nothing
+    assert pooled_token_agreement(pairs) == pytest.approx(3 / 5)
+    assert pooled_token_agreement([([], [])]) == pooled_token_agreement([]) == 1.0
+    assert pooled_token_agreement(iter([([1], [2])])) == 0.0
 
 
 def test_cosine_similarity_with_a_fake_embedder():

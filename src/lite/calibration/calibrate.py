@@ -7,13 +7,13 @@ normed state ``final_norm(h_k)`` that a learned gate reads. Two sources of token
 
 * ``reference``: prompt + the row's reference response + EOS (as :func:`lite.training.data.tokenize_example` builds
   them), teacher-forced; the scored tokens are the response positions;
-* ``generated``: the model's own greedy answer to the prompt with exits off (:func:`lite.decoding.generate`),
-  then teacher-forced the same way; this is the distribution the model will actually decode. A
+* ``generated``: the model's own greedy answer to the prompt with exits off
+  (:func:`lite.training.own_answers.own_answers`), then teacher-forced the same way; this is the distribution the model will actually decode. A
   conversation is prompted up to its last trained assistant turn (:func:`lite.training.data.prompt_ids`).
 
-Each sequence goes once through the adapter's blocks (:meth:`LiteModel.run_block`, the path the engine
-decodes with), so raw states are at hand for ``state_cosine``. Teacher forcing means every position sees
-the full model's cache; during early-exit decoding earlier tokens may have left early, which the
+Each sequence goes once through the adapter's blocks, scored by :func:`lite.calibration.scoring.score_sequences`
+(the one teacher-forced scorer, shared with the ceiling and the measurement scripts). Teacher forcing means every
+position sees the full model's cache; during early-exit decoding earlier tokens may have left early, which the
 calibration cannot see (a known, documented gap).
 
 Selection (:func:`select`) is a pure function of the collected arrays: the rules of :mod:`lite.calibration.thresholds`,
@@ -25,8 +25,7 @@ Layer numbering: layer k = output of decoder block k, 1-indexed; L = number of d
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,10 +34,11 @@ import torch
 
 from ..decoding import confidence as conf_mod
 from ..decoding.cost import PRICE_POSITION
-from ..decoding.gate import DEFAULT_FEATURES, check_features, gate_features
+from ..decoding.gate import DEFAULT_FEATURES, check_features
 from ..errors import LiteError
 from ..model.adapter import LiteModel
 from ..model.prompts import default_format
+from .scoring import answer_sequences, reference_sequences, score_sequences
 from .thresholds import NEVER_EXIT, RULES, LayerStats, cascade_stats, ltt_grid, select_thresholds
 
 SOURCES = ("reference", "generated")
@@ -140,82 +140,27 @@ def drop_training_rows(lite_config, examples: list, sources: list[dict[str, Any]
 
 
 # ---------------------------------------------------------------------------------------- collection
-def _score_sequence(lm: LiteModel, ids: list[int], positions: list[int], layers: list[int],
-                    with_states: bool, check: tuple[torch.Tensor, Callable] | None = None,
-                    features: str = "exit") -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
-    """One teacher-forced pass over ``ids``; statistics at ``positions`` (each predicts the next token).
-
-    ``check``: (ids, head) of an exit vocabulary: the exits' confidences and argmax come from the head over
-    those ids, as the engine's exits read it; the final layer's argmax always from the full head.
-    ``features``: the gate features kept with ``with_states`` (:func:`lite.decoding.gate.gate_features`).
-    Returns ({measure: (E, P)}, agree (E, P) bool, gate features (E, P, F) or None).
-    """
-    x = torch.tensor([ids], device=lm.device)
-    cache = lm.new_cache(len(ids))
-    pos = torch.tensor(positions, device=lm.device)
-    h = lm.embed(x)  # (1, T, D)
-    prev = h[0, pos]  # raw "layer 0" state: the engine's previous state for the first check
-    measures: dict[str, list[torch.Tensor]] = {m: [] for m in conf_mod.MEASURES}
-    argmaxes, normed_states = [], []
-    for layer in range(1, lm.num_layers + 1):
-        before = h[0, pos]  # the block's input, for the gate's features
-        h = lm.run_block(layer, h, cache)
-        if layer not in layers:
-            continue
-        raw = h[0, pos]  # (P, D)
-        normed = lm.exit_normed(raw, layer)  # through the exit module, when the model has them
-        logits = lm.lm_head(normed) if check is None else check[1](normed)  # (P, V) or (P, N)
-        for name, fn in conf_mod.HEAD_FUNCTIONS.items():
-            measures[name].append(fn(logits))
-        measures["state_cosine"].append(conf_mod.state_cosine(raw, prev))
-        prev = raw
-        argmaxes.append(logits.argmax(-1) if check is None else check[0][logits.argmax(-1)])
-        if with_states:
-            normed_states.append((normed if features == "exit" else gate_features(lm, features, layer, raw, before)).float())
-    final = lm.exit_logits(h[0, pos], lm.num_layers).argmax(-1)  # (P,)
-    agree = torch.stack(argmaxes) == final  # (E, P)
-    stacked = {m: torch.stack(v).float() for m, v in measures.items()}
-    return stacked, agree, (torch.stack(normed_states) if with_states else None)
-
-
-def _sequences(lm: LiteModel, examples: list, source: str, prompt_format: str, max_length: int,
-               max_new_tokens: int, batch_size: int) -> Iterator[tuple[list[int], list[int]] | None]:
+def calibration_sequences(lm: LiteModel, examples: list, source: str = "generated", *, max_length: int = 256,
+                          max_new_tokens: int = 128, batch_size: int = 8) -> list[tuple[list[int], list[int]] | None]:
     """Per example, in order: its token ids and the positions to score, or None when nothing can be scored.
 
-    ``reference``: the row's own response, teacher-forced. ``generated``: the model's greedy answer with
-    exits off, decoded ``batch_size`` examples at a time by the batched engine (each row as it would be
-    alone), then teacher-forced.
+    ``reference``: the row's own response, teacher-forced (:func:`lite.calibration.scoring.reference_sequences`).
+    ``generated``: the model's greedy answer with exits off (:func:`lite.training.own_answers.own_answers`,
+    ``batch_size`` prompts at a time by the batched engine, each row as it would be alone; prompt + answer
+    cut at ``max_length``), then teacher-forced. A conversation is prompted up to its last trained assistant
+    turn (:func:`lite.training.data.prompt_ids`).
     """
-    from ..training.data import IGNORE_INDEX, tokenize_example
-
+    if source not in SOURCES:
+        raise LiteError(f"--source must be one of {SOURCES}, got {source!r}")
+    prompt_format = default_format(lm)
     if source == "reference":
-        for example in examples:
-            item = tokenize_example(lm.tokenizer, example, prompt_format, max_length)
-            if item is None:
-                yield None
-                continue
-            ids, labels = item["input_ids"], item["labels"]
-            positions = [j - 1 for j in range(1, len(ids)) if labels[j] != IGNORE_INDEX]
-            yield (ids, positions) if positions else None
-        return
-    from ..decoding import ExitPolicy, GenerationSettings, generate_batch
-    from ..training.data import answer_budget, prompt_ids
+        return reference_sequences(lm.tokenizer, examples, prompt_format, max_length)
+    from ..training.data import prompt_ids
+    from ..training.own_answers import own_answers
 
-    for b in range(0, len(examples), batch_size):
-        prompts = [prompt_ids(lm.tokenizer, e, prompt_format) for e in examples[b:b + batch_size]]
-        budgets = [answer_budget(len(p), max_new_tokens, max_length) for p in prompts]
-        live = [i for i, n in enumerate(budgets) if n >= 1]
-        answers: dict[int, list[int]] = {}
-        if live:
-            results = generate_batch(lm, [prompts[i] for i in live], ExitPolicy(kind="none"),
-                                     [GenerationSettings(max_new_tokens=budgets[i]) for i in live])
-            answers = {i: list(r.token_ids) for i, r in zip(live, results)}
-        for i, prompt in enumerate(prompts):
-            if not answers.get(i):
-                yield None
-                continue
-            ids = prompt + answers[i]
-            yield ids, list(range(len(prompt) - 1, len(ids) - 1))
+    prompts = [prompt_ids(lm.tokenizer, e, prompt_format) for e in examples]
+    answers = own_answers(lm, prompts, max_new_tokens=max_new_tokens, max_length=max_length, batch_size=batch_size)
+    return answer_sequences(zip(prompts, answers.ids))
 
 
 def collect(lm: LiteModel, examples: list, *, source: str = "reference", with_states: bool = False,
@@ -243,12 +188,13 @@ def collect(lm: LiteModel, examples: list, *, source: str = "reference", with_st
         raise LiteError("no held-out examples to calibrate on: give --data (and check --filter/--max-examples)")
     if batch_size < 1:
         raise LiteError(f"--batch-size must be >= 1, got {batch_size}")
-    sequences = _sequences(lm, examples, source, default_format(lm), max_length, max_new_tokens, batch_size)
+    sequences = calibration_sequences(lm, examples, source, max_length=max_length, max_new_tokens=max_new_tokens,
+                                      batch_size=batch_size)
     return collect_sequences(lm, sequences, len(examples), source=source, with_states=with_states,
                              exit_vocab=exit_vocab, ranking=ranking, progress=progress, gate_features=gate_features)
 
 
-def collect_sequences(lm: LiteModel, sequences: Iterator[tuple[list[int], list[int]] | None] | list, total: int,
+def collect_sequences(lm: LiteModel, sequences: Iterable[tuple[list[int], list[int]] | None], total: int,
                       *, source: str = "generated", with_states: bool = False, exit_vocab: int | None = None,
                       ranking: list[int] | None = None,
                       progress: Callable[[int, int], None] | None = None,
@@ -261,7 +207,7 @@ def collect_sequences(lm: LiteModel, sequences: Iterator[tuple[list[int], list[i
     """
     layers = calibration_layers(lm)
     check_features(gate_features)
-    check = None
+    vocab = None
     if exit_vocab:
         from ..decoding.spec import exit_vocab_ids
 
@@ -269,36 +215,13 @@ def collect_sequences(lm: LiteModel, sequences: Iterator[tuple[list[int], list[i
         if ids is None:
             exit_vocab = None  # the whole vocabulary: the full head
         else:
-            check = (torch.tensor(ids, dtype=torch.long, device=lm.device), lm.vocab_head(list(ids)))
-    start = time.perf_counter()
-    conf_parts: dict[str, list[np.ndarray]] = {m: [] for m in conf_mod.MEASURES}
-    agree_parts, index_parts, state_parts = [], [], []
-    used = skipped = 0
-    with torch.inference_mode():
-        for i, seq in enumerate(sequences):
-            if seq is None:
-                skipped += 1
-            else:
-                measures, agree, states = _score_sequence(lm, seq[0], seq[1], layers, with_states, check,
-                                                          gate_features)
-                for m, v in measures.items():
-                    conf_parts[m].append(v.cpu().numpy())
-                agree_parts.append(agree.cpu().numpy())
-                index_parts.append(np.full(agree.shape[1], used, dtype=np.int64))
-                if states is not None:
-                    state_parts.append(states.cpu().numpy())
-                used += 1
-            if progress:
-                progress(i + 1, total)
-    if not used:
-        raise LiteError(f"none of the {total} examples had a token to score (prompts longer than --max-length, "
-                        f"or empty answers?); raise --max-length or give other data")
+            vocab = list(ids)
+    scores = score_sequences(lm, sequences, layers=layers, states=(gate_features,) if with_states else (),
+                             vocab=vocab, total=total, progress=progress)
     return CalibrationData(
-        layers=layers, num_layers=lm.num_layers,
-        confidences={m: np.concatenate(v, axis=1).astype(np.float32) for m, v in conf_parts.items()},
-        agree=np.concatenate(agree_parts, axis=1), example_index=np.concatenate(index_parts),
-        states=np.concatenate(state_parts, axis=1) if with_states else None, source=source,
-        examples=used, skipped=skipped, seconds=time.perf_counter() - start, exit_vocab=exit_vocab or None,
+        layers=layers, num_layers=lm.num_layers, confidences=scores.confidences, agree=scores.agree,
+        example_index=scores.index, states=scores.states[gate_features] if with_states else None, source=source,
+        examples=scores.sequences, skipped=scores.skipped, seconds=scores.seconds, exit_vocab=exit_vocab or None,
         state_features=gate_features if with_states else None,
     )
 

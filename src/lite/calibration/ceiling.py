@@ -1,8 +1,9 @@
 """The ceiling of early exit on a model, and how much of it each decision rule reaches.
 
 Both are measured teacher-forced on the model's own greedy answers (exits off), with the statistics that
-calibration collects (:func:`lite.calibration.calibrate.collect`, the one scorer: every exit's confidences,
-whether its argmax equals layer L's, its normed state for the gate):
+calibration collects (:func:`lite.calibration.calibrate.collect`, through the one teacher-forced scorer
+:func:`lite.calibration.scoring.score_sequences`: every exit's confidences, whether its argmax equals layer L's,
+its normed state for the gate):
 
 * the *oracle*: each token leaves at the first exit whose argmax equals layer L's (at L when none does). Its
   layer saving, ``1 - mean(exit layer) / L``, is what no decision rule can beat with these exits; every token
@@ -222,14 +223,21 @@ def ceiling(data: CalibrationData, *, gate=None, thresholds: dict[int, float] | 
 
 
 # ------------------------------------------------------------------------------------ on a model
-def model_ceiling(lm, data: CalibrationData, layers: list[int] | None = None, cuts: int = CUTS) -> Ceiling:
+def model_ceiling(lm, data: CalibrationData, layers: list[int] | None = None, cuts: int = CUTS,
+                  gate=None) -> Ceiling:
     """:func:`ceiling` with the model's own calibrated policies: its thresholds (of its recorded
-    confidence), its gate (when it has one and ``data`` has states) and the policy ``--exit auto`` takes."""
+    confidence), its gate (when it has one and ``data`` has states) and the policy ``--exit auto`` takes.
+
+    ``gate``: the model's gate when the caller has loaded it already (else it is loaded here).
+    """
     from ..decoding.gate import load_gate
     from ..decoding.spec import default_exit
 
     cfg = lm.lite_config
-    gate = load_gate(lm) if cfg.gate_file and data.states is not None else None
+    if gate is None and cfg.gate_file and data.states is not None:
+        gate = load_gate(lm)
+    if data.states is None:
+        gate = None
     if gate is not None and gate.features != (data.state_features or "exit"):
         raise LiteError(f"the gate reads {gate.features} features, the statistics hold {data.state_features}: "
                         f"collect them with gate_features={gate.features!r}")
@@ -253,9 +261,9 @@ def measure_ceiling(lm, examples: list | None = None, *, answers: list[tuple[lis
     Returns:
         (the ceiling, the collected statistics, for :func:`model_ceiling` on fewer exits).
     """
-    from .calibrate import collect, collect_sequences
-
     from ..decoding.gate import load_gate
+    from .calibrate import collect, collect_sequences
+    from .scoring import answer_sequences
 
     vocab = lm.lite_config.exit_vocab if exit_vocab == -1 else exit_vocab
     gate = load_gate(lm) if lm.lite_config.gate_file else None
@@ -264,14 +272,14 @@ def measure_ceiling(lm, examples: list | None = None, *, answers: list[tuple[lis
     if (examples is None) == (answers is None):
         raise LiteError("measure_ceiling takes prompts (examples) or the answers to them (answers), one of the two")
     if answers is not None:
-        sequences = [(p + a, list(range(len(p) - 1, len(p) + len(a) - 1))) if a and p else None for p, a in answers]
+        sequences = answer_sequences(answers)
         data = collect_sequences(lm, sequences, len(sequences), source="generated", with_states=states,
                                  exit_vocab=vocab, progress=progress, gate_features=features)
     else:
         data = collect(lm, examples, source="generated", with_states=states, max_length=max_length,
                        max_new_tokens=max_new_tokens, batch_size=batch_size, exit_vocab=vocab, progress=progress,
                        gate_features=features)
-    return model_ceiling(lm, data), data
+    return model_ceiling(lm, data, gate=gate), data  # the gate, loaded once
 
 
 # ------------------------------------------------------------------------------------ the report

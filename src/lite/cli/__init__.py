@@ -30,6 +30,7 @@ VERBS = {
     "calibrate": "per-layer exit thresholds (and an exit gate) from held-out data",
     "generate": "early-exit generation with per-token exit layers and cost",
     "eval": "cost and quality against the full model on the paper's test sets",
+    "report": "several lite eval folders side by side: tables, plots, sample answers (nothing decoded)",
     "serve": "OpenAI-compatible HTTP server that decodes with early exit",
     "demo": "the whole story on the embedded default model, offline",
 }

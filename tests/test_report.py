@@ -1,12 +1,8 @@
-"""benchmarks/reproduce_report.py on tiny `lite eval` folders: every section, a row per model, exit marks in
-the samples, both figures, and bad input refused with a message. The script runs as users run it, in its
-own process (tests import no benchmark)."""
+"""`lite report` on tiny `lite eval` folders: every section, a row per model, exit marks in the samples, both
+figures, and bad input refused with a message naming the problem and the fix, nothing written."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,18 +10,15 @@ import torch
 from tiny import VICUNA, FakeEmbedder, make_tiny_model_dir
 
 from lite import LiteConfig
+from lite.cli import main
 from lite.decoding.gate import LearnedExitGate, save_gate
 from lite.evaluation import evaluate
 
-REPO = Path(__file__).resolve().parent.parent
 
-
-def reproduce_report(argv: list[str]) -> subprocess.CompletedProcess:
-    """``python benchmarks/reproduce_report.py ARGV`` with this checkout's lite, offline."""
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "reproduce_report.py"), *argv], env=env,
-                          capture_output=True, text=True, timeout=600, check=False)
+@pytest.fixture(autouse=True)
+def _fake_embedder(monkeypatch):
+    """The report's similarities from the tests' tiny embedder instead of MiniLM."""
+    monkeypatch.setattr("lite.evaluation.metrics.MiniLMEmbedder", FakeEmbedder)
 
 SELF_INSTRUCT = [{"id": "user_oriented_task_1", "motivation_app": "app", "instruction": "Fix the spelling.",
                   "instances": [{"input": "teh cat", "output": "the cat"}]}]
@@ -81,19 +74,19 @@ def evals(tiny_model_dir, tmp_path_factory):
     return {"root": root, "winner": winner, "baseline": baseline, "agreement": agreement}
 
 
-@pytest.mark.slow  # a child process that loads the sentence embedder
-def test_report_tells_the_story_for_every_model(evals, tmp_path):
+def test_report_tells_the_story_for_every_model(evals, tmp_path, capsys):
     root = evals["root"]
     out = tmp_path / "report"
-    run = reproduce_report([
-        "--eval", f"winner={root / 'winner-gate'},{root / 'winner'}",
-        "--eval", f"baseline={root / 'baseline'}", "--agreement", str(evals["agreement"]),
+    code = main([
+        "report", f"winner={root / 'winner-gate'},{root / 'winner'}", f"baseline={root / 'baseline'}",
+        "--agreement", str(evals["agreement"]),
         "--agreement-label", f"winner={evals['winner']}",
         "--agreement-label", f"baseline={evals['baseline']}",
         "--agreement-label", "untuned=smollm2-135m-instruct",
-        "--samples", "2", "--out-dir", str(out)])
-    assert run.returncode == 0, run.stderr[-2000:]
+        "--samples", "2", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err[-2000:]
     md = (out / "report.md").read_text()
+    assert md.startswith("# Early exit compared") and "lite report winner=" in md
     for section in ("## What was run", "## Headline", "## Per exit layer",
                     "## Cost against quality, every policy", "## Exit thresholds", "## Sample answers",
                     "## Definitions", "## Versions"):
@@ -121,17 +114,43 @@ def test_report_tells_the_story_for_every_model(evals, tmp_path):
     assert len(answers) == 2 and all(a["pieces_match_text"] for a in answers)
 
 
-@pytest.mark.slow  # child processes
-def test_bad_input_is_named(evals, tmp_path):
+def test_a_users_own_folders_are_labelled_by_their_names(evals, tmp_path):
     root = evals["root"]
-    cases = [(["--eval", "winner"], "give LABEL=DIR[,DIR...]"),
-             (["--eval", f"winner={tmp_path / 'nope'}"], "is not a folder"),
-             (["--eval", f"winner={tmp_path}"], "has no report.json"),
-             (["--eval", f"winner={root / 'winner'}", "--agreement", str(evals["agreement"]),
+    out = tmp_path / "mine"
+    assert main(["report", str(root / "winner"), str(root / "baseline"), "--samples", "0", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["models"]) == ["winner", "baseline"] and report["samples"] is None
+    assert "## Headline" in (out / "report.md").read_text()
+    # written again over its own earlier report
+    assert main(["report", str(root / "winner"), "--samples", "0", "--out", str(out)]) == 0
+
+
+def test_bad_input_is_named_and_nothing_is_written(evals, tmp_path, capsys):
+    root = evals["root"]
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("mine")
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "report.json").write_text("{")
+    (tmp_path / "torn" / "records.jsonl").write_text("")
+    cases = [(["winner="], "give LABEL=DIR[,DIR...] or DIR"),
+             ([f"winner={tmp_path / 'nope'}"], "is not a folder"),
+             ([f"winner={tmp_path}"], "has no report.json"),
+             ([str(root / "winner"), f"winner={root / 'baseline'}"], "the label 'winner' is given twice"),
+             ([f"x={tmp_path / 'torn'}"], "holds a file that is not JSON"),
+             ([f"winner={root / 'winner'}", "--agreement", str(evals["agreement"]),
                "--agreement-label", "LITE=runs/lite"], "has no model 'runs/lite'"),
-             (["--eval", f"winner={root / 'winner'}", "--agreement-label", "LITE=x"], "needs --agreement")]
+             ([f"winner={root / 'winner'}", "--agreement", str(tmp_path / "none.json")], "no such file"),
+             ([f"winner={root / 'winner'}", "--agreement-label", "LITE=x"], "needs --agreement"),
+             ([f"winner={root / 'winner'}", "--agreement-label", "LITE"], "give LABEL=MODELKEY"),
+             ([f"winner={root / 'winner'}", "--samples", "-1"], "--samples"),
+             ([f"winner={root / 'winner'}", "--out", str(root / "winner")], "is a `lite eval` folder"),
+             ([f"winner={root / 'winner'}", "--out", str(tmp_path / "theirs")], "holds files lite did not write")]
     for argv, message in cases:
-        run = reproduce_report(argv + ["--out-dir", str(tmp_path / "out")])
-        assert run.returncode == 2
-        assert message in run.stderr, message
+        if "--out" not in argv:
+            argv = argv + ["--out", str(tmp_path / "out")]
+        assert main(["report", *argv]) == 2, message
+        err = capsys.readouterr().err
+        assert message in err and err.count("error:") == 1 and "Traceback" not in err, (message, err)
     assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in (tmp_path / "theirs").iterdir()) == ["notes.txt"]
+    assert json.loads((root / "winner" / "report.json").read_text())["complete"] is True
