@@ -233,8 +233,10 @@ def run(args: argparse.Namespace) -> int:
     agree = cfg.calibration.get("expected_agreement", {})
     costs = ", ".join(f"{k} {v:.2f} (tokens agreeing with the final layer: {agree.get(k, float('nan')):.3f})"
                       for k, v in cfg.calibration.get("expected_compute", {}).items())
-    print(f"default policy (--exit auto): {cfg.default_exit}, the cheapest that meets the rule's agreement bar "
-          f"over all tokens (else the one that agrees most); expected compute per step on these tokens, as a "
+    why = (f"the cheapest whose decoded answers keep {args.quality_bar} of the full model's quality "
+           f"(--quality-bar; else exits off)" if args.quality_bar is not None else
+           "the cheapest that meets the rule's agreement bar over all tokens (else the one that agrees most)")
+    print(f"default policy (--exit auto): {cfg.default_exit}, {why}; expected compute per step on these tokens, as a "
           f"fraction of the full model's: {costs}" + (f"; exit vocabulary {cfg.exit_vocab}" if cfg.exit_vocab else ""))
     print(f"wrote {path}")
     if args.draft_vocab and not exit_vocab:

@@ -4,8 +4,8 @@ Calibration chooses thresholds (and the gate's cuts) on teacher-forced agreement
 user gets is a free-running answer, and one early token that differs changes everything after it. With a
 quality bar, calibration decodes some of its prompts with the full model and with each candidate policy: the
 calibrated thresholds and gate, and the same with every cut raised by a factor (exits less often,
-:data:`SCALES`). It keeps as ``--exit auto`` the candidate that saves the most compute (FLOPs of the decoded
-answers, against the full model's own) among those whose quality is at least ``B`` of the full model's:
+:data:`SCALES`). It keeps as ``--exit auto`` the candidate that saves the most compute (FLOPs per token of the decoded
+answers, against the full model's per token of its own) among those whose quality is at least ``B`` of the full model's:
 
 * with references (rows that have an ``output``): mean ROUGE-L of the answers against the references, over
   the full model's;
@@ -43,7 +43,7 @@ class Candidate:
     kind: str
     scale: float
     layers_saved: float  # 1 - mean exit layer / L over the answers' tokens
-    compute_saved: float  # 1 - FLOPs / FLOPs of the full model's own answers
+    compute_saved: float  # 1 - FLOPs per answer token / the full model's per token of its own answers
     rouge_full: float | None  # ROUGE-L F against the full model's answers
     rouge_ref: float | None  # ROUGE-L F against the references (None without them)
     loglik: float | None  # mean per-token log-likelihood of the answers under the full model
@@ -86,7 +86,8 @@ def judge(lm, examples: list, policies: dict[str, ExitPolicy], *, prompt_format:
     refs = [ex.output or None for ex in examples]
     with_refs = all(refs)
     full = _decode(lm, prompts, ExitPolicy(kind="none"), max_new_tokens, batch_size)
-    full_flops = sum(r.cost.flops for r in full)  # the full model's own answers
+    # per answer token: an answer that runs shorter or longer does not move the choice
+    full_per_token = sum(r.cost.flops for r in full) / max(sum(len(r.token_ids) for r in full), 1)
     full_ll = _loglik(lm, prompts, full, batch_size)
     full_rouge = mean([rouge_l(r.text, ref) for r, ref in zip(full, refs)]) if with_refs else None
     by_refs = bool(full_rouge)  # a full model scoring 0 against the references leaves no ratio: likelihood
@@ -106,7 +107,8 @@ def judge(lm, examples: list, policies: dict[str, ExitPolicy], *, prompt_format:
             out.append(Candidate(
                 kind=kind, scale=scale,
                 layers_saved=1 - sum(layers) / (len(layers) * lm.num_layers) if layers else 0.0,
-                compute_saved=1 - sum(r.cost.flops for r in runs) / full_flops if full_flops else 0.0,
+                compute_saved=1 - sum(r.cost.flops for r in runs) / max(sum(len(r.token_ids) for r in runs), 1)
+                / full_per_token if full_per_token else 0.0,
                 rouge_full=mean([rouge_l(r.text, f.text) for r, f in zip(runs, full)]), rouge_ref=rouge_ref,
                 loglik=ll, quality=quality,
                 exit_rates={str(k): layers.count(k) / len(layers) for k in sorted(set(layers))
