@@ -7,6 +7,7 @@ modules save, load and train.
 """
 
 import dataclasses
+import json
 import shutil
 
 import pytest
@@ -281,3 +282,59 @@ def test_save_and_load_give_the_same_exits(lm, tiny_model_dir, tmp_path, thresho
 def test_a_single_position_without_its_context_is_refused(lm):
     with pytest.raises(LiteError, match="reads every earlier position"):
         lm.exit_normed(torch.randn(3, lm.hidden_size), 2)
+
+
+# ----------------------------------------------------------------------------- (f) training
+TRAIN_ROWS = [{"instruction": f"{text} #{i}", "input": "", "output": answer} for i in range(8)
+              for text, answer in (("Name a colour.", "Blue."), ("Add 2 and 2.", "4"), ("Greet.", "Hello there!"))]
+FAST = {"batch_size": 4, "max_length": 200, "logging_steps": 1, "show_progress_bar": False}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    """Attention modules trained on the frozen backbone (own answers, distillation toward layer L), with a
+    snapshot every checkpoint, and the same run without the backbone-state cache."""
+    from lite.training import train
+
+    folder = tmp_path_factory.mktemp("attention-train")
+    data = folder / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in TRAIN_ROWS))
+    kw = dict(max_steps=12, lr=1e-3, exit_modules="attention", targets="distill", own_answers=True,
+              own_answer_tokens=12, exit_layers="1,2,3,4", save_steps=6, own_answers_cache=str(folder / "answers.jsonl"), **FAST)
+    cached = train(str(tiny_model_dir), str(data), folder / "out", snapshot_minutes=1e-6, **kw)
+    plain = train(str(tiny_model_dir), str(data), folder / "plain", state_cache_gb=0, **kw)
+    return cached, plain
+
+
+def test_training_lowers_the_loss_and_the_output_loads_and_decodes(trained, tiny_model_dir):
+    result, _ = trained
+    history = [h for h in result.log_history if "kl_l1" in h]
+    assert history[-1]["kl_l1"] < 0.7 * history[0]["kl_l1"] and history[-1]["kl_l2"] < history[0]["kl_l2"]
+    lm = load_model(result.output_dir, device="cpu")
+    assert lm.lite_config.exit_modules == "attention" and lm.exit_modules.layers == LAYERS
+    base = load_model(tiny_model_dir, device="cpu")
+    for name, p in base.model.state_dict().items():  # the backbone is untouched
+        assert torch.equal(lm.model.state_dict()[name], p), name
+    started = ExitModules("attention", LAYERS, base.hidden_size, base.blocks).state_dict()
+    assert not torch.equal(lm.exit_modules.state_dict()["per_layer.1.block.mlp.up_proj.weight"],
+                           started["per_layer.1.block.mlp.up_proj.weight"])  # it trained: a copy of block 2 no more
+    policy = ExitPolicy(kind="dynamic", thresholds={1: 0.0, 2: 2.0, 3: 2.0})  # every token leaves at layer 1
+    out = generate(lm, PROMPTS[0], policy, _settings("recompute", 6))
+    assert out.exit_layers == [1] * 6 and all(t.exit_module_flops > 0 for t in out.cost.tokens)
+    assert generate(lm, PROMPTS[0], ExitPolicy(kind="none"), _settings("copy", 6)).token_ids == \
+        generate(base, PROMPTS[0], ExitPolicy(kind="none"), _settings("copy", 6)).token_ids
+
+
+def test_whole_sequence_states_are_cached_and_snapshots_load(trained):
+    """The backbone-state cache keeps whole-sequence states for attention modules and changes no number; a
+    snapshot taken at the last step is the output."""
+    cached, plain = trained
+    a, b = (load_model(r.output_dir, device="cpu") for r in (cached, plain))
+    for name, p in a.exit_modules.state_dict().items():
+        assert torch.equal(p, b.exit_modules.state_dict()[name]), name
+    snaps = sorted((cached.output_dir.parent / "out.snapshots").iterdir())
+    assert [s.name for s in snaps] == ["step-000006", "step-000012"]
+    first, last = (load_model(s, device="cpu") for s in snaps)
+    states = torch.randn(1, 5, a.hidden_size)
+    assert torch.equal(last.exit_logits(states, 2), a.exit_logits(states, 2))
+    assert not torch.allclose(first.exit_logits(states, 2), a.exit_logits(states, 2))

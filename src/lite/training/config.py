@@ -114,8 +114,10 @@ class TrainConfig:
         targets: what each exit learns: "data" (the paper: cross-entropy against the response tokens),
             "distill" (KL toward a frozen teacher, the starting model's final layer), "mixed" (``ce_weight`` x
             CE + (1 - ``ce_weight``) x KL).
-        exit_modules: "affine" or "mlp": freeze the backbone and train one exit module per exit below L
-            (:mod:`lite.model.exit_modules`); the output folder then holds only the modules (a few MB).
+        exit_modules: "affine", "mlp" or "attention" (one decoder block per exit, started as a copy of the
+            next backbone block): freeze the backbone and train one exit module per exit below L
+            (:mod:`lite.model.exit_modules`); the output folder then holds only the modules (a few MB; a
+            block per exit for "attention").
         own_answers: train on the starting model's own greedy answers (at most ``own_answer_tokens`` tokens)
             instead of the dataset's responses (:mod:`lite.training.own_answers`), cached in the work folder,
             or in ``own_answers_cache`` (a JSONL file kept across runs: its entries are keyed by row, prompt,
@@ -214,8 +216,9 @@ class TrainConfig:
         "exit-modules, data for paper)", choices=list(TARGETS)))
     ce_weight: float = field(default=0.5, **_flag("share of CE in --targets mixed (default 0.5)", type="probability"))
     exit_modules: str | None = field(default=None, **_flag(
-        "freeze the backbone and train one small module per exit below L; the output holds only the modules "
-        "(see docs/train.md); default: the recipe's (affine for exit-modules, none for paper)",
+        "freeze the backbone and train one small module per exit below L (attention: a decoder block that "
+        "attends over earlier positions); the output holds only the modules (see docs/train.md); default: the "
+        "recipe's (affine for exit-modules, none for paper)",
         choices=list(EXIT_MODULE_KINDS)))
     own_answers: bool | None = field(default=None, **_flag(
         "train on the starting model's own greedy answers instead of the dataset's responses (generated once, "
