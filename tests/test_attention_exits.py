@@ -338,3 +338,38 @@ def test_whole_sequence_states_are_cached_and_snapshots_load(trained):
     states = torch.randn(1, 5, a.hidden_size)
     assert torch.equal(last.exit_logits(states, 2), a.exit_logits(states, 2))
     assert not torch.allclose(first.exit_logits(states, 2), a.exit_logits(states, 2))
+
+
+def test_calibration_reads_the_module_over_the_whole_sequence(tiny_model_dir):
+    """Calibration's teacher-forced confidences at an attention exit are the engine's: static:K reports the
+    same max-prob for the first answer token (read at the last prompt position, after the prefill)."""
+    from lite.calibration.calibrate import collect
+    from lite.model.prompts import default_format, encode_prompt
+    from lite.training.data import Example
+
+    lm = _with_attention(load_model(tiny_model_dir, device="cpu"))
+    data = collect(lm, [Example("0:0", "Count.", "", "one two")], source="generated", max_new_tokens=4,
+                   with_states=True, gate_features="exit")
+    prompt = encode_prompt(lm.tokenizer, "Count.", "", default_format(lm))
+    for k in LAYERS:
+        first = generate(lm, prompt, ExitPolicy(kind="static", layer=k), _settings("recompute", 1)).tokens[0]
+        i = data.layers.index(k)
+        assert data.confidences["max_prob"][i, 0] == pytest.approx(first.confidence, rel=1e-4)
+    lm.exit_modules = None  # without the modules the same exits read otherwise
+    plain = collect(lm, [Example("0:0", "Count.", "", "one two")], source="generated", max_new_tokens=4)
+    assert not (plain.confidences["max_prob"] == data.confidences["max_prob"]).all()
+
+
+@pytest.mark.parametrize("kv", ["copy", "recompute"])
+def test_the_modules_own_forward_reads_what_the_fast_path_reads(lm, thresholds, kv, monkeypatch):
+    """Where blocks run as transformers modules (not plain Llama weights), an exit's read goes through the
+    block's own attention with a cache view that only reads: the same tokens, exits and confidences."""
+    import lite.model.adapter as adapter
+
+    policy = ExitPolicy(kind="dynamic", thresholds=thresholds)
+    fast = [generate(lm, p, policy, _settings(kv)) for p in PROMPTS]
+    assert lm._fast_exits is not None
+    monkeypatch.setattr(adapter, "fast_blocks", lambda model, blocks: None)
+    slow = [generate(lm, p, policy, _settings(kv)) for p in PROMPTS]
+    assert lm._fast_exits is None
+    assert [_key(r) for r in slow] == [_key(r) for r in fast]

@@ -8,7 +8,9 @@ list of decoder blocks, a rotary embedding, a final RMSNorm and an LM head) and 
   norm applied exactly once per exit, and through the exit's module first when it has one
   (:mod:`lite.model.exit_modules`; the final layer never has one);
 * decode-time primitives: embed, rotary embeddings, one decoder block over a slice of positions with a
-  per-layer cache, and the K/V projections of a block (for the "copy" strategy of skipped layers).
+  per-layer cache, and the K/V projections of a block (for the "copy" strategy of skipped layers);
+* attention exit modules (decoder blocks that attend over earlier positions): their K/V writes
+  (:meth:`LiteModel.write_exit_kv`) and their reads, from the decode cache or over whole sequences.
 
 It never copies a transformers forward: blocks are called as modules, the cache is handed to them through
 the ``cache.update(key, value, layer_idx)`` protocol the attention modules use.
@@ -151,7 +153,7 @@ class _RowsView:
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         c, b, t = self.cache, self.block, self.new
         keys, values = c.keys[b], c.values[b]
-        if self.reads:
+        if self.reads:  # an exit's read: these positions' K/V are there already
             pass
         elif self.every_row and self.same_start:  # a plain slice: no index tensors
             s = self.starts[0]
@@ -335,13 +337,11 @@ class LiteModel:
         Returns:
             (..., D) normed state.
         """
-        if self.exit_modules is not None and layer < self.num_layers and self.exit_modules.reads_context(layer):
+        if self.exit_reads_context(layer):  # over every position, then the ones asked for
             hidden = self._attention_exit(layer, hidden, cache, rows)
-            if positions is not None:
-                hidden = hidden[:, positions]
-        else:
-            if positions is not None:
-                hidden = hidden[:, positions]
+            hidden = hidden if positions is None else hidden[:, positions]
+        else:  # the ones asked for only
+            hidden = hidden if positions is None else hidden[:, positions]
             if self.exit_modules is not None and layer < self.num_layers:
                 hidden = self.exit_modules.apply_at(layer, hidden)
         return self.final_norm.forward(hidden) if direct else self.final_norm(hidden)
