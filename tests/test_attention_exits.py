@@ -132,6 +132,32 @@ def test_every_policy_decodes_and_a_batch_is_each_row_alone(lm, thresholds, cosi
             [[t.exit_kv_writes for t in r.cost.tokens] for r in alone]  # a ride is counted as the write alone
 
 
+@pytest.mark.parametrize("kv", ["copy", "recompute"])
+def test_rows_that_join_a_running_batch_get_what_they_get_alone(lm, thresholds, kv):
+    """Continuous batching: a row that joins later writes its prompt's exit K/V in its own prefill, into a
+    cache that grows for it (exit layers included), and a released slot reused starts clean."""
+    policy = ExitPolicy(kind="dynamic", thresholds=thresholds)
+    alone = [generate_batch(lm, [p], policy, _settings(kv), invariant=True)[0] for p in PROMPTS]
+    d = Decoder.open(lm, policy, kv=kv, invariant=True)
+    rows = {d.add(PROMPTS[0], _settings(kv)): 0}
+    cancelled = d.add(PROMPTS[2], _settings(kv, 20))
+    got, steps = {}, 0
+    while d.active or len(got) < len(PROMPTS):
+        if steps == 2:
+            d.release(cancelled)
+            rows[d.add(PROMPTS[1], _settings(kv))] = 1  # into the cancelled row's slot
+        if steps == 3:
+            rows.update(zip(d.add_many(PROMPTS[2:], [_settings(kv)] * 2), (2, 3)))
+        for r, _, finished in d.step():
+            if finished and r in rows:
+                got[rows[r]] = d.result(r)
+                d.release(r)
+        steps += 1
+        assert steps < 60
+    assert [_key(got[i]) for i in range(len(PROMPTS))] == [_key(r) for r in alone]
+    assert len(d.cache.keys) == lm.num_layers + len(LAYERS)
+
+
 def test_speculative_stays_lossless_with_attention_exits(lm, thresholds):
     full = [generate(lm, p, ExitPolicy(kind="none"), _settings("copy", 12)).token_ids for p in PROMPTS]
     low = {k: 0.8 * v for k, v in thresholds.items()}  # drafts that the full model sometimes rejects
@@ -287,23 +313,29 @@ def test_a_single_position_without_its_context_is_refused(lm):
 # ----------------------------------------------------------------------------- (f) training
 TRAIN_ROWS = [{"instruction": f"{text} #{i}", "input": "", "output": answer} for i in range(8)
               for text, answer in (("Name a colour.", "Blue."), ("Add 2 and 2.", "4"), ("Greet.", "Hello there!"))]
-FAST = {"batch_size": 4, "max_length": 200, "logging_steps": 1, "show_progress_bar": False}
+FAST = {"batch_size": 4, "max_length": 200, "logging_steps": 1, "show_progress_bar": False}  # the flags below
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir, tmp_path_factory):
     """Attention modules trained on the frozen backbone (own answers, distillation toward layer L), with a
-    snapshot every checkpoint, and the same run without the backbone-state cache."""
+    snapshot every checkpoint; and the same run by ``lite train`` without the backbone-state cache."""
+    from lite.cli import main
     from lite.training import train
 
     folder = tmp_path_factory.mktemp("attention-train")
     data = folder / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in TRAIN_ROWS))
-    kw = dict(max_steps=12, lr=1e-3, exit_modules="attention", targets="distill", own_answers=True,
-              own_answer_tokens=12, exit_layers="1,2,3,4", save_steps=6, own_answers_cache=str(folder / "answers.jsonl"), **FAST)
-    cached = train(str(tiny_model_dir), str(data), folder / "out", snapshot_minutes=1e-6, **kw)
-    plain = train(str(tiny_model_dir), str(data), folder / "plain", state_cache_gb=0, **kw)
-    return cached, plain
+    answers = str(folder / "answers.jsonl")
+    cached = train(str(tiny_model_dir), str(data), folder / "out", max_steps=12, lr=1e-3, exit_modules="attention",
+                   targets="distill", own_answers=True, own_answer_tokens=12, exit_layers="1,2,3,4", save_steps=6,
+                   own_answers_cache=answers, snapshot_minutes=1e-6, **FAST)
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(folder / "plain"),
+                 "--exit-modules", "attention", "--targets", "distill", "--own-answers", "--own-answer-tokens", "12",
+                 "--own-answers-cache", answers, "--exit-layers", "1,2,3,4", "--max-steps", "12", "--lr", "1e-3",
+                 "--save-steps", "6", "--batch-size", "4", "--max-length", "200", "--logging-steps", "1",
+                 "--state-cache-gb", "0", "--no-progress-bar"]) == 0
+    return cached, folder / "plain"
 
 
 def test_training_lowers_the_loss_and_the_output_loads_and_decodes(trained, tiny_model_dir):
@@ -329,7 +361,7 @@ def test_whole_sequence_states_are_cached_and_snapshots_load(trained):
     """The backbone-state cache keeps whole-sequence states for attention modules and changes no number; a
     snapshot taken at the last step is the output."""
     cached, plain = trained
-    a, b = (load_model(r.output_dir, device="cpu") for r in (cached, plain))
+    a, b = load_model(cached.output_dir, device="cpu"), load_model(plain, device="cpu")
     for name, p in a.exit_modules.state_dict().items():
         assert torch.equal(p, b.exit_modules.state_dict()[name]), name
     snaps = sorted((cached.output_dir.parent / "out.snapshots").iterdir())
