@@ -108,7 +108,10 @@ class AttentionExit(nn.Module):
     def flops(self, position: int = 0) -> int:
         """The exit's read for one query at absolute ``position``: q and o projections, attention scores and
         weighted values over ``position + 1`` positions, and the MLP. Its own K/V for the position are
-        written when the token passes the layer and are counted there (:meth:`kv_flops`)."""
+        written when the token passes the layer and are counted there (:meth:`kv_flops`). (Where blocks run
+        as transformers modules instead of on their weights, not plain Llama blocks, the module's attention
+        also projects k and v of the position it reads, which the cache view discards: uncounted work of
+        that slower path, one K/V write's worth.)"""
         attn, mlp = self.block.self_attn, self.block.mlp
         weights = attn.q_proj.weight.numel() + attn.o_proj.weight.numel() + \
             sum(m.weight.numel() for m in mlp.modules() if isinstance(m, nn.Linear))

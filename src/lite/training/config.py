@@ -132,8 +132,9 @@ class TrainConfig:
             resumes): score them with ``benchmarks/ceiling_per_exit.py`` for the curves against training
             minutes. A full fine-tuning run has no small copy to keep.
         state_cache_gb: with ``exit_modules``, keep the frozen backbone's states at the response positions of
-            each sequence in memory, up to this many GiB, so that epochs after the first do not run the
-            backbone (:class:`lite.training.hf_trainer.StateCache`); 0 turns it off. One process only.
+            each sequence in memory (at every position for ``attention`` modules, which read the earlier ones),
+            up to this many GiB, so that epochs after the first do not run the backbone
+            (:class:`lite.training.hf_trainer.StateCache`); 0 turns it off. One process only.
         report_to: where Trainer also sends its logs: None or "none", "tensorboard", "wandb", or several (a
             list, or comma-separated); each needs its package installed. TensorBoard event files end up in
             ``<out>/runs``.
@@ -238,8 +239,9 @@ class TrainConfig:
         "training (at the next checkpoint) in <out>.snapshots/step-NNNNNN, for the curves against training minutes",
         type="positive_float", metavar="M"))
     state_cache_gb: float = field(default=4.0, **_flag(
-        "with --exit-modules: keep the frozen backbone's states at the response positions in memory, up to G "
-        "GiB, so that epochs after the first skip the backbone (default 4; 0: off)", type="nonnegative_float",
+        "with --exit-modules: keep the frozen backbone's states at the response positions (every position for "
+        "attention modules) in memory, up to G GiB, so that epochs after the first skip the backbone (default 4; "
+        "0: off)", type="nonnegative_float",
         metavar="G"))
     report_to: str | list[str] | None = field(default=None, **_flag(
         "also send the logs to TensorBoard (event files in <out>/runs) or Weights & Biases; comma-separated for "
