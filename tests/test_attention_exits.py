@@ -22,7 +22,7 @@ from lite.errors import LiteError
 from lite.model.config import LiteConfig
 from lite.model.exit_modules import EXIT_MODULES_FILE, ExitModules
 
-from tiny import agreeing_model, random_prompts
+from tiny import agreeing_model, decode_joining, random_prompts
 
 PROMPTS = [[5, 17, 9, 22, 3], [7, 8], [11, 12, 13, 14, 15, 16, 17], [4]]
 LAYERS = [1, 2, 3]  # every exit below L = 4
@@ -139,21 +139,7 @@ def test_rows_that_join_a_running_batch_get_what_they_get_alone(lm, thresholds, 
     policy = ExitPolicy(kind="dynamic", thresholds=thresholds)
     alone = [generate_batch(lm, [p], policy, _settings(kv), invariant=True)[0] for p in PROMPTS]
     d = Decoder.open(lm, policy, kv=kv, invariant=True)
-    rows = {d.add(PROMPTS[0], _settings(kv)): 0}
-    cancelled = d.add(PROMPTS[2], _settings(kv, 20))
-    got, steps = {}, 0
-    while d.active or len(got) < len(PROMPTS):
-        if steps == 2:
-            d.release(cancelled)
-            rows[d.add(PROMPTS[1], _settings(kv))] = 1  # into the cancelled row's slot
-        if steps == 3:
-            rows.update(zip(d.add_many(PROMPTS[2:], [_settings(kv)] * 2), (2, 3)))
-        for r, _, finished in d.step():
-            if finished and r in rows:
-                got[rows[r]] = d.result(r)
-                d.release(r)
-        steps += 1
-        assert steps < 60
+    got = decode_joining(d, PROMPTS, [_settings(kv)] * len(PROMPTS), _settings(kv, 20), first=2)
     assert [_key(got[i]) for i in range(len(PROMPTS))] == [_key(r) for r in alone]
     assert len(d.cache.keys) == lm.num_layers + len(LAYERS)
 
