@@ -14,6 +14,8 @@ from lite.decoding import (
 )
 from lite.errors import LiteError
 
+from tiny import decode_joining
+
 PROMPTS = [[5, 17, 42, 99, 3], [7, 8], [11, 12, 13, 14, 15, 16, 17, 18, 19], [21, 22, 23]]
 
 
@@ -207,24 +209,7 @@ def test_rows_that_join_a_running_batch_get_their_batch_1_answers(lm, kv, regrou
     settings = [GenerationSettings(max_new_tokens=n, kv=kv) for n in (6, 9, 4, 7)]
     alone = _alone(lm, policy, settings)
     d = Decoder.open(lm, policy, kv=kv, regroup=regroup)
-    rows = {d.add(PROMPTS[0], settings[0]): 0}
-    got, steps = {}, 0
-    cancelled = d.add(PROMPTS[2], GenerationSettings(max_new_tokens=20, kv=kv))
-    while d.active or len(got) < 4:
-        if steps == 1:
-            d.release(cancelled)  # cancelled after one token: its slot goes to the next row
-            assert cancelled not in d.active
-            r = d.add(PROMPTS[1], settings[1])
-            assert r == cancelled
-            rows[r] = 1
-        if steps == 2:
-            rows.update(zip(d.add_many(PROMPTS[2:], settings[2:]), (2, 3)))
-        for r, _, finished in d.step():
-            if finished and r in rows:
-                got[rows[r]] = d.result(r)
-                d.release(r)
-        steps += 1
-        assert steps < 50
+    got = decode_joining(d, PROMPTS, settings, GenerationSettings(max_new_tokens=20, kv=kv))  # cancelled after one
     _same([got[i] for i in range(4)], alone)
     assert d.cache.batch == 4 and d.rows_in_use == 0
     with pytest.raises(LiteError, match="--kv"):

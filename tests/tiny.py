@@ -162,3 +162,29 @@ def with_ranking(lm: LiteModel, folder, ranking) -> LiteModel:
     save_ranking(folder, ranking, tokens=len(ranking), source="test")
     lm.folder = str(folder)
     return lm
+
+
+def decode_joining(d, prompts: list[list[int]], settings: list, long_settings, first: int = 1) -> dict:
+    """Continuous batching as a server sees it, on an open :class:`lite.decoding.engine.Decoder` ``d``: prompt 0
+    and a long-running copy of prompt 2 (``long_settings``) start; after ``first`` steps the long row is
+    cancelled and prompt 1 takes its slot; a step later the rest join together. Returns {prompt index:
+    GenerationResult} of every finished row (each released once read)."""
+    rows = {d.add(prompts[0], settings[0]): 0}
+    cancelled = d.add(prompts[2], long_settings)
+    got, steps = {}, 0
+    while d.active or len(got) < len(prompts):
+        if steps == first:
+            d.release(cancelled)  # cancelled mid-way: its slot goes to the next row
+            assert cancelled not in d.active
+            r = d.add(prompts[1], settings[1])
+            assert r == cancelled
+            rows[r] = 1
+        if steps == first + 1:
+            rows.update(zip(d.add_many(prompts[2:], settings[2:]), range(2, len(prompts))))
+        for r, _, finished in d.step():
+            if finished and r in rows:
+                got[rows[r]] = d.result(r)
+                d.release(r)
+        steps += 1
+        assert steps < 100
+    return got

@@ -485,19 +485,23 @@ def expected_compute(lm: LiteModel, result: CalibrationResult) -> dict[str, floa
     L, block, fill = lm.num_layers, shape.block_flops(COST_POSITION), shape.kv_fill_flops()
     vocab_head = None if not result.exit_vocab else result.exit_vocab * (2 * shape.hidden + 5)
     full_step = L * block + shape.head_flops()
+    exit_kv = len(lm.exit_kv_layers) * fill  # attention exit modules: every token writes their K/V
+
+    def module(k: int) -> int:
+        return lm.exit_module_flops(k, COST_POSITION)
 
     def step(rates: list[float], check: Callable[[int], float], leave: Callable[[int], float],
              module_each_check: bool = True, reads: list[float] | None = None) -> float:
         total, checked = 0.0, 0.0
         for k, rate in zip(result.layers, rates):
-            checked += check(k) + (lm.exit_module_flops(k) if module_each_check else 0)
+            checked += check(k) + (module(k) if module_each_check else 0)
             total += (0.0 if np.isnan(rate) else rate) * (k * block + checked + leave(k) + (L - k) * fill)
         rest = 1.0 - sum(0.0 if np.isnan(r) else r for r in rates)
         # the cascade's head reads (with their modules), wherever they happened
-        total += sum(r * (head_check + (0 if module_each_check else lm.exit_module_flops(k)))
+        total += sum(r * (head_check + (0 if module_each_check else module(k)))
                      for k, r in zip(result.layers, reads or []))
         # a token at L: the full head and the reduction over V that records its confidence
-        return (total + rest * (L * block + checked + shape.head_check_flops())) / full_step
+        return (total + rest * (L * block + checked + shape.head_check_flops()) + exit_kv) / full_step
 
     head_check = vocab_head if vocab_head is not None else shape.head_check_flops()
     out = {"dynamic": step(list(result.stats.exit_rate), lambda k: head_check, lambda k: 0.0)}
@@ -508,7 +512,7 @@ def expected_compute(lm: LiteModel, result: CalibrationResult) -> dict[str, floa
             out["gate"] = step(list(g.stats.exit_rate), g.gate.flops, lambda k: 0.0, exit_state, g.head_rate)
         else:
             out["gate"] = step(list(g.stats.exit_rate), g.gate.flops,
-                               lambda k: head_check + (0 if exit_state else lm.exit_module_flops(k)), exit_state)
+                               lambda k: head_check + (0 if exit_state else module(k)), exit_state)
     return {k: round(float(v), 4) for k, v in out.items()}
 
 

@@ -205,7 +205,8 @@ def _score_one(lm, ids: list[int], positions: list[int], layers: list[int], loss
             continue
         raw = h[0, pos]  # (P, D)
         # through the exit module, when the model has them; layer L: the plain norm (it reads the full head)
-        normed = lm.final_norm(raw) if layer == L else lm.exit_normed(raw, layer)
+        # (an attention exit reads the whole sequence of layer-k states, causally)
+        normed = lm.final_norm(raw) if layer == L else lm.exit_normed(h, layer, positions=pos)[0]
         normed_at.append(normed)
         measures["state_cosine"].append(conf_mod.state_cosine(raw, prev))
         prev = raw

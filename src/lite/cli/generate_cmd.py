@@ -119,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
             "full_flops": cost.full_flops,
             "head_evals": cost.head_evals,
             "kv_fills": cost.kv_fills,
+            "exit_kv_writes": cost.exit_kv_writes,
             "recomputed": cost.recomputed,
             "tokens_per_second": n / result.seconds if result.seconds else None,
         }
@@ -138,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
         f"mean exit layer {mean_exit:.1f} of {L}: layer cost improvement {result.layer_cost_improvement:.1%}\n"
         f"compute cost improvement {result.compute_cost_improvement:.1%} (FLOPs {cost.flops:.3g} vs full "
         f"{cost.full_flops:.3g}; {cost.head_evals / max(n, 1):.2f} head evaluations per token, one head = "
-        f"{head_cost:.1f} blocks; {cost.kv_fills} K/V fills, {cost.recomputed} recomputed block-positions)",
+        f"{head_cost:.1f} blocks; {cost.kv_fills} K/V fills, {cost.recomputed} recomputed block-positions"
+        f"{f', {cost.exit_kv_writes} exit-module K/V writes' if cost.exit_kv_writes else ''})",
     )
     if speculative:
         rates = ", ".join(f"{r:.0%}" for r in cost.acceptance_by_position) or "-"

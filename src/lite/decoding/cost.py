@@ -22,8 +22,15 @@ Conventions (all counts are floating-point operations, a multiply-add = 2 FLOPs,
   batch's execution, like the padded positions of a batched ``generate``, not of the token's policy, so a
   token costs the same alone and in any batch. The count is kept (``rode``), and wall-clock figures
   include whatever it cost.
-* An exit module (:mod:`lite.model.exit_modules`): what ``LiteModel.exit_module_flops(layer)`` reports,
-  for every evaluation of an exit that has one (a gate check, a head check, the exit that emits).
+* An exit module (:mod:`lite.model.exit_modules`): what ``LiteModel.exit_module_flops(layer, position)``
+  reports, for every evaluation of an exit that has one (a gate check, a head check, the exit that emits).
+  For an attention module that is its q and o projections, attention over ``position + 1`` positions and
+  its MLP; its own K/V are separate (next item).
+* The K/V write of an attention exit module for one position (``exit_kv_writes``): its k and v
+  projections, priced as a K/V fill. Every token writes one at every such exit, whether it passed the
+  layer (from its state there), left below it (from its exit state under ``copy``, in the fill or riding
+  along) or has it recomputed later (``recompute``: counted on the token whose step pushes it). The
+  prefill writes one per prompt position and exit (in ``prefill_flops``).
 * Not counted, and negligible here: RMSNorms (~4*D per norm), rotary embeddings, residual adds, the
   embedding lookup, sampling. They are the same for every policy to within a few D per layer.
 
@@ -57,16 +64,19 @@ class ModelShape:
     kv_heads: int
     head_dim: int
     vocab: int
+    exit_kv: int = 0  # exits whose module keeps K/V of its own (attention modules): the prefill writes them too
 
     @classmethod
-    def from_config(cls, config) -> ModelShape:
+    def from_config(cls, config, exit_kv: int = 0) -> ModelShape:
+        """The shape of a transformers config; ``exit_kv``: how many attention exit modules the model has
+        (``len(lm.exit_kv_layers)``)."""
         heads = int(config.num_attention_heads)
         head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
         return cls(
             num_layers=int(config.num_hidden_layers), hidden=int(config.hidden_size),
             intermediate=int(config.intermediate_size), heads=heads,
             kv_heads=int(getattr(config, "num_key_value_heads", None) or heads), head_dim=head_dim,
-            vocab=int(config.vocab_size),
+            vocab=int(config.vocab_size), exit_kv=int(exit_kv),
         )
 
     # ------------------------------------------------------------- unit costs (FLOPs)
@@ -117,8 +127,11 @@ class ModelShape:
         return self.head_flops() + sum(self.full_step_flops(prompt_len - 1 + t) for t in range(1, num_tokens))
 
     def prefill_flops(self, prompt_len: int) -> int:
-        """All L blocks over the ``prompt_len`` prompt positions (the same for every policy)."""
-        return self.num_layers * sum(self.block_flops(p) for p in range(max(prompt_len, 0)))
+        """All L blocks over the ``prompt_len`` prompt positions (the same for every policy), and the K/V
+        writes of the attention exit modules there."""
+        n = max(prompt_len, 0)
+        blocks = self.num_layers * sum(self.block_flops(p) for p in range(n))
+        return blocks + self.exit_kv * n * self.kv_fill_flops()
 
 
 @dataclass
@@ -143,6 +156,8 @@ class TokenCost:
         kv_fills: skipped blocks whose K/V were filled from the exit state (``copy``).
         rode: skipped blocks run for this position while riding along in a batch (``copy``, batched
             decoding): each stands in for a K/V fill and is charged as one.
+        exit_kv_writes: K/V writes of attention exit modules, one per (exit, position): this position's at
+            every such exit, and pending positions' pushed along (``recompute``); each priced as a fill.
         recomputed: (block, pending position) pairs pushed through blocks they had skipped (``recompute``).
         recompute_context: sum of the attended context lengths of those pairs (for their attention cost).
         other_blocks: (block, position) pairs run for other positions and charged to this token
@@ -164,6 +179,7 @@ class TokenCost:
     draft_head_rows: int = 0
     kv_fills: int = 0
     rode: int = 0
+    exit_kv_writes: int = 0
     recomputed: int = 0
     recompute_context: int = 0
     other_blocks: int = 0
@@ -181,7 +197,7 @@ class Meter:
     touches a tensor: the counts are host-side integers, so metering costs no device sync.
     """
 
-    def __init__(self, positions: list[int], module_flops: Callable[[int], int], gate=None) -> None:
+    def __init__(self, positions: list[int], module_flops: Callable[[int, int], int], gate=None) -> None:
         self.tokens = [TokenCost(position=p) for p in positions]
         self._module_flops = module_flops
         self._gate = gate
@@ -200,6 +216,11 @@ class Meter:
         """One skipped block's K/V filled from each row's exit state (``copy``)."""
         for i in rows:
             self.tokens[i].kv_fills += 1
+
+    def exit_kv(self, rows: Iterable[int], positions: int = 1) -> None:
+        """An attention exit module's K/V written for ``positions`` positions of each row."""
+        for i in rows:
+            self.tokens[i].exit_kv_writes += positions
 
     def recompute(self, row: int, start: int, stop: int) -> None:
         """Pending positions ``start..stop-1`` of ``row`` pushed through one block they had skipped."""
@@ -224,10 +245,10 @@ class Meter:
             self.tokens[i].head_checks += 1
 
     def module(self, rows: Iterable[int], layer: int) -> None:
-        """The exit module of ``layer`` ran for each row (0 FLOPs without one)."""
-        flops = self._module_flops(layer)
+        """The exit module of ``layer`` ran for each row, at its position (0 FLOPs without one)."""
         for i in rows:
-            self.tokens[i].exit_module_flops += flops
+            tc = self.tokens[i]
+            tc.exit_module_flops += self._module_flops(layer, tc.position)
 
     def gate(self, rows: Iterable[int], layer: int) -> None:
         """The learned gate was asked at ``layer`` for each row."""
@@ -258,12 +279,12 @@ def merge_costs(into: TokenCost, other: TokenCost) -> None:
 
 def token_flops(shape: ModelShape, tc: TokenCost) -> int:
     """FLOPs of one decode step: its own blocks, head evaluations (with their V-reductions), cosine and
-    gate checks, exit modules, K/V fills (or the blocks ridden along in their place), and the recompute of
-    pending positions."""
+    gate checks, exit modules and their K/V writes, K/V fills (or the blocks ridden along in their place),
+    and the recompute of pending positions."""
     own = tc.blocks_run * shape.block_flops(tc.position)
     heads = tc.head_evals * shape.head_flops() + tc.head_checks * 5 * shape.vocab + \
         tc.draft_head_rows * (2 * shape.hidden + 5)
-    fills = (tc.kv_fills + tc.rode) * shape.kv_fill_flops()  # a block ridden along stands in for a fill
+    fills = (tc.kv_fills + tc.rode + tc.exit_kv_writes) * shape.kv_fill_flops()  # a ride stands in for a fill
     pairs = tc.recomputed + tc.other_blocks
     recompute = pairs * (shape.projection_flops() + shape.mlp_flops()) + \
         shape.attention_flops(1) * (tc.recompute_context + tc.other_context)
@@ -286,7 +307,7 @@ class SequenceCost:
         layer_cost_improvement: ``1 - mean(exit layer) / L`` (the paper's figure).
         compute_cost_improvement: ``1 - flops / full_flops``.
         seconds: measured wall-clock seconds of the whole generation (prefill included).
-        head_evals, kv_fills, rode, recomputed: totals of the per-token counts.
+        head_evals, kv_fills, rode, exit_kv_writes, recomputed: totals of the per-token counts.
         drafted, accepted, rejected: speculative decoding totals (accepted + rejected = drafted).
         acceptance_by_position: speculative, entry i = accepted / drafted among the rounds that drafted an
             (i+1)-th token (greedy: the chance the full model agrees that far); empty otherwise.
@@ -305,6 +326,7 @@ class SequenceCost:
     head_evals: int = field(default=0)
     kv_fills: int = field(default=0)
     rode: int = field(default=0)
+    exit_kv_writes: int = field(default=0)
     recomputed: int = field(default=0)
     drafted: int = 0
     accepted: int = 0
@@ -360,7 +382,8 @@ def sequence_cost(shape: ModelShape, prompt_len: int, tokens: list[TokenCost], s
         layer_cost_improvement=layer_cost_improvement([tc.exit_layer for tc in tokens], shape.num_layers),
         compute_cost_improvement=(1.0 - flops / full) if full else 0.0, seconds=seconds,
         head_evals=sum(tc.head_evals for tc in tokens), kv_fills=sum(tc.kv_fills for tc in tokens),
-        rode=sum(tc.rode for tc in tokens), recomputed=sum(tc.recomputed for tc in tokens),
+        rode=sum(tc.rode for tc in tokens), exit_kv_writes=sum(tc.exit_kv_writes for tc in tokens),
+        recomputed=sum(tc.recomputed for tc in tokens),
         drafted=sum(tc.drafted for tc in tokens), accepted=sum(tc.accepted for tc in tokens),
         rejected=sum(tc.drafted - tc.accepted for tc in tokens), acceptance_by_position=acceptance_by_position(tokens),
     )
@@ -404,6 +427,8 @@ class StepPrices:
         check: one check over one row: the gate's dot products, or a head-based measure's module and head.
         kv_fill: one skipped block's K/V fill for one row.
         cascade_read: a cascade's confirm read at a check the gate let a row pass (its module and head).
+        exit_kv: what every row writes each step into its attention exits' K/V (written as it passes, or
+            filled), in blocks of one row; 0 without attention exit modules.
         overhead: :data:`CHECK_OVERHEAD`, per check call (not per row).
         row_cost: :data:`ROW_COST`.
     """
@@ -413,6 +438,7 @@ class StepPrices:
     check: float
     kv_fill: float
     cascade_read: float = 0.0
+    exit_kv: float = 0.0
     overhead: float = CHECK_OVERHEAD
     row_cost: float = ROW_COST
 
@@ -463,6 +489,7 @@ def batch_step_price(exit_rates: dict[int, float], checked: Iterable[int], num_l
             cost += binomial_expect(B, rate, lambda n: prices.calls(n, prices.exit_read))
         below += rate
     cost += binomial_expect(B, 1.0 - below, lambda n: prices.calls(n, prices.head))
+    cost += prices.calls(B, prices.exit_kv)  # attention exits: every row's K/V at every exit, each step
     if ride:
         cost += prices.calls(B, deepest) + prices.calls(B, prices.kv_fill * (L - deepest))
     return cost, full
@@ -480,5 +507,5 @@ def step_prices(lm, exit_vocab: int | None, position: int = PRICE_POSITION) -> t
     shape = ModelShape.from_config(lm.config)
     block = shape.block_flops(position)
     read = exit_vocab * (2 * shape.hidden + 5) if exit_vocab else shape.head_check_flops()
-    module = max((lm.exit_module_flops(k) for k in lm.exit_layers if k < lm.num_layers), default=0)
+    module = max((lm.exit_module_flops(k, position) for k in lm.exit_layers if k < lm.num_layers), default=0)
     return shape.kv_fill_flops() / block, (read + module) / block, shape.head_check_flops() / block

@@ -329,7 +329,8 @@ class Decoder:
     def _prefill(self, rows: list[int]) -> None:
         """All L blocks over the n prompt positions of ``rows`` (fresh rows, empty cache), right-padded into
         one batch call per block (padded positions write slots that the row overwrites later and that its
-        masks hide); each row keeps its states at its last prompt position for its first token."""
+        masks hide); each row keeps its states at its last prompt position for its first token. After each
+        block with an attention exit module, that exit's K/V are written for every prompt position."""
         lm = self.lm
         if not rows:
             return
@@ -347,11 +348,11 @@ class Decoder:
         at = torch.arange(len(rows), device=lm.device)
         h = lm.embed(ids)  # (b, width, D)
         states = [h[at, last]]  # per layer: (b, D) at each row's last prompt position
-        for layer in range(1, self.plan.stop_layer + 1):
+        for layer in range(1, lm.num_layers + 1):  # static:K: the cache needs them all, states up to K
             h = lm.run_block(layer, h, self.cache, rows)
-            states.append(h[at, last])
-        for layer in range(self.plan.stop_layer + 1, lm.num_layers + 1):  # static:K: the cache needs them all
-            h = lm.run_block(layer, h, self.cache, rows)
+            lm.write_exit_kv(layer, h, self.cache, rows)
+            if layer <= self.plan.stop_layer:
+                states.append(h[at, last])
         first = torch.stack(states)[:, :, None]  # (K + 1, b, 1, D)
         for j, r in enumerate(rows):
             self.rows[r].first = first[:, j:j + 1]
@@ -468,7 +469,8 @@ class Decoder:
         """Row ``r``'s sequence so far with its cost (``reference_tokens``: see
         :func:`lite.decoding.cost.sequence_cost`)."""
         row = self.rows[r]
-        cost = sequence_cost(ModelShape.from_config(self.lm.config), len(row.prompt), row.costs, row.seconds,
+        shape = ModelShape.from_config(self.lm.config, exit_kv=len(self.lm.exit_kv_layers))
+        cost = sequence_cost(shape, len(row.prompt), row.costs, row.seconds,
                              reference_tokens)
         return GenerationResult(
             prompt_ids=list(row.prompt), token_ids=[t.id for t in row.records], text=row.text.text,

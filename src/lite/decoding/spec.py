@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import threading
 import weakref
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from ..errors import LiteError
 from ..model.adapter import LiteModel
@@ -130,7 +130,7 @@ def priced_speedup(lm: LiteModel, kind: str, batch: int = 1, ride: bool | None =
         block = ModelShape.from_config(lm.config).block_flops(PRICE_POSITION)
         per_check = record.get("flops_per_check") or {}
         check = max((float(v) for v in per_check.values()), default=0.0) / block
-        module = max((lm.exit_module_flops(k) for k in checked), default=0) / block
+        module = max((lm.exit_module_flops(k, PRICE_POSITION) for k in checked), default=0) / block
         if record.get("features", "exit") == "exit":  # the gate reads the exit state: the module runs each check
             check, read = check + module, read - module
         if record.get("head_rate"):  # the cascade: the head is read where the gate lets a row pass
@@ -138,6 +138,7 @@ def priced_speedup(lm: LiteModel, kind: str, batch: int = 1, ride: bool | None =
             prices = StepPrices(head=head, exit_read=0.0, check=check, kv_fill=fill, cascade_read=read)
         else:
             prices = StepPrices(head=head, exit_read=read, check=check, kv_fill=fill)
+    prices = replace(prices, exit_kv=len(lm.exit_kv_layers) * fill)
     ride = batch <= RIDE_ALONG_ROWS if ride is None else ride
     cost, full = batch_step_price(rates, checked, lm.num_layers, batch, prices, ride and batch > 1, heads)
     return full / cost

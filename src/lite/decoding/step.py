@@ -15,6 +15,15 @@ then one of two things happens to them (``ride``):
 When every row has left, the step stops there. Under ``recompute`` a row whose earlier positions skipped a
 block pushes them through it first, in its own call, so its cache becomes exactly the full model's.
 
+Attention exit modules (:mod:`lite.model.exit_modules`) keep K/V of their own in the cache, one cache
+layer per exit, and those follow the backbone's blocks: right after block k, every row that ran it writes
+the K/V of the exit of layer k at its position (from its layer-k state, or from its exit state when it
+rides along), and under ``recompute`` the pending positions it just pushed through block k write theirs
+too; a row that left below k gets them filled from its exit state (``copy``) or pushed later
+(``recompute``), as its skipped blocks do. So the exit of layer k always holds exactly the positions
+block k holds. The module itself (query, attention over those K/V, MLP) runs only where an exit state is
+read: a check that needs it, the head of a row that leaves there (:func:`_exit_state`).
+
 Cost is counted beside the step, not inside it: the step reports each piece of work (blocks over which
 rows, head reads over which vocabulary, gate and cosine checks, K/V fills, rides, recomputed positions) to
 a :class:`lite.decoding.cost.Meter`, which keeps one :class:`TokenCost` per row.
@@ -27,6 +36,7 @@ Layer numbering: layer k = output of decoder block k, 1-indexed; L = number of d
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -109,43 +119,85 @@ def _block(lm: LiteModel, layer: int, h: torch.Tensor, cache: KVCache, pending: 
     them through first, in its own call (metered); ``one_by_one``: one call per position, in order, each
     the very call the full model makes for that position when it decodes token by token."""
     cache_rows = [rows[i] for i in run]
-    lengths = cache.lengths[layer - 1]
-    late = [] if pending is None else [j for j, i in enumerate(run) if lengths[rows[i]] != positions[i]]
+    late, plain = _behind(cache.lengths[layer - 1], pending, rows, positions, run, h)
     if not late:
         return lm.run_block(layer, h, cache, cache_rows)
     out = torch.empty_like(h)
-    plain = [j for j in range(len(run)) if j not in set(late)]
     if plain:
         out[plain] = lm.run_block(layer, h[plain], cache, [cache_rows[j] for j in plain])
-    for j in late:  # pending positions start..pos-1 have been through exactly layer-1 blocks
+    for j, start, x in late:  # pending positions start..pos-1 have been through exactly layer-1 blocks
         i = run[j]
         r, pos = rows[i], positions[i]
-        start = lengths[r]
-        x = torch.cat([pending[r:r + 1, start:pos], h[j:j + 1]], dim=1)  # (1, pos - start + 1, D)
-        if one_by_one:
-            y = torch.cat([lm.run_block(layer, x[:, k:k + 1], cache, [r]) for k in range(x.shape[1])], dim=1)
-        else:
-            y = lm.run_block(layer, x, cache, [r])
+        y = torch.cat(_by_position(lm.run_block, layer, x, cache, r, one_by_one), dim=1)
         pending[r, start:pos] = y[0, :-1]
         out[j] = y[0, -1:]
         meter.recompute(i, start, pos)
     return out
 
 
-def _exit_head(lm: LiteModel, plan: Plan, layer: int, h: torch.Tensor, idx: list[int], meter: Meter,
+def _behind(lengths: list[int], pending: torch.Tensor | None, rows: list[int], positions: list[int], run: list[int],
+            h: torch.Tensor) -> tuple[list[tuple[int, int, torch.Tensor]], list[int]]:
+    """Split ``run`` (h: (b, 1, D)) by one cache layer's ``lengths``: the rows whose earlier positions it lacks
+    (``recompute``), each ``(j, start, x)`` with x (1, pos - start + 1, D) its pending states from its length
+    on and its own, and the indices j of the rest."""
+    late = []
+    for j, i in enumerate(run):
+        start = lengths[rows[i]]
+        if pending is not None and start != positions[i]:
+            kept = pending[rows[i]:rows[i] + 1, start:positions[i]]
+            late.append((j, start, torch.cat([kept, h[j:j + 1]], dim=1)))
+    behind = {j for j, _, _ in late}
+    return late, [j for j in range(len(run)) if j not in behind]
+
+
+def _by_position(fn, layer: int, x: torch.Tensor, cache: KVCache, r: int, one_by_one: bool) -> list:
+    """``fn(layer, part, cache, [r])`` over x (1, T, D): one call, or (``one_by_one``) one per position in
+    order, each the call that position gets when the row decodes token by token."""
+    parts = [x[:, k:k + 1] for k in range(x.shape[1])] if one_by_one else [x]
+    return [fn(layer, part, cache, [r]) for part in parts]
+
+
+def _exit_kv(lm: LiteModel, layer: int, h: torch.Tensor, cache: KVCache, pending: torch.Tensor | None,
+             rows: list[int], positions: list[int], run: list[int], meter: Meter, one_by_one: bool) -> None:
+    """The K/V of the attention exit module of ``layer``, if it has one, for every row of ``run`` at its
+    position (h: (b, 1, D), their output of block ``layer``, or a riding row's exit state). Under
+    ``recompute`` a row whose earlier positions were just pushed through block ``layer`` (``pending`` holds
+    their layer-``layer`` states now) writes theirs first, in its own call. Metered per position."""
+    index = lm.exit_kv_index(layer)
+    if index is None:
+        return
+    late, plain = _behind(cache.lengths[index], pending, rows, positions, run, h)
+    if plain:
+        lm.write_exit_kv(layer, h if not late else h[plain], cache, [rows[run[j]] for j in plain])
+        meter.exit_kv(run[j] for j in plain)
+    for j, _, x in late:
+        _by_position(lm.write_exit_kv, layer, x, cache, rows[run[j]], one_by_one)
+        meter.exit_kv([run[j]], x.shape[1])
+
+
+def _exit_state(lm: LiteModel, cache: KVCache, rows: list[int], meter: Meter, h: torch.Tensor, layer: int,
+                idx: list[int]) -> torch.Tensor:
+    """The normed exit state (c, D) of the step's rows ``idx`` (h: (c, 1, D), their raw output of block
+    ``layer``): the exit module (an attention module reads its own K/V of each cache row, its position
+    included), then the norm. Metered."""
+    normed = lm.exit_normed(h[:, -1], layer, cache=cache, rows=[rows[i] for i in idx])
+    meter.module(idx, layer)
+    return normed
+
+
+def _exit_head(lm: LiteModel, plan: Plan, layer: int, h: torch.Tensor, idx: list[int], meter: Meter, state,
                normed: torch.Tensor | None = None) -> torch.Tensor:
     """The exit's head (the exit vocabulary's when there is one) over the rows ``idx`` (h: (c, 1, D), their raw
     output of block ``layer``), with its reduction; ``normed``: their exit state when a check already made
-    it, else the exit module runs here. Both metered."""
+    it, else the exit module runs here (``state``: :func:`_exit_state` of the step). Both metered."""
     if normed is None:
-        normed = lm.exit_normed(h[:, -1], layer)
-        meter.module(idx, layer)
+        normed = state(h, layer, idx)
     meter.head(idx, plan.vocab, reduce=True)
     return lm.head_logits(normed) if plan.exit_head is None else plan.exit_head(normed)
 
 
 def _check(lm: LiteModel, plan: Plan, layer: int, h: torch.Tensor, idx: list[int], prev: torch.Tensor,
-           meter: Meter, before: torch.Tensor | None = None
+           meter: Meter, state, before: torch.Tensor | None = None
            ) -> tuple[list[bool], torch.Tensor | None, list[float | None], torch.Tensor, torch.Tensor | None]:
     """One exit check for the rows ``idx`` (h: (c, 1, D), their raw output of block ``layer``; ``before``:
     their input to it, which a gate reading the block's change needs).
@@ -155,17 +207,15 @@ def _check(lm: LiteModel, plan: Plan, layer: int, h: torch.Tensor, idx: list[int
     head-based measure reads the head (the exit vocabulary's when there is one); ``state_cosine``
     compares with each row's previous checked state and reads no head. Returns (leave per row, logits
     (c, V or N) or None, confidence per row, prev for the next cosine check, normed states (c, D) when the
-    gate decided). One host sync: the decisions.
+    gate decided). ``state``: the step's :func:`_exit_state` (a gate that reads the exit state gets the
+    engine's, the module run with its cache). One host sync: the decisions.
     """
     gate = plan.gate
     if gate is not None:
         features_fn = getattr(gate, "features_of", None)
         exit_state = features_fn is None or gate.reads_exit_state
-        feats = (lm.exit_normed(h[:, -1], layer) if features_fn is None
-                 else features_fn(lm, layer, h[:, -1], before[:, -1]))  # (c, F)
+        feats = state(h, layer, idx) if exit_state else features_fn(lm, layer, h[:, -1], before[:, -1])  # (c, F)
         meter.gate(idx, layer)
-        if exit_state:
-            meter.module(idx, layer)
         rows_fn = getattr(gate, "should_exit_rows", None)  # one decision call for every row
         leave = ([bool(x) for x in rows_fn(layer, feats)] if rows_fn is not None
                  else [bool(gate.should_exit(layer, feats[j])) for j in range(len(idx))])
@@ -174,7 +224,7 @@ def _check(lm: LiteModel, plan: Plan, layer: int, h: torch.Tensor, idx: list[int
             return leave, None, [None] * len(idx), prev, feats if exit_state else None
         # the cascade: where the gate lets a row out, its head decides (max-prob >= cut), read once
         passed = [j for j, go in enumerate(leave) if go]
-        read = _exit_head(lm, plan, layer, h[passed], [idx[j] for j in passed], meter,
+        read = _exit_head(lm, plan, layer, h[passed], [idx[j] for j in passed], meter, state,
                           feats[passed] if exit_state else None)
         logits = read.new_zeros(len(idx), read.shape[-1])
         logits[passed] = read
@@ -185,7 +235,7 @@ def _check(lm: LiteModel, plan: Plan, layer: int, h: torch.Tensor, idx: list[int
     threshold = plan.thresholds[layer]
     head_fn = conf_mod.HEAD_FUNCTIONS.get(plan.measure)
     if head_fn is not None:
-        logits = _exit_head(lm, plan, layer, h, idx, meter)
+        logits = _exit_head(lm, plan, layer, h, idx, meter, state)
         values = head_fn(logits).tolist()  # the exit decisions
         return [v >= threshold for v in values], logits, values, prev, None
     values = conf_mod.state_cosine(h[:, -1], prev).tolist()  # no head
@@ -222,6 +272,7 @@ def decode_step(lm: LiteModel, plan: Plan, cache: KVCache, rows: list[int], toke
     """
     L, b = plan.num_layers, len(rows)
     meter = Meter(positions, lm.exit_module_flops, plan.gate)
+    state = partial(_exit_state, lm, cache, rows, meter)
     out_logits = torch.zeros(b, lm.vocab_size, dtype=lm.dtype, device=lm.device)
     exit_layer = [plan.stop_layer] * b
     conf: list[float | None] = [None] * b
@@ -247,6 +298,8 @@ def decode_step(lm: LiteModel, plan: Plan, cache: KVCache, rows: list[int], toke
         if pinned is not None:  # riding rows keep their exit state as the next block's input
             h = torch.where(left, pinned, h)
             meter.rode(i for i in run if exit_layer[i] < layer)
+        if given is None:  # the prefill wrote the exits' K/V of given positions
+            _exit_kv(lm, layer, h, cache, pending, rows, positions, run, meter, one_by_one)
         if layer not in plan.checked or not checking:
             continue
         at = [j for j, i in enumerate(inside) if i in checking]  # positions in `inside` of the rows checked
@@ -258,7 +311,8 @@ def decode_step(lm: LiteModel, plan: Plan, cache: KVCache, rows: list[int], toke
         if plan.gate is not None:
             before_in = before if len(run) == len(inside) else before[inside]
             before_chk = before_in if len(at) == len(inside) else before_in[at]
-        leave, logits, values, prev_chk, normed = _check(lm, plan, layer, h_chk, idx, prev_chk, meter, before_chk)
+        leave, logits, values, prev_chk, normed = _check(lm, plan, layer, h_chk, idx, prev_chk, meter, state,
+                                                         before_chk)
         if len(at) == len(inside):
             prev = prev_chk
         else:
@@ -295,19 +349,22 @@ def decode_step(lm: LiteModel, plan: Plan, cache: KVCache, rows: list[int], toke
             break
     for j, i in enumerate(inside):  # the rows that reached the stop layer
         exit_state[i] = h[i if ride else j:(i if ride else j) + 1]
-    _read_heads(lm, plan, exit_layer, exit_state, exit_normed, has_logits, conf, out_logits, meter, final_head)
+    _read_heads(lm, plan, exit_layer, exit_state, exit_normed, has_logits, conf, out_logits, meter, state, final_head)
     if plan.kind != "none" and record_confidence:
         _record_confidence(plan, conf, out_logits, exit_layer, has_logits, inside, h, prev, ride, meter,
                            cosine_at_end=check and final_head)
     meter.exits(exit_layer)
     if given is not None:
         pass  # every block already holds these positions' own K/V
-    elif kv == "copy":  # fill the blocks no row ran for its position, from its exit state, by layer
+    elif kv == "copy":  # fill the blocks (and exits' K/V) no row ran for its position from its exit state
         done = [max(exit_layer[i], last) if ride else exit_layer[i] for i in range(b)]
         for layer in range(min(done) + 1, L + 1):
             group = [i for i in range(b) if done[i] < layer]
-            lm.fill_kv(layer, torch.cat([exit_state[i] for i in group]), cache, [rows[i] for i in group])
+            stand_in = torch.cat([exit_state[i] for i in group])
+            lm.fill_kv(layer, stand_in, cache, [rows[i] for i in group])
             meter.fills(group)
+            if lm.write_exit_kv(layer, stand_in, cache, [rows[i] for i in group]):
+                meter.exit_kv(group)
     else:
         for i in range(b):
             if exit_layer[i] < L:
@@ -316,10 +373,12 @@ def decode_step(lm: LiteModel, plan: Plan, cache: KVCache, rows: list[int], toke
 
 
 def _read_heads(lm: LiteModel, plan: Plan, exit_layer: list[int], exit_state: list, exit_normed: list,
-                has_logits: list[bool], conf: list, out_logits: torch.Tensor, meter: Meter, final_head: bool) -> None:
+                has_logits: list[bool], conf: list, out_logits: torch.Tensor, meter: Meter, state,
+                final_head: bool) -> None:
     """The head for every row that has no logits yet (gate exits, static:K, the rows that ran to L,
     state-cosine exits), once per step for all of them: the exit vocabulary's head for rows that left below
-    L when there is one (their confidence recorded over it), the full head for the rest."""
+    L when there is one (their confidence recorded over it), the full head for the rest; the exit states
+    not made yet by ``state`` (the step's :func:`_exit_state`)."""
     L = plan.num_layers
     missing = [i for i in range(len(exit_layer)) if not has_logits[i] and (final_head or exit_layer[i] < L)]
     if not missing:
@@ -327,10 +386,9 @@ def _read_heads(lm: LiteModel, plan: Plan, exit_layer: list[int], exit_state: li
     for k in sorted({exit_layer[i] for i in missing}):
         group = [i for i in missing if exit_layer[i] == k and exit_normed[i] is None]
         if group:
-            normed_k = lm.exit_normed(torch.cat([exit_state[i] for i in group])[:, -1], k)  # (g, D)
+            normed_k = state(torch.cat([exit_state[i] for i in group]), k, group)  # (g, D)
             for i, row in zip(group, normed_k):
                 exit_normed[i] = row
-            meter.module(group, k)
     short = [i for i in missing if plan.exit_head is not None and exit_layer[i] < L]
     full = [i for i in missing if i not in set(short)]
     if short:

@@ -8,7 +8,9 @@ list of decoder blocks, a rotary embedding, a final RMSNorm and an LM head) and 
   norm applied exactly once per exit, and through the exit's module first when it has one
   (:mod:`lite.model.exit_modules`; the final layer never has one);
 * decode-time primitives: embed, rotary embeddings, one decoder block over a slice of positions with a
-  per-layer cache, and the K/V projections of a block (for the "copy" strategy of skipped layers).
+  per-layer cache, and the K/V projections of a block (for the "copy" strategy of skipped layers);
+* attention exit modules (decoder blocks that attend over earlier positions): their K/V writes
+  (:meth:`LiteModel.write_exit_kv`) and their reads, from the decode cache or over whole sequences.
 
 It never copies a transformers forward: blocks are called as modules, the cache is handed to them through
 the ``cache.update(key, value, layer_idx)`` protocol the attention modules use.
@@ -30,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import LiteError
 from .config import LiteConfig
 from .exit_modules import ExitModules
 from .fast_block import FastBlocks, fast_blocks
@@ -65,7 +68,9 @@ class KVCache:
     row's own length and attends under a mask that hides every slot past the row's own positions, so rows
     of different lengths, and rows that skipped blocks, share one buffer. Buffers are
     ``(B, H_kv, max_len, head_dim)`` per block, allocated once (they grow only for continuous batching).
-    A batch of one is B = 1.
+    A batch of one is B = 1. Attention exit modules (:mod:`lite.model.exit_modules`) keep their K/V in
+    extra layers after the L blocks, one per exit with such a module, in increasing exit order
+    (:meth:`LiteModel.exit_kv_index`); they follow the same rules.
 
     ``exact`` (batch-invariant decoding, :class:`lite.decoding.Decoder` ``invariant=True``): every block call
     attends over a contiguous copy of its row's K/V, exactly its own positions long, so that what attention
@@ -119,9 +124,12 @@ class KVCache:
         for lengths in self.lengths:
             lengths[row] = 0
 
-    def view(self, block: int, rows: list[int], new: int) -> _RowsView:
-        """The cache as one block call over ``rows`` sees it (``new`` positions per row)."""
-        return _RowsView(self, block, rows, [self.lengths[block][r] for r in rows], new)
+    def view(self, block: int, rows: list[int], new: int, reads: bool = False) -> _RowsView:
+        """The cache as one block call over ``rows`` sees it (``new`` positions per row); ``reads``: the
+        call's positions are each row's last ``new`` cached ones, whose K/V it reads and does not write
+        (an attention exit reading its state after the token's K/V were written)."""
+        starts = [self.lengths[block][r] - (new if reads else 0) for r in rows]
+        return _RowsView(self, block, rows, starts, new, reads)
 
     def row(self, r: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(K, V) of row ``r`` in ``block`` over its cached positions: ``(H_kv, n, head_dim)`` each."""
@@ -132,8 +140,10 @@ class KVCache:
 class _RowsView:
     """The cache protocol the attention modules call (``update``), for one block call over some rows."""
 
-    def __init__(self, cache: KVCache, block: int, rows: list[int], starts: list[int], new: int) -> None:
+    def __init__(self, cache: KVCache, block: int, rows: list[int], starts: list[int], new: int,
+                 reads: bool = False) -> None:
         self.cache, self.block, self.rows, self.starts, self.new = cache, block, rows, starts, new
+        self.reads = reads  # the K/V of these positions are cached already: update only reads
         self.span = max(starts) + new  # slots the call attends over
         self.same_start = min(starts) == self.span - new  # every row writes the same slots
         self.every_row = len(rows) == cache.batch and rows == list(range(cache.batch))
@@ -143,7 +153,9 @@ class _RowsView:
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         c, b, t = self.cache, self.block, self.new
         keys, values = c.keys[b], c.values[b]
-        if self.every_row and self.same_start:  # a plain slice: no index tensors
+        if self.reads:  # an exit's read: these positions' K/V are there already
+            pass
+        elif self.every_row and self.same_start:  # a plain slice: no index tensors
             s = self.starts[0]
             keys[:, :, s:s + t] = key
             values[:, :, s:s + t] = value
@@ -158,7 +170,7 @@ class _RowsView:
                 keys[r, :, s:s + t] = key[i]
                 values[r, :, s:s + t] = value[i]
         for r, s in zip(self.rows, self.starts):
-            c.lengths[b][r] = s + t
+            c.lengths[b][r] = s + t  # unchanged when it reads
         if c.exact:
             if len(self.rows) != 1:
                 raise RuntimeError("a batch-invariant cache runs one row per block call")
@@ -228,6 +240,7 @@ class LiteModel:
                 )
         self._cache_kw = cache_keyword(self.blocks[0])  # decided once, at wrap time
         self._fast: FastBlocks | None = None  # plain Llama blocks called on their weights (new_cache decides)
+        self._fast_exits: FastBlocks | None = None  # the same for the attention exit modules' blocks
         self.lite_config = lite_config or LiteConfig.default_for(self.num_layers)
         if self.lite_config.num_layers != self.num_layers:
             raise ValueError(
@@ -302,25 +315,74 @@ class LiteModel:
         return self.decoder.embed_tokens.weight.dtype
 
     # ----------------------------------------------------------------- exits
-    def exit_normed(self, hidden: torch.Tensor, layer: int, direct: bool = False) -> torch.Tensor:
+    def exit_normed(self, hidden: torch.Tensor, layer: int, direct: bool = False, *, cache: KVCache | None = None,
+                    rows: list[int] | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         """The normed exit state of a *raw* block output: the exit module of ``layer`` (if any), then the
         final norm, once. This is what the head and the learned gate read.
+
+        An attention exit module (:meth:`exit_reads_context`) reads earlier positions too, so it needs to
+        know where ``hidden`` sits: at decode time ``cache`` and ``rows`` (``hidden`` (b, D) is one position
+        per cache row, each row's last one in the exit's K/V, written when the token passed the layer:
+        :meth:`write_exit_kv`), else whole sequences from position 0 (``hidden`` (B, T, D), causal; right
+        padding only). The other kinds map each position alone and ignore both.
 
         Args:
             hidden: (..., D) output of decoder block ``layer`` (un-normed).
             layer: k in 1..L; layer L (and any layer without a module) goes through the norm only.
             direct: run the norm's ``forward`` itself, without the module call's hooks (see
                 :meth:`forward_exit_states`).
+            cache, rows: the decode cache and the cache rows of ``hidden``'s rows (attention modules).
+            positions: (P,) with whole sequences (B, T, D): return only these positions, (B, P, D) (the
+                per-position kinds then run on those positions only).
         Returns:
             (..., D) normed state.
         """
-        if self.exit_modules is not None and layer < self.num_layers:
-            hidden = self.exit_modules.apply_at(layer, hidden)
+        if self.exit_reads_context(layer):  # over every position, then the ones asked for
+            hidden = self._attention_exit(layer, hidden, cache, rows)
+            hidden = hidden if positions is None else hidden[:, positions]
+        else:  # the ones asked for only
+            hidden = hidden if positions is None else hidden[:, positions]
+            if self.exit_modules is not None and layer < self.num_layers:
+                hidden = self.exit_modules.apply_at(layer, hidden)
         return self.final_norm.forward(hidden) if direct else self.final_norm(hidden)
 
-    def exit_module_flops(self, layer: int) -> int:
-        """FLOPs of the exit module of ``layer`` for one position (0 without one)."""
-        return 0 if self.exit_modules is None or layer >= self.num_layers else self.exit_modules.flops(layer)
+    def exit_reads_context(self, layer: int) -> bool:
+        """Whether the exit module of ``layer`` attends over earlier positions (an attention module)."""
+        return self.exit_modules is not None and layer < self.num_layers and self.exit_modules.reads_context(layer)
+
+    def _attention_exit(self, layer: int, hidden: torch.Tensor, cache: KVCache | None, rows: list[int] | None
+                        ) -> torch.Tensor:
+        """The block of the attention exit module of ``layer`` over ``hidden`` (see :meth:`exit_normed`)."""
+        block = self.exit_modules.block(layer)
+        if cache is None:  # whole sequences from position 0: causal, as the prefill runs a block
+            if hidden.dim() != 3:
+                raise LiteError(f"the attention exit module of layer {layer} reads every earlier position: give "
+                                f"whole sequences (B, T, D) from position 0, or a decode cache and rows")
+            positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
+            cos_sin = self.decoder.rotary_emb(hidden, positions)
+            return block(hidden, attention_mask=None, position_embeddings=cos_sin, use_cache=False)
+        rows = list(range(cache.batch)) if rows is None else rows
+        view = cache.view(self.exit_kv_index(layer), rows, 1, reads=True)
+        index = self.exit_modules.context_layers.index(layer)
+        return self._call_block(self._fast_exits, index, block, hidden[:, None], view)[:, 0]
+
+    def exit_module_flops(self, layer: int, position: int = 0) -> int:
+        """FLOPs of one evaluation of the exit module of ``layer`` (0 without one); ``position``: the absolute
+        position read (an attention module attends to ``position + 1`` positions; the others ignore it)."""
+        if self.exit_modules is None or layer >= self.num_layers:
+            return 0
+        return self.exit_modules.flops(layer, position)
+
+    @property
+    def exit_kv_layers(self) -> list[int]:
+        """The exit layers whose module keeps K/V of its own in the decode cache (attention modules)."""
+        return [] if self.exit_modules is None else list(self.exit_modules.context_layers)
+
+    def exit_kv_index(self, layer: int) -> int | None:
+        """The cache layer (0-based, after the L blocks) holding the K/V of the exit module of ``layer``, or
+        None when it has none."""
+        kv_layers = self.exit_kv_layers
+        return self.num_layers + kv_layers.index(layer) if layer in kv_layers else None
 
     def exit_logits(self, hidden: torch.Tensor, layer: int | None = None) -> torch.Tensor:
         """Next-token logits from a *raw* (un-normed) block output: :meth:`exit_normed`, then the LM head.
@@ -424,7 +486,10 @@ class LiteModel:
         """A cache for ``batch`` independent sequences of up to ``max_len`` positions each, in the model's
         dtype and device."""
         self._fast = fast_blocks(self.model, self.blocks)  # seen afresh per decode: a model wrapped later runs its modules
-        return KVCache(self.num_layers, batch, self.kv_heads, self.head_dim, max_len, self.dtype, self.device)
+        exit_blocks = [self.exit_modules.block(k) for k in self.exit_kv_layers]
+        self._fast_exits = fast_blocks(self.model, exit_blocks) if exit_blocks else None
+        return KVCache(self.num_layers + len(exit_blocks), batch, self.kv_heads, self.head_dim, max_len, self.dtype,
+                       self.device)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids -> (B, T, D) input of block 1."""
@@ -460,11 +525,16 @@ class LiteModel:
         """
         rows = list(range(cache.batch)) if rows is None else rows
         view = cache.view(layer - 1, rows, hidden.shape[1])
-        if self._fast is not None:
-            return self._fast(layer - 1, hidden, view.mask(self.dtype, self.device), self._rope_for(view), view)
-        return self.blocks[layer - 1](hidden, attention_mask=view.mask(self.dtype, self.device),
-                                      position_embeddings=self._rope_for(view), use_cache=True,
-                                      **{self._cache_kw: view})
+        return self._call_block(self._fast, layer - 1, self.blocks[layer - 1], hidden, view)
+
+    def _call_block(self, fast: FastBlocks | None, index: int, block: nn.Module, hidden: torch.Tensor,
+                    view: _RowsView) -> torch.Tensor:
+        """``block`` (number ``index`` of ``fast``, when its blocks run on their weights) over ``hidden``
+        (b, T, D) with the cache ``view``: its mask and rotary tables, its K/V."""
+        if fast is not None:
+            return fast(index, hidden, view.mask(self.dtype, self.device), self._rope_for(view), view)
+        return block(hidden, attention_mask=view.mask(self.dtype, self.device),
+                     position_embeddings=self._rope_for(view), use_cache=True, **{self._cache_kw: view})
 
     def fill_kv(self, layer: int, hidden: torch.Tensor, cache: KVCache, rows: list[int] | None = None) -> None:
         """Append K/V of block ``layer`` computed from ``hidden`` without running the block ("copy").
@@ -477,14 +547,36 @@ class LiteModel:
             hidden: (b, T, D) stand-in inputs of block ``layer`` at each row's next T uncached positions.
             rows: which cache rows these are (None: every row, in order).
         """
-        rows = list(range(cache.batch)) if rows is None else rows
-        view = cache.view(layer - 1, rows, hidden.shape[1])
-        key, value = self._kv_projections(layer, hidden, self._rope_for(view))
-        view.update(key, value, layer - 1)
+        self._write_kv(self.blocks[layer - 1], layer - 1, hidden, cache, rows)
 
-    def _kv_projections(self, layer: int, hidden: torch.Tensor, cos_sin) -> tuple[torch.Tensor, torch.Tensor]:
-        """Key (rotated) and value of block ``layer`` for inputs (b, T, D): ``(b, H_kv, T, head_dim)`` each."""
-        block = self.blocks[layer - 1]
+    def write_exit_kv(self, layer: int, hidden: torch.Tensor, cache: KVCache, rows: list[int] | None = None) -> bool:
+        """Append the K/V of the attention exit module of ``layer`` at each row's next T positions, from
+        their raw layer-``layer`` states (or, for a token that left below ``layer``, its exit state: the
+        "copy" stand-in). Every token whose layer-``layer`` state exists writes them, whether or not it
+        leaves there, so that later tokens' reads of the exit attend over every earlier position.
+
+        Args:
+            hidden: (b, T, D) raw states at each row's next T uncached positions in the exit's K/V.
+            rows: which cache rows these are (None: every row, in order).
+        Returns:
+            Whether anything was written (False: ``layer`` has no attention module; nothing to do).
+        """
+        index = self.exit_kv_index(layer)
+        if index is None:
+            return False
+        self._write_kv(self.exit_modules.block(layer), index, hidden, cache, rows)
+        return True
+
+    def _write_kv(self, block: nn.Module, index: int, hidden: torch.Tensor, cache: KVCache, rows: list[int] | None
+                  ) -> None:
+        """K/V projections of ``block`` over ``hidden`` (b, T, D), appended to cache layer ``index``."""
+        rows = list(range(cache.batch)) if rows is None else rows
+        view = cache.view(index, rows, hidden.shape[1])
+        key, value = self._kv_projections(block, hidden, self._rope_for(view))
+        view.update(key, value, index)
+
+    def _kv_projections(self, block: nn.Module, hidden: torch.Tensor, cos_sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key (rotated) and value of ``block`` for inputs (b, T, D): ``(b, H_kv, T, head_dim)`` each."""
         attn = block.self_attn
         b, t, _ = hidden.shape
         x = block.input_layernorm(hidden)

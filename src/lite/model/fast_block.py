@@ -51,11 +51,15 @@ class FastBlocks:
         shape = (b, t, -1, self.head_dim)
         x = _rms(hidden, norm_in.weight, norm_in.variance_epsilon)
         query = F.linear(x, attn.q_proj.weight).view(shape).transpose(1, 2)
-        key = F.linear(x, attn.k_proj.weight).view(shape).transpose(1, 2)
-        value = F.linear(x, attn.v_proj.weight).view(shape).transpose(1, 2)
         cos, sin = cos_sin
-        query, key = self.rotary(query, key, cos, sin)
-        key, value = cache.update(key, value, index)
+        if getattr(cache, "reads", False):  # an exit block whose K/V for these positions are cached: no k, v
+            query, _ = self.rotary(query, query, cos, sin)
+            key, value = cache.update(None, None, index)
+        else:
+            key = F.linear(x, attn.k_proj.weight).view(shape).transpose(1, 2)
+            value = F.linear(x, attn.v_proj.weight).view(shape).transpose(1, 2)
+            query, key = self.rotary(query, key, cos, sin)
+            key, value = cache.update(key, value, index)
         out, _ = self.sdpa(attn, query, key, value, mask, dropout=0.0, scaling=attn.scaling)
         out = F.linear(out.reshape(b, t, -1).contiguous(), attn.o_proj.weight)
         hidden = hidden + out

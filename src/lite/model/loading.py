@@ -293,7 +293,8 @@ def _load_with_exit_modules(spec, folder: str, lite_config, **kwargs):
                                  f"modules; add the backbone's folder, hub id or alias as base_model")
     kwargs["flag"] = f"the base_model named in {Path(folder) / 'lite_config.json'}:"
     backbone = load_model(lite_config.base_model, **kwargs)
-    modules = ExitModules.load(folder, hidden=backbone.hidden_size, num_layers=backbone.num_layers)
+    modules = ExitModules.load(folder, hidden=backbone.hidden_size, num_layers=backbone.num_layers,
+                               blocks=backbone.blocks)
     modules = modules.to(device=backbone.device, dtype=backbone.dtype)
     tokenizer = backbone.tokenizer
     if (Path(folder) / "tokenizer_config.json").is_file():
@@ -402,7 +403,7 @@ def load_model(spec: str | os.PathLike[str] | None = None, *, dtype: str | torch
         from .exit_modules import ExitModules
 
         modules = ExitModules.load(local, hidden=int(hf.config.hidden_size),
-                                   num_layers=int(hf.config.num_hidden_layers))
+                                   num_layers=int(hf.config.num_hidden_layers), blocks=hf.model.layers)
         modules = modules.to(device=device, dtype=hf.dtype)
     return LiteModel(hf, tokenizer, lite_config, source=str(spec or DEFAULT_MODEL), folder=local,
                      exit_modules=modules)

@@ -114,8 +114,10 @@ class TrainConfig:
         targets: what each exit learns: "data" (the paper: cross-entropy against the response tokens),
             "distill" (KL toward a frozen teacher, the starting model's final layer), "mixed" (``ce_weight`` x
             CE + (1 - ``ce_weight``) x KL).
-        exit_modules: "affine" or "mlp": freeze the backbone and train one exit module per exit below L
-            (:mod:`lite.model.exit_modules`); the output folder then holds only the modules (a few MB).
+        exit_modules: "affine", "mlp" or "attention" (one decoder block per exit, started as a copy of the
+            next backbone block): freeze the backbone and train one exit module per exit below L
+            (:mod:`lite.model.exit_modules`); the output folder then holds only the modules (a few MB; a
+            block per exit for "attention").
         own_answers: train on the starting model's own greedy answers (at most ``own_answer_tokens`` tokens)
             instead of the dataset's responses (:mod:`lite.training.own_answers`), cached in the work folder,
             or in ``own_answers_cache`` (a JSONL file kept across runs: its entries are keyed by row, prompt,
@@ -130,8 +132,9 @@ class TrainConfig:
             resumes): score them with ``benchmarks/ceiling_per_exit.py`` for the curves against training
             minutes. A full fine-tuning run has no small copy to keep.
         state_cache_gb: with ``exit_modules``, keep the frozen backbone's states at the response positions of
-            each sequence in memory, up to this many GiB, so that epochs after the first do not run the
-            backbone (:class:`lite.training.hf_trainer.StateCache`); 0 turns it off. One process only.
+            each sequence in memory (at every position for ``attention`` modules, which read the earlier ones),
+            up to this many GiB, so that epochs after the first do not run the backbone
+            (:class:`lite.training.hf_trainer.StateCache`); 0 turns it off. One process only.
         report_to: where Trainer also sends its logs: None or "none", "tensorboard", "wandb", or several (a
             list, or comma-separated); each needs its package installed. TensorBoard event files end up in
             ``<out>/runs``.
@@ -214,8 +217,9 @@ class TrainConfig:
         "exit-modules, data for paper)", choices=list(TARGETS)))
     ce_weight: float = field(default=0.5, **_flag("share of CE in --targets mixed (default 0.5)", type="probability"))
     exit_modules: str | None = field(default=None, **_flag(
-        "freeze the backbone and train one small module per exit below L; the output holds only the modules "
-        "(see docs/train.md); default: the recipe's (affine for exit-modules, none for paper)",
+        "freeze the backbone and train one small module per exit below L (attention: a decoder block that "
+        "attends over earlier positions); the output holds only the modules (see docs/train.md); default: the "
+        "recipe's (affine for exit-modules, none for paper)",
         choices=list(EXIT_MODULE_KINDS)))
     own_answers: bool | None = field(default=None, **_flag(
         "train on the starting model's own greedy answers instead of the dataset's responses (generated once, "
@@ -235,8 +239,9 @@ class TrainConfig:
         "training (at the next checkpoint) in <out>.snapshots/step-NNNNNN, for the curves against training minutes",
         type="positive_float", metavar="M"))
     state_cache_gb: float = field(default=4.0, **_flag(
-        "with --exit-modules: keep the frozen backbone's states at the response positions in memory, up to G "
-        "GiB, so that epochs after the first skip the backbone (default 4; 0: off)", type="nonnegative_float",
+        "with --exit-modules: keep the frozen backbone's states at the response positions (every position for "
+        "attention modules) in memory, up to G GiB, so that epochs after the first skip the backbone (default 4; "
+        "0: off)", type="nonnegative_float",
         metavar="G"))
     report_to: str | list[str] | None = field(default=None, **_flag(
         "also send the logs to TensorBoard (event files in <out>/runs) or Weights & Biases; comma-separated for "

@@ -88,13 +88,15 @@ def lite_trainer_class():
 
         def _frozen_backbone_loss(self, model, inputs, return_outputs):
             """Exit modules on a frozen backbone: the losses need the backbone's states at the response
-            positions only, and those never change, so they come from ``state_cache`` once a sequence has
+            positions only (at every position of the sequence for an attention module, which reads the
+            earlier ones), and those never change, so they come from ``state_cache`` once a sequence has
             been seen (the backbone then does not run for it); the modules and the head run on those rows."""
             lm, L = self.lite_model, self.lite_model.num_layers
             layers = sorted(self.exit_weights)
             wanted = sorted(set(layers) | ({L} if self.targets != "data" else set()))
-            raw, targets = _backbone_rows(model, inputs, wanted, self.state_cache)
-            exits = {k: raw[k] if k == L else lm.exit_normed(raw[k], k, direct=True) for k in layers}
+            whole = {k for k in layers if lm.exit_reads_context(k)}
+            raw, targets = _backbone_rows(model, inputs, wanted, self.state_cache, whole)
+            exits = {k: raw[k] if k == L else _exit_rows(lm, raw[k], k, k in whole) for k in layers}
             parts: dict[str, Any] = {}
             if self.targets != "data":
                 parts["kl_l"] = distill_rows_loss(exits, raw[L], lm.lm_head, self.exit_weights,
@@ -129,10 +131,22 @@ def lite_trainer_class():
     return LiteTrainer
 
 
-def _backbone_rows(model, inputs: dict[str, torch.Tensor], layers: list[int], cache: StateCache | None
-                   ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+def _exit_rows(lm, raw, layer: int, whole: bool) -> torch.Tensor:
+    """The normed exit states (N, D) at the response positions of a batch from the backbone's layer states
+    ``raw`` (:func:`_backbone_rows`): (N, D) rows, or with ``whole`` one ``(states (n, D), response (n,))``
+    per sequence, for a module that attends over the whole sequence (causal, from position 0)."""
+    if not whole:
+        return lm.exit_normed(raw, layer, direct=True)
+    return torch.cat([lm.exit_normed(states[None], layer, direct=True, positions=response.nonzero()[:, 0])[0]
+                      for states, response in raw])
+
+
+def _backbone_rows(model, inputs: dict[str, torch.Tensor], layers: list[int], cache: StateCache | None,
+                   whole: set[int] = frozenset()) -> tuple[dict[int, Any], torch.Tensor]:
     """The frozen backbone's states at the response positions of a batch, rows in batch order:
-    ({layer: (N, D)}, targets (N,)); layer L's is already normed.
+    ({layer: (N, D)}, targets (N,)); layer L's is already normed. A layer in ``whole`` (an attention exit
+    module's) is kept at every position that predicts a token instead: one ``(states (n - 1, D), response
+    (n - 1,) bool)`` per sequence, in batch order.
 
     Each sequence runs alone, without its padding (the batch is right-padded), so its states never depend
     on what it was batched with: the same in every epoch and after a resume, whether they come from
@@ -149,11 +163,16 @@ def _backbone_rows(model, inputs: dict[str, torch.Tensor], layers: list[int], ca
             out = model(input_ids=ids[b:b + 1, :n], attention_mask=None if mask is None else mask[b:b + 1, :n],
                         output_hidden_states=True, use_cache=False, logits_to_keep=no_position)
             response = response_mask(labels[b:b + 1, :n])[0]  # (n-1,): position t predicts token t+1
-            row = ({k: out.hidden_states[k][0, :-1][response] for k in layers}, labels[b, 1:n][response])
+            states = {k: out.hidden_states[k][0, :-1] if k in whole else out.hidden_states[k][0, :-1][response]
+                      for k in layers}
+            if whole:
+                states["response"] = response
+            row = (states, labels[b, 1:n][response])
             if key is not None:
                 cache.put_row(key, *row)
         rows.append(row)
-    return {k: torch.cat([r[0][k] for r in rows]) for k in layers}, torch.cat([r[1] for r in rows])
+    return ({k: [(r[0][k], r[0]["response"]) for r in rows] if k in whole else torch.cat([r[0][k] for r in rows])
+             for k in layers}, torch.cat([r[1] for r in rows]))
 
 
 TIME_FILE = "lite_train_seconds.json"  # in each checkpoint: training seconds spent up to it
@@ -283,7 +302,9 @@ class FrozenBackbone(torch.nn.Module):
 
 class StateCache:
     """A frozen backbone's states at the response positions of each training sequence, kept in CPU memory
-    (also when training on an accelerator: the rows of a batch are moved there when used).
+    (also when training on an accelerator: the rows of a batch are moved there when used). For attention
+    exit modules, which read every earlier position, their layers' states are kept at every position of
+    the sequence (with its response mask), a few times the memory of the response positions alone.
 
     In an exit-module run the backbone never changes, so what the losses read of it (the raw state of each
     exit layer below L and the normed final state, the teacher, at the positions that predict a response
@@ -307,8 +328,9 @@ class StateCache:
         return len(self._rows)
 
     def get_row(self, index: int, device: torch.device | str = "cpu"
-                ) -> tuple[dict[int, torch.Tensor], torch.Tensor] | None:
-        """Sequence ``index``'s ({layer: (n, D)}, targets (n,)) on ``device``, or None when it is not kept."""
+                ) -> tuple[dict[int | str, torch.Tensor], torch.Tensor] | None:
+        """Sequence ``index``'s ({layer: (n, D)}, targets (n,)) on ``device``, or None when it is not kept
+        (whole-sequence layers and their "response" mask as :func:`_backbone_rows` put them)."""
         row = self._rows.get(index)
         if row is None:
             return None

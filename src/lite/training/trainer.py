@@ -252,7 +252,7 @@ def _wrap(c: TrainConfig, run: _Prepared) -> _Wrapped:
 
         lm.model.requires_grad_(False)
         lm.model.eval()  # the backbone is frozen: no dropout, no gradients, no autograd graph
-        modules = ExitModules(c.exit_modules, run.train_layers, lm.hidden_size).to(lm.device)
+        modules = ExitModules(c.exit_modules, run.train_layers, lm.hidden_size, lm.blocks).to(lm.device)
         train_model = FrozenBackbone(modules, lm.model)
     elif c.targets != "data":
         teacher = make_teacher(lm, c.lora)
