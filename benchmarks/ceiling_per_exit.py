@@ -26,7 +26,7 @@ import torch
 
 from lite.calibration.calibrate import collect_sequences
 from lite.calibration.ceiling import AGREEMENT_BARS, model_ceiling, oracle_layers
-from lite.calibration.scoring import answer_sequences
+from lite.calibration.scoring import answer_sequences, score_sequences
 from lite.files import write_atomic, write_json_atomic
 from lite.model.config import LiteConfig
 from lite.model.loading import load_model, resolve_model
@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", required=True, help="the dense-exit model (a lite train output or snapshot)")
     ap.add_argument("--compare", action="append", default=[], help="other models, scored on the same answers")
     ap.add_argument("--heldout-from", default="smollm2-135m-lite", help="whose recorded held-out rows to use")
+    ap.add_argument("--answers-from", default=None,
+                    help="whose greedy answers are teacher-forced (default: --model's own). For a model whose "
+                         "backbone was trained (LoRA), the untouched base: the report then says how often --model's "
+                         "final layer keeps the base's greedy tokens")
     ap.add_argument("--limit", type=int, default=60)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
@@ -73,9 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{args.model}: its held-out split differs from {args.heldout_from}'s")
     fmt = default_format(lm)
     prompts = [encode_prompt(lm.tokenizer, r.instruction, r.input, fmt) for r in rows]
-    answers = own_answers(lm, prompts, max_new_tokens=args.max_new_tokens, batch_size=8).ids  # exits off
+    answerer = lm if args.answers_from is None else load_model(args.answers_from, dtype="float32", device="cpu")
+    answers = own_answers(answerer, prompts, max_new_tokens=args.max_new_tokens, batch_size=8).ids  # exits off
     print(f"{len(answers)} answers in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     sequences = answer_sequences(zip(prompts, answers))
+    # the final layer against the answers' greedy tokens (1 for the model's own answers)
+    final_kept = float(score_sequences(lm, sequences, layers=[lm.num_layers]).answer_agree[0].mean())
 
     def stats(model):
         return collect_sequences(model, sequences, len(sequences), source="generated", exit_vocab=None)
@@ -101,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         compared[spec] = row(f"`{spec}` (its own exits {', '.join(map(str, exits_of(other)))})",
                              model_ceiling(other, stats(other)))
     result = {"model": args.model, "heldout_from": args.heldout_from, "prompts": len(rows), "tokens": data.tokens,
+              "answers_from": args.answers_from, "final_layer_keeps_answers": final_kept,
               "max_new_tokens": args.max_new_tokens,
               "training": {k: lm.lite_config.training.get(k) for k in ("steps", "train_seconds", "snapshot")},
               "sets": table, "greedy": greedy, "compare": compared, "dense": full.record(),
@@ -134,7 +142,11 @@ def render(r: dict) -> str:
              f"reads the full head. Oracle saving: each token leaves at the first exit whose argmax is layer 30's. "
              f"'saving, rule @a': the largest layer saving of one cut at every exit whose emitted tokens equal "
              f"layer 30's at a share >= a (state cosine is left out: it compares consecutive exits, so it "
-             f"changes with the set).", "", head, "|---|" + "---|" * (len(cols) + 3)]
+             f"changes with the set).", ""]
+    if r.get("answers_from"):
+        lines += [f"The answers are `{r['answers_from']}`'s (exits off); the model's final layer gives the same "
+                  f"greedy token on {_pct(r['final_layer_keeps_answers'])} of their positions, teacher-forced.", ""]
+    lines += [head, "|---|" + "---|" * (len(cols) + 3)]
     for s in r["sets"] + list(r["compare"].values()):
         lines.append(f"| {s['exits']} | {s['n']} | {_pct(s['oracle'])} | "
                      + " | ".join(_pct(s.get(c.replace(' @', '@'))) for c in cols) + f" | {_pct(s['agreement_l15'])} |")

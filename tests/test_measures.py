@@ -86,7 +86,7 @@ def test_scorer_matches_a_plain_forward_worked_by_hand(lm):
     layers = [1, 2, L]
     s = score_sequences(lm, seqs, layers=layers, losses=True)
     assert s.layers == layers and s.sequences == 3 and s.tokens == sum(len(a) for a in answers)
-    agree, maxp, ce, kl = ([[] for _ in layers] for _ in range(4))
+    agree, maxp, ce, kl, answer = ([[] for _ in layers] for _ in range(5))
     with torch.no_grad():
         for ids, pos in seqs:
             states = lm.hidden_states(torch.tensor([ids]), layers=layers)
@@ -95,10 +95,14 @@ def test_scorer_matches_a_plain_forward_worked_by_hand(lm):
             for i, k in enumerate(layers):
                 logp = F.log_softmax(lm.lm_head(states[k][0, pos]).float(), -1)
                 agree[i] += (logp.argmax(-1) == final.argmax(-1)).tolist()
+                answer[i] += (logp.argmax(-1) == target).tolist()
                 maxp[i] += logp.exp().amax(-1).tolist()
                 ce[i] += (-logp[torch.arange(len(pos)), target]).tolist()
                 kl[i] += (final.exp() * (final - logp)).sum(-1).tolist()
     assert (s.agree == np.array(agree)).all() and s.agree[-1].all()  # layer L agrees with itself
+    assert (s.answer_agree == np.array(answer)).all() and s.answer_agree[-1].all()  # greedy answers: L's own
+    other = [(ids[:p[0] + 1] + [(t + 1) % lm.vocab_size for t in ids[p[0] + 1:]], p) for ids, p in seqs]
+    assert not score_sequences(lm, other, layers=[L]).answer_agree.any()  # another's tokens: never L's argmax
     np.testing.assert_allclose(s.confidences["max_prob"], maxp, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(s.ce, ce, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(s.kl, kl, rtol=1e-3, atol=1e-4)

@@ -55,6 +55,7 @@ GIVEN = {
     "baseline": (["--baseline"], True),
     "exit_layers": (["--exit-layers", "2,4"], "2,4"),
     "loss_weighting": (["--loss-weighting", "increasing"], "increasing"),
+    "final_weight": (["--final-weight", "0.5"], 0.5),
     "prompt_format": (["--prompt-format", "alpaca"], "alpaca"),
     "filters": (["--filter", "status=ok", "--filter", "lang=en"], ["status=ok", "lang=en"]),
     "heldout_fraction": (["--heldout-fraction", "0.1"], 0.1),

@@ -330,3 +330,19 @@ def test_prompts_longer_than_max_length_get_no_answer(tiny_model_dir, tmp_path, 
     assert seen == [1] and answered[1].response_ids == () and len(answered[0].response_ids) > 0
     assert prov["rows_prompt_too_long"] == 1
     assert TokenizedDataset(answered, lm.tokenizer, "alpaca", max_length=limit).dropped == 1
+
+
+def test_final_weight_gives_layer_L_its_share_of_the_loss(tiny_model_dir, data_file, tmp_path):
+    """--final-weight W: layer L weighs W, the exits share 1 - W by --loss-weighting (recorded in
+    lite_config.json); refused where layer L has no loss to weigh."""
+    result = train(str(tiny_model_dir), str(data_file), tmp_path / "w", max_steps=1, lora=True, lora_rank=2,
+                   lora_targets="q_proj,v_proj", targets="distill", exit_layers="1,2,4", final_weight=0.6,
+                   loss_weighting="increasing", **FAST)
+    weights = dict(zip(result.lite_config.exit_layers, result.lite_config.loss_weights))
+    assert weights == pytest.approx({1: 0.4 / 3, 2: 0.8 / 3, 4: 0.6})
+    assert result.lite_config.training["final_weight"] == 0.6
+    with pytest.raises(TrainError, match="--final-weight"):
+        train(str(tiny_model_dir), str(data_file), tmp_path / "m", max_steps=1, exit_modules="affine",
+              final_weight=0.5, **FAST)
+    with pytest.raises(TrainError, match=r"--final-weight must be in \[0, 1\)"):
+        train(str(tiny_model_dir), str(data_file), tmp_path / "x", max_steps=1, lora=True, final_weight=1.0, **FAST)

@@ -43,6 +43,8 @@ class ExitScores:
         layers: the E scored layers, increasing (1-indexed; may include L, which then agrees with itself).
         num_layers: L.
         agree: (E, N) bool, exit k's argmax equals layer L's (over the exit vocabulary when one was given).
+        answer_agree: (E, N) bool, exit k's argmax equals the answer token at that position (the sequence's
+            next token): at layer L, how often a model keeps the greedy tokens of the model that answered.
         confidences: {measure: (E, N) float32}, larger = more confident (:mod:`lite.decoding.confidence`).
         index: (N,) int64, which scored sequence each position belongs to (0-based over scored sequences).
         ce: (E, N) float32, -log p_k(answer token) in nats, or None (not asked).
@@ -57,6 +59,7 @@ class ExitScores:
     agree: np.ndarray
     confidences: dict[str, np.ndarray]
     index: np.ndarray
+    answer_agree: np.ndarray | None = None
     ce: np.ndarray | None = None
     kl: np.ndarray | None = None
     states: dict[str, np.ndarray] = field(default_factory=dict)
@@ -152,7 +155,7 @@ def score_sequences(lm, sequences: Iterable[TokenSequence | None], *, layers: li
         total = len(sequences)
     start = time.perf_counter()
     parts: dict[str, list[np.ndarray]] = {m: [] for m in conf_mod.MEASURES}
-    agree_parts, index_parts, ce_parts, kl_parts = [], [], [], []
+    agree_parts, answer_parts, index_parts, ce_parts, kl_parts = [], [], [], [], []
     state_parts: dict[str, list[np.ndarray]] = {kind: [] for kind in states}
     used = skipped = 0
     with torch.inference_mode():
@@ -164,6 +167,7 @@ def score_sequences(lm, sequences: Iterable[TokenSequence | None], *, layers: li
                 for m, v in out["measures"].items():
                     parts[m].append(v.cpu().numpy())
                 agree_parts.append(out["agree"].cpu().numpy())
+                answer_parts.append(out["answer_agree"].cpu().numpy())
                 index_parts.append(np.full(len(seq[1]), used, dtype=np.int64))
                 if losses:
                     ce_parts.append(out["ce"].cpu().numpy())
@@ -179,7 +183,7 @@ def score_sequences(lm, sequences: Iterable[TokenSequence | None], *, layers: li
     return ExitScores(
         layers=layers, num_layers=L, agree=np.concatenate(agree_parts, axis=1),
         confidences={m: np.concatenate(v, axis=1).astype(np.float32) for m, v in parts.items()},
-        index=np.concatenate(index_parts),
+        index=np.concatenate(index_parts), answer_agree=np.concatenate(answer_parts, axis=1),
         ce=np.concatenate(ce_parts, axis=1) if losses else None,
         kl=np.concatenate(kl_parts, axis=1) if losses else None,
         states={kind: np.concatenate(v, axis=1) for kind, v in state_parts.items()},
@@ -233,6 +237,7 @@ def _score_one(lm, ids: list[int], positions: list[int], layers: list[int], loss
             kl.append((final_logp.exp() * (final_logp - logp)).sum(-1))
     out = {"measures": {m: torch.stack(v).float() for m, v in measures.items()},
            "agree": torch.stack(argmaxes) == final,  # (E, P)
+           "answer_agree": torch.stack(argmaxes) == torch.tensor(ids, device=lm.device)[pos + 1],  # (E, P)
            "states": {kind: torch.stack(v) for kind, v in feats.items()}}
     if losses:
         out["ce"], out["kl"] = torch.stack(ce), torch.stack(kl)

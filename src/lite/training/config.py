@@ -89,6 +89,10 @@ class TrainConfig:
         baseline: final-layer loss only (standard instruction tuning), for comparison with LITE.
         exit_layers: "8,12,...,L" or a list; None = the default exits (every L/8 from L/4, plus L).
         loss_weighting: "uniform" (paper) or "increasing" (weight proportional to depth).
+        final_weight: the share of the loss on layer L, the exits sharing the rest by ``loss_weighting``;
+            None: L is one exit among the others. With a trained backbone and distillation targets this holds
+            the final layer to the frozen model's distribution (uniform over 23 exits gives L 0.043, and a LoRA
+            run's final layer then kept 60% of the frozen model's greedy tokens after 40 steps).
         prompt_format: "chat" (the tokenizer's chat template), "alpaca", or "auto": the base's own
             ``prompt_format`` when it is a lite folder, else chat when the tokenizer has a chat template, else
             alpaca (:func:`lite.model.prompts.default_format`); ``lite_config.json`` records the choice.
@@ -174,6 +178,10 @@ class TrainConfig:
         "comma-separated exit layers ending at L (default: every L/8 from L/4, plus L)"))
     loss_weighting: str = field(default="uniform", **_flag(
         "uniform (paper) or increasing with depth (default uniform)", choices=list(LOSS_WEIGHTINGS)))
+    final_weight: float | None = field(default=None, **_flag(
+        "share of the loss on the final layer L, in [0, 1), the exits sharing the rest by --loss-weighting; with a "
+        "trained backbone and --targets distill it holds the final layer to the frozen model (default: L weighs "
+        "as one exit)", type="fraction", metavar="W"))
     prompt_format: str = field(default="auto", **_flag(
         "chat (the tokenizer's chat template), alpaca (the Stanford template), or auto: chat when the tokenizer "
         "has a chat template, else alpaca (default auto; recorded in lite_config.json)",
@@ -296,6 +304,14 @@ class TrainConfig:
                              f"GPU with CUDA_VISIBLE_DEVICES, or several with torchrun")
         if c.loss_weighting not in LOSS_WEIGHTINGS:
             raise TrainError(f"--loss-weighting must be one of {LOSS_WEIGHTINGS}, got {c.loss_weighting!r}")
+        if c.final_weight is not None:
+            if not (0.0 <= c.final_weight < 1.0):
+                raise TrainError(f"--final-weight must be in [0, 1), got {c.final_weight}")
+            if c.exit_modules or c.baseline:
+                raise TrainError("--final-weight weighs the final layer's loss against the exits'; with "
+                                 + ("--exit-modules the backbone is frozen and layer L has no loss"
+                                    if c.exit_modules else "--baseline only layer L is trained")
+                                 + ": leave out --final-weight")
         if c.prompt_format not in ("auto", *PROMPT_FORMATS):
             raise TrainError(f"--prompt-format must be one of {('auto', *PROMPT_FORMATS)}, got {c.prompt_format!r}")
         if c.loss_mode not in LOSS_MODES:

@@ -83,6 +83,8 @@ def run_record(c: TrainConfig, lm, data: dict[str, Any], layers: list[int], trai
         "own_answer_tokens": c.own_answer_tokens if c.own_answers else None,
         "report_to": report_destinations(c.report_to),
         "fsdp": fsdp_config(lm) if c.fsdp else None, "max_minutes": c.max_minutes,
+        # only when given: records of runs begun before the flag existed stay equal, so they resume
+        **({"final_weight": c.final_weight} if c.final_weight is not None else {}),
     }
     return {"model": portable_model_spec(c.model), "data": data, "exit_layers": layers,
             "loss_weighting": c.loss_weighting, "prompt_format": prompt_format, "training": settings}

@@ -199,6 +199,10 @@ def _prepare(c: TrainConfig, say: Callable[[str], None]) -> _Prepared:
     layers = parse_exit_layers(c.exit_layers, L)  # a baseline model keeps them for early-exit decoding later
     train_layers = [L] if c.baseline else ([k for k in layers if k < L] if c.exit_modules else layers)
     weights = dict(zip(train_layers, loss_weights(train_layers, c.loss_weighting)))
+    if c.final_weight is not None and len(train_layers) > 1:  # L gets its share, the exits the rest
+        below = [k for k in train_layers if k < L]
+        weights = {**{k: (1 - c.final_weight) * w for k, w in zip(below, loss_weights(below, c.loss_weighting))},
+                   L: c.final_weight}
     tokenizer = lm.tokenizer
     prompt_format = default_format(lm) if c.prompt_format == "auto" else c.prompt_format
     if tokenizer.pad_token_id is None:
