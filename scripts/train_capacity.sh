@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The capacity candidates against the dense affine exits (scripts/train_dense_exits.sh): the same rows, own
+# answers (that run's cache), held-out rows, batch and epochs, and the same training minutes (--max-minutes
+# 273, that run's total), so benchmarks/ceiling_per_exit.py compares them by oracle saving and by the
+# frontier at 0.90/0.95 agreement. One heavy job at a time on 2 cores: lora-kl first, then attention.
+# Resumable: re-run the same command (it goes on from $OUT.partial); snapshots every SNAPSHOT_MINUTES of
+# training in $OUT.snapshots (the curve against training minutes).
+#   LITE_HOME=/work/lite_home nohup nice -n 19 bash scripts/train_capacity.sh lora-kl >> $LITE_HOME/lora-kl.log 2>&1 &
+#   LITE_HOME=/work/lite_home nohup nice -n 19 bash scripts/train_capacity.sh attention >> $LITE_HOME/attention.log 2>&1 &
+#
+# lora-kl, "the backbone learns too": a LoRA adapter (rank 16 on every attention and MLP projection) with the
+# shared head at every layer 8..30, self-distilled toward the frozen starting model's final layer (the
+# paper's LITE with KL targets). The KL term on layer 30 holds the final layer to the frozen model at
+# FINAL_WEIGHT of the loss (--final-weight; the 22 exits share the rest); how far its greedy output moved is
+# measured by ceiling_per_exit.py --answers-from smollm2-135m-instruct. A first run with layer 30 as one
+# exit among 23 (weight 0.043) let it drift: KL at layer 30 rose to 0.43 nats by step 40 and its final layer
+# kept 59.5% of the frozen model's greedy tokens (3 held-out prompts); stopped there (kept as
+# $LITE_HOME/runs/dense-lora-kl-uniform.*). 32 s a step on 1 thread (no state cache: the backbone runs every
+# step), so 273 minutes reach ~510 of the 663 planned steps. Begun 2026-12-07 15:30 UTC (commit c23d1fb's
+# code, as scripts/train_lora_kl.sh).
+#
+# attention, "exits with attention": one decoder block per exit (a copy of backbone block k+1, with K/V of
+# its own; docs/train.md#attention-exit-modules) at every third layer 9..27 on the frozen backbone, compared
+# with the affine exits at the same seven layers. Every third, not every layer: a block is ~3.5M parameters
+# (14 MB in float32), so 7 exits are 98 MB (over the 48 MB the package ships: a measure of capacity, not a
+# shipping candidate as is), and the backbone-state cache keeps those layers' states at every position (~4.8
+# MB a sequence in float32: ~8.5 GB for the 1,763 rows, capped at 7.5 GB; the rest run the backbone).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CANDIDATE=${1:?give the candidate: lora-kl or attention}
+HOME_DIR=${LITE_HOME:-$HOME/.cache/lite}
+DATA=${DATA:-/work/shared/data/train}
+export OMP_NUM_THREADS=${THREADS:-1}
+LITE=${LITE:-.venv/bin/lite}
+case "$CANDIDATE" in
+    lora-kl) OUT=${OUT:-$HOME_DIR/runs/dense-lora-kl}
+        MORE=(--recipe paper --lora --exit-layers 8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30
+              --final-weight "${FINAL_WEIGHT:-0.5}") ;;
+    attention) OUT=${OUT:-$HOME_DIR/runs/attention-exits}
+        MORE=(--exit-modules attention --exit-layers 9,12,15,18,21,24,27,30 --lr "${LR:-1e-4}"
+              --state-cache-gb "${STATE_CACHE_GB:-7.5}") ;;
+    *) echo "unknown candidate $CANDIDATE: lora-kl or attention" >&2; exit 2 ;;
+esac
+
+"$LITE" train --model smollm2-135m-instruct \
+    --data "$DATA/alpaca_libre_v1.jsonl" "$DATA/alpaca_libre_v3.jsonl" --filter status=ok \
+    --heldout-from smollm2-135m-lite --out "$OUT" "${MORE[@]}" --targets distill --own-answers \
+    --own-answer-tokens 64 --own-answers-batch-size 32 --prompt-format chat \
+    --own-answers-cache "${OWN_ANSWERS:-$HOME_DIR/own_answers-dense-smollm2-135m-instruct-64tok-fp32.jsonl}" \
+    --epochs 3 --batch-size 8 --max-length 320 --save-steps 10 --logging-steps 5 --threads "$OMP_NUM_THREADS" \
+    --no-progress-bar --snapshot-minutes "${SNAPSHOT_MINUTES:-15}" --max-minutes "${MAX_MINUTES:-273}"
