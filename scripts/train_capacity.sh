@@ -2,7 +2,8 @@
 # The capacity candidates against the dense affine exits (scripts/train_dense_exits.sh): the same rows, own
 # answers (that run's cache), held-out rows, batch and epochs, and the same training minutes (--max-minutes
 # 273, that run's total), so benchmarks/ceiling_per_exit.py compares them by oracle saving and by the
-# frontier at 0.90/0.95 agreement. One heavy job at a time on 2 cores: lora-kl first, then attention.
+# frontier at 0.90/0.95 agreement. One heavy job at a time on 2 cores. The attention run began 2026-12-07
+# 15:56 UTC.
 # Resumable: re-run the same command (it goes on from $OUT.partial); snapshots every SNAPSHOT_MINUTES of
 # training in $OUT.snapshots (the curve against training minutes).
 #   LITE_HOME=/work/lite_home nohup nice -n 19 bash scripts/train_capacity.sh lora-kl >> $LITE_HOME/lora-kl.log 2>&1 &
@@ -15,9 +16,12 @@
 # measured by ceiling_per_exit.py --answers-from smollm2-135m-instruct. A first run with layer 30 as one
 # exit among 23 (weight 0.043) let it drift: KL at layer 30 rose to 0.43 nats by step 40 and its final layer
 # kept 59.5% of the frozen model's greedy tokens (3 held-out prompts); stopped there (kept as
-# $LITE_HOME/runs/dense-lora-kl-uniform.*). 32 s a step on 1 thread (no state cache: the backbone runs every
-# step), so 273 minutes reach ~510 of the 663 planned steps. Begun 2026-12-07 15:30 UTC (commit c23d1fb's
-# code, as scripts/train_lora_kl.sh).
+# $LITE_HOME/runs/dense-lora-kl-uniform.*). With FINAL_WEIGHT 0.5 (begun 15:30 UTC, commit c23d1fb) KL at
+# layer 30 still rose to 0.26-0.31 nats by step 40, and at step 30 (15 training minutes) its final layer kept
+# 72.9% of the frozen model's greedy tokens (8 held-out prompts, 32 tokens) while layer 15 agreed with layer
+# 30 on 7.8% (the affine modules: 38%): stopped there too (kept as $LITE_HOME/runs/dense-lora-kl-w05.*), for
+# the attention run. A next try would hold layer 30 harder (FINAL_WEIGHT 0.9) at a lower LR. 32 s a step on
+# 1 thread (no state cache: the backbone runs every step), so 273 minutes reach ~510 of the 663 planned steps.
 #
 # attention, "exits with attention": one decoder block per exit (a copy of backbone block k+1, with K/V of
 # its own; docs/train.md#attention-exit-modules) at every third layer 9..27 on the frozen backbone, compared
@@ -34,7 +38,7 @@ export OMP_NUM_THREADS=${THREADS:-1}
 LITE=${LITE:-.venv/bin/lite}
 case "$CANDIDATE" in
     lora-kl) OUT=${OUT:-$HOME_DIR/runs/dense-lora-kl}
-        MORE=(--recipe paper --lora --exit-layers 8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30
+        MORE=(--recipe paper --lora ${LR:+--lr "$LR"} --exit-layers 8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30
               --final-weight "${FINAL_WEIGHT:-0.5}") ;;
     attention) OUT=${OUT:-$HOME_DIR/runs/attention-exits}
         MORE=(--exit-modules attention --exit-layers 9,12,15,18,21,24,27,30 --lr "${LR:-1e-4}"
