@@ -92,3 +92,19 @@ def test_the_python_api_and_the_server_price_auto_at_the_rows_they_run_together(
             assert card["lite"]["default_exit"] == want
         finally:
             stop()
+
+
+def test_eval_says_what_auto_picks_at_its_batch_size(priced_model):
+    """lite eval measures the calibrated policy at any batch size, and its report says what --exit auto
+    decodes with at that batch size, with the prices it followed."""
+    from lite.evaluation.report import _auto_line
+    from lite.evaluation.run import _auto_at_batch
+
+    lm = load_model(priced_model, device="cpu")
+    auto = _auto_at_batch(lm, 16)
+    assert auto["batch"] == 16 and auto["policy"] == "none"
+    assert auto["priced_speedup"] == {"dynamic": {"1": round(priced_speedup(lm, "dynamic", 1), 3),
+                                                  "16": round(priced_speedup(lm, "dynamic", 16), 3)}}
+    line = _auto_line({"auto_at_batch": auto})[0]
+    assert "at batch 16 decodes with `none`" in line and f"{auto['priced_speedup']['dynamic']['16']:.2f}x at batch 16" in line
+    assert _auto_line({"auto_at_batch": {"batch": 8, "policy": "none", "priced_speedup": {}}}) == []  # nothing priced
