@@ -73,6 +73,8 @@ def test_quality_bar_decodes_every_candidate_and_makes_the_choice_auto(tiny_mode
     q = cfg.calibration["quality"]
     printed = capsys.readouterr().out
     assert f"**{q['chosen']}** (chosen)" in printed and printed.count("dynamic@") >= len(quality.SCALES)
+    by_batch = cfg.calibration["auto_by_batch"]  # and what auto decodes with at each batch size, priced
+    assert f"batch 16: {by_batch['16']} (" in printed and "--exit auto by the rows decoded together" in printed
     # a random tiny model's answers share nothing with the references: the full model's likelihood judges
     assert q["full"]["rouge_ref"] == 0 and q["measure"] == "full_model_likelihood"
     assert q["full"]["prompts"] == 3 and q["bar"] == 1e-6

@@ -238,6 +238,11 @@ def run(args: argparse.Namespace) -> int:
            "the cheapest that meets the rule's agreement bar over all tokens (else the one that agrees most)")
     print(f"default policy (--exit auto): {cfg.default_exit}, {why}; expected compute per step on these tokens, as a "
           f"fraction of the full model's: {costs}" + (f"; exit vocabulary {cfg.exit_vocab}" if cfg.exit_vocab else ""))
+    by_batch = cfg.calibration.get("auto_by_batch") or {}
+    priced = (cfg.calibration.get("priced_speedup") or {}).get(cfg.default_exit) or {}
+    if by_batch and priced:
+        print("--exit auto by the rows decoded together (priced step against the full model's): "
+              + ", ".join(f"batch {b}: {by_batch[b]} ({priced[b]:.2f}x)" for b in by_batch if b in priced))
     print(f"wrote {path}")
     if args.draft_vocab and not exit_vocab:
         print(f"wrote {write_draft_vocab(lm, examples, progress)}")
