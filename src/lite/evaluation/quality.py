@@ -29,7 +29,6 @@ from ..decoding import ExitPolicy, GenerationSettings, generate_batch
 from .loglik import answer_logliks
 from .metrics import mean, rouge_l
 from ..model.config import CONFIDENCE_RANGES, NEVER_EXIT
-from ..model.prompts import encode_prompt
 
 SCALES = (1.0, 1.05, 1.1, 1.2)
 """Factors every cut of a candidate is multiplied by (> 1 exits less; a probability cut above 1 never lets a
@@ -82,7 +81,9 @@ def judge(lm, examples: list, policies: dict[str, ExitPolicy], *, prompt_format:
           batch_size: int = 8, scales=SCALES, progress=None) -> tuple[dict[str, Any], list[Candidate]]:
     """Decode ``examples``' prompts with the full model and with each of ``policies`` ({kind: policy}) at every
     scale; returns (the full model's figures, the candidates)."""
-    prompts = [encode_prompt(lm.tokenizer, ex.instruction, ex.input, prompt_format) for ex in examples]
+    from ..training.data import prompt_ids  # conversations prompt up to their last trained turn
+
+    prompts = [prompt_ids(lm.tokenizer, ex, prompt_format) for ex in examples]
     refs = [ex.output or None for ex in examples]
     with_refs = all(refs)
     full = _decode(lm, prompts, ExitPolicy(kind="none"), max_new_tokens, batch_size)
