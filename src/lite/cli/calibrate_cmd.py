@@ -219,8 +219,12 @@ def run(args: argparse.Namespace) -> int:
     result.data = data_info
     if args.quality_bar is not None:
         from ..evaluation.quality import choose_by_quality, quality_table
+        from ..model.prompts import default_format
+        from ..training.data import prompt_ids  # a conversation: up to its last trained turn, as calibration
 
-        choose_by_quality(lm, result, examples[: args.quality_prompts], args.quality_bar,
+        judged = examples[: args.quality_prompts]
+        choose_by_quality(lm, result, [prompt_ids(lm.tokenizer, e, default_format(lm)) for e in judged],
+                          [e.output or None for e in judged], args.quality_bar,
                           max_new_tokens=min(args.max_new_tokens, 64), batch_size=args.batch_size, progress=progress)
         print(quality_table(result.quality))
     if ranked is not None:  # before the config that names the exit vocabulary

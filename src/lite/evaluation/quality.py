@@ -77,14 +77,12 @@ def _loglik(lm, prompts: list[list[int]], runs, batch_size: int) -> float | None
     return mean(answer_logliks(lm, [(p, list(r.token_ids)) for p, r in zip(prompts, runs)], batch_size).values)
 
 
-def judge(lm, examples: list, policies: dict[str, ExitPolicy], *, prompt_format: str, max_new_tokens: int,
-          batch_size: int = 8, scales=SCALES, progress=None) -> tuple[dict[str, Any], list[Candidate]]:
-    """Decode ``examples``' prompts with the full model and with each of ``policies`` ({kind: policy}) at every
-    scale; returns (the full model's figures, the candidates)."""
-    from ..training.data import prompt_ids  # conversations prompt up to their last trained turn
-
-    prompts = [prompt_ids(lm.tokenizer, ex, prompt_format) for ex in examples]
-    refs = [ex.output or None for ex in examples]
+def judge(lm, prompts: list[list[int]], refs: list[str | None], policies: dict[str, ExitPolicy], *,
+          max_new_tokens: int, batch_size: int = 8, scales=SCALES, progress=None
+          ) -> tuple[dict[str, Any], list[Candidate]]:
+    """Decode ``prompts`` (token ids, formatted as the model is prompted) with the full model and with each of
+    ``policies`` ({kind: policy}) at every scale; ``refs``: each prompt's reference answer, or None. Returns
+    (the full model's figures, the candidates)."""
     with_refs = all(refs)
     full = _decode(lm, prompts, ExitPolicy(kind="none"), max_new_tokens, batch_size)
     # per answer token: an answer that runs shorter or longer does not move the choice
@@ -137,23 +135,22 @@ def record(base: dict[str, Any], candidates: list[Candidate], bar: float, chosen
             "chosen": None if chosen is None else chosen.name}
 
 
-def choose_by_quality(lm, result, examples: list, bar: float, *, max_new_tokens: int = 64, batch_size: int = 8,
-                      progress=None) -> Candidate | None:
+def choose_by_quality(lm, result, prompts: list[list[int]], refs: list[str | None], bar: float, *,
+                      max_new_tokens: int = 64, batch_size: int = 8, progress=None) -> Candidate | None:
     """``lite calibrate --quality-bar``: judge the calibrated policies of ``result`` (a
-    :class:`lite.calibration.calibrate.CalibrationResult`) on ``examples`` and make the choice its default:
-    the chosen kind's cuts are scaled in ``result`` (its thresholds, or its gate's), and ``result.quality``
-    holds :func:`record` (which :func:`lite.calibration.calibrate.save_calibration` writes, with ``auto``
-    the chosen kind, or none)."""
+    :class:`lite.calibration.calibrate.CalibrationResult`) on ``prompts`` (with their references ``refs``)
+    and make the choice its default: the chosen kind's cuts are scaled in ``result`` (its thresholds, or its
+    gate's), and ``result.quality`` holds :func:`record` (which
+    :func:`lite.calibration.calibrate.save_calibration` writes, with ``auto`` the chosen kind, or none)."""
     from ..decoding.spec import exit_vocab_ids
-    from ..model.prompts import default_format
 
     ids = exit_vocab_ids(lm, result.exit_vocab, "--exit-vocab") if result.exit_vocab else None
     policies = {"dynamic": ExitPolicy("dynamic", thresholds=result.thresholds, confidence=result.confidence,
                                       exit_ids=ids)}
     if result.gate is not None:
         policies["gate"] = ExitPolicy("gate", gate=result.gate.gate, exit_ids=ids)
-    base, candidates = judge(lm, examples, policies, prompt_format=default_format(lm),
-                             max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    base, candidates = judge(lm, prompts, refs, policies, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                             progress=progress)
     chosen = choose(candidates, bar)
     if chosen is not None and chosen.kind == "dynamic":
         result.thresholds = scaled_policy(policies["dynamic"], chosen.scale).checks
