@@ -4,21 +4,26 @@ where it would not be at least ``PRICE_MARGIN`` faster; batch-invariant decoding
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import httpx
 import pytest
 
 import lite
-from lite.decoding.cost import StepPrices, batch_step_price, binomial_expect
+from lite.decoding.cost import StepPrices, batch_step_price
 from lite.decoding.spec import PRICE_MARGIN, default_exit, priced_speedup, priced_table
 from lite.model.config import LiteConfig
 from lite.model.loading import load_model
 
 
-def test_binomial_expect_by_hand():
-    assert binomial_expect(2, 0.3, lambda k: k) == pytest.approx(0.6)
-    assert binomial_expect(3, 0.5, lambda k: k * k) == pytest.approx(3 * 0.25 + 1.5 ** 2)  # Var + mean^2
+def test_expected_calls_is_the_binomial_mean_of_calls():
+    """The closed form against the sum over every number of rows taking part."""
+    pr = StepPrices(head=3.0, exit_read=0.5, check=0.2, kv_fill=0.1, row_cost=0.1)
+    for batch, p, w in ((1, 0.3, 1.0), (2, 0.3, 0.5), (8, 0.65, 2.0), (16, 0.0, 1.0), (16, 1.0, 1.0)):
+        by_sum = sum(math.comb(batch, n) * p ** n * (1 - p) ** (batch - n) * pr.calls(n, w) for n in range(batch + 1))
+        assert pr.expected_calls(batch, p, w) == pytest.approx(by_sum)
+    assert pr.expected_calls(2, 0.3) == pytest.approx(2 * 0.3 * 0.7 * 1 + 0.09 * 1.1)  # one row, or both
 
 
 def test_step_price_by_hand_alone_and_riding_along():

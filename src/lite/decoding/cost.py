@@ -408,14 +408,6 @@ dense-exit model, checked at 22 exits per token, ran 1.15x lite's exits off at b
 alone promise 1.15x: per-check overhead is small there."""
 
 
-def binomial_expect(n: int, p: float, f: Callable[[int], float]) -> float:
-    """E[f(K)] for K ~ Binomial(n, p), exactly (a sum over k = 0..n)."""
-    import math
-
-    p = min(max(float(p), 0.0), 1.0)
-    return sum(math.comb(n, k) * p ** k * (1 - p) ** (n - k) * f(k) for k in range(n + 1))
-
-
 @dataclass(frozen=True)
 class StepPrices:
     """What the pieces of a decode step cost, in blocks of one row (a block over one position).
@@ -445,6 +437,13 @@ class StepPrices:
     def calls(self, rows: int, per_row: float = 1.0) -> float:
         """One call over ``rows`` rows of work ``per_row`` blocks of one row each: weights read once."""
         return 0.0 if rows <= 0 else per_row * (1.0 + self.row_cost * (rows - 1))
+
+    def expected_calls(self, batch: int, p: float, per_row: float = 1.0) -> float:
+        """E[:meth:`calls` (n, per_row)] for n ~ Binomial(batch, p), the rows of ``batch`` that each take part
+        with probability ``p``: a call happens when n > 0 and costs ``per_row * ((1 - row_cost) + row_cost *
+        n)`` then, so the mean is ``per_row * ((1 - row_cost) * P(n > 0) + row_cost * batch * p)``."""
+        p = min(max(float(p), 0.0), 1.0)
+        return per_row * ((1.0 - self.row_cost) * (1.0 - (1.0 - p) ** batch) + self.row_cost * batch * p)
 
 
 def batch_step_price(exit_rates: dict[int, float], checked: Iterable[int], num_layers: int, batch: int,
@@ -477,18 +476,17 @@ def batch_step_price(exit_rates: dict[int, float], checked: Iterable[int], num_l
         p_any = 1.0 - below ** B
         deepest += p_any
         if not ride:
-            cost += binomial_expect(B, inside, lambda n: prices.calls(n)) + \
-                binomial_expect(B, below, lambda n: prices.calls(n, prices.kv_fill))
+            cost += prices.expected_calls(B, inside) + prices.expected_calls(B, below, prices.kv_fill)
         if layer in checks:
-            cost += binomial_expect(B, inside, lambda n: prices.calls(n, prices.check)) + prices.overhead * p_any
+            cost += prices.expected_calls(B, inside, prices.check) + prices.overhead * p_any
             share = (head_reads or {}).get(layer, 0.0)
             if share:
-                cost += binomial_expect(B, share, lambda n: prices.calls(n, prices.cascade_read))
+                cost += prices.expected_calls(B, share, prices.cascade_read)
         rate = rates.get(layer, 0.0)
         if rate:
-            cost += binomial_expect(B, rate, lambda n: prices.calls(n, prices.exit_read))
+            cost += prices.expected_calls(B, rate, prices.exit_read)
         below += rate
-    cost += binomial_expect(B, 1.0 - below, lambda n: prices.calls(n, prices.head))
+    cost += prices.expected_calls(B, 1.0 - below, prices.head)
     cost += prices.calls(B, prices.exit_kv)  # attention exits: every row's K/V at every exit, each step
     if ride:
         cost += prices.calls(B, deepest) + prices.calls(B, prices.kv_fill * (L - deepest))
