@@ -112,4 +112,5 @@ def test_eval_says_what_auto_picks_at_its_batch_size(priced_model):
                                                   "16": round(priced_speedup(lm, "dynamic", 16), 3)}}
     line = _auto_line({"auto_at_batch": auto})[0]
     assert "at batch 16 decodes with `none`" in line and f"{auto['priced_speedup']['dynamic']['16']:.2f}x at batch 16" in line
-    assert _auto_line({"auto_at_batch": {"batch": 8, "policy": "none", "priced_speedup": {}}}) == []  # nothing priced
+    assert "at least 10% faster" in line  # PRICE_MARGIN
+    assert _auto_line({"auto_at_batch": {"batch": 8, "policy": "none", "margin": 0.1, "priced_speedup": {}}}) == []

@@ -550,7 +550,7 @@ def save_calibration(lm: LiteModel, result: CalibrationResult) -> str:
     import dataclasses
 
     from ..decoding.gate import GATE_FILE, save_gate
-    from ..decoding.spec import PRICED_BATCHES, default_exit, priced_table
+    from ..decoding.spec import PRICE_MARGIN, PRICED_BATCHES, default_exit, priced_table
     from ..model.card import write_model_card
 
     if lm.folder is None:
@@ -586,6 +586,7 @@ def save_calibration(lm: LiteModel, result: CalibrationResult) -> str:
     # what --exit auto decodes with at each batch size follows from these prices (default_exit)
     record["priced_speedup"] = priced_table(lm)
     record["auto_by_batch"] = {str(b): default_exit(lm, b) for b in PRICED_BATCHES}
+    record["price_margin"] = PRICE_MARGIN  # what auto asks of a priced step (the model card says it)
     path = cfg.save(lm.folder)
     write_model_card(lm.folder)  # the card shows the new thresholds (a README lite did not write is kept)
     return str(path)

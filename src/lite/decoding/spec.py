@@ -95,7 +95,7 @@ def is_calibrated(lm: LiteModel) -> bool:
     return all(cfg.threshold_for(k) is not None for k in cfg.exit_layers if k < lm.num_layers)
 
 
-PRICE_MARGIN = 0.10  # (the model card says "10%": lite.model.card)
+PRICE_MARGIN = 0.10  # recorded by calibration (calibration.price_margin), which the model card reads
 """``auto`` decodes with exits at a batch size only where their priced step (:func:`priced_speedup`) is at
 least this much faster than the full model's. The price left out 3-8% in what was measured against lite's
 exits off (float32, 2-core CPU): the shipped default priced 1.20x at batch 1 and ran 1.09x, 1.01x at batch 8

@@ -431,7 +431,7 @@ def _auto_line(model: dict[str, Any]) -> list[str]:
     figures = "; ".join(f"{k} " + ", ".join(f"{x:.2f}x at batch {b}" for b, x in v.items()) for k, v in priced.items())
     return [f"`--exit auto` at batch {auto['batch']} decodes with `{auto['policy']}` (priced step against the "
             f"full model's, from the calibration tokens: {figures}; exits are kept only where they price at "
-            f"least 10% faster)."]
+            f"least {auto['margin']:.0%} faster)."]
 
 
 def render_markdown(report: dict[str, Any], plots: list[str]) -> str:

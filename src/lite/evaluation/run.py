@@ -256,9 +256,10 @@ def _exit_spec(lm, cfg: EvalConfig, role: str) -> str:
 def _auto_at_batch(lm, batch: int) -> dict[str, Any]:
     """What ``--exit auto`` decodes with at the evaluation's batch size (eval itself runs the calibrated
     policy, to have one to measure), with the priced speedups it was decided by."""
-    from ..decoding.spec import default_exit, priced_table
+    from ..decoding.spec import PRICE_MARGIN, default_exit, priced_table
 
-    return {"batch": batch, "policy": default_exit(lm, batch), "priced_speedup": priced_table(lm, sorted({1, batch}))}
+    return {"batch": batch, "policy": default_exit(lm, batch), "margin": PRICE_MARGIN,
+            "priced_speedup": priced_table(lm, sorted({1, batch}))}
 
 
 def _policies(lm, cfg: EvalConfig, role: str) -> dict[str, tuple[decoding.ExitPolicy, str]]:

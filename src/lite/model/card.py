@@ -139,13 +139,14 @@ def model_card(folder: str | Path, base_id: str | None = None, name: str | None 
                         if priced else "") + ".")
         priced_by_batch = ((cfg.calibration or {}).get("priced_speedup") or {}).get(cfg.default_exit)
         auto = (cfg.calibration or {}).get("auto_by_batch") or {}
-        if priced_by_batch:
+        if priced_by_batch and "price_margin" in cfg.calibration:
             off = [b for b, policy in auto.items() if policy == "none"]
             lines.append(
                 "- Rows decoded together wait for the deepest: the step of a batch priced against the full "
                 "model's (faster above 1): " + ", ".join(f"{v:.2f}x at batch {b}" for b, v in priced_by_batch.items())
                 + (f". `--exit auto` decodes in full at batch {', '.join(off)} (exits are kept where they price "
-                   f"at least 10% faster; batch-invariant serving prices every row alone)." if off else "."))
+                   f"at least {cfg.calibration['price_margin']:.0%} faster; batch-invariant serving "
+                   f"prices every row alone)." if off else "."))
     if t:
         lines += ["", "## Recipe", ""]
         keys = ("steps", "max_steps", "epochs", "lr", "lr_schedule", "batch_size", "grad_accum", "world_size",
