@@ -21,6 +21,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from lite.errors import LiteError
 from lite.files import write_atomic
 from lite.model.loading import resolve_model
 
@@ -34,7 +35,7 @@ def weights_mb(model: str, share: float = 1.0) -> float | None:
     modules are one per exit, so a subset of ``share`` of them weighs that share (an adapter is shared)."""
     try:
         folder = Path(resolve_model(model))
-    except Exception:  # a folder that is gone: the size is unknown
+    except LiteError:  # a folder that is gone: the size is unknown
         return None
     files = [p for p in folder.glob("*.safetensors") if p.name != "exit_gate.safetensors"]
     modules = (folder / "exit_modules.safetensors").is_file()
