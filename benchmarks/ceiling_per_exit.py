@@ -81,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     answers = own_answers(answerer, prompts, max_new_tokens=args.max_new_tokens, batch_size=8).ids  # exits off
     print(f"{len(answers)} answers in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     sequences = answer_sequences(zip(prompts, answers))
-    # the final layer against the answers' greedy tokens (1 for the model's own answers)
-    final_kept = float(score_sequences(lm, sequences, layers=[lm.num_layers]).answer_agree[0].mean())
+    # another model's answers: how many of their greedy tokens the final layer gives (its own: all, by definition)
+    final_kept = None if args.answers_from is None else \
+        float(score_sequences(lm, sequences, layers=[lm.num_layers]).answer_agree[0].mean())
 
     def stats(model):
         return collect_sequences(model, sequences, len(sequences), source="generated", exit_vocab=None)
