@@ -1,19 +1,11 @@
 """How well each exit layer agrees with the final layer, on held-out prompts, for one or more models.
 
-The measure that decides between ways of training the exits. For every model, on the same held-out rows (the rows `lite train` kept
-aside, never the test sets), the model first writes its OWN full greedy answer (exits off); prompt + answer
-is then teacher-forced in one forward, and at every answer position (each predicting the next answer
-token) each exit layer k is scored against the final layer L:
-  - agreement: share of positions where exit k's argmax equals layer L's argmax, with a 95% percentile
-    bootstrap interval over prompts (prompts resampled with replacement, 2000 draws, seed 0: the tokens of
-    one answer are not independent, so prompts are the unit);
-  - KL(final || exit k) in nats, averaged over positions (log-softmax in float32);
-  - cross-entropy of exit k against the answer tokens themselves (the tokens it would have to emit).
-Beside it, the teacher-forced cross-entropy of every layer against the rows' reference responses (+ EOS),
-whose layer-L value is the final layer's own held-out loss (the paper's second claim: LITE must not hurt
-it). The answers come from `lite.training.own_answers.own_answers`, every figure from the package's one
-teacher-forced scorer (`lite.calibration.scoring.score_sequences`: each state normed once, through any exit
-modules, then the head), the interval from `lite.evaluation.metrics.bootstrap_interval`.
+The measure that decides between ways of training the exits (`lite.evaluation.agreement.exit_agreement`:
+agreement with layer L and its bootstrap interval over prompts, KL and CE on the model's own answers, CE on the
+reference responses). This script runs it over several models on the same held-out rows (the rows `lite
+train` kept aside, never the test sets): each model writes its own greedy answers with
+`lite.training.own_answers.own_answers` (models over one frozen backbone share them), and the tables go to
+--out.
 
 Run (from the repository root; a few minutes on one CPU thread):
     .venv/bin/python benchmarks/exit_agreement.py --model smollm2-135m-lite --model smollm2-135m-instruct \
@@ -30,14 +22,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
 from lite import load_model
-from lite.calibration.scoring import answer_sequences, reference_sequences, score_sequences
-from lite.evaluation.metrics import BOOTSTRAP_DRAWS, bootstrap_interval
+from lite.calibration.scoring import answer_sequences, reference_sequences
+from lite.evaluation.agreement import agreement_markdown, exit_agreement
+from lite.evaluation.metrics import BOOTSTRAP_DRAWS
 from lite.files import write_atomic, write_json_atomic
 from lite.model.config import LiteConfig
 from lite.model.loading import resolve_model
@@ -90,58 +82,15 @@ def measure(spec: str, rows, heldout_ids, heldout_from: str, max_new_tokens: int
     if recorded is not None and recorded != heldout_ids:  # None: a model lite did not train (the base)
         raise SystemExit(f"{spec}: its held-out split differs from {heldout_from}'s, so it may have trained on "
                          f"these rows; train both on the same data, seed and --heldout-fraction")
-    L = lm.num_layers
-    layers = sorted(set(lm.exit_layers) | {L})
     key = backbone_key(spec, lm) if shared is not None else None
     reused = key is not None and key in shared
     if key is not None and not reused:
         shared[key] = answers(lm, rows, max_new_tokens)
     pairs = shared[key] if key is not None else answers(lm, rows, max_new_tokens)
-    own = score_sequences(lm, answer_sequences(pairs), layers=layers, losses=True)
-    ref = score_sequences(lm, reference_sequences(lm.tokenizer, rows, default_format(lm)), layers=layers, losses=True)
-    ref_loss, ref_tokens = ref.pooled(ref.ce), ref.tokens
-    counts = own.per_sequence(np.ones(own.tokens))  # answer tokens per prompt
-    n = own.tokens
-    agreement, kl, ce = own.agreement(), own.pooled(own.kl), own.pooled(own.ce)
-    per_layer = {}
-    for i, k in enumerate(layers):
-        lo, hi = bootstrap_interval(own.per_sequence(own.agree[i]), counts)  # prompts are the unit
-        per_layer[str(k)] = {"agreement": agreement[k], "agreement_ci95": [lo, hi],
-                             "kl_final_to_exit": kl[k], "ce_own_answers": ce[k],
-                             "ce_reference": ref_loss[k], "positions": n, "reference_tokens": ref_tokens}
-    return {"spec": spec, "folder": str(lm.folder) if lm.folder is not None else None, "num_layers": L,
-            "exit_layers": lm.exit_layers, "layers": per_layer, "prompts": own.sequences,
-            "prompts_skipped_empty_answer": own.skipped, "final_layer_reference_loss": ref_loss[L],
-            "reference_tokens": ref_tokens, "answer_tokens": n, "seconds": time.perf_counter() - start,
-            "answers_shared_by_backbone": reused}
-
-
-def markdown(res: dict) -> str:
-    lines = [f"# Exit-layer agreement with the final layer ({res['rows']} held-out prompts)", "",
-             f"Command (repository root): `{res['command']}`  ",
-             f"Date: {res['date']}; torch {res['torch']}, transformers {res['transformers']}; "
-             f"{res['threads']} thread(s); answers of at most {res['max_new_tokens']} tokens.", "",
-             f"Held-out rows: the first {res['rows']} of those recorded in the lite_config of "
-             f"`{res['heldout_from']}` (rows `lite train` kept aside; no test set). Each model writes its own "
-             f"greedy answer (exits off, {BATCH} rows at a time; models over one frozen backbone, exit modules "
-             f"and the plain model, share it), then prompt + answer is teacher-forced once. Agreement = share of "
-             f"answer positions where exit k's argmax equals layer L's; 95% interval: percentile bootstrap over "
-             f"prompts ({BOOTSTRAP_DRAWS} draws). KL(final || exit k) and CE (own answers) in nats per answer "
-             f"position; CE (reference) = teacher-forced on the rows' reference responses + EOS. Produced by "
-             f"`benchmarks/exit_agreement.py`.", "",
-             "| model | layer | agreement | 95% interval | KL(final‖exit) | CE own answers | CE reference | positions |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name, m in res["models"].items():
-        for k, r in m["layers"].items():
-            lo, hi = r["agreement_ci95"]
-            lines.append(f"| {name} | {k} | {r['agreement']:.3f} | {lo:.3f}–{hi:.3f} | {r['kl_final_to_exit']:.3f} "
-                         f"| {r['ce_own_answers']:.3f} | {r['ce_reference']:.3f} | {r['positions']} |")
-    lines += ["", "| model | final-layer reference loss (nats) | reference tokens | prompts | answer tokens | seconds |",
-              "|---|---|---|---|---|---|"]
-    for name, m in res["models"].items():
-        lines.append(f"| {name} | {m['final_layer_reference_loss']:.3f} | {m['reference_tokens']} | {m['prompts']} "
-                     f"| {m['answer_tokens']} | {m['seconds']:.0f} |")
-    return "\n".join(lines) + "\n"
+    figures = exit_agreement(lm, answer_sequences(pairs),
+                             reference_sequences(lm.tokenizer, rows, default_format(lm)))
+    return {"spec": spec, "folder": str(lm.folder) if lm.folder is not None else None, **figures,
+            "seconds": time.perf_counter() - start, "answers_shared_by_backbone": reused}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,10 +122,11 @@ def main(argv: list[str] | None = None) -> int:
            "torch": torch.__version__, "transformers": transformers.__version__, "threads": args.threads,
            "max_new_tokens": args.max_new_tokens, "heldout_from": heldout_from,
            "heldout_note": f"held-out rows come from the lite_config.json of {heldout_from}",
+           "batch": BATCH, "made_by": "benchmarks/exit_agreement.py",
            "rows": len(rows), "row_ids": [r.row_id for r in rows], "agreement_interval":
            f"95% percentile bootstrap over prompts, {BOOTSTRAP_DRAWS} draws, seed 0", "models": models}
     out = Path(args.out)
-    text = markdown(res)
+    text = agreement_markdown(res)
     write_json_atomic(out.with_suffix(".json"), res)
     write_atomic(out, text)
     print(text)

@@ -149,3 +149,44 @@ def test_bootstrap_interval_is_the_percentile_interval_of_resampled_prompts():
     assert all(np.isnan(bootstrap_interval([])))
     with pytest.raises(ValueError, match="one weight per value"):
         bootstrap_interval([1.0], [1.0, 2.0])
+
+
+# ------------------------------------------------------------------------------------ exit agreement
+def test_exit_agreement_is_the_scorers_figures_with_prompts_as_the_bootstrap_unit(lm):
+    """lite.evaluation.agreement: per layer, agreement with L over answer positions and its interval over
+    prompts (not tokens), KL and CE on the given answers, CE on the references; L agrees with itself at KL 0.
+    The answers here are other text than the model's own (it would agree at every layer of this tiny model)."""
+    from lite.evaluation.agreement import agreement_markdown, exit_agreement
+
+    rows = [Example(f"0:{i}", f"Count to {i}.", "", "one two three " * (i + 1)) for i in range(4)]
+    own = reference_sequences(lm.tokenizer, rows, "alpaca")
+    refs = reference_sequences(lm.tokenizer, rows[:2], "alpaca")
+    res = exit_agreement(lm, own + [None], refs)
+    L, layers = lm.num_layers, sorted(set(lm.exit_layers) | {lm.num_layers})
+    s = score_sequences(lm, own, layers=layers, losses=True)
+    r = score_sequences(lm, refs, layers=layers, losses=True)
+    assert list(res["layers"]) == [str(k) for k in layers]
+    assert (res["prompts"], res["prompts_skipped_empty_answer"], res["answer_tokens"]) == (4, 1, s.tokens)
+    per_prompt = [len(p) for _, p in own]
+    mixed = 0
+    for i, k in enumerate(layers):
+        got = res["layers"][str(k)]
+        hits = [int(s.agree[i][s.index == j].sum()) for j in range(4)]
+        assert got["agreement"] == pytest.approx(sum(hits) / sum(per_prompt))
+        assert tuple(got["agreement_ci95"]) == bootstrap_interval(hits, per_prompt)
+        if 0 < got["agreement"] < 1:  # where the unit matters: tokens resampled give another interval
+            mixed += 1
+            assert tuple(got["agreement_ci95"]) != bootstrap_interval(s.agree[i].astype(float))
+        assert got["kl_final_to_exit"] == pytest.approx(float(s.kl[i].mean()), rel=1e-5)
+        assert got["ce_own_answers"] == pytest.approx(float(s.ce[i].mean()), rel=1e-5)
+        assert got["ce_reference"] == pytest.approx(float(r.ce[i].mean()), rel=1e-5)
+        assert (got["positions"], got["reference_tokens"]) == (s.tokens, r.tokens)
+    assert mixed > 0
+    last = res["layers"][str(L)]
+    assert last["agreement"] == 1.0 and last["agreement_ci95"] == [1.0, 1.0]
+    assert last["kl_final_to_exit"] == pytest.approx(0.0, abs=1e-6)
+    assert res["final_layer_reference_loss"] == last["ce_reference"]
+    text = agreement_markdown({"rows": 4, "command": "x", "date": "d", "torch": "t", "transformers": "v",
+                               "threads": 1, "max_new_tokens": 5, "heldout_from": "m", "batch": 8,
+                               "made_by": "test", "models": {"m": dict(res, seconds=1.0)}})
+    assert f"| m | {L} | 1.000 | 1.000–1.000 |" in text
