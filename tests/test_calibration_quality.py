@@ -116,3 +116,19 @@ def test_quality_bar_out_of_range_is_refused_before_anything_is_written(tiny_mod
     before = sorted(p.name for p in model.iterdir())
     assert _calibrate(model, data_file, "--quality-bar", "1.5") == 2
     assert "--quality-bar" in capsys.readouterr().err and sorted(p.name for p in model.iterdir()) == before
+
+
+def test_quality_bar_decodes_with_the_exit_vocabulary_the_same_command_ranks(tiny_model_dir, data_file, tmp_path):
+    """`--draft-vocab --exit-vocab N --quality-bar B` on a folder without draft_vocab.json (what
+    scripts/ship_default.sh runs on a fresh run): the candidates read the new ranking's head, which is saved
+    with the calibration (once failed after the whole collection: the ranking was only read from disk)."""
+    from lite.decoding.draft_vocab import load_ranking
+
+    model = tmp_path / "fresh"
+    shutil.copytree(tiny_model_dir, model)
+    assert not (model / "draft_vocab.json").exists()
+    assert _calibrate(model, data_file, "--draft-vocab", "--exit-vocab", "24", "--gate-cascade",
+                      "--quality-bar", "1e-6", "--quality-prompts", "2", "--max-new-tokens", "4") == 0
+    cfg = LiteConfig.load(model)
+    assert cfg.exit_vocab == 24 and load_ranking(model) is not None
+    assert len(cfg.calibration["quality"]["candidates"]) == 2 * len(quality.SCALES)

@@ -225,7 +225,8 @@ def run(args: argparse.Namespace) -> int:
         judged = examples[: args.quality_prompts]
         choose_by_quality(lm, result, [prompt_ids(lm.tokenizer, e, default_format(lm)) for e in judged],
                           [e.output or None for e in judged], args.quality_bar,
-                          max_new_tokens=min(args.max_new_tokens, 64), batch_size=args.batch_size, progress=progress)
+                          max_new_tokens=min(args.max_new_tokens, 64), batch_size=args.batch_size,
+                          ranking=None if ranked is None else ranked[0], progress=progress)
         print(quality_table(result.quality))
     if ranked is not None:  # before the config that names the exit vocabulary
         from ..decoding.draft_vocab import save_ranking

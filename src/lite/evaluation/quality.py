@@ -136,15 +136,18 @@ def record(base: dict[str, Any], candidates: list[Candidate], bar: float, chosen
 
 
 def choose_by_quality(lm, result, prompts: list[list[int]], refs: list[str | None], bar: float, *,
-                      max_new_tokens: int = 64, batch_size: int = 8, progress=None) -> Candidate | None:
+                      max_new_tokens: int = 64, batch_size: int = 8, ranking: list[int] | None = None,
+                      progress=None) -> Candidate | None:
     """``lite calibrate --quality-bar``: judge the calibrated policies of ``result`` (a
     :class:`lite.calibration.calibrate.CalibrationResult`) on ``prompts`` (with their references ``refs``)
     and make the choice its default: the chosen kind's cuts are scaled in ``result`` (its thresholds, or its
     gate's), and ``result.quality`` holds :func:`record` (which
-    :func:`lite.calibration.calibrate.save_calibration` writes, with ``auto`` the chosen kind, or none)."""
+    :func:`lite.calibration.calibrate.save_calibration` writes, with ``auto`` the chosen kind, or none).
+    ``ranking``: the token ranking the exit vocabulary is cut from when it is not yet saved in the model
+    folder (``lite calibrate --draft-vocab`` writes it only once the calibration has succeeded)."""
     from ..decoding.spec import exit_vocab_ids
 
-    ids = exit_vocab_ids(lm, result.exit_vocab, "--exit-vocab") if result.exit_vocab else None
+    ids = exit_vocab_ids(lm, result.exit_vocab, "--exit-vocab", ranking=ranking) if result.exit_vocab else None
     policies = {"dynamic": ExitPolicy("dynamic", thresholds=result.thresholds, confidence=result.confidence,
                                       exit_ids=ids)}
     if result.gate is not None:
