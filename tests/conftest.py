@@ -1,3 +1,5 @@
+import ipaddress
+import socket
 import sys
 from pathlib import Path
 
@@ -15,14 +17,36 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 @pytest.fixture(autouse=True)
 def _offline(tmp_path, monkeypatch):
     """Tests never reach a model hub."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    # ... and never write into this machine's Hugging Face cache (lite places the embedded default there)
     import huggingface_hub.constants
 
+    # huggingface_hub reads HF_HUB_OFFLINE once, at its import: without this, a lookup it makes anyway (e.g.
+    # transformers' search for an adapter_config.json beside a hub id) tries the network and sleeps through
+    # its retries (23 s in one test here)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    # ... nor anything else off this machine: a connection to any address but a loopback one fails at once
+    # (the servers tests start listen on 127.0.0.1)
+    real_connect = socket.socket.connect
+
+    def connect(sock, address, *args):
+        host = address[0] if isinstance(address, tuple) else None
+        if host is not None and not _loopback(host):
+            raise OSError(f"tests never reach the network (a connection to {address} was tried)")
+        return real_connect(sock, address, *args)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    # ... and never write into this machine's Hugging Face cache (lite places the embedded default there)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-hub-cache"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-hub-cache"))
     # ... nor into its datasets cache (lite train reads parquet/csv files and dataset folders through datasets)

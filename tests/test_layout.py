@@ -228,3 +228,20 @@ def test_benchmarks_and_scripts_run_on_the_installed_package_and_its_public_name
     assert found == [], f"{search_path} in {found}"
     assert private == []
     assert sideways == [], "a benchmark imports another benchmark: move what they share into the package"
+
+
+def test_the_suite_cannot_reach_the_network_or_the_hub():
+    """conftest's guard: a connection off this machine fails at once (no test waits on retries), the
+    loopback servers of the serving tests still connect, and huggingface_hub is offline."""
+    import socket
+
+    import huggingface_hub.constants
+
+    with pytest.raises(OSError, match="never reach the network"):
+        socket.create_connection(("192.0.2.1", 80), timeout=1)
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    socket.create_connection(server.getsockname(), timeout=1).close()
+    server.close()
+    assert huggingface_hub.constants.is_offline_mode()
