@@ -3,7 +3,7 @@
 For each dtype and batch size, in one process, in interleaved rounds (best round kept), on the same prompts
 with the same token budget: transformers' batched greedy ``generate`` (left padding) and lite's engine with
 exits off (``--exit none``), the model's default policy (``--exit auto``) and its calibrated max-prob
-thresholds (``--exit dynamic``). Speed is generated tokens per second, as a ratio to ``generate`` measured
+thresholds (``--exit dynamic``), and any ``--exit SPEC`` given (e.g. ``gate`` where auto priced it out). Speed is generated tokens per second, as a ratio to ``generate`` measured
 in the same round; quality beside it: for exits off, the rows whose tokens are identical to ``generate``'s;
 for the exit policies, the share of tokens equal to exits off's tokens at the same position
 (:func:`lite.evaluation.metrics.pooled_token_agreement`: over the answer tokens, each pair's longer length;
@@ -80,6 +80,8 @@ def measure(args, dtype: str) -> list[dict]:
         print(f"no --exit auto: {exc}")
     if lm.lite_config.thresholds:
         policies["max-prob thresholds (--exit dynamic)"] = parse_exit(lm, "dynamic")
+    for spec in args.exit:  # what auto may have refused at this batch size (its price), measured anyway
+        policies[f"--exit {spec}"] = parse_exit(lm, spec)
     rows = []
     for batch in args.batch_sizes:
         generate_batch(lm, ids[:batch], policies["exits off"], GenerationSettings(max_new_tokens=4), batch_size=batch)
@@ -116,8 +118,8 @@ def report(args, rows: list[dict]) -> str:
     lines = [f"# The one engine against transformers' `generate` ({args.model})", "",
              f"`python benchmarks/bench_engine.py --model {args.model} --prompts {args.prompts} --max-new-tokens "
              f"{args.max_new_tokens} --dtypes {','.join(args.dtypes)} --batch-sizes "
-             f"{','.join(map(str, args.batch_sizes))} --rounds {args.rounds} --threads {args.threads}` "
-             f"({time.strftime('%Y-%m-%d')}; {args.prompts} Vicuna prompts x {args.max_new_tokens} new tokens, "
+             f"{','.join(map(str, args.batch_sizes))} --rounds {args.rounds} --threads {args.threads}"
+             f"{''.join(' --exit ' + e for e in args.exit)}` ({time.strftime('%Y-%m-%d')}; {args.prompts} Vicuna prompts x {args.max_new_tokens} new tokens, "
              f"greedy; best of {args.rounds} interleaved rounds; {args.threads} threads; device "
              f"{args.device or 'default'}). Speed: generated tokens per second against `generate` at the same "
              f"dtype and batch size, in the same round. Quality: exits off, rows identical to `generate`; exit "
@@ -146,6 +148,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default=None)
     p.add_argument("--out", default="benchmarks/results/engine.md")
+    p.add_argument("--exit", action="append", default=[], metavar="SPEC",
+                   help="another policy to time, as lite generate's --exit takes it (repeatable), e.g. gate: "
+                        "the calibrated gate even where --exit auto prices it out")
     args = p.parse_args()
     args.dtypes = [d.strip() for d in args.dtypes.split(",")]
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
