@@ -401,11 +401,14 @@ ROW_COST = 0.095
 4.8x the tokens per second of batch 1 at batch 8 (1.67 blocks of one row for a block over 8) and 7.3x at 16
 (2.20 for 16), float32 on a 2-core x86 CPU. A GPU at small batch is more weight-bound still (smaller)."""
 
-CHECK_OVERHEAD = 0.05
+CHECK_OVERHEAD = 0.15
 """What one exit check costs beyond its FLOPs, in blocks of one row: the host sync of its decision and the
-Python around it, about 50 microseconds against a block's 1.07 ms at one position (float32, 2-core CPU). The
-dense-exit model, checked at 22 exits per token, ran 1.15x lite's exits off at batch 1 where its saved layers
-alone promise 1.15x: per-check overhead is small there."""
+Python around it. Measured by ``benchmarks/bench_check_cost.py`` (a gate that checks every exit and lets no
+token out, against exits off; float32, batch 1, 2-core CPU, 2026-12-07): 0.150 blocks per check for a gate
+on the raw state (state+delta: its FLOPs are nil), at 22 exits per token (the dense affine model). Was 0.05,
+an estimate; the dense model then ran 0.93-0.95x lite's exits off at batch 1 where it was priced 1.17x
+(``benchmarks/results/quality_bar_dense.md``). A gate on the exit state measured 0.53 blocks per check on
+the shipped model against the 0.14 priced (this constant plus the module's FLOPs): not yet priced."""
 
 
 @dataclass(frozen=True)
