@@ -24,7 +24,8 @@ import torch
 
 from lite import load_model
 from lite.decoding import GenerationSettings, generate_batch, parse_exit
-from lite.decoding.cost import CHECK_OVERHEAD, PRICE_POSITION, ModelShape, step_prices
+from lite.decoding.cost import CHECK_OVERHEAD, PRICE_POSITION, step_prices
+from lite.decoding.spec import gate_check_price
 from lite.evaluation.testsets import read_testset
 from lite.files import write_atomic
 from lite.model.prompts import default_format, encode_prompt
@@ -73,18 +74,15 @@ def main() -> None:
     step_blocks = lm.num_layers + head
     block_seconds = best["exits off"] / tokens / step_blocks
     measured = (best["gate, never sure"] - best["exits off"]) / tokens / len(checks) / block_seconds
-    shape = ModelShape.from_config(lm.config)
-    gate = policies["gate, never sure"].gate
-    block = shape.block_flops(PRICE_POSITION)
-    gate_flops = sum(gate.flops(k) for k in checks) / len(checks) / block
-    features = (lm.lite_config.calibration.get("gate") or {}).get("features", "exit")
-    # a gate on the exit state runs the exit module at every check (as priced_speedup prices it)
-    module = sum(lm.exit_module_flops(k, PRICE_POSITION) for k in checks) / len(checks) / block if features == "exit" else 0.0
+    record = lm.lite_config.calibration.get("gate") or {}
+    features = record.get("features", "exit")
+    gate_flops, module = gate_check_price(lm, record, checks)  # as --exit auto prices a check
     priced = gate_flops + module + CHECK_OVERHEAD
     res = {"model": args.model, "dtype": args.dtype, "threads": args.threads, "prompts": len(ids),
            "tokens": tokens, "checks_per_token": len(checks), "rounds": args.rounds,
            "seconds": best, "rows_identical": same, "block_ms": 1000 * block_seconds,
-           "check_blocks_measured": measured, "check_blocks_priced": priced, "gate_flops_blocks": gate_flops, "gate_features": features, "module_blocks": module,
+           "check_blocks_measured": measured, "check_blocks_priced": priced, "gate_flops_blocks": gate_flops,
+           "gate_features": features, "module_blocks": module,
            "check_overhead": CHECK_OVERHEAD, "date": time.strftime("%Y-%m-%d")}
     text = "\n".join([
         f"# What one exit check costs ({args.model}, {args.dtype}, batch 1, {args.threads} threads, {res['date']})", "",
@@ -95,7 +93,8 @@ def main() -> None:
         "| what | seconds | per token (ms) |", "|---|---|---|",
         *[f"| {name} | {s:.2f} | {1000 * s / tokens:.2f} |" for name, s in best.items()], "",
         f"A block of one row: {1000 * block_seconds:.3f} ms (exits off's step over {lm.num_layers} blocks and a head "
-        f"priced at {head:.2f} blocks). One check: **{measured:.3f} blocks measured**, {priced:.3f} priced "
+        f"priced at {head:.2f} blocks; the prefill is in that step, so a block is overstated a little and a check's"
+        f" share understated). One check: **{measured:.3f} blocks measured**, {priced:.3f} priced "
         f"(the gate's FLOPs {gate_flops:.3f} + the exit module {module:.3f} (gate features {features}) + "
         f"CHECK_OVERHEAD {CHECK_OVERHEAD}).", ""])
     out = Path(args.out)

@@ -102,6 +102,20 @@ exits off (float32, 2-core CPU): the shipped default priced 1.20x at batch 1 and
 and ran 0.98x; the dense-exit cascade priced 1.22x at batch 1 and ran 1.15x."""
 
 
+def gate_check_price(lm: LiteModel, record: dict, checked) -> tuple[float, float]:
+    """What one check of a calibrated gate costs at :data:`lite.decoding.cost.PRICE_POSITION`, in blocks of
+    one row, beyond :data:`lite.decoding.cost.CHECK_OVERHEAD`: (the gate's own FLOPs, the largest of
+    calibration's ``flops_per_check``; the exit module it runs at every check, the largest over ``checked``,
+    for a gate on the exit state, else 0). ``record``: ``lite_config.json``'s ``calibration.gate``."""
+    from .cost import ModelShape
+
+    block = ModelShape.from_config(lm.config).block_flops(PRICE_POSITION)
+    gate = max((float(v) for v in (record.get("flops_per_check") or {}).values()), default=0.0) / block
+    if record.get("features", "exit") != "exit":  # the raw state (and its change): no module runs to check
+        return gate, 0.0
+    return gate, max((lm.exit_module_flops(k, PRICE_POSITION) for k in checked), default=0) / block
+
+
 def priced_speedup(lm: LiteModel, kind: str, batch: int = 1, ride: bool | None = None) -> float | None:
     """The full model's step cost over that of the calibrated policy ``kind`` ("dynamic" or "gate"), priced
     at ``batch`` rows (:func:`lite.decoding.cost.batch_step_price`) from where the calibration tokens left
@@ -125,14 +139,8 @@ def priced_speedup(lm: LiteModel, kind: str, batch: int = 1, ride: bool | None =
     if kind == "dynamic":  # every check reads the module and the head; leaving adds nothing
         prices = StepPrices(head=head, exit_read=0.0, check=read, kv_fill=fill)
     else:
-        from .cost import ModelShape
-
-        block = ModelShape.from_config(lm.config).block_flops(PRICE_POSITION)
-        per_check = record.get("flops_per_check") or {}
-        check = max((float(v) for v in per_check.values()), default=0.0) / block
-        module = max((lm.exit_module_flops(k, PRICE_POSITION) for k in checked), default=0) / block
-        if record.get("features", "exit") == "exit":  # the gate reads the exit state: the module runs each check
-            check, read = check + module, read - module
+        check, module = gate_check_price(lm, record, checked)
+        check, read = check + module, read - module  # a module run at the check is not run again to leave
         if record.get("head_rate"):  # the cascade: the head is read where the gate lets a row pass
             heads = {int(k): float(v) for k, v in record["head_rate"].items()}
             prices = StepPrices(head=head, exit_read=0.0, check=check, kv_fill=fill, cascade_read=read)
