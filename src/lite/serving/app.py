@@ -251,6 +251,7 @@ def create_app(lm: LiteModel, config: ServeConfig | None = None,
         spec = (opts.exit if opts and opts.exit is not None else config.exit).strip()
         kv = opts.kv if opts and opts.kv else config.kv
         scale = opts.threshold_scale if opts and opts.threshold_scale else config.threshold_scale
+        spec = resolve_exit_spec(lm, spec, rows)  # auto, priced once per request
         try:
             policy = parse_exit(lm, spec, scale, batch=rows)
         except LiteError as exc:
@@ -270,7 +271,7 @@ def create_app(lm: LiteModel, config: ServeConfig | None = None,
         except QueueFull as exc:
             raise APIError(503, f"the server is busy: {exc}; retry shortly", type="server_error",
                            code="queue_full") from None
-        return job, resolve_exit_spec(lm, spec, rows), kv, scale
+        return job, spec, kv, scale
 
     async def handle(request: Request, kind: str):
         check_auth(request)
