@@ -483,7 +483,7 @@ def expected_compute(lm: LiteModel, result: CalibrationResult) -> dict[str, floa
 
     shape = ModelShape.from_config(lm.config)
     L, block, fill = lm.num_layers, shape.block_flops(COST_POSITION), shape.kv_fill_flops()
-    vocab_head = None if not result.exit_vocab else result.exit_vocab * (2 * shape.hidden + 5)
+    vocab_head = None if not result.exit_vocab else shape.shortlist_check_flops(result.exit_vocab)
     full_step = L * block + shape.head_flops()
     exit_kv = len(lm.exit_kv_layers) * fill  # attention exit modules: every token writes their K/V
 

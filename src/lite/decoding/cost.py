@@ -106,6 +106,10 @@ class ModelShape:
         """One head evaluation plus the softmax-style reduction a confidence measure needs over V."""
         return self.head_flops() + 5 * self.vocab
 
+    def shortlist_check_flops(self, rows: int) -> int:
+        """A head over ``rows`` of its rows (an exit or draft vocabulary) with the same reduction over them."""
+        return rows * (2 * self.hidden + 5)
+
     def kv_fill_flops(self) -> int:
         """k and v projections of one skipped block for one position (``copy`` strategy)."""
         return 2 * 2 * self.hidden * self.kv_heads * self.head_dim
@@ -283,7 +287,7 @@ def token_flops(shape: ModelShape, tc: TokenCost) -> int:
     and the recompute of pending positions."""
     own = tc.blocks_run * shape.block_flops(tc.position)
     heads = tc.head_evals * shape.head_flops() + tc.head_checks * 5 * shape.vocab + \
-        tc.draft_head_rows * (2 * shape.hidden + 5)
+        shape.shortlist_check_flops(tc.draft_head_rows)
     fills = (tc.kv_fills + tc.rode + tc.exit_kv_writes) * shape.kv_fill_flops()  # a ride stands in for a fill
     pairs = tc.recomputed + tc.other_blocks
     recompute = pairs * (shape.projection_flops() + shape.mlp_flops()) + \
@@ -507,6 +511,6 @@ def step_prices(lm, exit_vocab: int | None, position: int = PRICE_POSITION) -> t
     its reduction at L)."""
     shape = ModelShape.from_config(lm.config)
     block = shape.block_flops(position)
-    read = exit_vocab * (2 * shape.hidden + 5) if exit_vocab else shape.head_check_flops()
+    read = shape.shortlist_check_flops(exit_vocab) if exit_vocab else shape.head_check_flops()
     module = max((lm.exit_module_flops(k, position) for k in lm.exit_layers if k < lm.num_layers), default=0)
     return shape.kv_fill_flops() / block, (read + module) / block, shape.head_check_flops() / block
