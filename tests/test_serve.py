@@ -369,9 +369,13 @@ def test_full_queue_is_refused_and_disconnected_clients_free_their_slots(lm):
 
 def test_requests_join_and_leave_the_running_batch(lm):
     """Continuous batching, --max-batch 2: two streams decode together, a third waits, a fourth is refused;
-    when one client leaves mid-stream, the waiting request takes its row at the next token boundary."""
+    when one client leaves mid-stream, the waiting request takes its row at the next token boundary. The
+    worker runs at 100 ms a round only until c has joined (so that the requests overlap on purpose), then
+    at full speed."""
+    slow = threading.Event()
+    slow.set()
     url, stop = serve_in_thread(lm, ServeConfig(model_name=MODEL, max_queue=1, max_batch=2),
-                                on_step=lambda: time.sleep(0.1))
+                                on_step=lambda: slow.is_set() and time.sleep(0.1))
     body = {"model": MODEL, "messages": USER, "max_tokens": CAP, "stream": True}
     ids = chat_prompt_ids(lm, USER, resolve_chat_format(lm, "auto"))  # in the server's own prompt format
     expected = generate(lm, ids, parse_exit(lm, "dynamic"), GenerationSettings(max_new_tokens=CAP))  # c alone
@@ -385,6 +389,7 @@ def test_requests_join_and_leave_the_running_batch(lm):
                     assert post(url, CHAT, {"messages": USER, "max_tokens": 2}).status_code == 503
                     ra.close()  # a leaves: c joins the batch beside b
                     assert wait_for(lambda: health(url)["waiting"] == 0 and health(url)["running"] == 2)
+                    slow.clear()
                     lines = [line for line in rc.iter_lines() if line.startswith("data: ")]
                     assert lines[-1] == "data: [DONE]"
                     chunks = [json.loads(line[len("data: "):]) for line in lines[:-1]]
