@@ -20,7 +20,10 @@
 # layer 30 still rose to 0.26-0.31 nats by step 40, and at step 30 (15 training minutes) its final layer kept
 # 72.9% of the frozen model's greedy tokens (8 held-out prompts, 32 tokens) while layer 15 agreed with layer
 # 30 on 7.8% (the affine modules: 38%): stopped there too (kept as $LITE_HOME/runs/dense-lora-kl-w05.*), for
-# the attention run. A next try would hold layer 30 harder (FINAL_WEIGHT 0.9) at a lower LR. 32 s a step on
+# the attention run. Third try (begun 2026-12-07 19:50 UTC, resumable with the same command):
+#   FINAL_WEIGHT=0.9 LR=5e-5 OUT=$LITE_HOME/runs/dense-lora-kl-w09 nohup nice -n 19 bash scripts/train_capacity.sh lora-kl >> $LITE_HOME/lora-kl-w09.log 2>&1 &
+# by epoch 1.4 (~315 steps, 2h45) KL at layer 30 held at 0.075-0.09 nats but KL at layer 15 only fell 19.4 -> 9.3
+# nats (each exit weighs 0.005): not yet measured by ceiling_per_exit.py. 32 s a step on
 # 1 thread (no state cache: the backbone runs every step), so 273 minutes reach ~510 of the 663 planned steps.
 #
 # attention, "exits with attention": one decoder block per exit (a copy of backbone block k+1, with K/V of
