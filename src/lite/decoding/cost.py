@@ -412,7 +412,8 @@ token out, against exits off; float32, batch 1, 2-core CPU, 2026-12-07): 0.150 b
 on the raw state (state+delta: its FLOPs are nil), at 22 exits per token (the dense affine model). Was 0.05,
 an estimate; the dense model then ran 0.93-0.95x lite's exits off at batch 1 where it was priced 1.17x
 (``benchmarks/results/quality_bar_dense.md``). A gate on the exit state measured 0.53 blocks per check on
-the shipped model against the 0.14 priced (this constant plus the module's FLOPs): not yet priced."""
+the shipped model against 0.24 priced (this constant plus the module's FLOPs; 0.14 with the old 0.05): the
+rest is not yet priced."""
 
 
 @dataclass(frozen=True)

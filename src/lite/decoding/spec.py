@@ -98,7 +98,7 @@ def is_calibrated(lm: LiteModel) -> bool:
 PRICE_MARGIN = 0.10  # recorded by calibration (calibration.price_margin), which the model card reads
 """``auto`` decodes with exits at a batch size only where their priced step (:func:`priced_speedup`) is at
 least this much faster than the full model's. The price left out 3-8% in what was measured against lite's
-exits off (float32, 2-core CPU): the shipped default priced 1.20x at batch 1 and ran 1.09x, 1.01x at batch 8
+exits off (float32, 2-core CPU; priced with CHECK_OVERHEAD at its earlier 0.05): the shipped default priced 1.20x at batch 1 and ran 1.09x, 1.01x at batch 8
 and ran 0.98x; the dense-exit cascade priced 1.22x at batch 1 and ran 1.15x."""
 
 
