@@ -508,7 +508,7 @@ def test_the_report_shows_a_wilson_interval_for_each_thresholds_agreement(kit, c
     assert wilson_interval(50, 50)[1] == 1.0 and wilson_interval(50, 50)[0] > 0.92
     model = kit.model_copy()
     assert main(["calibrate", "--model", str(model), "--data", kit.data, "--rule", "agreement", "--target", "0.5",
-                 "--min-tokens", "20"]) == 0
+                 "--min-tokens", "20", "--ceiling", "0"]) == 0
     out = capsys.readouterr().out
     assert "95% interval (Wilson)" in out
     record = LiteConfig.load(model).calibration
@@ -902,7 +902,7 @@ def test_a_calibration_killed_at_seeded_instants_gives_the_uninterrupted_result(
 
     def argv(model: Path) -> list[str]:
         return ["calibrate", "--model", str(model), "--data", kit.data, "--rule", "agreement", "--target", "0.5",
-                "--min-tokens", "20", "--gate", "--gate-steps", "5", "--draft-vocab"]
+                "--min-tokens", "20", "--gate", "--gate-steps", "5", "--draft-vocab", "--max-new-tokens", "8"]
 
     base = kit.model_copy("base/model")
     uninterrupted = run_killed(lambda: main(argv(base)), kit.root)

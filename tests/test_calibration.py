@@ -150,7 +150,7 @@ def calibrated(tiny_model_dir, tmp_path_factory):
     data = root / "data.json"
     data.write_text(json.dumps(ROWS))
     code = main(["calibrate", "--model", str(model), "--data", str(data), "--rule", "agreement",
-                 "--target", "0.5", "--gate", "--filter", "status=ok", "--min-tokens", "16"])  # tiny data
+                 "--target", "0.5", "--gate", "--filter", "status=ok", "--min-tokens", "16", "--max-new-tokens", "8"])  # tiny data
     assert code == 0
     return model, data
 

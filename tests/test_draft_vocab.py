@@ -126,7 +126,8 @@ def test_calibrate_draft_vocab_ranks_the_rows_responses(tiny_model_dir, tmp_path
     data = tmp_path / "data.json"
     data.write_text(json.dumps(ROWS))
     assert main(["calibrate", "--model", str(model), "--data", str(data), "--rule", "agreement",
-                 "--target", "0.5", "--filter", "status=ok", "--draft-vocab", "--min-tokens", "1"]) == 0  # tiny data
+                 "--target", "0.5", "--filter", "status=ok", "--draft-vocab", "--min-tokens", "1",
+                 "--ceiling", "0"]) == 0  # tiny data
     saved = json.loads((model / FILE).read_text())
     lm_tok = make_tiny_model(num_layers=1, hidden=16)[1]
     texts = [r["output"] for r in ROWS if r.get("status", "ok") == "ok"]

@@ -185,7 +185,7 @@ def test_calibrate_records_the_exit_vocabulary_and_decoding_uses_it(tiny_model_d
     data = tmp_path / "data.json"
     data.write_text(json.dumps(ROWS))
     assert main(["calibrate", "--model", str(model), "--data", str(data), "--rule", "agreement", "--target", "0.5",
-                 "--draft-vocab", "--exit-vocab", "24", "--gate", "--min-tokens", "1"]) == 0
+                 "--draft-vocab", "--exit-vocab", "24", "--gate", "--min-tokens", "1", "--max-new-tokens", "8"]) == 0
     out = capsys.readouterr().out
     assert "default policy (--exit auto)" in out and "exit vocabulary 24" in out
     cfg = LiteConfig.load(model)
@@ -212,10 +212,10 @@ def test_calibrate_records_the_exit_vocabulary_and_decoding_uses_it(tiny_model_d
         assert policy.exit_ids == want and "over 24 tokens" in what
     # re-calibrating without the flag keeps the recorded vocabulary; --exit-vocab 0 goes back to the full head
     assert main(["calibrate", "--model", str(model), "--data", str(data), "--rule", "agreement", "--target", "0.5",
-                 "--min-tokens", "1"]) == 0
+                 "--min-tokens", "1", "--ceiling", "0"]) == 0
     assert LiteConfig.load(model).exit_vocab == 24
     assert main(["calibrate", "--model", str(model), "--data", str(data), "--rule", "agreement", "--target", "0.5",
-                 "--exit-vocab", "0", "--min-tokens", "1"]) == 0
+                 "--exit-vocab", "0", "--min-tokens", "1", "--ceiling", "0"]) == 0
     assert LiteConfig.load(model).exit_vocab is None
     capsys.readouterr()
     assert main(["generate", "--model", str(model), "--exit", "static:2", "--exit-vocab", "8", "hi"]) == 2
@@ -296,5 +296,5 @@ def test_a_failed_calibration_leaves_the_ranking_as_it_was(tiny_model_dir, tmp_p
     assert "--min-tokens" in capsys.readouterr().err
     before = LiteConfig.load(model)
     assert not (model / "draft_vocab.json").exists() and (before is None or before.exit_vocab is None)
-    assert main(args + ["--min-tokens", "1"]) == 0
+    assert main(args + ["--min-tokens", "1", "--ceiling", "0"]) == 0
     assert (model / "draft_vocab.json").is_file() and LiteConfig.load(model).exit_vocab == 24
