@@ -5,8 +5,13 @@ import sys
 from pathlib import Path
 
 import pytest
+
+# No cyclic garbage collection while torch, transformers and the test modules are imported (from here to
+# pytest_collection_finish): each full collection walks every object imported so far, and importing and
+# assertion-rewriting set off about twenty of them (1.3-1.8 s of each worker's collection here)
+gc.disable()
 # tests/ is importable: pytest puts the folder of a conftest.py outside any package on the import path
-from tiny import make_tiny_model_dir
+from tiny import make_tiny_model_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -16,9 +21,11 @@ def pytest_collection_finish(session):
     """Every test module is imported now (torch, transformers, peft, lite): move what exists to the
     collector's permanent generation, so that a full collection (HF Trainer and accelerate call
     ``gc.collect()`` at the end of every training run) walks only what the tests make since, not the
-    libraries' millions of objects (0.3 s a call here, 3 or 4 calls a training run)."""
+    libraries' millions of objects (0.3 s a call here, 3 or 4 calls a training run). Collection runs again
+    from here (it was off while the modules were imported)."""
     gc.collect()
     gc.freeze()
+    gc.enable()
 
 
 @pytest.fixture(scope="session")
