@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=60)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=K,K,...",
+                    help="another subset of the model's exits to score, e.g. 'greedy six=8,9,11,16,21,24'")
     ap.add_argument("--out", default="benchmarks/results/ceiling_per_exit.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -90,8 +92,14 @@ def main(argv: list[str] | None = None) -> int:
 
     data = stats(lm)
     print(f"scored {data.tokens} tokens in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    table = [row(name, model_ceiling(lm, data, layers=subset)) for name, subset in exit_sets(data.layers).items()
-             if subset]
+    sets = exit_sets(data.layers)
+    for spec in args.set:
+        name, _, layers = spec.rpartition("=")
+        wanted = sorted(int(k) for k in layers.split(","))
+        if not name or not set(wanted) <= set(data.layers):
+            raise SystemExit(f"--set {spec!r}: give NAME=K,K,... with exits of the model ({data.layers})")
+        sets[name] = wanted
+    table = [row(name, model_ceiling(lm, data, layers=subset)) for name, subset in sets.items() if subset]
     full = model_ceiling(lm, data)
     def oracle(layers: list[int]) -> float:
         layers = sorted(layers)
@@ -102,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     for _ in data.layers:  # each step: the exit that raises the oracle saving most
         best = max((k for k in data.layers if k not in chosen), key=lambda k: oracle(chosen + [k]))
         chosen.append(best)
-        greedy.append({"added": best, "n": len(chosen), "oracle": oracle(chosen)})
+        prefix = model_ceiling(lm, data, layers=sorted(chosen))  # what a decision rule gets of that ceiling
+        greedy.append({"added": best, "n": len(chosen), "oracle": oracle(chosen),
+                       **{f"max_prob@{b:.2f}": prefix.saving_at("max_prob", b) for b in AGREEMENT_BARS}})
     compared = {}
     for spec in args.compare:
         other = load_model(spec, dtype="float32", device="cpu")
@@ -151,9 +161,13 @@ def render(r: dict) -> str:
     for s in r["sets"] + list(r["compare"].values()):
         lines.append(f"| {s['exits']} | {s['n']} | {_pct(s['oracle'])} | "
                      + " | ".join(_pct(s.get(c.replace(' @', '@'))) for c in cols) + f" | {_pct(s['agreement_l15'])} |")
-    lines += ["", "Greedy order (each step adds the exit that raises the oracle saving most):", "",
-              "| step | added exit | oracle saving |", "|---|---|---|"]
-    lines += [f"| {g['n']} | {g['added']} | {_pct(g['oracle'])} |" for g in r["greedy"]]
+    bars = [k for k in r["greedy"][0] if k.startswith("max_prob@")] if r["greedy"] else []
+    lines += ["", "Greedy order (each step adds the exit that raises the oracle saving most; the max-prob "
+              "columns: one cut at every exit of the set so far):", "",
+              "| step | added exit | oracle saving | " + " | ".join(f"saving, {b.replace('@', ' @')}" for b in bars)
+              + " |", "|---|---|---|" + "---|" * len(bars)]
+    lines += [f"| {g['n']} | {g['added']} | {_pct(g['oracle'])} | " + " | ".join(_pct(g[b]) for b in bars) + " |"
+              for g in r["greedy"]]
     lines += ["", f"Made by `{r['command']}` in {r['seconds']:.0f} s.", ""]
     return "\n".join(lines)
 

@@ -166,3 +166,42 @@ def test_a_truncated_or_foreign_module_file_names_the_file(lm, tiny_model_dir, t
 def test_an_unknown_kind_is_refused():
     with pytest.raises(LiteError, match="--exit-modules"):
         ExitModules("transformer", [1], 8)
+
+
+def test_keeping_some_exits_gives_a_model_with_only_those(lm, tiny_model_dir, tmp_path):
+    """keep_exits: a copy with the modules of the kept layers only, the same maps there, no calibration
+    carried over; refused (nothing written) for a layer without a module or an existing folder."""
+    import shutil
+
+    from lite.model.config import LiteConfig
+    from lite.model.exit_modules import keep_exits
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model_dir, run)
+    modules = ExitModules("affine", [1, 2, 3], lm.hidden_size)
+    with torch.no_grad():
+        for p in modules.parameters():
+            p.normal_(0, 0.05)
+    modules.save(run)
+    config = LiteConfig.default_for(lm.num_layers, exit_modules="affine")
+    config.thresholds, config.default_exit = {1: 0.5, 2: 0.5, 3: 0.5}, "dynamic"
+    config.save(run)
+    (run / "exit_gate.safetensors").write_bytes(b"calibrated for exits 1, 2, 3")
+    out = keep_exits(run, tmp_path / "kept", [2, 4])
+    kept = load_model(out, device="cpu")
+    assert kept.exit_layers == [2, 4] and kept.exit_modules.layers == [2]
+    assert kept.lite_config.thresholds == {} and kept.lite_config.default_exit is None
+    assert not (out / "exit_gate.safetensors").exists()
+    assert kept.lite_config.provenance["kept_exits"] == {"of": str(run), "layers": [2]}
+    whole = load_model(run, device="cpu")
+    h = torch.randn(3, lm.hidden_size)
+    torch.testing.assert_close(kept.exit_logits(h, 2), whole.exit_logits(h, 2))
+    assert not torch.allclose(whole.exit_logits(h, 2), load_model(tiny_model_dir, device="cpu").exit_logits(h, 2))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(LiteError, match=r"no exit module at layer\(s\) \[5\]|out of range"):
+        keep_exits(run, tmp_path / "other", [5])
+    with pytest.raises(LiteError, match="exists"):
+        keep_exits(run, out, [1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    with pytest.raises(LiteError, match=r"no exit module at layer\(s\) \[3\]"):
+        modules.keep([1]).keep([3])

@@ -190,6 +190,25 @@ class ExitModules(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def keep(self, layers: list[int]) -> ExitModules:
+        """The modules of ``layers`` only (the same module objects, not copies): a model trained with exits
+        at many depths, decoded with fewer checks per token.
+
+        Raises:
+            LiteError: a layer has no module (names the layers that have one).
+        """
+        missing = sorted(set(int(k) for k in layers) - set(self.layers))
+        if missing or not layers:
+            raise LiteError(f"no exit module at layer(s) {missing or '(none given)'}; this model has modules at "
+                            f"{self.layers}: keep some of those")
+        kept = ExitModules.__new__(ExitModules)
+        nn.Module.__init__(kept)
+        kept.kind, kept.hidden = self.kind, self.hidden
+        kept.layers = sorted(set(int(k) for k in layers))
+        kept.per_layer = nn.ModuleDict({str(k): self.per_layer[str(k)] for k in kept.layers})
+        kept.context_layers = [k for k in self.context_layers if k in kept.layers]
+        return kept
+
     # ------------------------------------------------------------------ files
     def save(self, folder: str | os.PathLike[str]) -> Path:
         """Write ``exit_modules.safetensors`` into ``folder`` atomically; returns its path."""
@@ -241,3 +260,58 @@ class ExitModules(nn.Module):
                 raise LiteError(f"{path}: the module of layer {k} does not match its kind {kind!r} ({exc})") \
                     from None
         return modules.eval()
+
+
+# what calibration wrote for a model's exits: a copy with other exits is calibrated afresh
+CALIBRATION_FILES = ("exit_gate.safetensors", "draft_vocab.json", "ceiling.md", "ceiling.png")
+
+
+def keep_exits(run: str | os.PathLike[str], out: str | os.PathLike[str], layers: list[int]) -> Path:
+    """Copy the exit-module model folder ``run`` to the new folder ``out`` with the modules of ``layers``
+    only: ``exit_layers`` becomes those plus L, calibration is dropped (``lite calibrate`` it next), the
+    training record stays, and ``provenance.kept_exits`` names ``run`` and the layers. Written beside
+    ``out`` and renamed into place, so ``out`` is whole or absent.
+
+    Raises:
+        LiteError: ``run`` has no exit modules, ``out`` exists, or a layer is out of range or has no module.
+    """
+    import dataclasses
+    import shutil
+
+    from .card import write_model_card
+    from .config import LiteConfig, validate_exit_layers
+
+    run, out = Path(run), Path(out)
+    cfg = LiteConfig.load(run)
+    if cfg is None or not cfg.exit_modules:
+        raise LiteError(f"{run} has no exit modules (its lite_config.json names none): nothing to keep some of")
+    if out.exists():
+        raise LiteError(f"{out} exists; give a new folder")
+    layers = sorted(set(int(k) for k in layers) - {cfg.num_layers})
+    validate_exit_layers(layers + [cfg.num_layers], cfg.num_layers, "the layers to keep")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(run / EXIT_MODULES_FILE), framework="pt") as f:
+            hidden = int((f.metadata() or {})["hidden"])
+    except Exception as exc:
+        raise LiteError(f"{run / EXIT_MODULES_FILE} is not a readable exit-module file ({exc})") from None
+    if cfg.exit_modules == "attention":
+        raise LiteError("keeping some attention exit modules needs the backbone's blocks; not supported: "
+                        "retrain with --exit-layers")
+    kept = ExitModules.load(run, hidden=hidden, num_layers=cfg.num_layers).keep(layers)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        shutil.copytree(run, tmp, ignore=shutil.ignore_patterns(EXIT_MODULES_FILE, *CALIBRATION_FILES))
+        kept.save(tmp)
+        dataclasses.replace(
+            cfg, exit_layers=layers + [cfg.num_layers], thresholds={}, calibration={}, gate_file=None,
+            default_exit=None, exit_vocab=None,
+            provenance={**(cfg.provenance or {}), "kept_exits": {"of": str(run), "layers": layers}}).save(tmp)
+        write_model_card(tmp)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
