@@ -23,8 +23,11 @@
 # the attention run. Third try (begun 2026-12-07 19:50 UTC, resumable with the same command):
 #   FINAL_WEIGHT=0.9 LR=5e-5 OUT=$LITE_HOME/runs/dense-lora-kl-w09 nohup nice -n 19 bash scripts/train_capacity.sh lora-kl >> $LITE_HOME/lora-kl-w09.log 2>&1 &
 # by epoch 1.4 (~315 steps, 2h45) KL at layer 30 held at 0.075-0.09 nats but KL at layer 15 only fell 19.4 -> 9.3
-# nats (each exit weighs 0.005): not yet measured by ceiling_per_exit.py. 32 s a step on
-# 1 thread (no state cache: the backbone runs every step), so 273 minutes reach ~510 of the 663 planned steps.
+# nats (each exit weighs 0.005). 32 s a step on 1 thread (no state cache: the backbone runs every step).
+# Measured at step 320 (173 training minutes; benchmarks/results/ceiling_lora_kl_w09_step320.md): its final
+# layer keeps 85.9% of the frozen model's greedy tokens (the stop rule asks >= 95%), oracle 21.4%, layer 15
+# agreeing 9.5% (the affine exits: 42.6%, 38.2%): stopped for good there (kept as
+# $LITE_HOME/runs/dense-lora-kl-w09.*); the LoRA+KL recipe is not pursued further on this model.
 #
 # attention, "exits with attention": one decoder block per exit (a copy of backbone block k+1, with K/V of
 # its own; docs/train.md#attention-exit-modules) at every third layer 9..27 on the frozen backbone, compared
