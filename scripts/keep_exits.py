@@ -4,7 +4,7 @@
 
 RUN: a ``lite train`` output with affine or MLP exit modules (e.g. at every layer 8..29); OUT: a new folder
 (refused if it exists) with the modules of the given layers only and no calibration: run ``lite calibrate``
-(or ``scripts/ship_default.sh``) on it next (``lite.model.exit_modules.keep_exits``). Which exits to keep:
+(or ``scripts/ship_default.sh``) on it next (``lite.model.subset.keep_exits``). Which exits to keep:
 ``benchmarks/ceiling_per_exit.py --set NAME=K,...`` scores any subset on held-out own answers.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 
 from lite.errors import LiteError
-from lite.model.exit_modules import keep_exits
+from lite.model.subset import keep_exits
 
 
 def main(argv: list[str]) -> int:

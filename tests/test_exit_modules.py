@@ -174,7 +174,7 @@ def test_keeping_some_exits_gives_a_model_with_only_those(lm, tiny_model_dir, tm
     import shutil
 
     from lite.model.config import LiteConfig
-    from lite.model.exit_modules import keep_exits
+    from lite.model.subset import keep_exits
 
     run = tmp_path / "run"
     shutil.copytree(tiny_model_dir, run)
