@@ -205,3 +205,4 @@ def test_keeping_some_exits_gives_a_model_with_only_those(lm, tiny_model_dir, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     with pytest.raises(LiteError, match=r"no exit module at layer\(s\) \[3\]"):
         modules.keep([1]).keep([3])
+    assert modules.layers == [1, 2, 3] and sorted(modules.per_layer) == ["1", "2", "3"]  # a copy was cut

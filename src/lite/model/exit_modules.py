@@ -191,22 +191,23 @@ class ExitModules(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def keep(self, layers: list[int]) -> ExitModules:
-        """The modules of ``layers`` only (the same module objects, not copies): a model trained with exits
-        at many depths, decoded with fewer checks per token.
+        """A copy holding the modules of ``layers`` only: a model trained with exits at many depths, decoded
+        with fewer checks per token.
 
         Raises:
             LiteError: a layer has no module (names the layers that have one).
         """
-        missing = sorted(set(int(k) for k in layers) - set(self.layers))
-        if missing or not layers:
+        wanted = sorted(set(int(k) for k in layers))
+        missing = [k for k in wanted if k not in self.layers]
+        if missing or not wanted:
             raise LiteError(f"no exit module at layer(s) {missing or '(none given)'}; this model has modules at "
                             f"{self.layers}: keep some of those")
-        kept = ExitModules.__new__(ExitModules)
-        nn.Module.__init__(kept)
-        kept.kind, kept.hidden = self.kind, self.hidden
-        kept.layers = sorted(set(int(k) for k in layers))
-        kept.per_layer = nn.ModuleDict({str(k): self.per_layer[str(k)] for k in kept.layers})
-        kept.context_layers = [k for k in self.context_layers if k in kept.layers]
+        kept = copy.deepcopy(self)
+        for k in self.layers:
+            if k not in wanted:
+                del kept.per_layer[str(k)]
+        kept.layers = wanted
+        kept.context_layers = [k for k in self.context_layers if k in wanted]
         return kept
 
     # ------------------------------------------------------------------ files
