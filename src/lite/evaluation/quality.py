@@ -8,8 +8,8 @@ calibrated thresholds and gate, and the same with every cut raised by a factor (
 answers, against the full model's per token of its own) among those whose quality is at least ``B`` of the full model's:
 
 * with references (rows that have an ``output``): mean ROUGE-L of the answers against the references, over
-  the full model's;
-* without (or where the full model's answers score 0 against them): the full model's own judgement, ``exp(mean log-likelihood per token of the candidate's answers
+  the full model's, on the rows that have one (``references`` in the record counts them);
+* without any (or where the full model's answers score 0 against them): the full model's own judgement, ``exp(mean log-likelihood per token of the candidate's answers
   under the full model - that of its own answers)`` (:func:`lite.evaluation.loglik.answer_logliks`).
 
 Both figures, and ROUGE-L against the full model's answers, are recorded for every candidate
@@ -83,14 +83,17 @@ def judge(lm, prompts: list[list[int]], refs: list[str | None], policies: dict[s
     """Decode ``prompts`` (token ids, formatted as the model is prompted) with the full model and with each of
     ``policies`` ({kind: policy}) at every scale; ``refs``: each prompt's reference answer, or None. Returns
     (the full model's figures, the candidates)."""
-    with_refs = all(refs)
+    # ROUGE-L over the prompts that have a reference: one row without one must not switch the measure (it did,
+    # silently: 64 held-out rows, one with an empty output, were judged by likelihood)
+    referenced = [i for i, ref in enumerate(refs) if ref]
+    with_refs = bool(referenced)
     full = _decode(lm, prompts, ExitPolicy(kind="none"), max_new_tokens, batch_size)
     # per answer token: an answer that runs shorter or longer does not move the choice
     full_per_token = sum(r.cost.flops for r in full) / max(sum(len(r.token_ids) for r in full), 1)
     full_ll = _loglik(lm, prompts, full, batch_size)
-    full_rouge = mean([rouge_l(r.text, ref) for r, ref in zip(full, refs)]) if with_refs else None
+    full_rouge = mean([rouge_l(full[i].text, refs[i]) for i in referenced]) if with_refs else None
     by_refs = bool(full_rouge)  # a full model scoring 0 against the references leaves no ratio: likelihood
-    base = {"prompts": len(prompts), "references": with_refs, "rouge_ref": full_rouge, "loglik": full_ll,
+    base = {"prompts": len(prompts), "references": len(referenced), "rouge_ref": full_rouge, "loglik": full_ll,
             "measure": "rouge_l_vs_references" if by_refs else "full_model_likelihood"}
     out = []
     for kind, policy in policies.items():
@@ -98,7 +101,7 @@ def judge(lm, prompts: list[list[int]], refs: list[str | None], policies: dict[s
             runs = _decode(lm, prompts, scaled_policy(policy, scale), max_new_tokens, batch_size)
             layers = [t.exit_layer for r in runs for t in r.tokens]
             ll = _loglik(lm, prompts, runs, batch_size)
-            rouge_ref = mean([rouge_l(r.text, ref) for r, ref in zip(runs, refs)]) if with_refs else None
+            rouge_ref = mean([rouge_l(runs[i].text, refs[i]) for i in referenced]) if with_refs else None
             if by_refs:
                 quality = rouge_ref / full_rouge
             else:
@@ -173,7 +176,9 @@ def quality_table(rec: dict[str, Any]) -> str:
     full = rec["full"]
     ref = "-" if full["rouge_ref"] is None else f"{full['rouge_ref']:.3f}"
     ll = "-" if full["loglik"] is None else f"{full['loglik']:.3f}"
-    lines = [f"Full model on {full['prompts']} prompts: ROUGE-L against the references {ref}, log-likelihood per "
+    refs = full["references"]
+    refs = "" if refs in (True, False) or refs == full["prompts"] else f" ({refs} of them with a reference)"  # True: older records
+    lines = [f"Full model on {full['prompts']} prompts{refs}: ROUGE-L against the references {ref}, log-likelihood per "
              f"token {ll}. Quality: {rec['measure'].replace('_', ' ')}, over the full model's; bar {rec['bar']}.", "",
              "| candidate | quality | layers saved | FLOPs saved | ROUGE-L vs full answer | ROUGE-L vs references "
              "| log-likelihood |", "|---|---|---|---|---|---|---|"]
