@@ -86,12 +86,15 @@ def judge(lm, prompts: list[list[int]], refs: list[str | None], policies: dict[s
     # ROUGE-L over the prompts that have a reference: one row without one must not switch the measure (it did,
     # silently: 64 held-out rows, one with an empty output, were judged by likelihood)
     referenced = [i for i, ref in enumerate(refs) if ref]
-    with_refs = bool(referenced)
+
+    def rouge_vs_refs(runs) -> float | None:  # None where no prompt has a reference
+        return mean([rouge_l(runs[i].text, refs[i]) for i in referenced])
+
     full = _decode(lm, prompts, ExitPolicy(kind="none"), max_new_tokens, batch_size)
     # per answer token: an answer that runs shorter or longer does not move the choice
     full_per_token = sum(r.cost.flops for r in full) / max(sum(len(r.token_ids) for r in full), 1)
     full_ll = _loglik(lm, prompts, full, batch_size)
-    full_rouge = mean([rouge_l(full[i].text, refs[i]) for i in referenced]) if with_refs else None
+    full_rouge = rouge_vs_refs(full)
     by_refs = bool(full_rouge)  # a full model scoring 0 against the references leaves no ratio: likelihood
     base = {"prompts": len(prompts), "references": len(referenced), "rouge_ref": full_rouge, "loglik": full_ll,
             "measure": "rouge_l_vs_references" if by_refs else "full_model_likelihood"}
@@ -101,7 +104,7 @@ def judge(lm, prompts: list[list[int]], refs: list[str | None], policies: dict[s
             runs = _decode(lm, prompts, scaled_policy(policy, scale), max_new_tokens, batch_size)
             layers = [t.exit_layer for r in runs for t in r.tokens]
             ll = _loglik(lm, prompts, runs, batch_size)
-            rouge_ref = mean([rouge_l(runs[i].text, refs[i]) for i in referenced]) if with_refs else None
+            rouge_ref = rouge_vs_refs(runs)
             if by_refs:
                 quality = rouge_ref / full_rouge
             else:
@@ -177,7 +180,8 @@ def quality_table(rec: dict[str, Any]) -> str:
     ref = "-" if full["rouge_ref"] is None else f"{full['rouge_ref']:.3f}"
     ll = "-" if full["loglik"] is None else f"{full['loglik']:.3f}"
     refs = full["references"]
-    refs = "" if refs in (True, False) or refs == full["prompts"] else f" ({refs} of them with a reference)"  # True: older records
+    # a count; older records hold a bool (True == 1, so a plain comparison would mistake a count of 1 for one)
+    refs = "" if isinstance(refs, bool) or refs == full["prompts"] else f" ({refs} of them with a reference)"
     lines = [f"Full model on {full['prompts']} prompts{refs}: ROUGE-L against the references {ref}, log-likelihood per "
              f"token {ll}. Quality: {rec['measure'].replace('_', ' ')}, over the full model's; bar {rec['bar']}.", "",
              "| candidate | quality | layers saved | FLOPs saved | ROUGE-L vs full answer | ROUGE-L vs references "
