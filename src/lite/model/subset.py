@@ -36,6 +36,9 @@ def keep_exits(run: str | os.PathLike[str], out: str | os.PathLike[str], layers:
         raise LiteError(f"{run} has no exit modules (its lite_config.json names none): nothing to keep some of")
     if out.exists():
         raise LiteError(f"{out} exists; give a new folder")
+    if cfg.exit_modules == "attention":
+        raise LiteError("keeping some attention exit modules needs the backbone's blocks; not supported: "
+                        "retrain with --exit-layers")
     layers = sorted(set(int(k) for k in layers) - {cfg.num_layers})
     validate_exit_layers(layers + [cfg.num_layers], cfg.num_layers, "the layers to keep")
     try:
@@ -45,9 +48,6 @@ def keep_exits(run: str | os.PathLike[str], out: str | os.PathLike[str], layers:
             hidden = int((f.metadata() or {})["hidden"])
     except Exception as exc:
         raise LiteError(f"{run / EXIT_MODULES_FILE} is not a readable exit-module file ({exc})") from None
-    if cfg.exit_modules == "attention":
-        raise LiteError("keeping some attention exit modules needs the backbone's blocks; not supported: "
-                        "retrain with --exit-layers")
     kept = ExitModules.load(run, hidden=hidden, num_layers=cfg.num_layers).keep(layers)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
