@@ -147,12 +147,61 @@ def test_rows_without_a_reference_do_not_switch_the_measure(tiny_model_dir):
     full = generate_batch(lm, prompts, ExitPolicy(kind="none"), settings)
     refs = [full[0].text, None, full[2].text]  # the full model's own answers: ROUGE-L 1 where there is one
     assert rouge_l(full[0].text, refs[0]) == 1.0
-    base, candidates = quality.judge(lm, prompts, refs, {"dynamic": exits}, max_new_tokens=4, scales=(1.0,))
+    base, candidates = quality.judge(lm, prompts, refs, {"dynamic": exits}, max_new_tokens=4, scales=(1.0,),
+                                     measure="rouge")
     assert base["measure"] == "rouge_l_vs_references" and base["references"] == 2 and base["rouge_ref"] == 1.0
     (c,) = candidates
     early = [r.text for r in generate_batch(lm, prompts, exits, settings)]
     assert c.rouge_ref == pytest.approx((rouge_l(early[0], refs[0]) + rouge_l(early[2], refs[2])) / 2)
-    assert c.quality == pytest.approx(c.rouge_ref)
+    assert c.quality == pytest.approx(c.rouge_ref) == pytest.approx(c.rouge_ratio)
     assert "(2 of them with a reference)" in quality.quality_table(quality.record(base, candidates, 0.5, None))
     one = dict(base, references=1)  # a count of 1 is a count, not an older record's True
     assert "(1 of them with a reference)" in quality.quality_table(quality.record(one, candidates, 0.5, None))
+
+
+def test_the_bar_applies_to_the_measure_asked_for_and_both_takes_the_lower(tiny_model_dir):
+    """--quality-measure: rouge (against the references), loglik (the full model's likelihood of the answers
+    over that of its own) or both (the lower: a candidate must keep the bar by each)."""
+    import math
+
+    from lite.cli.calibrate_cmd import QUALITY_MEASURES
+    from lite.decoding import GenerationSettings, generate_batch
+    from lite.evaluation.loglik import answer_logliks
+
+    assert QUALITY_MEASURES == quality.MEASURES and QUALITY_MEASURES[0] == "both"  # the CLI spells them torch-free
+    lm = load_model(tiny_model_dir, device="cpu")
+    prompts = [[5, 17, 9], [7, 8, 30, 31], [11, 12]]
+    settings = GenerationSettings(max_new_tokens=4)
+    exits = ExitPolicy("dynamic", thresholds={1: 0.0, 2: 2.0, 3: 2.0})  # every token leaves at layer 1
+    full = generate_batch(lm, prompts, ExitPolicy(kind="none"), settings)
+    early = generate_batch(lm, prompts, exits, settings)
+    assert [r.token_ids for r in early] != [r.token_ids for r in full]  # the exits change the answers
+    refs = [f.text for f in full]  # ROUGE-L of the full model's answers against these: 1
+
+    def ll(runs):  # by hand: the mean over answers of each answer's mean per-token log-likelihood
+        values = answer_logliks(lm, [(p, list(r.token_ids)) for p, r in zip(prompts, runs)], 8).values
+        return sum(values) / len(values)
+
+    by = {}
+    for measure in quality.MEASURES:
+        base, (c,) = quality.judge(lm, prompts, refs, {"dynamic": exits}, max_new_tokens=4, scales=(1.0,),
+                                   measure=measure)
+        assert c.loglik_ratio == pytest.approx(math.exp(ll(early) - ll(full)))
+        assert c.rouge_ratio == pytest.approx(c.rouge_ref / base["rouge_ref"])
+        by[measure] = (base["measure"], c.quality, c)
+    c = by["both"][2]
+    assert by["rouge"][:2] == ("rouge_l_vs_references", pytest.approx(c.rouge_ratio))
+    assert by["loglik"][:2] == ("full_model_likelihood", pytest.approx(c.loglik_ratio))
+    assert by["both"][:2] == ("rouge_l_vs_references_and_full_model_likelihood",
+                              pytest.approx(min(c.rouge_ratio, c.loglik_ratio)))
+    assert c.rouge_ratio != pytest.approx(c.loglik_ratio)  # so "both" picked one of two different figures
+    # the choice follows: a bar between the two passes the candidate by the higher measure alone
+    low, high = sorted((c.rouge_ratio, c.loglik_ratio))
+    bar = (low + high) / 2
+    higher = "rouge" if c.rouge_ratio > c.loglik_ratio else "loglik"
+    assert quality.choose([by[higher][2]], bar) is not None and quality.choose([c], bar) is None
+    with pytest.raises(ValueError, match="measure"):
+        quality.judge(lm, prompts, refs, {"dynamic": exits}, max_new_tokens=4, scales=(1.0,), measure="bleu")
+    table = quality.quality_table(quality.record(*quality.judge(lm, prompts, refs, {"dynamic": exits},
+                                                                max_new_tokens=4, scales=(1.0,)), bar, None))
+    assert "| ROUGE-L ratio | likelihood ratio |" in table and f"{c.loglik_ratio:.3f}" in table

@@ -14,6 +14,7 @@ from .numbers import nonnegative_int, number, open_unit, positive_int, seed
 # lite.decoding.gate.FEATURES and DEFAULT_FEATURES, spelled here so --help imports no torch (tests/test_gate.py
 # checks they agree)
 GATE_FEATURES = ("state+delta", "state", "exit")
+QUALITY_MEASURES = ("both", "rouge", "loglik")  # lite.evaluation.quality.MEASURES (tests/test_calibration_quality.py)
 EXAMPLE = "lite calibrate --model runs/mine --rule agreement --target 0.9 --gate"
 
 # The typed functions behind this verb; see lite.cli.train_cmd.CONTRACT (checked by tests/test_cli.py).
@@ -64,9 +65,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="choose --exit auto by the answers users get: decode --quality-prompts rows (at most 64 new "
                         "tokens, greedy) with the full model and with the calibrated thresholds and gate (and with their cuts raised 5, 10 and "
                         "20%%), and keep the candidate saving the most FLOPs whose quality is at least B of the full "
-                        "model's (ROUGE-L against the rows' references; without references, the full model's "
-                        "likelihood of the answers); none meeting it: auto decodes in full. Default: off (auto by "
+                        "model's (by --quality-measure); none meeting it: auto decodes in full. Default: off (auto by "
                         "agreement)")
+    p.add_argument("--quality-measure", choices=QUALITY_MEASURES, default=QUALITY_MEASURES[0],
+                   help="with --quality-bar: what B applies to: rouge (ROUGE-L against the rows' references, over the "
+                        "full model's), loglik (the full model's likelihood of the answers per token, over that of "
+                        "its own answers), both (default: each must keep B). Without references: the likelihood")
     p.add_argument("--quality-prompts", type=positive_int, default=24, metavar="N",
                    help="with --quality-bar: rows decoded per candidate (the first N calibration rows; default 24)")
     p.add_argument("--gate-hidden", type=nonnegative_int, default=0, help="gate hidden width (0 = logistic regression)")
@@ -226,7 +230,8 @@ def run(args: argparse.Namespace) -> int:
         choose_by_quality(lm, result, [prompt_ids(lm.tokenizer, e, default_format(lm)) for e in judged],
                           [e.output or None for e in judged], args.quality_bar,
                           max_new_tokens=min(args.max_new_tokens, 64), batch_size=args.batch_size,
-                          ranking=None if ranked is None else ranked[0], progress=progress)
+                          ranking=None if ranked is None else ranked[0], measure=args.quality_measure,
+                          progress=progress)
         print(quality_table(result.quality))
     if ranked is not None:  # before the config that names the exit vocabulary
         from ..decoding.draft_vocab import save_ranking
