@@ -26,6 +26,12 @@
 #   git worktree add /tmp/wt-dense e6db6fd
 #   cd /tmp/wt-dense && LITE_HOME=/work/lite_home PYTHONPATH=/tmp/wt-dense/src LITE=/work/main/.venv/bin/lite \
 #       nohup nice -n 19 bash scripts/train_dense_exits.sh > /work/lite_home/dense.log 2>&1 &
+# The run of record's folder was lost with its machine on 2026-12-08 (its results stay committed). The same
+# recipe with the first 997 Dolly prompts added (does more data raise the exits' agreement? compare with
+# capacity.md) began 2026-12-08 02:50 UTC (commit after b858438); resume it with the same command:
+#   LITE_HOME=/work/lite_home DOLLY=1 OUT=/work/lite_home/runs/dense-affine-dolly \
+#       OWN_ANSWERS=/work/lite_home/own_answers-dense-dolly-smollm2-135m-instruct-64tok-fp32.jsonl \
+#       nohup nice -n 19 bash scripts/train_dense_exits.sh > /work/lite_home/dense-dolly.log 2>&1 &
 set -euo pipefail
 cd "$(dirname "$0")/.."
 HOME_DIR=${LITE_HOME:-$HOME/.cache/lite}
