@@ -223,9 +223,10 @@ class ExitModules(nn.Module):
         return path
 
     @classmethod
-    def load(cls, folder: str | os.PathLike[str], *, hidden: int, num_layers: int,
+    def load(cls, folder: str | os.PathLike[str], *, hidden: int | None, num_layers: int,
              blocks: nn.ModuleList | None = None) -> ExitModules:
-        """Read ``exit_modules.safetensors`` from ``folder``; checks it fits a model of this shape.
+        """Read ``exit_modules.safetensors`` from ``folder``; checks it fits a model of this shape
+        (``hidden`` None: the file's own width, for copying modules without their model).
         ``blocks``: the backbone's decoder blocks (the ``attention`` kind is built on copies of them, then
         its saved weights are loaded).
 
@@ -246,13 +247,13 @@ class ExitModules(nn.Module):
         except Exception as exc:  # truncated or foreign files: name the file, not the library's internals
             raise LiteError(f"{path} is not a readable exit-module file ({type(exc).__name__}: {exc}); "
                             f"retrain the exit modules or restore the file") from None
-        if size != hidden or not all(1 <= k < num_layers for k in layers):
+        if hidden not in (None, size) or not all(1 <= k < num_layers for k in layers):
             raise LiteError(f"{path} was made for hidden size {size} and layers {layers}, not for this model "
                             f"(hidden {hidden}, layers 1..{num_layers}); it belongs to another model")
         if kind not in _KINDS:
             raise LiteError(f"{path} holds exit modules of kind {kind!r}, which this lite does not know "
                             f"({', '.join(EXIT_MODULE_KINDS)}); retrain them or update lite")
-        modules = cls(kind, layers, hidden, blocks)
+        modules = cls(kind, layers, size, blocks)
         for k, module in modules.per_layer.items():
             own = {key[len(k) + 1:]: value for key, value in tensors.items() if key.startswith(f"{k}.")}
             try:

@@ -41,14 +41,7 @@ def keep_exits(run: str | os.PathLike[str], out: str | os.PathLike[str], layers:
                         "retrain with --exit-layers")
     layers = sorted(set(int(k) for k in layers) - {cfg.num_layers})
     validate_exit_layers(layers + [cfg.num_layers], cfg.num_layers, "the layers to keep")
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(run / EXIT_MODULES_FILE), framework="pt") as f:
-            hidden = int((f.metadata() or {})["hidden"])
-    except Exception as exc:
-        raise LiteError(f"{run / EXIT_MODULES_FILE} is not a readable exit-module file ({exc})") from None
-    kept = ExitModules.load(run, hidden=hidden, num_layers=cfg.num_layers).keep(layers)
+    kept = ExitModules.load(run, hidden=None, num_layers=cfg.num_layers).keep(layers)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
