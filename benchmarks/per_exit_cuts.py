@@ -25,10 +25,10 @@ import time
 import numpy as np
 import torch
 
+from lite import load_model
 from lite.calibration.calibrate import collect
 from lite.calibration.ceiling import frontier, oracle_layers, point
 from lite.files import write_atomic
-from lite.model.loading import load_model
 from lite.training.data import load_heldout
 
 BARS = (0.85, 0.90, 0.95)
