@@ -39,10 +39,10 @@ from .metrics import mean, rouge_l
 from ..model.config import CONFIDENCE_RANGES, NEVER_EXIT
 
 SCALES = (1.0, 1.05, 1.1, 1.2)
-MEASURES = ("both", "rouge", "loglik")
-"""What the bar applies to (see the module docstring)."""
 """Factors every cut of a candidate is multiplied by (> 1 exits less; a probability cut above 1 never lets a
 token out)."""
+MEASURES = ("both", "rouge", "loglik")
+"""What the bar applies to (see the module docstring)."""
 
 
 @dataclass
@@ -112,6 +112,7 @@ def judge(lm, prompts: list[list[int]], refs: list[str | None], policies: dict[s
     by_refs = bool(full_rouge)  # a full model scoring 0 against the references leaves no ratio: likelihood
     applied = ("full_model_likelihood" if measure == "loglik" or not by_refs else
                "rouge_l_vs_references" if measure == "rouge" else "rouge_l_vs_references_and_full_model_likelihood")
+    uses_rouge, uses_loglik = applied != "full_model_likelihood", applied != "rouge_l_vs_references"
     base = {"prompts": len(prompts), "references": len(referenced), "rouge_ref": full_rouge, "loglik": full_ll,
             "measure": applied}
     out = []
@@ -123,8 +124,7 @@ def judge(lm, prompts: list[list[int]], refs: list[str | None], policies: dict[s
             rouge_ref = rouge_vs_refs(runs)
             rouge_ratio = rouge_ref / full_rouge if by_refs else None
             loglik_ratio = None if ll is None or full_ll is None else math.exp(ll - full_ll)
-            applies = {"full_model_likelihood": [loglik_ratio], "rouge_l_vs_references": [rouge_ratio]}.get(
-                applied, [rouge_ratio, loglik_ratio])
+            applies = [rouge_ratio] * uses_rouge + [loglik_ratio] * uses_loglik  # "both": the lower
             quality = None if None in applies else min(applies)
             out.append(Candidate(
                 kind=kind, scale=scale,
