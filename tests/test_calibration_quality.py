@@ -91,6 +91,9 @@ def test_quality_bar_decodes_every_candidate_and_makes_the_choice_auto(tiny_mode
         assert cfg.calibration["gate"]["thresholds"] == pytest.approx(
             {k: v * float(scale) for k, v in before.calibration["gate"]["thresholds"].items()})
     chosen = next(c for c in q["candidates"] if c["name"] == q["chosen"])
+    card = (judged / "README.md").read_text()  # the model card says how auto was chosen and what it kept
+    assert f"quality bar 1e-06 (full model likelihood) on 3 decoded calibration prompts: {q['chosen']} kept " \
+        f"{chosen['quality']:.3f}" in card and "Chosen by the quality bar" not in (plain / "README.md").read_text()
     lm = load_model(judged, device="cpu")
     if chosen["exit_rates"]:  # auto is priced where the chosen policy's decoded answers left
         by_stats = dict(cfg.calibration if kind == "dynamic" else cfg.calibration["gate"])["expected_exit_rate"]

@@ -199,8 +199,9 @@ def quality_table(rec: dict[str, Any]) -> str:
     refs = full["references"]
     # a count; older records hold a bool (True == 1, so a plain comparison would mistake a count of 1 for one)
     refs = "" if isinstance(refs, bool) or refs == full["prompts"] else f" ({refs} of them with a reference)"
+    measure = rec["measure"].replace("rouge_l", "ROUGE-L").replace("_", " ")
     lines = [f"Full model on {full['prompts']} prompts{refs}: ROUGE-L against the references {ref}, log-likelihood per "
-             f"token {ll}. Quality: {rec['measure'].replace('_', ' ')}, over the full model's; bar {rec['bar']}.", "",
+             f"token {ll}. Quality: {measure}, over the full model's; bar {rec['bar']}.", "",
              "| candidate | quality | ROUGE-L ratio | likelihood ratio | layers saved | FLOPs saved "
              "| ROUGE-L vs full answer | ROUGE-L vs references | log-likelihood |", "|---|---|---|---|---|---|---|---|---|"]
 

@@ -137,6 +137,18 @@ def model_card(folder: str | Path, base_id: str | None = None, name: str | None 
         lines.append(f"- Default exit policy (`--exit auto`): {cfg.default_exit}"
                      + (f"; expected compute per step on the calibration tokens, against the full model's: {priced}"
                         if priced else "") + ".")
+        quality = (cfg.calibration or {}).get("quality") or {}
+        chosen = next((c for c in quality.get("candidates", []) if c["name"] == quality.get("chosen")), None)
+        if chosen is not None:  # --quality-bar: what the decoded answers kept
+            ratios = [f"{label} {chosen[key]:.3f}" for label, key in (("ROUGE-L vs references", "rouge_ratio"),
+                      ("the full model's likelihood", "loglik_ratio")) if chosen.get(key) is not None]
+            measure = quality["measure"].replace("rouge_l", "ROUGE-L").replace("_", " ")
+            lines.append(
+                f"- Chosen by the quality bar {quality['bar']} ({measure}) on "
+                f"{quality['full']['prompts']} decoded calibration prompts: {chosen['name']} kept "
+                f"{chosen['quality']:.3f} of the full model's quality" + (f" ({', '.join(ratios)})" if ratios else "")
+                + f" at {100 * chosen['layers_saved']:.1f}% of layers and {100 * chosen['compute_saved']:.1f}% of "
+                f"FLOPs saved.")
         priced_by_batch = ((cfg.calibration or {}).get("priced_speedup") or {}).get(cfg.default_exit)
         auto = (cfg.calibration or {}).get("auto_by_batch") or {}
         if priced_by_batch and "price_margin" in cfg.calibration:
