@@ -2,6 +2,7 @@
 checked against a hand computation, exact for identical answers, None (counted) for empty ones."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -68,6 +69,7 @@ def test_eval_reports_the_hand_computed_loglik(tiny_model_dir, vicuna, tmp_path)
     md = (tmp_path / "eval" / "report.md").read_text()
     assert "## The full model's judgement of the answers" in md
     assert f"| vicuna | 3 | {overall['loglik_full']:.3f} | {overall['loglik_early_exit']:.3f} |" in md
+    assert f"| {overall['loglik_gap']:.3f} | {math.exp(overall['loglik_gap']):.3f} |" in md  # exp(gap) beside it
     # not part of the records: a run started before this figure existed resumes as it was
     assert all("loglik" not in rec["full"] for rec in rows)
 

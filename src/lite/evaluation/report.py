@@ -7,6 +7,7 @@ How every figure is computed is in ``DEFINITIONS`` below, which is also written 
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import os
 import platform
 import shutil
@@ -413,11 +414,12 @@ def _loglik_markdown(report: dict[str, Any]) -> list[str]:
     return [f"## The full model's judgement of the answers (headline run `{report['primary_run']}`)",
             "Mean log-likelihood per answer token (nats) under the full model, teacher-forced on the same "
             "prompt, exits off; the gap is early exit minus full, per prompt, averaged (0: as likely as the "
-            f"full model's own answer).{cost}",
-            _table(["set", "n", "full answer", "early exit", "gap (early exit - full)",
+            "full model's own answer); exp(gap): how likely each early-exit token is to the full model, against "
+            f"its own (what `lite calibrate --quality-bar` holds to the bar).{cost}",
+            _table(["set", "n", "full answer", "early exit", "gap (early exit - full)", "exp(gap)",
                     "empty (full / early exit)"],
                    [[n, _f(s.get("loglik_n")), _f(s.get("loglik_full")), _f(s.get("loglik_early_exit")),
-                     _f(s.get("loglik_gap")),
+                     _f(s.get("loglik_gap")), _f(None if s.get("loglik_gap") is None else math.exp(s["loglik_gap"])),
                      f"{_f(s.get('loglik_empty_full'))} / {_f(s.get('loglik_empty_early_exit'))}"]
                     for n, s in rows])]
 
