@@ -129,8 +129,7 @@ def priced_speedup(lm: LiteModel, kind: str, batch: int = 1, ride: bool | None =
     if not record or not record.get("expected_exit_rate"):
         return None
     rates = {int(k): float(v) for k, v in record["expected_exit_rate"].items() if v is not None}
-    quality = cal.get("quality") or {}
-    chosen = next((c for c in quality.get("candidates", []) if c["name"] == quality.get("chosen")), None)
+    chosen = lm.lite_config.quality_choice()
     if chosen is not None and chosen["kind"] == kind:  # --quality-bar: where its decoded answers left
         rates = {int(k): float(v) for k, v in chosen["exit_rates"].items()}
     checked = [int(k) for k in cal.get("layers") or rates]

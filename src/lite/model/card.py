@@ -137,9 +137,9 @@ def model_card(folder: str | Path, base_id: str | None = None, name: str | None 
         lines.append(f"- Default exit policy (`--exit auto`): {cfg.default_exit}"
                      + (f"; expected compute per step on the calibration tokens, against the full model's: {priced}"
                         if priced else "") + ".")
-        quality = (cfg.calibration or {}).get("quality") or {}
-        chosen = next((c for c in quality.get("candidates", []) if c["name"] == quality.get("chosen")), None)
+        chosen = cfg.quality_choice()
         if chosen is not None:  # --quality-bar: what the decoded answers kept
+            quality = cfg.calibration["quality"]
             ratios = [f"{label} {chosen[key]:.3f}" for label, key in (("ROUGE-L vs references", "rouge_ratio"),
                       ("the full model's likelihood", "loglik_ratio")) if chosen.get(key) is not None]
             measure = quality["measure"].replace("rouge_l", "ROUGE-L").replace("_", " ")

@@ -248,6 +248,12 @@ class LiteConfig:
         value = self.thresholds.get(str(layer))
         return None if value is None else float(value)
 
+    def quality_choice(self) -> dict[str, Any] | None:
+        """The candidate ``lite calibrate --quality-bar`` chose (from ``calibration.quality``: its name, kind,
+        exit rates, savings and quality ratios), or None when no bar chose one."""
+        quality = (self.calibration or {}).get("quality") or {}
+        return next((c for c in quality.get("candidates", []) if c["name"] == quality.get("chosen")), None)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
