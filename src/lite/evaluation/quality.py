@@ -36,7 +36,7 @@ from typing import Any
 from ..decoding import ExitPolicy, GenerationSettings, generate_batch
 from .loglik import answer_logliks
 from .metrics import mean, rouge_l
-from ..model.config import CONFIDENCE_RANGES, NEVER_EXIT
+from ..model.config import CONFIDENCE_RANGES, NEVER_EXIT, quality_measure_label
 
 SCALES = (1.0, 1.05, 1.1, 1.2)
 """Factors every cut of a candidate is multiplied by (> 1 exits less; a probability cut above 1 never lets a
@@ -199,9 +199,8 @@ def quality_table(rec: dict[str, Any]) -> str:
     refs = full["references"]
     # a count; older records hold a bool (True == 1, so a plain comparison would mistake a count of 1 for one)
     refs = "" if isinstance(refs, bool) or refs == full["prompts"] else f" ({refs} of them with a reference)"
-    measure = rec["measure"].replace("rouge_l", "ROUGE-L").replace("_", " ")
     lines = [f"Full model on {full['prompts']} prompts{refs}: ROUGE-L against the references {ref}, log-likelihood per "
-             f"token {ll}. Quality: {measure}, over the full model's; bar {rec['bar']}.", "",
+             f"token {ll}. Quality: {quality_measure_label(rec['measure'])}, over the full model's; bar {rec['bar']}.", "",
              "| candidate | quality | ROUGE-L ratio | likelihood ratio | layers saved | FLOPs saved "
              "| ROUGE-L vs full answer | ROUGE-L vs references | log-likelihood |", "|---|---|---|---|---|---|---|---|---|"]
 

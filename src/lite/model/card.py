@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import write_atomic
-from .config import CONFIG_NAME, LiteConfig
+from .config import CONFIG_NAME, LiteConfig, quality_measure_label
 from .loading import hub_id_for
 
 CARD_NAME = "README.md"
@@ -142,9 +142,8 @@ def model_card(folder: str | Path, base_id: str | None = None, name: str | None 
             quality = cfg.calibration["quality"]
             ratios = [f"{label} {chosen[key]:.3f}" for label, key in (("ROUGE-L vs references", "rouge_ratio"),
                       ("the full model's likelihood", "loglik_ratio")) if chosen.get(key) is not None]
-            measure = quality["measure"].replace("rouge_l", "ROUGE-L").replace("_", " ")
             lines.append(
-                f"- Chosen by the quality bar {quality['bar']} ({measure}) on "
+                f"- Chosen by the quality bar {quality['bar']} ({quality_measure_label(quality['measure'])}) on "
                 f"{quality['full']['prompts']} decoded calibration prompts: {chosen['name']} kept "
                 f"{chosen['quality']:.3f} of the full model's quality" + (f" ({', '.join(ratios)})" if ratios else "")
                 + f" at {100 * chosen['layers_saved']:.1f}% of layers and {100 * chosen['compute_saved']:.1f}% of "

@@ -175,6 +175,11 @@ def loss_weights(exit_layers: list[int], weighting: str) -> list[float]:
     return [w / total for w in raw]
 
 
+def quality_measure_label(measure: str) -> str:
+    """A quality bar's measure as ``calibration.quality`` records it (e.g. ``rouge_l_vs_references``), in words."""
+    return measure.replace("rouge_l", "ROUGE-L").replace("_", " ")
+
+
 @dataclass
 class LiteConfig:
     """What lite knows about a checkpoint; saved as ``lite_config.json`` in the model folder.
