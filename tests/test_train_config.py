@@ -74,6 +74,8 @@ GIVEN = {
     "targets": (["--targets", "mixed"], "mixed"),
     "ce_weight": (["--ce-weight", "0.3"], 0.3),
     "exit_modules": (["--exit-modules", "mlp"], "mlp"),
+    "exit_init": (["--exit-init", "fit"], "fit"),
+    "exit_fit_rows": (["--exit-fit-rows", "64"], 64),
     "own_answers": (["--no-own-answers"], False),
     "own_answer_tokens": (["--own-answer-tokens", "9"], 9),
     "own_answers_batch_size": (["--own-answers-batch-size", "5"], 5),

@@ -48,7 +48,7 @@ EXIT_MODULE_KINDS = ("affine", "mlp", "attention")
 EXIT_MODULES_FILE = "exit_modules.safetensors"
 
 
-def _unit_rms(h: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def unit_rms(h: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``h / rms(h)`` over the last axis, computed in float32."""
     x = h.float()
     return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
@@ -65,7 +65,7 @@ class AffineExit(nn.Module):
             self.proj.bias.zero_()
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., D)
-        return self.proj(_unit_rms(h))
+        return self.proj(unit_rms(h))
 
     def flops(self) -> int:
         d = self.proj.in_features
@@ -85,7 +85,7 @@ class MLPExit(nn.Module):
             self.down.bias.zero_()
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        r = _unit_rms(h)
+        r = unit_rms(h)
         return r + self.down(torch.nn.functional.silu(self.up(r)))
 
     def flops(self) -> int:

@@ -20,6 +20,7 @@ from .data import DEFAULT_HELDOUT_FRACTION, DEFAULT_MAX_LENGTH, FORMATS_HELP
 from .losses import DEFAULT_CHUNK_SIZE, LOSS_MODES
 
 TARGETS = ("data", "distill", "mixed")
+EXIT_INITS = ("identity", "fit")  # how affine exit modules start (--exit-init)
 # What a run trains when its flags leave it open: the recipe the comparison of
 # scripts/ablation.sh chose (benchmarks/results/ablation.md), and the paper's, one flag away.
 RECIPES = {
@@ -122,6 +123,9 @@ class TrainConfig:
             next backbone block): freeze the backbone and train one exit module per exit below L
             (:mod:`lite.model.exit_modules`); the output folder then holds only the modules (a few MB; a
             block per exit for "attention").
+        exit_init: how affine exit modules start: "identity" (W = I, b = 0: the raw exit) or "fit" (the
+            least-squares map from each exit's state to layer L's over the response tokens of
+            ``exit_fit_rows`` training sequences, :mod:`lite.training.exit_fit`), from which training goes on.
         own_answers: train on the starting model's own greedy answers (at most ``own_answer_tokens`` tokens)
             instead of the dataset's responses (:mod:`lite.training.own_answers`), cached in the work folder,
             or in ``own_answers_cache`` (a JSONL file kept across runs: its entries are keyed by row, prompt,
@@ -229,6 +233,13 @@ class TrainConfig:
         "attends over earlier positions); the output holds only the modules (see docs/train.md); default: the "
         "recipe's (affine for exit-modules, none for paper)",
         choices=list(EXIT_MODULE_KINDS)))
+    exit_init: str = field(default="identity", **_flag(
+        "how affine exit modules start: identity (the raw exit) or fit (the least-squares map from each exit's "
+        "state to layer L's over the response tokens of --exit-fit-rows training sequences: one pass of the "
+        "frozen backbone, then training goes on from there)", choices=list(EXIT_INITS)))
+    exit_fit_rows: int = field(default=512, **_flag(
+        "training sequences --exit-init fit reads, spread evenly over the data (default 512)", type="positive_int",
+        metavar="N"))
     own_answers: bool | None = field(default=None, **_flag(
         "train on the starting model's own greedy answers instead of the dataset's responses (generated once, "
         "batched, cached in <out>.partial); default: the recipe's (yes for exit-modules, no for paper)",
@@ -347,6 +358,13 @@ class TrainConfig:
             if c.lora or c.baseline:
                 raise TrainError("--exit-modules trains small modules on a frozen backbone: leave out "
                                  f"{'--lora' if c.lora else '--baseline'}")
+        if c.exit_init not in EXIT_INITS:
+            raise TrainError(f"--exit-init must be one of {EXIT_INITS}, got {c.exit_init!r}")
+        if c.exit_init == "fit" and c.exit_modules != "affine":
+            raise TrainError("--exit-init fit fits affine exit modules in closed form: use it with --exit-modules "
+                             f"affine (got {c.exit_modules or 'no exit modules'})")
+        if c.exit_fit_rows < 1:
+            raise TrainError(f"--exit-fit-rows must be at least 1, got {c.exit_fit_rows}")
         if c.own_answer_tokens < 1:
             raise TrainError(f"--own-answer-tokens must be at least 1, got {c.own_answer_tokens}")
         if c.own_answers_batch_size < 1:

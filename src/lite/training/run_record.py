@@ -28,7 +28,8 @@ RUN_FILE = "lite_run.json"
 # in this order, the record that the folder is lite's last; the output holds a copy of that record, so
 # the same command recognises its finished run beside what a kill while removing left, even an empty
 # folder, and finishes the tidying
-WORK_FILES = ["checkpoint-*", "final", "runs", ANSWERS_FILE, RUN_FILE]
+EXIT_FIT_FILE = "exit_fit.json"  # --exit-init fit: what the closed-form start read (lite.training.exit_fit)
+WORK_FILES = ["checkpoint-*", "final", "runs", ANSWERS_FILE, RUN_FILE, EXIT_FIT_FILE]
 UNMARKED = "unmarked_checkpoints"  # lite_run.json: the run was begun by a lite that wrote no checkpoint markers
 
 
@@ -85,6 +86,7 @@ def run_record(c: TrainConfig, lm, data: dict[str, Any], layers: list[int], trai
         "fsdp": fsdp_config(lm) if c.fsdp else None, "max_minutes": c.max_minutes,
         # only when given: records of runs begun before the flag existed stay equal, so they resume
         **({"final_weight": c.final_weight} if c.final_weight is not None else {}),
+        **({"exit_init": c.exit_init, "exit_fit_rows": c.exit_fit_rows} if c.exit_init != "identity" else {}),
     }
     return {"model": portable_model_spec(c.model), "data": data, "exit_layers": layers,
             "loss_weighting": c.loss_weighting, "prompt_format": prompt_format, "training": settings}
@@ -143,5 +145,5 @@ def claim_work_folder(record: dict[str, Any], out: Path, work: Path, finished: P
     return resume, False
 
 
-__all__ = ["RUN_FILE", "UNMARKED", "WORK_FILES", "as_recorded_by_older_lite", "claim_work_folder",
+__all__ = ["EXIT_FIT_FILE", "RUN_FILE", "UNMARKED", "WORK_FILES", "as_recorded_by_older_lite", "claim_work_folder",
            "finished_record", "portable_model_spec", "run_record", "unmarked_run"]

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..files import check_output_folder, check_writable, remove_own_files
+from ..files import check_output_folder, check_writable, remove_own_files, write_json_atomic
 from ..model.config import CONFIG_NAME, LiteConfig, loss_weights, parse_exit_layers
 from .checkpoints import complete_callback, is_final, log_at_checkpoints_callback
 from .config import DEFAULT_LORA_TARGETS, TrainConfig, TrainError, report_destinations, world_size
@@ -57,6 +57,7 @@ from .hf_trainer import (
 )
 from .own_answers import ANSWERS_FILE, generate_own_answers
 from .run_record import (
+    EXIT_FIT_FILE,
     RUN_FILE,
     WORK_FILES,
     claim_work_folder,
@@ -119,7 +120,7 @@ def train(config: TrainConfig | str | None = None, data: list[str] | str | None 
     run = _prepare(config, say)
     if run.finished is not None:  # the run had finished; a kill while removing its work folder left it
         return run.finished
-    wrapped = _wrap(config, run)
+    wrapped = _wrap(config, run, say)
     with _accelerate_fsdp_mark_kept():
         training = _make_trainer(config, run, wrapped, show_progress_bar, say)
         return _finish(config, run, wrapped, training, say)
@@ -237,7 +238,7 @@ class _Wrapped:
     trainee: Any  # the LiteModel the loss runs (over train_model, or over the backbone with the modules)
 
 
-def _wrap(c: TrainConfig, run: _Prepared) -> _Wrapped:
+def _wrap(c: TrainConfig, run: _Prepared, say: Callable[[str], None]) -> _Wrapped:
     """Step 2: exit modules on the frozen backbone, or the teacher of distillation, then LoRA when asked."""
     from transformers import set_seed
 
@@ -250,7 +251,7 @@ def _wrap(c: TrainConfig, run: _Prepared) -> _Wrapped:
     lm = run.lm
     train_model = lm.model
     train_model.train()
-    modules, teacher = None, None
+    modules, teacher, fitted = None, None, None
     if c.exit_modules:
         from ..model.exit_modules import ExitModules
 
@@ -258,6 +259,7 @@ def _wrap(c: TrainConfig, run: _Prepared) -> _Wrapped:
         lm.model.eval()  # the backbone is frozen: no dropout, no gradients, no autograd graph
         modules = ExitModules(c.exit_modules, run.train_layers, lm.hidden_size, lm.blocks).to(lm.device)
         train_model = FrozenBackbone(modules, lm.model)
+        fitted = _fit_exits(c, run, modules, say) if c.exit_init == "fit" else None
     elif c.targets != "data":
         teacher = make_teacher(lm, c.lora)
     if c.lora:
@@ -276,10 +278,28 @@ def _wrap(c: TrainConfig, run: _Prepared) -> _Wrapped:
                              loss_weights=[run.weights.get(k, 0.0) for k in run.layers],
                              prompt_format=run.prompt_format, base_model=record["model"], adapter=c.lora,
                              training=record["training"], data=run.data, exit_modules=c.exit_modules,
-                             provenance={"own_answers": run.answers} if run.answers else {})
+                             provenance={**({"own_answers": run.answers} if run.answers else {}),
+                                         **({"exit_fit": fitted} if fitted else {})})
     trainee = LiteModel(lm.model if c.exit_modules else train_model, lm.tokenizer, lite_config,
                         source=record["model"], exit_modules=modules)
     return _Wrapped(train_model, modules, teacher, lite_config, trainee)
+
+
+def _fit_exits(c: TrainConfig, run: _Prepared, modules, say: Callable[[str], None]) -> dict[str, Any] | None:
+    """``--exit-init fit``: the modules' closed-form start (:mod:`lite.training.exit_fit`), made once per run.
+    Its record stays in the work folder, so that a resumed run (whose checkpoint holds the modules as trained
+    since) reports it without fitting again."""
+    from .exit_fit import fit_affine_exits
+
+    record = run.work / EXIT_FIT_FILE
+    if run.resume is not None:
+        return json.loads(record.read_text()) if record.is_file() else None
+    say(f"fitting {len(modules.layers)} affine exit modules in closed form on up to {c.exit_fit_rows} sequences")
+    fitted = fit_affine_exits(run.lm, modules, run.dataset, max_sequences=c.exit_fit_rows, batch_size=c.batch_size)
+    write_json_atomic(record, fitted)
+    say(f"fitted on {fitted['tokens']} response tokens of {fitted['sequences']} sequences in "
+        f"{fitted['seconds']:.0f} s")
+    return fitted
 
 
 # ------------------------------------------------------------------------------ 3. training arguments
