@@ -2,8 +2,8 @@
 
 Modules: :mod:`.config` (:class:`TrainConfig`: the run, its checks, the recipe's resolution), :mod:`.data`
 (rows, prompt formats, the held-out split), :mod:`.losses` (the exit losses, small pure functions),
-:mod:`.hf_trainer` (what lite plugs into Hugging Face Trainer), :mod:`.trainer` (:func:`train`, the ``lite
-train`` verb). Built on :mod:`lite.model`.
+:mod:`.exit_fit` (the closed-form start of affine exit modules), :mod:`.hf_trainer` (what lite plugs
+into Hugging Face Trainer), :mod:`.trainer` (:func:`train`, the ``lite train`` verb). Built on :mod:`lite.model`.
 """
 
 from .config import DEFAULT_LORA_TARGETS, TrainConfig, TrainError
