@@ -101,3 +101,39 @@ def test_a_run_started_from_the_fit_begins_nearer_the_final_layer_and_says_so(ti
     assert cfg["provenance"]["exit_fit"]["tokens"] > 0 and cfg["training"]["exit_init"] == "fit"
     assert "exit_fit" not in json.loads((tmp_path / "identity" / "lite_config.json").read_text())["provenance"]
     assert not (tmp_path / "fit.partial").exists()  # the fit's record left with the work folder
+
+
+@pytest.mark.parametrize("flags, start", [
+    ({}, "fit"),  # the default recipe: affine modules, from the fit
+    ({"exit_modules": "mlp"}, "identity"), ({"exit_modules": "attention"}, "identity"),
+    ({"recipe": "paper"}, "identity"), ({"exit_init": "identity"}, "identity"),
+])
+def test_affine_modules_start_from_the_fit_unless_told_otherwise(flags, start):
+    assert TrainConfig(model="m", data="d.jsonl", out="o", **flags).resolve().exit_init == start
+
+
+def test_a_run_begun_from_the_identity_before_the_fit_was_the_default_resumes_when_told(
+        tiny_model_dir, tmp_path, monkeypatch):
+    """An unfinished run of an older lite (its record has no exit_init, as an identity run's has none) is
+    refused under the new default with the flag that resumes it, and resumes with that flag."""
+    import lite.training.trainer
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(dict(r, instruction=f"{r['instruction']} #{i}")) + "\n"
+                            for i in range(4) for r in ROWS))
+    out = tmp_path / "out"
+    kw = dict(FAST, max_steps=2, save_steps=1, exit_modules="affine", own_answer_tokens=8, exit_layers="2,4")
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    with monkeypatch.context() as m:
+        m.setattr(lite.training.trainer, "_save_final", crash)
+        with pytest.raises(RuntimeError, match="killed"):
+            train(str(tiny_model_dir), str(data), out, exit_init="identity", **kw)
+    record = json.loads((tmp_path / "out.partial" / "lite_run.json").read_text())
+    assert "exit_init" not in record["training"]  # what an older lite wrote
+    with pytest.raises(TrainError, match="add --exit-init identity"):
+        train(str(tiny_model_dir), str(data), out, **kw)
+    result = train(str(tiny_model_dir), str(data), out, exit_init="identity", **kw)
+    assert result.resumed_from is not None and "exit_fit" not in result.lite_config.provenance

@@ -123,9 +123,11 @@ class TrainConfig:
             next backbone block): freeze the backbone and train one exit module per exit below L
             (:mod:`lite.model.exit_modules`); the output folder then holds only the modules (a few MB; a
             block per exit for "attention").
-        exit_init: how affine exit modules start: "identity" (W = I, b = 0: the raw exit) or "fit" (the
-            least-squares map from each exit's state to layer L's over the response tokens of
-            ``exit_fit_rows`` training sequences, :mod:`lite.training.exit_fit`), from which training goes on.
+        exit_init: how exit modules start: "fit" (affine only: the least-squares map from each exit's state to
+            layer L's over the response tokens of ``exit_fit_rows`` training sequences,
+            :mod:`lite.training.exit_fit`; training goes on from there) or "identity" (the raw exit: W = I,
+            b = 0 for affine). None: "fit" for affine modules, else "identity" (at equal steps the fit's start
+            was ahead on every measure of the exits: ``benchmarks/results/exit_init.md``).
         own_answers: train on the starting model's own greedy answers (at most ``own_answer_tokens`` tokens)
             instead of the dataset's responses (:mod:`lite.training.own_answers`), cached in the work folder,
             or in ``own_answers_cache`` (a JSONL file kept across runs: its entries are keyed by row, prompt,
@@ -233,10 +235,11 @@ class TrainConfig:
         "attends over earlier positions); the output holds only the modules (see docs/train.md); default: the "
         "recipe's (affine for exit-modules, none for paper)",
         choices=list(EXIT_MODULE_KINDS)))
-    exit_init: str = field(default="identity", **_flag(
-        "how affine exit modules start: identity (the raw exit) or fit (the least-squares map from each exit's "
-        "state to layer L's over the response tokens of --exit-fit-rows training sequences: one pass of the "
-        "frozen backbone, then training goes on from there)", choices=list(EXIT_INITS)))
+    exit_init: str | None = field(default=None, **_flag(
+        "how exit modules start: fit (affine only: the least-squares map from each exit's state to layer L's "
+        "over the response tokens of --exit-fit-rows training sequences, one pass of the frozen backbone; "
+        "training goes on from there) or identity (the raw exit); default: fit for affine modules, else "
+        "identity", choices=list(EXIT_INITS)))
     exit_fit_rows: int = field(default=512, **_flag(
         "training sequences --exit-init fit reads, spread evenly over the data (default 512)", type="positive_int",
         metavar="N"))
@@ -273,8 +276,8 @@ class TrainConfig:
                 if on]
 
     def resolve(self) -> TrainConfig:
-        """The recipe's resolution: a copy with ``recipe``, ``exit_modules``, ``targets``, ``own_answers`` and
-        ``lr`` as the run uses them. ``recipe`` None is "paper" when a flag trains the backbone, else
+        """The recipe's resolution: a copy with ``recipe``, ``exit_modules``, ``targets``, ``own_answers``,
+        ``exit_init`` and ``lr`` as the run uses them. ``recipe`` None is "paper" when a flag trains the backbone, else
         :data:`DEFAULT_RECIPE`; the other three, where None, are the recipe's (:data:`RECIPES`); ``lr`` None
         is 1e-3 for exit modules, 2e-4 for LoRA, 2e-5 for full fine-tuning. Idempotent.
 
@@ -295,7 +298,10 @@ class TrainConfig:
         targets = self.lora_targets  # the Python API may write them as the flag does: "q_proj,v_proj"
         if isinstance(targets, str):
             targets = tuple(t.strip() for t in targets.split(",") if t.strip())
+        exit_init = self.exit_init if self.exit_init is not None else \
+            "fit" if exit_modules == "affine" else "identity"
         return replace(self, recipe=recipe, exit_modules=exit_modules, lr=lr, lora_targets=tuple(targets),
+                       exit_init=exit_init,
                        targets=self.targets if self.targets is not None else preset["targets"],
                        own_answers=self.own_answers if self.own_answers is not None else preset["own_answers"])
 

@@ -137,7 +137,8 @@ def claim_work_folder(record: dict[str, Any], out: Path, work: Path, finished: P
         if not same:
             raise TrainError(f"{work} holds an unfinished run with other settings; re-run the same command to "
                              f"resume it (a run begun before exit modules became the default recipe: add --recipe "
-                             f"paper), or delete {work} to start afresh")
+                             f"paper; one begun before affine modules started from the fit: add --exit-init "
+                             f"identity), or delete {work} to start afresh")
     if process_rank() == 0:
         work.mkdir(parents=True, exist_ok=True)
         drop_incomplete(work, legacy)  # what a kill left half written, so that Trainer never counts it
