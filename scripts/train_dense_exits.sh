@@ -49,8 +49,10 @@ BUDGET=(${MAX_MINUTES:+--max-minutes "$MAX_MINUTES"})  # optional: end training 
 export OMP_NUM_THREADS=${THREADS:-1}  # 1: on this shared 2-core CPU, 2 threads spent 4.5x the CPU time per batch (OpenMP spinning)
 LITE=${LITE:-.venv/bin/lite}
 # identity: the start of the run of record and of the Dolly run begun 2026-12-08 (both before --exit-init fit
-# was the default); EXIT_INIT=fit (benchmarks/results/exit_init.md) with a new OUT starts a run from the fit
-EXIT_INIT=${EXIT_INIT:-identity}
+# was the default); EXIT_INIT=fit (benchmarks/results/exit_init.md) with a new OUT starts a run from the fit;
+# EXIT_INIT= (empty) passes no flag, for a lite older than the flag (the worktree resume above)
+EXIT_INIT=${EXIT_INIT-identity}
+INIT=(${EXIT_INIT:+--exit-init "$EXIT_INIT"})
 DOLLY_FILE=russellemergentai/DatabricksDolly15k_transform_finetune:output1to1000.csv
 EXTRA=() MORE=()
 if [ "${DOLLY:-0}" = 1 ]; then EXTRA=("$DATA/dolly15k_prompts.jsonl"); MORE=(--filter "source=$DOLLY_FILE"); fi
@@ -59,7 +61,7 @@ if [ "${DOLLY:-0}" = 1 ]; then EXTRA=("$DATA/dolly15k_prompts.jsonl"); MORE=(--f
     --data "$DATA/alpaca_libre_v1.jsonl" "$DATA/alpaca_libre_v3.jsonl" "${EXTRA[@]}" \
     --filter status=ok "${MORE[@]}" \
     --heldout-from smollm2-135m-lite \
-    --out "$OUT" --exit-modules affine --exit-init "$EXIT_INIT" --targets distill --own-answers --own-answer-tokens 64 \
+    --out "$OUT" --exit-modules affine "${INIT[@]}" --targets distill --own-answers --own-answer-tokens 64 \
     --own-answers-cache "$OWN_ANSWERS" --own-answers-batch-size 32 --prompt-format chat \
     --exit-layers 8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30 \
     --epochs "$EPOCHS" --batch-size 8 --max-length 320 --lr 1e-3 --save-steps 20 --logging-steps 5 \
