@@ -32,7 +32,7 @@
 #   LITE_HOME=/work/lite_home DOLLY=1 OUT=/work/lite_home/runs/dense-affine-dolly \
 #       OWN_ANSWERS=/work/lite_home/own_answers-dense-dolly-smollm2-135m-instruct-64tok-fp32.jsonl \
 #       nohup nice -n 19 bash scripts/train_dense_exits.sh > /work/lite_home/dense-dolly.log 2>&1 &
-# It ended with its session (2026-12-08 ~04:20) while still making own answers (the committed file: 960 of 2669 rows; no training
+# It ended with its session (2026-12-08 ~04:20) while still making own answers (the committed file: 1824 of 2669 rows on 2026-12-08 05:10; no training
 # step yet). Those answers are committed (results/own_answers/, whole batches are reused, a partial one is redone);
 # on a machine without them, put them back before the command above:
 #   mkdir -p /work/lite_home && gunzip -c results/own_answers/own_answers-dense-dolly-smollm2-135m-instruct-64tok-fp32.jsonl.gz \
