@@ -20,7 +20,7 @@ from .data import DEFAULT_HELDOUT_FRACTION, DEFAULT_MAX_LENGTH, FORMATS_HELP
 from .losses import DEFAULT_CHUNK_SIZE, LOSS_MODES
 
 TARGETS = ("data", "distill", "mixed")
-EXIT_INITS = ("identity", "fit")  # how affine exit modules start (--exit-init)
+EXIT_INITS = ("identity", "fit")  # how exit modules start (--exit-init; fit: affine only)
 # What a run trains when its flags leave it open: the recipe the comparison of
 # scripts/ablation.sh chose (benchmarks/results/ablation.md), and the paper's, one flag away.
 RECIPES = {
