@@ -33,7 +33,7 @@
 #       OWN_ANSWERS=/work/lite_home/own_answers-dense-dolly-smollm2-135m-instruct-64tok-fp32.jsonl \
 #       nohup nice -n 19 bash scripts/train_dense_exits.sh > /work/lite_home/dense-dolly.log 2>&1 &
 # Resumed 2026-12-08 03:26 (the same command), paused while other runs used the CPU, it ends with that session
-# (~06:20) while still making own answers (the committed file: 1824 of 2669 rows at 05:10; no training step
+# (~06:20) while still making own answers (the committed file: 1952 of 2669 rows at 05:30; no training step
 # yet; it was begun by lite before --exit-init fit, so resumed as identity, this script's default). Those
 # answers are committed (results/own_answers/, whole batches are reused, a partial one is redone);
 # on a machine without them, put them back before the command above:
