@@ -34,7 +34,8 @@
 #       nohup nice -n 19 bash scripts/train_dense_exits.sh > /work/lite_home/dense-dolly.log 2>&1 &
 # Resumed 2026-12-08 03:26 (the same command), paused while other runs used the CPU, it ends with that session
 # (~06:20): its own answers are complete (all 2669 rows, committed, 05:50) and training had begun (checkpoint-20
-# at 05:49; a fresh machine restarts training from step 0 with the committed answers); it was begun by lite before --exit-init fit, so resumed as identity, this script's default). Those
+# at 05:49; a fresh machine restarts training from step 0 with the committed answers). It was begun by lite
+# before --exit-init fit, so it resumes as identity, this script's default. Those
 # answers are committed (results/own_answers/, whole batches are reused, a partial one is redone);
 # on a machine without them, put them back before the command above:
 #   mkdir -p /work/lite_home && gunzip -c results/own_answers/own_answers-dense-dolly-smollm2-135m-instruct-64tok-fp32.jsonl.gz \
