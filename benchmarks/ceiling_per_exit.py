@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from lite.calibration.calibrate import collect_sequences
-from lite.calibration.ceiling import AGREEMENT_BARS, model_ceiling, oracle_layers
+from lite.calibration.ceiling import AGREEMENT_BARS, model_ceiling, oracle_saving
 from lite.calibration.scoring import answer_sequences, score_sequences
 from lite.files import write_atomic, write_json_atomic
 from lite.model.config import LiteConfig
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     def oracle(layers: list[int]) -> float:
         layers = sorted(layers)
         rows = [data.layers.index(k) for k in layers]
-        return float(1 - oracle_layers(data.agree[rows], layers, data.num_layers).mean() / data.num_layers)
+        return oracle_saving(data.agree[rows], layers, data.num_layers)
 
     greedy, chosen = [], []
     for _ in data.layers:  # each step: the exit that raises the oracle saving most

@@ -53,7 +53,7 @@ def collect(argv):
 
 def frontier(argv):
     import sys, json, time, numpy as np, torch
-    from lite.calibration.ceiling import frontier, oracle_layers
+    from lite.calibration.ceiling import frontier, oracle_saving
     from lite.decoding.gate import train_gate
     torch.set_num_threads(2)
     tr = np.load(HOME + "/exp/gate_dolly.npz"); te = np.load(HOME + "/exp/gate_heldout.npz")
@@ -67,7 +67,7 @@ def frontier(argv):
         print(f"{name:40s} " + "  ".join(f"@{b:.2f} {100*v:5.1f}%" for b, v in r.items()), flush=True)
         return r
     agree = te["agree"]
-    o = oracle_layers(agree, layers, L); print(f"held-out tokens {agree.shape[1]}, train tokens {tr['agree'].shape[1]}, oracle {100*(1-o.mean()/L):.1f}%")
+    print(f"held-out tokens {agree.shape[1]}, train tokens {tr['agree'].shape[1]}, oracle {100*oracle_saving(agree, layers, L):.1f}%")
     out = {"maxprob (full head)": report("maxprob (full head)", te["maxprob"].astype(np.float64), agree)}
     def feats(d, kind):
         parts = {"module": [d["module"]], "state": [d["state"]], "state+delta": [d["state"], d["delta"]],

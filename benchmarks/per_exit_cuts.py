@@ -27,7 +27,7 @@ import torch
 
 from lite import load_model
 from lite.calibration.calibrate import collect
-from lite.calibration.ceiling import frontier, oracle_layers, point
+from lite.calibration.ceiling import frontier, oracle_saving, point
 from lite.files import write_atomic
 from lite.training.data import load_heldout
 
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     data = collect(lm, examples, source="generated", exit_vocab=lm.lite_config.exit_vocab)
     seconds = time.perf_counter() - start
     scores, agree, layers, num_layers = data.confidences["max_prob"], data.agree.astype(bool), data.layers, lm.num_layers
-    oracle = 1.0 - float(oracle_layers(agree, layers, num_layers).mean()) / num_layers
+    oracle = oracle_saving(agree, layers, num_layers)
     rows = []
     for bar in BARS:
         single = best_single(scores, agree, layers, num_layers, bar)

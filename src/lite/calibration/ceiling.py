@@ -126,6 +126,12 @@ def oracle_layers(agree: np.ndarray, layers: list[int], num_layers: int) -> np.n
     return out
 
 
+def oracle_saving(agree: np.ndarray, layers: list[int], num_layers: int) -> float:
+    """The share of layers saved if every token left at the first exit agreeing with layer L
+    (:func:`oracle_layers`; arguments as there)."""
+    return float(1.0 - oracle_layers(agree, layers, num_layers).mean() / num_layers)
+
+
 def point(scores: np.ndarray, agree: np.ndarray, cuts: np.ndarray, layers: list[int], num_layers: int,
           cut: float = float("nan")) -> FrontierPoint:
     """The saving and agreement of per-layer ``cuts`` (E,) on ``scores`` (E, N): a token leaves at the first
@@ -194,7 +200,7 @@ def ceiling(data: CalibrationData, *, gate=None, thresholds: dict[int, float] | 
     exits = oracle_layers(agree, layers, L)
     out = Ceiling(
         layers=layers, num_layers=L, tokens=data.tokens, examples=data.examples,
-        oracle_saving=float(1.0 - exits.mean() / L),
+        oracle_saving=oracle_saving(agree, layers, L),
         oracle_share={k: float((exits == k).mean()) for k in [*layers, L]},
         agreement={k: float(agree[j].mean()) for j, k in enumerate(layers)},
         default=default, exit_vocab=data.exit_vocab, source=data.source, confidence=confidence,
